@@ -1,0 +1,123 @@
+"""The typed model configuration that everything under `jaxlm/models/` receives.
+
+`jaxlm/config.py` builds a `ModelConfig` from the `model` section of a run config; model code never
+reads a ConfigDict. Two families are expressed by field values, not by subclasses:
+
+* Llama style: rope, rmsnorm, swiglu, no biases, grouped-query attention, tied or untied embeddings.
+* GPT-2 style: learned positions, layernorm, gelu, biases, tied embeddings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+POSITION_EMBEDDINGS = ("rope", "learned")
+NORMS = ("rmsnorm", "layernorm")
+MLP_ACTIVATIONS = ("swiglu", "gelu")
+REMAT_POLICIES = ("none", "full", "save_dots")
+ATTENTION_IMPLS = ("auto", "xla")
+VOCAB_MULTIPLE = 128
+
+
+def pad_vocab(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
+    """Rounds the vocabulary up to a multiple of `multiple` (TPU lanes / MXU tiles like 128)."""
+    return -(-vocab_size // multiple) * multiple
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and numerics of a decoder-only transformer.
+
+    Attributes:
+      vocab_size: tokenizer vocabulary size (ids the data can contain).
+      d_model: residual stream width.
+      num_layers: number of transformer blocks.
+      num_heads: query heads.
+      num_kv_heads: key/value heads (== num_heads: MHA, 1: MQA, otherwise GQA).
+      head_dim: width of one head.
+      d_ff: hidden width of the MLP (per branch for SwiGLU).
+      max_seq_len: longest sequence the model is built for (size of learned position table).
+      position_embedding: "rope" or "learned".
+      norm: "rmsnorm" or "layernorm".
+      mlp_activation: "swiglu" or "gelu".
+      use_bias: biases on the dense layers (GPT-2 style).
+      tie_embeddings: share the input embedding with the output projection.
+      rope_theta: RoPE base frequency.
+      norm_eps: epsilon of the norms.
+      param_dtype: dtype of the stored parameters ("float32").
+      compute_dtype: dtype of matmuls and activations ("float32" on CPU, "bfloat16" on TPU/GPU).
+      remat: rematerialisation policy of a block: "none", "full" or "save_dots".
+      scan_layers: stack the blocks' parameters on a leading `layers` axis and run them with scan.
+      attention: "auto" (XLA here; fused kernels come with the scale issue) or "xla".
+      init_std: standard deviation of the normal initialiser of weight matrices.
+      vocab_multiple: the embedding table is padded to a multiple of this.
+    """
+
+    vocab_size: int
+    d_model: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    d_ff: int
+    max_seq_len: int
+    position_embedding: str = "rope"
+    norm: str = "rmsnorm"
+    mlp_activation: str = "swiglu"
+    use_bias: bool = False
+    tie_embeddings: bool = False
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    remat: str = "none"
+    scan_layers: bool = True
+    attention: str = "auto"
+    init_std: float = 0.02
+    vocab_multiple: int = VOCAB_MULTIPLE
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return pad_vocab(self.vocab_size, self.vocab_multiple)
+
+    @property
+    def dtype(self) -> Any:
+        return jnp.dtype(self.compute_dtype)
+
+    @property
+    def weight_dtype(self) -> Any:
+        return jnp.dtype(self.param_dtype)
+
+    def check(self) -> None:
+        """Raises ValueError naming the `model.*` key that is inconsistent."""
+
+        def fail(key: str, msg: str) -> None:
+            raise ValueError(f"config key model.{key}: {msg}")
+
+        for key in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
+                    "head_dim", "d_ff", "max_seq_len"):
+            if getattr(self, key) <= 0:
+                fail(key, f"must be positive, got {getattr(self, key)}")
+        if self.num_heads % self.num_kv_heads:
+            fail("num_kv_heads", f"{self.num_kv_heads} must divide model.num_heads="
+                 f"{self.num_heads} (grouped-query attention shares each kv head by a group)")
+        if self.position_embedding not in POSITION_EMBEDDINGS:
+            fail("position_embedding", f"{self.position_embedding!r} not in {POSITION_EMBEDDINGS}")
+        if self.position_embedding == "rope" and self.head_dim % 2:
+            fail("head_dim", f"{self.head_dim} must be even for rope")
+        if self.norm not in NORMS:
+            fail("norm", f"{self.norm!r} not in {NORMS}")
+        if self.mlp_activation not in MLP_ACTIVATIONS:
+            fail("mlp_activation", f"{self.mlp_activation!r} not in {MLP_ACTIVATIONS}")
+        if self.remat not in REMAT_POLICIES:
+            fail("remat", f"{self.remat!r} not in {REMAT_POLICIES}")
+        if self.attention not in ATTENTION_IMPLS:
+            fail("attention", f"{self.attention!r} not in {ATTENTION_IMPLS}")
+        for key in ("param_dtype", "compute_dtype"):
+            try:
+                jnp.dtype(getattr(self, key))
+            except TypeError:
+                fail(key, f"{getattr(self, key)!r} is not a dtype name")

@@ -1,0 +1,201 @@
+"""The device mesh, the one table that maps logical axis names to mesh axes, and shardings.
+
+Model code names every parameter dimension and every activation at a block boundary with a
+*logical* axis (`embed`, `heads`, `act_batch`, ...). This module alone decides which mesh axes
+(`data`, `fsdp`, `tensor`, `pipeline`) those names land on:
+
+* parameters are sharded over `fsdp` on their `embed` dimension (ZeRO-3 style) and over `tensor`
+  on heads / mlp / vocab (Megatron style);
+* activations are sharded over (`data`, `fsdp`) on the batch and over `tensor` on heads / mlp.
+
+A mesh axis that does not divide the dimension it would shard is dropped for that array (the
+dimension is replicated instead) so that e.g. one kv head works with tensor=4.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor", "pipeline")
+
+# logical axis -> mesh axis (or tuple of mesh axes, or None for replicated). One entry per name.
+LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    # parameters
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("norm", None),
+    ("positions", None),
+    # activations
+    ("act_batch", ("data", "fsdp")),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
+
+def _check_rules(rules: Sequence[tuple[str, Any]]) -> None:
+    names = [name for name, _ in rules]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise ValueError(f"logical axis rules list {sorted(dupes)} more than once")
+
+
+_check_rules(LOGICAL_AXIS_RULES)
+
+
+def resolve_mesh_shape(sizes: dict[str, int], num_devices: int) -> dict[str, int]:
+    """Replaces one -1 by 'the rest of the devices' and checks the product.
+
+    Raises ValueError naming the `mesh.*` key when the sizes cannot fit `num_devices`.
+    """
+    unknown = [axis for axis in MESH_AXES if sizes[axis] == -1]
+    for axis in MESH_AXES:
+        if sizes[axis] == 0 or sizes[axis] < -1:
+            raise ValueError(f"config key mesh.{axis}: size must be positive or -1, got "
+                             f"{sizes[axis]}")
+    if len(unknown) > 1:
+        raise ValueError(f"config keys mesh.{unknown[0]}, mesh.{unknown[1]}: only one mesh axis "
+                         "may be -1 ('the rest of the devices')")
+    known = math.prod(sizes[a] for a in MESH_AXES if a not in unknown)
+    resolved = dict(sizes)
+    if unknown:
+        if num_devices % known:
+            others = ", ".join(f"mesh.{a}={sizes[a]}" for a in MESH_AXES if a not in unknown)
+            raise ValueError(f"config key mesh.{unknown[0]}: -1 cannot fill {num_devices} devices "
+                             f"when the other axes ({others}) multiply to {known}")
+        resolved[unknown[0]] = num_devices // known
+    product = math.prod(resolved[a] for a in MESH_AXES)
+    if product != num_devices:
+        shape = ", ".join(f"{a}={resolved[a]}" for a in MESH_AXES)
+        raise ValueError(f"config keys mesh.*: the mesh ({shape}) has {product} devices but "
+                         f"{num_devices} are available; set one axis to -1 or fix the sizes")
+    return resolved
+
+
+def make_mesh(sizes: dict[str, int], devices: Sequence[Any] | None = None) -> Mesh:
+    """Builds the (data, fsdp, tensor, pipeline) mesh; sizes may contain one -1."""
+    devices = list(devices if devices is not None else jax.devices())
+    shape = resolve_mesh_shape(sizes, len(devices))
+    axis_shapes = tuple(shape[a] for a in MESH_AXES)
+    return jax.make_mesh(axis_shapes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
+
+
+def _mesh_axes_for(logical: str | None, rules: dict[str, Any]) -> tuple[str, ...]:
+    if logical is None:
+        return ()
+    if logical not in rules:
+        raise KeyError(f"logical axis {logical!r} has no entry in LOGICAL_AXIS_RULES")
+    target = rules[logical]
+    if target is None:
+        return ()
+    return (target,) if isinstance(target, str) else tuple(target)
+
+
+def logical_to_mesh_spec(logical_axes: Sequence[str | None], shape: Sequence[int],
+                         mesh_shape: dict[str, int],
+                         rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> P:
+    """Maps logical names of an array of `shape` to a PartitionSpec on a mesh of `mesh_shape`.
+
+    Mesh axes of size 1, axes already used by an earlier dimension, and axes that do not divide
+    the dimension are dropped (that dimension is then less sharded, never wrongly sharded).
+    """
+    if len(logical_axes) != len(shape):
+        raise ValueError(f"logical axes {tuple(logical_axes)} do not match shape {tuple(shape)}")
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(logical_axes, shape):
+        kept = []
+        for axis in _mesh_axes_for(name, table):
+            size = mesh_shape.get(axis, 1)
+            if size == 1 or axis in used:
+                continue
+            if dim % (math.prod(mesh_shape[a] for a in kept) * size) == 0:
+                kept.append(axis)
+        used.update(kept)
+        spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return P(*spec)
+
+
+def _mesh_shape(mesh: Mesh | jax.sharding.AbstractMesh) -> dict[str, int]:
+    return dict(zip(mesh.axis_names, mesh.axis_sizes))
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint on an activation, by logical names; a no-op outside `activate`."""
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = nn.get_logical_axis_rules()
+    if mesh.empty or not rules:
+        return x
+    spec = logical_to_mesh_spec(logical_axes, x.shape, _mesh_shape(mesh), rules)
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> Iterator[None]:
+    """Makes `mesh` and the rules current while tracing, so `constrain` takes effect."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
+
+
+def logical_shardings(boxed_tree: Any, mesh: Mesh,
+                      rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> Any:
+    """NamedShardings for a tree of (abstract) values boxed in `nn.LogicallyPartitioned`.
+
+    Leaves that carry no logical names are replicated.
+    """
+    mesh_shape = _mesh_shape(mesh)
+
+    def one(leaf: Any) -> NamedSharding:
+        if isinstance(leaf, nn.LogicallyPartitioned):
+            spec = logical_to_mesh_spec(leaf.names, leaf.value.shape, mesh_shape, rules)
+            return NamedSharding(mesh, spec)
+        return NamedSharding(mesh, P())
+
+    return jax.tree.map(one, boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Sharding of a data batch [batch, length, ...]: batch over (data, fsdp)."""
+    spec = logical_to_mesh_spec(("act_batch",) + (None,) * (ndim - 1),
+                                (data_parallel_size(mesh),) + (1,) * (ndim - 1),
+                                _mesh_shape(mesh))
+    return NamedSharding(mesh, spec)
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    """How many ways the batch is split: the product of the mesh axes `act_batch` maps to."""
+    shape = _mesh_shape(mesh)
+    axes = _mesh_axes_for("act_batch", dict(LOGICAL_AXIS_RULES))
+    return int(np.prod([shape[a] for a in axes]))
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assembles each process's rows into global arrays sharded over (data, fsdp).
+
+    Every process passes only its own slice; the same code runs on one host or many.
+    """
+    return {key: jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value)
+            for key, value in local_batch.items()}

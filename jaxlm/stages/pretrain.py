@@ -1,0 +1,78 @@
+"""Pretraining: next-token cross-entropy over packed documents.
+
+`pretrain_step(state, batch) -> (state, metrics)` is pure; the trainer binds the static settings
+(model, optimizer, z-loss, microbatches) with functools.partial and jits it with explicit
+shardings. The batch layout is the data pipeline's: inputs, targets, segment_ids, positions and
+loss_mask, each [B, L]; loss_mask is 0 on padding and where a target crosses a document boundary.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxlm.loss import cross_entropy_sum
+from jaxlm.train_state import TrainState, microbatched_grads
+
+Batch = dict[str, jax.Array]
+
+
+def loss_fn(params: Any, batch: Batch, *, model: nn.Module,
+            z_loss: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+    logits_BxLxV = model.apply({"params": params}, batch["inputs"],
+                               positions_BxL=batch["positions"],
+                               segment_ids_BxL=batch["segment_ids"])
+    return cross_entropy_sum(logits_BxLxV, batch["targets"], batch["loss_mask"], z_loss)
+
+
+def pretrain_step(state: TrainState, batch: Batch, *, model: nn.Module,
+                  tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
+                  z_loss: float = 0.0, num_microbatches: int = 1
+                  ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on the mean next-token loss of `batch`."""
+    grads, aux = microbatched_grads(
+        lambda p, b: loss_fn(p, b, model=model, z_loss=z_loss), state.params, batch,
+        num_microbatches)
+    new_state = state.apply_gradients(grads, tx)
+    num_tokens = jnp.maximum(aux["num_tokens"], 1.0)
+    loss = aux["nll_sum"] / num_tokens
+    metrics = {
+        "loss": loss,
+        "perplexity": jnp.exp(loss),
+        "accuracy": aux["correct"] / num_tokens,
+        "z_loss": aux["z_loss_sum"] / num_tokens,
+        "grad_norm": optax.global_norm(grads),
+        "param_norm": optax.global_norm(state.params),
+        "lr": lr_schedule(state.step),
+        "num_tokens": aux["num_tokens"],
+    }
+    return new_state, metrics
+
+
+def eval_step(params: Any, batch: Batch, *, model: nn.Module) -> dict[str, jax.Array]:
+    """Sums over one held-out batch; the trainer adds them up and divides by num_tokens."""
+    _, aux = loss_fn(params, batch, model=model)
+    return {"nll_sum": aux["nll_sum"], "correct": aux["correct"], "num_tokens": aux["num_tokens"]}
+
+
+def make_steps(config: Any, model: nn.Module, tx: optax.GradientTransformation,
+               lr_schedule: optax.Schedule) -> tuple[Any, Any]:
+    """Binds the static settings of this stage's steps (un-jitted; the trainer jits them)."""
+    train = functools.partial(pretrain_step, model=model, tx=tx, lr_schedule=lr_schedule,
+                              z_loss=config.optim.z_loss,
+                              num_microbatches=config.optim.grad_accum_steps)
+    return train, functools.partial(eval_step, model=model)
+
+
+def make_data(config: Any, tokenizer: Any, *, split: str, batch_size: int, process_index: int,
+              process_count: int, cache_dir: str) -> Any:
+    """The packed next-token iterator of the data pipeline."""
+    from jaxlm.data.pipeline import make_pretrain_iterator  # grain only when data is needed
+    return make_pretrain_iterator(config.data, tokenizer, split=split, batch_size=batch_size,
+                                  process_index=process_index, process_count=process_count,
+                                  cache_dir=cache_dir)

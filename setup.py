@@ -1,0 +1,31 @@
+"""jaxlm: a JAX/Flax framework for training language models on TPU and GPU pods."""
+
+import setuptools
+
+setuptools.setup(
+    name="jaxlm",
+    version="0.1.0",
+    description="Readable, reproducible, sharded language-model training in JAX/Flax.",
+    packages=setuptools.find_packages(include=["jaxlm", "jaxlm.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.10",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.10",
+        "array_record>=0.7",
+        "sentencepiece>=0.2",
+        "ml-collections>=1.0",
+        "chex>=0.1.89",
+        "absl-py>=2.1",
+        "tensorboardX>=2.6",
+        "numpy",
+        "pyarrow>=15",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6"],
+        "tpu": ["jax[tpu]"],
+        "gpu": ["jax[cuda12]"],
+    },
+)

@@ -1,0 +1,100 @@
+"""Sharding: the rules table, and a sharded train step equal to the single-device one."""
+
+import functools
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jaxlm import sharding
+from jaxlm.models import Transformer
+from jaxlm.optim import learning_rate_schedule, make_optimizer
+from jaxlm.stages.pretrain import pretrain_step
+from jaxlm.train_state import init_sharded_state
+from tests.model_fixtures import LLAMA_TINY, packed_batch
+
+MESH_SIZES = ["data", "fsdp", "tensor", "pipeline"]
+
+
+def test_logical_names_map_through_one_table():
+    mesh_shape = {"data": 2, "fsdp": 2, "tensor": 2, "pipeline": 1}
+    spec = sharding.logical_to_mesh_spec(("embed", "heads", "head_dim"), (32, 4, 8), mesh_shape)
+    assert spec == P("fsdp", "tensor", None)
+    spec = sharding.logical_to_mesh_spec(("act_batch", "act_length", "act_embed"), (8, 16, 32),
+                                         mesh_shape)
+    assert spec == P(("data", "fsdp"), None, None)
+
+
+def test_axes_that_do_not_divide_are_replicated_not_mis_sharded():
+    mesh_shape = {"data": 1, "fsdp": 1, "tensor": 4, "pipeline": 1}
+    # one kv head (MQA) cannot be split 4 ways: that dimension stays whole
+    assert sharding.logical_to_mesh_spec(("embed", "kv_heads", "head_dim"), (32, 1, 8),
+                                         mesh_shape) == P(None, None, None)
+    # batch 2 over data*fsdp = 2*4: keeps the part that divides
+    spec = sharding.logical_to_mesh_spec(("act_batch",), (2,), {"data": 2, "fsdp": 4,
+                                                                "tensor": 1, "pipeline": 1})
+    assert spec == P("data")
+
+
+def test_mesh_sizes_resolve_minus_one_and_reject_bad_products():
+    assert sharding.resolve_mesh_shape({"data": -1, "fsdp": 2, "tensor": 2, "pipeline": 1},
+                                       8)["data"] == 2
+    with pytest.raises(ValueError, match="mesh"):
+        sharding.resolve_mesh_shape({"data": 3, "fsdp": 2, "tensor": 1, "pipeline": 1}, 8)
+    with pytest.raises(ValueError, match=r"mesh.data: -1 .*mesh.fsdp=3"):
+        sharding.resolve_mesh_shape({"data": -1, "fsdp": 3, "tensor": 1, "pipeline": 1}, 8)
+
+
+def _one_step(mesh, batch, microbatches=1):
+    config = ml_collections.ConfigDict({"optim": dict(
+        learning_rate=1e-2, warmup_steps=0, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-3,  # large eps: updates linear in small grads
+        weight_decay=0.1, decay_embeddings=False, clip_norm=1.0)})
+    model = Transformer(LLAMA_TINY)
+    tx = make_optimizer(config.optim, total_steps=10)
+    schedule = learning_rate_schedule(config.optim, 10)
+    state, shardings = init_sharded_state(model, tx, mesh, jax.random.key(0), 16)
+    step = functools.partial(pretrain_step, model=model, tx=tx, lr_schedule=schedule,
+                             num_microbatches=microbatches)
+    with sharding.activate(mesh):
+        batch_sh = sharding.batch_sharding(mesh)
+        jitted = jax.jit(step, in_shardings=(shardings, batch_sh),
+                         out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+        new_state, metrics = jitted(state, sharding.global_batch(batch, mesh))
+    return jax.device_get(new_state.params), jax.device_get(metrics), new_state
+
+
+@pytest.fixture(scope="module")
+def reference():
+    batch = packed_batch(8, 16, 250, seed=4)
+    single = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1, "pipeline": 1},
+                                devices=jax.devices()[:1])
+    params, metrics, _ = _one_step(single, batch)
+    return batch, params, metrics
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1, 1), (1, 8, 1, 1), (2, 2, 2, 1), (1, 2, 4, 1)])
+def test_sharded_train_step_equals_single_device(reference, shape):
+    batch, ref_params, ref_metrics = reference
+    mesh = sharding.make_mesh(dict(zip(MESH_SIZES, shape)))
+    params, metrics, state = _one_step(mesh, batch)
+    np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-6)
+    np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 params, ref_params)
+    # parameters really are distributed the way the rules say
+    wq = state.params["blocks"]["attn"]["wq"]
+    fsdp, tensor = shape[1], shape[2]
+    assert wq.sharding.spec == P(None, "fsdp" if fsdp > 1 else None,
+                                 "tensor" if tensor > 1 else None, None)
+
+
+def test_gradient_accumulation_equals_one_big_batch(reference):
+    batch, ref_params, ref_metrics = reference
+    single = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1, "pipeline": 1},
+                                devices=jax.devices()[:1])
+    params, metrics, _ = _one_step(single, batch, microbatches=4)
+    np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 params, ref_params)
