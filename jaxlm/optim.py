@@ -26,7 +26,8 @@ def weight_decay_mask(params: Any, decay_embeddings: bool) -> Any:
     """True for the leaves that weight decay applies to (matrices; embeddings if asked)."""
 
     def decays(path: tuple[Any, ...], _: Any) -> bool:
-        name = getattr(path[-1], "key", str(path[-1]))
+        keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+        name = keys[-1] if keys else ""
         if name in EMBEDDING_NAMES:
             return decay_embeddings
         return name not in NO_DECAY_NAMES

@@ -1,0 +1,50 @@
+"""A Llama-3.2-1B-shaped model: 16 layers x 2048, 32 query / 8 kv heads of 64, SwiGLU 8192,
+RoPE theta 500000, tied embeddings, vocab 128256, context 2048; FSDP over all devices.
+
+    python -m jaxlm.main --config=configs/llama_1b.py:data=/data/web/*.array_record \
+        --workdir=gs://bucket/llama_1b
+"""
+
+from jaxlm import config as config_lib
+from jaxlm.data.config import ARRAYRECORD_SUFFIXES
+
+
+def get_config(arg: str | None = None):
+    args = config_lib.parse_arg(arg, data="", tokenizer="", steps=50000)
+    c = config_lib.base_config()
+
+    c.model.vocab_size = 128256
+    c.model.d_model = 2048
+    c.model.num_layers = 16
+    c.model.num_heads = 32
+    c.model.num_kv_heads = 8
+    c.model.head_dim = 64
+    c.model.d_ff = 8192
+    c.model.max_seq_len = 2048
+    c.model.rope_theta = 500000.0
+    c.model.tie_embeddings = True
+    c.model.compute_dtype = "bfloat16"
+    c.model.remat = "save_dots"
+
+    c.data.seq_len = 2048
+    c.data.tokenizer_path = args.tokenizer
+    if args.data:
+        c.data.source = "arrayrecord" if args.data.endswith(ARRAYRECORD_SUFFIXES) else "files"
+        c.data.paths = args.data
+
+    c.optim.learning_rate = 3e-4
+    c.optim.warmup_steps = 2000
+    c.optim.min_lr_ratio = 0.1
+    c.optim.weight_decay = 0.1
+
+    c.train.global_batch_size = 512
+    c.train.steps = args.steps
+    c.train.eval_every = 1000
+    c.train.eval_steps = 20
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
+
+    c.log.every_steps = 50
+    c.log.sample_every = 1000
+    config_lib.validate(c)
+    return c

@@ -1,0 +1,42 @@
+"""Tiny Llama-style model on the embedded stdlib corpus: the CPU default, a few minutes on 2 cores.
+
+    python -m jaxlm.main --config=configs/tiny.py --workdir=/tmp/jaxlm_tiny
+
+The first run builds the corpus from this Python's standard library and trains an 8192-piece
+sentencepiece tokenizer on it (cached in <workdir>/cache); later runs reuse both.
+Argument: `configs/tiny.py:steps=N` sets the number of steps (default 300).
+"""
+
+from jaxlm import config as config_lib
+
+
+def get_config(arg: str | None = None):
+    args = config_lib.parse_arg(arg, steps=300)
+    c = config_lib.base_config()
+
+    c.model.d_model = 256
+    c.model.num_layers = 4
+    c.model.num_heads = 4
+    c.model.num_kv_heads = 2
+    c.model.d_ff = 768
+    c.model.tie_embeddings = True
+
+    c.data.source = "stdlib"
+    c.data.seq_len = 128
+    c.data.vocab_size = 8192
+
+    c.optim.learning_rate = 3e-3
+    c.optim.warmup_steps = 30
+    c.optim.min_lr_ratio = 0.1
+    c.optim.weight_decay = 0.1
+
+    c.train.global_batch_size = 16
+    c.train.steps = args.steps
+    c.train.eval_every = 100
+    c.train.eval_steps = 4
+
+    c.log.every_steps = 10
+    c.log.sample_every = 100
+    c.log.sample_prompt = "def "
+    config_lib.validate(c)
+    return c

@@ -1,0 +1,266 @@
+"""Run configuration: the defaults of every section, validation, and derived numbers.
+
+A config file is `get_config(arg=None)` that starts from `base_config()` and sets what differs.
+`validate` runs before anything is compiled and raises one `ValueError` naming the key to fix.
+Only this module turns user-facing sizes into derived ones (default head_dim, kv heads, d_ff,
+per-replica batch, microbatch size).
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import ml_collections
+
+from jaxlm.data.config import check_data_config, default_data_config
+from jaxlm.models.config import ModelConfig
+from jaxlm.sharding import MESH_AXES, resolve_mesh_shape
+
+STAGES = ("pretrain",)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key a run may set, with its default. Config files override a subset."""
+    c = ml_collections.ConfigDict()
+    # Which step function trains: "pretrain" (later: sft, reward, dpo).
+    c.stage = "pretrain"
+    # Seed of parameter init (data order has its own seed, data.seed).
+    c.seed = 0
+
+    c.model = m = ml_collections.ConfigDict()
+    # Vocabulary size; 0 = take it from the tokenizer. Embeddings pad it to a multiple of 128.
+    m.vocab_size = 0
+    # Residual stream width.
+    m.d_model = 256
+    # Number of transformer blocks.
+    m.num_layers = 4
+    # Query heads.
+    m.num_heads = 4
+    # Key/value heads; 0 = num_heads (MHA); 1 = MQA; otherwise GQA.
+    m.num_kv_heads = 0
+    # Width of one head; 0 = d_model // num_heads (then num_heads must divide d_model).
+    m.head_dim = 0
+    # MLP hidden width; 0 = 4 * d_model.
+    m.d_ff = 0
+    # Longest sequence; 0 = data.seq_len.
+    m.max_seq_len = 0
+    # "rope" (Llama) or "learned" (GPT-2).
+    m.position_embedding = "rope"
+    # "rmsnorm" (Llama) or "layernorm" (GPT-2).
+    m.norm = "rmsnorm"
+    # "swiglu" (Llama) or "gelu" (GPT-2).
+    m.mlp_activation = "swiglu"
+    # Biases on dense layers (GPT-2).
+    m.use_bias = False
+    # Share input embedding and output head.
+    m.tie_embeddings = False
+    # RoPE base frequency.
+    m.rope_theta = 10000.0
+    # Norm epsilon.
+    m.norm_eps = 1e-5
+    # Stored parameter dtype.
+    m.param_dtype = "float32"
+    # Matmul/activation dtype: float32 on CPU, bfloat16 on TPU/GPU. Logits and loss are float32.
+    m.compute_dtype = "float32"
+    # Rematerialisation of each block: "none", "full", "save_dots".
+    m.remat = "none"
+    # Run blocks with scan over stacked parameters (compile time independent of depth).
+    m.scan_layers = True
+    # Attention implementation: "auto" or "xla".
+    m.attention = "auto"
+    # Std of the normal initialiser of weight matrices.
+    m.init_std = 0.02
+
+    c.data = default_data_config()
+
+    c.optim = o = ml_collections.ConfigDict()
+    # Peak learning rate, reached at the end of warmup.
+    o.learning_rate = 3e-4
+    # Linear warmup from 0 to learning_rate over this many steps.
+    o.warmup_steps = 100
+    # Cosine decay ends at learning_rate * min_lr_ratio on the last step.
+    o.min_lr_ratio = 0.1
+    # AdamW moments and epsilon.
+    o.b1 = 0.9
+    o.b2 = 0.95
+    o.eps = 1e-8
+    # Decoupled weight decay; never applied to norms and biases.
+    o.weight_decay = 0.1
+    # Whether weight decay applies to the embedding table (and position table).
+    o.decay_embeddings = False
+    # Global-norm gradient clipping; 0 disables.
+    o.clip_norm = 1.0
+    # Coefficient of the z-loss (log Z)^2 that keeps the softmax normaliser near 1; 0 disables.
+    o.z_loss = 0.0
+    # Gradient accumulation: each step's batch is split into this many sequential microbatches.
+    o.grad_accum_steps = 1
+
+    c.mesh = me = ml_collections.ConfigDict()
+    # Device-mesh axis sizes; one of them may be -1 ("the rest of the devices").
+    me.data = -1
+    me.fsdp = 1
+    me.tensor = 1
+    me.pipeline = 1
+
+    c.train = t = ml_collections.ConfigDict()
+    # Sequences per optimizer step, over all devices and processes.
+    t.global_batch_size = 16
+    # Optimizer steps of the run.
+    t.steps = 1000
+    # Evaluate on held-out data every this many steps (0: never; always at the end if > 0).
+    t.eval_every = 200
+    # Batches per evaluation.
+    t.eval_steps = 4
+
+    c.log = lg = ml_collections.ConfigDict()
+    # Write metrics.jsonl / TensorBoard / the progress line every this many steps.
+    lg.every_steps = 10
+    # Print a greedy continuation of log.sample_prompt every this many steps (0: never).
+    lg.sample_every = 200
+    # The fixed prompt of logged samples.
+    lg.sample_prompt = "def "
+    # Tokens generated per sample.
+    lg.sample_tokens = 32
+    # Peak FLOP/s per device for MFU; 0 = from the device table, measured on CPU.
+    lg.peak_flops = 0.0
+    # Also write TensorBoard event files under <workdir>/tensorboard.
+    lg.tensorboard = True
+    return c
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+    """Parses a config file's argument `"k1=v1,k2=v2"` over typed defaults.
+
+    `--config=configs/chinchilla.py:size=1018,smoke=True` reaches get_config as that string.
+    Values take the type of their default; an unknown name is an error naming it.
+    """
+    out = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in defaults:
+            raise ValueError(f"config argument {item!r}: expected one of "
+                             f"{', '.join(f'{k}=...' for k in defaults)}")
+        kind = type(defaults[key])
+        if kind is bool:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"config argument {key}: {value!r} is not a boolean")
+            out[key] = value.lower() in ("true", "1")
+        else:
+            try:
+                out[key] = kind(value)
+            except ValueError as e:
+                raise ValueError(f"config argument {key}: {value!r} is not a {kind.__name__}"
+                                 ) from e
+    return out
+
+
+def _unknown_keys(config: Any, schema: Any, prefix: str = "") -> None:
+    for key in config.keys():
+        name = f"{prefix}{key}"
+        if key not in schema:
+            close = difflib.get_close_matches(key, list(schema.keys()), n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise ValueError(f"config key {name}: unknown key{hint}")
+        value, expected = config[key], schema[key]
+        if isinstance(expected, ml_collections.ConfigDict):
+            if not isinstance(value, ml_collections.ConfigDict):
+                raise ValueError(f"config key {name}: must be a section, got {value!r}")
+            _unknown_keys(value, expected, prefix=f"{name}.")
+
+
+def _fail(key: str, msg: str) -> None:
+    raise ValueError(f"config key {key}: {msg}")
+
+
+def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = None) -> ModelConfig:
+    """The typed model config, with 0-valued sizes resolved. Raises naming `model.*` keys."""
+    m = config.model
+    vocab = m.vocab_size or vocab_size
+    if not vocab:
+        _fail("model.vocab_size", "is 0 and no tokenizer vocabulary was given")
+    if m.head_dim == 0 and m.d_model % m.num_heads:
+        _fail("model.num_heads", f"{m.num_heads} heads do not divide model.d_model={m.d_model}; "
+              "change one of them or set model.head_dim explicitly")
+    cfg = ModelConfig(
+        vocab_size=vocab, d_model=m.d_model, num_layers=m.num_layers, num_heads=m.num_heads,
+        num_kv_heads=m.num_kv_heads or m.num_heads,
+        head_dim=m.head_dim or m.d_model // m.num_heads, d_ff=m.d_ff or 4 * m.d_model,
+        max_seq_len=m.max_seq_len or config.data.seq_len,
+        position_embedding=m.position_embedding, norm=m.norm, mlp_activation=m.mlp_activation,
+        use_bias=m.use_bias, tie_embeddings=m.tie_embeddings, rope_theta=m.rope_theta,
+        norm_eps=m.norm_eps, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype,
+        remat=m.remat, scan_layers=m.scan_layers, attention=m.attention, init_std=m.init_std)
+    cfg.check()
+    return cfg
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Device-independent checks of a whole run config; raises ValueError naming the key."""
+    _unknown_keys(config, base_config())
+    if config.stage not in STAGES:
+        _fail("stage", f"{config.stage!r} is not one of {STAGES}")
+    check_data_config(config.data)
+    model_config(config, vocab_size=config.model.vocab_size or 1)
+    if config.model.max_seq_len and config.model.max_seq_len < config.data.seq_len:
+        _fail("model.max_seq_len", f"{config.model.max_seq_len} is shorter than "
+              f"data.seq_len={config.data.seq_len}")
+    o, t = config.optim, config.train
+    if t.steps < 1:
+        _fail("train.steps", f"must be >= 1, got {t.steps}")
+    if o.learning_rate <= 0:
+        _fail("optim.learning_rate", f"must be positive, got {o.learning_rate}")
+    if not 0 <= o.min_lr_ratio <= 1:
+        _fail("optim.min_lr_ratio", f"must lie in [0, 1], got {o.min_lr_ratio}")
+    if o.warmup_steps < 0:
+        _fail("optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    if o.grad_accum_steps < 1:
+        _fail("optim.grad_accum_steps", f"must be >= 1, got {o.grad_accum_steps}")
+    if t.global_batch_size < 1:
+        _fail("train.global_batch_size", f"must be >= 1, got {t.global_batch_size}")
+    if t.eval_every < 0 or t.eval_steps < 0:
+        _fail("train.eval_every" if t.eval_every < 0 else "train.eval_steps", "must be >= 0")
+    if config.log.every_steps < 1:
+        _fail("log.every_steps", f"must be >= 1, got {config.log.every_steps}")
+    for axis in MESH_AXES:
+        size = config.mesh[axis]
+        if size == 0 or size < -1:
+            _fail(f"mesh.{axis}", f"size must be positive or -1, got {size}")
+    if config.mesh.pipeline != 1:
+        _fail("mesh.pipeline", "pipeline parallelism is not implemented yet; keep it 1")
+
+
+def check_devices(config: ml_collections.ConfigDict, num_devices: int,
+                  num_processes: int = 1) -> dict[str, int]:
+    """Checks the mesh and batch against the devices; returns the resolved mesh shape."""
+    shape = resolve_mesh_shape({a: config.mesh[a] for a in MESH_AXES}, num_devices)
+    dp = shape["data"] * shape["fsdp"]
+    batch = config.train.global_batch_size
+    if batch % dp:
+        _fail("train.global_batch_size", f"{batch} is not divisible by the data-parallel size "
+              f"{dp} (mesh.data * mesh.fsdp)")
+    if batch % num_processes:
+        _fail("train.global_batch_size", f"{batch} is not divisible by the {num_processes} "
+              "processes")
+    accum = config.optim.grad_accum_steps
+    if (batch // dp) % accum:
+        _fail("optim.grad_accum_steps", f"{accum} microbatches do not divide the per-replica "
+              f"batch {batch // dp} (train.global_batch_size / data-parallel size {dp})")
+    return shape
+
+
+def tokens_per_step(config: ml_collections.ConfigDict) -> int:
+    return config.train.global_batch_size * config.data.seq_len
+
+
+def describe(config: ml_collections.ConfigDict) -> str:
+    """A short one-line summary for logs."""
+    m = config.model
+    return (f"stage={config.stage} d_model={m.d_model} layers={m.num_layers} heads={m.num_heads} "
+            f"seq={config.data.seq_len} batch={config.train.global_batch_size} "
+            f"steps={config.train.steps} tokens/step={tokens_per_step(config)} "
+            f"params_dtype={m.param_dtype} compute_dtype={m.compute_dtype}")
+
+
+__all__ = ["base_config", "parse_arg", "validate", "check_devices", "model_config", "describe",
+           "tokens_per_step"]

@@ -1,0 +1,173 @@
+"""Tokenizing raw files into ArrayRecord shards once, with worker processes (prepare_data.py).
+
+The documents of the inputs (indexed as in `sources.RawFilesSource`, in file order) are split
+into `num_shards` contiguous ranges; each worker process tokenizes one range at a time and writes
+its shard under a temporary name, renamed when complete. The manifest is written last, so a
+directory with a manifest is complete. Documents keep their input order; the pipeline shuffles.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from jaxlm.data import cache, shards, sources
+from jaxlm.data.tokenizer import Tokenizer, load_tokenizer
+
+# Documents tokenized per sentencepiece call, and between progress counter updates.
+_ENCODE_BATCH = 256
+
+# Set in each worker process by `_init_worker`.
+_worker: dict[str, Any] = {}
+
+
+def _init_worker(source: sources.RawFilesSource, tokenizer: Tokenizer, counters: Any) -> None:
+    _worker.update(source=source, tokenizer=tokenizer, counters=counters)
+
+
+def _write_shard(task: tuple[int, int, int, int, str]) -> dict[str, Any]:
+    """Tokenizes documents [start, stop) into shard `index`; returns its manifest entry."""
+    index, count, start, stop, output_dir = task
+    source, tokenizer, counters = _worker["source"], _worker["tokenizer"], _worker["counters"]
+    name = shards.shard_name(index, count)
+    tmp_path = os.path.join(output_dir, f".tmp-{name}")
+    writer = shards.ShardWriter(tmp_path, shards.token_dtype(tokenizer.vocab_size))
+    skipped = empty = 0
+    for lo in range(start, stop, _ENCODE_BATCH):
+        texts = []
+        for i in range(lo, min(stop, lo + _ENCODE_BATCH)):
+            item = source[i]
+            if isinstance(item, sources.Skipped):
+                skipped += 1
+            elif not item:
+                empty += 1
+            else:
+                texts.append(item)
+        batch_tokens = 0
+        for ids in tokenizer.encode_batch(texts):
+            if ids:
+                writer.write(ids)
+                batch_tokens += len(ids)
+            else:
+                empty += 1
+        if counters is not None:
+            with counters.get_lock():
+                counters[0] += min(stop, lo + _ENCODE_BATCH) - lo
+                counters[1] += batch_tokens
+    entry = writer.close()
+    os.replace(tmp_path, os.path.join(output_dir, name))
+    return {**entry, "name": name, "skipped_records": skipped, "empty_documents": empty}
+
+
+def prepare_shards(inputs: Sequence[str], output_dir: str, tokenizer_path: str, *,
+                   text_field: str = "text", text_delimiter: str = "", num_shards: int = 0,
+                   docs_per_shard: int = 100_000, num_workers: int = 0,
+                   skip_bad_records: bool = False, overwrite: bool = False,
+                   progress: Callable[[str], None] = print,
+                   progress_every_s: float = 10.0) -> dict[str, Any]:
+    """Writes the shards and manifest of `inputs` (globs) into `output_dir`; returns the manifest.
+
+    num_shards=0 picks ceil(documents / docs_per_shard), at least num_workers. num_workers=0
+    tokenizes in this process.
+    """
+    t0 = time.perf_counter()
+    paths = sources.expand_globs(inputs, "--input")
+    if os.path.exists(shards.manifest_path(output_dir)) and not overwrite:
+        raise FileExistsError(f"{shards.manifest_path(output_dir)} exists; pass --overwrite or "
+                              "choose another --output_dir")
+    os.makedirs(output_dir, exist_ok=True)
+    for name in os.listdir(output_dir):  # shards of an overwritten run
+        if name.startswith("shard-") and name.endswith(shards.SUFFIX):
+            os.remove(os.path.join(output_dir, name))
+    tokenizer = load_tokenizer(tokenizer_path)
+    source = sources.RawFilesSource(paths, text_field=text_field, delimiter=text_delimiter,
+                                    skip_bad_records=skip_bad_records)
+    n = len(source)
+    if n == 0:
+        raise ValueError(f"the inputs {paths} hold no documents")
+    count = num_shards or max(num_workers, 1, -(-n // docs_per_shard))
+    count = min(count, n)
+    tasks = [(i, count, n * i // count, n * (i + 1) // count, output_dir) for i in range(count)]
+    progress(f"{n:,} documents in {len(paths)} files -> {count} shards with "
+             f"{max(num_workers, 1)} process(es)")
+    try:
+        if num_workers == 0:
+            _init_worker(source, tokenizer, None)
+            entries = []
+            for task in tasks:
+                entries.append(_write_shard(task))
+                _report(progress, entries, n, t0)
+        else:
+            entries = _run_pool(tasks, source, tokenizer, num_workers, n, t0, progress,
+                                progress_every_s)
+    except BaseException:
+        for name in os.listdir(output_dir):
+            if name.startswith(".tmp-shard-"):
+                os.remove(os.path.join(output_dir, name))
+        raise
+    entries.sort(key=lambda e: e["name"])
+    seconds = time.perf_counter() - t0
+    num_tokens = sum(e["tokens"] for e in entries)
+    manifest = {
+        "format": shards.FORMAT_VERSION,
+        "dtype": shards.token_dtype(tokenizer.vocab_size).str,
+        "num_documents": sum(e["documents"] for e in entries),
+        "num_tokens": num_tokens,
+        "skipped_records": sum(e.pop("skipped_records") for e in entries),
+        "empty_documents": sum(e.pop("empty_documents") for e in entries),
+        "tokenizer": {"path": os.path.abspath(tokenizer.path), "sha256": tokenizer.sha256,
+                      "vocab_size": tokenizer.vocab_size},
+        "shards": entries,
+        "inputs": [os.path.abspath(p) for p in paths],
+        "text_field": text_field,
+        "text_delimiter": text_delimiter,
+        "seconds": round(seconds, 3),
+    }
+    cache.write_json_atomic(shards.manifest_path(output_dir), manifest)
+    progress(f"wrote {manifest['num_documents']:,} documents, {num_tokens:,} tokens in "
+             f"{seconds:.1f}s ({num_tokens / max(seconds, 1e-9):,.0f} tokens/s); skipped "
+             f"{manifest['skipped_records']} malformed records, {manifest['empty_documents']} "
+             f"empty documents -> {output_dir}")
+    return manifest
+
+
+def _report(progress: Callable[[str], None], entries: list[dict[str, Any]], n: int,
+            t0: float) -> None:
+    docs = sum(e["documents"] + e["skipped_records"] + e["empty_documents"] for e in entries)
+    tokens = sum(e["tokens"] for e in entries)
+    _progress_line(progress, docs, tokens, n, t0)
+
+
+def _progress_line(progress: Callable[[str], None], docs: int, tokens: int, n: int,
+                   t0: float) -> None:
+    elapsed = time.perf_counter() - t0
+    progress(f"  {docs:,}/{n:,} documents ({100 * docs / n:.0f}%), {tokens:,} tokens, "
+             f"{tokens / max(elapsed, 1e-9):,.0f} tokens/s, {elapsed:.1f}s")
+
+
+def _run_pool(tasks: list[tuple], source: sources.RawFilesSource, tokenizer: Tokenizer,
+              num_workers: int, n: int, t0: float, progress: Callable[[str], None],
+              progress_every_s: float) -> list[dict[str, Any]]:
+    # spawn: the parent may have started threads (JAX, grain), which fork would copy broken.
+    ctx = mp.get_context("spawn")
+    counters = ctx.Array("q", 2)
+    with ctx.Pool(num_workers, initializer=_init_worker,
+                  initargs=(source, tokenizer, counters)) as pool:
+        pending = [pool.apply_async(_write_shard, (task,)) for task in tasks]
+        entries = []
+        while pending:
+            pending[0].wait(progress_every_s)
+            still = []
+            for result in pending:
+                if result.ready():
+                    entries.append(result.get())  # re-raises a worker's error here
+                else:
+                    still.append(result)
+            pending = still
+            with counters.get_lock():
+                docs, tokens = counters[0], counters[1]
+            _progress_line(progress, docs, tokens, n, t0)
+    return entries

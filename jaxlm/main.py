@@ -1,0 +1,33 @@
+"""Entry point: `python -m jaxlm.main --config=configs/tiny.py --workdir=/tmp/jaxlm_tiny`.
+
+Flags only; everything else lives in importable library code (jaxlm.trainer.run).
+Override any config key on the command line: `--config.train.steps=100`, or pass the config
+file an argument: `--config=configs/chinchilla.py:size=1018`.
+"""
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from jaxlm import trainer
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, checkpoints and caches.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        trainer.run(_CONFIG.value, _WORKDIR.value)
+    except ValueError as e:
+        if not str(e).startswith("config key"):
+            raise
+        sys.exit(f"error: {e}")  # a config mistake: the message names the key; no traceback
+
+
+if __name__ == "__main__":
+    app.run(main)

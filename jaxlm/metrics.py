@@ -1,0 +1,73 @@
+"""Where training metrics go: <workdir>/metrics.jsonl, TensorBoard events, the console line.
+
+metrics.jsonl has one JSON object per logged step; field names are stable because tools and
+tests read them: step, loss, lr, grad_norm, tokens_per_sec, mfu (+ eval_* when evaluation ran).
+Only process 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+
+class MetricsWriter:
+    """Appends metrics to metrics.jsonl and (optionally) TensorBoard; a no-op off process 0."""
+
+    def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self._jsonl = None
+        self._tb = None
+        if not enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step)}
+        row.update({k: _scalar(v) for k, v in metrics.items()})
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._tb.add_scalar(key, value, step)
+
+    def write_text(self, step: int, tag: str, text: str) -> None:
+        if self._tb is not None:
+            self._tb.add_text(tag, text, step)
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _scalar(value: Any) -> Any:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def progress_line(step: int, total_steps: int, metrics: dict[str, float], eta_s: float) -> str:
+    return (f"step {step}/{total_steps} | loss {metrics['loss']:.4f} | "
+            f"grad_norm {metrics['grad_norm']:.3f} | lr {metrics['lr']:.2e} | "
+            f"{metrics['steps_per_sec']:.2f} steps/s | {metrics['tokens_per_sec']:,.0f} tok/s | "
+            f"mfu {100 * metrics['mfu']:.1f}% | eta {format_duration(eta_s)}")
+

@@ -1,0 +1,116 @@
+"""Parameter and FLOP counts of a `ModelConfig`, computed from the config alone (no init).
+
+These numbers feed the logged parameter count, tokens/s -> MFU, and later the compute-optimal
+(Chinchilla) sizing of runs. They describe the model exactly as `jaxlm.models.Transformer` builds
+it: vocabulary padded to `cfg.padded_vocab_size`, grouped-query k/v with `num_kv_heads`, SwiGLU
+with three matrices, biases and LayerNorm offsets only where configured.
+
+Parameter-count convention (`count_params`):
+  * `total` is every parameter the model holds (equal to the sum of the initialised leaf sizes).
+    This is the N of Chinchilla (Hoffmann et al. 2022), which counts embeddings too.
+  * `embedding` is the input side only: the (padded) token table plus the learned position table.
+  * `non_embedding` = `total` - `embedding`: Kaplan et al. (2020)'s N. An *untied* output head is
+    kept in it, because it is a real [D, V] matmul every token pays for, like any other weight;
+    a tied head has no parameters of its own, so it appears in neither `head` nor `non_embedding`.
+
+FLOP convention (`flops_per_token`), one multiply-add = 2 FLOPs, matmuls only, in the style of
+Chinchilla's Appendix F:
+  * the embedding lookup is a gather and costs 0 here (Chinchilla charges it as a one-hot matmul,
+    2 * V * D; no hardware does that work, so it is left out of "model FLOPs");
+  * attention scores QK^T and the weighted sum over values are charged for the full L x L matrix,
+    2 * 2 * L * H * K per token and layer with L = seq_len (PaLM's 6N + 12 * layers * H * K * L).
+    That is what the XLA attention in `jaxlm.models.attention` computes before masking; a causal
+    kernel that skips the masked half does about half of this work;
+  * softmax, norms, activations, biases, RoPE and residual adds are not counted (they are a few
+    percent for realistic shapes);
+  * the output head is charged over the padded vocabulary, tied or not;
+  * training = 3 x forward (backward = 2 x forward); recomputation from `remat` is not counted, as
+    is usual for MFU (it would be "hardware FLOPs").
+"""
+
+from __future__ import annotations
+
+from jaxlm.models.config import ModelConfig
+
+
+def _attention_params_per_layer(cfg: ModelConfig) -> int:
+    d, h, n, k = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    weights = d * h * k + 2 * d * n * k + h * k * d  # wq, wk, wv, wo
+    biases = (h * k + 2 * n * k + d) if cfg.use_bias else 0  # bq, bk, bv, bo
+    return weights + biases
+
+
+def _mlp_params_per_layer(cfg: ModelConfig) -> int:
+    d, f = cfg.d_model, cfg.d_ff
+    matrices = 3 if cfg.mlp_activation == "swiglu" else 2  # w_in, w_out (+ w_gate)
+    biases = (f + d) if cfg.use_bias else 0  # b_in, b_out
+    return matrices * d * f + biases
+
+
+def _norm_params(cfg: ModelConfig) -> int:
+    """Scale (+ bias for LayerNorm) of 2 norms per block and the final norm."""
+    per_norm = cfg.d_model * (2 if cfg.norm == "layernorm" else 1)
+    return (2 * cfg.num_layers + 1) * per_norm
+
+
+def count_params(cfg: ModelConfig) -> dict[str, int]:
+    """Parameter counts by component; see the module docstring for the convention.
+
+    Keys: `total`, `embedding` (= `token_embedding` + `position_embedding`), `non_embedding`,
+    `attention`, `mlp`, `norms` (all layers together), and `head` (0 when tied).
+    """
+    vocab, d = cfg.padded_vocab_size, cfg.d_model
+    token_embedding = vocab * d
+    position_embedding = cfg.max_seq_len * d if cfg.position_embedding == "learned" else 0
+    counts = {
+        "token_embedding": token_embedding,
+        "position_embedding": position_embedding,
+        "embedding": token_embedding + position_embedding,
+        "attention": cfg.num_layers * _attention_params_per_layer(cfg),
+        "mlp": cfg.num_layers * _mlp_params_per_layer(cfg),
+        "norms": _norm_params(cfg),
+        "head": 0 if cfg.tie_embeddings else d * vocab,
+    }
+    counts["non_embedding"] = counts["attention"] + counts["mlp"] + counts["norms"] + counts["head"]
+    counts["total"] = counts["embedding"] + counts["non_embedding"]
+    return counts
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+    """Matmul FLOPs per token of a sequence of `seq_len` tokens; see the module docstring.
+
+    Per-layer terms are summed over all layers. Keys: `embedding` (0), `qkv_projections`,
+    `attention_logits`, `attention_values`, `output_projection`, `mlp`, `head`, `forward`,
+    `train` (3 x forward), and for comparison `approx_6n` = 6 * non_embedding params and
+    `approx_6n_total` = 6 * total params (Kaplan's and Chinchilla's C = 6N per token).
+    """
+    if seq_len <= 0:
+        raise ValueError(f"seq_len must be positive, got {seq_len}")
+    if cfg.position_embedding == "learned" and seq_len > cfg.max_seq_len:
+        raise ValueError(f"seq_len {seq_len} exceeds model.max_seq_len={cfg.max_seq_len}, the "
+                         "size of the learned position table")
+    d, h, n, k, f = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_ff
+    layers = cfg.num_layers
+    mlp_matrices = 3 if cfg.mlp_activation == "swiglu" else 2
+    flops = {
+        "embedding": 0.0,
+        "qkv_projections": float(layers * 2 * d * (h + 2 * n) * k),
+        "attention_logits": float(layers * 2 * seq_len * h * k),
+        "attention_values": float(layers * 2 * seq_len * h * k),
+        "output_projection": float(layers * 2 * h * k * d),
+        "mlp": float(layers * 2 * mlp_matrices * d * f),
+        "head": float(2 * d * cfg.padded_vocab_size),
+    }
+    flops["forward"] = sum(flops.values())
+    flops["train"] = 3.0 * flops["forward"]
+    params = count_params(cfg)
+    flops["approx_6n"] = 6.0 * params["non_embedding"]
+    flops["approx_6n_total"] = 6.0 * params["total"]
+    return flops
+
+
+def flops_per_step(cfg: ModelConfig, seq_len: int, global_batch_size: int) -> float:
+    """Training FLOPs of one optimizer step: `train` FLOPs per token x tokens in the batch."""
+    if global_batch_size <= 0:
+        raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
+    return flops_per_token(cfg, seq_len)["train"] * seq_len * global_batch_size

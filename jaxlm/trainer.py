@@ -1,0 +1,204 @@
+"""The training loop shared by every stage: set up, init, step, evaluate, sample, log.
+
+It knows a stage only through `jaxlm.stages.get_stage(config.stage)`: the stage's jitted step
+functions and its data. Each piece (mesh, tokenizer, model, state, steps) is built by a function
+of its own so tests can use them alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+from absl import logging
+
+from jaxlm import config as config_lib
+from jaxlm import hardware, scaling, sharding
+from jaxlm.data.pipeline import load_or_train_tokenizer
+from jaxlm.metrics import MetricsWriter, progress_line
+from jaxlm.models import ModelConfig, Transformer
+from jaxlm.optim import learning_rate_schedule, make_optimizer
+from jaxlm.sampling import make_greedy_sampler
+from jaxlm.stages import get_stage
+from jaxlm.train_state import TrainState, init_sharded_state
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything a run needs before its first step."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    mesh: jax.sharding.Mesh
+    tokenizer: Any
+    model_cfg: ModelConfig
+    model: Transformer
+    stage: Any
+    cache_dir: str
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
+    """Validates the config, builds the mesh, the tokenizer and the model (no params yet)."""
+    config_lib.validate(config)
+    mesh_shape = config_lib.check_devices(config, jax.device_count(), jax.process_count())
+    mesh = sharding.make_mesh(mesh_shape)
+    cache_dir = config.data.cache_dir or os.path.join(workdir, "cache")
+    tokenizer = load_or_train_tokenizer(config.data, cache_dir)
+    if config.model.vocab_size and tokenizer.vocab_size > config.model.vocab_size:
+        raise ValueError(f"config key model.vocab_size: {config.model.vocab_size} is smaller than "
+                         f"the tokenizer's {tokenizer.vocab_size} ids ({tokenizer.path})")
+    model_cfg = config_lib.model_config(config, tokenizer.vocab_size)
+    if model_cfg.padded_vocab_size != model_cfg.vocab_size:
+        logging.info("vocab %d padded to %d (a multiple of %d) for TPU/GPU-friendly matmuls; "
+                     "padded logits are masked", model_cfg.vocab_size,
+                     model_cfg.padded_vocab_size, model_cfg.vocab_multiple)
+    logging.info("mesh %s on %d %s devices", dict(mesh.shape), jax.device_count(),
+                 jax.devices()[0].platform)
+    return Setup(config=config, workdir=workdir, mesh=mesh, tokenizer=tokenizer,
+                 model_cfg=model_cfg, model=Transformer(model_cfg),
+                 stage=get_stage(config.stage), cache_dir=cache_dir)
+
+
+def _iterator(s: Setup, split: str) -> Any:
+    return s.stage.make_data(
+        s.config, s.tokenizer, split=split,
+        batch_size=s.config.train.global_batch_size // jax.process_count(),
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        cache_dir=s.cache_dir)
+
+
+def _close(iterator: Any) -> None:
+    """Stops an iterator's prefetch threads / worker processes now rather than at exit."""
+    close = getattr(iterator, "close", None)
+    if close is not None:
+        close()
+
+
+def evaluate(s: Setup, eval_fn: Any, params: Any) -> dict[str, float]:
+    """Mean held-out loss over train.eval_steps batches (the same batches every time)."""
+    it = _iterator(s, "eval")
+    totals: dict[str, float] = {}
+    try:
+        for _ in range(s.config.train.eval_steps):
+            sums = jax.device_get(eval_fn(params, sharding.global_batch(next(it), s.mesh)))
+            for k, v in sums.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+    finally:
+        _close(it)
+    n = max(totals.get("num_tokens", 0.0), 1.0)
+    loss = totals.get("nll_sum", 0.0) / n
+    return {"eval_loss": loss, "eval_perplexity": float(jax.numpy.exp(loss)),
+            "eval_accuracy": totals.get("correct", 0.0) / n}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains `config` in `workdir`; returns the last logged metrics."""
+    s = setup(config, workdir)
+    c = s.config
+    is_main = jax.process_index() == 0
+    writer = MetricsWriter(workdir, enabled=is_main, tensorboard=c.log.tensorboard)
+    total_steps = c.train.steps
+    schedule = learning_rate_schedule(c.optim, total_steps)
+    tx = make_optimizer(c.optim, total_steps)
+    state, shardings = init_sharded_state(s.model, tx, s.mesh, jax.random.key(c.seed),
+                                          c.data.seq_len)
+    params_count = scaling.count_params(s.model_cfg)
+    logging.info("%s | params %s (non-embedding %s)", config_lib.describe(c),
+                 f"{params_count['total']:,}", f"{params_count['non_embedding']:,}")
+
+    train_fn, eval_fn = s.stage.make_steps(c, s.model, tx, schedule)
+    batch_sh = sharding.batch_sharding(s.mesh)
+    replicated = sharding.replicated(s.mesh)
+    train_iter = _iterator(s, "train")
+    first_batch = sharding.global_batch(next(train_iter), s.mesh)
+    with sharding.activate(s.mesh):
+        t0 = time.perf_counter()
+        train_step = jax.jit(train_fn, in_shardings=(shardings, batch_sh),
+                             out_shardings=(shardings, replicated),
+                             donate_argnums=0).lower(state, first_batch).compile()
+        compile_s = time.perf_counter() - t0
+        eval_step = jax.jit(eval_fn, in_shardings=(shardings.params, batch_sh),
+                            out_shardings=replicated)
+    logging.info("train step compiled in %.1fs", compile_s)
+
+    flops_per_step = scaling.flops_per_step(s.model_cfg, c.data.seq_len,
+                                            c.train.global_batch_size)
+    peak, peak_note = (c.log.peak_flops, "from log.peak_flops") if c.log.peak_flops else \
+        hardware.peak_flops_per_device(jax.devices()[0], c.model.compute_dtype)
+    logging.info("MFU against %.3g FLOP/s per device (%s) x %d devices; %.3g FLOPs per step",
+                 peak, peak_note, jax.device_count(), flops_per_step)
+    sampler = make_greedy_sampler(s.model, min(s.model_cfg.max_seq_len,
+                                               len(s.tokenizer.encode(c.log.sample_prompt))
+                                               + c.log.sample_tokens))
+
+    step = int(jax.device_get(state.step))
+    batch = first_batch
+    pending: tuple[int, Any] | None = None
+    # Throughput is measured over completed steps: from window_step0 (done at window_start) to
+    # the step being reported, whose metrics the host has just waited for.
+    window_start, window_step0 = time.perf_counter(), step
+    last: dict[str, float] = {}
+
+    def report(step_done: int, metrics: dict[str, Any]) -> None:
+        nonlocal window_start, window_step0, last
+        row = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
+        now = time.perf_counter()
+        elapsed = max(now - window_start, 1e-9)
+        window_steps = max(step_done - window_step0, 1)
+        row["steps_per_sec"] = window_steps / elapsed
+        row["tokens_per_sec"] = row["steps_per_sec"] * config_lib.tokens_per_step(c)
+        row["mfu"] = hardware.mfu(flops_per_step, elapsed / window_steps,
+                                  jax.device_count(), peak)
+        row["tokens_seen"] = step_done * config_lib.tokens_per_step(c)
+        eta = (total_steps - step_done) / max(row["steps_per_sec"], 1e-9)
+        if is_main:
+            logging.info(progress_line(step_done, total_steps, row, eta))
+        writer.write(step_done, row)
+        last = row
+        window_start, window_step0 = now, step_done
+
+    while step < total_steps:
+        state, metrics = train_step(state, batch)
+        step += 1
+        # Read back the previous step's metrics only after dispatching this one, so the device
+        # never waits on the host.
+        if pending is not None:
+            report(*pending)
+            pending = None
+        if step % c.log.every_steps == 0 or step == total_steps:
+            pending = (step, metrics)
+        if step < total_steps:
+            batch = sharding.global_batch(next(train_iter), s.mesh)
+        end_or_eval = step == total_steps or (c.train.eval_every and
+                                              step % c.train.eval_every == 0)
+        if end_or_eval or (c.log.sample_every and step % c.log.sample_every == 0):
+            if pending is not None:
+                report(*pending)
+                pending = None
+            _eval_and_sample(s, state, step, eval_step, sampler, writer, end_or_eval)
+            window_start, window_step0 = time.perf_counter(), step
+    if pending is not None:
+        report(*pending)
+    _close(train_iter)
+    writer.close()
+    return last
+
+
+def _eval_and_sample(s: Setup, state: TrainState, step: int, eval_step: Any, sampler: Any,
+                     writer: MetricsWriter, do_eval: bool) -> None:
+    c = s.config
+    with sharding.activate(s.mesh):
+        if do_eval and c.train.eval_steps:
+            row = evaluate(s, eval_step, state.params)
+            logging.info("eval at step %d | loss %.4f | perplexity %.2f", step, row["eval_loss"],
+                         row["eval_perplexity"])
+            writer.write(step, row)
+        if c.log.sample_every and (step % c.log.sample_every == 0 or step == c.train.steps):
+            new_ids = sampler(state.params, s.tokenizer.encode(c.log.sample_prompt))
+            text = c.log.sample_prompt + s.tokenizer.decode(new_ids)
+            logging.info("sample at step %d: %r", step, text)
+            writer.write_text(step, "sample", text)

@@ -1,0 +1,82 @@
+"""Config validation: every mistake is caught before compiling, with the key named."""
+
+import pytest
+
+from jaxlm import config as config_lib
+
+
+def _config(**overrides):
+    c = config_lib.base_config()
+    for dotted, value in overrides.items():
+        section, key = dotted.split("__") if "__" in dotted else (None, dotted)
+        (c[section] if section else c)[key] = value
+    return c
+
+
+def test_base_config_is_valid():
+    config_lib.validate(config_lib.base_config())
+
+
+@pytest.mark.parametrize("overrides,key", [
+    ({"model__num_heads": 5}, "model.num_heads"),
+    ({"model__num_kv_heads": 3}, "model.num_kv_heads"),
+    ({"model__norm": "batchnorm"}, "model.norm"),
+    ({"model__remat": "sometimes"}, "model.remat"),
+    ({"model__compute_dtype": "float99"}, "model.compute_dtype"),
+    ({"model__max_seq_len": 8}, "model.max_seq_len"),
+    ({"optim__learning_rate": -1.0}, "optim.learning_rate"),
+    ({"optim__warmup_steps": -1}, "optim.warmup_steps"),
+    ({"optim__min_lr_ratio": 2.0}, "optim.min_lr_ratio"),
+    ({"train__steps": 0}, "train.steps"),
+    ({"stage": "rlhf"}, "stage"),
+    ({"mesh__tensor": 0}, "mesh.tensor"),
+    ({"mesh__pipeline": 2}, "mesh.pipeline"),
+    ({"log__every_steps": 0}, "log.every_steps"),
+])
+def test_bad_values_name_their_key(overrides, key):
+    with pytest.raises(ValueError, match=f"config key {key}"):
+        config_lib.validate(_config(**overrides))
+
+
+def test_unknown_keys_are_named_with_a_suggestion():
+    c = config_lib.base_config()
+    c.model.nmu_layers = 3
+    with pytest.raises(ValueError, match=r"model.nmu_layers: unknown key \(did you mean "
+                                         r"model.num_layers\?\)"):
+        config_lib.validate(c)
+    c = config_lib.base_config()
+    c.optimizer = {"lr": 1}
+    with pytest.raises(ValueError, match="config key optimizer: unknown key"):
+        config_lib.validate(c)
+
+
+def test_mesh_must_match_the_devices():
+    c = _config(mesh__data=2, mesh__fsdp=2, mesh__tensor=1)
+    with pytest.raises(ValueError, match="mesh"):
+        config_lib.check_devices(c, num_devices=8)
+    assert config_lib.check_devices(_config(mesh__data=-1, mesh__tensor=2), 8)["data"] == 4
+
+
+def test_batch_must_divide_over_data_parallel_replicas_and_microbatches():
+    c = _config(mesh__data=-1, mesh__fsdp=1)
+    c.train.global_batch_size = 12
+    with pytest.raises(ValueError, match="config key train.global_batch_size"):
+        config_lib.check_devices(c, num_devices=8)
+    c.train.global_batch_size = 16
+    c.optim.grad_accum_steps = 3
+    with pytest.raises(ValueError, match="config key optim.grad_accum_steps"):
+        config_lib.check_devices(c, num_devices=8)
+
+
+def test_derived_model_sizes():
+    cfg = config_lib.model_config(_config(model__d_model=128, model__num_heads=4), vocab_size=300)
+    assert (cfg.head_dim, cfg.num_kv_heads, cfg.d_ff, cfg.padded_vocab_size) == (32, 4, 512, 384)
+
+
+def test_config_argument_parsing():
+    arg = config_lib.parse_arg("size=1018,smoke=True", size=44, smoke=False, data="")
+    assert (arg.size, arg.smoke, arg.data) == (1018, True, "")
+    with pytest.raises(ValueError, match="sise"):
+        config_lib.parse_arg("sise=3", size=44)
+    with pytest.raises(ValueError, match="config argument size"):
+        config_lib.parse_arg("size=big", size=44)

@@ -1,0 +1,91 @@
+"""Peak FLOP/s table lookup, the measured fallback, and the MFU formula."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import pytest
+
+from jaxlm import hardware
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeDevice:
+    """Stands in for a `jax.Device` of hardware the test machine does not have."""
+
+    device_kind: str
+    platform: str = "gpu"
+    id: int = 0
+
+
+@pytest.mark.parametrize("kind, name, bf16", [
+    ("TPU v4", "TPU v4", 275e12),
+    ("TPU v5 lite", "TPU v5e", 197e12),
+    ("TPU v5", "TPU v5p", 459e12),
+    ("TPU v5p", "TPU v5p", 459e12),
+    ("TPU v6 lite", "TPU v6e (Trillium)", 918e12),
+    ("NVIDIA A100-SXM4-80GB", "A100", 312e12),
+    ("NVIDIA A100 80GB PCIe", "A100", 312e12),
+    ("NVIDIA H100 80GB HBM3", "H100 SXM", 989.5e12),
+    ("NVIDIA H100 PCIe", "H100 PCIe", 756.5e12),
+    ("NVIDIA H100 NVL", "H100 NVL", 835.5e12),
+    ("NVIDIA H200", "H200 SXM", 989.5e12),
+    ("NVIDIA GH200 480GB", "GH200", 989.5e12),
+    ("NVIDIA B200", "B200", 2.25e15),
+    ("NVIDIA L4", "L4", 121e12),
+    ("NVIDIA A10", "A10", 125e12),
+])
+def test_lookup_known_kinds(kind: str, name: str, bf16: float) -> None:
+    peak = hardware.lookup_peak(kind)
+    assert peak is not None and peak.name == name and peak.bfloat16 == bf16
+    flops, note = hardware.peak_flops_per_device(FakeDevice(kind), "bfloat16")
+    assert flops == bf16 and name in note
+
+
+def test_dtypes() -> None:
+    h100 = FakeDevice("NVIDIA H100 80GB HBM3")
+    assert hardware.peak_flops_per_device(h100, "float32")[0] == 494.5e12  # TF32
+    assert hardware.peak_flops_per_device(h100, "bf16")[0] == 989.5e12
+    tpu = FakeDevice("TPU v4", platform="tpu")
+    assert hardware.peak_flops_per_device(tpu, "float32")[0] == 275e12  # one bf16 MXU pass
+    with pytest.raises(ValueError, match="int4"):
+        hardware.peak_flops_per_device(h100, "int4")
+
+
+@pytest.mark.parametrize("kind", ["NVIDIA A10G", "NVIDIA A100X", "NVIDIA L40",
+                                  "TPU v4 lite", "TPU v9000"])
+def test_unknown_kinds_are_measured(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert hardware.lookup_peak(kind) is None
+    calls = []
+    monkeypatch.setattr(hardware, "_measure_peak",
+                        lambda platform, device_kind, dtype: calls.append(dtype) or 1.5e12)
+    flops, note = hardware.peak_flops_per_device(FakeDevice(kind), "bfloat16")
+    assert (flops, calls) == (1.5e12, ["bfloat16"]) and note.startswith("measured")
+
+
+def test_override_wins() -> None:
+    flops, note = hardware.peak_flops_per_device(FakeDevice("NVIDIA H100 PCIe"), override=1e12)
+    assert flops == 1e12 and "override" in note
+    assert hardware.peak_flops_per_device(FakeDevice("NVIDIA H100 PCIe"), override=0.0)[0] == \
+        756.5e12
+
+
+def test_cpu_peak_is_measured_once_and_plausible() -> None:
+    cpu = jax.local_devices(backend="cpu")[0]
+    assert hardware.lookup_peak(cpu.device_kind) is None
+    flops, note = hardware.peak_flops_per_device(cpu, "float32")
+    assert 1e8 < flops < 1e14, flops
+    assert note.startswith("measured") and "float32" in note
+    hits = hardware._measure_peak.cache_info().hits
+    # Any CPU device and dtype reuses the one float32 measurement.
+    assert hardware.peak_flops_per_device(jax.local_devices(backend="cpu")[-1], "bfloat16") == \
+        (flops, note)
+    assert hardware._measure_peak.cache_info().hits == hits + 1
+
+
+def test_mfu() -> None:
+    # 1e15 FLOPs per step in 2 s on 4 devices of 250 TFLOP/s: 1e15 / (2 * 4 * 2.5e14) = 0.5.
+    assert hardware.mfu(1e15, 2.0, 4, 2.5e14) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="step_time_s"):
+        hardware.mfu(1e15, 0.0, 4, 2.5e14)

@@ -1,0 +1,52 @@
+"""Tokenizes raw text/jsonl/parquet files into ArrayRecord shards plus a manifest.
+
+    python tools/prepare_data.py --input='/data/fineweb-edu/sample/10BT/*.parquet' \
+        --text_field=text --tokenizer=/data/tok/fineweb32k.model \
+        --output_dir=/data/fineweb-edu-tok --num_workers=8
+
+then train with `--config.data.source=arrayrecord
+--config.data.paths='/data/fineweb-edu-tok/*.array_record'`. Worker processes tokenize
+contiguous ranges of documents, one shard each at a time; progress and throughput are printed.
+The format is described in jaxlm/data/shards.py.
+"""
+
+import os
+import sys
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from jaxlm.data.config import split_list  # noqa: E402
+from jaxlm.data.prepare import prepare_shards  # noqa: E402
+
+_INPUT = flags.DEFINE_string("input", None, "Comma-separated globs of .txt/.jsonl/.parquet.")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Directory for shards and manifest.json.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "Sentencepiece .model to tokenize with.")
+_TEXT_FIELD = flags.DEFINE_string("text_field", "text", "Text field of jsonl/parquet records.")
+_TEXT_DELIMITER = flags.DEFINE_string(
+    "text_delimiter", "", "Document separator inside .txt files ('' = one document per file; "
+    "backslash-n is a newline), e.g. '<|endoftext|>' for TinyStories.")
+_NUM_SHARDS = flags.DEFINE_integer("num_shards", 0, "Shards to write; 0 = from docs_per_shard.")
+_DOCS_PER_SHARD = flags.DEFINE_integer("docs_per_shard", 100_000, "Used when num_shards=0.")
+_NUM_WORKERS = flags.DEFINE_integer("num_workers", os.cpu_count() or 1,
+                                    "Tokenizer processes; 0 = this process.")
+_SKIP_BAD = flags.DEFINE_bool("skip_bad_records", False,
+                              "Skip and count malformed records instead of failing on them.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing output directory.")
+flags.mark_flags_as_required(["input", "output_dir", "tokenizer"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    prepare_shards(split_list(_INPUT.value), _OUTPUT_DIR.value, _TOKENIZER.value,
+                   text_field=_TEXT_FIELD.value,
+                   text_delimiter=_TEXT_DELIMITER.value.replace("\\n", "\n"),
+                   num_shards=_NUM_SHARDS.value, docs_per_shard=_DOCS_PER_SHARD.value,
+                   num_workers=_NUM_WORKERS.value, skip_bad_records=_SKIP_BAD.value,
+                   overwrite=_OVERWRITE.value, progress=lambda line: print(line, flush=True))
+
+
+if __name__ == "__main__":
+    app.run(main)
