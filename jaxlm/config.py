@@ -112,6 +112,9 @@ def base_config() -> ml_collections.ConfigDict:
     t.eval_every = 200
     # Batches per evaluation.
     t.eval_steps = 4
+    # A step whose loss or gradient norm is NaN/Inf is skipped (params unchanged); the run stops
+    # with an error after this many such steps in a row.
+    t.max_nonfinite = 10
 
     c.log = lg = ml_collections.ConfigDict()
     # Write metrics.jsonl / TensorBoard / the progress line every this many steps.
@@ -220,6 +223,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _fail("train.global_batch_size", f"must be >= 1, got {t.global_batch_size}")
     if t.eval_every < 0 or t.eval_steps < 0:
         _fail("train.eval_every" if t.eval_every < 0 else "train.eval_steps", "must be >= 0")
+    if t.max_nonfinite < 1:
+        _fail("train.max_nonfinite", f"must be >= 1, got {t.max_nonfinite}")
     if config.log.every_steps < 1:
         _fail("log.every_steps", f"must be >= 1, got {config.log.every_steps}")
     for axis in MESH_AXES:

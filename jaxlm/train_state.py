@@ -17,20 +17,29 @@ from jaxlm import sharding
 
 @flax.struct.dataclass
 class TrainState:
-    """step: optimizer steps taken; params: the model pytree; opt_state: optax state."""
+    """step: optimizer steps taken (skipped ones included); params: the model pytree;
+    opt_state: optax state; nonfinite: how many steps in a row had a NaN/Inf loss or gradient."""
 
     step: jax.Array
     params: Any
     opt_state: Any
+    nonfinite: jax.Array
 
     @classmethod
     def create(cls, params: Any, tx: optax.GradientTransformation) -> TrainState:
-        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                   nonfinite=jnp.zeros((), jnp.int32))
 
-    def apply_gradients(self, grads: Any, tx: optax.GradientTransformation) -> TrainState:
+    def apply_gradients(self, grads: Any, tx: optax.GradientTransformation,
+                        finite: jax.Array | bool = True) -> TrainState:
+        """One optimizer update; when `finite` is False the params and optimizer state are
+        kept as they were (the step still counts, so the data and schedule move on)."""
         updates, opt_state = tx.update(grads, self.opt_state, self.params)
-        return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),
-                            opt_state=opt_state)
+        params = optax.apply_updates(self.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        return self.replace(step=self.step + 1, params=keep(params, self.params),
+                            opt_state=keep(opt_state, self.opt_state),
+                            nonfinite=jnp.where(finite, 0, self.nonfinite + 1))
 
 
 LossFn = Callable[[Any, dict[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
@@ -86,7 +95,7 @@ def state_shardings(model: nn.Module, tx: optax.GradientTransformation, mesh: Me
         tx, lambda _, s: s, abstract_opt, param_shardings,
         transform_non_params=lambda _: sharding.replicated(mesh))
     return TrainState(step=sharding.replicated(mesh), params=param_shardings,
-                      opt_state=opt_shardings)
+                      opt_state=opt_shardings, nonfinite=sharding.replicated(mesh))
 
 
 def init_sharded_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,

@@ -161,11 +161,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         last = row
         window_start, window_step0 = now, step_done
 
+    previous = None
     while step < total_steps:
         state, metrics = train_step(state, batch)
         step += 1
         # Read back the previous step's metrics only after dispatching this one, so the device
         # never waits on the host.
+        if previous is not None:
+            _check_finite(previous, step - 1, c.train.max_nonfinite)
+        previous = metrics
         if pending is not None:
             report(*pending)
             pending = None
@@ -181,11 +185,27 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 pending = None
             _eval_and_sample(s, state, step, eval_step, sampler, writer, end_or_eval)
             window_start, window_step0 = time.perf_counter(), step
+    _check_finite(previous, step, c.train.max_nonfinite)
     if pending is not None:
         report(*pending)
     _close(train_iter)
     writer.close()
     return last
+
+
+def _check_finite(metrics: dict[str, Any], step: int, max_in_a_row: int) -> None:
+    """Warns about a skipped (NaN/Inf) step; stops the run after `max_in_a_row` of them."""
+    in_a_row = int(jax.device_get(metrics["nonfinite"]))
+    if not in_a_row:
+        return
+    logging.warning("step %d: loss or gradient norm is NaN/Inf; update skipped (%d in a row)",
+                    step, in_a_row)
+    if in_a_row >= max_in_a_row:
+        raise FloatingPointError(
+            f"{in_a_row} steps in a row (up to step {step}) had a NaN/Inf loss or gradient norm "
+            f"(train.max_nonfinite={max_in_a_row}); stopping. The parameters are those of the "
+            "last finite step. Lower optim.learning_rate, check the data, or raise "
+            "train.max_nonfinite.")
 
 
 def _eval_and_sample(s: Setup, state: TrainState, step: int, eval_step: Any, sampler: Any,

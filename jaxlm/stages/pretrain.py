@@ -38,18 +38,21 @@ def pretrain_step(state: TrainState, batch: Batch, *, model: nn.Module,
     grads, aux = microbatched_grads(
         lambda p, b: loss_fn(p, b, model=model, z_loss=z_loss), state.params, batch,
         num_microbatches)
-    new_state = state.apply_gradients(grads, tx)
     num_tokens = jnp.maximum(aux["num_tokens"], 1.0)
     loss = aux["nll_sum"] / num_tokens
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new_state = state.apply_gradients(grads, tx, finite=finite)
     metrics = {
         "loss": loss,
         "perplexity": jnp.exp(loss),
         "accuracy": aux["correct"] / num_tokens,
         "z_loss": aux["z_loss_sum"] / num_tokens,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": grad_norm,
         "param_norm": optax.global_norm(state.params),
         "lr": lr_schedule(state.step),
         "num_tokens": aux["num_tokens"],
+        "nonfinite": new_state.nonfinite,
     }
     return new_state, metrics
 
