@@ -116,6 +116,24 @@ def base_config() -> ml_collections.ConfigDict:
     # with an error after this many such steps in a row.
     t.max_nonfinite = 10
 
+    c.checkpoint = ck = ml_collections.ConfigDict()
+    # Save every this many steps (0: only at the end / on SIGTERM). A run started on a workdir
+    # that holds checkpoints resumes from the newest complete one.
+    ck.every_steps = 500
+    # Keep the newest this many checkpoints...
+    ck.keep_last = 3
+    # ...plus every checkpoint whose step is a multiple of this (0: none).
+    ck.keep_every = 0
+    # Write in the background while training continues.
+    ck.async_save = True
+
+    c.init_from = fi = ml_collections.ConfigDict()
+    # Start from the params of another run's checkpoint directory (<workdir>/checkpoints of an
+    # earlier stage); the optimizer starts fresh. "" = random init. Ignored when resuming.
+    fi.path = ""
+    # Step of that checkpoint; -1 = its newest.
+    fi.step = -1
+
     c.log = lg = ml_collections.ConfigDict()
     # Write metrics.jsonl / TensorBoard / the progress line every this many steps.
     lg.every_steps = 10
@@ -223,6 +241,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _fail("train.global_batch_size", f"must be >= 1, got {t.global_batch_size}")
     if t.eval_every < 0 or t.eval_steps < 0:
         _fail("train.eval_every" if t.eval_every < 0 else "train.eval_steps", "must be >= 0")
+    ck = config.checkpoint
+    for key in ("every_steps", "keep_every"):
+        if ck[key] < 0:
+            _fail(f"checkpoint.{key}", f"must be >= 0, got {ck[key]}")
+    if ck.keep_last < 1:
+        _fail("checkpoint.keep_last", f"must be >= 1, got {ck.keep_last}")
     if t.max_nonfinite < 1:
         _fail("train.max_nonfinite", f"must be >= 1, got {t.max_nonfinite}")
     if config.log.every_steps < 1:

@@ -98,6 +98,21 @@ def state_shardings(model: nn.Module, tx: optax.GradientTransformation, mesh: Me
                       opt_state=opt_shardings, nonfinite=sharding.replicated(mesh))
 
 
+def abstract_state(model: nn.Module, tx: optax.GradientTransformation, shardings: TrainState,
+                   seq_len: int) -> TrainState:
+    """ShapeDtypeStructs of the TrainState carrying `shardings`: what a restore writes into."""
+    params = nn.meta.unbox(abstract_boxed_params(model, seq_len))
+    shapes = jax.eval_shape(lambda p: TrainState.create(p, tx), params)
+    return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                        shapes, shardings)
+
+
+def create_from_params(params: Any, tx: optax.GradientTransformation,
+                       shardings: TrainState) -> TrainState:
+    """A fresh TrainState (step 0, new optimizer state) around existing params."""
+    return jax.jit(lambda p: TrainState.create(p, tx), out_shardings=shardings)(params)
+
+
 def init_sharded_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,
                        rng: jax.Array, seq_len: int) -> tuple[TrainState, TrainState]:
     """Abstract-first init: shapes -> shardings -> a jitted init that writes each shard in place,

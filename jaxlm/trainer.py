@@ -9,22 +9,32 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
+import threading
 import time
 from typing import Any
 
 import jax
 import ml_collections
+import optax
 from absl import logging
 
 from jaxlm import config as config_lib
 from jaxlm import hardware, scaling, sharding
+from jaxlm.checkpoint import Checkpointer, restore_params
 from jaxlm.data.pipeline import load_or_train_tokenizer
 from jaxlm.metrics import MetricsWriter, progress_line
 from jaxlm.models import ModelConfig, Transformer
 from jaxlm.optim import learning_rate_schedule, make_optimizer
 from jaxlm.sampling import make_greedy_sampler
 from jaxlm.stages import get_stage
-from jaxlm.train_state import TrainState, init_sharded_state
+from jaxlm.train_state import (
+    TrainState,
+    abstract_state,
+    create_from_params,
+    init_sharded_state,
+    state_shardings,
+)
 
 
 @dataclasses.dataclass
@@ -95,8 +105,57 @@ def evaluate(s: Setup, eval_fn: Any, params: Any) -> dict[str, float]:
             "eval_accuracy": totals.get("correct", 0.0) / n}
 
 
+def _checkpointer(c: ml_collections.ConfigDict, workdir: str) -> Checkpointer:
+    return Checkpointer(os.path.join(workdir, "checkpoints"), save_every=c.checkpoint.every_steps,
+                        keep_last=c.checkpoint.keep_last, keep_every=c.checkpoint.keep_every,
+                        async_save=c.checkpoint.async_save)
+
+
+def initial_state(s: Setup, tx: optax.GradientTransformation, ckpt: Checkpointer,
+                  train_iter: Any) -> tuple[TrainState, TrainState]:
+    """Resumes from the newest checkpoint (state + data position) when there is one, else
+    starts from `init_from` params or a fresh init. Returns (state, its shardings)."""
+    c, seq_len = s.config, s.config.data.seq_len
+    shardings = state_shardings(s.model, tx, s.mesh, seq_len)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state = ckpt.restore(latest, abstract_state(s.model, tx, shardings, seq_len),
+                             data_iterator=train_iter)
+        logging.info("resumed from %s at step %d", ckpt.directory, latest)
+        return state, shardings
+    if c.init_from.path:
+        abstract = abstract_state(s.model, tx, shardings, seq_len).params
+        step = None if c.init_from.step < 0 else c.init_from.step
+        params = restore_params(c.init_from.path, step, abstract)
+        logging.info("params from %s (step %s); optimizer starts fresh", c.init_from.path,
+                     "newest" if step is None else step)
+        return create_from_params(params, tx, shardings), shardings
+    state, _ = init_sharded_state(s.model, tx, s.mesh, jax.random.key(c.seed), seq_len)
+    return state, shardings
+
+
+class _Preemption:
+    """Turns SIGTERM (what Cloud TPU, SLURM and Kubernetes send before stopping a job) into a
+    flag the loop checks after each step: finish the step, save, exit 0."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        del signum, frame
+        self.requested = True
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Trains `config` in `workdir`; returns the last logged metrics."""
+    """Trains `config` in `workdir` (resuming from its checkpoints); returns the last logged
+    metrics."""
     s = setup(config, workdir)
     c = s.config
     is_main = jax.process_index() == 0
@@ -104,8 +163,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     total_steps = c.train.steps
     schedule = learning_rate_schedule(c.optim, total_steps)
     tx = make_optimizer(c.optim, total_steps)
-    state, shardings = init_sharded_state(s.model, tx, s.mesh, jax.random.key(c.seed),
-                                          c.data.seq_len)
+    ckpt = _checkpointer(c, workdir)
+    train_iter = _iterator(s, "train")
+    state, shardings = initial_state(s, tx, ckpt, train_iter)
     params_count = scaling.count_params(s.model_cfg)
     logging.info("%s | params %s (non-embedding %s)", config_lib.describe(c),
                  f"{params_count['total']:,}", f"{params_count['non_embedding']:,}")
@@ -113,17 +173,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     train_fn, eval_fn = s.stage.make_steps(c, s.model, tx, schedule)
     batch_sh = sharding.batch_sharding(s.mesh)
     replicated = sharding.replicated(s.mesh)
-    train_iter = _iterator(s, "train")
-    first_batch = sharding.global_batch(next(train_iter), s.mesh)
+    step = int(jax.device_get(state.step))
+    batch = sharding.global_batch(next(train_iter), s.mesh) if step < total_steps else None
     with sharding.activate(s.mesh):
         t0 = time.perf_counter()
         train_step = jax.jit(train_fn, in_shardings=(shardings, batch_sh),
-                             out_shardings=(shardings, replicated),
-                             donate_argnums=0).lower(state, first_batch).compile()
-        compile_s = time.perf_counter() - t0
+                             out_shardings=(shardings, replicated), donate_argnums=0)
+        if batch is not None:
+            train_step = train_step.lower(state, batch).compile()
+            logging.info("train step compiled in %.1fs", time.perf_counter() - t0)
         eval_step = jax.jit(eval_fn, in_shardings=(shardings.params, batch_sh),
                             out_shardings=replicated)
-    logging.info("train step compiled in %.1fs", compile_s)
 
     flops_per_step = scaling.flops_per_step(s.model_cfg, c.data.seq_len,
                                             c.train.global_batch_size)
@@ -134,9 +194,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     sampler = make_greedy_sampler(s.model, min(s.model_cfg.max_seq_len,
                                                len(s.tokenizer.encode(c.log.sample_prompt))
                                                + c.log.sample_tokens))
+    extra = {"tokenizer_path": s.tokenizer.path,
+             "tokenizer_sha256": getattr(s.tokenizer, "sha256", "")}
 
-    step = int(jax.device_get(state.step))
-    batch = first_batch
     pending: tuple[int, Any] | None = None
     # Throughput is measured over completed steps: from window_step0 (done at window_start) to
     # the step being reported, whose metrics the host has just waited for.
@@ -161,35 +221,50 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         last = row
         window_start, window_step0 = now, step_done
 
+    preemption = _Preemption()
     previous = None
-    while step < total_steps:
-        state, metrics = train_step(state, batch)
-        step += 1
-        # Read back the previous step's metrics only after dispatching this one, so the device
-        # never waits on the host.
-        if previous is not None:
-            _check_finite(previous, step - 1, c.train.max_nonfinite)
-        previous = metrics
-        if pending is not None:
-            report(*pending)
-            pending = None
-        if step % c.log.every_steps == 0 or step == total_steps:
-            pending = (step, metrics)
-        if step < total_steps:
-            batch = sharding.global_batch(next(train_iter), s.mesh)
-        end_or_eval = step == total_steps or (c.train.eval_every and
-                                              step % c.train.eval_every == 0)
-        if end_or_eval or (c.log.sample_every and step % c.log.sample_every == 0):
+    try:
+        while step < total_steps:
+            state, metrics = train_step(state, batch)
+            step += 1
+            # Read back the previous step's metrics only after dispatching this one, so the
+            # device never waits on the host.
+            if previous is not None:
+                _check_finite(previous, step - 1, c.train.max_nonfinite)
+            previous = metrics
             if pending is not None:
                 report(*pending)
                 pending = None
-            _eval_and_sample(s, state, step, eval_step, sampler, writer, end_or_eval)
-            window_start, window_step0 = time.perf_counter(), step
-    _check_finite(previous, step, c.train.max_nonfinite)
-    if pending is not None:
-        report(*pending)
-    _close(train_iter)
-    writer.close()
+            if step % c.log.every_steps == 0 or step == total_steps:
+                pending = (step, metrics)
+            # Save before the iterator moves on, so the saved position is "after `step`
+            # batches" and a resumed run draws exactly the batches this run would have.
+            if ckpt.should_save(step, total_steps) or preemption.requested:
+                _check_finite(metrics, step, c.train.max_nonfinite)
+                ckpt.save(step, state, data_iterator=train_iter, config=c, extra=extra)
+            if preemption.requested:
+                logging.warning("SIGTERM: saved step %d; exiting so the job can be "
+                                "rescheduled", step)
+                break
+            if step < total_steps:
+                batch = sharding.global_batch(next(train_iter), s.mesh)
+            end_or_eval = step == total_steps or (c.train.eval_every and
+                                                  step % c.train.eval_every == 0)
+            if end_or_eval or (c.log.sample_every and step % c.log.sample_every == 0):
+                if pending is not None:
+                    report(*pending)
+                    pending = None
+                _eval_and_sample(s, state, step, eval_step, sampler, writer, end_or_eval)
+                window_start, window_step0 = time.perf_counter(), step
+        if previous is not None:
+            _check_finite(previous, step, c.train.max_nonfinite)
+        if pending is not None:
+            report(*pending)
+    finally:
+        preemption.restore()
+        ckpt.close()  # waits for the last asynchronous save
+        _close(train_iter)
+        writer.close()
     return last
 
 

@@ -1,0 +1,319 @@
+"""Checkpoints of a run: the train state, the data position, the config and extras, as one step.
+
+Each checkpoint is one orbax step directory, written whole or not at all:
+
+    <directory>/<step>/state/   the train state (orbax StandardSave; each process writes its shards)
+    <directory>/<step>/data/    the grain iterator state, one process_<i>-of-<n>.json per process
+    <directory>/<step>/config/  the resolved run config (JSON, written by process 0)
+    <directory>/<step>/extra/   anything else the run records, e.g. the tokenizer path and hash
+
+orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it when every item is complete,
+so a run killed mid-save leaves only a temporary directory that `latest_step` never returns (and
+the next save of that step replaces). Saves are asynchronous: `save` returns once the arrays are
+copied to host memory (so the caller may donate or update the state) and the files are written in
+the background; `wait` blocks until they are.
+
+A state restores onto any mesh: `restore` takes the NEW run's abstract state (ShapeDtypeStructs
+with shardings) and each process reads only the slices its devices hold.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+# The items of one checkpoint step.
+STATE, DATA, CONFIG, EXTRA = "state", "data", "config", "extra"
+JSON_ITEMS = (CONFIG, EXTRA)
+
+
+def _name_format() -> Any:
+    """Step directories are named by the bare step number; temporary ones are skipped."""
+    return ocp.path.step.standard_name_format()
+
+
+def complete_steps(directory: str) -> list[int]:
+    """Steps of the complete (renamed, not temporary) checkpoints in `directory`, ascending."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(m.step for m in _name_format().find_all(directory))
+
+
+def _step_dir(directory: str, step: int) -> str:
+    """The directory of the complete checkpoint `step`; a clear error when there is none."""
+    steps = complete_steps(directory)
+    if step not in steps:
+        where = (f"the checkpoint directory {directory} does not exist"
+                 if not os.path.isdir(directory) else
+                 f"complete checkpoints in {directory}: {steps or 'none'}")
+        raise FileNotFoundError(f"no complete checkpoint for step {step} ({where})")
+    return str(_name_format().find_step(directory, step).path)
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+    """Leaves by their '/'-joined path, named the way orbax names them on disk."""
+    return ocp.tree.to_flat_dict(tree, sep="/")
+
+
+def _check_abstract(abstract: Any, what: str) -> None:
+    for name, leaf in _flat(abstract).items():
+        if getattr(leaf, "sharding", None) is None:
+            raise ValueError(f"{what}: leaf {name} has no sharding; pass "
+                             "jax.ShapeDtypeStruct(shape, dtype, sharding=...) leaves, e.g. from "
+                             "jaxlm.train_state.state_shardings")
+
+
+def _check_shapes(stored: Any, abstract: Any, path: str, *, prefix: str = "") -> None:
+    """Raises naming the parameter when the checkpoint and the model disagree on names or shapes.
+
+    `stored` is the orbax metadata tree of the saved item and `abstract` the tree to restore,
+    which lives under `prefix` of the saved tree (e.g. "params" for a params-only restore).
+    """
+    saved = {name: getattr(leaf, "shape", None) for name, leaf in _flat(stored).items()
+             if not prefix or name.startswith(prefix + "/")}
+    wanted = {(f"{prefix}/{name}" if prefix else name): leaf.shape
+              for name, leaf in _flat(abstract).items()}
+    missing = sorted(wanted.keys() - saved.keys())
+    if missing:
+        raise ValueError(f"checkpoint {path} has no {', '.join(missing[:5])}"
+                         f"{' ...' if len(missing) > 5 else ''} ({len(missing)} entries that the "
+                         "model/optimizer expects): it was saved by a different model or "
+                         "optimizer")
+    unexpected = sorted(saved.keys() - wanted.keys())
+    if unexpected:
+        raise ValueError(f"checkpoint {path} holds {', '.join(unexpected[:5])}"
+                         f"{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)} entries) "
+                         "that the model/optimizer does not have: it was saved by a different "
+                         "model or optimizer")
+    for name in sorted(wanted):
+        if saved[name] is not None and tuple(saved[name]) != tuple(wanted[name]):
+            raise ValueError(f"checkpoint {path}: parameter {name} has shape "
+                             f"{tuple(saved[name])} but the model expects {tuple(wanted[name])}")
+
+
+def _json_dict(value: Any, what: str) -> dict[str, Any]:
+    """A JSON-safe deep copy (so later changes by the caller never reach an async save)."""
+    if hasattr(value, "to_json_best_effort"):  # ml_collections.ConfigDict
+        return json.loads(value.to_json_best_effort())
+    if hasattr(value, "to_dict"):
+        value = value.to_dict()
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"checkpoint item {what!r} must be JSON-serialisable: {e}") from None
+
+
+def _handler_registry(state_handler: type = ocp.handlers.StandardCheckpointHandler,
+                      state_args: tuple[type, ...] = (ocp.args.StandardSave,
+                                                      ocp.args.StandardRestore)) -> Any:
+    """One handler per item, for both save and restore, so restore works before any save."""
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    items = [(STATE, state_handler(), state_args),
+             (DATA, grain.checkpoint.CheckpointHandler(),
+              (grain.checkpoint.CheckpointSave, grain.checkpoint.CheckpointRestore))]
+    items += [(name, ocp.handlers.JsonCheckpointHandler(),
+               (ocp.args.JsonSave, ocp.args.JsonRestore)) for name in JSON_ITEMS]
+    for name, handler, args in items:
+        for arg in args:
+            registry.add(name, arg, handler)
+    return registry
+
+
+class Checkpointer:
+    """Saves and restores the checkpoints of one run under `directory`.
+
+    Every process of a multi-process run must construct it and call `save`, `restore`, `wait`
+    and `close` at the same steps (orbax synchronises the processes inside these calls); each
+    process saves and restores its own shards and its own data iterator position.
+
+    Retention: the newest `keep_last` checkpoints are kept, plus every checkpoint whose step is a
+    multiple of `keep_every` (when > 0), e.g. keep_last=2, keep_every=1000 keeps the two newest
+    and steps 1000, 2000, ... An old checkpoint is deleted when a newer save completes.
+    """
+
+    def __init__(self, directory: str, *, save_every: int, keep_last: int, keep_every: int = 0,
+                 async_save: bool = True, is_primary: bool | None = None):
+        """`save_every`: `should_save` is true every this many steps (0: only the final step).
+
+        `is_primary` (default: jax.process_index() == 0, read here rather than at import so
+        that jax.distributed can be initialised first) decides which process logs saves.
+        """
+        if save_every < 0:
+            raise ValueError(f"save_every must be >= 0, got {save_every}")
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        if keep_every < 0:
+            raise ValueError(f"keep_every must be >= 0, got {keep_every}")
+        self.directory = os.path.abspath(directory)
+        self.save_every = save_every
+        self.is_primary = jax.process_index() == 0 if is_primary is None else is_primary
+        policies = ocp.checkpoint_managers
+        preserve = policies.LatestN(n=keep_last)
+        if keep_every:
+            preserve = policies.AnyPreservationPolicy(
+                [preserve, policies.EveryNSteps(interval_steps=keep_every)])
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=preserve, enable_async_checkpointing=async_save,
+            step_name_format=_name_format(), cleanup_tmp_directories=True, create=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                              handler_registry=_handler_registry())
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint on disk (a save still being written does not count).
+
+        Read from the directory, so call it on every process before the first save (at start-up)
+        for all processes to agree.
+        """
+        steps = complete_steps(self.directory)
+        return steps[-1] if steps else None
+
+    def all_steps(self) -> list[int]:
+        """Steps of the complete checkpoints on disk, ascending."""
+        return complete_steps(self.directory)
+
+    def should_save(self, step: int, total_steps: int) -> bool:
+        """Every `save_every` steps, and always at the final step."""
+        return step == total_steps or (self.save_every > 0 and step % self.save_every == 0)
+
+    def save(self, step: int, state: Any, *, data_iterator: Any = None, config: Any = None,
+             extra: dict[str, Any] | None = None, force: bool = False) -> bool:
+        """Starts writing checkpoint `step`; returns True if it did (False: skipped, logged).
+
+        `state` is a pytree of jax.Arrays (a TrainState); `data_iterator` a grain
+        DatasetIterator whose position is the one after the batches consumed so far; `config` a
+        ConfigDict or dict; `extra` a JSON-serialisable dict. They are saved as one atomic
+        step. Returns when the arrays are on host: the state may then be donated or updated.
+
+        A step that already has a checkpoint is skipped. So is a step older than the newest
+        checkpoint, unless `force` (then the older step is written, e.g. after deliberately
+        restoring an earlier checkpoint; note the newer one still counts as the latest).
+        """
+        known = self._manager.all_steps()
+        if step in known:
+            logging.warning("checkpoint for step %d already exists in %s; not saving again",
+                            step, self.directory)
+            return False
+        if known and step < max(known) and not force:
+            logging.warning("not saving step %d: %s already holds the newer step %d (pass "
+                            "force=True to save it anyway)", step, self.directory, max(known))
+            return False
+        items = {STATE: ocp.args.StandardSave(state)}
+        if data_iterator is not None:
+            if not isinstance(data_iterator, grain.DatasetIterator):
+                raise TypeError("data_iterator must be a grain DatasetIterator (with get_state/"
+                                f"set_state), got {type(data_iterator).__name__}")
+            items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
+        if config is not None:
+            items[CONFIG] = ocp.args.JsonSave(_json_dict(config, CONFIG))
+        if extra is not None:
+            items[EXTRA] = ocp.args.JsonSave(_json_dict(extra, EXTRA))
+        saved = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        if saved and self.is_primary:
+            logging.info("checkpoint: step %d -> %s (%s)", step, self.directory,
+                         ", ".join(items))
+        return bool(saved)
+
+    def restore(self, step: int, abstract_state: Any, *, data_iterator: Any = None) -> Any:
+        """The state of checkpoint `step`, laid out as `abstract_state` says.
+
+        `abstract_state`: the pytree to restore, of jax.ShapeDtypeStruct with the NEW run's
+        shardings (any mesh). If `data_iterator` is given, its position is set (in place) to the
+        one saved by this process.
+        """
+        step_dir = _step_dir(self.directory, step)
+        _check_abstract(abstract_state, "abstract_state")
+        state_dir = os.path.join(step_dir, STATE)
+        metadata = self._manager.item_metadata(step)[STATE]
+        if metadata is None:
+            raise FileNotFoundError(f"checkpoint {step_dir} has no train state ({STATE}/)")
+        _check_shapes(metadata.tree, abstract_state, state_dir)
+        items = {STATE: ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None:
+            _check_data_state(step_dir)
+            items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        if self.is_primary:
+            logging.info("checkpoint: restored step %d from %s", step, step_dir)
+        return restored[STATE]
+
+    def read_json(self, step: int, name: str) -> dict[str, Any]:
+        """The `config` or `extra` dict saved with checkpoint `step`."""
+        if name not in JSON_ITEMS:
+            raise ValueError(f"read_json reads one of {JSON_ITEMS}, got {name!r}")
+        step_dir = _step_dir(self.directory, step)
+        if not os.path.isdir(os.path.join(step_dir, name)):
+            raise FileNotFoundError(f"checkpoint {step_dir} has no {name!r} item (it was saved "
+                                    f"without {name}=...)")
+        return self._manager.restore(step, args=ocp.args.Composite(
+            **{name: ocp.args.JsonRestore()}))[name]
+
+    def wait(self) -> None:
+        """Blocks until the asynchronous save in flight (if any) is complete on disk."""
+        self._manager.wait_until_finished()
+        self._manager.check_for_errors()
+
+    def close(self) -> None:
+        """Waits for the save in flight, then releases orbax's threads."""
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _check_data_state(step_dir: str) -> None:
+    """The checkpoint must hold this process's iterator state (same process count)."""
+    data_dir = os.path.join(step_dir, DATA)
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"checkpoint {step_dir} has no data iterator state ({DATA}/): "
+                                "it was saved without data_iterator=...")
+    index, count = jax.process_index(), jax.process_count()
+    name = f"process_{index}-of-{count}.json"
+    if not os.path.isfile(os.path.join(data_dir, name)):
+        found = sorted(os.listdir(data_dir))
+        raise FileNotFoundError(f"checkpoint {data_dir} has no {name}: the data position was "
+                                f"saved by another number of processes ({found}); resume with "
+                                "the same process count")
+
+
+def restore_params(directory: str, step: int | None, abstract_params: Any) -> Any:
+    """Only the params of checkpoint `step` (None: the latest) in `directory`.
+
+    For a run that starts from an earlier run's weights with a fresh optimizer
+    (`config.init_from`). `abstract_params`: jax.ShapeDtypeStruct leaves with the new run's
+    shardings. Every process calls it.
+    """
+    directory = os.path.abspath(directory)
+    if step is None:
+        steps = complete_steps(directory)
+        if not steps:
+            where = ("does not exist" if not os.path.isdir(directory)
+                     else "holds no complete checkpoint")
+            raise FileNotFoundError(f"cannot initialise params from {directory}: it {where}")
+        step = steps[-1]
+    step_dir = _step_dir(directory, step)
+    _check_abstract(abstract_params, "abstract_params")
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                           step_name_format=_name_format())
+    registry = _handler_registry(ocp.handlers.PyTreeCheckpointHandler,
+                                 (ocp.args.PyTreeRestore,))
+    with ocp.CheckpointManager(directory, options=options, handler_registry=registry) as mngr:
+        metadata = mngr.item_metadata(step)[STATE]
+        if metadata is None:
+            raise FileNotFoundError(f"checkpoint {step_dir} has no train state ({STATE}/)")
+        _check_shapes(metadata.tree, abstract_params, os.path.join(step_dir, STATE),
+                      prefix="params")
+        target = {"params": abstract_params}
+        restored = mngr.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True)}))
+    logging.info("params restored from step %d of %s", step, directory)
+    return restored[STATE]["params"]
