@@ -219,7 +219,8 @@ class Checkpointer:
                          ", ".join(items))
         return bool(saved)
 
-    def restore(self, step: int, abstract_state: Any, *, data_iterator: Any = None) -> Any:
+    def restore(self, step: int, abstract_state: Any, *, data_iterator: Any = None,
+                shared_data_position: bool = False) -> Any:
         """The state of checkpoint `step`, laid out as `abstract_state` says.
 
         `abstract_state`: the pytree to restore, of jax.ShapeDtypeStruct with the NEW run's
@@ -234,10 +235,19 @@ class Checkpointer:
             raise FileNotFoundError(f"checkpoint {step_dir} has no train state ({STATE}/)")
         _check_shapes(metadata.tree, abstract_state, state_dir)
         items = {STATE: ocp.args.StandardRestore(abstract_state)}
+        position_file = None
         if data_iterator is not None:
-            _check_data_state(step_dir)
-            items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+            if shared_data_position:
+                # Every process saved the same position (data.process_sharding="rows"), so any
+                # saved file serves, whatever number of processes wrote the checkpoint.
+                position_file = _any_data_state(step_dir)
+            else:
+                _check_data_state(step_dir)
+                items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        if position_file is not None:
+            with open(position_file, encoding="utf-8") as f:
+                data_iterator.set_state(json.load(f))
         if self.is_primary:
             logging.info("checkpoint: restored step %d from %s", step, step_dir)
         return restored[STATE]
@@ -267,6 +277,19 @@ class Checkpointer:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _any_data_state(step_dir: str) -> str:
+    """The saved iterator position of process 0 (or this process's, if it exists)."""
+    data_dir = os.path.join(step_dir, DATA)
+    own = os.path.join(data_dir, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+    if os.path.isfile(own):
+        return own
+    files = sorted(f for f in os.listdir(data_dir) if f.startswith("process_0-of-")) \
+        if os.path.isdir(data_dir) else []
+    if not files:
+        raise FileNotFoundError(f"checkpoint {step_dir} has no data iterator state ({DATA}/)")
+    return os.path.join(data_dir, files[0])
 
 
 def _check_data_state(step_dir: str) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import ml_collections
 
 from jaxlm.data.config import check_data_config, default_data_config
+from jaxlm.distributed import check_distributed_config, default_distributed_config
 from jaxlm.models.config import ModelConfig
 from jaxlm.sharding import MESH_AXES, resolve_mesh_shape
 
@@ -115,6 +116,10 @@ def base_config() -> ml_collections.ConfigDict:
     # A step whose loss or gradient norm is NaN/Inf is skipped (params unchanged); the run stops
     # with an error after this many such steps in a row.
     t.max_nonfinite = 10
+
+    # How this process joins a multi-host job (see docs/multihost.md); auto-detected on Cloud TPU
+    # and SLURM, a no-op on one machine.
+    c.distributed = default_distributed_config()
 
     c.checkpoint = ck = ml_collections.ConfigDict()
     # Save every this many steps (0: only at the end / on SIGTERM). A run started on a workdir
@@ -222,6 +227,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.stage not in STAGES:
         _fail("stage", f"{config.stage!r} is not one of {STAGES}")
     check_data_config(config.data)
+    check_distributed_config(config.distributed)
     model_config(config, vocab_size=config.model.vocab_size or 1)
     if config.model.max_seq_len and config.model.max_seq_len < config.data.seq_len:
         _fail("model.max_seq_len", f"{config.model.max_seq_len} is shorter than "

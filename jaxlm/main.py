@@ -10,7 +10,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxlm import trainer
+from jaxlm import distributed, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
                                           lock_config=True)
@@ -22,6 +22,9 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
+        # Joins the other processes of a multi-host job (a no-op on one machine); must come
+        # before anything touches devices.
+        distributed.initialize(_CONFIG.value.distributed)
         trainer.run(_CONFIG.value, _WORKDIR.value)
     except ValueError as e:
         if not str(e).startswith("config key"):

@@ -120,7 +120,8 @@ def initial_state(s: Setup, tx: optax.GradientTransformation, ckpt: Checkpointer
     latest = ckpt.latest_step()
     if latest is not None:
         state = ckpt.restore(latest, abstract_state(s.model, tx, shardings, seq_len),
-                             data_iterator=train_iter)
+                             data_iterator=train_iter,
+                             shared_data_position=c.data.process_sharding == "rows")
         logging.info("resumed from %s at step %d", ckpt.directory, latest)
         return state, shardings
     if c.init_from.path:

@@ -17,6 +17,7 @@ import dataclasses
 import ml_collections
 
 SOURCES = ("stdlib", "files", "arrayrecord", "mixture")
+PROCESS_SHARDING = ("documents", "rows")
 MODEL_TYPES = ("bpe", "unigram")
 # File name endings of each kind of input; anything else is read as plain text.
 ARRAYRECORD_SUFFIXES = (".array_record", ".arrayrecord")
@@ -72,6 +73,12 @@ def default_data_config() -> ml_collections.ConfigDict:
     # Start every document with BOS / end it with EOS.
     d.add_bos = True
     d.add_eos = True
+    # How JAX processes split the data: "documents" (each process reads and packs its own
+    # disjoint slice of the documents; scales to any number of hosts, but the global batch
+    # depends on the process count) or "rows" (every process packs the one global stream and
+    # keeps its rows of each global batch: batches, losses and the saved data position are
+    # the same for any number of processes, at the cost of each process tokenizing everything).
+    d.process_sharding = "documents"
     # Grain worker processes that read, tokenize, pack and batch (0 = in the main process).
     d.num_workers = 0
     # Batches buffered ahead: per worker process, or by a background thread if num_workers=0.
@@ -178,6 +185,8 @@ def check_data_config(data: ml_collections.ConfigDict) -> None:
         _fail("max_documents", f"must be >= 0 (0 = all), got {data.max_documents}")
     if not 0 <= data.seed < 2**32:
         _fail("seed", f"must lie in [0, 2**32), got {data.seed}")
+    if data.process_sharding not in PROCESS_SHARDING:
+        _fail("process_sharding", f"{data.process_sharding!r} is not one of {PROCESS_SHARDING}")
     if data.num_workers < 0:
         _fail("num_workers", f"must be >= 0, got {data.num_workers}")
     if data.prefetch_buffer_size < 0:

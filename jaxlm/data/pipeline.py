@@ -88,6 +88,16 @@ class ToTokens(grain.transforms.Map):
                                np.asarray(self._eos, np.int32)])
 
 
+class TakeRows(grain.transforms.Map):
+    """Keeps rows [start, start + size) of every array of a batch (this process's share)."""
+
+    def __init__(self, start: int, size: int):
+        self.start, self.size = start, size
+
+    def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: v[self.start:self.start + self.size] for k, v in batch.items()}
+
+
 def _cache_dir(data: ml_collections.ConfigDict, cache_dir: str) -> str:
     return data.cache_dir or cache_dir
 
@@ -225,6 +235,11 @@ def make_pretrain_iterator(data: ml_collections.ConfigDict, tokenizer: Tokenizer
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     _check_special_ids(data, tokenizer)
+    take_rows = None
+    if data.process_sharding == "rows":
+        # Every process packs the global stream; each keeps its own rows of a global batch.
+        take_rows = TakeRows(start=process_index * batch_size, size=batch_size)
+        batch_size, process_index, process_count = batch_size * process_count, 0, 1
     sets = document_sets(data, tokenizer, split, cache_dir)
     rows = {s.name: _packed_rows(s, data, tokenizer, split=split, process_index=process_index,
                                  process_count=process_count, single=len(sets) == 1)
@@ -234,6 +249,8 @@ def make_pretrain_iterator(data: ml_collections.ConfigDict, tokenizer: Tokenizer
     else:
         ds = grain.IterDataset.mix(rows, {s.name: s.weight for s in sets})
     ds = ds.batch(batch_size, drop_remainder=True)
+    if take_rows is not None:
+        ds = ds.map(take_rows)
     workers = data.num_workers if split == "train" else 0
     if workers > 0:
         if not flags.FLAGS.is_parsed():  # grain reads its absl flags; tests/notebooks skip app.run
