@@ -21,11 +21,15 @@ setuptools.setup(
         "absl-py>=2.1",
         "tensorboardX>=2.6",
         "numpy",
+        "etils[epath]",
         "pyarrow>=15",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6"],
-        "tpu": ["jax[tpu]"],
+        # gs:// workdirs: orbax writes them natively; metrics.jsonl (etils.epath) and
+        # TensorBoard (tensorboardX) need these.
+        "gcs": ["gcsfs", "google-cloud-storage"],
+        "tpu": ["jax[tpu]", "gcsfs", "google-cloud-storage"],
         "gpu": ["jax[cuda12]"],
     },
 )

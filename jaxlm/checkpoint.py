@@ -27,6 +27,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 # The items of one checkpoint step.
 STATE, DATA, CONFIG, EXTRA = "state", "data", "config", "extra"
@@ -38,9 +39,18 @@ def _name_format() -> Any:
     return ocp.path.step.standard_name_format()
 
 
+def _absolute(directory: str) -> str:
+    """Local paths made absolute; URLs (gs://...) kept as they are."""
+    return directory if "://" in directory else os.path.abspath(directory)
+
+
+def _listdir(directory: str) -> list[str]:
+    return [p.name for p in epath.Path(directory).iterdir()]
+
+
 def complete_steps(directory: str) -> list[int]:
     """Steps of the complete (renamed, not temporary) checkpoints in `directory`, ascending."""
-    if not os.path.isdir(directory):
+    if not epath.Path(directory).is_dir():
         return []
     return sorted(m.step for m in _name_format().find_all(directory))
 
@@ -50,7 +60,7 @@ def _step_dir(directory: str, step: int) -> str:
     steps = complete_steps(directory)
     if step not in steps:
         where = (f"the checkpoint directory {directory} does not exist"
-                 if not os.path.isdir(directory) else
+                 if not epath.Path(directory).is_dir() else
                  f"complete checkpoints in {directory}: {steps or 'none'}")
         raise FileNotFoundError(f"no complete checkpoint for step {step} ({where})")
     return str(_name_format().find_step(directory, step).path)
@@ -150,7 +160,7 @@ class Checkpointer:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         if keep_every < 0:
             raise ValueError(f"keep_every must be >= 0, got {keep_every}")
-        self.directory = os.path.abspath(directory)
+        self.directory = _absolute(directory)
         self.save_every = save_every
         self.is_primary = jax.process_index() == 0 if is_primary is None else is_primary
         policies = ocp.checkpoint_managers
@@ -246,8 +256,7 @@ class Checkpointer:
                 items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         if position_file is not None:
-            with open(position_file, encoding="utf-8") as f:
-                data_iterator.set_state(json.load(f))
+            data_iterator.set_state(json.loads(epath.Path(position_file).read_text()))
         if self.is_primary:
             logging.info("checkpoint: restored step %d from %s", step, step_dir)
         return restored[STATE]
@@ -257,7 +266,7 @@ class Checkpointer:
         if name not in JSON_ITEMS:
             raise ValueError(f"read_json reads one of {JSON_ITEMS}, got {name!r}")
         step_dir = _step_dir(self.directory, step)
-        if not os.path.isdir(os.path.join(step_dir, name)):
+        if not epath.Path(os.path.join(step_dir, name)).is_dir():
             raise FileNotFoundError(f"checkpoint {step_dir} has no {name!r} item (it was saved "
                                     f"without {name}=...)")
         return self._manager.restore(step, args=ocp.args.Composite(
@@ -283,10 +292,10 @@ def _any_data_state(step_dir: str) -> str:
     """The saved iterator position of process 0 (or this process's, if it exists)."""
     data_dir = os.path.join(step_dir, DATA)
     own = os.path.join(data_dir, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
-    if os.path.isfile(own):
+    if epath.Path(own).is_file():
         return own
-    files = sorted(f for f in os.listdir(data_dir) if f.startswith("process_0-of-")) \
-        if os.path.isdir(data_dir) else []
+    files = sorted(f for f in _listdir(data_dir) if f.startswith("process_0-of-")) \
+        if epath.Path(data_dir).is_dir() else []
     if not files:
         raise FileNotFoundError(f"checkpoint {step_dir} has no data iterator state ({DATA}/)")
     return os.path.join(data_dir, files[0])
@@ -295,13 +304,13 @@ def _any_data_state(step_dir: str) -> str:
 def _check_data_state(step_dir: str) -> None:
     """The checkpoint must hold this process's iterator state (same process count)."""
     data_dir = os.path.join(step_dir, DATA)
-    if not os.path.isdir(data_dir):
+    if not epath.Path(data_dir).is_dir():
         raise FileNotFoundError(f"checkpoint {step_dir} has no data iterator state ({DATA}/): "
                                 "it was saved without data_iterator=...")
     index, count = jax.process_index(), jax.process_count()
     name = f"process_{index}-of-{count}.json"
-    if not os.path.isfile(os.path.join(data_dir, name)):
-        found = sorted(os.listdir(data_dir))
+    if not epath.Path(os.path.join(data_dir, name)).is_file():
+        found = sorted(_listdir(data_dir))
         raise FileNotFoundError(f"checkpoint {data_dir} has no {name}: the data position was "
                                 f"saved by another number of processes ({found}); resume with "
                                 "the same process count")
@@ -314,11 +323,11 @@ def restore_params(directory: str, step: int | None, abstract_params: Any) -> An
     (`config.init_from`). `abstract_params`: jax.ShapeDtypeStruct leaves with the new run's
     shardings. Every process calls it.
     """
-    directory = os.path.abspath(directory)
+    directory = _absolute(directory)
     if step is None:
         steps = complete_steps(directory)
         if not steps:
-            where = ("does not exist" if not os.path.isdir(directory)
+            where = ("does not exist" if not epath.Path(directory).is_dir()
                      else "holds no complete checkpoint")
             raise FileNotFoundError(f"cannot initialise params from {directory}: it {where}")
         step = steps[-1]

@@ -2,39 +2,59 @@
 
 metrics.jsonl has one JSON object per logged step; field names are stable because tools and
 tests read them: step, loss, lr, grad_norm, tokens_per_sec, mfu (+ eval_* when evaluation ran).
-Only process 0 writes.
+Only process 0 writes. The workdir may be a local path or an object-store URL such as
+gs://bucket/run (through etils.epath; install the `gcs` extra): objects cannot be appended to,
+so there the whole file is rewritten at each write (it stays small: one line per logged step).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
+
+from etils import epath
+
+
+def is_remote(path: str) -> bool:
+    """True for URLs like gs://..., s3://... (no appends, no local cache)."""
+    return "://" in path
 
 
 class MetricsWriter:
     """Appends metrics to metrics.jsonl and (optionally) TensorBoard; a no-op off process 0."""
 
-    def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True,
+                 append: bool | None = None):
         self.enabled = enabled
         self._jsonl = None
         self._tb = None
         if not enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+        root = epath.Path(workdir)
+        root.mkdir(parents=True, exist_ok=True)
+        self._path = root / "metrics.jsonl"
+        self._append = not is_remote(workdir) if append is None else append
+        if self._append:
+            self._jsonl = self._path.open("a")
+        else:  # object store: keep the text and rewrite the object
+            self._text = self._path.read_text() if self._path.exists() else ""
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = SummaryWriter(str(root / "tensorboard"))
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
         row = {"step": int(step)}
         row.update({k: _scalar(v) for k, v in metrics.items()})
-        self._jsonl.write(json.dumps(row) + "\n")
-        self._jsonl.flush()
+        line = json.dumps(row) + "\n"
+        if self._append:
+            self._jsonl.write(line)
+            self._jsonl.flush()
+        else:
+            self._text += line
+            self._path.write_text(self._text)
         if self._tb is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)):

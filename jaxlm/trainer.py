@@ -23,7 +23,7 @@ from jaxlm import config as config_lib
 from jaxlm import hardware, scaling, sharding
 from jaxlm.checkpoint import Checkpointer, restore_params
 from jaxlm.data.pipeline import load_or_train_tokenizer
-from jaxlm.metrics import MetricsWriter, progress_line
+from jaxlm.metrics import MetricsWriter, is_remote, progress_line
 from jaxlm.models import ModelConfig, Transformer
 from jaxlm.optim import learning_rate_schedule, make_optimizer
 from jaxlm.sampling import make_greedy_sampler
@@ -56,7 +56,11 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     config_lib.validate(config)
     mesh_shape = config_lib.check_devices(config, jax.device_count(), jax.process_count())
     mesh = sharding.make_mesh(mesh_shape)
-    cache_dir = config.data.cache_dir or os.path.join(workdir, "cache")
+    # Corpus and tokenizer cache: next to the run, or a local directory when the workdir is
+    # an object store (sentencepiece and the corpus builder need local files).
+    cache_dir = config.data.cache_dir or (
+        os.path.join(os.path.expanduser("~"), ".cache", "jaxlm") if is_remote(workdir)
+        else os.path.join(workdir, "cache"))
     tokenizer = load_or_train_tokenizer(config.data, cache_dir)
     if config.model.vocab_size and tokenizer.vocab_size > config.model.vocab_size:
         raise ValueError(f"config key model.vocab_size: {config.model.vocab_size} is smaller than "
@@ -106,7 +110,9 @@ def evaluate(s: Setup, eval_fn: Any, params: Any) -> dict[str, float]:
 
 
 def _checkpointer(c: ml_collections.ConfigDict, workdir: str) -> Checkpointer:
-    return Checkpointer(os.path.join(workdir, "checkpoints"), save_every=c.checkpoint.every_steps,
+    directory = workdir.rstrip("/") + "/checkpoints" if is_remote(workdir) else \
+        os.path.join(workdir, "checkpoints")
+    return Checkpointer(directory, save_every=c.checkpoint.every_steps,
                         keep_last=c.checkpoint.keep_last, keep_every=c.checkpoint.keep_every,
                         async_save=c.checkpoint.async_save)
 

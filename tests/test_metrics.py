@@ -1,0 +1,31 @@
+"""metrics.jsonl: stable fields, appends locally, rewrites whole objects on object stores."""
+
+import json
+
+import pytest
+
+from jaxlm.metrics import MetricsWriter, format_duration, is_remote
+
+
+@pytest.mark.parametrize("append", [True, False])
+def test_rows_accumulate_across_writers(tmp_path, append):
+    for start in (1, 3):  # a resumed run opens the file again and keeps the earlier rows
+        writer = MetricsWriter(str(tmp_path), tensorboard=False, append=append)
+        writer.write(start, {"loss": 2.5, "lr": 1e-3})
+        writer.write(start + 1, {"loss": 2.0, "lr": 1e-3})
+        writer.close()
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[1] == {"step": 2, "loss": 2.0, "lr": 1e-3}
+
+
+def test_disabled_writer_writes_nothing(tmp_path):
+    writer = MetricsWriter(str(tmp_path / "w"), enabled=False)
+    writer.write(1, {"loss": 1.0})
+    writer.close()
+    assert not (tmp_path / "w").exists()
+
+
+def test_helpers():
+    assert is_remote("gs://bucket/run") and not is_remote("/tmp/run")
+    assert format_duration(3725) == "1h02m05s" and format_duration(65) == "1m05s"
