@@ -7,7 +7,7 @@ file an argument: `--config=configs/chinchilla.py:size=1018`.
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxlm import distributed, trainer
@@ -25,6 +25,8 @@ def main(argv: list[str]) -> None:
         # Joins the other processes of a multi-host job (a no-op on one machine); must come
         # before anything touches devices.
         distributed.initialize(_CONFIG.value.distributed)
+        if not distributed.is_primary():
+            logging.set_verbosity(logging.WARNING)  # only process 0 logs progress
         trainer.run(_CONFIG.value, _WORKDIR.value)
     except ValueError as e:
         if not str(e).startswith("config key"):

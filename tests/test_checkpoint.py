@@ -292,6 +292,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.multiprocess
 def test_two_processes_save_their_shards_and_own_data_positions(tmp_path):
     directory, port = str(tmp_path / "ckpt"), str(_free_port())
     env = {**os.environ, "PYTHONPATH": REPO_ROOT, "JAX_PLATFORMS": "cpu"}
@@ -314,3 +315,22 @@ def test_two_processes_save_their_shards_and_own_data_positions(tmp_path):
         assert r["extra"] == {"process": 0}  # JSON items are written once, by process 0
         assert r["latest"] == 1
     assert results[0]["expected"] != results[1]["expected"]
+
+
+@pytest.mark.parametrize("save_shape,restore_shape", [
+    ((8, 1, 1, 1), (8, 1, 1, 1)), ((2, 2, 2, 1), (2, 2, 2, 1)),
+    ((8, 1, 1, 1), (2, 2, 2, 1)), ((2, 2, 2, 1), (8, 1, 1, 1))])
+def test_full_state_round_trip_on_and_across_meshes(tmp_path, save_shape, restore_shape):
+    model = Transformer(LLAMA_TINY)
+    tx = make_optimizer(base_config().optim, 10)
+    names = ("data", "fsdp", "tensor", "pipeline")
+    saved, _ = init_sharded_state(model, tx, _mesh(**dict(zip(names, save_shape))),
+                                  jax.random.key(3), SEQ_LEN)
+    target = state_shardings(model, tx, _mesh(**dict(zip(names, restore_shape))), SEQ_LEN)
+    with Checkpointer(str(tmp_path), save_every=1, keep_last=1) as ckpt:
+        ckpt.save(1, saved)
+        ckpt.wait()
+        restored = ckpt.restore(1, _abstract(saved, target))
+    _assert_trees_equal(restored, saved)
+    for leaf, sh in zip(jax.tree.leaves(restored), jax.tree.leaves(target)):
+        assert leaf.sharding == sh

@@ -296,6 +296,7 @@ def two_process_step(tmp_path_factory):
     return results, reference
 
 
+@pytest.mark.multiprocess
 def test_two_processes_form_one_job_of_eight_devices(two_process_step):
     results, _ = two_process_step
     for i, result in enumerate(results):
@@ -307,6 +308,7 @@ def test_two_processes_form_one_job_of_eight_devices(two_process_step):
     assert results[1]["rows"] == [4, 5, 6, 7]
 
 
+@pytest.mark.multiprocess
 def test_two_process_step_equals_one_process_with_eight_devices(two_process_step):
     results, reference = two_process_step
     for result in results:
@@ -335,6 +337,7 @@ def _run_launcher(cmd, env, timeout_s: float) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+@pytest.mark.multiprocess
 def test_local_sh_runs_n_processes_with_prefixed_output(tmp_path):
     # a device count inherited from the caller (tests/conftest.py: 8) is replaced by local.sh's
     env = _child_env(MODULE="tests.distributed_worker", PYTHON=sys.executable,
@@ -348,6 +351,7 @@ def test_local_sh_runs_n_processes_with_prefixed_output(tmp_path):
         assert f"[{i}] process {i} wrote" in run.stdout
 
 
+@pytest.mark.multiprocess
 def test_local_sh_stops_everyone_when_one_process_fails(tmp_path):
     env = _child_env(MODULE="tests.distributed_worker", PYTHON=sys.executable)
     start = time.monotonic()

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.multiprocess
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
 
