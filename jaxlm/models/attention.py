@@ -39,7 +39,7 @@ def xla_attention(q_BxLxHxK: jax.Array, k_BxLxNxK: jax.Array, v_BxLxNxK: jax.Arr
 
 
 class Attention(nn.Module):
-    """Self-attention block: q/k/v projections, RoPE (if configured), attention, output projection."""
+    """Self-attention: q/k/v projections, RoPE (if configured), attention, output projection."""
 
     cfg: ModelConfig
 
