@@ -4,14 +4,15 @@
 
 The first run builds the corpus from this Python's standard library and trains an 8192-piece
 sentencepiece tokenizer on it (cached in <workdir>/cache); later runs reuse both.
-Argument: `configs/tiny.py:steps=N` sets the number of steps (default 300).
+Argument: `configs/tiny.py:steps=N` sets the number of steps (default 200, about 5 minutes on
+a 2-core laptop CPU; see docs/benchmarks.md).
 """
 
 from jaxlm import config as config_lib
 
 
 def get_config(arg: str | None = None):
-    args = config_lib.parse_arg(arg, steps=300)
+    args = config_lib.parse_arg(arg, steps=200)
     c = config_lib.base_config()
 
     c.model.d_model = 256
@@ -26,17 +27,18 @@ def get_config(arg: str | None = None):
     c.data.vocab_size = 8192
 
     c.optim.learning_rate = 3e-3
-    c.optim.warmup_steps = 30
+    c.optim.warmup_steps = 20
     c.optim.min_lr_ratio = 0.1
     c.optim.weight_decay = 0.1
 
     c.train.global_batch_size = 16
     c.train.steps = args.steps
-    c.train.eval_every = 100
+    c.train.eval_every = 50
     c.train.eval_steps = 4
 
     c.log.every_steps = 10
-    c.log.sample_every = 100
+    c.checkpoint.every_steps = 100
+    c.log.sample_every = 50
     c.log.sample_prompt = "def "
     config_lib.validate(c)
     return c
