@@ -75,7 +75,7 @@ def measure(config) -> dict[str, float]:
             "tokens_per_sec": config_lib.tokens_per_step(config) / best,
             "mfu": hardware.mfu(flops, best, jax.device_count(), peak),
             "achieved_flops": flops / best, "peak_flops": peak, "peak_note": note,
-            "params": scaling.count_params(model_cfg)["total"]}
+            "params": scaling.count_params(model_cfg)["total"], "vocab": model_cfg.vocab_size}
 
 
 def main(argv: list[str]) -> None:
@@ -84,7 +84,7 @@ def main(argv: list[str]) -> None:
     r = measure(config)
     m = config.model
     shape = (f"{m.num_layers}L x {m.num_heads}H x d{m.d_model}, seq {config.data.seq_len}, "
-             f"batch {config.train.global_batch_size}, vocab {m.vocab_size}, {m.compute_dtype}")
+             f"batch {config.train.global_batch_size}, vocab {r['vocab']}, {m.compute_dtype}")
     print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()} ({platform.node()}); "
           f"peak {r['peak_flops'] / 1e9:.1f} GFLOP/s per device ({r['peak_note']})")
     print("| shape | params | compile s | step ms | tokens/s | achieved GFLOP/s | MFU |")
