@@ -10,7 +10,7 @@ uses 0.5M-1M for models of this size); 20 x ~1.0B params = ~20B tokens = 38,500 
 """
 
 from jaxlm import config as config_lib
-from jaxlm.data.config import ARRAYRECORD_SUFFIXES
+from jaxlm.data.config import use_files
 
 
 def get_config(arg: str | None = None):
@@ -31,10 +31,7 @@ def get_config(arg: str | None = None):
     c.model.remat = "save_dots"
 
     c.data.seq_len = 2048
-    c.data.tokenizer_path = args.tokenizer
-    if args.data:
-        c.data.source = "arrayrecord" if args.data.endswith(ARRAYRECORD_SUFFIXES) else "files"
-        c.data.paths = args.data
+    use_files(c.data, args.data, args.tokenizer)
 
     c.optim.learning_rate = 2e-4
     c.optim.warmup_steps = 1500

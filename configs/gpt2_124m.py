@@ -9,7 +9,7 @@ tied embeddings, vocab 50257 padded to 50304, context 1024.
 """
 
 from jaxlm import config as config_lib
-from jaxlm.data.config import ARRAYRECORD_SUFFIXES
+from jaxlm.data.config import use_files
 
 
 def get_config(arg: str | None = None):
@@ -30,10 +30,7 @@ def get_config(arg: str | None = None):
     c.model.compute_dtype = "bfloat16"
 
     c.data.seq_len = 1024
-    c.data.tokenizer_path = args.tokenizer
-    if args.data:
-        c.data.source = "arrayrecord" if args.data.endswith(ARRAYRECORD_SUFFIXES) else "files"
-        c.data.paths = args.data
+    use_files(c.data, args.data, args.tokenizer)
 
     # nanoGPT's recipe: ~0.5M tokens per step, 6e-4 peak, 10B tokens in 19073 steps.
     c.optim.learning_rate = 6e-4

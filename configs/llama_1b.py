@@ -6,7 +6,7 @@ RoPE theta 500000, tied embeddings, vocab 128256, context 2048; FSDP over all de
 """
 
 from jaxlm import config as config_lib
-from jaxlm.data.config import ARRAYRECORD_SUFFIXES
+from jaxlm.data.config import use_files
 
 
 def get_config(arg: str | None = None):
@@ -27,10 +27,7 @@ def get_config(arg: str | None = None):
     c.model.remat = "save_dots"
 
     c.data.seq_len = 2048
-    c.data.tokenizer_path = args.tokenizer
-    if args.data:
-        c.data.source = "arrayrecord" if args.data.endswith(ARRAYRECORD_SUFFIXES) else "files"
-        c.data.paths = args.data
+    use_files(c.data, args.data, args.tokenizer)
 
     c.optim.learning_rate = 3e-4
     c.optim.warmup_steps = 2000

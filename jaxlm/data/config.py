@@ -100,6 +100,19 @@ class MixtureComponent:
     weight: float
 
 
+def use_files(data: ml_collections.ConfigDict, paths: str, tokenizer_path: str = "") -> None:
+    """Points `data` at comma-separated globs: ArrayRecord shards (tools/prepare_data.py) or raw
+    .txt/.jsonl/.parquet files by their suffix; "" keeps the current source. The `data=` and
+    `tokenizer=` arguments of the shipped configs go through here."""
+    if tokenizer_path:
+        data.tokenizer_path = tokenizer_path
+    if paths:
+        patterns = split_list(paths)
+        data.source = ("arrayrecord" if all(p.endswith(ARRAYRECORD_SUFFIXES) for p in patterns)
+                       else "files")
+        data.paths = paths
+
+
 def split_list(value: str) -> list[str]:
     """The non-empty items of a comma-separated config string."""
     return [item.strip() for item in value.split(",") if item.strip()]
