@@ -137,7 +137,8 @@ def _xla_forward_flops(cfg: ModelConfig, seq_len: int) -> float:
 
 # Unrolled layers: XLA's cost analysis counts a scanned (while-loop) body only once.
 XLA_BASE = ModelConfig(vocab_size=1000, d_model=256, num_layers=2, num_heads=4, num_kv_heads=2,
-                       head_dim=64, d_ff=768, max_seq_len=128, scan_layers=False)
+                       head_dim=64, d_ff=768, max_seq_len=128, scan_layers=False,
+                       attention="xla")  # charged over the full L x L, as the convention
 XLA_GPT2 = dataclasses.replace(XLA_BASE, num_kv_heads=4, d_ff=1024, position_embedding="learned",
                                norm="layernorm", mlp_activation="gelu", use_bias=True,
                                tie_embeddings=True)

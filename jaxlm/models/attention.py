@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from jaxlm import sharding
 from jaxlm.models.config import ModelConfig
+from jaxlm.models.mlp import dense
 from jaxlm.models.rope import apply_rope
 
 
@@ -38,6 +39,142 @@ def xla_attention(q_BxLxHxK: jax.Array, k_BxLxNxK: jax.Array, v_BxLxNxK: jax.Arr
     return out_BxLxNxGxK.reshape(b, length, h, k)
 
 
+def _barrier_t(x: jax.Array) -> jax.Array:
+    """x with its last two axes swapped, as a materialised array.
+
+    The barrier stops XLA from folding the transpose into the next dot's dimension numbers: on
+    CPU a dot whose operands are row-major with the contraction innermost runs on the fast
+    (YNNPACK) path, a dot with a transposed operand falls back to a slower one.
+    """
+    return jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
+
+
+def _query_blocks(length: int) -> int:
+    """Query blocks for causal skipping: block i (rows [i*L/n, (i+1)*L/n)) sees keys < (i+1)*L/n.
+
+    n blocks do (n+1)/(2n) of the full [L, L] work. Blocks of about 64 rows measured best on
+    CPU at L=256 (4 blocks: -3% step time vs 2, 8 were slower); at most 8 blocks keep the
+    unrolled graph small.
+    """
+    blocks = max(1, min(8, length // 64))
+    while length % blocks:
+        blocks -= 1
+    return blocks
+
+
+def _block_mask(segment_ids_BxL, rows: slice, keys: int) -> jax.Array:
+    """[B, 1, 1, rows, keys] boolean: causal and same document."""
+    seg_rows_BxR = segment_ids_BxL[:, rows]
+    seg_keys_BxM = segment_ids_BxL[:, :keys]
+    causal_RxM = (jnp.arange(rows.start, rows.stop)[:, None] >= jnp.arange(keys)[None, :])
+    same_doc_BxRxM = seg_rows_BxR[:, :, None] == seg_keys_BxM[:, None, :]
+    return (causal_RxM[None] & same_doc_BxRxM)[:, None, None]
+
+
+def _blocks(length: int, nblocks: int) -> list[tuple[slice, int]]:
+    size = length // nblocks
+    return [(slice(i * size, (i + 1) * size), (i + 1) * size) for i in range(nblocks)]
+
+
+def _rows(x_BxNxGxLxK: jax.Array, rows: slice) -> jax.Array:
+    """The query-block rows of [B, N, G, L, K] as [B, N, G*R, K]."""
+    b, n, g, _, k = x_BxNxGxLxK.shape
+    return x_BxNxGxLxK[:, :, :, rows].reshape(b, n, g * (rows.stop - rows.start), k)
+
+
+def _block_probs(q_BxNxQxK, kt_BxNxKxM, mask_Bx1x1xRxM, group):
+    """Masked softmax(q k^T) of one query block, float32 [B, N, G*R, M]."""
+    b, n, q_rows, _ = q_BxNxQxK.shape
+    scores = jnp.einsum("bnqk,bnkm->bnqm", q_BxNxQxK, kt_BxNxKxM,
+                        preferred_element_type=jnp.float32)
+    scores = scores.reshape(b, n, group, q_rows // group, -1)
+    scores = jnp.where(mask_Bx1x1xRxM, scores, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores, axis=-1).reshape(b, n, q_rows, -1)
+
+
+def _attention_forward(q_BxNxGxLxK, kt_BxNxKxM, v_BxNxMxK, segment_ids_BxL):
+    """Output [B, N, G, L, K] and the per-block probabilities (in the value dtype)."""
+    b, n, g, length, k = q_BxNxGxLxK.shape
+    outs, probs = [], []
+    for rows, keys in _blocks(length, _query_blocks(length)):
+        p = _block_probs(_rows(q_BxNxGxLxK, rows), kt_BxNxKxM[..., :keys],
+                         _block_mask(segment_ids_BxL, rows, keys), g).astype(v_BxNxMxK.dtype)
+        out = jnp.einsum("bnqm,bnmk->bnqk", p, v_BxNxMxK[:, :, :keys])
+        outs.append(out.reshape(b, n, g, -1, k))
+        probs.append(p)
+    return jnp.concatenate(outs, axis=3), probs
+
+
+@jax.custom_vjp
+def _attention_core(q_BxNxGxLxK, kt_BxNxKxM, v_BxNxMxK, segment_ids_BxL):
+    """softmax(q k^T + mask) v for pre-scaled q; kt = k transposed; G query heads per kv head.
+
+    The G query heads of a kv head are stacked into one [G*rows, K] operand (one dot per kv
+    head instead of G). Queries are split into blocks that skip the keys the causal mask hides
+    (`_query_blocks`). The backward pass keeps only the probabilities and never transposes an
+    [L, L]-sized array.
+    """
+    return _attention_forward(q_BxNxGxLxK, kt_BxNxKxM, v_BxNxMxK, segment_ids_BxL)[0]
+
+
+def _attention_core_fwd(q, kt, v, segment_ids):
+    out, probs = _attention_forward(q, kt, v, segment_ids)
+    return out, (q, kt, v, segment_ids, out, probs)
+
+
+def _attention_core_bwd(res, dout_BxNxGxLxK):
+    """d scores = p * (dp - rowsum(dp * p)), with rowsum(dp * p) = rowsum(dout * out).
+
+    d k and d v are produced transposed ([K, M]) so that only [rows, K]-sized operands are
+    transposed; each query block adds into the first `keys` columns.
+    """
+    q, kt, v, segment_ids, out, probs = res
+    length = q.shape[3]
+    vt_BxNxKxM, k_BxNxMxK = _barrier_t(v), _barrier_t(kt)
+    row_BxNxGxL = jnp.sum(dout_BxNxGxLxK.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    dq_blocks, dkt, dvt = [], jnp.zeros(kt.shape, jnp.float32), jnp.zeros(kt.shape, jnp.float32)
+    for (rows, keys), p in zip(_blocks(length, _query_blocks(length)), probs):
+        dout_i = _rows(dout_BxNxGxLxK, rows)
+        dp = jnp.einsum("bnqk,bnkm->bnqm", dout_i, vt_BxNxKxM[..., :keys],
+                        preferred_element_type=jnp.float32)
+        row_i = row_BxNxGxL[:, :, :, rows].reshape(dp.shape[:3])
+        ds = (p.astype(jnp.float32) * (dp - row_i[..., None])).astype(q.dtype)
+        dq_i = jnp.einsum("bnqm,bnmk->bnqk", ds, k_BxNxMxK[:, :, :keys])
+        dq_blocks.append(dq_i.reshape(*q.shape[:3], -1, q.shape[4]))
+        dkt = dkt.at[..., :keys].add(
+            jnp.einsum("bnkq,bnqm->bnkm", _barrier_t(_rows(q, rows)), ds,
+                       preferred_element_type=jnp.float32))
+        dvt = dvt.at[..., :keys].add(
+            jnp.einsum("bnkq,bnqm->bnkm", _barrier_t(dout_i), p,
+                       preferred_element_type=jnp.float32))
+    dq = jnp.concatenate(dq_blocks, axis=3)
+    return dq, dkt.astype(kt.dtype), jnp.swapaxes(dvt, -1, -2).astype(v.dtype), None
+
+
+_attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
+
+
+def fused_attention(q_BxLxHxK: jax.Array, k_BxLxNxK: jax.Array, v_BxLxNxK: jax.Array,
+                    segment_ids_BxL: jax.Array) -> jax.Array:
+    """Same function as `xla_attention`, with a hand-written backward pass (`_attention_core`)."""
+    b, length, h, k = q_BxLxHxK.shape
+    n = k_BxLxNxK.shape[2]
+    q_BxLxNxGxK = q_BxLxHxK.reshape(b, length, n, h // n, k) * jnp.asarray(k**-0.5,
+                                                                           q_BxLxHxK.dtype)
+    q_BxNxGxLxK = jnp.transpose(q_BxLxNxGxK, (0, 2, 3, 1, 4))
+    kt_BxNxKxM = jnp.transpose(k_BxLxNxK, (0, 2, 3, 1))
+    v_BxNxMxK = jnp.transpose(v_BxLxNxK, (0, 2, 1, 3))
+    out_BxNxGxLxK = _attention_core(q_BxNxGxLxK, kt_BxNxKxM, v_BxNxMxK, segment_ids_BxL)
+    return jnp.transpose(out_BxNxGxLxK, (0, 3, 1, 2, 4)).reshape(b, length, h, k)
+
+
+def resolve_attention(name: str) -> str:
+    """The implementation `name` selects on the default backend ("auto" depends on it)."""
+    if name != "auto":
+        return name
+    return "blocked" if jax.default_backend() == "cpu" else "xla"
+
+
 class Attention(nn.Module):
     """Self-attention: q/k/v projections, RoPE (if configured), attention, output projection."""
 
@@ -62,9 +199,10 @@ class Attention(nn.Module):
         wv_DxNxK = self._proj("wv", (d, n, k), ("embed", "kv_heads", "head_dim"))
         wo_HxKxD = self._proj("wo", (h, k, d), ("heads", "head_dim", "embed"))
 
-        q_BxLxHxK = jnp.einsum("bld,dhk->blhk", x_BxLxD, wq_DxHxK)
-        k_BxLxNxK = jnp.einsum("bld,dnk->blnk", x_BxLxD, wk_DxNxK)
-        v_BxLxNxK = jnp.einsum("bld,dnk->blnk", x_BxLxD, wv_DxNxK)
+        b, length = x_BxLxD.shape[:2]
+        q_BxLxHxK = dense(x_BxLxD, wq_DxHxK.reshape(d, h * k)).reshape(b, length, h, k)
+        k_BxLxNxK = dense(x_BxLxD, wk_DxNxK.reshape(d, n * k)).reshape(b, length, n, k)
+        v_BxLxNxK = dense(x_BxLxD, wv_DxNxK.reshape(d, n * k)).reshape(b, length, n, k)
         if cfg.use_bias:
             q_BxLxHxK += self._bias("bq", (h, k), ("heads", "head_dim"))
             k_BxLxNxK += self._bias("bk", (n, k), ("kv_heads", "head_dim"))
@@ -76,8 +214,9 @@ class Attention(nn.Module):
             q_BxLxHxK = apply_rope(q_BxLxHxK, positions_BxL, cfg.rope_theta)
             k_BxLxNxK = apply_rope(k_BxLxNxK, positions_BxL, cfg.rope_theta)
 
-        out_BxLxHxK = xla_attention(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, segment_ids_BxL)
-        out_BxLxD = jnp.einsum("blhk,hkd->bld", out_BxLxHxK, wo_HxKxD)
+        attend = fused_attention if resolve_attention(cfg.attention) == "blocked" else xla_attention
+        out_BxLxHxK = attend(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, segment_ids_BxL)
+        out_BxLxD = dense(out_BxLxHxK.reshape(b, length, h * k), wo_HxKxD.reshape(h * k, d))
         if cfg.use_bias:
             out_BxLxD += self._bias("bo", (d,), ("norm",))
         return out_BxLxD

@@ -18,7 +18,7 @@ POSITION_EMBEDDINGS = ("rope", "learned")
 NORMS = ("rmsnorm", "layernorm")
 MLP_ACTIVATIONS = ("swiglu", "gelu")
 REMAT_POLICIES = ("none", "full", "save_dots")
-ATTENTION_IMPLS = ("auto", "xla")
+ATTENTION_IMPLS = ("auto", "xla", "blocked")
 VOCAB_MULTIPLE = 128
 
 
@@ -51,7 +51,9 @@ class ModelConfig:
       compute_dtype: dtype of matmuls and activations ("float32" on CPU, "bfloat16" on TPU/GPU).
       remat: rematerialisation policy of a block: "none", "full" or "save_dots".
       scan_layers: stack the blocks' parameters on a leading `layers` axis and run them with scan.
-      attention: "auto" (XLA here; fused kernels come with the scale issue) or "xla".
+      attention: "xla" (reference einsum attention), "blocked" (causal query blocks that skip
+        masked keys, hand-written backward pass; fastest on CPU) or "auto" (blocked on CPU,
+        xla elsewhere).
       init_std: standard deviation of the normal initialiser of weight matrices.
       vocab_multiple: the embedding table is padded to a multiple of this.
     """

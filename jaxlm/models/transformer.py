@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jaxlm import sharding
 from jaxlm.models.attention import Attention
 from jaxlm.models.config import ModelConfig
-from jaxlm.models.mlp import Mlp
+from jaxlm.models.mlp import Mlp, dense
 from jaxlm.models.norms import Norm
 
 _ACT = ("act_batch", "act_length", "act_embed")
@@ -56,8 +56,14 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, inputs_BxL: jax.Array, positions_BxL: jax.Array | None = None,
-                 segment_ids_BxL: jax.Array | None = None) -> jax.Array:
-        """Returns float32 logits [B, L, padded_vocab]; padded vocab entries are -1e9."""
+                 segment_ids_BxL: jax.Array | None = None, *, return_hidden: bool = False
+                 ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """Returns float32 logits [B, L, padded_vocab]; padded vocab entries are -1e9.
+
+        With return_hidden=True returns (hidden_BxLxD, head_VxD) instead: the final-norm hidden
+        states and the output projection (rows = padded vocab) in the compute dtype, for
+        `jaxlm.loss.fused_cross_entropy_sum`, which never materialises the logits.
+        """
         cfg = self.cfg
         if positions_BxL is None:
             positions_BxL = jnp.broadcast_to(jnp.arange(inputs_BxL.shape[1]), inputs_BxL.shape)
@@ -87,11 +93,14 @@ class Transformer(nn.Module):
 
         x_BxLxD = Norm(cfg, name="final_norm")(x_BxLxD)
         if cfg.tie_embeddings:
-            logits_BxLxV = jnp.einsum("bld,vd->blv", x_BxLxD, embed_VxD.astype(cfg.dtype))
+            head_VxD = embed_VxD.astype(cfg.dtype)
         else:
             head_DxV = self.param("head", nn.with_logical_partitioning(init, ("embed", "vocab")),
                                   (cfg.d_model, cfg.padded_vocab_size), cfg.weight_dtype)
-            logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, head_DxV.astype(cfg.dtype))
+            head_VxD = head_DxV.astype(cfg.dtype).T
+        if return_hidden:
+            return x_BxLxD, head_VxD
+        logits_BxLxV = dense(x_BxLxD, head_VxD.T)
         logits_BxLxV = sharding.constrain(logits_BxLxV.astype(jnp.float32),
                                           ("act_batch", "act_length", "act_vocab"))
         if cfg.padded_vocab_size != cfg.vocab_size:

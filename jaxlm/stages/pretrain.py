@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxlm.loss import cross_entropy_sum
+from jaxlm.loss import fused_cross_entropy_sum
 from jaxlm.train_state import TrainState, microbatched_grads
 
 Batch = dict[str, jax.Array]
@@ -24,10 +24,17 @@ Batch = dict[str, jax.Array]
 
 def loss_fn(params: Any, batch: Batch, *, model: nn.Module,
             z_loss: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
-    logits_BxLxV = model.apply({"params": params}, batch["inputs"],
-                               positions_BxL=batch["positions"],
-                               segment_ids_BxL=batch["segment_ids"])
-    return cross_entropy_sum(logits_BxLxV, batch["targets"], batch["loss_mask"], z_loss)
+    """Summed next-token loss and its aux sums; the logits are never materialised whole.
+
+    The model returns its final hidden states and vocab head and `fused_cross_entropy_sum`
+    builds the logits a chunk of tokens at a time (equal to `cross_entropy_sum` on the logits).
+    """
+    hidden_BxLxD, head_VxD = model.apply({"params": params}, batch["inputs"],
+                                         positions_BxL=batch["positions"],
+                                         segment_ids_BxL=batch["segment_ids"],
+                                         return_hidden=True)
+    return fused_cross_entropy_sum(hidden_BxLxD, head_VxD, batch["targets"], batch["loss_mask"],
+                                   z_loss, vocab_size=model.cfg.vocab_size)
 
 
 def pretrain_step(state: TrainState, batch: Batch, *, model: nn.Module,
