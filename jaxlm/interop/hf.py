@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 from absl import logging
 
 from jaxlm import checkpoint as ckpt_lib
@@ -181,18 +182,40 @@ def import_hf(hf_dir: str, out_dir: str, *, param_dtype: str = "float32",
                          f"{' ...' if len(maps) > 8 else ''}")
     _check_covered(cfg, params, done)
 
-    ckpt = ckpt_lib.Checkpointer(os.path.join(out_dir, CHECKPOINTS), save_every=0, keep_last=1,
-                                 async_save=False)
     extra = {"tokenizer_path": tokenizer_path, "tokenizer_sha256": tokenizer_sha,
              "hf_source": hf_dir, "hf_model_type": hf["model_type"]}
-    with ckpt:
-        ckpt.save(IMPORT_STEP, {"params": _nest(params)}, config=c, extra=extra)
+    _save_params(os.path.join(out_dir, CHECKPOINTS), _nest(params), c, extra)
     del params
     file_config = ml_collections.ConfigDict(c.to_dict())
     file_config.init_from.path = os.path.join(out_dir, CHECKPOINTS)
     _write_config_file(os.path.join(out_dir, CONFIG_FILE), file_config, fields, hf_dir)
     logging.info("imported %s (%s) -> %s", hf_dir, hf["model_type"], out_dir)
     return c
+
+
+def _save_params(directory: str, params: dict[str, Any], c: ml_collections.ConfigDict,
+                 extra: dict[str, Any]) -> None:
+    """Writes step IMPORT_STEP the way `jaxlm.checkpoint.Checkpointer` lays a checkpoint out
+    (state/ with the params under "params", config/, extra/), but without the copy of every
+    host array that orbax makes by default (for asynchronous saves), which would double the
+    peak memory of the import, and without OCDBT, whose writer holds the compressed data of
+    all arrays until the commit (+0.8x the model, measured); every array gets its own zarr
+    directory instead. `restore_params` reads both layouts."""
+    numpy_no_copy = ocp.type_handlers.create_type_handler_registry(
+        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    registry.add(ckpt_lib.STATE, ocp.args.PyTreeSave,
+                 ocp.PyTreeCheckpointHandler(type_handler_registry=numpy_no_copy, use_ocdbt=False))
+    for name in ckpt_lib.JSON_ITEMS:
+        registry.add(name, ocp.args.JsonSave, ocp.handlers.JsonCheckpointHandler())
+    options = ocp.CheckpointManagerOptions(
+        step_name_format=ocp.path.step.standard_name_format(), create=True,
+        enable_async_checkpointing=False)
+    with ocp.CheckpointManager(directory, options=options, handler_registry=registry) as mngr:
+        mngr.save(IMPORT_STEP, args=ocp.args.Composite(**{
+            ckpt_lib.STATE: ocp.args.PyTreeSave({"params": params}),
+            ckpt_lib.CONFIG: ocp.args.JsonSave(json.loads(c.to_json_best_effort())),
+            ckpt_lib.EXTRA: ocp.args.JsonSave(extra)}))
 
 
 def _check_covered(cfg: ModelConfig, params: dict, done: set) -> None:
@@ -214,9 +237,9 @@ def _checkpoint_directory(path: str) -> str:
     return path
 
 
-def load_checkpoint(checkpoint_dir: str, step: int | None = None
-                    ) -> tuple[ml_collections.ConfigDict, dict[str, Any], Any, int]:
-    """(run config, extra, params as jax arrays on one device, step) of a jaxlm checkpoint."""
+def _read_checkpoint(checkpoint_dir: str, step: int | None
+                     ) -> tuple[str, int, ml_collections.ConfigDict, dict[str, Any]]:
+    """(directory, step, run config, extra) of a jaxlm checkpoint; no arrays are read."""
     directory = os.path.abspath(_checkpoint_directory(checkpoint_dir))
     steps = ckpt_lib.complete_steps(directory)
     if not steps:
@@ -229,12 +252,13 @@ def load_checkpoint(checkpoint_dir: str, step: int | None = None
             extra = ckpt.read_json(step, ckpt_lib.EXTRA)
         except FileNotFoundError:
             extra = {}
-    cfg = config_lib.model_config(c)
+    return directory, step, c, extra
+
+
+def _abstract_on_one_device(cfg: ModelConfig) -> dict[tuple[str, ...], Any]:
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                            abstract_params(cfg))
-    params = ckpt_lib.restore_params(directory, step, abstract)
-    return c, extra, params, step
+    return {path: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device)
+            for path, x in _flat(abstract_params(cfg)).items()}
 
 
 def export_hf(checkpoint_dir: str, out_dir: str, *, step: int | None = None,
@@ -242,29 +266,42 @@ def export_hf(checkpoint_dir: str, out_dir: str, *, step: int | None = None,
               overwrite: bool = False) -> list[str]:
     """Writes the jaxlm checkpoint as a HF model directory; returns the weight files written.
 
-    `dtype`: of the HF weights ("" = the checkpoint's param dtype).
+    `dtype`: of the HF weights ("" = the checkpoint's param dtype). The HF tensors are written
+    grouped by the jaxlm params they come from, and those params are restored one group at a
+    time (a stacked `blocks/...` param serves every layer's tensor), so the peak memory is
+    about the largest param, not the model.
     """
-    c, extra, params, step = load_checkpoint(checkpoint_dir, step)
+    directory, step, c, extra = _read_checkpoint(checkpoint_dir, step)
     cfg = config_lib.model_config(c)
     out_dtype = np.dtype(dtype or cfg.param_dtype)
     safetensors_io.dtype_code(out_dtype)  # fail early on an unsupported dtype
     config = hf_config.hf_config(cfg, torch_dtype=str(out_dtype))
-    maps = hf_weights.tensor_maps(cfg)
-    flat = {path: np.asarray(leaf) for path, leaf in _flat(params).items()}  # views on CPU
-    del params
+    abstract = _abstract_on_one_device(cfg)
+    groups: dict[tuple[tuple[str, ...], ...], list[hf_weights.TensorMap]] = {}
+    for m in hf_weights.tensor_maps(cfg):
+        leaves = tuple(sorted({hf_weights.param_slot(cfg, p, m.layer)[0] for p in m.params}))
+        groups.setdefault(leaves, []).append(m)
+    by_name = {m.name: (leaves, m) for leaves, ms in groups.items() for m in ms}
+    loaded: dict[tuple[str, ...], np.ndarray] = {}
 
     def produce(name: str) -> np.ndarray:
-        m = by_name[name]
+        leaves, m = by_name[name]
+        if set(loaded) != set(leaves):
+            loaded.clear()  # the previous group is written: free it before reading the next
+            restored = ckpt_lib.restore_params(
+                directory, step, _nest({p: abstract[p] for p in leaves}), subset=True)
+            loaded.update({p: np.asarray(x) for p, x in _flat(restored).items()})
+            del restored
         arrays = []
         for path in m.params:
             full, index = hf_weights.param_slot(cfg, path, m.layer)
-            arrays.append(flat[full] if index is None else flat[full][index])
-        return m.to_hf(*arrays).astype(out_dtype)
+            arrays.append(loaded[full] if index is None else loaded[full][index])
+        return m.to_hf(*arrays).astype(out_dtype, copy=False)
 
-    by_name = {m.name: m for m in maps}
     _prepare_out_dir(out_dir, overwrite)
-    files = safetensors_io.write_model(out_dir, [(m.name, m.shape) for m in maps], produce,
-                                       out_dtype, max_shard_bytes)
+    entries = [(m.name, m.shape) for ms in groups.values() for m in ms]
+    files = safetensors_io.write_model(out_dir, entries, produce, out_dtype, max_shard_bytes)
+    loaded.clear()
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     tokenizer = extra.get("tokenizer_path", "")

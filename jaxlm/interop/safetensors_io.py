@@ -47,12 +47,20 @@ def weight_files(hf_dir: str) -> list[str]:
     return paths
 
 
+def _read(path: str, name: str) -> np.ndarray:
+    # A fresh safe_open per tensor: the file stays memory-mapped only while one tensor is
+    # copied out, so mapped pages of tensors already converted never count towards the RSS.
+    with safe_open(path, framework="numpy") as f:
+        return f.get_tensor(name)
+
+
 def iter_tensors(paths: Sequence[str]) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
     """(name, load) for every tensor of the files; `load()` reads just that tensor."""
     for path in paths:
         with safe_open(path, framework="numpy") as f:
-            for name in f.keys():
-                yield name, lambda f=f, name=name: f.get_tensor(name)
+            names = list(f.keys())
+        for name in names:
+            yield name, lambda path=path, name=name: _read(path, name)
 
 
 def dtype_code(dtype: np.dtype) -> str:
