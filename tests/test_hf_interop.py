@@ -191,3 +191,31 @@ def test_export_rejects_models_without_a_hf_architecture():
                       head_dim=8, d_ff=64, max_seq_len=16, norm="layernorm")
     with pytest.raises(ValueError, match="model.norm"):
         hf_config.hf_config(cfg, "float32")
+
+
+def test_gpt2_hub_names_buffers_and_tensor_errors(tmp_path):
+    """Hub GPT-2 files name tensors without `transformer.` and carry causal-mask buffers; a
+    tensor the config does not have, or a missing one, is an error naming it."""
+    from safetensors.numpy import load_file, save_file
+    model = _random_hf_model(*CASES["gpt2"][:2], seed=2)
+    model.save_pretrained(str(tmp_path / "hf"))
+    tensors = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    hub = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+    hub["h.0.attn.bias"] = np.tril(np.ones((1, 1, 32, 32), np.float32))
+    for name, files in (("hub", hub), ("extra", {**tensors, "transformer.h.9.ln_1.weight":
+                                                 np.ones(32, np.float32)}),
+                        ("missing", {k: v for k, v in tensors.items()
+                                     if k != "transformer.h.1.mlp.c_fc.bias"})):
+        os.makedirs(tmp_path / name)
+        shutil.copyfile(tmp_path / "hf" / "config.json", tmp_path / name / "config.json")
+        save_file(files, str(tmp_path / name / "model.safetensors"), metadata={"format": "pt"})
+    hf.import_hf(str(tmp_path / "hf"), str(tmp_path / "a"))
+    hf.import_hf(str(tmp_path / "hub"), str(tmp_path / "b"))
+    _, params_a = _restore_like_init_from(_load_config_file(str(tmp_path / "a" / "config.py")))
+    _, params_b = _restore_like_init_from(_load_config_file(str(tmp_path / "b" / "config.py")))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(params_a),
+                 jax.device_get(params_b))
+    with pytest.raises(ValueError, match=r"does not have: \['transformer.h.9.ln_1.weight'\]"):
+        hf.import_hf(str(tmp_path / "extra"), str(tmp_path / "c"))
+    with pytest.raises(ValueError, match=r"missing tensors \['transformer.h.1.mlp.c_fc.bias'\]"):
+        hf.import_hf(str(tmp_path / "missing"), str(tmp_path / "d"))
