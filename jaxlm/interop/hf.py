@@ -14,8 +14,8 @@
 
 Memory: import reads each HF tensor lazily (`safe_open`), writes it into the jaxlm arrays being
 built and frees it, so the peak is about the output params plus one tensor (never the HF model and
-the jaxlm model both whole). Export restores the params once and produces, writes and frees one HF
-tensor at a time.
+the jaxlm model both whole). Export restores one group of params at a time and produces, writes
+and frees one HF tensor at a time (peak: about the largest param).
 """
 
 from __future__ import annotations
