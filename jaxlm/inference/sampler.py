@@ -99,7 +99,7 @@ class Sampler:
                 and max(len(r.prompt) + r.max_new_tokens for r in requests) > self.cfg.max_seq_len):
             raise ValueError(f"prompt + max_new_tokens exceeds the model's learned position "
                              f"table of {self.cfg.max_seq_len}")
-        stops = max(1, max(len(r.stop_tokens) for r in requests))
+        stops = _bucket(max(len(r.stop_tokens) for r in requests), 4)
         tokens = np.full((len(requests), length), self.pad_id, np.int32)
         valid = np.zeros((len(requests), length), bool)
         stop = np.full((len(requests), stops), -1, np.int32)
