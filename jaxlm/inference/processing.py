@@ -87,7 +87,13 @@ def process(logits_BxV: jax.Array, seen_BxV: jax.Array, params: SamplingParams) 
 def choose(rng: jax.Array, logits_BxV: jax.Array, seen_BxV: jax.Array,
            params: SamplingParams) -> jax.Array:
     """The next token of each row: a sample, or the argmax when temperature is 0."""
-    greedy_B = jnp.argmax(repetition_penalty(logits_BxV, seen_BxV, params.repetition_penalty),
-                          axis=-1)
-    sampled_B = jax.random.categorical(rng, process(logits_BxV, seen_BxV, params), axis=-1)
-    return jnp.where(params.temperature > 0, sampled_B, greedy_B).astype(jnp.int32)
+    def greedy():
+        penalised = repetition_penalty(logits_BxV, seen_BxV, params.repetition_penalty)
+        return jnp.argmax(penalised, axis=-1).astype(jnp.int32)
+
+    def sampled():
+        return jax.random.categorical(rng, process(logits_BxV, seen_BxV, params),
+                                      axis=-1).astype(jnp.int32)
+
+    # A real branch: greedy decoding skips the sorts of top-k / top-p.
+    return jax.lax.cond(params.temperature > 0, sampled, greedy)
