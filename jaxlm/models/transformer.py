@@ -16,6 +16,7 @@ from jaxlm import sharding
 from jaxlm.models.attention import Attention
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.mlp import Mlp, dense
+from jaxlm.models.moe import MoeMlp
 from jaxlm.models.norms import Norm
 
 _ACT = ("act_batch", "act_length", "act_embed")
@@ -27,13 +28,17 @@ REMAT_POLICIES = {
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    With `moe` the MLP is a mixture of experts and the block also returns its router stats.
+    """
 
     cfg: ModelConfig
+    moe: bool = False
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array,
-                 segment_ids_BxL: jax.Array) -> tuple[jax.Array, None]:
+                 segment_ids_BxL: jax.Array) -> tuple[jax.Array, dict[str, jax.Array] | None]:
         x_BxLxD = sharding.constrain(x_BxLxD, _ACT)
         with jax.named_scope("attention"):
             h_BxLxD = Norm(self.cfg, name="attn_norm")(x_BxLxD)
@@ -41,8 +46,29 @@ class Block(nn.Module):
                                                                   segment_ids_BxL)
         with jax.named_scope("mlp"):
             h_BxLxD = Norm(self.cfg, name="mlp_norm")(x_BxLxD)
-            x_BxLxD = x_BxLxD + Mlp(self.cfg, name="mlp")(h_BxLxD)
-        return sharding.constrain(x_BxLxD, _ACT), None
+            stats = None
+            if self.moe:
+                h_BxLxD, stats = MoeMlp(self.cfg, name="moe")(h_BxLxD, segment_ids_BxL > 0)
+            else:
+                h_BxLxD = Mlp(self.cfg, name="mlp")(h_BxLxD)
+            x_BxLxD = x_BxLxD + h_BxLxD
+        return sharding.constrain(x_BxLxD, _ACT), stats
+
+
+class BlockGroup(nn.Module):
+    """`cfg.moe.every` consecutive blocks, the last one MoE: the unit that is scanned when only
+    every k-th block is MoE."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array,
+                 segment_ids_BxL: jax.Array) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+        block_cls, every = _block_class(self.cfg), self.cfg.moe.every
+        for i in range(every):
+            x_BxLxD, stats = block_cls(self.cfg, moe=i == every - 1, name=f"block_{i}")(
+                x_BxLxD, positions_BxL, segment_ids_BxL)
+        return x_BxLxD, stats
 
 
 def _block_class(cfg: ModelConfig) -> type[nn.Module]:
@@ -82,14 +108,23 @@ class Transformer(nn.Module):
 
         block_cls = _block_class(cfg)
         if cfg.scan_layers:
-            stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                            in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+            unit, length, kwargs = block_cls, cfg.num_layers, {"moe": cfg.moe is not None}
+            if cfg.moe is not None and cfg.moe.every > 1:
+                unit, length, kwargs = BlockGroup, cfg.num_layers // cfg.moe.every, {}
+            stack = nn.scan(unit, variable_axes={"params": 0}, split_rngs={"params": True},
+                            in_axes=(nn.broadcast, nn.broadcast), length=length,
                             metadata_params={nn.PARTITION_NAME: "layers"})
-            x_BxLxD, _ = stack(cfg, name="blocks")(x_BxLxD, positions_BxL, segment_ids_BxL)
+            x_BxLxD, stats = stack(cfg, name="blocks", **kwargs)(x_BxLxD, positions_BxL,
+                                                                 segment_ids_BxL)
         else:
+            per_layer = []
             for i in range(cfg.num_layers):
-                x_BxLxD, _ = block_cls(cfg, name=f"block_{i}")(x_BxLxD, positions_BxL,
-                                                               segment_ids_BxL)
+                x_BxLxD, stats = block_cls(cfg, moe=cfg.is_moe_layer(i), name=f"block_{i}")(
+                    x_BxLxD, positions_BxL, segment_ids_BxL)
+                per_layer += [stats] if stats is not None else []
+            stats = jax.tree.map(lambda *s: jnp.stack(s), *per_layer) if per_layer else None
+        if stats is not None:  # router stats of the MoE blocks, for `moe.add_router_losses`
+            self.sow("intermediates", "moe", jax.tree.map(jnp.mean, stats))
 
         x_BxLxD = Norm(cfg, name="final_norm")(x_BxLxD)
         if cfg.tie_embeddings:
