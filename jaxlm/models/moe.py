@@ -59,6 +59,23 @@ class Routing(NamedTuple):
     stats: dict[str, jax.Array]
 
 
+def _top_k(probs_BxLxE: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """(values, indices) of the k largest probabilities, as k masked argmaxes.
+
+    Same result as `jax.lax.top_k` for small k, but XLA's SPMD partitioner splits argmax along
+    the batch like any reduction, whereas it all-gathers the whole [B, L, E] input of top_k.
+    """
+    values, indices = [], []
+    remaining_BxLxE = probs_BxLxE
+    for _ in range(k):
+        index_BxL = jnp.argmax(remaining_BxLxE, axis=-1)
+        chosen_BxLxE = jax.nn.one_hot(index_BxL, probs_BxLxE.shape[-1], dtype=bool)
+        values.append(jnp.sum(jnp.where(chosen_BxLxE, probs_BxLxE, 0.0), axis=-1))
+        indices.append(index_BxL.astype(jnp.int32))
+        remaining_BxLxE = jnp.where(chosen_BxLxE, -1.0, remaining_BxLxE)
+    return jnp.stack(values, axis=-1), jnp.stack(indices, axis=-1)
+
+
 def route(logits_BxLxE: jax.Array, top_k: int, capacity: int,
           valid_BxL: jax.Array | None = None) -> Routing:
     """Top-k routing of every sequence with `capacity` slots per expert; invalid (padding)
@@ -68,7 +85,7 @@ def route(logits_BxLxE: jax.Array, top_k: int, capacity: int,
     if valid_BxL is None:
         valid_BxL = jnp.ones((b, length), bool)
     probs_BxLxE = jax.nn.softmax(logits_BxLxE, axis=-1)
-    gate_BxLxK, expert_BxLxK = jax.lax.top_k(probs_BxLxE, top_k)
+    gate_BxLxK, expert_BxLxK = _top_k(probs_BxLxE, top_k)
     if top_k > 1:
         gate_BxLxK = gate_BxLxK / jnp.sum(gate_BxLxK, axis=-1, keepdims=True)
 
@@ -87,11 +104,13 @@ def route(logits_BxLxE: jax.Array, top_k: int, capacity: int,
 
     valid_f_BxL = valid_BxL.astype(jnp.float32)
     num_tokens = jnp.maximum(jnp.sum(valid_f_BxL), 1.0)
-    fraction_E = jnp.sum(onehot_BxNxE, axis=(0, 1)).astype(jnp.float32) / (num_tokens * top_k)
-    mean_prob_E = jnp.einsum("ble,bl->e", probs_BxLxE, valid_f_BxL) / num_tokens
+    # Sums per sequence first, then over the batch: each device reduces its own sequences and
+    # only [E]-sized partial sums cross devices.
+    count_E = jnp.sum(jnp.sum(onehot_BxNxE, axis=1), axis=0).astype(jnp.float32)
+    prob_sum_E = jnp.sum(jnp.einsum("ble,bl->be", probs_BxLxE, valid_f_BxL), axis=0)
     log_z_BxL = jax.nn.logsumexp(logits_BxLxE, axis=-1)
     stats = {
-        "balance_loss": e * jnp.sum(fraction_E * mean_prob_E),
+        "balance_loss": e * jnp.sum(count_E * prob_sum_E) / (num_tokens * num_tokens * top_k),
         "router_z_loss": jnp.sum(jnp.square(log_z_BxL) * valid_f_BxL) / num_tokens,
         "dropped_fraction": 1.0 - jnp.sum(kept_BxN) / (num_tokens * top_k),
     }
