@@ -1,4 +1,4 @@
-"""A tiny IsoFLOP sweep on CPU: for each compute budget C, models of ~0.1-1M parameters trained
+"""A tiny IsoFLOP sweep on CPU: for each compute budget C, models of ~0.06-0.5M parameters trained
 on D = C / (6 N) tokens (Chinchilla's Approach 2 grid), on the embedded stdlib corpus.
 
     python -m jaxlm.sweep --config=configs/sweeps/isoflop_tiny.py --workdir=/tmp/isoflop_tiny
@@ -60,14 +60,18 @@ def get_sweep(arg: str | None = None):
             c = base.copy_and_resolve_references()
             _set_shape(c, d_model, layers)
             n = scaling.count_params(config_lib.model_config(c, c.data.vocab_size))["total"]
+            tokens = int(budget / (6 * n))
+            steps = -(-tokens // config_lib.tokens_per_step(c))
             yield {"name": f"C{budget:.0e}_d{d_model}_l{layers}".replace("+", ""), "budget": budget,
                    "model.d_model": d_model, "model.num_layers": layers,
                    "model.num_heads": c.model.num_heads, "model.d_ff": c.model.d_ff,
-                   "train.tokens": int(budget / (6 * n))}
+                   "train.tokens": tokens,
+                   # Short runs warm up over their first 20% (at most the base's steps).
+                   "optim.warmup_steps": min(base.optim.warmup_steps, max(1, steps // 5))}
 
 
 def _args(arg):
-    return config_lib.parse_arg(arg, budgets="1e12/3e12/1e13", shapes="48x2/64x3/96x3/128x4",
+    return config_lib.parse_arg(arg, budgets="1e11/3e11/1e12", shapes="32x2/48x2/64x3/96x3",
                                 smoke=False)
 
 
