@@ -23,6 +23,9 @@ setuptools.setup(
         "numpy",
         "etils[epath]",
         "pyarrow>=15",
+        # Scaling-law fits (jaxlm/scaling_fit.py) and their plots (tools/fit_scaling_law.py).
+        "scipy>=1.11",
+        "matplotlib>=3.8",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6"],
