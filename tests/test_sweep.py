@@ -1,11 +1,13 @@
 """jaxlm.sweep end to end: a 2-point IsoFLOP sweep trains, tabulates, and skips finished points."""
 
 import csv
+import json
 import math
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from jaxlm import config as config_lib
@@ -73,14 +75,34 @@ def test_rerun_skips_finished_points(swept):
     assert again == [] and rerun == rows
 
 
-def test_unfinished_point_is_run_again(swept, tmp_path):
-    workdir, rows, _ = swept
-    assert sweep.summarize(sweep.read_metrics(str(Path(workdir) / rows[0]["name"])),
-                           rows[0]["steps"] + 1) is None
-    rows_ = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}, {"step": 2, "eval_loss": 2.5},
-             {"step": 2, "loss": 1.0}]  # a resumed run rewrote step 2: the last row counts
-    assert sweep.summarize(rows_, 2) == {"final_loss": 1.0, "final_loss_avg": 1.0,
-                                         "eval_loss": 2.5}
+def test_only_unfinished_points_run_and_the_last_row_of_a_step_counts(tmp_path):
+    """With a stand-in trainer: a point whose metrics.jsonl stops short of its last step runs
+    again; a finished one does not."""
+    module, arg = sweep.load_sweep_file(SPEC)
+    (name0, over0, _), (name1, over1, _) = sweep.points(module, arg)
+    steps0 = sweep.sizes(sweep.apply_overrides(module.get_config(arg), over0, name0))["steps"]
+    steps1 = sweep.sizes(sweep.apply_overrides(module.get_config(arg), over1, name1))["steps"]
+    (tmp_path / name0).mkdir(parents=True)
+    (tmp_path / name1).mkdir()
+    # Point 0 was preempted half way; point 1 finished, then its last step was rewritten by a
+    # resumed run (the later row counts).
+    (tmp_path / name0 / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 9.0}) + "\n")
+    rows1 = [{"step": steps1, "loss": 3.0}, {"step": steps1, "eval_loss": 2.5},
+             {"step": steps1, "loss": 2.0}]
+    (tmp_path / name1 / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n"
+                                                            for r in rows1))
+    ran = []
+
+    def fake_train(config, point_dir):
+        ran.append(Path(point_dir).name)
+        with open(Path(point_dir) / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": config.train.steps or steps0, "loss": 4.0}) + "\n")
+
+    rows = sweep.run_sweep(SPEC, str(tmp_path), train_fn=fake_train)
+    assert ran == [name0]
+    assert (rows[0]["final_loss"], rows[1]["final_loss"], rows[1]["eval_loss"]) == (4.0, 2.0,
+                                                                                   2.5)
+    assert np.isnan(rows[0]["eval_loss"])
 
 
 def test_print_commands_and_bad_overrides(tmp_path):
