@@ -23,12 +23,15 @@ setuptools.setup(
         "numpy",
         "etils[epath]",
         "pyarrow>=15",
+        "safetensors>=0.4",  # tools/convert_hf.py (Hugging Face import/export)
         # Scaling-law fits (jaxlm/scaling_fit.py) and their plots (tools/fit_scaling_law.py).
         "scipy>=1.11",
         "matplotlib>=3.8",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6"],
+        # torch pinned: this version resolves to a CPU wheel; unpinned pulls GBs of CUDA wheels.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "torch==2.13.0",
+                 "transformers>=5.0", "safetensors>=0.4"],
         # gs:// workdirs: orbax writes them natively; metrics.jsonl (etils.epath) and
         # TensorBoard (tensorboardX) need these.
         "gcs": ["gcsfs", "google-cloud-storage"],

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm import sharding
+from jaxlm.models import pipeline
 from jaxlm.models.attention import Attention
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.mlp import Mlp, dense
@@ -51,6 +52,27 @@ def _block_class(cfg: ModelConfig) -> type[nn.Module]:
     return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
 
 
+def _pipelined_blocks(cfg: ModelConfig, blocks: dict, x_BxLxD: jax.Array,
+                      positions_BxL: jax.Array, segment_ids_BxL: jax.Array) -> jax.Array:
+    """The stacked blocks [L, ...] as `cfg.pipeline_stages` stages of L/P layers each, run over
+    microbatches with the GPipe schedule of `jaxlm.models.pipeline`."""
+    block = _block_class(cfg)(cfg, parent=None)
+
+    def stage(params_l: dict, x_bxLxD: jax.Array, pos_bxL: jax.Array,
+              seg_bxL: jax.Array) -> jax.Array:
+        def layer(x: jax.Array, params: dict) -> tuple[jax.Array, None]:
+            return block.apply({"params": params}, x, pos_bxL, seg_bxL)[0], None
+        return jax.lax.scan(layer, x_bxLxD, params_l)[0]
+
+    m = pipeline.num_microbatches(x_BxLxD.shape[0], cfg.pipeline_microbatches)
+    split = lambda a: pipeline.split_microbatches(a, m)
+    out_MxBxLxD = pipeline.gpipe(
+        stage, pipeline.to_stages(blocks, cfg.pipeline_stages), split(x_BxLxD),
+        (split(positions_BxL), split(segment_ids_BxL)), x_axes=_ACT,
+        side_axes=(_ACT[:2], _ACT[:2]))
+    return sharding.constrain(pipeline.merge_microbatches(out_MxBxLxD), _ACT)
+
+
 class Transformer(nn.Module):
     cfg: ModelConfig
 
@@ -81,7 +103,11 @@ class Transformer(nn.Module):
         x_BxLxD = sharding.constrain(x_BxLxD, _ACT)
 
         block_cls = _block_class(cfg)
-        if cfg.scan_layers:
+        if cfg.pipeline_stages > 1 and not self.is_initializing():
+            # Same parameters as the scan below (which init runs), applied stage by stage.
+            x_BxLxD = _pipelined_blocks(cfg, nn.meta.unbox(self.variables["params"]["blocks"]),
+                                        x_BxLxD, positions_BxL, segment_ids_BxL)
+        elif cfg.scan_layers:
             stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
                             in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
