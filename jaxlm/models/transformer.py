@@ -31,6 +31,7 @@ class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     cfg: ModelConfig
+    decode: bool = False
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array,
@@ -38,8 +39,8 @@ class Block(nn.Module):
         x_BxLxD = sharding.constrain(x_BxLxD, _ACT)
         with jax.named_scope("attention"):
             h_BxLxD = Norm(self.cfg, name="attn_norm")(x_BxLxD)
-            x_BxLxD = x_BxLxD + Attention(self.cfg, name="attn")(h_BxLxD, positions_BxL,
-                                                                  segment_ids_BxL)
+            attn = Attention(self.cfg, self.decode, name="attn")
+            x_BxLxD = x_BxLxD + attn(h_BxLxD, positions_BxL, segment_ids_BxL)
         with jax.named_scope("mlp"):
             h_BxLxD = Norm(self.cfg, name="mlp_norm")(x_BxLxD)
             x_BxLxD = x_BxLxD + Mlp(self.cfg, name="mlp")(h_BxLxD)
@@ -74,7 +75,10 @@ def _pipelined_blocks(cfg: ModelConfig, blocks: dict, x_BxLxD: jax.Array,
 
 
 class Transformer(nn.Module):
+    """decode=True: autoregressive decoding over a KV cache (`jaxlm.models.kv_cache`)."""
+
     cfg: ModelConfig
+    decode: bool = False
 
     @nn.compact
     def __call__(self, inputs_BxL: jax.Array, positions_BxL: jax.Array | None = None,
@@ -103,19 +107,21 @@ class Transformer(nn.Module):
         x_BxLxD = sharding.constrain(x_BxLxD, _ACT)
 
         block_cls = _block_class(cfg)
-        if cfg.pipeline_stages > 1 and not self.is_initializing():
+        if cfg.pipeline_stages > 1 and not self.is_initializing() and not self.decode:
             # Same parameters as the scan below (which init runs), applied stage by stage.
             x_BxLxD = _pipelined_blocks(cfg, nn.meta.unbox(self.variables["params"]["blocks"]),
                                         x_BxLxD, positions_BxL, segment_ids_BxL)
         elif cfg.scan_layers:
-            stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                            in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+            stack = nn.scan(block_cls, variable_axes={"params": 0, "cache": 0},
+                            split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast),
+                            length=cfg.num_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
-            x_BxLxD, _ = stack(cfg, name="blocks")(x_BxLxD, positions_BxL, segment_ids_BxL)
+            x_BxLxD, _ = stack(cfg, self.decode, name="blocks")(x_BxLxD, positions_BxL,
+                                                                segment_ids_BxL)
         else:
             for i in range(cfg.num_layers):
-                x_BxLxD, _ = block_cls(cfg, name=f"block_{i}")(x_BxLxD, positions_BxL,
-                                                               segment_ids_BxL)
+                block = block_cls(cfg, self.decode, name=f"block_{i}")
+                x_BxLxD, _ = block(x_BxLxD, positions_BxL, segment_ids_BxL)
 
         x_BxLxD = Norm(cfg, name="final_norm")(x_BxLxD)
         if cfg.tie_embeddings:
