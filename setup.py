@@ -24,6 +24,9 @@ setuptools.setup(
         "etils[epath]",
         "pyarrow>=15",
         "safetensors>=0.4",  # tools/convert_hf.py (Hugging Face import/export)
+        # Scaling-law fits (jaxlm/scaling_fit.py) and their plots (tools/fit_scaling_law.py).
+        "scipy>=1.11",
+        "matplotlib>=3.8",
     ],
     extras_require={
         # torch pinned: this version resolves to a CPU wheel; unpinned pulls GBs of CUDA wheels.

@@ -7,8 +7,11 @@
 The paper's models use RMSNorm, a GELU MLP of width ffw_size and untied embeddings; its relative
 position encoding is replaced by RoPE here. Batch 256 x 2048 = 0.5M tokens per step (the paper
 uses 0.5M-1M for models of this size); 20 x ~1.0B params = ~20B tokens = 38,500 steps.
+The same model with the step count derived from 20 tokens per parameter:
+`configs/chinchilla.py:size=1018` (docs/scaling.md).
 """
 
+from jaxlm import chinchilla
 from jaxlm import config as config_lib
 from jaxlm.data.config import use_files
 
@@ -17,16 +20,8 @@ def get_config(arg: str | None = None):
     args = config_lib.parse_arg(arg, data="", tokenizer="", steps=38500)
     c = config_lib.base_config()
 
-    c.model.vocab_size = 32000
-    c.model.d_model = 1792
-    c.model.d_ff = 7168
-    c.model.num_heads = 14
-    c.model.head_dim = 128
-    c.model.num_layers = 23
+    chinchilla.set_model(c.model, 1018)  # the Table A9 row (jaxlm/chinchilla.py)
     c.model.max_seq_len = 2048
-    c.model.norm = "rmsnorm"
-    c.model.mlp_activation = "gelu"
-    c.model.tie_embeddings = False
     c.model.compute_dtype = "bfloat16"
     c.model.remat = "save_dots"
 

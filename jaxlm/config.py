@@ -13,6 +13,7 @@ from typing import Any
 
 import ml_collections
 
+from jaxlm import scaling
 from jaxlm.data.config import check_data_config, default_data_config
 from jaxlm.distributed import check_distributed_config, default_distributed_config
 from jaxlm.models.config import ModelConfig, MoeConfig
@@ -130,8 +131,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = t = ml_collections.ConfigDict()
     # Sequences per optimizer step, over all devices and processes.
     t.global_batch_size = 16
-    # Optimizer steps of the run.
+    # Optimizer steps of the run; 0 = from the token budget below (see docs/scaling.md).
     t.steps = 1000
+    # Token budget of the run (0: unset); needs train.steps = 0. Steps = ceil(tokens / tokens
+    # per step), resolved in one place: `resolve_steps`. The LR schedule follows those steps.
+    t.tokens = 0
+    # Token budget as tokens per model parameter (0: unset, which is 20, Chinchilla's
+    # compute-optimal ratio, when train.steps and train.tokens are 0 too); needs train.steps = 0.
+    t.tokens_per_param = 0.0
     # Evaluate on held-out data every this many steps (0: never; always at the end if > 0).
     t.eval_every = 200
     # Batches per evaluation.
@@ -295,8 +302,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _fail("model.max_seq_len", f"{config.model.max_seq_len} is shorter than "
               f"data.seq_len={config.data.seq_len}")
     o, t = config.optim, config.train
-    if t.steps < 1:
-        _fail("train.steps", f"must be >= 1, got {t.steps}")
+    _check_budget(t)
     if o.learning_rate <= 0:
         _fail("optim.learning_rate", f"must be positive, got {o.learning_rate}")
     if not 0 <= o.min_lr_ratio <= 1:
@@ -323,6 +329,42 @@ def validate(config: ml_collections.ConfigDict) -> None:
         size = config.mesh[axis]
         if size == 0 or size < -1:
             _fail(f"mesh.{axis}", f"size must be positive or -1, got {size}")
+
+
+DEFAULT_TOKENS_PER_PARAM = 20.0
+
+
+def _check_budget(t: ml_collections.ConfigDict) -> None:
+    for key in ("steps", "tokens", "tokens_per_param"):
+        if t[key] < 0:
+            _fail(f"train.{key}", f"must be >= 0, got {t[key]}")
+    given = [key for key in ("steps", "tokens", "tokens_per_param") if t[key] > 0]
+    if len(given) > 1:
+        _fail(f"train.{given[1]}", f"{t[given[1]]} conflicts with train.{given[0]}="
+              f"{t[given[0]]}: a run has one length; set the other to 0")
+
+
+def resolve_steps(config: ml_collections.ConfigDict,
+                  model_cfg: ModelConfig) -> ml_collections.ConfigDict:
+    """The config with `train.steps` set from its token budget (a copy; unchanged if steps > 0).
+
+    The one place where `train.tokens` / `train.tokens_per_param` become steps: tokens per
+    parameter counts every parameter (Chinchilla's N, `scaling.count_params(...)["total"]`), and
+    steps = ceil(tokens / (train.global_batch_size * data.seq_len)), so a run trains on at least
+    its budget.
+    """
+    t = config.train
+    _check_budget(t)
+    if t.steps > 0:
+        return config
+    if t.tokens > 0:
+        tokens = t.tokens
+    else:
+        per_param = t.tokens_per_param or DEFAULT_TOKENS_PER_PARAM
+        tokens = per_param * scaling.count_params(model_cfg)["total"]
+    resolved = config.copy_and_resolve_references()
+    resolved.train.steps = max(1, -(-int(tokens) // tokens_per_step(config)))
+    return resolved
 
 
 def check_devices(config: ml_collections.ConfigDict, num_devices: int,
@@ -367,4 +409,4 @@ def describe(config: ml_collections.ConfigDict) -> str:
 
 
 __all__ = ["base_config", "parse_arg", "validate", "check_devices", "model_config", "describe",
-           "tokens_per_step", "pipeline_summary"]
+           "tokens_per_step", "pipeline_summary", "resolve_steps"]

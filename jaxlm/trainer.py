@@ -66,6 +66,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
         raise ValueError(f"config key model.vocab_size: {config.model.vocab_size} is smaller than "
                          f"the tokenizer's {tokenizer.vocab_size} ids ({tokenizer.path})")
     model_cfg = config_lib.model_config(config, tokenizer.vocab_size)
+    config = config_lib.resolve_steps(config, model_cfg)  # a token budget becomes train.steps
     if model_cfg.padded_vocab_size != model_cfg.vocab_size:
         logging.info("vocab %d padded to %d (a multiple of %d) for TPU/GPU-friendly matmuls; "
                      "padded logits are masked", model_cfg.vocab_size,

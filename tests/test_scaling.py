@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +15,10 @@ import numpy as np
 import pytest
 from flax.linen import meta
 
+from jaxlm import config as config_lib
 from jaxlm import scaling
 from jaxlm.models import ModelConfig, MoeConfig, Transformer
+from jaxlm.tools import scaling as scaling_tool
 
 LLAMA = ModelConfig(vocab_size=250, d_model=32, num_layers=3, num_heads=4, num_kv_heads=2,
                     head_dim=8, d_ff=64, max_seq_len=16)
@@ -181,3 +187,43 @@ def test_attention_charged_over_full_sequence() -> None:
     extra_ours = ours["forward"] - ours_64["forward"]
     assert extra_ours == 2 * 2 * 64 * 4 * 64 * 2  # 2 matmuls x 2 FLOPs x dL x H x K x layers
     assert extra_xla == pytest.approx(extra_ours, rel=0.1)
+
+
+SHIPPED_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.py"))
+
+
+def _load_config(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(None)
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.stem)
+def test_count_params_of_every_shipped_config_is_its_initialised_size(path: Path) -> None:
+    c = _load_config(path)
+    cfg = config_lib.model_config(c, vocab_size=c.data.vocab_size)
+    actual: dict[str, int] = {}
+    for name, shape in _param_shapes(cfg).items():  # jax.eval_shape: nothing is allocated
+        actual[_component(name)] = actual.get(_component(name), 0) + int(np.prod(shape))
+    counts = scaling.count_params(cfg)
+    assert counts["total"] == sum(actual.values())
+    for component, size in actual.items():
+        assert counts[component] == size, component
+
+
+def test_count_tool_reports_the_library_numbers() -> None:
+    path = next(p for p in SHIPPED_CONFIGS if p.stem == "chinchilla_1b")
+    c = _load_config(path)
+    counts = scaling_tool.count(c)
+    cfg = config_lib.model_config(c)
+    assert counts["params"] == scaling.count_params(cfg)
+    assert counts["flops_per_token"] == scaling.flops_per_token(cfg, 2048)
+    tokens = 38500 * 256 * 2048
+    assert counts["budget"]["tokens"] == tokens
+    assert counts["budget"]["train_flops_6nd"] == 6 * counts["params"]["total"] * tokens
+    out = subprocess.run([sys.executable, "-m", "jaxlm.tools.scaling", "count",
+                          f"--config={path}"], capture_output=True, text=True, check=True).stdout
+    assert f"{counts['params']['total']:,}" in out
+    assert f"{counts['params']['non_embedding']:,}" in out
+    assert f"{counts['flops_per_token']['train']:.4g}" in out
