@@ -18,7 +18,7 @@ POSITION_EMBEDDINGS = ("rope", "learned")
 NORMS = ("rmsnorm", "layernorm")
 MLP_ACTIVATIONS = ("swiglu", "gelu")
 REMAT_POLICIES = ("none", "full", "save_dots")
-ATTENTION_IMPLS = ("auto", "xla", "blocked")
+ATTENTION_IMPLS = ("auto", "xla", "blocked", "chunked", "cudnn", "splash")
 VOCAB_MULTIPLE = 128
 
 
@@ -52,8 +52,10 @@ class ModelConfig:
       remat: rematerialisation policy of a block: "none", "full" or "save_dots".
       scan_layers: stack the blocks' parameters on a leading `layers` axis and run them with scan.
       attention: "xla" (reference einsum attention), "blocked" (causal query blocks that skip
-        masked keys, hand-written backward pass; fastest on CPU) or "auto" (blocked on CPU,
-        xla elsewhere).
+        masked keys, hand-written backward pass; fastest on CPU), "chunked" (blockwise online
+        softmax, O(L) memory, any backend), "cudnn" (cuDNN flash attention, NVIDIA GPU),
+        "splash" (Pallas Splash attention, TPU) or "auto" (cudnn on GPU, splash on TPU,
+        blocked on CPU). See docs/scale.md.
       init_std: standard deviation of the normal initialiser of weight matrices.
       vocab_multiple: the embedding table is padded to a multiple of this.
     """

@@ -27,12 +27,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from absl import app, flags
-from jax.sharding import NamedSharding
 from ml_collections import config_flags
 
 from jaxlm import config as config_lib
 from jaxlm import scaling, sharding
 from jaxlm.models import Transformer
+from jaxlm.models.attention import resolve_attention
 from jaxlm.optim import learning_rate_schedule, make_optimizer
 from jaxlm.stages import get_stage
 from jaxlm.train_state import abstract_state, state_shardings
@@ -126,6 +126,7 @@ class FitReport:
     num_devices: int
     devices_per_chip: int
     mesh_shape: dict[str, int]
+    attention: str
     hbm_per_device: int
     fits: bool
     argument_bytes: int = 0
@@ -205,6 +206,9 @@ def check_fit(config: ml_collections.ConfigDict, topology: str) -> FitReport:
     mesh_shape = config_lib.check_devices(config, len(devices))
     mesh = sharding.make_mesh(mesh_shape, devices)
     model_cfg = config_lib.model_config(config, vocab_size=config.data.vocab_size)
+    # "auto" must pick the TPU kernel (Splash), not the one of the machine compiling.
+    model_cfg = dataclasses.replace(model_cfg,
+                                    attention=resolve_attention(model_cfg.attention, "tpu"))
     model = Transformer(model_cfg)
     tx = make_optimizer(config.optim, config.train.steps)
     schedule = learning_rate_schedule(config.optim, config.train.steps)
@@ -214,14 +218,14 @@ def check_fit(config: ml_collections.ConfigDict, topology: str) -> FitReport:
     train_fn, _ = get_stage(config.stage).make_steps(config, model, tx, schedule)
     report = FitReport(
         topology=libtpu_name, device_kind=devices[0].device_kind, num_devices=len(devices),
-        devices_per_chip=per_chip, mesh_shape=mesh_shape,
+        devices_per_chip=per_chip, mesh_shape=mesh_shape, attention=model_cfg.attention,
         hbm_per_device=gen.hbm_bytes // per_chip, fits=False,
         model_flops_per_step=scaling.flops_per_step(model_cfg, seq_len,
                                                     config.train.global_batch_size),
         largest_state_shards=_largest_shards(state))
     with sharding.activate(mesh):
         jitted = jax.jit(train_fn, in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                         out_shardings=(shardings, NamedSharding(mesh, jax.sharding.PartitionSpec())),
+                         out_shardings=(shardings, sharding.replicated(mesh)),
                          donate_argnums=0)
         traced = jitted.trace(state, _abstract_batch(config, mesh))
         lowered = traced.lower()
@@ -259,7 +263,8 @@ def format_report(r: FitReport) -> str:
     chip_note = (f" ({r.devices_per_chip} devices per chip: one per TensorCore, each with "
                  f"1/{r.devices_per_chip} of the chip's HBM)" if r.devices_per_chip > 1 else "")
     lines = [f"topology {r.topology}: {r.num_devices} x {r.device_kind}{chip_note}",
-             "mesh " + ", ".join(f"{k}={v}" for k, v in r.mesh_shape.items())]
+             "mesh " + ", ".join(f"{k}={v}" for k, v in r.mesh_shape.items())
+             + f"; attention {r.attention}"]
     if not r.compiler_error:
         lines += [
             "per-device memory of one train step:",
@@ -271,10 +276,10 @@ def format_report(r: FitReport) -> str:
             f"  total        {_gib(r.total_bytes):>12}  of {_gib(r.hbm_per_device)} HBM "
             f"({100 * r.total_bytes / r.hbm_per_device:.0f}%)"]
         compiled_total = r.compiled_flops_per_device * r.num_devices
-        lines.append(f"FLOPs per step: compiled {compiled_total:.3e} ({r.num_devices} x "
-                     f"{r.compiled_flops_per_device:.3e}), model {r.model_flops_per_step:.3e} "
-                     f"(ratio {compiled_total / max(r.model_flops_per_step, 1):.2f}; remat "
-                     "recomputation and non-matmul ops count in the compiled figure)")
+        lines.append(f"FLOPs per step: model {r.model_flops_per_step:.3e} (jaxlm.scaling); "
+                     f"compiled {compiled_total:.3e} = {r.num_devices} x "
+                     f"{r.compiled_flops_per_device:.3e} (XLA cost analysis counts a loop body "
+                     "once: scanned layers, loss chunks and microbatches are under-counted)")
     if r.fits:
         lines.append(f"FITS: {_gib(r.total_bytes)} of {_gib(r.hbm_per_device)} per device")
         return "\n".join(lines)
