@@ -25,7 +25,8 @@ setuptools.setup(
         "pyarrow>=15",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6"],
+        # jax[tpu] brings libtpu (a ~210 MB wheel) for the TPU ahead-of-time fit-check tests.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "jax[tpu]"],
         # gs:// workdirs: orbax writes them natively; metrics.jsonl (etils.epath) and
         # TensorBoard (tensorboardX) need these.
         "gcs": ["gcsfs", "google-cloud-storage"],
