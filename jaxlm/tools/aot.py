@@ -30,7 +30,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from jaxlm import config as config_lib
-from jaxlm import scaling, sharding
+from jaxlm import hardware, scaling, sharding
 from jaxlm.models import Transformer
 from jaxlm.models.attention import resolve_attention
 from jaxlm.optim import learning_rate_schedule, make_optimizer
@@ -276,6 +276,13 @@ def format_report(r: FitReport) -> str:
             f"  total        {_gib(r.total_bytes):>12}  of {_gib(r.hbm_per_device)} HBM "
             f"({100 * r.total_bytes / r.hbm_per_device:.0f}%)"]
         compiled_total = r.compiled_flops_per_device * r.num_devices
+        peak = hardware.lookup_peak(r.device_kind)
+        if peak is not None:
+            per_device = peak.bfloat16 / r.devices_per_chip
+            ideal_s = r.model_flops_per_step / (r.num_devices * per_device)
+            lines.append(f"step time at 100% / 50% MFU ({peak.name}, {per_device / 1e12:.0f} "
+                         f"TFLOP/s bf16 per device): {1e3 * ideal_s:.1f} / "
+                         f"{2e3 * ideal_s:.1f} ms")
         lines.append(f"FLOPs per step: model {r.model_flops_per_step:.3e} (jaxlm.scaling); "
                      f"compiled {compiled_total:.3e} = {r.num_devices} x "
                      f"{r.compiled_flops_per_device:.3e} (XLA cost analysis counts a loop body "
