@@ -16,6 +16,7 @@ import ml_collections
 from jaxlm.data.config import check_data_config, default_data_config
 from jaxlm.distributed import check_distributed_config, default_distributed_config
 from jaxlm.models.config import ModelConfig
+from jaxlm.models.pipeline import bubble_fraction
 from jaxlm.sharding import MESH_AXES, resolve_mesh_shape
 
 STAGES = ("pretrain",)
@@ -104,6 +105,8 @@ def base_config() -> ml_collections.ConfigDict:
     me.data = -1
     me.fsdp = 1
     me.tensor = 1
+    # Pipeline stages: the blocks are split into this many stages of num_layers / pipeline
+    # layers each (GPipe schedule, see docs/pipeline.md). Never -1.
     me.pipeline = 1
 
     c.train = t = ml_collections.ConfigDict()
@@ -118,6 +121,10 @@ def base_config() -> ml_collections.ConfigDict:
     # A step whose loss or gradient norm is NaN/Inf is skipped (params unchanged); the run stops
     # with an error after this many such steps in a row.
     t.max_nonfinite = 10
+    # Pipeline microbatches (mesh.pipeline > 1 only): each batch (each grad_accum_steps chunk)
+    # is cut into this many microbatches that flow through the stages together; the idle
+    # "bubble" fraction is (pipeline - 1) / (num_microbatches + pipeline - 1).
+    t.num_microbatches = 1
 
     # How this process joins a multi-host job (see docs/multihost.md); auto-detected on Cloud TPU
     # and SLURM, a no-op on one machine.
@@ -219,9 +226,41 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = Non
         use_bias=m.use_bias, tie_embeddings=m.tie_embeddings, rope_theta=m.rope_theta,
         norm_eps=m.norm_eps, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype,
         remat=m.remat, scan_layers=m.scan_layers, attention=m.attention, init_std=m.init_std,
-        qkv_bias=m.qkv_bias)
+        qkv_bias=m.qkv_bias, pipeline_stages=max(config.mesh.pipeline, 1),
+        pipeline_microbatches=max(config.train.num_microbatches, 1))
     cfg.check()
     return cfg
+
+
+def _check_pipeline(config: ml_collections.ConfigDict) -> None:
+    stages, m = config.mesh.pipeline, config.train.num_microbatches
+    layers = config.model.num_layers
+    if stages == -1:
+        _fail("mesh.pipeline", "-1 is not supported here; give the number of pipeline stages")
+    if m < 1:
+        _fail("train.num_microbatches", f"must be >= 1, got {m}")
+    if stages == 1 and m > 1:
+        _fail("train.num_microbatches", f"{m} pipeline microbatches need mesh.pipeline > 1; "
+              "for sequential microbatches (gradient accumulation) use optim.grad_accum_steps")
+    if stages > 1 and not config.model.scan_layers:
+        _fail("model.scan_layers", f"mesh.pipeline={stages} needs scan_layers=True (the "
+              "stages are slices of the stacked layers)")
+    if stages > 1 and layers % stages:
+        _fail("mesh.pipeline", f"{stages} pipeline stages do not divide model.num_layers="
+              f"{layers}: every stage holds num_layers / mesh.pipeline layers")
+
+
+def pipeline_summary(config: ml_collections.ConfigDict) -> str | None:
+    """The startup log line of a pipelined run (None without pipelining): stages, microbatch
+    sizes and the GPipe bubble fraction (P-1)/(M+P-1)."""
+    stages, m = config.mesh.pipeline, config.train.num_microbatches
+    if stages == 1:
+        return None
+    rows = config.train.global_batch_size // config.optim.grad_accum_steps // m
+    bubble = bubble_fraction(stages, m)
+    return (f"pipeline: {stages} stages x {config.model.num_layers // stages} layers, "
+            f"{m} microbatches of {rows} sequences (global), GPipe schedule: bubble fraction "
+            f"(P-1)/(M+P-1) = {bubble:.3f}")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -231,6 +270,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _fail("stage", f"{config.stage!r} is not one of {STAGES}")
     check_data_config(config.data)
     check_distributed_config(config.distributed)
+    _check_pipeline(config)
     model_config(config, vocab_size=config.model.vocab_size or 1)
     if config.model.max_seq_len and config.model.max_seq_len < config.data.seq_len:
         _fail("model.max_seq_len", f"{config.model.max_seq_len} is shorter than "
@@ -264,8 +304,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
         size = config.mesh[axis]
         if size == 0 or size < -1:
             _fail(f"mesh.{axis}", f"size must be positive or -1, got {size}")
-    if config.mesh.pipeline != 1:
-        _fail("mesh.pipeline", "pipeline parallelism is not implemented yet; keep it 1")
 
 
 def check_devices(config: ml_collections.ConfigDict, num_devices: int,
@@ -284,6 +322,11 @@ def check_devices(config: ml_collections.ConfigDict, num_devices: int,
     if (batch // dp) % accum:
         _fail("optim.grad_accum_steps", f"{accum} microbatches do not divide the per-replica "
               f"batch {batch // dp} (train.global_batch_size / data-parallel size {dp})")
+    m = config.train.num_microbatches
+    if (batch // dp // accum) % m:
+        _fail("train.num_microbatches", f"{m} pipeline microbatches do not divide the "
+              f"per-replica batch of one accumulation step, {batch // dp // accum} "
+              f"(train.global_batch_size / data-parallel size {dp} / optim.grad_accum_steps)")
     return shape
 
 
@@ -301,4 +344,4 @@ def describe(config: ml_collections.ConfigDict) -> str:
 
 
 __all__ = ["base_config", "parse_arg", "validate", "check_devices", "model_config", "describe",
-           "tokens_per_step"]
+           "tokens_per_step", "pipeline_summary"]

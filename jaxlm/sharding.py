@@ -6,7 +6,9 @@ Model code names every parameter dimension and every activation at a block bound
 
 * parameters are sharded over `fsdp` on their `embed` dimension (ZeRO-3 style) and over `tensor`
   on heads / mlp / vocab (Megatron style);
-* activations are sharded over (`data`, `fsdp`) on the batch and over `tensor` on heads / mlp.
+* activations are sharded over (`data`, `fsdp`) on the batch and over `tensor` on heads / mlp;
+* the stacked blocks' `layers` axis and the pipeline schedule's `stages` axis go over
+  `pipeline` (stage s holds layers [s*L/P, (s+1)*L/P); see jaxlm/models/pipeline.py).
 
 A mesh axis that does not divide the dimension it would shard is dropped for that array (the
 dimension is replicated instead) so that e.g. one kv head works with tensor=4.
@@ -36,7 +38,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("head_dim", None),
     ("mlp", "tensor"),
     ("vocab", "tensor"),
-    ("layers", None),
+    ("layers", "pipeline"),
     ("norm", None),
     ("positions", None),
     # activations
@@ -47,6 +49,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("act_kv_heads", "tensor"),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
+    ("stages", "pipeline"),
 )
 
 
@@ -147,6 +150,17 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
         return x
     spec = logical_to_mesh_spec(logical_axes, x.shape, _mesh_shape(mesh), rules)
     return jax.lax.with_sharding_constraint(x, spec)
+
+
+def constrain_leading(x: jax.Array, logical: str) -> jax.Array:
+    """Constrains only the leading axis of `x` (by logical name); the others stay as XLA
+    propagates them (e.g. a parameter's fsdp/tensor sharding). A no-op outside `activate`."""
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = nn.get_logical_axis_rules()
+    if mesh.empty or not rules:
+        return x
+    lead = logical_to_mesh_spec((logical,), x.shape[:1], _mesh_shape(mesh), rules)[0]
+    return jax.lax.with_sharding_constraint(x, P(lead, *[P.UNCONSTRAINED] * (x.ndim - 1)))
 
 
 @contextlib.contextmanager

@@ -58,6 +58,9 @@ class ModelConfig:
         "splash" (Pallas Splash attention, TPU) or "auto" (cudnn on GPU, splash on TPU,
         blocked on CPU). See docs/scale.md.
       init_std: standard deviation of the normal initialiser of weight matrices.
+      pipeline_stages: pipeline stages P the blocks are split into (the `pipeline` mesh axis);
+        1 runs the blocks in one scan. P > 1 needs scan_layers and P dividing num_layers.
+      pipeline_microbatches: microbatches M each batch is cut into for the pipeline schedule.
       vocab_multiple: the embedding table is padded to a multiple of this.
     """
 
@@ -83,6 +86,8 @@ class ModelConfig:
     scan_layers: bool = True
     attention: str = "auto"
     init_std: float = 0.02
+    pipeline_stages: int = 1
+    pipeline_microbatches: int = 1
     vocab_multiple: int = VOCAB_MULTIPLE
 
     @property
@@ -122,6 +127,14 @@ class ModelConfig:
             fail("remat", f"{self.remat!r} not in {REMAT_POLICIES}")
         if self.attention not in ATTENTION_IMPLS:
             fail("attention", f"{self.attention!r} not in {ATTENTION_IMPLS}")
+        if self.pipeline_stages < 1 or self.pipeline_microbatches < 1:
+            fail("pipeline_stages", "pipeline stages and microbatches must be >= 1")
+        if self.pipeline_stages > 1 and not self.scan_layers:
+            fail("scan_layers", f"pipeline_stages={self.pipeline_stages} needs the stacked "
+                 "layers of scan_layers=True")
+        if self.num_layers % self.pipeline_stages:
+            fail("num_layers", f"{self.num_layers} layers cannot be split evenly into "
+                 f"{self.pipeline_stages} pipeline stages")
         for key in ("param_dtype", "compute_dtype"):
             try:
                 jnp.dtype(getattr(self, key))

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm import sharding
+from jaxlm.models import pipeline
 from jaxlm.models.attention import Attention
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.mlp import Mlp, dense
@@ -30,6 +31,7 @@ class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     cfg: ModelConfig
+    decode: bool = False
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array,
@@ -37,8 +39,8 @@ class Block(nn.Module):
         x_BxLxD = sharding.constrain(x_BxLxD, _ACT)
         with jax.named_scope("attention"):
             h_BxLxD = Norm(self.cfg, name="attn_norm")(x_BxLxD)
-            x_BxLxD = x_BxLxD + Attention(self.cfg, name="attn")(h_BxLxD, positions_BxL,
-                                                                  segment_ids_BxL)
+            attn = Attention(self.cfg, self.decode, name="attn")
+            x_BxLxD = x_BxLxD + attn(h_BxLxD, positions_BxL, segment_ids_BxL)
         with jax.named_scope("mlp"):
             h_BxLxD = Norm(self.cfg, name="mlp_norm")(x_BxLxD)
             x_BxLxD = x_BxLxD + Mlp(self.cfg, name="mlp")(h_BxLxD)
@@ -51,8 +53,32 @@ def _block_class(cfg: ModelConfig) -> type[nn.Module]:
     return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
 
 
+def _pipelined_blocks(cfg: ModelConfig, blocks: dict, x_BxLxD: jax.Array,
+                      positions_BxL: jax.Array, segment_ids_BxL: jax.Array) -> jax.Array:
+    """The stacked blocks [L, ...] as `cfg.pipeline_stages` stages of L/P layers each, run over
+    microbatches with the GPipe schedule of `jaxlm.models.pipeline`."""
+    block = _block_class(cfg)(cfg, parent=None)
+
+    def stage(params_l: dict, x_bxLxD: jax.Array, pos_bxL: jax.Array,
+              seg_bxL: jax.Array) -> jax.Array:
+        def layer(x: jax.Array, params: dict) -> tuple[jax.Array, None]:
+            return block.apply({"params": params}, x, pos_bxL, seg_bxL)[0], None
+        return jax.lax.scan(layer, x_bxLxD, params_l)[0]
+
+    m = pipeline.num_microbatches(x_BxLxD.shape[0], cfg.pipeline_microbatches)
+    split = lambda a: pipeline.split_microbatches(a, m)
+    out_MxBxLxD = pipeline.gpipe(
+        stage, pipeline.to_stages(blocks, cfg.pipeline_stages), split(x_BxLxD),
+        (split(positions_BxL), split(segment_ids_BxL)), x_axes=_ACT,
+        side_axes=(_ACT[:2], _ACT[:2]))
+    return sharding.constrain(pipeline.merge_microbatches(out_MxBxLxD), _ACT)
+
+
 class Transformer(nn.Module):
+    """decode=True: autoregressive decoding over a KV cache (`jaxlm.models.kv_cache`)."""
+
     cfg: ModelConfig
+    decode: bool = False
 
     @nn.compact
     def __call__(self, inputs_BxL: jax.Array, positions_BxL: jax.Array | None = None,
@@ -81,15 +107,21 @@ class Transformer(nn.Module):
         x_BxLxD = sharding.constrain(x_BxLxD, _ACT)
 
         block_cls = _block_class(cfg)
-        if cfg.scan_layers:
-            stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                            in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+        if cfg.pipeline_stages > 1 and not self.is_initializing() and not self.decode:
+            # Same parameters as the scan below (which init runs), applied stage by stage.
+            x_BxLxD = _pipelined_blocks(cfg, nn.meta.unbox(self.variables["params"]["blocks"]),
+                                        x_BxLxD, positions_BxL, segment_ids_BxL)
+        elif cfg.scan_layers:
+            stack = nn.scan(block_cls, variable_axes={"params": 0, "cache": 0},
+                            split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast),
+                            length=cfg.num_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
-            x_BxLxD, _ = stack(cfg, name="blocks")(x_BxLxD, positions_BxL, segment_ids_BxL)
+            x_BxLxD, _ = stack(cfg, self.decode, name="blocks")(x_BxLxD, positions_BxL,
+                                                                segment_ids_BxL)
         else:
             for i in range(cfg.num_layers):
-                x_BxLxD, _ = block_cls(cfg, name=f"block_{i}")(x_BxLxD, positions_BxL,
-                                                               segment_ids_BxL)
+                block = block_cls(cfg, self.decode, name=f"block_{i}")
+                x_BxLxD, _ = block(x_BxLxD, positions_BxL, segment_ids_BxL)
 
         x_BxLxD = Norm(cfg, name="final_norm")(x_BxLxD)
         if cfg.tie_embeddings:
