@@ -15,7 +15,7 @@ import ml_collections
 
 from jaxlm.data.config import check_data_config, default_data_config
 from jaxlm.distributed import check_distributed_config, default_distributed_config
-from jaxlm.models.config import ModelConfig
+from jaxlm.models.config import ModelConfig, MoeConfig
 from jaxlm.models.pipeline import bubble_fraction
 from jaxlm.sharding import MESH_AXES, resolve_mesh_shape
 
@@ -75,6 +75,22 @@ def base_config() -> ml_collections.ConfigDict:
     m.attention = "auto"
     # Std of the normal initialiser of weight matrices.
     m.init_std = 0.02
+    # Mixture of experts (docs/moe.md); num_experts = 0 keeps every MLP dense.
+    m.moe = mo = ml_collections.ConfigDict()
+    # Experts per MoE block (each of width model.d_ff); shard them with mesh.expert.
+    mo.num_experts = 0
+    # Experts per token: 1 (Switch) or 2 (GShard / Mixtral).
+    mo.top_k = 2
+    # Slots per expert and sequence = ceil(capacity_factor * top_k * seq_len / num_experts).
+    mo.capacity_factor = 1.25
+    # Give every expert seq_len slots so no token is ever dropped.
+    mo.dropless = False
+    # Every this-many-th block is MoE (1: all blocks; 2: every other block).
+    mo.every = 1
+    # Weight of the load-balancing loss (Switch Transformer) in the training loss.
+    mo.aux_loss_weight = 0.01
+    # Weight of the router z-loss (ST-MoE) in the training loss.
+    mo.router_z_loss_weight = 0.001
 
     c.data = default_data_config()
 
@@ -108,6 +124,8 @@ def base_config() -> ml_collections.ConfigDict:
     # Pipeline stages: the blocks are split into this many stages of num_layers / pipeline
     # layers each (GPipe schedule, see docs/pipeline.md). Never -1.
     me.pipeline = 1
+    # Expert parallelism: MoE experts are split over this axis (it also splits the batch).
+    me.expert = 1
 
     c.train = t = ml_collections.ConfigDict()
     # Sequences per optimizer step, over all devices and processes.
@@ -227,7 +245,8 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = Non
         norm_eps=m.norm_eps, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype,
         remat=m.remat, scan_layers=m.scan_layers, attention=m.attention, init_std=m.init_std,
         qkv_bias=m.qkv_bias, pipeline_stages=max(config.mesh.pipeline, 1),
-        pipeline_microbatches=max(config.train.num_microbatches, 1))
+        pipeline_microbatches=max(config.train.num_microbatches, 1),
+        moe=MoeConfig(**m.moe.to_dict()) if m.moe.num_experts else None)
     cfg.check()
     return cfg
 
@@ -310,11 +329,15 @@ def check_devices(config: ml_collections.ConfigDict, num_devices: int,
                   num_processes: int = 1) -> dict[str, int]:
     """Checks the mesh and batch against the devices; returns the resolved mesh shape."""
     shape = resolve_mesh_shape({a: config.mesh[a] for a in MESH_AXES}, num_devices)
-    dp = shape["data"] * shape["fsdp"]
+    dp = shape["data"] * shape["fsdp"] * shape["expert"]
     batch = config.train.global_batch_size
     if batch % dp:
         _fail("train.global_batch_size", f"{batch} is not divisible by the data-parallel size "
-              f"{dp} (mesh.data * mesh.fsdp)")
+              f"{dp} (mesh.data * mesh.fsdp * mesh.expert)")
+    experts = config.model.moe.num_experts
+    if shape["expert"] > 1 and experts % shape["expert"]:
+        _fail("mesh.expert", f"{shape['expert']} does not divide model.moe.num_experts="
+              f"{experts}")
     if batch % num_processes:
         _fail("train.global_batch_size", f"{batch} is not divisible by the {num_processes} "
               "processes")
