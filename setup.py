@@ -30,8 +30,9 @@ setuptools.setup(
     ],
     extras_require={
         # torch pinned: this version resolves to a CPU wheel; unpinned pulls GBs of CUDA wheels.
+        # jax[tpu] brings libtpu (a ~210 MB wheel) for the TPU ahead-of-time fit-check tests.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "torch==2.13.0",
-                 "transformers>=5.0", "safetensors>=0.4"],
+                 "transformers>=5.0", "safetensors>=0.4", "jax[tpu]"],
         # gs:// workdirs: orbax writes them natively; metrics.jsonl (etils.epath) and
         # TensorBoard (tensorboardX) need these.
         "gcs": ["gcsfs", "google-cloud-storage"],

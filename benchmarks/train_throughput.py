@@ -1,4 +1,5 @@
-"""Training-step throughput of a config: compile time, step time, tokens/s and MFU.
+"""Training-step throughput of a config: compile time, step time, tokens/s (total and per
+device) and MFU.
 
     python benchmarks/train_throughput.py --config=configs/bench_cpu.py [--steps=20]
 
@@ -21,6 +22,7 @@ from ml_collections import config_flags
 from jaxlm import config as config_lib
 from jaxlm import hardware, scaling, sharding
 from jaxlm.models import Transformer
+from jaxlm.models.attention import resolve_attention
 from jaxlm.optim import learning_rate_schedule, make_optimizer
 from jaxlm.stages import get_stage
 from jaxlm.train_state import init_sharded_state
@@ -73,6 +75,8 @@ def measure(config) -> dict[str, float]:
     peak, note = hardware.peak_flops_per_device(jax.devices()[0], config.model.compute_dtype)
     return {"compile_s": compile_s, "step_s": best,
             "tokens_per_sec": config_lib.tokens_per_step(config) / best,
+            "tokens_per_sec_per_device": config_lib.tokens_per_step(config) / best
+            / jax.device_count(),
             "mfu": hardware.mfu(flops, best, jax.device_count(), peak),
             "achieved_flops": flops / best, "peak_flops": peak, "peak_note": note,
             "params": scaling.count_params(model_cfg)["total"], "vocab": model_cfg.vocab_size}
@@ -87,11 +91,13 @@ def main(argv: list[str]) -> None:
              f"batch {config.train.global_batch_size}, vocab {r['vocab']}, {m.compute_dtype}")
     print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()} ({platform.node()}); "
           f"peak {r['peak_flops'] / 1e9:.1f} GFLOP/s per device ({r['peak_note']})")
-    print("| shape | params | compile s | step ms | tokens/s | achieved GFLOP/s | MFU |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    print(f"| {shape} | {r['params'] / 1e6:.2f}M | {r['compile_s']:.1f} | "
-          f"{1e3 * r['step_s']:.1f} | {r['tokens_per_sec']:,.0f} | "
-          f"{r['achieved_flops'] / 1e9:.1f} | {100 * r['mfu']:.1f}% |")
+    print("| shape | params | attention | compile s | step ms | tokens/s | tokens/s/device | "
+          "GFLOP/s/device | MFU |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"| {shape} | {r['params'] / 1e6:.2f}M | {resolve_attention(m.attention)} | "
+          f"{r['compile_s']:.1f} | {1e3 * r['step_s']:.1f} | {r['tokens_per_sec']:,.0f} | "
+          f"{r['tokens_per_sec_per_device']:,.0f} | "
+          f"{r['achieved_flops'] / 1e9 / jax.device_count():.1f} | {100 * r['mfu']:.1f}% |")
 
 
 if __name__ == "__main__":

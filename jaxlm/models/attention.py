@@ -8,7 +8,9 @@ import jax.numpy as jnp
 
 from jaxlm import sharding
 from jaxlm.models import kv_cache
+from jaxlm.models.chunked_attention import chunked_attention
 from jaxlm.models.config import ModelConfig
+from jaxlm.models.kernel_attention import cudnn_attention, splash_attention
 from jaxlm.models.mlp import dense
 from jaxlm.models.rope import apply_rope
 
@@ -169,11 +171,22 @@ def fused_attention(q_BxLxHxK: jax.Array, k_BxLxNxK: jax.Array, v_BxLxNxK: jax.A
     return jnp.transpose(out_BxNxGxLxK, (0, 3, 1, 2, 4)).reshape(b, length, h, k)
 
 
-def resolve_attention(name: str) -> str:
-    """The implementation `name` selects on the default backend ("auto" depends on it)."""
+AUTO_ATTENTION = {"cpu": "blocked", "gpu": "cudnn", "tpu": "splash"}
+
+
+def resolve_attention(name: str, platform: str | None = None) -> str:
+    """The implementation `name` selects on `platform` (default: JAX's default backend);
+    "auto" picks the fused kernel of the platform: cuDNN on GPU, Splash on TPU, blocked on CPU.
+    """
     if name != "auto":
         return name
-    return "blocked" if jax.default_backend() == "cpu" else "xla"
+    platform = platform or jax.default_backend()
+    return AUTO_ATTENTION.get("gpu" if platform in ("cuda", "rocm") else platform, "xla")
+
+
+ATTENTION_FUNCTIONS = {"xla": xla_attention, "blocked": fused_attention,
+                       "chunked": chunked_attention, "cudnn": cudnn_attention,
+                       "splash": splash_attention}
 
 
 class Attention(nn.Module):
@@ -224,8 +237,7 @@ class Attention(nn.Module):
             out_BxLxHxK = kv_cache.update_and_attend(self, q_BxLxHxK, k_BxLxNxK, v_BxLxNxK,
                                                      segment_ids_BxL)
         else:
-            attend = (fused_attention if resolve_attention(cfg.attention) == "blocked"
-                      else xla_attention)
+            attend = ATTENTION_FUNCTIONS[resolve_attention(cfg.attention)]
             out_BxLxHxK = attend(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, segment_ids_BxL)
         out_BxLxD = dense(out_BxLxHxK.reshape(b, length, h * k), wo_HxKxD.reshape(h * k, d))
         if cfg.use_bias:

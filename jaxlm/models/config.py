@@ -18,7 +18,7 @@ POSITION_EMBEDDINGS = ("rope", "learned")
 NORMS = ("rmsnorm", "layernorm")
 MLP_ACTIVATIONS = ("swiglu", "gelu")
 REMAT_POLICIES = ("none", "full", "save_dots")
-ATTENTION_IMPLS = ("auto", "xla", "blocked")
+ATTENTION_IMPLS = ("auto", "xla", "blocked", "chunked", "cudnn", "splash")
 VOCAB_MULTIPLE = 128
 
 
@@ -85,8 +85,10 @@ class ModelConfig:
       remat: rematerialisation policy of a block: "none", "full" or "save_dots".
       scan_layers: stack the blocks' parameters on a leading `layers` axis and run them with scan.
       attention: "xla" (reference einsum attention), "blocked" (causal query blocks that skip
-        masked keys, hand-written backward pass; fastest on CPU) or "auto" (blocked on CPU,
-        xla elsewhere).
+        masked keys, hand-written backward pass; fastest on CPU), "chunked" (blockwise online
+        softmax, O(L) memory, any backend), "cudnn" (cuDNN flash attention, NVIDIA GPU),
+        "splash" (Pallas Splash attention, TPU) or "auto" (cudnn on GPU, splash on TPU,
+        blocked on CPU). See docs/scale.md.
       init_std: standard deviation of the normal initialiser of weight matrices.
       pipeline_stages: pipeline stages P the blocks are split into (the `pipeline` mesh axis);
         1 runs the blocks in one scan. P > 1 needs scan_layers and P dividing num_layers.

@@ -1,0 +1,326 @@
+"""Ahead-of-time fit check: compiles a config's real train step for a Cloud TPU topology on a
+machine without TPUs, and says whether it fits in each chip's HBM.
+
+    pip install -e '.[tpu]'    # libtpu: the TPU compiler and its topology descriptions
+    python -m jaxlm.tools.aot --config=configs/chinchilla_1b.py --topology=v5p-64
+
+`--topology` takes a Cloud TPU accelerator type (`v4-32`, `v5p-64`, `v5litepod-16` or `v5e-16`,
+`v6e-8`) or a libtpu topology name (`v5p:2x4x4`). The step is the one `jaxlm.trainer` runs: the
+stage's `make_steps`, jitted with the state's logical shardings on the config's mesh (built over
+the topology's devices), the batch sharded over (data, fsdp), and the state donated. Nothing is
+allocated: the state and batch are abstract. Prints per-device memory from
+`Compiled.memory_analysis()` against the HBM, the compiled FLOPs from `cost_analysis()` against
+`jaxlm.scaling`'s model FLOPs, and exits with status 1 when the step does not fit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import os
+import re
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
+
+from jaxlm import config as config_lib
+from jaxlm import hardware, scaling, sharding
+from jaxlm.models import Transformer
+from jaxlm.models.attention import resolve_attention
+from jaxlm.optim import learning_rate_schedule, make_optimizer
+from jaxlm.stages import get_stage
+from jaxlm.train_state import abstract_state, state_shardings
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuGeneration:
+    """How a Cloud TPU generation's accelerator types map onto libtpu topologies.
+
+    Attributes:
+      libtpu_name: generation name in libtpu topology strings ("v5p" in "v5p:2x4x4").
+      dims: 3 for the 3D-torus pods (v4, v5p), 2 for the 2D slices (v5e, v6e).
+      cores_per_chip: what the number in the accelerator type counts per chip (v4-8 and v5p-8
+        count TensorCores, 2 per chip; v5litepod-8 and v6e-8 count chips).
+      hbm_bytes: HBM of one chip (cloud.google.com/tpu/docs/<generation>).
+    """
+
+    libtpu_name: str
+    dims: int
+    cores_per_chip: int
+    hbm_bytes: int
+
+
+GENERATIONS = {
+    "v4": TpuGeneration("v4", 3, 2, 32 * GiB),
+    "v5p": TpuGeneration("v5p", 3, 2, 95 * GiB),
+    "v5litepod": TpuGeneration("v5e", 2, 1, 16 * GiB),
+    "v5e": TpuGeneration("v5e", 2, 1, 16 * GiB),
+    "v6e": TpuGeneration("v6e", 2, 1, 32 * GiB),
+}
+_BY_LIBTPU_NAME = {g.libtpu_name: g for g in GENERATIONS.values()}
+
+
+def slice_shape(chips: int, dims: int) -> tuple[int, ...]:
+    """The default chip grid of a slice: 4 chips = 2x2(x1), then the last of the smallest sides
+    doubles (2x2x1 -> 2x2x2 -> 2x2x4 -> 2x4x4 -> 4x4x4, 2x2 -> 2x4 -> 4x4), as Cloud TPU lays
+    out v4/v5p-N and v5e/v6e-N slices."""
+    if chips < 1 or chips & (chips - 1):
+        raise ValueError(f"a TPU slice has a power-of-two number of chips, got {chips}")
+    shape = [1] * dims
+    while math.prod(shape) < chips:
+        smallest = min(shape)
+        last = max(i for i, s in enumerate(shape) if s == smallest)
+        shape[last] *= 2
+    shape.sort()
+    # A 4-chip v4/v5p slice is one 2x2x1 board, written with the 1 last.
+    return (2, 2, 1) if dims == 3 and chips == 4 else tuple(shape)
+
+
+def parse_topology(name: str) -> tuple[str, TpuGeneration]:
+    """('v5p:2x4x4', generation) for 'v5p-64' or 'v5p:2x4x4'; ValueError naming the accepted
+    forms otherwise."""
+    explicit = re.fullmatch(r"(v\w+?):(\d+(?:x\d+)+)", name)
+    if explicit and explicit.group(1) in _BY_LIBTPU_NAME:
+        return name, _BY_LIBTPU_NAME[explicit.group(1)]
+    typed = re.fullmatch(r"(v4|v5p|v5litepod|v5e|v6e)-(\d+)", name)
+    if not typed:
+        raise ValueError(f"--topology={name!r}: expected an accelerator type like v4-8, v5p-64, "
+                         f"v5litepod-16, v5e-16, v6e-8 or a libtpu topology like v5p:2x2x1")
+    gen = GENERATIONS[typed.group(1)]
+    count = int(typed.group(2))
+    if count % gen.cores_per_chip:
+        raise ValueError(f"--topology={name!r}: {typed.group(1)}-N counts TensorCores, 2 per chip; "
+                         "N must be even")
+    chips = count // gen.cores_per_chip
+    if gen.dims == 3 and chips < 4:
+        raise ValueError(f"--topology={name!r}: the smallest {typed.group(1)} slice is "
+                         f"{typed.group(1)}-8 (2x2x1 chips)")
+    shape = slice_shape(chips, gen.dims)
+    return f"{gen.libtpu_name}:{'x'.join(map(str, shape))}", gen
+
+
+def topology_devices(topology: str) -> list[Any]:
+    """Compile-only TPU devices of `topology` from libtpu (no TPU needs to be attached)."""
+    if importlib.util.find_spec("libtpu") is None:
+        raise RuntimeError("libtpu is not installed: pip install 'jaxlm[tpu]' (or 'jax[tpu]')")
+    # libtpu otherwise asks the (absent) GCE metadata server which hosts form the slice.
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    from jax.experimental import topologies
+    return list(topologies.get_topology_desc(topology, "tpu").devices)
+
+
+@dataclasses.dataclass
+class FitReport:
+    """What the compiler says about one train step on one topology (bytes are per device)."""
+
+    topology: str
+    device_kind: str
+    num_devices: int
+    devices_per_chip: int
+    mesh_shape: dict[str, int]
+    attention: str
+    hbm_per_device: int
+    fits: bool
+    argument_bytes: int = 0
+    output_bytes: int = 0
+    alias_bytes: int = 0
+    temp_bytes: int = 0
+    code_bytes: int = 0
+    compiled_flops_per_device: float = 0.0
+    model_flops_per_step: float = 0.0
+    largest_state_shards: list[tuple[str, int, tuple[int, ...]]] = dataclasses.field(
+        default_factory=list)
+    largest_intermediates: list[tuple[str, int, tuple[int, ...]]] = dataclasses.field(
+        default_factory=list)
+    compiler_error: str = ""
+
+    @property
+    def total_bytes(self) -> int:
+        """Peak HBM of the step: live arguments and outputs (donated ones counted once) plus
+        temporaries and the program itself."""
+        return (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+                + self.code_bytes)
+
+
+def _abstract_batch(config: ml_collections.ConfigDict, mesh: Any) -> dict[str, Any]:
+    shape = (config.train.global_batch_size, config.data.seq_len)
+    dtypes = {"inputs": jnp.int32, "targets": jnp.int32, "segment_ids": jnp.int32,
+              "positions": jnp.int32, "loss_mask": jnp.float32}
+    return {k: jax.ShapeDtypeStruct(shape, dt, sharding=sharding.batch_sharding(mesh))
+            for k, dt in dtypes.items()}
+
+
+def _largest_shards(state: Any, top: int = 8) -> list[tuple[str, int, tuple[int, ...]]]:
+    """The biggest per-device pieces of the train state: (path, bytes, shard shape)."""
+    rows = []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+        shard = leaf.sharding.shard_shape(leaf.shape)
+        rows.append((jax.tree_util.keystr(path), math.prod(shard) * leaf.dtype.itemsize, shard))
+    return sorted(rows, key=lambda r: -r[1])[:top]
+
+
+def _largest_intermediates(jaxpr: Any, batch: int, dp: int, top: int = 8
+                           ) -> list[tuple[str, int, tuple[int, ...]]]:
+    """The biggest values the step computes (walking into scan/remat/custom-VJP bodies): (primitive,
+    estimated bytes per device, global shape). An array with a dimension that is a multiple of
+    the global batch (the batch, or batch x length flattened) counts as split over the `dp`
+    data-parallel devices; the estimate ignores tensor parallelism and XLA's fusion."""
+    found: dict[tuple[str, tuple[int, ...]], int] = {}
+
+    def walk(jx: Any) -> None:
+        for eqn in jx.eqns:
+            for var in eqn.outvars:
+                aval = var.aval
+                if not hasattr(aval, "shape") or not aval.shape:
+                    continue
+                size = math.prod(aval.shape) * aval.dtype.itemsize
+                if any(dim % batch == 0 for dim in aval.shape):
+                    size //= dp
+                found[(eqn.primitive.name, tuple(aval.shape))] = size
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, tuple) else (param,):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        walk(inner)
+
+    walk(jaxpr.jaxpr)
+    rows = [(name, size, shape) for (name, shape), size in found.items()]
+    return sorted(rows, key=lambda r: -r[1])[:top]
+
+
+def check_fit(config: ml_collections.ConfigDict, topology: str) -> FitReport:
+    """Compiles the config's train step for `topology` and measures it against the HBM."""
+    config_lib.validate(config)
+    libtpu_name, gen = parse_topology(topology)
+    devices = topology_devices(libtpu_name)
+    chips = len({tuple(d.coords) for d in devices})
+    per_chip = len(devices) // chips
+    mesh_shape = config_lib.check_devices(config, len(devices))
+    mesh = sharding.make_mesh(mesh_shape, devices)
+    model_cfg = config_lib.model_config(config, vocab_size=config.data.vocab_size)
+    # "auto" must pick the TPU kernel (Splash), not the one of the machine compiling.
+    model_cfg = dataclasses.replace(model_cfg,
+                                    attention=resolve_attention(model_cfg.attention, "tpu"))
+    model = Transformer(model_cfg)
+    tx = make_optimizer(config.optim, config.train.steps)
+    schedule = learning_rate_schedule(config.optim, config.train.steps)
+    seq_len = config.data.seq_len
+    shardings = state_shardings(model, tx, mesh, seq_len)
+    state = abstract_state(model, tx, shardings, seq_len)
+    train_fn, _ = get_stage(config.stage).make_steps(config, model, tx, schedule)
+    report = FitReport(
+        topology=libtpu_name, device_kind=devices[0].device_kind, num_devices=len(devices),
+        devices_per_chip=per_chip, mesh_shape=mesh_shape, attention=model_cfg.attention,
+        hbm_per_device=gen.hbm_bytes // per_chip, fits=False,
+        model_flops_per_step=scaling.flops_per_step(model_cfg, seq_len,
+                                                    config.train.global_batch_size),
+        largest_state_shards=_largest_shards(state))
+    with sharding.activate(mesh):
+        jitted = jax.jit(train_fn, in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                         out_shardings=(shardings, sharding.replicated(mesh)),
+                         donate_argnums=0)
+        traced = jitted.trace(state, _abstract_batch(config, mesh))
+        lowered = traced.lower()
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        report.compiler_error = str(e)
+        report.largest_intermediates = _largest_intermediates(
+            traced.jaxpr, config.train.global_batch_size, sharding.data_parallel_size(mesh))
+        return report
+    mem = compiled.memory_analysis()
+    report.argument_bytes = mem.argument_size_in_bytes
+    report.output_bytes = mem.output_size_in_bytes
+    report.alias_bytes = mem.alias_size_in_bytes
+    report.temp_bytes = mem.temp_size_in_bytes
+    report.code_bytes = mem.generated_code_size_in_bytes
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    report.compiled_flops_per_device = float(cost.get("flops", 0.0))
+    report.fits = report.total_bytes <= report.hbm_per_device
+    if not report.fits:
+        report.largest_intermediates = _largest_intermediates(
+            traced.jaxpr, config.train.global_batch_size, sharding.data_parallel_size(mesh))
+    return report
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def format_report(r: FitReport) -> str:
+    """The human-readable verdict `main` prints."""
+    chip_note = (f" ({r.devices_per_chip} devices per chip: one per TensorCore, each with "
+                 f"1/{r.devices_per_chip} of the chip's HBM)" if r.devices_per_chip > 1 else "")
+    lines = [f"topology {r.topology}: {r.num_devices} x {r.device_kind}{chip_note}",
+             "mesh " + ", ".join(f"{k}={v}" for k, v in r.mesh_shape.items())
+             + f"; attention {r.attention}"]
+    if not r.compiler_error:
+        lines += [
+            "per-device memory of one train step:",
+            f"  arguments    {_gib(r.argument_bytes):>12}  (state and batch shards)",
+            f"  outputs      {_gib(r.output_bytes):>12}  ({_gib(r.alias_bytes)} of them reuse "
+            "donated arguments)",
+            f"  temporaries  {_gib(r.temp_bytes):>12}  (activations, gradients, workspace)",
+            f"  program      {_gib(r.code_bytes):>12}",
+            f"  total        {_gib(r.total_bytes):>12}  of {_gib(r.hbm_per_device)} HBM "
+            f"({100 * r.total_bytes / r.hbm_per_device:.0f}%)"]
+        compiled_total = r.compiled_flops_per_device * r.num_devices
+        peak = hardware.lookup_peak(r.device_kind)
+        if peak is not None:
+            per_device = peak.bfloat16 / r.devices_per_chip
+            ideal_s = r.model_flops_per_step / (r.num_devices * per_device)
+            lines.append(f"step time at 100% / 50% MFU ({peak.name}, {per_device / 1e12:.0f} "
+                         f"TFLOP/s bf16 per device): {1e3 * ideal_s:.1f} / "
+                         f"{2e3 * ideal_s:.1f} ms")
+        lines.append(f"FLOPs per step: model {r.model_flops_per_step:.3e} (jaxlm.scaling); "
+                     f"compiled {compiled_total:.3e} = {r.num_devices} x "
+                     f"{r.compiled_flops_per_device:.3e} (XLA cost analysis counts a loop body "
+                     "once: scanned layers, loss chunks and microbatches are under-counted)")
+    if r.fits:
+        lines.append(f"FITS: {_gib(r.total_bytes)} of {_gib(r.hbm_per_device)} per device")
+        return "\n".join(lines)
+    lines.append(f"DOES NOT FIT in {_gib(r.hbm_per_device)} of HBM per device")
+    if r.compiler_error:
+        allocations = r.compiler_error.split("Largest program allocations", 1)
+        lines.append("compiler: " + r.compiler_error.split("\n", 1)[0][:400])
+        if len(allocations) == 2:
+            lines.append("largest program allocations" + allocations[1].rstrip())
+    if r.largest_intermediates:
+        lines.append("largest values the step computes (per device, batch split over data "
+                     "parallelism; global shape):")
+        lines += [f"  {_gib(size):>12}  {name} {shape}"
+                  for name, size, shape in r.largest_intermediates]
+    lines.append("largest train-state shards per device:")
+    lines += [f"  {_gib(size):>12}  {path} {shape}" for path, size, shape in
+              r.largest_state_shards]
+    return "\n".join(lines)
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+_TOPOLOGY = flags.DEFINE_string("topology", "v5p-8", "Cloud TPU accelerator type (v5p-64, "
+                                "v5litepod-16, v6e-8, v4-32) or libtpu topology (v5p:2x4x4).")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    # Host arrays stay on CPU; the TPU devices exist only in the compiler.
+    jax.config.update("jax_platforms", "cpu")
+    report = check_fit(_CONFIG.value, _TOPOLOGY.value)
+    print(format_report(report))
+    sys.exit(0 if report.fits else 1)
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    app.run(main)
