@@ -183,7 +183,8 @@ def test_microbatches_must_divide_the_per_replica_batch():
                                          r"accumulation step, 4"):
         config_lib.check_devices(c, 8)  # data=4 x pipeline=2: 16 / 4 = 4 rows per replica
     c.train.num_microbatches = 4
-    assert config_lib.check_devices(c, 8) == {"data": 4, "fsdp": 1, "tensor": 1, "pipeline": 2}
+    assert config_lib.check_devices(c, 8) == {"data": 4, "fsdp": 1, "tensor": 1, "pipeline": 2,
+                                              "expert": 1}
     assert config_lib.model_config(c, 100).pipeline_stages == 2
 
 
