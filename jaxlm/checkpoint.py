@@ -349,3 +349,20 @@ def restore_params(directory: str, step: int | None, abstract_params: Any) -> An
             partial_restore=True)}))
     logging.info("params restored from step %d of %s", step, directory)
     return restored[STATE]["params"]
+
+
+def read_saved_json(directory: str, step: int | None, name: str) -> dict[str, Any]:
+    """The `config` or `extra` dict of checkpoint `step` (None: the newest) in `directory`,
+    read without opening a checkpoint manager (for a run that starts from another's)."""
+    if name not in JSON_ITEMS:
+        raise ValueError(f"read_saved_json reads one of {JSON_ITEMS}, got {name!r}")
+    directory = _absolute(directory)
+    if step is None:
+        steps = complete_steps(directory)
+        if not steps:
+            raise FileNotFoundError(f"{directory} holds no complete checkpoint")
+        step = steps[-1]
+    path = epath.Path(_step_dir(directory, step)) / name / "metadata"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path.parent.parent} has no {name!r} item")
+    return json.loads(path.read_text())

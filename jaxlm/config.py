@@ -13,18 +13,20 @@ from typing import Any
 
 import ml_collections
 
+from jaxlm.data.chat import default_chat_config
 from jaxlm.data.config import check_data_config, default_data_config
 from jaxlm.distributed import check_distributed_config, default_distributed_config
 from jaxlm.models.config import ModelConfig
 from jaxlm.sharding import MESH_AXES, resolve_mesh_shape
+from jaxlm.stages.settings import check_stage_config, default_dpo_config, default_sft_config
 
-STAGES = ("pretrain",)
+STAGES = ("pretrain", "sft", "dpo")
 
 
 def base_config() -> ml_collections.ConfigDict:
     """Every key a run may set, with its default. Config files override a subset."""
     c = ml_collections.ConfigDict()
-    # Which step function trains: "pretrain" (later: sft, reward, dpo).
+    # Which step function trains: "pretrain", "sft" or "dpo" (docs/post_training.md).
     c.stage = "pretrain"
     # Seed of parameter init (data order has its own seed, data.seed).
     c.seed = 0
@@ -74,6 +76,10 @@ def base_config() -> ml_collections.ConfigDict:
     m.init_std = 0.02
 
     c.data = default_data_config()
+    # Chat template of the sft and dpo stages (jaxlm/data/chat.py), and their own sections.
+    c.chat = default_chat_config()
+    c.sft = default_sft_config()
+    c.dpo = default_dpo_config()
 
     c.optim = o = ml_collections.ConfigDict()
     # Peak learning rate, reached at the end of warmup.
@@ -227,6 +233,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.stage not in STAGES:
         _fail("stage", f"{config.stage!r} is not one of {STAGES}")
     check_data_config(config.data)
+    check_stage_config(config)
     check_distributed_config(config.distributed)
     model_config(config, vocab_size=config.model.vocab_size or 1)
     if config.model.max_seq_len and config.model.max_seq_len < config.data.seq_len:

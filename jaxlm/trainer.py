@@ -21,8 +21,9 @@ from absl import logging
 
 from jaxlm import config as config_lib
 from jaxlm import hardware, scaling, sharding
-from jaxlm.checkpoint import Checkpointer, restore_params
+from jaxlm.checkpoint import Checkpointer, read_saved_json, restore_params
 from jaxlm.data.pipeline import load_or_train_tokenizer
+from jaxlm.data.tokenizer import load_tokenizer
 from jaxlm.metrics import MetricsWriter, is_remote, progress_line
 from jaxlm.models import ModelConfig, Transformer
 from jaxlm.optim import learning_rate_schedule, make_optimizer
@@ -61,7 +62,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     cache_dir = config.data.cache_dir or (
         os.path.join(os.path.expanduser("~"), ".cache", "jaxlm") if is_remote(workdir)
         else os.path.join(workdir, "cache"))
-    tokenizer = load_or_train_tokenizer(config.data, cache_dir)
+    tokenizer = _init_from_tokenizer(config) or load_or_train_tokenizer(config.data, cache_dir)
     if config.model.vocab_size and tokenizer.vocab_size > config.model.vocab_size:
         raise ValueError(f"config key model.vocab_size: {config.model.vocab_size} is smaller than "
                          f"the tokenizer's {tokenizer.vocab_size} ids ({tokenizer.path})")
@@ -75,6 +76,19 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     return Setup(config=config, workdir=workdir, mesh=mesh, tokenizer=tokenizer,
                  model_cfg=model_cfg, model=Transformer(model_cfg),
                  stage=get_stage(config.stage), cache_dir=cache_dir)
+
+
+def _init_from_tokenizer(config: ml_collections.ConfigDict) -> Any:
+    """A run that starts from another run's params (init_from) uses that run's tokenizer,
+    recorded in its checkpoint, unless data.tokenizer_path names one."""
+    if config.data.tokenizer_path or not config.init_from.path:
+        return None
+    step = None if config.init_from.step < 0 else config.init_from.step
+    path = read_saved_json(config.init_from.path, step, "extra").get("tokenizer_path", "")
+    if not path:
+        return None
+    logging.info("tokenizer of the init_from run: %s", path)
+    return load_tokenizer(path)
 
 
 def _iterator(s: Setup, split: str) -> Any:

@@ -13,6 +13,8 @@ from types import ModuleType
 
 STAGE_MODULES = {
     "pretrain": "jaxlm.stages.pretrain",
+    "sft": "jaxlm.stages.sft",
+    "dpo": "jaxlm.stages.dpo",
 }
 
 
