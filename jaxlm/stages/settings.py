@@ -93,5 +93,8 @@ def check_stage_config(config: ml_collections.ConfigDict) -> None:
             _fail("dpo.beta", f"must be positive, got {d.beta}")
         if not 0 <= d.label_smoothing < 0.5:
             _fail("dpo.label_smoothing", f"must lie in [0, 0.5), got {d.label_smoothing}")
+        if d.variant != "simpo" and not config.init_from.path:
+            _fail("init_from.path", f"dpo.variant={d.variant!r} needs a reference model: the "
+                  "checkpoint directory of the SFT run (its params start the policy too)")
         if d.max_prompt_tokens < 0:
             _fail("dpo.max_prompt_tokens", f"must be >= 0, got {d.max_prompt_tokens}")
