@@ -25,7 +25,11 @@ setuptools.setup(
         "pyarrow>=15",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "chatterbot-corpus==1.3.3",
+                 "pyyaml>=6"],
+        # The chatterbot dialogs of configs/sft_tiny.py and configs/dpo_tiny.py (YAML files
+        # inside the package; nothing is downloaded at run time).
+        "chat": ["chatterbot-corpus==1.3.3", "pyyaml>=6"],
         # gs:// workdirs: orbax writes them natively; metrics.jsonl (etils.epath) and
         # TensorBoard (tensorboardX) need these.
         "gcs": ["gcsfs", "google-cloud-storage"],

@@ -17,6 +17,7 @@ from jaxlm.data.chat import default_chat_config
 from jaxlm.data.config import check_data_config, default_data_config
 from jaxlm.distributed import check_distributed_config, default_distributed_config
 from jaxlm.models.config import ModelConfig
+from jaxlm.models.lora import ATTENTION_TARGETS, MLP_TARGETS
 from jaxlm.sharding import MESH_AXES, resolve_mesh_shape
 from jaxlm.stages.settings import check_stage_config, default_dpo_config, default_sft_config
 
@@ -74,6 +75,14 @@ def base_config() -> ml_collections.ConfigDict:
     m.attention = "auto"
     # Std of the normal initialiser of weight matrices.
     m.init_std = 0.02
+    # LoRA adapters (docs/post_training.md): only they are trained when rank > 0.
+    m.lora = lo = ml_collections.ConfigDict()
+    # Adapter rank; 0 = no adapters (full fine-tuning).
+    lo.rank = 0
+    # Adapters are scaled by alpha / rank.
+    lo.alpha = 16.0
+    # Also adapt the MLP weights (attention wq/wk/wv/wo always are).
+    lo.mlp = False
 
     c.data = default_data_config()
     # Chat template of the sft and dpo stages (jaxlm/data/chat.py), and their own sections.
@@ -222,7 +231,9 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = Non
         position_embedding=m.position_embedding, norm=m.norm, mlp_activation=m.mlp_activation,
         use_bias=m.use_bias, tie_embeddings=m.tie_embeddings, rope_theta=m.rope_theta,
         norm_eps=m.norm_eps, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype,
-        remat=m.remat, scan_layers=m.scan_layers, attention=m.attention, init_std=m.init_std)
+        remat=m.remat, scan_layers=m.scan_layers, attention=m.attention, init_std=m.init_std,
+        lora_rank=m.lora.rank, lora_alpha=m.lora.alpha,
+        lora_targets=ATTENTION_TARGETS + (MLP_TARGETS if m.lora.mlp else ()))
     cfg.check()
     return cfg
 

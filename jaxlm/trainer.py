@@ -15,6 +15,7 @@ import threading
 import time
 from typing import Any
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -27,12 +28,13 @@ from jaxlm.checkpoint import Checkpointer, read_saved_json, restore_params
 from jaxlm.data.pipeline import load_or_train_tokenizer
 from jaxlm.data.tokenizer import load_tokenizer
 from jaxlm.metrics import MetricsWriter, is_remote, progress_line
-from jaxlm.models import ModelConfig, Transformer
-from jaxlm.optim import learning_rate_schedule, make_optimizer
+from jaxlm.models import ModelConfig, Transformer, lora
+from jaxlm.optim import learning_rate_schedule, make_optimizer, state_bytes, train_only
 from jaxlm.sampling import make_greedy_sampler
 from jaxlm.stages import get_stage
 from jaxlm.train_state import (
     TrainState,
+    abstract_boxed_params,
     abstract_state,
     create_from_params,
     init_sharded_state,
@@ -144,9 +146,7 @@ def _frozen_params(s: Setup, tx: optax.GradientTransformation) -> Any:
         raise ValueError(f"config key init_from.path: stage {c.stage} with a reference model "
                          "needs the checkpoint to start from (its params are the reference)")
     shardings = state_shardings(s.model, tx, s.mesh, c.data.seq_len)
-    abstract = abstract_state(s.model, tx, shardings, c.data.seq_len).params
-    params = restore_params(c.init_from.path, None if c.init_from.step < 0 else c.init_from.step,
-                            abstract)
+    params = _init_from_params(s, tx, shardings)
     if mode == "jit":
         return params
     step_fn = functools.partial(s.stage.reference_step, model=s.model)
@@ -192,14 +192,36 @@ def initial_state(s: Setup, tx: optax.GradientTransformation, ckpt: Checkpointer
         logging.info("resumed from %s at step %d", ckpt.directory, latest)
         return state, shardings
     if c.init_from.path:
-        abstract = abstract_state(s.model, tx, shardings, seq_len).params
-        step = None if c.init_from.step < 0 else c.init_from.step
-        params = restore_params(c.init_from.path, step, abstract)
+        params = _init_from_params(s, tx, shardings)
         logging.info("params from %s (step %s); optimizer starts fresh", c.init_from.path,
-                     "newest" if step is None else step)
+                     "newest" if c.init_from.step < 0 else c.init_from.step)
         return create_from_params(params, tx, shardings), shardings
     state, _ = init_sharded_state(s.model, tx, s.mesh, jax.random.key(c.seed), seq_len)
     return state, shardings
+
+
+def _init_from_params(s: Setup, tx: optax.GradientTransformation, shardings: TrainState) -> Any:
+    """The init_from checkpoint's params, sharded like this run's. With LoRA the checkpoint
+    (a plain run) has no adapters: they start fresh (B = 0, so the model is the base one)."""
+    c = s.config
+    abstract = abstract_state(s.model, tx, shardings, c.data.seq_len).params
+    step = None if c.init_from.step < 0 else c.init_from.step
+    if not c.model.lora.rank:
+        return restore_params(c.init_from.path, step, abstract)
+    base = restore_params(c.init_from.path, step, lora.split(abstract)[0])
+    fresh, _ = init_sharded_state(s.model, tx, s.mesh, jax.random.key(c.seed), c.data.seq_len)
+    return lora.combine(base, lora.split(fresh.params)[1])
+
+
+def _log_lora(s: Setup, tx: optax.GradientTransformation, full_tx: optax.GradientTransformation
+              ) -> None:
+    params = nn.meta.unbox(abstract_boxed_params(s.model, s.config.data.seq_len))
+    n = lora.count(params)
+    used, full = state_bytes(tx, params), state_bytes(full_tx, params)
+    logging.info("LoRA rank %d: %s of %s params trainable (%.3f%%); optimizer state %.2f MB "
+                 "instead of %.2f MB (%.2f MB saved)", s.config.model.lora.rank,
+                 f"{n['trainable']:,}", f"{n['total']:,}", 100 * n["trainable"] / n["total"],
+                 used / 2**20, full / 2**20, (full - used) / 2**20)
 
 
 class _Preemption:
@@ -231,6 +253,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     total_steps = c.train.steps
     schedule = learning_rate_schedule(c.optim, total_steps)
     tx = make_optimizer(c.optim, total_steps)
+    if c.model.lora.rank:  # only the adapters train; the rest has no optimizer state
+        tx, full_tx = train_only(tx, lora.adapter_mask), tx
+        _log_lora(s, tx, full_tx)
     ckpt = _checkpointer(c, workdir)
     # Frozen params some stages (dpo) read: passed to their steps as a third argument, or
     # turned into per-example tables handed to their data before training starts.

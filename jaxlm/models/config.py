@@ -56,6 +56,9 @@ class ModelConfig:
         xla elsewhere).
       init_std: standard deviation of the normal initialiser of weight matrices.
       vocab_multiple: the embedding table is padded to a multiple of this.
+      lora_rank: rank of LoRA adapters on the lora_targets weights (0: none; models/lora.py).
+      lora_alpha: adapters are scaled by lora_alpha / lora_rank.
+      lora_targets: names of the adapted weights (attention wq/wk/wv/wo, mlp w_in/w_gate/w_out).
     """
 
     vocab_size: int
@@ -80,6 +83,9 @@ class ModelConfig:
     attention: str = "auto"
     init_std: float = 0.02
     vocab_multiple: int = VOCAB_MULTIPLE
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("wq", "wk", "wv", "wo")
 
     @property
     def padded_vocab_size(self) -> int:
@@ -116,6 +122,8 @@ class ModelConfig:
             fail("mlp_activation", f"{self.mlp_activation!r} not in {MLP_ACTIVATIONS}")
         if self.remat not in REMAT_POLICIES:
             fail("remat", f"{self.remat!r} not in {REMAT_POLICIES}")
+        if self.lora_rank < 0:
+            fail("lora.rank", f"must be >= 0 (0 = no adapters), got {self.lora_rank}")
         if self.attention not in ATTENTION_IMPLS:
             fail("attention", f"{self.attention!r} not in {ATTENTION_IMPLS}")
         for key in ("param_dtype", "compute_dtype"):
