@@ -19,15 +19,20 @@ from jaxlm.distributed import check_distributed_config, default_distributed_conf
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.lora import ATTENTION_TARGETS, MLP_TARGETS
 from jaxlm.sharding import MESH_AXES, resolve_mesh_shape
-from jaxlm.stages.settings import check_stage_config, default_dpo_config, default_sft_config
+from jaxlm.stages.settings import (
+    check_stage_config,
+    default_dpo_config,
+    default_reward_config,
+    default_sft_config,
+)
 
-STAGES = ("pretrain", "sft", "dpo")
+STAGES = ("pretrain", "sft", "dpo", "reward")
 
 
 def base_config() -> ml_collections.ConfigDict:
     """Every key a run may set, with its default. Config files override a subset."""
     c = ml_collections.ConfigDict()
-    # Which step function trains: "pretrain", "sft" or "dpo" (docs/post_training.md).
+    # Which step function trains: "pretrain", "sft", "dpo" or "reward" (docs/post_training.md).
     c.stage = "pretrain"
     # Seed of parameter init (data order has its own seed, data.seed).
     c.seed = 0
@@ -89,6 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.chat = default_chat_config()
     c.sft = default_sft_config()
     c.dpo = default_dpo_config()
+    c.reward = default_reward_config()
 
     c.optim = o = ml_collections.ConfigDict()
     # Peak learning rate, reached at the end of warmup.
@@ -233,7 +239,8 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = Non
         norm_eps=m.norm_eps, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype,
         remat=m.remat, scan_layers=m.scan_layers, attention=m.attention, init_std=m.init_std,
         lora_rank=m.lora.rank, lora_alpha=m.lora.alpha,
-        lora_targets=ATTENTION_TARGETS + (MLP_TARGETS if m.lora.mlp else ()))
+        lora_targets=ATTENTION_TARGETS + (MLP_TARGETS if m.lora.mlp else ()),
+        reward_head=config.stage == "reward")
     cfg.check()
     return cfg
 

@@ -21,10 +21,16 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from flax import traverse_util
 
 from jaxlm import config as config_lib
 from jaxlm import hardware, scaling, sharding
-from jaxlm.checkpoint import Checkpointer, read_saved_json, restore_params
+from jaxlm.checkpoint import (
+    Checkpointer,
+    read_saved_json,
+    restore_params,
+    saved_param_names,
+)
 from jaxlm.data.pipeline import load_or_train_tokenizer
 from jaxlm.data.tokenizer import load_tokenizer
 from jaxlm.metrics import MetricsWriter, is_remote, progress_line
@@ -201,16 +207,23 @@ def initial_state(s: Setup, tx: optax.GradientTransformation, ckpt: Checkpointer
 
 
 def _init_from_params(s: Setup, tx: optax.GradientTransformation, shardings: TrainState) -> Any:
-    """The init_from checkpoint's params, sharded like this run's. With LoRA the checkpoint
-    (a plain run) has no adapters: they start fresh (B = 0, so the model is the base one)."""
+    """The init_from checkpoint's params, sharded like this run's. Params the model has and the
+    checkpoint lacks (LoRA adapters, a reward head) start from their fresh init."""
     c = s.config
     abstract = abstract_state(s.model, tx, shardings, c.data.seq_len).params
     step = None if c.init_from.step < 0 else c.init_from.step
-    if not c.model.lora.rank:
+    saved = saved_param_names(c.init_from.path, step)
+    flat = traverse_util.flatten_dict(abstract, sep="/")
+    if all(name in saved for name in flat):
         return restore_params(c.init_from.path, step, abstract)
-    base = restore_params(c.init_from.path, step, lora.split(abstract)[0])
+    fresh_names = sorted(name for name in flat if name not in saved)
+    logging.info("params not in %s start fresh: %s", c.init_from.path, fresh_names)
+    restored = restore_params(c.init_from.path, step, traverse_util.unflatten_dict(
+        {k: v for k, v in flat.items() if k in saved}, sep="/"))
     fresh, _ = init_sharded_state(s.model, tx, s.mesh, jax.random.key(c.seed), c.data.seq_len)
-    return lora.combine(base, lora.split(fresh.params)[1])
+    out = traverse_util.flatten_dict(fresh.params, sep="/")
+    out.update(traverse_util.flatten_dict(restored, sep="/"))
+    return traverse_util.unflatten_dict(out, sep="/")
 
 
 def _log_lora(s: Setup, tx: optax.GradientTransformation, full_tx: optax.GradientTransformation

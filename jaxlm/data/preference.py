@@ -84,23 +84,28 @@ def tokenize_pairs(pairs: list[conversations.Pair], tokenizer: Any, *,
     return examples, counts
 
 
-def split_pairs(config: ml_collections.ConfigDict, split: str) -> list[conversations.Pair]:
-    """The pairs of `split` (dpo.paths with a holdout, or dpo.eval_paths)."""
-    dpo = config.dpo
-    if split == "eval" and dpo.eval_paths:
-        return conversations.read_pairs(dpo.eval_paths, "dpo.eval_paths", seed=config.data.seed)
-    return holdout(conversations.read_pairs(dpo.paths, "dpo.paths", seed=config.data.seed),
-                   split, config.data.eval_fraction, "dpo.paths")
+def split_pairs(config: ml_collections.ConfigDict, split: str, section: str = "dpo"
+                ) -> list[conversations.Pair]:
+    """The pairs of `split` (<section>.paths with a holdout, or <section>.eval_paths)."""
+    sec = config[section]
+    if split == "eval" and sec.eval_paths:
+        return conversations.read_pairs(sec.eval_paths, f"{section}.eval_paths",
+                                        seed=config.data.seed)
+    return holdout(conversations.read_pairs(sec.paths, f"{section}.paths",
+                                            seed=config.data.seed),
+                   split, config.data.eval_fraction, f"{section}.paths")
 
 
-def split_examples(config: ml_collections.ConfigDict, tokenizer: Any, split: str
-                   ) -> list[dict[str, np.ndarray]]:
+def split_examples(config: ml_collections.ConfigDict, tokenizer: Any, split: str,
+                   section: str = "dpo") -> list[dict[str, np.ndarray]]:
+    """Tokenised pairs of `split`; `section` ("dpo" or "reward") holds paths and prompt cut."""
     examples, counts = tokenize_pairs(
-        split_pairs(config, split), tokenizer, template=chat.template_from_config(config.chat),
-        seq_len=config.data.seq_len, max_prompt_tokens=config.dpo.max_prompt_tokens)
-    logging.info("dpo %s data: %s", split, dataclasses.asdict(counts))
+        split_pairs(config, split, section), tokenizer,
+        template=chat.template_from_config(config.chat), seq_len=config.data.seq_len,
+        max_prompt_tokens=config[section].max_prompt_tokens)
+    logging.info("%s %s data: %s", section, split, dataclasses.asdict(counts))
     if not examples:
-        raise ValueError(f"config key dpo.paths: no {split} pair fits data.seq_len="
+        raise ValueError(f"config key {section}.paths: no {split} pair fits data.seq_len="
                          f"{config.data.seq_len} ({dataclasses.asdict(counts)})")
     return examples
 
@@ -115,9 +120,10 @@ class _AddReference(grain.transforms.Map):
 
 def make_pair_iterator(config: ml_collections.ConfigDict, tokenizer: Any, *, split: str,
                        batch_size: int, process_index: int = 0, process_count: int = 1,
-                       reference_Nx2: np.ndarray | None = None) -> grain.DatasetIterator:
+                       reference_Nx2: np.ndarray | None = None, section: str = "dpo"
+                       ) -> grain.DatasetIterator:
     """Endless iterator of pair batches of `split` for this process (see the module doc)."""
-    examples = split_examples(config, tokenizer, split)
+    examples = split_examples(config, tokenizer, split, section)
     ds = example_stream(examples, split=split, shuffle=config.data.shuffle,
                         seed=config.data.seed, process_index=process_index,
                         process_count=process_count)

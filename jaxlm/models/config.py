@@ -59,6 +59,8 @@ class ModelConfig:
       lora_rank: rank of LoRA adapters on the lora_targets weights (0: none; models/lora.py).
       lora_alpha: adapters are scaled by lora_alpha / lora_rank.
       lora_targets: names of the adapted weights (attention wq/wk/wv/wo, mlp w_in/w_gate/w_out).
+      reward_head: return a scalar per position, final hidden state . reward_head, instead of
+        logits (reward models; the vocab head params still exist, so LM checkpoints load).
     """
 
     vocab_size: int
@@ -86,6 +88,7 @@ class ModelConfig:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ("wq", "wk", "wv", "wo")
+    reward_head: bool = False
 
     @property
     def padded_vocab_size(self) -> int:

@@ -68,12 +68,6 @@ def split(params: dict) -> tuple[dict, dict]:
     return traverse_util.unflatten_dict(base), traverse_util.unflatten_dict(adapters)
 
 
-def combine(base: dict, adapters: dict) -> dict:
-    flat = traverse_util.flatten_dict(base)
-    flat.update(traverse_util.flatten_dict(adapters))
-    return traverse_util.unflatten_dict(flat)
-
-
 def merge(params: dict, rank: int, alpha: float) -> dict:
     """Base params with every adapter folded in: W + (alpha / r) A B (scanned layers too)."""
     flat = traverse_util.flatten_dict(params)

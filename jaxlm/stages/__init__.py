@@ -15,6 +15,7 @@ STAGE_MODULES = {
     "pretrain": "jaxlm.stages.pretrain",
     "sft": "jaxlm.stages.sft",
     "dpo": "jaxlm.stages.dpo",
+    "reward": "jaxlm.stages.reward",
 }
 
 

@@ -1,4 +1,4 @@
-"""The config sections of the post-training stages (`sft`, `dpo`), their defaults and checks.
+"""The config sections of the post-training stages (`sft`, `dpo`, `reward`): defaults, checks.
 
 Each section is read only by its own stage; `check_stage_config` checks the section of the
 stage a run selects. Importing this module pulls in neither grain nor JAX.
@@ -15,7 +15,7 @@ LOSS_ON = ("assistant", "all")
 TRUNCATION = ("truncate", "drop")
 DPO_VARIANTS = ("sigmoid", "ipo", "conservative", "simpo")
 REFERENCE_MODES = ("jit", "precompute")
-CHAT_STAGES = ("sft", "dpo")
+CHAT_STAGES = ("sft", "dpo", "reward")
 
 
 def default_sft_config() -> ml_collections.ConfigDict:
@@ -64,6 +64,19 @@ def default_dpo_config() -> ml_collections.ConfigDict:
     return d
 
 
+def default_reward_config() -> ml_collections.ConfigDict:
+    r = ml_collections.ConfigDict()
+    # Preference pairs, as dpo.paths ("chatterbot" or jsonl globs of {prompt, chosen, rejected}).
+    r.paths = "chatterbot"
+    # Held-out pairs; "" = data.eval_fraction of reward.paths under a fixed permutation.
+    r.eval_paths = ""
+    # Bradley-Terry with margin m: -log sigmoid(r_chosen - r_rejected - m); 0 = plain.
+    r.margin = 0.0
+    # As dpo.max_prompt_tokens.
+    r.max_prompt_tokens = 0
+    return r
+
+
 def _fail(key: str, msg: str) -> None:
     raise ValueError(f"config key {key}: {msg}")
 
@@ -81,6 +94,13 @@ def check_stage_config(config: ml_collections.ConfigDict) -> None:
             _fail("sft.loss_on", f"{s.loss_on!r} is not one of {LOSS_ON}")
         if s.truncation not in TRUNCATION:
             _fail("sft.truncation", f"{s.truncation!r} is not one of {TRUNCATION}")
+    if config.stage == "reward":
+        if not split_list(config.reward.paths):
+            _fail("reward.paths", "is empty; set 'chatterbot' or jsonl globs")
+        if config.reward.max_prompt_tokens < 0:
+            _fail("reward.max_prompt_tokens", "must be >= 0")
+        if config.log.sample_every:
+            _fail("log.sample_every", "a reward model does not generate text; set it to 0")
     if config.stage == "dpo":
         d = config.dpo
         if not split_list(d.paths):
