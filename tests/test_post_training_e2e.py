@@ -39,7 +39,9 @@ def runs(tmp_path_factory):
     pre, sft, dpo = base / "pretrain", base / "sft", base / "dpo"
     _main("configs/tiny.py", pre)
     sft_log = _main(f"configs/sft_tiny.py:pretrained={pre}", sft)
-    dpo_log = _main(f"configs/dpo_tiny.py:sft={sft}", dpo, "--config.dpo.max_prompt_tokens=16")
+    # DPO with LoRA adapters: the step-0 model is still exactly the SFT model.
+    dpo_log = _main(f"configs/dpo_tiny.py:sft={sft}", dpo, "--config.dpo.max_prompt_tokens=16",
+                    "--config.model.lora.rank=4")
     return pre, sft, dpo, sft_log, dpo_log
 
 
@@ -62,3 +64,13 @@ def test_dpo_starts_at_log2_from_the_sft_run(runs):
         assert key in train[0], key
     assert any("eval_reward_accuracy" in r for r in _rows(dpo))
     assert "dpo train data" in dpo_log
+
+
+def test_lora_dpo_trains_only_adapters_and_merges(runs, tmp_path):
+    _, _, dpo, _, dpo_log = runs
+    assert "LoRA rank 4" in dpo_log and "params not in" in dpo_log
+    from tools.merge_lora import merge_checkpoint
+
+    step = merge_checkpoint(str(dpo / "checkpoints"), str(tmp_path / "merged"))
+    config = json.loads((tmp_path / "merged" / str(step) / "config" / "metadata").read_text())
+    assert step == 2 and config["model"]["lora"]["rank"] == 0
