@@ -23,9 +23,12 @@ setuptools.setup(
         "numpy",
         "etils[epath]",
         "pyarrow>=15",
+        "safetensors>=0.4",  # tools/convert_hf.py (Hugging Face import/export)
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "chatterbot-corpus==1.3.3",
+        # torch pinned: this version resolves to a CPU wheel; unpinned pulls GBs of CUDA wheels.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "torch==2.13.0",
+                 "transformers>=5.0", "safetensors>=0.4", "chatterbot-corpus==1.3.3",
                  "pyyaml>=6"],
         # The chatterbot dialogs of configs/sft_tiny.py and configs/dpo_tiny.py (YAML files
         # inside the package; nothing is downloaded at run time).

@@ -79,7 +79,8 @@ def _check_abstract(abstract: Any, what: str) -> None:
                              "jaxlm.train_state.state_shardings")
 
 
-def _check_shapes(stored: Any, abstract: Any, path: str, *, prefix: str = "") -> None:
+def _check_shapes(stored: Any, abstract: Any, path: str, *, prefix: str = "",
+                  subset: bool = False) -> None:
     """Raises naming the parameter when the checkpoint and the model disagree on names or shapes.
 
     `stored` is the orbax metadata tree of the saved item and `abstract` the tree to restore,
@@ -96,7 +97,7 @@ def _check_shapes(stored: Any, abstract: Any, path: str, *, prefix: str = "") ->
                          "model/optimizer expects): it was saved by a different model or "
                          "optimizer")
     unexpected = sorted(saved.keys() - wanted.keys())
-    if unexpected:
+    if unexpected and not subset:
         raise ValueError(f"checkpoint {path} holds {', '.join(unexpected[:5])}"
                          f"{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)} entries) "
                          "that the model/optimizer does not have: it was saved by a different "
@@ -316,12 +317,14 @@ def _check_data_state(step_dir: str) -> None:
                                 "the same process count")
 
 
-def restore_params(directory: str, step: int | None, abstract_params: Any) -> Any:
+def restore_params(directory: str, step: int | None, abstract_params: Any, *,
+                   subset: bool = False) -> Any:
     """Only the params of checkpoint `step` (None: the latest) in `directory`.
 
     For a run that starts from an earlier run's weights with a fresh optimizer
     (`config.init_from`). `abstract_params`: jax.ShapeDtypeStruct leaves with the new run's
-    shardings. Every process calls it.
+    shardings. Every process calls it. `subset=True` allows `abstract_params` to name only some
+    of the saved params (e.g. one at a time, to bound host memory).
     """
     directory = _absolute(directory)
     if step is None:
@@ -342,7 +345,7 @@ def restore_params(directory: str, step: int | None, abstract_params: Any) -> An
         if metadata is None:
             raise FileNotFoundError(f"checkpoint {step_dir} has no train state ({STATE}/)")
         _check_shapes(metadata.tree, abstract_params, os.path.join(step_dir, STATE),
-                      prefix="params")
+                      prefix="params", subset=subset)
         target = {"params": abstract_params}
         restored = mngr.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),

@@ -62,6 +62,8 @@ def base_config() -> ml_collections.ConfigDict:
     m.mlp_activation = "swiglu"
     # Biases on dense layers (GPT-2).
     m.use_bias = False
+    # Biases on the query/key/value projections only (Qwen2); implied by use_bias.
+    m.qkv_bias = False
     # Share input embedding and output head.
     m.tie_embeddings = False
     # RoPE base frequency.
@@ -238,7 +240,7 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = Non
         use_bias=m.use_bias, tie_embeddings=m.tie_embeddings, rope_theta=m.rope_theta,
         norm_eps=m.norm_eps, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype,
         remat=m.remat, scan_layers=m.scan_layers, attention=m.attention, init_std=m.init_std,
-        lora_rank=m.lora.rank, lora_alpha=m.lora.alpha,
+        qkv_bias=m.qkv_bias, lora_rank=m.lora.rank, lora_alpha=m.lora.alpha,
         lora_targets=ATTENTION_TARGETS + (MLP_TARGETS if m.lora.mlp else ()),
         reward_head=config.stage == "reward")
     cfg.check()

@@ -37,6 +37,8 @@ def _attention_params_per_layer(cfg: ModelConfig) -> int:
     d, h, n, k = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     weights = d * h * k + 2 * d * n * k + h * k * d  # wq, wk, wv, wo
     biases = (h * k + 2 * n * k + d) if cfg.use_bias else 0  # bq, bk, bv, bo
+    if cfg.qkv_bias and not cfg.use_bias:
+        biases = h * k + 2 * n * k  # bq, bk, bv
     return weights + biases
 
 

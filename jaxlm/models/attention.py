@@ -205,7 +205,7 @@ class Attention(nn.Module):
         q_BxLxHxK = dense(x_BxLxD, wq_DxHxK.reshape(d, h * k)).reshape(b, length, h, k)
         k_BxLxNxK = dense(x_BxLxD, wk_DxNxK.reshape(d, n * k)).reshape(b, length, n, k)
         v_BxLxNxK = dense(x_BxLxD, wv_DxNxK.reshape(d, n * k)).reshape(b, length, n, k)
-        if cfg.use_bias:
+        if cfg.use_bias or cfg.qkv_bias:
             q_BxLxHxK += self._bias("bq", (h, k), ("heads", "head_dim"))
             k_BxLxNxK += self._bias("bk", (n, k), ("kv_heads", "head_dim"))
             v_BxLxNxK += self._bias("bv", (n, k), ("kv_heads", "head_dim"))

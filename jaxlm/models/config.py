@@ -44,6 +44,7 @@ class ModelConfig:
       norm: "rmsnorm" or "layernorm".
       mlp_activation: "swiglu" or "gelu".
       use_bias: biases on the dense layers (GPT-2 style).
+      qkv_bias: biases on the query/key/value projections only (Qwen2 style); implied by use_bias.
       tie_embeddings: share the input embedding with the output projection.
       rope_theta: RoPE base frequency.
       norm_eps: epsilon of the norms.
@@ -75,6 +76,7 @@ class ModelConfig:
     norm: str = "rmsnorm"
     mlp_activation: str = "swiglu"
     use_bias: bool = False
+    qkv_bias: bool = False
     tie_embeddings: bool = False
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5

@@ -1,0 +1,92 @@
+"""Peak host memory of tools/convert_hf.py on a ~1.2B-parameter random Llama (3.2-1B shapes).
+
+    python benchmarks/hf_conversion_memory.py --work_dir=/tmp/hf_bench [--dtype=bfloat16]
+
+Writes a random HF directory (config.json + 2 GiB safetensors shards, tensor by tensor, so this
+step never holds the model either), then runs `import` and `export` under `/usr/bin/time -v`
+and prints a markdown table of the peak RSS of each, next to the model size, the largest tensor
+and the RSS of a process that only imports the converter's libraries. The shapes are Llama 3.2
+1B's (vocab 128256, d 2048, 16 layers, 32 heads / 8 kv heads, d_ff 8192, tied) without its
+llama3 RoPE scaling, which jaxlm does not implement.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from jaxlm.config import model_config  # noqa: E402
+from jaxlm.interop import hf, hf_config, hf_weights, safetensors_io  # noqa: E402
+
+_WORK_DIR = flags.DEFINE_string("work_dir", "/tmp/hf_bench", "Scratch directory (~3 model sizes).")
+_DTYPE = flags.DEFINE_string("dtype", "bfloat16", "dtype of the HF weights and jaxlm params.")
+
+LLAMA_1B = {
+    "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 128256,
+    "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "hidden_act": "silu",
+    "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+    "tie_word_embeddings": True,
+}
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_random_model(hf_dir: str, dtype: np.dtype) -> tuple[int, int, int]:
+    """(parameters, bytes, largest tensor bytes) of the random model written to `hf_dir`."""
+    os.makedirs(hf_dir)
+    cfg = model_config(hf.run_config(hf_config.model_fields(LLAMA_1B), str(dtype)))
+    entries = [(m.name, m.shape) for m in hf_weights.tensor_maps(cfg)]
+    rng = np.random.default_rng(0)
+
+    def produce(name: str) -> np.ndarray:
+        shape = dict(entries)[name]
+        return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(dtype)
+
+    safetensors_io.write_model(hf_dir, entries, produce, dtype, max_shard_bytes=2 * 2**30)
+    with open(os.path.join(hf_dir, "config.json"), "w") as f:
+        json.dump(LLAMA_1B, f, indent=2)
+    sizes = [int(np.prod(shape)) for _, shape in entries]
+    return sum(sizes), sum(sizes) * dtype.itemsize, max(sizes) * dtype.itemsize
+
+
+def peak_rss(args: list[str]) -> tuple[float, float]:
+    """(max RSS in GiB, wall seconds) of `python args...` under /usr/bin/time -v."""
+    env = dict(os.environ, PYTHONPATH=_REPO, JAX_PLATFORMS="cpu")
+    start = time.time()
+    out = subprocess.run(["/usr/bin/time", "-v", sys.executable, *args], env=env, check=True,
+                         capture_output=True, text=True, cwd=_REPO)
+    kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", out.stderr).group(1))
+    return kib / 2**20, time.time() - start
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    dtype = np.dtype(_DTYPE.value) if _DTYPE.value != "bfloat16" else np.dtype("bfloat16")
+    work = _WORK_DIR.value
+    shutil.rmtree(work, ignore_errors=True)
+    hf_dir, jx_dir, out_dir = (os.path.join(work, d) for d in ("hf", "jaxlm", "hf_export"))
+    params, nbytes, largest = write_random_model(hf_dir, dtype)
+    gib = 2**30
+    print(f"random model: {params / 1e9:.3f}B params, {nbytes / gib:.2f} GiB of {dtype}, "
+          f"largest tensor {largest / gib:.2f} GiB")
+    base, _ = peak_rss(["-c", "import jaxlm.interop.hf, orbax.checkpoint"])
+    imp, imp_s = peak_rss(["tools/convert_hf.py", "import", f"--hf_dir={hf_dir}",
+                           f"--out_dir={jx_dir}", f"--param_dtype={_DTYPE.value}"])
+    exp, exp_s = peak_rss(["tools/convert_hf.py", "export", f"--checkpoint_dir={jx_dir}",
+                           f"--out_dir={out_dir}"])
+    print("| step | peak RSS GiB | wall s |\n| --- | ---: | ---: |")
+    print(f"| libraries only (python -c 'import jaxlm.interop.hf, orbax') | {base:.2f} | |")
+    print(f"| import (HF safetensors -> jaxlm checkpoint) | {imp:.2f} | {imp_s:.0f} |")
+    print(f"| export (jaxlm checkpoint -> HF safetensors) | {exp:.2f} | {exp_s:.0f} |")
+
+
+if __name__ == "__main__":
+    app.run(main)

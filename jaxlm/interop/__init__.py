@@ -1,0 +1,1 @@
+"""Conversion between jaxlm checkpoints and other formats (Hugging Face: `jaxlm.interop.hf`)."""

@@ -1,0 +1,312 @@
+"""Hugging Face model directory <-> jaxlm checkpoint, one tensor at a time.
+
+`import_hf(hf_dir, out_dir)` writes
+
+    <out_dir>/checkpoints/0/       a jaxlm checkpoint (params only, the resolved run config, and
+                                   the tokenizer reference) that `jaxlm.checkpoint.restore_params`
+                                   and `init_from` load
+    <out_dir>/config.py            a run config (`get_config`) with this model and
+                                   init_from.path = <out_dir>/checkpoints
+    <out_dir>/tokenizer.model      the sentencepiece tokenizer, when the HF directory has one
+
+`export_hf(checkpoint_dir, out_dir)` writes config.json + safetensors (sharded above
+`max_shard_bytes`) that `transformers.AutoModelForCausalLM.from_pretrained` loads.
+
+Memory: import reads each HF tensor lazily (`safe_open`), writes it into the jaxlm arrays being
+built and frees it, so the peak is about the output params plus one tensor (never the HF model and
+the jaxlm model both whole). Export restores one group of params at a time and produces, writes
+and frees one HF tensor at a time (peak: about the largest param).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+from jaxlm import checkpoint as ckpt_lib
+from jaxlm import config as config_lib
+from jaxlm.data.tokenizer import Tokenizer
+from jaxlm.interop import hf_config, hf_weights, safetensors_io
+from jaxlm.models.config import ModelConfig
+from jaxlm.models.transformer import Transformer
+from jaxlm.train_state import abstract_boxed_params
+
+CHECKPOINTS = "checkpoints"
+CONFIG_FILE = "config.py"
+TOKENIZER_FILE = "tokenizer.model"
+IMPORT_STEP = 0
+
+
+def run_config(model_fields: dict[str, Any], param_dtype: str,
+               tokenizer_path: str = "") -> ml_collections.ConfigDict:
+    """base_config() with the imported model (and its tokenizer) filled in; validated."""
+    c = config_lib.base_config()
+    for key, value in model_fields.items():
+        c.model[key] = value
+    c.model.param_dtype = param_dtype
+    c.data.tokenizer_path = tokenizer_path
+    c.data.seq_len = min(c.data.seq_len, c.model.max_seq_len)
+    config_lib.validate(c)
+    return c
+
+
+def abstract_params(cfg: ModelConfig) -> Any:
+    """jax.ShapeDtypeStruct leaves of the params of `cfg` (no FLOPs, no memory)."""
+    return nn.meta.unbox(abstract_boxed_params(Transformer(cfg), 1))
+
+
+def _flat(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            out.update(_flat(value, (*prefix, key)))
+        return out
+    return {prefix: tree}
+
+
+def _nest(flat: dict[tuple[str, ...], Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return out
+
+
+def _prepare_out_dir(out_dir: str, overwrite: bool) -> None:
+    if os.path.exists(out_dir) and os.listdir(out_dir):
+        if not overwrite:
+            raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True / "
+                                  "--overwrite to replace it)")
+        shutil.rmtree(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+
+
+def _copy_tokenizer(hf_dir: str, out_dir: str, vocab_size: int) -> tuple[str, str]:
+    """Copies a sentencepiece tokenizer.model; returns (path, sha256), or ("", "") if none."""
+    source = os.path.join(hf_dir, TOKENIZER_FILE)
+    if not os.path.isfile(source):
+        logging.warning("%s has no %s (sentencepiece); the import carries no tokenizer: set "
+                        "data.tokenizer_path yourself", hf_dir, TOKENIZER_FILE)
+        return "", ""
+    target = os.path.join(out_dir, TOKENIZER_FILE)
+    shutil.copyfile(source, target)
+    tokenizer = Tokenizer(target)
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"{source} has {tokenizer.vocab_size} pieces but config.json "
+                         f"vocab_size is {vocab_size}")
+    return target, tokenizer.sha256
+
+
+def _write_config_file(path: str, c: ml_collections.ConfigDict, fields: dict[str, Any],
+                       hf_dir: str) -> None:
+    lines = [f'"""The model imported from {hf_dir} by tools/convert_hf.py.',
+             "",
+             "Starts a run from the imported weights (init_from); set data.* and train.* for",
+             'the run, e.g. --config.data.paths=... on the command line."""',
+             "",
+             "from jaxlm.config import base_config",
+             "",
+             "",
+             "def get_config(arg=None):",
+             "    del arg",
+             "    c = base_config()"]
+    for key in (*fields, "param_dtype"):  # every architecture key, default or not
+        lines.append(f"    c.model.{key} = {c.model[key]!r}")
+    if c.data.tokenizer_path:
+        lines.append(f"    c.data.tokenizer_path = {c.data.tokenizer_path!r}")
+    if c.data.seq_len != config_lib.base_config().data.seq_len:
+        lines.append(f"    c.data.seq_len = {c.data.seq_len!r}")
+    lines += [f"    c.init_from.path = {c.init_from.path!r}", "    return c", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+def import_hf(hf_dir: str, out_dir: str, *, param_dtype: str = "float32",
+              overwrite: bool = False) -> ml_collections.ConfigDict:
+    """Converts a HF model directory into a jaxlm checkpoint + config; returns the run config
+    (the one saved with the checkpoint, init_from unset)."""
+    hf_dir, out_dir = os.path.abspath(hf_dir), os.path.abspath(out_dir)
+    config_path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{hf_dir} has no config.json")
+    with open(config_path) as f:
+        hf = json.load(f)
+    fields = hf_config.model_fields(hf)
+    files = safetensors_io.weight_files(hf_dir)
+    _prepare_out_dir(out_dir, overwrite)
+    tokenizer_path, tokenizer_sha = _copy_tokenizer(hf_dir, out_dir, fields["vocab_size"])
+    c = run_config(fields, param_dtype, tokenizer_path)
+    cfg = config_lib.model_config(c)
+
+    dtype = np.dtype(cfg.weight_dtype)
+    # np.zeros pages in lazily: memory grows as tensors arrive; vocab padding rows stay 0.
+    params = {path: np.zeros(leaf.shape, dtype)
+              for path, leaf in _flat(abstract_params(cfg)).items()}
+    maps = {m.name: m for m in hf_weights.tensor_maps(cfg)}
+    done, unknown = set(), []
+    for name, load in safetensors_io.iter_tensors(files):
+        canonical = hf_weights.canonical_name(name, cfg)
+        if canonical is None:
+            continue
+        if canonical not in maps:
+            unknown.append(name)
+            continue
+        m = maps[canonical]
+        hf_array = load()
+        if tuple(hf_array.shape) != m.shape:
+            raise ValueError(f"{name}: shape {tuple(hf_array.shape)} in the safetensors file, "
+                             f"but config.json implies {m.shape}")
+        for path, value in zip(m.params, m.to_jaxlm(hf_array)):
+            full, index = hf_weights.param_slot(cfg, path, m.layer)
+            target = params[full] if index is None else params[full][index]
+            target[tuple(slice(0, s) for s in value.shape)] = value  # vocab rows: the first V
+            done.add((full, index))
+        del hf_array, maps[canonical]
+    if unknown:
+        raise ValueError(f"{hf_dir}: tensors that a {hf['model_type']} model with this "
+                         f"config.json does not have: {unknown[:8]}"
+                         f"{' ...' if len(unknown) > 8 else ''}")
+    if maps:
+        raise ValueError(f"{hf_dir}: missing tensors {sorted(maps)[:8]}"
+                         f"{' ...' if len(maps) > 8 else ''}")
+    _check_covered(cfg, params, done)
+
+    extra = {"tokenizer_path": tokenizer_path, "tokenizer_sha256": tokenizer_sha,
+             "hf_source": hf_dir, "hf_model_type": hf["model_type"]}
+    _save_params(os.path.join(out_dir, CHECKPOINTS), _nest(params), c, extra)
+    del params
+    file_config = ml_collections.ConfigDict(c.to_dict())
+    file_config.init_from.path = os.path.join(out_dir, CHECKPOINTS)
+    _write_config_file(os.path.join(out_dir, CONFIG_FILE), file_config, fields, hf_dir)
+    logging.info("imported %s (%s) -> %s", hf_dir, hf["model_type"], out_dir)
+    return c
+
+
+def _save_params(directory: str, params: dict[str, Any], c: ml_collections.ConfigDict,
+                 extra: dict[str, Any]) -> None:
+    """Writes step IMPORT_STEP the way `jaxlm.checkpoint.Checkpointer` lays a checkpoint out
+    (state/ with the params under "params", config/, extra/), but without the copy of every
+    host array that orbax makes by default (for asynchronous saves), which would double the
+    peak memory of the import, and without OCDBT, whose writer holds the compressed data of
+    all arrays until the commit (+0.8x the model, measured); every array gets its own zarr
+    directory instead. `restore_params` reads both layouts."""
+    numpy_no_copy = ocp.type_handlers.create_type_handler_registry(
+        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    registry.add(ckpt_lib.STATE, ocp.args.PyTreeSave,
+                 ocp.PyTreeCheckpointHandler(type_handler_registry=numpy_no_copy, use_ocdbt=False))
+    for name in ckpt_lib.JSON_ITEMS:
+        registry.add(name, ocp.args.JsonSave, ocp.handlers.JsonCheckpointHandler())
+    options = ocp.CheckpointManagerOptions(
+        step_name_format=ocp.path.step.standard_name_format(), create=True,
+        enable_async_checkpointing=False)
+    with ocp.CheckpointManager(directory, options=options, handler_registry=registry) as mngr:
+        mngr.save(IMPORT_STEP, args=ocp.args.Composite(**{
+            ckpt_lib.STATE: ocp.args.PyTreeSave({"params": params}),
+            ckpt_lib.CONFIG: ocp.args.JsonSave(json.loads(c.to_json_best_effort())),
+            ckpt_lib.EXTRA: ocp.args.JsonSave(extra)}))
+
+
+def _check_covered(cfg: ModelConfig, params: dict, done: set) -> None:
+    """Every jaxlm param (every layer of a stacked one) was written by some HF tensor."""
+    for path, array in params.items():
+        stacked = cfg.scan_layers and path[0] == "blocks"
+        slots = [(path, i) for i in range(array.shape[0])] if stacked else [(path, None)]
+        missing = [s for s in slots if s not in done]
+        if missing:
+            raise AssertionError(f"jaxlm param {'/'.join(path)} (layers "
+                                 f"{[i for _, i in missing]}) has no HF tensor in the mapping")
+
+
+def _checkpoint_directory(path: str) -> str:
+    """A directory of step checkpoints; a run's workdir (holding checkpoints/) also works."""
+    if not ckpt_lib.complete_steps(path) and ckpt_lib.complete_steps(
+            os.path.join(path, CHECKPOINTS)):
+        return os.path.join(path, CHECKPOINTS)
+    return path
+
+
+def _read_checkpoint(checkpoint_dir: str, step: int | None
+                     ) -> tuple[str, int, ml_collections.ConfigDict, dict[str, Any]]:
+    """(directory, step, run config, extra) of a jaxlm checkpoint; no arrays are read."""
+    directory = os.path.abspath(_checkpoint_directory(checkpoint_dir))
+    steps = ckpt_lib.complete_steps(directory)
+    if not steps:
+        raise FileNotFoundError(f"{checkpoint_dir} holds no complete jaxlm checkpoint")
+    step = steps[-1] if step is None else step
+    ckpt = ckpt_lib.Checkpointer(directory, save_every=0, keep_last=1, async_save=False)
+    with ckpt:
+        c = ml_collections.ConfigDict(ckpt.read_json(step, ckpt_lib.CONFIG))
+        try:
+            extra = ckpt.read_json(step, ckpt_lib.EXTRA)
+        except FileNotFoundError:
+            extra = {}
+    return directory, step, c, extra
+
+
+def _abstract_on_one_device(cfg: ModelConfig) -> dict[tuple[str, ...], Any]:
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return {path: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device)
+            for path, x in _flat(abstract_params(cfg)).items()}
+
+
+def export_hf(checkpoint_dir: str, out_dir: str, *, step: int | None = None,
+              dtype: str = "", max_shard_bytes: int = 5 * 2**30,
+              overwrite: bool = False) -> list[str]:
+    """Writes the jaxlm checkpoint as a HF model directory; returns the weight files written.
+
+    `dtype`: of the HF weights ("" = the checkpoint's param dtype). The HF tensors are written
+    grouped by the jaxlm params they come from, and those params are restored one group at a
+    time (a stacked `blocks/...` param serves every layer's tensor), so the peak memory is
+    about the largest param, not the model.
+    """
+    directory, step, c, extra = _read_checkpoint(checkpoint_dir, step)
+    cfg = config_lib.model_config(c)
+    out_dtype = np.dtype(dtype or cfg.param_dtype)
+    safetensors_io.dtype_code(out_dtype)  # fail early on an unsupported dtype
+    config = hf_config.hf_config(cfg, torch_dtype=str(out_dtype))
+    abstract = _abstract_on_one_device(cfg)
+    groups: dict[tuple[tuple[str, ...], ...], list[hf_weights.TensorMap]] = {}
+    for m in hf_weights.tensor_maps(cfg):
+        leaves = tuple(sorted({hf_weights.param_slot(cfg, p, m.layer)[0] for p in m.params}))
+        groups.setdefault(leaves, []).append(m)
+    by_name = {m.name: (leaves, m) for leaves, ms in groups.items() for m in ms}
+    loaded: dict[tuple[str, ...], np.ndarray] = {}
+
+    def produce(name: str) -> np.ndarray:
+        leaves, m = by_name[name]
+        if set(loaded) != set(leaves):
+            loaded.clear()  # the previous group is written: free it before reading the next
+            restored = ckpt_lib.restore_params(
+                directory, step, _nest({p: abstract[p] for p in leaves}), subset=True)
+            loaded.update({p: np.asarray(x) for p, x in _flat(restored).items()})
+            del restored
+        arrays = []
+        for path in m.params:
+            full, index = hf_weights.param_slot(cfg, path, m.layer)
+            arrays.append(loaded[full] if index is None else loaded[full][index])
+        return m.to_hf(*arrays).astype(out_dtype, copy=False)
+
+    _prepare_out_dir(out_dir, overwrite)
+    entries = [(m.name, m.shape) for ms in groups.values() for m in ms]
+    files = safetensors_io.write_model(out_dir, entries, produce, out_dtype, max_shard_bytes)
+    loaded.clear()
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    tokenizer = extra.get("tokenizer_path", "")
+    if tokenizer and os.path.isfile(tokenizer):
+        shutil.copyfile(tokenizer, os.path.join(out_dir, TOKENIZER_FILE))
+    logging.info("exported step %d of %s (%s) -> %s: %s", step, checkpoint_dir,
+                 config["model_type"], out_dir, files)
+    return files

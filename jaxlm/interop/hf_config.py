@@ -1,0 +1,171 @@
+"""Hugging Face `config.json` <-> the `model` section of a jaxlm run config.
+
+Supported: Llama-family decoders (`model_type` llama, mistral, qwen2: RoPE, RMSNorm, SwiGLU,
+grouped-query attention, Qwen2's q/k/v biases) and GPT-2. Anything in a config.json that would
+change the function the model computes and that jaxlm does not implement (RoPE scaling, sliding
+windows, biases elsewhere, other activations) is an error naming the config.json key, never
+silently dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jaxlm.models.config import ModelConfig
+
+LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+GPT2 = "gpt2"
+# GELU variants equal to jax.nn.gelu(approximate=True), the one jaxlm's GPT-2 MLP uses.
+_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
+
+
+def _fail(key: str, msg: str) -> None:
+    raise ValueError(f"config.json key {key}: {msg}")
+
+
+def model_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    """The `model.*` values of a jaxlm run config that computes what `hf` (config.json) does."""
+    model_type = hf.get("model_type")
+    if model_type in LLAMA_FAMILY:
+        return _llama_fields(hf)
+    if model_type == GPT2:
+        return _gpt2_fields(hf)
+    _fail("model_type", f"{model_type!r} is not supported; supported: "
+          f"{', '.join(LLAMA_FAMILY + (GPT2,))}")
+    raise AssertionError  # unreachable
+
+
+def _rope_theta(hf: dict[str, Any]) -> float:
+    """The RoPE base of plain (unscaled) RoPE; transformers <5 and >=5 spell it differently."""
+    params = hf.get("rope_parameters") or {}
+    if params and not all(isinstance(v, (int, float, str)) for v in params.values()):
+        _fail("rope_parameters", "per-layer-type RoPE parameters are not supported")
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind != "default":
+        _fail("rope_parameters.rope_type", f"{kind!r}: only plain RoPE ('default') is "
+              "implemented (no llama3/linear/dynamic/yarn scaling)")
+    scaling = hf.get("rope_scaling")
+    if scaling:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind != "default":
+            _fail("rope_scaling", f"{kind!r} RoPE scaling is not implemented ({scaling})")
+    if params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+        _fail("partial_rotary_factor", "partial rotary embeddings are not implemented")
+    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def _check_full_attention(hf: dict[str, Any]) -> None:
+    if hf.get("use_sliding_window"):
+        _fail("use_sliding_window", "sliding-window attention is not implemented")
+    window, max_len = hf.get("sliding_window"), hf.get("max_position_embeddings")
+    if hf.get("use_sliding_window", True) and window is not None and window < max_len:
+        _fail("sliding_window", f"{window} < max_position_embeddings={max_len}: sliding-window "
+              "attention is not implemented (a model whose window covers every position, or "
+              "null, converts)")
+    kinds = set(hf.get("layer_types") or ["full_attention"])
+    if kinds != {"full_attention"}:
+        _fail("layer_types", f"{sorted(kinds)}: only full_attention layers are implemented")
+
+
+def _llama_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    model_type = hf["model_type"]
+    if hf.get("hidden_act", "silu") != "silu":
+        _fail("hidden_act", f"{hf['hidden_act']!r}: the Llama-family MLP is SwiGLU (silu)")
+    if hf.get("attention_bias"):
+        _fail("attention_bias", "biases on all attention projections (including o_proj) are "
+              "not implemented; Qwen2's q/k/v-only biases are (model_type qwen2)")
+    if hf.get("mlp_bias"):
+        _fail("mlp_bias", "MLP biases in a Llama-family model are not implemented")
+    _check_full_attention(hf)
+    d, heads = hf["hidden_size"], hf["num_attention_heads"]
+    return {
+        "vocab_size": hf["vocab_size"], "d_model": d, "num_layers": hf["num_hidden_layers"],
+        "num_heads": heads, "num_kv_heads": hf.get("num_key_value_heads") or heads,
+        "head_dim": hf.get("head_dim") or d // heads, "d_ff": hf["intermediate_size"],
+        "max_seq_len": hf["max_position_embeddings"], "position_embedding": "rope",
+        "norm": "rmsnorm", "mlp_activation": "swiglu", "use_bias": False,
+        "qkv_bias": model_type == "qwen2",
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        "rope_theta": _rope_theta(hf), "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+    }
+
+
+def _gpt2_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    act = hf.get("activation_function", "gelu_new")
+    if act not in _TANH_GELUS:
+        _fail("activation_function", f"{act!r}: jaxlm's GPT-2 MLP is the tanh GELU "
+              f"({' / '.join(_TANH_GELUS)})")
+    if not hf.get("scale_attn_weights", True):
+        _fail("scale_attn_weights", "attention without 1/sqrt(head_dim) is not implemented")
+    if hf.get("scale_attn_by_inverse_layer_idx"):
+        _fail("scale_attn_by_inverse_layer_idx", "per-layer attention scaling is not "
+              "implemented")
+    if hf.get("add_cross_attention"):
+        _fail("add_cross_attention", "cross-attention is not implemented")
+    d, heads = hf["n_embd"], hf["n_head"]
+    if d % heads:
+        _fail("n_head", f"{heads} does not divide n_embd={d}")
+    return {
+        "vocab_size": hf["vocab_size"], "d_model": d, "num_layers": hf["n_layer"],
+        "num_heads": heads, "num_kv_heads": heads, "head_dim": d // heads,
+        "d_ff": hf.get("n_inner") or 4 * d, "max_seq_len": hf["n_positions"],
+        "position_embedding": "learned", "norm": "layernorm", "mlp_activation": "gelu",
+        "use_bias": True, "qkv_bias": False,
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", True)),
+        "rope_theta": 10000.0, "norm_eps": float(hf.get("layer_norm_epsilon", 1e-5)),
+    }
+
+
+def family(cfg: ModelConfig) -> str:
+    """The HF `model_type` that computes what `cfg` does (llama, qwen2 or gpt2); raises naming
+    the `model.*` key that no supported HF architecture has."""
+
+    def fail(key: str, msg: str) -> None:
+        raise ValueError(f"config key model.{key}: {msg}; cannot export to Hugging Face")
+
+    if cfg.position_embedding == "learned":
+        for key, want in (("norm", "layernorm"), ("mlp_activation", "gelu"), ("use_bias", True)):
+            if getattr(cfg, key) != want:
+                fail(key, f"a GPT-2-style model (learned positions) needs {want!r}")
+        if cfg.num_kv_heads != cfg.num_heads:
+            fail("num_kv_heads", "GPT-2 has no grouped-query attention")
+        if cfg.num_heads * cfg.head_dim != cfg.d_model:
+            fail("head_dim", "GPT-2 needs num_heads * head_dim == d_model")
+        return GPT2
+    for key, want in (("norm", "rmsnorm"), ("mlp_activation", "swiglu"), ("use_bias", False)):
+        if getattr(cfg, key) != want:
+            fail(key, f"a Llama-style model (rope) needs {want!r}")
+    return "qwen2" if cfg.qkv_bias else "llama"
+
+
+def hf_config(cfg: ModelConfig, torch_dtype: str) -> dict[str, Any]:
+    """The config.json of the HF model that computes what `cfg` does (see `family`)."""
+    kind = family(cfg)
+    if kind == GPT2:
+        return {
+            "architectures": ["GPT2LMHeadModel"], "model_type": GPT2,
+            "vocab_size": cfg.vocab_size, "n_positions": cfg.max_seq_len, "n_embd": cfg.d_model,
+            "n_layer": cfg.num_layers, "n_head": cfg.num_heads, "n_inner": cfg.d_ff,
+            "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
+            "scale_attn_weights": True, "tie_word_embeddings": cfg.tie_embeddings,
+            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+            "torch_dtype": torch_dtype,
+        }
+    out = {
+        "architectures": ["Qwen2ForCausalLM" if kind == "qwen2" else "LlamaForCausalLM"],
+        "model_type": kind, "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim, "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+        # transformers < 5 reads rope_theta, >= 5 rope_parameters.
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": torch_dtype,
+    }
+    if kind == "qwen2":
+        out.update(use_sliding_window=False, sliding_window=None,
+                   max_window_layers=cfg.num_layers)
+    else:
+        out.update(attention_bias=False, mlp_bias=False)
+    return out
