@@ -16,8 +16,9 @@ import ml_collections
 from jaxlm.data.chat import default_chat_config
 from jaxlm.data.config import check_data_config, default_data_config
 from jaxlm.distributed import check_distributed_config, default_distributed_config
-from jaxlm.models.config import ModelConfig
+from jaxlm.models.config import ModelConfig, MoeConfig
 from jaxlm.models.lora import ATTENTION_TARGETS, MLP_TARGETS
+from jaxlm.models.pipeline import bubble_fraction
 from jaxlm.sharding import MESH_AXES, resolve_mesh_shape
 from jaxlm.stages.settings import (
     check_stage_config,
@@ -90,6 +91,22 @@ def base_config() -> ml_collections.ConfigDict:
     lo.alpha = 16.0
     # Also adapt the MLP weights (attention wq/wk/wv/wo always are).
     lo.mlp = False
+    # Mixture of experts (docs/moe.md); num_experts = 0 keeps every MLP dense.
+    m.moe = mo = ml_collections.ConfigDict()
+    # Experts per MoE block (each of width model.d_ff); shard them with mesh.expert.
+    mo.num_experts = 0
+    # Experts per token: 1 (Switch) or 2 (GShard / Mixtral).
+    mo.top_k = 2
+    # Slots per expert and sequence = ceil(capacity_factor * top_k * seq_len / num_experts).
+    mo.capacity_factor = 1.25
+    # Give every expert seq_len slots so no token is ever dropped.
+    mo.dropless = False
+    # Every this-many-th block is MoE (1: all blocks; 2: every other block).
+    mo.every = 1
+    # Weight of the load-balancing loss (Switch Transformer) in the training loss.
+    mo.aux_loss_weight = 0.01
+    # Weight of the router z-loss (ST-MoE) in the training loss.
+    mo.router_z_loss_weight = 0.001
 
     c.data = default_data_config()
     # Chat template of the sft and dpo stages (jaxlm/data/chat.py), and their own sections.
@@ -125,7 +142,11 @@ def base_config() -> ml_collections.ConfigDict:
     me.data = -1
     me.fsdp = 1
     me.tensor = 1
+    # Pipeline stages: the blocks are split into this many stages of num_layers / pipeline
+    # layers each (GPipe schedule, see docs/pipeline.md). Never -1.
     me.pipeline = 1
+    # Expert parallelism: MoE experts are split over this axis (it also splits the batch).
+    me.expert = 1
 
     c.train = t = ml_collections.ConfigDict()
     # Sequences per optimizer step, over all devices and processes.
@@ -139,6 +160,10 @@ def base_config() -> ml_collections.ConfigDict:
     # A step whose loss or gradient norm is NaN/Inf is skipped (params unchanged); the run stops
     # with an error after this many such steps in a row.
     t.max_nonfinite = 10
+    # Pipeline microbatches (mesh.pipeline > 1 only): each batch (each grad_accum_steps chunk)
+    # is cut into this many microbatches that flow through the stages together; the idle
+    # "bubble" fraction is (pipeline - 1) / (num_microbatches + pipeline - 1).
+    t.num_microbatches = 1
 
     # How this process joins a multi-host job (see docs/multihost.md); auto-detected on Cloud TPU
     # and SLURM, a no-op on one machine.
@@ -240,11 +265,45 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = Non
         use_bias=m.use_bias, tie_embeddings=m.tie_embeddings, rope_theta=m.rope_theta,
         norm_eps=m.norm_eps, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype,
         remat=m.remat, scan_layers=m.scan_layers, attention=m.attention, init_std=m.init_std,
-        qkv_bias=m.qkv_bias, lora_rank=m.lora.rank, lora_alpha=m.lora.alpha,
+        qkv_bias=m.qkv_bias, pipeline_stages=max(config.mesh.pipeline, 1),
+        pipeline_microbatches=max(config.train.num_microbatches, 1),
+        moe=MoeConfig(**m.moe.to_dict()) if m.moe.num_experts else None,
+        lora_rank=m.lora.rank, lora_alpha=m.lora.alpha,
         lora_targets=ATTENTION_TARGETS + (MLP_TARGETS if m.lora.mlp else ()),
         reward_head=config.stage == "reward")
     cfg.check()
     return cfg
+
+
+def _check_pipeline(config: ml_collections.ConfigDict) -> None:
+    stages, m = config.mesh.pipeline, config.train.num_microbatches
+    layers = config.model.num_layers
+    if stages == -1:
+        _fail("mesh.pipeline", "-1 is not supported here; give the number of pipeline stages")
+    if m < 1:
+        _fail("train.num_microbatches", f"must be >= 1, got {m}")
+    if stages == 1 and m > 1:
+        _fail("train.num_microbatches", f"{m} pipeline microbatches need mesh.pipeline > 1; "
+              "for sequential microbatches (gradient accumulation) use optim.grad_accum_steps")
+    if stages > 1 and not config.model.scan_layers:
+        _fail("model.scan_layers", f"mesh.pipeline={stages} needs scan_layers=True (the "
+              "stages are slices of the stacked layers)")
+    if stages > 1 and layers % stages:
+        _fail("mesh.pipeline", f"{stages} pipeline stages do not divide model.num_layers="
+              f"{layers}: every stage holds num_layers / mesh.pipeline layers")
+
+
+def pipeline_summary(config: ml_collections.ConfigDict) -> str | None:
+    """The startup log line of a pipelined run (None without pipelining): stages, microbatch
+    sizes and the GPipe bubble fraction (P-1)/(M+P-1)."""
+    stages, m = config.mesh.pipeline, config.train.num_microbatches
+    if stages == 1:
+        return None
+    rows = config.train.global_batch_size // config.optim.grad_accum_steps // m
+    bubble = bubble_fraction(stages, m)
+    return (f"pipeline: {stages} stages x {config.model.num_layers // stages} layers, "
+            f"{m} microbatches of {rows} sequences (global), GPipe schedule: bubble fraction "
+            f"(P-1)/(M+P-1) = {bubble:.3f}")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -255,6 +314,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check_data_config(config.data)
     check_stage_config(config)
     check_distributed_config(config.distributed)
+    _check_pipeline(config)
     model_config(config, vocab_size=config.model.vocab_size or 1)
     if config.model.max_seq_len and config.model.max_seq_len < config.data.seq_len:
         _fail("model.max_seq_len", f"{config.model.max_seq_len} is shorter than "
@@ -288,19 +348,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
         size = config.mesh[axis]
         if size == 0 or size < -1:
             _fail(f"mesh.{axis}", f"size must be positive or -1, got {size}")
-    if config.mesh.pipeline != 1:
-        _fail("mesh.pipeline", "pipeline parallelism is not implemented yet; keep it 1")
 
 
 def check_devices(config: ml_collections.ConfigDict, num_devices: int,
                   num_processes: int = 1) -> dict[str, int]:
     """Checks the mesh and batch against the devices; returns the resolved mesh shape."""
     shape = resolve_mesh_shape({a: config.mesh[a] for a in MESH_AXES}, num_devices)
-    dp = shape["data"] * shape["fsdp"]
+    dp = shape["data"] * shape["fsdp"] * shape["expert"]
     batch = config.train.global_batch_size
     if batch % dp:
         _fail("train.global_batch_size", f"{batch} is not divisible by the data-parallel size "
-              f"{dp} (mesh.data * mesh.fsdp)")
+              f"{dp} (mesh.data * mesh.fsdp * mesh.expert)")
+    experts = config.model.moe.num_experts
+    if shape["expert"] > 1 and experts % shape["expert"]:
+        _fail("mesh.expert", f"{shape['expert']} does not divide model.moe.num_experts="
+              f"{experts}")
     if batch % num_processes:
         _fail("train.global_batch_size", f"{batch} is not divisible by the {num_processes} "
               "processes")
@@ -308,6 +370,11 @@ def check_devices(config: ml_collections.ConfigDict, num_devices: int,
     if (batch // dp) % accum:
         _fail("optim.grad_accum_steps", f"{accum} microbatches do not divide the per-replica "
               f"batch {batch // dp} (train.global_batch_size / data-parallel size {dp})")
+    m = config.train.num_microbatches
+    if (batch // dp // accum) % m:
+        _fail("train.num_microbatches", f"{m} pipeline microbatches do not divide the "
+              f"per-replica batch of one accumulation step, {batch // dp // accum} "
+              f"(train.global_batch_size / data-parallel size {dp} / optim.grad_accum_steps)")
     return shape
 
 
@@ -325,4 +392,4 @@ def describe(config: ml_collections.ConfigDict) -> str:
 
 
 __all__ = ["base_config", "parse_arg", "validate", "check_devices", "model_config", "describe",
-           "tokens_per_step"]
+           "tokens_per_step", "pipeline_summary"]

@@ -26,6 +26,11 @@ Chinchilla's Appendix F:
   * the output head is charged over the padded vocabulary, tied or not;
   * training = 3 x forward (backward = 2 x forward); recomputation from `remat` is not counted, as
     is usual for MFU (it would be "hardware FLOPs").
+
+Mixture of experts (`cfg.moe`): `total` holds every expert; `active` / `active_non_embedding`
+count only the top_k experts a token uses (plus the router), and the FLOPs charge a token its
+top_k experts and the router matmul. Slots left empty by the capacity factor (compute spent on
+padding, up to capacity_factor - 1 extra) are hardware FLOPs and are not counted.
 """
 
 from __future__ import annotations
@@ -49,6 +54,17 @@ def _mlp_params_per_layer(cfg: ModelConfig) -> int:
     return matrices * d * f + biases
 
 
+def _moe_layers(cfg: ModelConfig) -> int:
+    return cfg.num_layers // cfg.moe.every if cfg.moe is not None else 0
+
+
+def _moe_mlp_params(cfg: ModelConfig, experts: int) -> int:
+    """MLP parameters of all layers when each MoE layer holds `experts` experts (+ router)."""
+    dense, moe_layers = _mlp_params_per_layer(cfg), _moe_layers(cfg)
+    router = cfg.d_model * cfg.moe.num_experts if moe_layers else 0
+    return (cfg.num_layers - moe_layers) * dense + moe_layers * (experts * dense + router)
+
+
 def _norm_params(cfg: ModelConfig) -> int:
     """Scale (+ bias for LayerNorm) of 2 norms per block and the final norm."""
     per_norm = cfg.d_model * (2 if cfg.norm == "layernorm" else 1)
@@ -59,7 +75,9 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
     """Parameter counts by component; see the module docstring for the convention.
 
     Keys: `total`, `embedding` (= `token_embedding` + `position_embedding`), `non_embedding`,
-    `attention`, `mlp`, `norms` (all layers together), and `head` (0 when tied).
+    `attention`, `mlp`, `norms` (all layers together), `head` (0 when tied), and
+    `active` / `active_non_embedding` (what one token uses: equal to `total` / `non_embedding`
+    unless the model is a mixture of experts).
     """
     vocab, d = cfg.padded_vocab_size, cfg.d_model
     token_embedding = vocab * d
@@ -69,12 +87,15 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
         "position_embedding": position_embedding,
         "embedding": token_embedding + position_embedding,
         "attention": cfg.num_layers * _attention_params_per_layer(cfg),
-        "mlp": cfg.num_layers * _mlp_params_per_layer(cfg),
+        "mlp": _moe_mlp_params(cfg, cfg.moe.num_experts if cfg.moe else 1),
         "norms": _norm_params(cfg),
         "head": 0 if cfg.tie_embeddings else d * vocab,
     }
     counts["non_embedding"] = counts["attention"] + counts["mlp"] + counts["norms"] + counts["head"]
     counts["total"] = counts["embedding"] + counts["non_embedding"]
+    inactive = counts["mlp"] - _moe_mlp_params(cfg, cfg.moe.top_k if cfg.moe else 1)
+    counts["active_non_embedding"] = counts["non_embedding"] - inactive
+    counts["active"] = counts["total"] - inactive
     return counts
 
 
@@ -83,8 +104,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
 
     Per-layer terms are summed over all layers. Keys: `embedding` (0), `qkv_projections`,
     `attention_logits`, `attention_values`, `output_projection`, `mlp`, `head`, `forward`,
-    `train` (3 x forward), and for comparison `approx_6n` = 6 * non_embedding params and
-    `approx_6n_total` = 6 * total params (Kaplan's and Chinchilla's C = 6N per token).
+    `train` (3 x forward), and for comparison `approx_6n` = 6 * active_non_embedding params and
+    `approx_6n_total` = 6 * active params (Kaplan's and Chinchilla's C = 6N per token; active =
+    all params for a dense model).
     """
     if seq_len <= 0:
         raise ValueError(f"seq_len must be positive, got {seq_len}")
@@ -92,22 +114,26 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
         raise ValueError(f"seq_len {seq_len} exceeds model.max_seq_len={cfg.max_seq_len}, the "
                          "size of the learned position table")
     d, h, n, k, f = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_ff
-    layers = cfg.num_layers
+    layers, moe_layers = cfg.num_layers, _moe_layers(cfg)
     mlp_matrices = 3 if cfg.mlp_activation == "swiglu" else 2
+    per_token_mlp = 2 * mlp_matrices * d * f
+    mlp = (layers - moe_layers) * per_token_mlp
+    if moe_layers:
+        mlp += moe_layers * (cfg.moe.top_k * per_token_mlp + 2 * d * cfg.moe.num_experts)
     flops = {
         "embedding": 0.0,
         "qkv_projections": float(layers * 2 * d * (h + 2 * n) * k),
         "attention_logits": float(layers * 2 * seq_len * h * k),
         "attention_values": float(layers * 2 * seq_len * h * k),
         "output_projection": float(layers * 2 * h * k * d),
-        "mlp": float(layers * 2 * mlp_matrices * d * f),
+        "mlp": float(mlp),
         "head": float(2 * d * cfg.padded_vocab_size),
     }
     flops["forward"] = sum(flops.values())
     flops["train"] = 3.0 * flops["forward"]
     params = count_params(cfg)
-    flops["approx_6n"] = 6.0 * params["non_embedding"]
-    flops["approx_6n_total"] = 6.0 * params["total"]
+    flops["approx_6n"] = 6.0 * params["active_non_embedding"]
+    flops["approx_6n_total"] = 6.0 * params["active"]
     return flops
 
 

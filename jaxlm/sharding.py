@@ -2,11 +2,16 @@
 
 Model code names every parameter dimension and every activation at a block boundary with a
 *logical* axis (`embed`, `heads`, `act_batch`, ...). This module alone decides which mesh axes
-(`data`, `fsdp`, `tensor`, `pipeline`) those names land on:
+(`data`, `fsdp`, `tensor`, `pipeline`, `expert`) those names land on:
 
 * parameters are sharded over `fsdp` on their `embed` dimension (ZeRO-3 style) and over `tensor`
   on heads / mlp / vocab (Megatron style);
-* activations are sharded over (`data`, `fsdp`) on the batch and over `tensor` on heads / mlp.
+* activations are sharded over (`data`, `fsdp`, `expert`) on the batch and over `tensor` on
+  heads / mlp;
+* the stacked blocks' `layers` axis and the pipeline schedule's `stages` axis go over
+  `pipeline` (stage s holds layers [s*L/P, (s+1)*L/P); see jaxlm/models/pipeline.py);
+* mixture-of-experts weights are sharded over `expert` on their experts dimension; outside the
+  MoE blocks the `expert` axis is one more data-parallel axis (docs/moe.md).
 
 A mesh axis that does not divide the dimension it would shard is dropped for that array (the
 dimension is replicated instead) so that e.g. one kv head works with tensor=4.
@@ -25,7 +30,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor", "pipeline")
+MESH_AXES = ("data", "fsdp", "tensor", "pipeline", "expert")
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None for replicated). One entry per name.
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
@@ -36,17 +41,20 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("head_dim", None),
     ("mlp", "tensor"),
     ("vocab", "tensor"),
-    ("layers", None),
+    ("layers", "pipeline"),
     ("norm", None),
     ("positions", None),
+    ("expert", "expert"),
     # activations
-    ("act_batch", ("data", "fsdp")),
+    ("act_batch", ("data", "fsdp", "expert")),
     ("act_length", None),
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_kv_heads", "tensor"),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
+    ("stages", "pipeline"),
+    ("act_expert", "expert"),
 )
 
 
@@ -63,8 +71,10 @@ _check_rules(LOGICAL_AXIS_RULES)
 def resolve_mesh_shape(sizes: dict[str, int], num_devices: int) -> dict[str, int]:
     """Replaces one -1 by 'the rest of the devices' and checks the product.
 
-    Raises ValueError naming the `mesh.*` key when the sizes cannot fit `num_devices`.
+    An axis missing from `sizes` has size 1. Raises ValueError naming the `mesh.*` key when the
+    sizes cannot fit `num_devices`.
     """
+    sizes = {axis: sizes.get(axis, 1) for axis in MESH_AXES}
     unknown = [axis for axis in MESH_AXES if sizes[axis] == -1]
     for axis in MESH_AXES:
         if sizes[axis] == 0 or sizes[axis] < -1:
@@ -90,7 +100,7 @@ def resolve_mesh_shape(sizes: dict[str, int], num_devices: int) -> dict[str, int
 
 
 def make_mesh(sizes: dict[str, int], devices: Sequence[Any] | None = None) -> Mesh:
-    """Builds the (data, fsdp, tensor, pipeline) mesh; sizes may contain one -1."""
+    """Builds the (data, fsdp, tensor, pipeline, expert) mesh; sizes may contain one -1."""
     devices = list(devices if devices is not None else jax.devices())
     shape = resolve_mesh_shape(sizes, len(devices))
     axis_shapes = tuple(shape[a] for a in MESH_AXES)
@@ -149,6 +159,17 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec)
 
 
+def constrain_leading(x: jax.Array, logical: str) -> jax.Array:
+    """Constrains only the leading axis of `x` (by logical name); the others stay as XLA
+    propagates them (e.g. a parameter's fsdp/tensor sharding). A no-op outside `activate`."""
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = nn.get_logical_axis_rules()
+    if mesh.empty or not rules:
+        return x
+    lead = logical_to_mesh_spec((logical,), x.shape[:1], _mesh_shape(mesh), rules)[0]
+    return jax.lax.with_sharding_constraint(x, P(lead, *[P.UNCONSTRAINED] * (x.ndim - 1)))
+
+
 @contextlib.contextmanager
 def activate(mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> Iterator[None]:
     """Makes `mesh` and the rules current while tracing, so `constrain` takes effect."""
@@ -178,7 +199,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Sharding of a data batch [batch, length, ...]: batch over (data, fsdp)."""
+    """Sharding of a data batch [batch, length, ...]: batch over (data, fsdp, expert)."""
     spec = logical_to_mesh_spec(("act_batch",) + (None,) * (ndim - 1),
                                 (data_parallel_size(mesh),) + (1,) * (ndim - 1),
                                 _mesh_shape(mesh))
@@ -193,7 +214,7 @@ def data_parallel_size(mesh: Mesh) -> int:
 
 
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Assembles each process's rows into global arrays sharded over (data, fsdp).
+    """Assembles each process's rows into global arrays sharded over (data, fsdp, expert).
 
     Every process passes only its own slice; the same code runs on one host or many.
     """

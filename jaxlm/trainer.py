@@ -85,6 +85,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
                      model_cfg.padded_vocab_size, model_cfg.vocab_multiple)
     logging.info("mesh %s on %d %s devices", dict(mesh.shape), jax.device_count(),
                  jax.devices()[0].platform)
+    if (pipeline_line := config_lib.pipeline_summary(config)) is not None:
+        logging.info(pipeline_line)
     return Setup(config=config, workdir=workdir, mesh=mesh, tokenizer=tokenizer,
                  model_cfg=model_cfg, model=Transformer(model_cfg),
                  stage=get_stage(config.stage), cache_dir=cache_dir)

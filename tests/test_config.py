@@ -30,7 +30,7 @@ def test_base_config_is_valid():
     ({"train__steps": 0}, "train.steps"),
     ({"stage": "rlhf"}, "stage"),
     ({"mesh__tensor": 0}, "mesh.tensor"),
-    ({"mesh__pipeline": 2}, "mesh.pipeline"),
+    ({"mesh__pipeline": 3}, "mesh.pipeline"),
     ({"log__every_steps": 0}, "log.every_steps"),
 ])
 def test_bad_values_name_their_key(overrides, key):

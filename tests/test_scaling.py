@@ -12,7 +12,7 @@ import pytest
 from flax.linen import meta
 
 from jaxlm import scaling
-from jaxlm.models import ModelConfig, Transformer
+from jaxlm.models import ModelConfig, MoeConfig, Transformer
 
 LLAMA = ModelConfig(vocab_size=250, d_model=32, num_layers=3, num_heads=4, num_kv_heads=2,
                     head_dim=8, d_ff=64, max_seq_len=16)
@@ -26,6 +26,9 @@ VARIANTS = {
     "gpt2": GPT2,
     "gpt2_untied_head_dim_not_d_over_h": dataclasses.replace(GPT2, tie_embeddings=False,
                                                             head_dim=12, vocab_size=256),
+    "moe_top2": dataclasses.replace(LLAMA, moe=MoeConfig(num_experts=4, top_k=2)),
+    "gpt2_moe_every_3rd": dataclasses.replace(GPT2, moe=MoeConfig(num_experts=3, top_k=1,
+                                                                  every=3)),
 }
 
 
@@ -49,7 +52,7 @@ def _component(path: str) -> str:
         return "norms"
     if "/attn/" in path:
         return "attention"
-    if "/mlp/" in path:
+    if "/mlp/" in path or "/moe/" in path:
         return "mlp"
     raise AssertionError(f"parameter {path} has no component")
 
@@ -103,6 +106,24 @@ def test_flops_per_token_terms() -> None:
     assert flops["forward"] - flops["attention_logits"] - flops["attention_values"] == \
         2 * matmul_params
     assert scaling.flops_per_token(GPT2, seq)["mlp"] == layers * 2 * 2 * d * f  # GELU: two
+
+
+def test_moe_active_params_and_flops() -> None:
+    d, f, layers, seq, experts = 32, 64, 3, 16, 4
+    cfg = VARIANTS["moe_top2"]
+    counts, dense = scaling.count_params(cfg), scaling.count_params(LLAMA)
+    expert_params = 3 * d * f  # SwiGLU
+    assert counts["mlp"] == layers * (experts * expert_params + d * experts)
+    assert counts["total"] - counts["active"] == layers * (experts - 2) * expert_params
+    assert counts["non_embedding"] - counts["active_non_embedding"] == \
+        counts["total"] - counts["active"]
+    assert dense["active"] == dense["total"]
+    flops = scaling.flops_per_token(cfg, seq)
+    assert flops["mlp"] == layers * (2 * 2 * expert_params + 2 * d * experts)
+    assert flops["approx_6n"] == 6 * counts["active_non_embedding"]
+    # forward matmul FLOPs are 2 x the parameters one token actually multiplies with
+    assert flops["forward"] - flops["attention_logits"] - flops["attention_values"] == \
+        2 * (counts["active_non_embedding"] - counts["norms"])
 
 
 def test_flops_per_step_and_errors() -> None:

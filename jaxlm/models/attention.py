@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm import sharding
-from jaxlm.models import lora
+from jaxlm.models import kv_cache, lora
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.mlp import dense
 from jaxlm.models.rope import apply_rope
@@ -177,9 +177,14 @@ def resolve_attention(name: str) -> str:
 
 
 class Attention(nn.Module):
-    """Self-attention: q/k/v projections, RoPE (if configured), attention, output projection."""
+    """Self-attention: q/k/v projections, RoPE (if configured), attention, output projection.
+
+    decode=True attends over a KV cache (the "cache" collection, see `jaxlm.models.kv_cache`):
+    segment_ids then mark which of the new tokens are real (non-zero) or padding.
+    """
 
     cfg: ModelConfig
+    decode: bool = False
 
     def _proj(self, name: str, shape: tuple[int, ...], axes: tuple[str, ...]) -> jax.Array:
         init = nn.initializers.normal(self.cfg.init_std)
@@ -216,8 +221,13 @@ class Attention(nn.Module):
             q_BxLxHxK = apply_rope(q_BxLxHxK, positions_BxL, cfg.rope_theta)
             k_BxLxNxK = apply_rope(k_BxLxNxK, positions_BxL, cfg.rope_theta)
 
-        attend = fused_attention if resolve_attention(cfg.attention) == "blocked" else xla_attention
-        out_BxLxHxK = attend(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, segment_ids_BxL)
+        if self.decode:
+            out_BxLxHxK = kv_cache.update_and_attend(self, q_BxLxHxK, k_BxLxNxK, v_BxLxNxK,
+                                                     segment_ids_BxL)
+        else:
+            attend = (fused_attention if resolve_attention(cfg.attention) == "blocked"
+                      else xla_attention)
+            out_BxLxHxK = attend(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, segment_ids_BxL)
         out_BxLxD = dense(out_BxLxHxK.reshape(b, length, h * k), wo_HxKxD.reshape(h * k, d))
         if cfg.use_bias:
             out_BxLxD += self._bias("bo", (d,), ("norm",))

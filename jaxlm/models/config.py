@@ -28,6 +28,38 @@ def pad_vocab(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
+class MoeConfig:
+    """Mixture-of-experts feed-forward blocks (see `jaxlm.models.moe` and docs/moe.md).
+
+    Attributes:
+      num_experts: experts per MoE block, each an MLP of width `ModelConfig.d_ff`.
+      top_k: experts each token is sent to (1: Switch, 2: GShard / Mixtral).
+      capacity_factor: an expert takes at most ceil(capacity_factor * k * L / E) tokens of each
+        sequence of L tokens; the rest of its assignments are dropped (zero MLP output).
+      dropless: capacity = L, so no assignment is ever dropped (costs E / k times the expert
+        FLOPs of capacity_factor=1; for small E, evaluation, or checking drop effects).
+      every: every this-many-th block is MoE (the last of each group), the others dense.
+      aux_loss_weight: weight of the load-balancing loss added to the training loss.
+      router_z_loss_weight: weight of the router z-loss (logsumexp of router logits)^2.
+    """
+
+    num_experts: int
+    top_k: int = 2
+    capacity_factor: float = 1.25
+    dropless: bool = False
+    every: int = 1
+    aux_loss_weight: float = 0.01
+    router_z_loss_weight: float = 0.001
+
+    def capacity(self, tokens_per_group: int) -> int:
+        """Slots per expert for a group (one sequence) of `tokens_per_group` tokens."""
+        if self.dropless:
+            return tokens_per_group
+        wanted = -(-self.capacity_factor * self.top_k * tokens_per_group // self.num_experts)
+        return max(1, min(tokens_per_group, int(wanted)))
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Architecture and numerics of a decoder-only transformer.
 
@@ -56,7 +88,11 @@ class ModelConfig:
         masked keys, hand-written backward pass; fastest on CPU) or "auto" (blocked on CPU,
         xla elsewhere).
       init_std: standard deviation of the normal initialiser of weight matrices.
+      pipeline_stages: pipeline stages P the blocks are split into (the `pipeline` mesh axis);
+        1 runs the blocks in one scan. P > 1 needs scan_layers and P dividing num_layers.
+      pipeline_microbatches: microbatches M each batch is cut into for the pipeline schedule.
       vocab_multiple: the embedding table is padded to a multiple of this.
+      moe: mixture-of-experts settings; None = every block has the dense MLP.
       lora_rank: rank of LoRA adapters on the lora_targets weights (0: none; models/lora.py).
       lora_alpha: adapters are scaled by lora_alpha / lora_rank.
       lora_targets: names of the adapted weights (attention wq/wk/wv/wo, mlp w_in/w_gate/w_out).
@@ -86,7 +122,10 @@ class ModelConfig:
     scan_layers: bool = True
     attention: str = "auto"
     init_std: float = 0.02
+    pipeline_stages: int = 1
+    pipeline_microbatches: int = 1
     vocab_multiple: int = VOCAB_MULTIPLE
+    moe: MoeConfig | None = None
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ("wq", "wk", "wv", "wo")
@@ -95,6 +134,10 @@ class ModelConfig:
     @property
     def padded_vocab_size(self) -> int:
         return pad_vocab(self.vocab_size, self.vocab_multiple)
+
+    def is_moe_layer(self, index: int) -> bool:
+        """Whether block `index` (0-based) has the MoE feed-forward: the last of every group."""
+        return self.moe is not None and (index + 1) % self.moe.every == 0
 
     @property
     def dtype(self) -> Any:
@@ -131,8 +174,37 @@ class ModelConfig:
             fail("lora.rank", f"must be >= 0 (0 = no adapters), got {self.lora_rank}")
         if self.attention not in ATTENTION_IMPLS:
             fail("attention", f"{self.attention!r} not in {ATTENTION_IMPLS}")
+        if self.pipeline_stages < 1 or self.pipeline_microbatches < 1:
+            fail("pipeline_stages", "pipeline stages and microbatches must be >= 1")
+        if self.pipeline_stages > 1 and not self.scan_layers:
+            fail("scan_layers", f"pipeline_stages={self.pipeline_stages} needs the stacked "
+                 "layers of scan_layers=True")
+        if self.num_layers % self.pipeline_stages:
+            fail("num_layers", f"{self.num_layers} layers cannot be split evenly into "
+                 f"{self.pipeline_stages} pipeline stages")
         for key in ("param_dtype", "compute_dtype"):
             try:
                 jnp.dtype(getattr(self, key))
             except TypeError:
                 fail(key, f"{getattr(self, key)!r} is not a dtype name")
+        if self.moe is not None:
+            self._check_moe(fail)
+            if self.pipeline_stages > 1:
+                fail("moe.num_experts", "mixture-of-experts blocks cannot run in the pipeline "
+                     "schedule yet: use mesh.pipeline=1 with model.moe")
+
+    def _check_moe(self, fail: Any) -> None:
+        moe = self.moe
+        if moe.num_experts < 1:
+            fail("moe.num_experts", f"must be >= 1, got {moe.num_experts}")
+        if moe.top_k not in (1, 2) or moe.top_k > moe.num_experts:
+            fail("moe.top_k", f"must be 1 or 2 and at most model.moe.num_experts="
+                 f"{moe.num_experts}, got {moe.top_k}")
+        if moe.capacity_factor <= 0:
+            fail("moe.capacity_factor", f"must be positive, got {moe.capacity_factor}")
+        if moe.every < 1 or self.num_layers % moe.every:
+            fail("moe.every", f"{moe.every} must be >= 1 and divide model.num_layers="
+                 f"{self.num_layers}")
+        for key in ("aux_loss_weight", "router_z_loss_weight"):
+            if getattr(moe, key) < 0:
+                fail(f"moe.{key}", f"must be >= 0, got {getattr(moe, key)}")

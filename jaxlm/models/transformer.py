@@ -13,9 +13,11 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm import sharding
+from jaxlm.models import pipeline
 from jaxlm.models.attention import Attention
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.mlp import Mlp, dense
+from jaxlm.models.moe import MoeMlp
 from jaxlm.models.norms import Norm
 
 _ACT = ("act_batch", "act_length", "act_embed")
@@ -27,22 +29,49 @@ REMAT_POLICIES = {
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    With `moe` the MLP is a mixture of experts and the block also returns its router stats.
+    """
 
     cfg: ModelConfig
+    decode: bool = False
+    moe: bool = False
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array,
-                 segment_ids_BxL: jax.Array) -> tuple[jax.Array, None]:
+                 segment_ids_BxL: jax.Array) -> tuple[jax.Array, dict[str, jax.Array] | None]:
         x_BxLxD = sharding.constrain(x_BxLxD, _ACT)
         with jax.named_scope("attention"):
             h_BxLxD = Norm(self.cfg, name="attn_norm")(x_BxLxD)
-            x_BxLxD = x_BxLxD + Attention(self.cfg, name="attn")(h_BxLxD, positions_BxL,
-                                                                  segment_ids_BxL)
+            attn = Attention(self.cfg, self.decode, name="attn")
+            x_BxLxD = x_BxLxD + attn(h_BxLxD, positions_BxL, segment_ids_BxL)
         with jax.named_scope("mlp"):
             h_BxLxD = Norm(self.cfg, name="mlp_norm")(x_BxLxD)
-            x_BxLxD = x_BxLxD + Mlp(self.cfg, name="mlp")(h_BxLxD)
-        return sharding.constrain(x_BxLxD, _ACT), None
+            stats = None
+            if self.moe:
+                h_BxLxD, stats = MoeMlp(self.cfg, name="moe")(h_BxLxD, segment_ids_BxL > 0)
+            else:
+                h_BxLxD = Mlp(self.cfg, name="mlp")(h_BxLxD)
+            x_BxLxD = x_BxLxD + h_BxLxD
+        return sharding.constrain(x_BxLxD, _ACT), stats
+
+
+class BlockGroup(nn.Module):
+    """`cfg.moe.every` consecutive blocks, the last one MoE: the unit that is scanned when only
+    every k-th block is MoE."""
+
+    cfg: ModelConfig
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array,
+                 segment_ids_BxL: jax.Array) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+        block_cls, every = _block_class(self.cfg), self.cfg.moe.every
+        for i in range(every):
+            block = block_cls(self.cfg, self.decode, moe=i == every - 1, name=f"block_{i}")
+            x_BxLxD, stats = block(x_BxLxD, positions_BxL, segment_ids_BxL)
+        return x_BxLxD, stats
 
 
 def _block_class(cfg: ModelConfig) -> type[nn.Module]:
@@ -51,8 +80,32 @@ def _block_class(cfg: ModelConfig) -> type[nn.Module]:
     return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
 
 
+def _pipelined_blocks(cfg: ModelConfig, blocks: dict, x_BxLxD: jax.Array,
+                      positions_BxL: jax.Array, segment_ids_BxL: jax.Array) -> jax.Array:
+    """The stacked blocks [L, ...] as `cfg.pipeline_stages` stages of L/P layers each, run over
+    microbatches with the GPipe schedule of `jaxlm.models.pipeline`."""
+    block = _block_class(cfg)(cfg, parent=None)
+
+    def stage(params_l: dict, x_bxLxD: jax.Array, pos_bxL: jax.Array,
+              seg_bxL: jax.Array) -> jax.Array:
+        def layer(x: jax.Array, params: dict) -> tuple[jax.Array, None]:
+            return block.apply({"params": params}, x, pos_bxL, seg_bxL)[0], None
+        return jax.lax.scan(layer, x_bxLxD, params_l)[0]
+
+    m = pipeline.num_microbatches(x_BxLxD.shape[0], cfg.pipeline_microbatches)
+    split = lambda a: pipeline.split_microbatches(a, m)
+    out_MxBxLxD = pipeline.gpipe(
+        stage, pipeline.to_stages(blocks, cfg.pipeline_stages), split(x_BxLxD),
+        (split(positions_BxL), split(segment_ids_BxL)), x_axes=_ACT,
+        side_axes=(_ACT[:2], _ACT[:2]))
+    return sharding.constrain(pipeline.merge_microbatches(out_MxBxLxD), _ACT)
+
+
 class Transformer(nn.Module):
+    """decode=True: autoregressive decoding over a KV cache (`jaxlm.models.kv_cache`)."""
+
     cfg: ModelConfig
+    decode: bool = False
 
     @nn.compact
     def __call__(self, inputs_BxL: jax.Array, positions_BxL: jax.Array | None = None,
@@ -81,15 +134,29 @@ class Transformer(nn.Module):
         x_BxLxD = sharding.constrain(x_BxLxD, _ACT)
 
         block_cls = _block_class(cfg)
-        if cfg.scan_layers:
-            stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                            in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
-                            metadata_params={nn.PARTITION_NAME: "layers"})
-            x_BxLxD, _ = stack(cfg, name="blocks")(x_BxLxD, positions_BxL, segment_ids_BxL)
+        if cfg.pipeline_stages > 1 and not self.is_initializing() and not self.decode:
+            # Same parameters as the scan below (which init runs), applied stage by stage.
+            x_BxLxD = _pipelined_blocks(cfg, nn.meta.unbox(self.variables["params"]["blocks"]),
+                                        x_BxLxD, positions_BxL, segment_ids_BxL)
+            stats = None
+        elif cfg.scan_layers:
+            unit, length, kwargs = block_cls, cfg.num_layers, {"moe": cfg.moe is not None}
+            if cfg.moe is not None and cfg.moe.every > 1:
+                unit, length, kwargs = BlockGroup, cfg.num_layers // cfg.moe.every, {}
+            stack = nn.scan(unit, variable_axes={"params": 0, "cache": 0},
+                            split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast),
+                            length=length, metadata_params={nn.PARTITION_NAME: "layers"})
+            x_BxLxD, stats = stack(cfg, self.decode, name="blocks", **kwargs)(
+                x_BxLxD, positions_BxL, segment_ids_BxL)
         else:
+            per_layer = []
             for i in range(cfg.num_layers):
-                x_BxLxD, _ = block_cls(cfg, name=f"block_{i}")(x_BxLxD, positions_BxL,
-                                                               segment_ids_BxL)
+                block = block_cls(cfg, self.decode, moe=cfg.is_moe_layer(i), name=f"block_{i}")
+                x_BxLxD, stats = block(x_BxLxD, positions_BxL, segment_ids_BxL)
+                per_layer += [stats] if stats is not None else []
+            stats = jax.tree.map(lambda *s: jnp.stack(s), *per_layer) if per_layer else None
+        if stats is not None:  # router stats of the MoE blocks, for `moe.add_router_losses`
+            self.sow("intermediates", "moe", jax.tree.map(jnp.mean, stats))
 
         x_BxLxD = Norm(cfg, name="final_norm")(x_BxLxD)
         if cfg.tie_embeddings:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxlm.loss import fused_cross_entropy_sum
+from jaxlm.models.moe import add_router_losses
 from jaxlm.train_state import TrainState, microbatched_grads
 
 Batch = dict[str, jax.Array]
@@ -28,13 +29,15 @@ def loss_fn(params: Any, batch: Batch, *, model: nn.Module,
 
     The model returns its final hidden states and vocab head and `fused_cross_entropy_sum`
     builds the logits a chunk of tokens at a time (equal to `cross_entropy_sum` on the logits).
+    A mixture-of-experts model's router losses are added (`add_router_losses`).
     """
-    hidden_BxLxD, head_VxD = model.apply({"params": params}, batch["inputs"],
-                                         positions_BxL=batch["positions"],
-                                         segment_ids_BxL=batch["segment_ids"],
-                                         return_hidden=True)
-    return fused_cross_entropy_sum(hidden_BxLxD, head_VxD, batch["targets"], batch["loss_mask"],
-                                   z_loss, vocab_size=model.cfg.vocab_size)
+    (hidden_BxLxD, head_VxD), variables = model.apply(
+        {"params": params}, batch["inputs"], positions_BxL=batch["positions"],
+        segment_ids_BxL=batch["segment_ids"], return_hidden=True, mutable=["intermediates"])
+    loss_sum, aux = fused_cross_entropy_sum(hidden_BxLxD, head_VxD, batch["targets"],
+                                            batch["loss_mask"], z_loss,
+                                            vocab_size=model.cfg.vocab_size)
+    return add_router_losses(loss_sum, aux, variables, model.cfg)
 
 
 def pretrain_step(state: TrainState, batch: Batch, *, model: nn.Module,
@@ -60,6 +63,8 @@ def pretrain_step(state: TrainState, batch: Batch, *, model: nn.Module,
         "lr": lr_schedule(state.step),
         "num_tokens": aux["num_tokens"],
         "nonfinite": new_state.nonfinite,
+        # MoE router stats: moe_balance_loss, moe_router_z_loss, moe_dropped_fraction.
+        **{k.removesuffix("_sum"): v / num_tokens for k, v in aux.items() if k.startswith("moe_")},
     }
     return new_state, metrics
 

@@ -1,0 +1,88 @@
+"""Loading a trained model for inference: its config, tokenizer and params from a checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from etils import epath
+from jax.sharding import Mesh
+
+from jaxlm import checkpoint, sharding
+from jaxlm import config as config_lib
+from jaxlm.data.tokenizer import Tokenizer, load_tokenizer
+from jaxlm.inference.sampler import param_shardings
+from jaxlm.models import ModelConfig, Transformer
+from jaxlm.train_state import abstract_boxed_params
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    config: ml_collections.ConfigDict  # the run config saved with the checkpoint
+    model_cfg: ModelConfig
+    params: Any
+    tokenizer: Tokenizer
+    step: int
+
+
+def checkpoint_dir(workdir: str) -> str:
+    """`<workdir>/checkpoints` for a run's workdir; the directory itself if it holds steps."""
+    nested = os.path.join(workdir, "checkpoints")
+    return nested if epath.Path(nested).is_dir() else workdir
+
+
+def read_json_items(directory: str, step: int) -> dict[str, dict[str, Any]]:
+    """The `config` and `extra` items of a checkpoint step, read without touching the run."""
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                           step_name_format=checkpoint._name_format())
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    for name in checkpoint.JSON_ITEMS:
+        for arg in (ocp.args.JsonSave, ocp.args.JsonRestore):
+            registry.add(name, arg, ocp.handlers.JsonCheckpointHandler())
+    with ocp.CheckpointManager(directory, options=options, handler_registry=registry) as mngr:
+        present = [n for n in checkpoint.JSON_ITEMS
+                   if epath.Path(os.path.join(checkpoint._step_dir(directory, step), n)).is_dir()]
+        restored = mngr.restore(step, args=ocp.args.Composite(
+            **{n: ocp.args.JsonRestore() for n in present}))
+        return {n: restored[n] for n in present}
+
+
+def _tokenizer(config: ml_collections.ConfigDict, extra: dict[str, Any]) -> Tokenizer:
+    path = extra.get("tokenizer_path") or config.data.tokenizer_path
+    if not path or not epath.Path(path).exists():
+        raise FileNotFoundError(f"the checkpoint's tokenizer {path!r} does not exist; copy it "
+                                "back or re-run training's tokenizer step")
+    tokenizer = load_tokenizer(path)
+    want = extra.get("tokenizer_sha256")
+    if want and tokenizer.sha256 != want:
+        raise ValueError(f"tokenizer {path} has changed since the checkpoint was written "
+                         f"(sha256 {tokenizer.sha256[:12]} != {want[:12]})")
+    return tokenizer
+
+
+def load_model(workdir: str, step: int | None = None, mesh: Mesh | None = None) -> LoadedModel:
+    """The newest (or `step`) checkpoint of a run: params only, sharded over `mesh` (default:
+    every device on the data axis, i.e. params replicated)."""
+    directory = checkpoint_dir(os.path.abspath(workdir) if "://" not in workdir else workdir)
+    steps = checkpoint.complete_steps(directory)
+    if not steps:
+        raise FileNotFoundError(f"no complete checkpoint under {workdir}")
+    step = steps[-1] if step is None else step
+    items = read_json_items(directory, step)
+    if checkpoint.CONFIG not in items:
+        raise FileNotFoundError(f"checkpoint {step} in {directory} has no saved config")
+    config = ml_collections.ConfigDict(items[checkpoint.CONFIG])
+    tokenizer = _tokenizer(config, items.get(checkpoint.EXTRA, {}))
+    model_cfg = config_lib.model_config(config, tokenizer.vocab_size)
+    if mesh is None:
+        mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1, "pipeline": 1})
+    shapes = nn.meta.unbox(abstract_boxed_params(Transformer(model_cfg), 1))
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            shapes, param_shardings(model_cfg, mesh))
+    params = checkpoint.restore_params(directory, step, abstract)
+    return LoadedModel(config, model_cfg, params, tokenizer, step)

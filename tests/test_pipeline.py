@@ -1,0 +1,192 @@
+"""Pipeline parallelism: the GPipe schedule, pipelined train steps equal to unpipelined ones,
+checkpoints that move between pipeline sizes, and config errors."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from jaxlm import config as config_lib
+from jaxlm import sharding
+from jaxlm.checkpoint import Checkpointer
+from jaxlm.models import Transformer, pipeline
+from jaxlm.optim import make_optimizer
+from jaxlm.stages.pretrain import loss_fn
+from jaxlm.train_state import init_sharded_state, microbatched_grads
+from tests.model_fixtures import LLAMA_TINY, packed_batch
+
+SEQ_LEN = 16
+CFG = dataclasses.replace(LLAMA_TINY, num_layers=4)
+# mesh (data, fsdp, tensor, pipeline), pipeline microbatches, gradient accumulation steps
+PIPELINED = {
+    "p2_data2_tensor2_m4": ((2, 1, 2, 2), 4, 1),
+    "p4_data2_m2_accum2": ((2, 1, 1, 4), 2, 2),
+}
+
+
+def test_gpipe_schedule_equals_the_stages_in_sequence():
+    """Every (stages, microbatches) shape, fill and drain included: M < P, M = P, M > P."""
+    rng = np.random.default_rng(0)
+    for stages, m in [(4, 1), (4, 3), (2, 2), (2, 5)]:
+        w_PxDxD = rng.normal(size=(stages, 3, 3)).astype(np.float32)
+        x_MxBxD = rng.normal(size=(m, 2, 3)).astype(np.float32)
+        side_MxB = rng.normal(size=(m, 2)).astype(np.float32)
+
+        def stage(w_DxD, x_BxD, s_B):
+            return jnp.tanh(x_BxD @ w_DxD + s_B[:, None])
+
+        out = pipeline.gpipe(stage, w_PxDxD, x_MxBxD, (side_MxB,), x_axes=("act_batch", None),
+                             side_axes=(("act_batch",),))
+        want = x_MxBxD
+        for s in range(stages):
+            want = np.tanh(want @ w_PxDxD[s] + side_MxB[..., None])
+        np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+
+
+def test_microbatch_split_is_strided_and_inverts():
+    x = np.arange(8 * 3).reshape(8, 3)
+    split = pipeline.split_microbatches(x, 4)
+    np.testing.assert_array_equal(split[1], x[1::4])
+    np.testing.assert_array_equal(pipeline.merge_microbatches(split), x)
+    assert pipeline.num_microbatches(8, 4) == 4 and pipeline.num_microbatches(1, 4) == 1
+
+
+def test_bubble_fraction_formula_and_startup_line():
+    assert pipeline.bubble_fraction(1, 8) == 0.0
+    assert pipeline.bubble_fraction(4, 4) == pytest.approx(3 / 7)
+    c = config_lib.base_config()
+    assert config_lib.pipeline_summary(c) is None
+    c.mesh.pipeline, c.train.num_microbatches, c.train.global_batch_size = 4, 12, 48
+    line = config_lib.pipeline_summary(c)
+    assert "4 stages x 1 layers" in line and "12 microbatches of 4 sequences" in line
+    assert f"{3 / 15:.3f}" in line
+
+
+def _optim():
+    # A large eps keeps Adam's first update linear in small gradients (see test_sharding.py).
+    return ml_collections.ConfigDict(dict(
+        learning_rate=1e-2, warmup_steps=0, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-3,
+        weight_decay=0.1, decay_embeddings=False, clip_norm=1.0))
+
+
+def _one_step(shape, stages, microbatches, accum):
+    """Loss, gradients and the state after one optimizer step on `shape`."""
+    mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)))
+    model = Transformer(dataclasses.replace(CFG, pipeline_stages=stages,
+                                            pipeline_microbatches=microbatches))
+    tx = make_optimizer(_optim(), 10)
+    state, shardings = init_sharded_state(model, tx, mesh, jax.random.key(0), SEQ_LEN)
+
+    def step(state, batch):  # pretrain_step's update, with the gradients returned too
+        grads, aux = microbatched_grads(lambda p, b: loss_fn(p, b, model=model), state.params,
+                                        batch, accum)
+        metrics = {"loss": aux["nll_sum"] / aux["num_tokens"],
+                   "grad_norm": optax.global_norm(grads)}
+        return state.apply_gradients(grads, tx), metrics, grads
+
+    batch = sharding.global_batch(packed_batch(8, SEQ_LEN, CFG.vocab_size, seed=5), mesh)
+    with sharding.activate(mesh):
+        compiled = jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                           out_shardings=(shardings, sharding.replicated(mesh),
+                                          shardings.params)).lower(state, batch).compile()
+        new_state, metrics, grads = compiled(state, batch)
+    return {"state": new_state, "shardings": shardings, "metrics": jax.device_get(metrics),
+            "grads": jax.device_get(grads), "hlo": compiled.as_text()}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return _one_step((8, 1, 1, 1), stages=1, microbatches=1, accum=1)
+
+
+@pytest.fixture(scope="module")
+def pipelined():
+    return {name: _one_step(shape, shape[3], m, accum)
+            for name, (shape, m, accum) in PIPELINED.items()}
+
+
+def _close(a, b, rtol):
+    """Leaf-wise closeness relative to the leaf's own scale (fp32 sums in another order)."""
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        x, y = np.asarray(x), np.asarray(y)
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=rtol * float(np.max(np.abs(y))))
+
+
+@pytest.mark.parametrize("name", list(PIPELINED))
+def test_pipelined_step_equals_unpipelined(reference, pipelined, name):
+    got = pipelined[name]
+    shape = PIPELINED[name][0]
+    np.testing.assert_allclose(got["metrics"]["loss"], reference["metrics"]["loss"], rtol=1e-6)
+    np.testing.assert_allclose(got["metrics"]["grad_norm"], reference["metrics"]["grad_norm"],
+                               rtol=1e-5)
+    _close(got["grads"], reference["grads"], rtol=1e-5)
+    _close(jax.device_get(got["state"].params), jax.device_get(reference["state"].params),
+           rtol=1e-5)
+    # Stage s holds layers [s*L/P, (s+1)*L/P): the stacked layers axis is on `pipeline`, the
+    # other axes keep their data/tensor placement; stages hand activations on by
+    # collective-permute.
+    wq = got["state"].params["blocks"]["attn"]["wq"]
+    assert wq.sharding.spec[0] == "pipeline"
+    assert wq.sharding.spec[2] == ("tensor" if shape[2] > 1 else None)
+    shard = wq.addressable_shards[0]
+    assert shard.data.shape[0] == CFG.num_layers // shape[3]
+    assert "collective-permute" in got["hlo"]
+    assert "collective-permute" not in reference["hlo"]
+
+
+@pytest.mark.parametrize("direction", ["p2_to_p1", "p1_to_p2"])
+def test_checkpoints_restore_across_pipeline_sizes(reference, pipelined, direction, tmp_path):
+    p2 = pipelined["p2_data2_tensor2_m4"]
+    saved, target = ((p2["state"], reference["shardings"]) if direction == "p2_to_p1"
+                     else (reference["state"], p2["shardings"]))
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            saved, target)
+    with Checkpointer(str(tmp_path), save_every=1, keep_last=1) as ckpt:
+        ckpt.save(1, saved)
+        ckpt.wait()
+        restored = ckpt.restore(1, abstract)
+    for got, want, sh in zip(jax.tree.leaves(restored), jax.tree.leaves(saved),
+                             jax.tree.leaves(target)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        assert got.sharding == sh
+
+
+def _config(**overrides):
+    c = config_lib.base_config()
+    for dotted, value in overrides.items():
+        section, key = dotted.split("__")
+        c[section][key] = value
+    return c
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"mesh__pipeline": 4, "model__num_layers": 6},
+     r"config key mesh.pipeline: 4 pipeline stages do not divide model.num_layers=6"),
+    ({"mesh__pipeline": 2, "model__scan_layers": False}, "config key model.scan_layers"),
+    ({"mesh__pipeline": -1}, "config key mesh.pipeline"),
+    ({"train__num_microbatches": 4}, "config key train.num_microbatches: .*mesh.pipeline > 1"),
+    ({"mesh__pipeline": 2, "train__num_microbatches": 0}, "config key train.num_microbatches"),
+])
+def test_bad_pipeline_configs_name_their_key(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        config_lib.validate(_config(**overrides))
+
+
+def test_microbatches_must_divide_the_per_replica_batch():
+    c = _config(mesh__pipeline=2, train__num_microbatches=3, train__global_batch_size=16)
+    config_lib.validate(c)
+    with pytest.raises(ValueError, match=r"train.num_microbatches: 3 .* batch of one "
+                                         r"accumulation step, 4"):
+        config_lib.check_devices(c, 8)  # data=4 x pipeline=2: 16 / 4 = 4 rows per replica
+    c.train.num_microbatches = 4
+    assert config_lib.check_devices(c, 8) == {"data": 4, "fsdp": 1, "tensor": 1, "pipeline": 2}
+    assert config_lib.model_config(c, 100).pipeline_stages == 2
+
+
+def test_model_config_rejects_uneven_stages():
+    with pytest.raises(ValueError, match="model.num_layers: 4 layers cannot be split evenly"):
+        dataclasses.replace(CFG, pipeline_stages=3).check()
