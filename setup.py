@@ -32,7 +32,11 @@ setuptools.setup(
         # torch pinned: this version resolves to a CPU wheel; unpinned pulls GBs of CUDA wheels.
         # jax[tpu] brings libtpu (a ~210 MB wheel) for the TPU ahead-of-time fit-check tests.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "torch==2.13.0",
-                 "transformers>=5.0", "safetensors>=0.4", "jax[tpu]"],
+                 "transformers>=5.0", "safetensors>=0.4", "jax[tpu]", "chatterbot-corpus==1.3.3",
+                 "pyyaml>=6"],
+        # The chatterbot dialogs of configs/sft_tiny.py and configs/dpo_tiny.py (YAML files
+        # inside the package; nothing is downloaded at run time).
+        "chat": ["chatterbot-corpus==1.3.3", "pyyaml>=6"],
         # gs:// workdirs: orbax writes them natively; metrics.jsonl (etils.epath) and
         # TensorBoard (tensorboardX) need these.
         "gcs": ["gcsfs", "google-cloud-storage"],

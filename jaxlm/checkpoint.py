@@ -352,3 +352,39 @@ def restore_params(directory: str, step: int | None, abstract_params: Any, *,
             partial_restore=True)}))
     logging.info("params restored from step %d of %s", step, directory)
     return restored[STATE]["params"]
+
+
+def read_saved_json(directory: str, step: int | None, name: str) -> dict[str, Any]:
+    """The `config` or `extra` dict of checkpoint `step` (None: the newest) in `directory`,
+    read without opening a checkpoint manager (for a run that starts from another's)."""
+    if name not in JSON_ITEMS:
+        raise ValueError(f"read_saved_json reads one of {JSON_ITEMS}, got {name!r}")
+    directory = _absolute(directory)
+    if step is None:
+        steps = complete_steps(directory)
+        if not steps:
+            raise FileNotFoundError(f"{directory} holds no complete checkpoint")
+        step = steps[-1]
+    path = epath.Path(_step_dir(directory, step)) / name / "metadata"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path.parent.parent} has no {name!r} item")
+    return json.loads(path.read_text())
+
+
+def saved_param_names(directory: str, step: int | None) -> set[str]:
+    """'/'-joined names of the params stored in checkpoint `step` (None: the newest), e.g. to
+    start a model with extra parameters (LoRA adapters, a reward head) from a plain one."""
+    directory = _absolute(directory)
+    if step is None:
+        steps = complete_steps(directory)
+        if not steps:
+            raise FileNotFoundError(f"cannot initialise params from {directory}: it holds no "
+                                    "complete checkpoint")
+        step = steps[-1]
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                           step_name_format=_name_format())
+    registry = _handler_registry(ocp.handlers.PyTreeCheckpointHandler,
+                                 (ocp.args.PyTreeRestore,))
+    with ocp.CheckpointManager(directory, options=options, handler_registry=registry) as mngr:
+        metadata = mngr.item_metadata(step)[STATE]
+    return {name[len("params/"):] for name in _flat(metadata.tree) if name.startswith("params/")}

@@ -14,19 +14,27 @@ from typing import Any
 import ml_collections
 
 from jaxlm import scaling
+from jaxlm.data.chat import default_chat_config
 from jaxlm.data.config import check_data_config, default_data_config
 from jaxlm.distributed import check_distributed_config, default_distributed_config
 from jaxlm.models.config import ModelConfig, MoeConfig
+from jaxlm.models.lora import ATTENTION_TARGETS, MLP_TARGETS
 from jaxlm.models.pipeline import bubble_fraction
 from jaxlm.sharding import MESH_AXES, resolve_mesh_shape
+from jaxlm.stages.settings import (
+    check_stage_config,
+    default_dpo_config,
+    default_reward_config,
+    default_sft_config,
+)
 
-STAGES = ("pretrain",)
+STAGES = ("pretrain", "sft", "dpo", "reward")
 
 
 def base_config() -> ml_collections.ConfigDict:
     """Every key a run may set, with its default. Config files override a subset."""
     c = ml_collections.ConfigDict()
-    # Which step function trains: "pretrain" (later: sft, reward, dpo).
+    # Which step function trains: "pretrain", "sft", "dpo" or "reward" (docs/post_training.md).
     c.stage = "pretrain"
     # Seed of parameter init (data order has its own seed, data.seed).
     c.seed = 0
@@ -76,6 +84,14 @@ def base_config() -> ml_collections.ConfigDict:
     m.attention = "auto"
     # Std of the normal initialiser of weight matrices.
     m.init_std = 0.02
+    # LoRA adapters (docs/post_training.md): only they are trained when rank > 0.
+    m.lora = lo = ml_collections.ConfigDict()
+    # Adapter rank; 0 = no adapters (full fine-tuning).
+    lo.rank = 0
+    # Adapters are scaled by alpha / rank.
+    lo.alpha = 16.0
+    # Also adapt the MLP weights (attention wq/wk/wv/wo always are).
+    lo.mlp = False
     # Mixture of experts (docs/moe.md); num_experts = 0 keeps every MLP dense.
     m.moe = mo = ml_collections.ConfigDict()
     # Experts per MoE block (each of width model.d_ff); shard them with mesh.expert.
@@ -94,6 +110,11 @@ def base_config() -> ml_collections.ConfigDict:
     mo.router_z_loss_weight = 0.001
 
     c.data = default_data_config()
+    # Chat template of the sft and dpo stages (jaxlm/data/chat.py), and their own sections.
+    c.chat = default_chat_config()
+    c.sft = default_sft_config()
+    c.dpo = default_dpo_config()
+    c.reward = default_reward_config()
 
     c.optim = o = ml_collections.ConfigDict()
     # Peak learning rate, reached at the end of warmup.
@@ -253,7 +274,10 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = Non
         remat=m.remat, scan_layers=m.scan_layers, attention=m.attention, init_std=m.init_std,
         qkv_bias=m.qkv_bias, pipeline_stages=max(config.mesh.pipeline, 1),
         pipeline_microbatches=max(config.train.num_microbatches, 1),
-        moe=MoeConfig(**m.moe.to_dict()) if m.moe.num_experts else None)
+        moe=MoeConfig(**m.moe.to_dict()) if m.moe.num_experts else None,
+        lora_rank=m.lora.rank, lora_alpha=m.lora.alpha,
+        lora_targets=ATTENTION_TARGETS + (MLP_TARGETS if m.lora.mlp else ()),
+        reward_head=config.stage == "reward")
     cfg.check()
     return cfg
 
@@ -295,6 +319,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.stage not in STAGES:
         _fail("stage", f"{config.stage!r} is not one of {STAGES}")
     check_data_config(config.data)
+    check_stage_config(config)
     check_distributed_config(config.distributed)
     _check_pipeline(config)
     model_config(config, vocab_size=config.model.vocab_size or 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -46,3 +47,18 @@ def make_optimizer(optim: ml_collections.ConfigDict,
         weight_decay=optim.weight_decay,
         mask=lambda p: weight_decay_mask(p, optim.decay_embeddings)))
     return optax.chain(*parts)
+
+
+def train_only(tx: optax.GradientTransformation,
+               trainable: Callable[[Any], Any]) -> optax.GradientTransformation:
+    """`tx` on the leaves `trainable(params)` marks True; the others get zero updates and no
+    optimizer state at all (optax.set_to_zero), e.g. everything but LoRA adapters."""
+    labels = lambda params: jax.tree.map(lambda t: "train" if t else "frozen", trainable(params))
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def state_bytes(tx: optax.GradientTransformation, params: Any) -> int:
+    """Bytes of tx's optimizer state for `params` (shapes only; nothing is allocated)."""
+    shapes = jax.eval_shape(tx.init, params)
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)
+               if hasattr(x, "dtype"))

@@ -91,9 +91,11 @@ def state_shardings(model: nn.Module, tx: optax.GradientTransformation, mesh: Me
     param_shardings = sharding.logical_shardings(boxed, mesh)
     abstract_params = nn.meta.unbox(boxed)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    # MaskedNode: a leaf without optimizer state (optax.masked / multi_transform, e.g. LoRA).
+    masked = lambda x: isinstance(x, optax.MaskedNode)
     opt_shardings = optax.tree_map_params(
-        tx, lambda _, s: s, abstract_opt, param_shardings,
-        transform_non_params=lambda _: sharding.replicated(mesh))
+        tx, lambda v, s: v if masked(v) else s, abstract_opt, param_shardings,
+        transform_non_params=lambda _: sharding.replicated(mesh), is_leaf=masked)
     return TrainState(step=sharding.replicated(mesh), params=param_shardings,
                       opt_state=opt_shardings, nonfinite=sharding.replicated(mesh))
 

@@ -8,28 +8,39 @@ of its own so tests can use them alone.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import signal
 import threading
 import time
 from typing import Any
 
+import flax.linen as nn
 import jax
 import ml_collections
+import numpy as np
 import optax
 from absl import logging
+from flax import traverse_util
 
 from jaxlm import config as config_lib
 from jaxlm import hardware, scaling, sharding
-from jaxlm.checkpoint import Checkpointer, restore_params
+from jaxlm.checkpoint import (
+    Checkpointer,
+    read_saved_json,
+    restore_params,
+    saved_param_names,
+)
 from jaxlm.data.pipeline import load_or_train_tokenizer
+from jaxlm.data.tokenizer import load_tokenizer
 from jaxlm.metrics import MetricsWriter, is_remote, progress_line
-from jaxlm.models import ModelConfig, Transformer
-from jaxlm.optim import learning_rate_schedule, make_optimizer
+from jaxlm.models import ModelConfig, Transformer, lora
+from jaxlm.optim import learning_rate_schedule, make_optimizer, state_bytes, train_only
 from jaxlm.sampling import make_greedy_sampler
 from jaxlm.stages import get_stage
 from jaxlm.train_state import (
     TrainState,
+    abstract_boxed_params,
     abstract_state,
     create_from_params,
     init_sharded_state,
@@ -49,6 +60,8 @@ class Setup:
     model: Transformer
     stage: Any
     cache_dir: str
+    # Extra keyword arguments of the stage's make_data (e.g. a precomputed reference table).
+    data_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
@@ -61,7 +74,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     cache_dir = config.data.cache_dir or (
         os.path.join(os.path.expanduser("~"), ".cache", "jaxlm") if is_remote(workdir)
         else os.path.join(workdir, "cache"))
-    tokenizer = load_or_train_tokenizer(config.data, cache_dir)
+    tokenizer = _init_from_tokenizer(config) or load_or_train_tokenizer(config.data, cache_dir)
     if config.model.vocab_size and tokenizer.vocab_size > config.model.vocab_size:
         raise ValueError(f"config key model.vocab_size: {config.model.vocab_size} is smaller than "
                          f"the tokenizer's {tokenizer.vocab_size} ids ({tokenizer.path})")
@@ -80,12 +93,25 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
                  stage=get_stage(config.stage), cache_dir=cache_dir)
 
 
+def _init_from_tokenizer(config: ml_collections.ConfigDict) -> Any:
+    """A run that starts from another run's params (init_from) uses that run's tokenizer,
+    recorded in its checkpoint, unless data.tokenizer_path names one."""
+    if config.data.tokenizer_path or not config.init_from.path:
+        return None
+    step = None if config.init_from.step < 0 else config.init_from.step
+    path = read_saved_json(config.init_from.path, step, "extra").get("tokenizer_path", "")
+    if not path:
+        return None
+    logging.info("tokenizer of the init_from run: %s", path)
+    return load_tokenizer(path)
+
+
 def _iterator(s: Setup, split: str) -> Any:
     return s.stage.make_data(
         s.config, s.tokenizer, split=split,
         batch_size=s.config.train.global_batch_size // jax.process_count(),
         process_index=jax.process_index(), process_count=jax.process_count(),
-        cache_dir=s.cache_dir)
+        cache_dir=s.cache_dir, **s.data_kwargs)
 
 
 def _close(iterator: Any) -> None:
@@ -106,10 +132,51 @@ def evaluate(s: Setup, eval_fn: Any, params: Any) -> dict[str, float]:
                 totals[k] = totals.get(k, 0.0) + float(v)
     finally:
         _close(it)
+    if hasattr(s.stage, "eval_metrics"):  # a stage whose eval sums are not token losses
+        return s.stage.eval_metrics(totals)
     n = max(totals.get("num_tokens", 0.0), 1.0)
     loss = totals.get("nll_sum", 0.0) / n
     return {"eval_loss": loss, "eval_perplexity": float(jax.numpy.exp(loss)),
             "eval_accuracy": totals.get("correct", 0.0) / n}
+
+
+def _frozen_params(s: Setup, tx: optax.GradientTransformation) -> Any:
+    """The init_from params, frozen, when the stage asks for them (`reference_mode`).
+
+    "jit": returned, for the steps' third argument. "precompute": the stage's
+    `reference_step` runs over its `reference_batches` once per split, the results become
+    tables in s.data_kwargs["reference"] (passed to make_data), and the params are dropped.
+    """
+    mode = getattr(s.stage, "reference_mode", lambda _: "none")(s.config)
+    if mode == "none":
+        return None
+    c = s.config
+    if not c.init_from.path:
+        raise ValueError(f"config key init_from.path: stage {c.stage} with a reference model "
+                         "needs the checkpoint to start from (its params are the reference)")
+    shardings = state_shardings(s.model, tx, s.mesh, c.data.seq_len)
+    params = _init_from_params(s, tx, shardings)
+    if mode == "jit":
+        return params
+    step_fn = functools.partial(s.stage.reference_step, model=s.model)
+    tables = {}
+    with sharding.activate(s.mesh):
+        # Values and pair ids of the whole global batch, on every process.
+        jitted = jax.jit(lambda p, b: (step_fn(p, b), b["pair_id"]),
+                         out_shardings=sharding.replicated(s.mesh))
+        for split in ("train", "eval"):
+            if split == "eval" and not (c.train.eval_every and c.train.eval_steps):
+                continue
+            rows: dict[int, Any] = {}
+            for local in s.stage.reference_batches(
+                    c, s.tokenizer, split=split, batch_size=c.train.global_batch_size,
+                    process_index=jax.process_index(), process_count=jax.process_count()):
+                values, ids = jax.device_get(jitted(params, sharding.global_batch(local, s.mesh)))
+                rows.update((int(i), v) for i, v in zip(ids, values) if i >= 0)
+            tables[split] = np.stack([rows[i] for i in range(len(rows))])
+            logging.info("reference log-probs precomputed for %d %s examples", len(rows), split)
+    s.data_kwargs["reference"] = tables
+    return None
 
 
 def _checkpointer(c: ml_collections.ConfigDict, workdir: str) -> Checkpointer:
@@ -134,14 +201,43 @@ def initial_state(s: Setup, tx: optax.GradientTransformation, ckpt: Checkpointer
         logging.info("resumed from %s at step %d", ckpt.directory, latest)
         return state, shardings
     if c.init_from.path:
-        abstract = abstract_state(s.model, tx, shardings, seq_len).params
-        step = None if c.init_from.step < 0 else c.init_from.step
-        params = restore_params(c.init_from.path, step, abstract)
+        params = _init_from_params(s, tx, shardings)
         logging.info("params from %s (step %s); optimizer starts fresh", c.init_from.path,
-                     "newest" if step is None else step)
+                     "newest" if c.init_from.step < 0 else c.init_from.step)
         return create_from_params(params, tx, shardings), shardings
     state, _ = init_sharded_state(s.model, tx, s.mesh, jax.random.key(c.seed), seq_len)
     return state, shardings
+
+
+def _init_from_params(s: Setup, tx: optax.GradientTransformation, shardings: TrainState) -> Any:
+    """The init_from checkpoint's params, sharded like this run's. Params the model has and the
+    checkpoint lacks (LoRA adapters, a reward head) start from their fresh init."""
+    c = s.config
+    abstract = abstract_state(s.model, tx, shardings, c.data.seq_len).params
+    step = None if c.init_from.step < 0 else c.init_from.step
+    saved = saved_param_names(c.init_from.path, step)
+    flat = traverse_util.flatten_dict(abstract, sep="/")
+    if all(name in saved for name in flat):
+        return restore_params(c.init_from.path, step, abstract)
+    fresh_names = sorted(name for name in flat if name not in saved)
+    logging.info("params not in %s start fresh: %s", c.init_from.path, fresh_names)
+    restored = restore_params(c.init_from.path, step, traverse_util.unflatten_dict(
+        {k: v for k, v in flat.items() if k in saved}, sep="/"))
+    fresh, _ = init_sharded_state(s.model, tx, s.mesh, jax.random.key(c.seed), c.data.seq_len)
+    out = traverse_util.flatten_dict(fresh.params, sep="/")
+    out.update(traverse_util.flatten_dict(restored, sep="/"))
+    return traverse_util.unflatten_dict(out, sep="/")
+
+
+def _log_lora(s: Setup, tx: optax.GradientTransformation, full_tx: optax.GradientTransformation
+              ) -> None:
+    params = nn.meta.unbox(abstract_boxed_params(s.model, s.config.data.seq_len))
+    n = lora.count(params)
+    used, full = state_bytes(tx, params), state_bytes(full_tx, params)
+    logging.info("LoRA rank %d: %s of %s params trainable (%.3f%%); optimizer state %.2f MB "
+                 "instead of %.2f MB (%.2f MB saved)", s.config.model.lora.rank,
+                 f"{n['trainable']:,}", f"{n['total']:,}", 100 * n["trainable"] / n["total"],
+                 used / 2**20, full / 2**20, (full - used) / 2**20)
 
 
 class _Preemption:
@@ -173,7 +269,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     total_steps = c.train.steps
     schedule = learning_rate_schedule(c.optim, total_steps)
     tx = make_optimizer(c.optim, total_steps)
+    if c.model.lora.rank:  # only the adapters train; the rest has no optimizer state
+        tx, full_tx = train_only(tx, lora.adapter_mask), tx
+        _log_lora(s, tx, full_tx)
     ckpt = _checkpointer(c, workdir)
+    # Frozen params some stages (dpo) read: passed to their steps as a third argument, or
+    # turned into per-example tables handed to their data before training starts.
+    frozen = _frozen_params(s, tx)
     train_iter = _iterator(s, "train")
     state, shardings = initial_state(s, tx, ckpt, train_iter)
     params_count = scaling.count_params(s.model_cfg)
@@ -181,19 +283,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                  f"{params_count['total']:,}", f"{params_count['non_embedding']:,}")
 
     train_fn, eval_fn = s.stage.make_steps(c, s.model, tx, schedule)
-    batch_sh = sharding.batch_sharding(s.mesh)
     replicated = sharding.replicated(s.mesh)
     step = int(jax.device_get(state.step))
     batch = sharding.global_batch(next(train_iter), s.mesh) if step < total_steps else None
+    # Per-array batch shardings: stages may carry [B], [B, L] or [B, 2, L] arrays.
+    batch_sh = (sharding.batch_sharding(s.mesh) if batch is None else
+                {k: v.sharding for k, v in batch.items()})
+    frozen_args, frozen_sh = ((frozen,), (shardings.params,)) if frozen is not None else ((), ())
     with sharding.activate(s.mesh):
         t0 = time.perf_counter()
-        train_step = jax.jit(train_fn, in_shardings=(shardings, batch_sh),
-                             out_shardings=(shardings, replicated), donate_argnums=0)
+        jitted_train = jax.jit(train_fn, in_shardings=(shardings, batch_sh, *frozen_sh),
+                               out_shardings=(shardings, replicated), donate_argnums=0)
         if batch is not None:
-            train_step = train_step.lower(state, batch).compile()
+            jitted_train = jitted_train.lower(state, batch, *frozen_args).compile()
             logging.info("train step compiled in %.1fs", time.perf_counter() - t0)
-        eval_step = jax.jit(eval_fn, in_shardings=(shardings.params, batch_sh),
-                            out_shardings=replicated)
+        jitted_eval = jax.jit(eval_fn, in_shardings=(shardings.params, batch_sh, *frozen_sh),
+                              out_shardings=replicated)
+    train_step = lambda st, b: jitted_train(st, b, *frozen_args)
+    eval_step = lambda p, b: jitted_eval(p, b, *frozen_args)
 
     flops_per_step = scaling.flops_per_step(s.model_cfg, c.data.seq_len,
                                             c.train.global_batch_size)
@@ -299,8 +406,8 @@ def _eval_and_sample(s: Setup, state: TrainState, step: int, eval_step: Any, sam
     with sharding.activate(s.mesh):
         if do_eval and c.train.eval_steps:
             row = evaluate(s, eval_step, state.params)
-            logging.info("eval at step %d | loss %.4f | perplexity %.2f", step, row["eval_loss"],
-                         row["eval_perplexity"])
+            logging.info("eval at step %d | %s", step, " | ".join(
+                f"{k.removeprefix('eval_')} {v:.4g}" for k, v in row.items()))
             writer.write(step, row)
         if c.log.sample_every and (step % c.log.sample_every == 0 or step == c.train.steps):
             new_ids = sampler(state.params, s.tokenizer.encode(c.log.sample_prompt))

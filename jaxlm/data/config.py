@@ -44,8 +44,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     # Sentencepiece algorithm of a tokenizer trained on the fly: "bpe" or "unigram".
     d.tokenizer_model_type = "bpe"
     # Extra special tokens (comma-separated) of a tokenizer trained on the fly, e.g. chat
-    # markers; each becomes one id. BOS/EOS/PAD/UNK always exist.
-    d.special_tokens = "<|system|>,<|user|>,<|assistant|>,<|end|>"
+    # markers (the chat template's, see jaxlm/data/chat.py); each becomes one id.
+    # BOS/EOS/PAD/UNK always exist.
+    d.special_tokens = "<|im_start|>,<|im_end|>"
     # At most this many characters of training documents feed a tokenizer trained on the fly.
     d.tokenizer_sample_chars = 20_000_000
     # Corpus and tokenizer cache; "" = <workdir>/cache.

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm import sharding
-from jaxlm.models import kv_cache
+from jaxlm.models import kv_cache, lora
 from jaxlm.models.chunked_attention import chunked_attention
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.kernel_attention import cudnn_attention, splash_attention
@@ -201,8 +201,9 @@ class Attention(nn.Module):
 
     def _proj(self, name: str, shape: tuple[int, ...], axes: tuple[str, ...]) -> jax.Array:
         init = nn.initializers.normal(self.cfg.init_std)
-        return self.param(name, nn.with_logical_partitioning(init, axes), shape,
-                          self.cfg.weight_dtype).astype(self.cfg.dtype)
+        w = self.param(name, nn.with_logical_partitioning(init, axes), shape,
+                       self.cfg.weight_dtype).astype(self.cfg.dtype)
+        return lora.adapt(self, name, w, axes)
 
     def _bias(self, name: str, shape: tuple[int, ...], axes: tuple[str, ...]) -> jax.Array:
         return self.param(name, nn.with_logical_partitioning(nn.initializers.zeros, axes), shape,

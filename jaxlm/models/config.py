@@ -95,6 +95,11 @@ class ModelConfig:
       pipeline_microbatches: microbatches M each batch is cut into for the pipeline schedule.
       vocab_multiple: the embedding table is padded to a multiple of this.
       moe: mixture-of-experts settings; None = every block has the dense MLP.
+      lora_rank: rank of LoRA adapters on the lora_targets weights (0: none; models/lora.py).
+      lora_alpha: adapters are scaled by lora_alpha / lora_rank.
+      lora_targets: names of the adapted weights (attention wq/wk/wv/wo, mlp w_in/w_gate/w_out).
+      reward_head: return a scalar per position, final hidden state . reward_head, instead of
+        logits (reward models; the vocab head params still exist, so LM checkpoints load).
     """
 
     vocab_size: int
@@ -123,6 +128,10 @@ class ModelConfig:
     pipeline_microbatches: int = 1
     vocab_multiple: int = VOCAB_MULTIPLE
     moe: MoeConfig | None = None
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("wq", "wk", "wv", "wo")
+    reward_head: bool = False
 
     @property
     def padded_vocab_size(self) -> int:
@@ -163,6 +172,8 @@ class ModelConfig:
             fail("mlp_activation", f"{self.mlp_activation!r} not in {MLP_ACTIVATIONS}")
         if self.remat not in REMAT_POLICIES:
             fail("remat", f"{self.remat!r} not in {REMAT_POLICIES}")
+        if self.lora_rank < 0:
+            fail("lora.rank", f"must be >= 0 (0 = no adapters), got {self.lora_rank}")
         if self.attention not in ATTENTION_IMPLS:
             fail("attention", f"{self.attention!r} not in {ATTENTION_IMPLS}")
         if self.pipeline_stages < 1 or self.pipeline_microbatches < 1:

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm import sharding
+from jaxlm.models import lora
 from jaxlm.models.config import ModelConfig
 
 
@@ -115,8 +116,9 @@ class Mlp(nn.Module):
 
     def _weight(self, name: str, shape: tuple[int, ...], axes: tuple[str, ...]) -> jax.Array:
         init = nn.initializers.normal(self.cfg.init_std)
-        return self.param(name, nn.with_logical_partitioning(init, axes), shape,
-                          self.cfg.weight_dtype).astype(self.cfg.dtype)
+        w = self.param(name, nn.with_logical_partitioning(init, axes), shape,
+                       self.cfg.weight_dtype).astype(self.cfg.dtype)
+        return lora.adapt(self, name, w, axes)
 
     def _bias(self, name: str, size: int, axis: str) -> jax.Array:
         return self.param(name, nn.with_logical_partitioning(nn.initializers.zeros, (axis,)),

@@ -165,6 +165,10 @@ class Transformer(nn.Module):
             head_DxV = self.param("head", nn.with_logical_partitioning(init, ("embed", "vocab")),
                                   (cfg.d_model, cfg.padded_vocab_size), cfg.weight_dtype)
             head_VxD = head_DxV.astype(cfg.dtype).T
+        if cfg.reward_head:  # a reward model: one float32 score per position [B, L]
+            w_D = self.param("reward_head", nn.with_logical_partitioning(
+                nn.initializers.zeros, ("embed",)), (cfg.d_model,), cfg.weight_dtype)
+            return jnp.einsum("bld,d->bl", x_BxLxD, w_D.astype(cfg.dtype)).astype(jnp.float32)
         if return_hidden:
             return x_BxLxD, head_VxD
         logits_BxLxV = dense(x_BxLxD, head_VxD.T)

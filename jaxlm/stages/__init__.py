@@ -13,6 +13,9 @@ from types import ModuleType
 
 STAGE_MODULES = {
     "pretrain": "jaxlm.stages.pretrain",
+    "sft": "jaxlm.stages.sft",
+    "dpo": "jaxlm.stages.dpo",
+    "reward": "jaxlm.stages.reward",
 }
 
 

@@ -1,0 +1,197 @@
+"""Preference optimisation: DPO and its variants, one pure step over chosen/rejected pairs.
+
+The batch (jaxlm/data/preference.py) holds each field as [B, 2, L]: [:, 0] the chosen and
+[:, 1] the rejected sequence of a pair, both starting with the same prompt ids; loss_mask is 1
+on the answer's target tokens only. Both sequences go through the model in one [2B, L] pass.
+
+With policy log-probs pi_c = log pi(chosen | prompt), pi_r likewise (sums over answer tokens),
+the reference's ref_c, ref_r, and h = (pi_c - ref_c) - (pi_r - ref_r), the per-pair losses are
+
+    sigmoid (DPO, Rafailov et al. 2023):   -log sigmoid(beta h)
+    conservative (cDPO, smoothing e):     -(1 - e) log sigmoid(beta h) - e log sigmoid(-beta h)
+    ipo (Azar et al. 2023):                (h - 1 / (2 beta))^2
+    simpo (Meng et al. 2024, reference-free):
+                                           -log sigmoid(beta pi_c/|c| - beta pi_r/|r| - gamma)
+
+with |c|, |r| the answers' token counts. The implicit rewards are beta (pi - ref) (simpo:
+beta pi / |y|); metrics report their means over pairs, their margin, the reward accuracy (share
+of pairs whose chosen reward is higher) and the mean policy log-probs.
+
+The reference log-probs come from the frozen initial params (the init_from checkpoint), either
+computed inside the jitted step (dpo.reference="jit"; the trainer passes the frozen params as
+the step's third argument, sharded like the policy) or once before training
+(dpo.reference="precompute"; the batch then carries them as ref_logps [B, 2]).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxlm.train_state import TrainState, microbatched_grads
+
+Batch = dict[str, jax.Array]
+_FIELDS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+
+
+def sequence_logps(params: Any, batch: Batch, *, model: nn.Module
+                   ) -> tuple[jax.Array, jax.Array]:
+    """(sum of log p(target) over loss_mask, number of masked tokens), each [B, 2]."""
+    b, two, length = batch["inputs"].shape
+    flat = {k: batch[k].reshape(b * two, length) for k in _FIELDS}
+    logits_NxLxV = model.apply({"params": params}, flat["inputs"],
+                               positions_BxL=flat["positions"],
+                               segment_ids_BxL=flat["segment_ids"])
+    logp_NxLxV = jax.nn.log_softmax(logits_NxLxV.astype(jnp.float32), axis=-1)
+    token_NxL = jnp.take_along_axis(logp_NxLxV, flat["targets"][..., None], axis=-1)[..., 0]
+    mask_NxL = flat["loss_mask"].astype(jnp.float32)
+    return ((token_NxL * mask_NxL).sum(-1).reshape(b, two),
+            mask_NxL.sum(-1).reshape(b, two))
+
+
+def preference_loss(policy_Bx2: jax.Array, reference_Bx2: jax.Array | None,
+                    lengths_Bx2: jax.Array, *, variant: str, beta: float,
+                    label_smoothing: float = 0.0, gamma: float = 0.0
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-pair (loss [B], chosen reward [B], rejected reward [B]); see the module doc."""
+    if variant == "simpo":
+        rewards_Bx2 = beta * policy_Bx2 / jnp.maximum(lengths_Bx2, 1.0)
+        margin_B = rewards_Bx2[:, 0] - rewards_Bx2[:, 1]
+        return -jax.nn.log_sigmoid(margin_B - gamma), rewards_Bx2[:, 0], rewards_Bx2[:, 1]
+    logratio_Bx2 = policy_Bx2 - reference_Bx2
+    h_B = logratio_Bx2[:, 0] - logratio_Bx2[:, 1]
+    if variant == "sigmoid":
+        loss_B = -jax.nn.log_sigmoid(beta * h_B)
+    elif variant == "conservative":
+        loss_B = (-(1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * h_B)
+                  - label_smoothing * jax.nn.log_sigmoid(-beta * h_B))
+    elif variant == "ipo":
+        loss_B = jnp.square(h_B - 1.0 / (2.0 * beta))
+    else:
+        raise ValueError(f"config key dpo.variant: unknown {variant!r}")
+    rewards_Bx2 = beta * logratio_Bx2
+    return loss_B, rewards_Bx2[:, 0], rewards_Bx2[:, 1]
+
+
+def pair_sums(loss_B: jax.Array, chosen_B: jax.Array, rejected_B: jax.Array,
+              policy_Bx2: jax.Array, valid_B: jax.Array) -> dict[str, jax.Array]:
+    """Sums over the valid pairs of a batch; divide by num_pairs for means."""
+    v = valid_B.astype(jnp.float32)
+    return {"loss_sum": jnp.sum(loss_B * v), "chosen_reward_sum": jnp.sum(chosen_B * v),
+            "rejected_reward_sum": jnp.sum(rejected_B * v),
+            "correct": jnp.sum((chosen_B > rejected_B) * v),
+            "chosen_logp_sum": jnp.sum(policy_Bx2[:, 0] * v),
+            "rejected_logp_sum": jnp.sum(policy_Bx2[:, 1] * v), "num_pairs": jnp.sum(v)}
+
+
+def means(sums: dict[str, jax.Array], prefix: str = "") -> dict[str, jax.Array]:
+    """Metrics (means over pairs) from `pair_sums` added up over batches."""
+    n = jnp.maximum(sums["num_pairs"], 1.0)
+    chosen, rejected = sums["chosen_reward_sum"] / n, sums["rejected_reward_sum"] / n
+    return {f"{prefix}loss": sums["loss_sum"] / n, f"{prefix}reward_accuracy": sums["correct"] / n,
+            f"{prefix}chosen_reward": chosen, f"{prefix}rejected_reward": rejected,
+            f"{prefix}reward_margin": chosen - rejected,
+            f"{prefix}chosen_logp": sums["chosen_logp_sum"] / n,
+            f"{prefix}rejected_logp": sums["rejected_logp_sum"] / n}
+
+
+def loss_fn(params: Any, batch: Batch, reference_Bx2: jax.Array | None, *, model: nn.Module,
+            variant: str, beta: float, label_smoothing: float, gamma: float
+            ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Sum of per-pair losses over the batch, and the pair sums (num_pairs as num_tokens, the
+    weight `microbatched_grads` divides by)."""
+    policy_Bx2, lengths_Bx2 = sequence_logps(params, batch, model=model)
+    loss_B, chosen_B, rejected_B = preference_loss(
+        policy_Bx2, reference_Bx2, lengths_Bx2, variant=variant, beta=beta,
+        label_smoothing=label_smoothing, gamma=gamma)
+    valid_B = (lengths_Bx2 > 0).all(axis=-1)
+    sums = pair_sums(loss_B, chosen_B, rejected_B, policy_Bx2, valid_B)
+    return sums["loss_sum"], {**sums, "num_tokens": sums["num_pairs"]}
+
+
+def _reference(batch: Batch, ref_params: Any, model: nn.Module) -> jax.Array | None:
+    if "ref_logps" in batch:
+        return batch["ref_logps"]
+    if ref_params is None:
+        return None
+    return jax.lax.stop_gradient(sequence_logps(ref_params, batch, model=model)[0])
+
+
+def dpo_step(state: TrainState, batch: Batch, ref_params: Any = None, *, model: nn.Module,
+             tx: optax.GradientTransformation, lr_schedule: optax.Schedule, variant: str,
+             beta: float, label_smoothing: float = 0.0, gamma: float = 0.0,
+             num_microbatches: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on the mean preference loss over the pairs of `batch`."""
+
+    def micro_loss(p: Any, b: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+        return loss_fn(p, b, _reference(b, ref_params, model), model=model, variant=variant,
+                       beta=beta, label_smoothing=label_smoothing, gamma=gamma)
+
+    grads, sums = microbatched_grads(micro_loss, state.params, batch, num_microbatches)
+    metrics = means(sums)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    new_state = state.apply_gradients(grads, tx, finite=finite)
+    metrics.update(grad_norm=grad_norm, param_norm=optax.global_norm(state.params),
+                   lr=lr_schedule(state.step), num_pairs=sums["num_pairs"],
+                   nonfinite=new_state.nonfinite)
+    return new_state, metrics
+
+
+def eval_step(params: Any, batch: Batch, ref_params: Any = None, *, model: nn.Module,
+              variant: str, beta: float, label_smoothing: float = 0.0, gamma: float = 0.0
+              ) -> dict[str, jax.Array]:
+    """Pair sums over one held-out batch (`eval_metrics` turns their totals into means)."""
+    _, sums = loss_fn(params, batch, _reference(batch, ref_params, model), model=model,
+                      variant=variant, beta=beta, label_smoothing=label_smoothing, gamma=gamma)
+    sums.pop("num_tokens")
+    return sums
+
+
+def eval_metrics(totals: dict[str, float]) -> dict[str, float]:
+    return {k: float(v) for k, v in means(totals, prefix="eval_").items()}
+
+
+def reference_mode(config: Any) -> str:
+    """What the trainer provides: "none" (simpo), "jit" (frozen params as the steps' third
+    argument) or "precompute" (a table of reference log-probs per pair, from `reference_step`
+    over `reference_batches`, handed to make_data)."""
+    return "none" if config.dpo.variant == "simpo" else config.dpo.reference
+
+
+def reference_step(params: Any, batch: Batch, *, model: nn.Module) -> jax.Array:
+    """[B, 2] log-probs of chosen and rejected: one row of the precomputed table per pair."""
+    return sequence_logps(params, batch, model=model)[0]
+
+
+def make_steps(config: Any, model: nn.Module, tx: optax.GradientTransformation,
+               lr_schedule: optax.Schedule) -> tuple[Any, Any]:
+    d = config.dpo
+    settings = dict(model=model, variant=d.variant, beta=d.beta,
+                    label_smoothing=d.label_smoothing, gamma=d.simpo_gamma)
+    train = functools.partial(dpo_step, tx=tx, lr_schedule=lr_schedule,
+                              num_microbatches=config.optim.grad_accum_steps, **settings)
+    return train, functools.partial(eval_step, **settings)
+
+
+def make_data(config: Any, tokenizer: Any, *, split: str, batch_size: int, process_index: int,
+              process_count: int, cache_dir: str, reference: Any = None) -> Any:
+    """Pair batches (jaxlm/data/preference.py); `reference` maps split -> [N, 2] table."""
+    del cache_dir
+    from jaxlm.data.preference import make_pair_iterator
+    return make_pair_iterator(config, tokenizer, split=split, batch_size=batch_size,
+                              process_index=process_index, process_count=process_count,
+                              reference_Nx2=None if reference is None else reference[split])
+
+
+def reference_batches(config: Any, tokenizer: Any, *, split: str, batch_size: int,
+                      process_index: int, process_count: int) -> Any:
+    """Every pair of `split` once, in pair_id order (pad rows have pair_id -1)."""
+    from jaxlm.data.preference import one_pass_batches
+    return one_pass_batches(config, tokenizer, split=split, batch_size=batch_size,
+                            process_index=process_index, process_count=process_count)

@@ -1,0 +1,120 @@
+"""The config sections of the post-training stages (`sft`, `dpo`, `reward`): defaults, checks.
+
+Each section is read only by its own stage; `check_stage_config` checks the section of the
+stage a run selects. Importing this module pulls in neither grain nor JAX.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from jaxlm.data.chat import check_chat_config
+from jaxlm.data.config import split_list
+
+LOSS_ON = ("assistant", "all")
+TRUNCATION = ("truncate", "drop")
+DPO_VARIANTS = ("sigmoid", "ipo", "conservative", "simpo")
+REFERENCE_MODES = ("jit", "precompute")
+CHAT_STAGES = ("sft", "dpo", "reward")
+
+
+def default_sft_config() -> ml_collections.ConfigDict:
+    s = ml_collections.ConfigDict()
+    # Conversations: "chatterbot" (the English dialogs of the chatterbot-corpus package) or
+    # comma-separated globs of jsonl files with one {"messages": [{role, content}, ...]} a line.
+    s.paths = "chatterbot"
+    # Held-out conversations; "" = data.eval_fraction of sft.paths under a fixed permutation.
+    s.eval_paths = ""
+    # Which target tokens count in the loss: "assistant" (assistant content and its closing
+    # marker) or "all" (prompt tokens too).
+    s.loss_on = "assistant"
+    # A conversation longer than data.seq_len + 1 tokens is cut ("truncate") or left out
+    # ("drop"); the counts are logged.
+    s.truncation = "truncate"
+    # Several conversations per row (each its own attention segment) instead of one per row.
+    s.packing = True
+    return s
+
+
+def default_dpo_config() -> ml_collections.ConfigDict:
+    d = ml_collections.ConfigDict()
+    # Preference pairs: "chatterbot" (a demonstration set built from its dialogs: chosen = the
+    # corpus answer, rejected = an answer of another dialog) or comma-separated jsonl globs of
+    # {prompt, chosen, rejected} records (strings or message lists; HH-RLHF and UltraFeedback
+    # layouts, see jaxlm/data/conversations.py).
+    d.paths = "chatterbot"
+    # Held-out pairs; "" = data.eval_fraction of dpo.paths under a fixed permutation.
+    d.eval_paths = ""
+    # "sigmoid" (DPO), "ipo", "conservative" (DPO with label smoothing) or "simpo"
+    # (reference-free, length-normalised, with a target margin).
+    d.variant = "sigmoid"
+    # Inverse temperature of the implicit reward (for ipo: 1 / (2 beta) is the target margin).
+    d.beta = 0.1
+    # conservative: probability that a preference label is flipped.
+    d.label_smoothing = 0.0
+    # simpo: target reward margin gamma.
+    d.simpo_gamma = 0.5
+    # Reference log-probs: "jit" (computed in the train step from a frozen copy of the initial
+    # params, sharded like the policy) or "precompute" (one pass over the pairs before training,
+    # then the frozen copy is freed: half the parameter memory). Unused by simpo.
+    d.reference = "jit"
+    # Prompt tokens kept (the newest) when prompt + answer exceed data.seq_len + 1; answers are
+    # then cut at the end. Pairs that still do not fit are dropped; all counted and logged.
+    d.max_prompt_tokens = 0
+    return d
+
+
+def default_reward_config() -> ml_collections.ConfigDict:
+    r = ml_collections.ConfigDict()
+    # Preference pairs, as dpo.paths ("chatterbot" or jsonl globs of {prompt, chosen, rejected}).
+    r.paths = "chatterbot"
+    # Held-out pairs; "" = data.eval_fraction of reward.paths under a fixed permutation.
+    r.eval_paths = ""
+    # Bradley-Terry with margin m: -log sigmoid(r_chosen - r_rejected - m); 0 = plain.
+    r.margin = 0.0
+    # As dpo.max_prompt_tokens.
+    r.max_prompt_tokens = 0
+    return r
+
+
+def _fail(key: str, msg: str) -> None:
+    raise ValueError(f"config key {key}: {msg}")
+
+
+def check_stage_config(config: ml_collections.ConfigDict) -> None:
+    """Checks the section of config.stage; raises ValueError naming the key."""
+    if config.stage in CHAT_STAGES:
+        check_chat_config(config.chat, split_list(config.data.special_tokens),
+                          config.data.tokenizer_path)
+    if config.stage == "sft":
+        s = config.sft
+        if not split_list(s.paths):
+            _fail("sft.paths", "is empty; set 'chatterbot' or jsonl globs")
+        if s.loss_on not in LOSS_ON:
+            _fail("sft.loss_on", f"{s.loss_on!r} is not one of {LOSS_ON}")
+        if s.truncation not in TRUNCATION:
+            _fail("sft.truncation", f"{s.truncation!r} is not one of {TRUNCATION}")
+    if config.stage == "reward":
+        if not split_list(config.reward.paths):
+            _fail("reward.paths", "is empty; set 'chatterbot' or jsonl globs")
+        if config.reward.max_prompt_tokens < 0:
+            _fail("reward.max_prompt_tokens", "must be >= 0")
+        if config.log.sample_every:
+            _fail("log.sample_every", "a reward model does not generate text; set it to 0")
+    if config.stage == "dpo":
+        d = config.dpo
+        if not split_list(d.paths):
+            _fail("dpo.paths", "is empty; set 'chatterbot' or jsonl globs")
+        if d.variant not in DPO_VARIANTS:
+            _fail("dpo.variant", f"{d.variant!r} is not one of {DPO_VARIANTS}")
+        if d.reference not in REFERENCE_MODES:
+            _fail("dpo.reference", f"{d.reference!r} is not one of {REFERENCE_MODES}")
+        if d.beta <= 0:
+            _fail("dpo.beta", f"must be positive, got {d.beta}")
+        if not 0 <= d.label_smoothing < 0.5:
+            _fail("dpo.label_smoothing", f"must lie in [0, 0.5), got {d.label_smoothing}")
+        if d.variant != "simpo" and not config.init_from.path:
+            _fail("init_from.path", f"dpo.variant={d.variant!r} needs a reference model: the "
+                  "checkpoint directory of the SFT run (its params start the policy too)")
+        if d.max_prompt_tokens < 0:
+            _fail("dpo.max_prompt_tokens", f"must be >= 0, got {d.max_prompt_tokens}")

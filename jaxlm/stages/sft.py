@@ -1,0 +1,73 @@
+"""Supervised fine-tuning: next-token cross-entropy on the trained tokens of conversations.
+
+The batch has the pretraining layout (inputs, targets, segment_ids, positions, loss_mask, each
+[B, L]), built by jaxlm/data/sft.py: several conversations packed per row as separate
+segments, loss_mask 1 only on assistant tokens (or on all tokens, sft.loss_on="all"). The loss
+is the mean over those tokens, so a batch's weight is its number of trained tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxlm.stages.pretrain import loss_fn
+from jaxlm.train_state import TrainState, microbatched_grads
+
+Batch = dict[str, jax.Array]
+
+
+def sft_step(state: TrainState, batch: Batch, *, model: nn.Module,
+             tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
+             num_microbatches: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on the mean loss over the trained tokens of `batch`."""
+    grads, aux = microbatched_grads(lambda p, b: loss_fn(p, b, model=model), state.params,
+                                    batch, num_microbatches)
+    num_tokens = jnp.maximum(aux["num_tokens"], 1.0)
+    loss = aux["nll_sum"] / num_tokens
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new_state = state.apply_gradients(grads, tx, finite=finite)
+    real_tokens = jnp.sum((batch["segment_ids"] > 0).astype(jnp.float32))
+    metrics = {
+        "loss": loss,
+        "perplexity": jnp.exp(loss),
+        "accuracy": aux["correct"] / num_tokens,
+        "grad_norm": grad_norm,
+        "param_norm": optax.global_norm(state.params),
+        "lr": lr_schedule(state.step),
+        "num_tokens": aux["num_tokens"],
+        # Share of the non-padding tokens that are trained (assistant) targets.
+        "trained_fraction": aux["num_tokens"] / jnp.maximum(real_tokens, 1.0),
+        # Share of the rows' slots holding tokens (the rest is padding left by packing).
+        "fill": real_tokens / batch["segment_ids"].size,
+        "nonfinite": new_state.nonfinite,
+    }
+    return new_state, metrics
+
+
+def eval_step(params: Any, batch: Batch, *, model: nn.Module) -> dict[str, jax.Array]:
+    """Sums over one held-out batch: loss and accuracy over its trained tokens."""
+    _, aux = loss_fn(params, batch, model=model)
+    return {"nll_sum": aux["nll_sum"], "correct": aux["correct"], "num_tokens": aux["num_tokens"]}
+
+
+def make_steps(config: Any, model: nn.Module, tx: optax.GradientTransformation,
+               lr_schedule: optax.Schedule) -> tuple[Any, Any]:
+    train = functools.partial(sft_step, model=model, tx=tx, lr_schedule=lr_schedule,
+                              num_microbatches=config.optim.grad_accum_steps)
+    return train, functools.partial(eval_step, model=model)
+
+
+def make_data(config: Any, tokenizer: Any, *, split: str, batch_size: int, process_index: int,
+              process_count: int, cache_dir: str) -> Any:
+    """Packed conversation batches (jaxlm/data/sft.py)."""
+    del cache_dir
+    from jaxlm.data.sft import make_sft_iterator
+    return make_sft_iterator(config, tokenizer, split=split, batch_size=batch_size,
+                             process_index=process_index, process_count=process_count)

@@ -1,0 +1,76 @@
+"""End to end through `python -m jaxlm.main`: pretrain tiny -> SFT -> DPO, each from the
+previous run's checkpoint (init_from), with a tiny model so that it runs in seconds."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--config.model.d_model=32", "--config.model.num_layers=1",
+        "--config.model.num_heads=2", "--config.model.num_kv_heads=1",
+        "--config.model.d_ff=64", "--config.data.seq_len=32", "--config.data.vocab_size=400",
+        "--config.data.max_documents=60", "--config.train.global_batch_size=8",
+        "--config.train.steps=2", "--config.train.eval_every=2", "--config.train.eval_steps=1",
+        "--config.log.sample_every=0", "--config.log.tensorboard=False",
+        "--config.log.every_steps=1", "--config.checkpoint.async_save=False"]
+
+
+def _main(config: str, workdir: Path, *extra: str) -> str:
+    cmd = [sys.executable, "-m", "jaxlm.main", f"--config={config}", f"--workdir={workdir}",
+           *TINY, *extra]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stderr
+
+
+def _rows(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("post")
+    pre, sft, dpo = base / "pretrain", base / "sft", base / "dpo"
+    _main("configs/tiny.py", pre)
+    sft_log = _main(f"configs/sft_tiny.py:pretrained={pre}", sft)
+    # DPO with LoRA adapters: the step-0 model is still exactly the SFT model.
+    dpo_log = _main(f"configs/dpo_tiny.py:sft={sft}", dpo, "--config.dpo.max_prompt_tokens=16",
+                    "--config.model.lora.rank=4")
+    return pre, sft, dpo, sft_log, dpo_log
+
+
+def test_sft_starts_from_the_pretrained_run_and_its_tokenizer(runs):
+    pre, sft, _, sft_log, _ = runs
+    assert "tokenizer of the init_from run" in sft_log and str(pre / "cache") in sft_log
+    assert "sft train data" in sft_log and "truncated" in sft_log
+    train = [r for r in _rows(sft) if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2]
+    assert all(0 < r["trained_fraction"] < 1 and r["loss"] > 0 for r in train)
+    assert any("eval_loss" in r for r in _rows(sft))
+
+
+def test_dpo_starts_at_log2_from_the_sft_run(runs):
+    _, _, dpo, _, dpo_log = runs
+    train = [r for r in _rows(dpo) if "loss" in r]
+    assert train[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference
+    for key in ("reward_accuracy", "chosen_reward", "rejected_reward", "reward_margin",
+                "chosen_logp", "rejected_logp"):
+        assert key in train[0], key
+    assert any("eval_reward_accuracy" in r for r in _rows(dpo))
+    assert "dpo train data" in dpo_log
+
+
+def test_lora_dpo_trains_only_adapters_and_merges(runs, tmp_path):
+    _, _, dpo, _, dpo_log = runs
+    assert "LoRA rank 4" in dpo_log and "params not in" in dpo_log
+    from tools.merge_lora import merge_checkpoint
+
+    step = merge_checkpoint(str(dpo / "checkpoints"), str(tmp_path / "merged"))
+    config = json.loads((tmp_path / "merged" / str(step) / "config" / "metadata").read_text())
+    assert step == 2 and config["model"]["lora"]["rank"] == 0
