@@ -31,11 +31,6 @@ from jaxlm.data.tokenizer import load_tokenizer  # noqa: E402
 from jaxlm.models import Transformer, lora  # noqa: E402
 from jaxlm.train_state import abstract_boxed_params  # noqa: E402
 
-_CHECKPOINTS = flags.DEFINE_string("checkpoints", None, "<workdir>/checkpoints of a LoRA run.")
-_STEP = flags.DEFINE_integer("step", -1, "Checkpoint step; -1 = the newest.")
-_OUTPUT = flags.DEFINE_string("output", None, "Checkpoint directory to write.")
-flags.mark_flags_as_required(["checkpoints", "output"])
-
 
 def merge_checkpoint(checkpoints: str, output: str, step: int | None = None) -> int:
     """Writes the merged params of `checkpoints` (step None: newest) to `output`; returns the
@@ -64,10 +59,20 @@ def merge_checkpoint(checkpoints: str, output: str, step: int | None = None) -> 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    step = merge_checkpoint(_CHECKPOINTS.value, _OUTPUT.value,
-                            None if _STEP.value < 0 else _STEP.value)
-    print(f"merged LoRA adapters of step {step} into {_OUTPUT.value}")
+    step = merge_checkpoint(flags.FLAGS.checkpoints, flags.FLAGS.output,
+                            None if flags.FLAGS.step < 0 else flags.FLAGS.step)
+    print(f"merged LoRA adapters of step {step} into {flags.FLAGS.output}")
+
+
+def _define_flags() -> None:
+    """Flags are defined only when run as a script, so importing `merge_checkpoint` next to
+    another absl program (jaxlm.generate also has --step) does not clash."""
+    flags.DEFINE_string("checkpoints", None, "<workdir>/checkpoints of a LoRA run.")
+    flags.DEFINE_integer("step", -1, "Checkpoint step; -1 = the newest.")
+    flags.DEFINE_string("output", None, "Checkpoint directory to write.")
+    flags.mark_flags_as_required(["checkpoints", "output"])
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
