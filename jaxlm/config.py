@@ -92,6 +92,8 @@ def base_config() -> ml_collections.ConfigDict:
     lo.alpha = 16.0
     # Also adapt the MLP weights (attention wq/wk/wv/wo always are).
     lo.mlp = False
+    # Dropout rate on the adapters' inputs during training (the LoRA paper's 0.05-0.1).
+    lo.dropout = 0.0
     # Mixture of experts (docs/moe.md); num_experts = 0 keeps every MLP dense.
     m.moe = mo = ml_collections.ConfigDict()
     # Experts per MoE block (each of width model.d_ff); shard them with mesh.expert.
@@ -275,7 +277,7 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = Non
         qkv_bias=m.qkv_bias, pipeline_stages=max(config.mesh.pipeline, 1),
         pipeline_microbatches=max(config.train.num_microbatches, 1),
         moe=MoeConfig(**m.moe.to_dict()) if m.moe.num_experts else None,
-        lora_rank=m.lora.rank, lora_alpha=m.lora.alpha,
+        lora_rank=m.lora.rank, lora_alpha=m.lora.alpha, lora_dropout=m.lora.dropout,
         lora_targets=ATTENTION_TARGETS + (MLP_TARGETS if m.lora.mlp else ()),
         reward_head=config.stage == "reward")
     cfg.check()

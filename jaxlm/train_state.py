@@ -42,38 +42,96 @@ class TrainState:
                             nonfinite=jnp.where(finite, 0, self.nonfinite + 1))
 
 
-LossFn = Callable[[Any, dict[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
+LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+Freeze = Callable[[Any], Any]
 
 
 def microbatched_grads(loss_fn: LossFn, params: Any, batch: dict[str, jax.Array],
-                       num_microbatches: int) -> tuple[Any, dict[str, jax.Array]]:
+                       num_microbatches: int, *, freeze: Freeze | None = None,
+                       rng: jax.Array | None = None) -> tuple[Any, dict[str, jax.Array]]:
     """Gradient of a token-weighted loss summed over sequential microbatches.
 
     `loss_fn(params, batch) -> (loss_sum, aux)` returns a SUM over target tokens and aux must hold
     `num_tokens`; the result is the gradient of the mean over all tokens of the whole batch, the
-    same number whether the batch is split or not. Aux values are summed over microbatches.
+    same number whether the batch is split or not. Aux values are summed over microbatches, and
+    aux["objective_sum"] is the summed loss itself.
+
+    freeze: params -> params with gradients stopped at the frozen leaves (LoRA's base weights,
+    `jaxlm.models.lora.freeze`): their gradients are zero and never computed. rng: a key for the
+    model's dropout; loss_fn is then called as loss_fn(params, batch, rng) with a different key
+    per microbatch.
     """
-    grad_fn = jax.grad(loss_fn, has_aux=True)
+    def objective(p: Any, micro: dict[str, jax.Array], index: jax.Array
+                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        p = p if freeze is None else freeze(p)
+        if rng is None:
+            loss_sum, aux = loss_fn(p, micro)
+        else:
+            loss_sum, aux = loss_fn(p, micro, jax.random.fold_in(rng, index))
+        return loss_sum, {**aux, "objective_sum": loss_sum}
+
+    grad_fn = jax.grad(objective, has_aux=True)
     if num_microbatches == 1:
-        grads, aux = grad_fn(params, batch)
+        grads, aux = grad_fn(params, batch, jnp.zeros((), jnp.int32))
     else:
         split = jax.tree.map(
             lambda x: x.reshape(num_microbatches, x.shape[0] // num_microbatches, *x.shape[1:]),
             batch)
 
-        def body(carry: tuple[Any, Any], micro: dict[str, jax.Array]) -> tuple[Any, None]:
+        def body(carry: tuple[Any, Any], micro_and_index: tuple[dict[str, jax.Array], jax.Array]
+                 ) -> tuple[Any, None]:
             grads_acc, aux_acc = carry
-            grads, aux = grad_fn(params, micro)
+            grads, aux = grad_fn(params, *micro_and_index)
             return (jax.tree.map(jnp.add, grads_acc, grads),
                     jax.tree.map(jnp.add, aux_acc, aux)), None
 
         zero_grads = jax.tree.map(jnp.zeros_like, params)
         first = jax.tree.map(lambda x: x[0], split)
-        zero_aux = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: grad_fn(params, first)[1]))
-        (grads, aux), _ = jax.lax.scan(body, (zero_grads, zero_aux), split)
+        zero_aux = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+            lambda: grad_fn(params, first, jnp.zeros((), jnp.int32))[1]))
+        (grads, aux), _ = jax.lax.scan(body, (zero_grads, zero_aux),
+                                       (split, jnp.arange(num_microbatches)))
     denom = jnp.maximum(aux["num_tokens"], 1.0)
     grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
     return grads, aux
+
+
+def gradient_step(state: TrainState, batch: dict[str, jax.Array], loss_fn: LossFn, *,
+                  tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
+                  num_microbatches: int = 1, freeze: Freeze | None = None,
+                  dropout_seed: int | None = None
+                  ) -> tuple[TrainState, dict[str, jax.Array], dict[str, jax.Array]]:
+    """What every stage's train step does around its loss: microbatched gradients, the update
+    (skipped when the loss or gradient is not finite) and the common metrics.
+
+    loss_fn(params, batch, rng) -> (loss_sum, aux) as in `microbatched_grads`; rng is None
+    unless `dropout_seed` is set, then a key derived from it and the step (so a resumed run
+    draws the same masks). Returns (new state, summed aux, {grad_norm, param_norm, lr,
+    nonfinite}).
+    """
+    rng = None
+    if dropout_seed is not None:
+        rng = jax.random.fold_in(jax.random.key(dropout_seed), state.step)
+    grads, aux = microbatched_grads(
+        loss_fn if rng is not None else (lambda p, b: loss_fn(p, b, None)), state.params, batch,
+        num_microbatches, freeze=freeze, rng=rng)
+    grad_norm = optax.global_norm(grads)
+    objective = aux.pop("objective_sum") / jnp.maximum(aux["num_tokens"], 1.0)
+    finite = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
+    new_state = state.apply_gradients(grads, tx, finite=finite)
+    common = {"grad_norm": grad_norm, "param_norm": optax.global_norm(state.params),
+              "lr": lr_schedule(state.step), "nonfinite": new_state.nonfinite}
+    return new_state, aux, common
+
+
+def lora_step_options(config: Any) -> dict[str, Any]:
+    """gradient_step's `freeze` and `dropout_seed` for a run config: with LoRA adapters the base
+    is frozen, and their dropout draws from config.seed."""
+    from jaxlm.models import lora
+
+    rank, dropout = config.model.lora.rank, config.model.lora.dropout
+    return {"freeze": lora.freeze if rank else None,
+            "dropout_seed": config.seed if rank and dropout else None}
 
 
 def abstract_boxed_params(model: nn.Module, seq_len: int) -> Any:

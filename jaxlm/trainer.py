@@ -270,7 +270,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     schedule = learning_rate_schedule(c.optim, total_steps)
     tx = make_optimizer(c.optim, total_steps)
     if c.model.lora.rank:  # only the adapters train; the rest has no optimizer state
-        tx, full_tx = train_only(tx, lora.adapter_mask), tx
+        tx, full_tx = train_only(tx, lora.trainable_mask), tx
         _log_lora(s, tx, full_tx)
     ckpt = _checkpointer(c, workdir)
     # Frozen params some stages (dpo) read: passed to their steps as a third argument, or
@@ -302,8 +302,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     train_step = lambda st, b: jitted_train(st, b, *frozen_args)
     eval_step = lambda p, b: jitted_eval(p, b, *frozen_args)
 
+    # Pair stages (dpo, reward) carry SEQUENCES_PER_ROW = 2 sequences per batch row; a frozen
+    # reference evaluated inside the step (dpo.reference="jit") adds one forward pass (a third
+    # of the training FLOPs).
+    seqs_per_row = getattr(s.stage, "SEQUENCES_PER_ROW", 1)
+    tokens_per_step = config_lib.tokens_per_step(c) * seqs_per_row
     flops_per_step = scaling.flops_per_step(s.model_cfg, c.data.seq_len,
-                                            c.train.global_batch_size)
+                                            c.train.global_batch_size * seqs_per_row)
+    if frozen_args:
+        flops_per_step += flops_per_step / 3
     peak, peak_note = (c.log.peak_flops, "from log.peak_flops") if c.log.peak_flops else \
         hardware.peak_flops_per_device(jax.devices()[0], c.model.compute_dtype)
     logging.info("MFU against %.3g FLOP/s per device (%s) x %d devices; %.3g FLOPs per step",
@@ -327,10 +334,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         elapsed = max(now - window_start, 1e-9)
         window_steps = max(step_done - window_step0, 1)
         row["steps_per_sec"] = window_steps / elapsed
-        row["tokens_per_sec"] = row["steps_per_sec"] * config_lib.tokens_per_step(c)
+        row["tokens_per_sec"] = row["steps_per_sec"] * tokens_per_step
         row["mfu"] = hardware.mfu(flops_per_step, elapsed / window_steps,
                                   jax.device_count(), peak)
-        row["tokens_seen"] = step_done * config_lib.tokens_per_step(c)
+        row["tokens_seen"] = step_done * tokens_per_step
         eta = (total_steps - step_done) / max(row["steps_per_sec"], 1e-9)
         if is_main:
             logging.info(progress_line(step_done, total_steps, row, eta))

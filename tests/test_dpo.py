@@ -89,7 +89,7 @@ def model_and_params():
 def test_sequence_logps_sum_the_answer_tokens(model_and_params):
     model, params = model_and_params
     batch = _pair_batch()
-    logps, lengths = jax.jit(functools.partial(dpo.sequence_logps, model=model))(params, batch)
+    logps, lengths, _ = jax.jit(functools.partial(dpo.sequence_logps, model=model))(params, batch)
     logits = jax.jit(model.apply)({"params": params}, batch["inputs"][:, 0],
                                   batch["positions"][:, 0], batch["segment_ids"][:, 0])
     logits = np.asarray(logits, np.float64)
@@ -136,3 +136,32 @@ def test_steps_raise_the_margin_and_microbatches_agree(model_and_params):
         state, m = one(state, batch, params)
     assert float(m["loss"]) < np.log(2.0) - 0.05
     assert float(m["reward_margin"]) > 0 and float(m["reward_accuracy"]) == 1.0
+
+
+def test_pair_stages_add_the_moe_router_losses_per_pair():
+    """DPO and reward losses of a mixture-of-experts model carry the weighted router losses
+    (the same stats pretraining adds), averaged per pair after the step's division."""
+    import dataclasses
+
+    from jaxlm.models.config import MoeConfig
+    from jaxlm.stages import reward
+
+    moe = MoeConfig(num_experts=4, top_k=2, capacity_factor=1.0, aux_loss_weight=0.5,
+                    router_z_loss_weight=0.1)
+    batch = {k: jnp.asarray(v) for k, v in _pair_batch().items()}
+    for cfg, loss in (
+            (dataclasses.replace(LLAMA_TINY, moe=moe), functools.partial(
+                dpo.loss_fn, reference_Bx2=None, variant="simpo", beta=2.0,
+                label_smoothing=0.0, gamma=0.5)),
+            (dataclasses.replace(LLAMA_TINY, moe=moe, reward_head=True),
+             functools.partial(reward.loss_fn, margin=0.0))):
+        model = Transformer(cfg)
+        params = nn.meta.unbox(model.init(jax.random.key(1), jnp.zeros((1, 16), jnp.int32))[
+            "params"])
+        total, aux = jax.jit(functools.partial(loss, model=model))(params, batch)
+        n = float(aux["num_pairs"])
+        balance = float(aux["moe_balance_loss_sum"]) / n
+        z = float(aux["moe_router_z_loss_sum"]) / n
+        assert balance > 0 and z > 0
+        np.testing.assert_allclose(float(total) - float(aux["loss_sum"]),
+                                   n * (0.5 * balance + 0.1 * z), rtol=1e-4)

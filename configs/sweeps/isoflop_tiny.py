@@ -25,20 +25,22 @@ def get_config(arg: str | None = None):
 
     c.data.source = "stdlib"
     c.data.seq_len = 16 if args.smoke else 64
-    c.data.vocab_size = 400 if args.smoke else 1024
+    c.data.vocab_size = 400 if args.smoke else args.vocab
     if args.smoke:
         c.data.max_documents = 60
+    else:  # a larger held-out set (~10% of the stdlib files): differences between points are
+        c.data.eval_fraction = 0.1  # a few hundredths of a nat, a few files are not enough
 
     c.optim.learning_rate = 3e-3
     c.optim.warmup_steps = 2 if args.smoke else 20
     c.optim.min_lr_ratio = 0.1
     c.optim.weight_decay = 0.1
 
-    c.train.global_batch_size = 8 if args.smoke else 32
+    c.train.global_batch_size = 8 if args.smoke else args.batch
     c.train.steps = 0
     c.train.tokens_per_param = 0.0  # 20 tokens per parameter unless a point sets train.tokens
     c.train.eval_every = 1_000_000  # only at the end
-    c.train.eval_steps = 2 if args.smoke else 16
+    c.train.eval_steps = 2 if args.smoke else args.eval_steps
 
     c.checkpoint.every_steps = 0  # at the end (and on SIGTERM)
     c.checkpoint.keep_last = 1
@@ -71,8 +73,9 @@ def get_sweep(arg: str | None = None):
 
 
 def _args(arg):
-    return config_lib.parse_arg(arg, budgets="1e11/3e11/1e12", shapes="32x2/48x2/64x3/96x3",
-                                smoke=False)
+    return config_lib.parse_arg(arg, budgets="3e11/1e12/3e12",
+                                shapes="16x2/24x2/32x2/48x2/64x3", batch=8, eval_steps=400,
+                                vocab=1024, smoke=False)
 
 
 def _shapes(spec: str) -> list[tuple[int, int]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -199,11 +201,14 @@ class Attention(nn.Module):
     cfg: ModelConfig
     decode: bool = False
 
-    def _proj(self, name: str, shape: tuple[int, ...], axes: tuple[str, ...]) -> jax.Array:
+    def _proj(self, name: str, shape: tuple[int, ...], axes: tuple[str, ...]
+              ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """Weight `name` flattened to [in, out] in the compute dtype, and its LoRA adapter."""
         init = nn.initializers.normal(self.cfg.init_std)
         w = self.param(name, nn.with_logical_partitioning(init, axes), shape,
                        self.cfg.weight_dtype).astype(self.cfg.dtype)
-        return lora.adapt(self, name, w, axes)
+        n_out = shape[-1] if name == "wo" else math.prod(shape[1:])
+        return w.reshape(-1, n_out), lora.adapter(self, name, shape, axes)
 
     def _bias(self, name: str, shape: tuple[int, ...], axes: tuple[str, ...]) -> jax.Array:
         return self.param(name, nn.with_logical_partitioning(nn.initializers.zeros, axes), shape,
@@ -214,15 +219,16 @@ class Attention(nn.Module):
                  segment_ids_BxL: jax.Array) -> jax.Array:
         cfg = self.cfg
         d, h, n, k = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        wq_DxHxK = self._proj("wq", (d, h, k), ("embed", "heads", "head_dim"))
-        wk_DxNxK = self._proj("wk", (d, n, k), ("embed", "kv_heads", "head_dim"))
-        wv_DxNxK = self._proj("wv", (d, n, k), ("embed", "kv_heads", "head_dim"))
-        wo_HxKxD = self._proj("wo", (h, k, d), ("heads", "head_dim", "embed"))
+        wq = self._proj("wq", (d, h, k), ("embed", "heads", "head_dim"))
+        wk = self._proj("wk", (d, n, k), ("embed", "kv_heads", "head_dim"))
+        wv = self._proj("wv", (d, n, k), ("embed", "kv_heads", "head_dim"))
+        wo = self._proj("wo", (h, k, d), ("heads", "head_dim", "embed"))
+        project = lambda x, w_and_adapter: lora.project(self, dense, x, *w_and_adapter)
 
         b, length = x_BxLxD.shape[:2]
-        q_BxLxHxK = dense(x_BxLxD, wq_DxHxK.reshape(d, h * k)).reshape(b, length, h, k)
-        k_BxLxNxK = dense(x_BxLxD, wk_DxNxK.reshape(d, n * k)).reshape(b, length, n, k)
-        v_BxLxNxK = dense(x_BxLxD, wv_DxNxK.reshape(d, n * k)).reshape(b, length, n, k)
+        q_BxLxHxK = project(x_BxLxD, wq).reshape(b, length, h, k)
+        k_BxLxNxK = project(x_BxLxD, wk).reshape(b, length, n, k)
+        v_BxLxNxK = project(x_BxLxD, wv).reshape(b, length, n, k)
         if cfg.use_bias or cfg.qkv_bias:
             q_BxLxHxK += self._bias("bq", (h, k), ("heads", "head_dim"))
             k_BxLxNxK += self._bias("bk", (n, k), ("kv_heads", "head_dim"))
@@ -240,7 +246,7 @@ class Attention(nn.Module):
         else:
             attend = ATTENTION_FUNCTIONS[resolve_attention(cfg.attention)]
             out_BxLxHxK = attend(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, segment_ids_BxL)
-        out_BxLxD = dense(out_BxLxHxK.reshape(b, length, h * k), wo_HxKxD.reshape(h * k, d))
+        out_BxLxD = project(out_BxLxHxK.reshape(b, length, h * k), wo)
         if cfg.use_bias:
             out_BxLxD += self._bias("bo", (d,), ("norm",))
         return out_BxLxD

@@ -97,6 +97,7 @@ class ModelConfig:
       moe: mixture-of-experts settings; None = every block has the dense MLP.
       lora_rank: rank of LoRA adapters on the lora_targets weights (0: none; models/lora.py).
       lora_alpha: adapters are scaled by lora_alpha / lora_rank.
+      lora_dropout: dropout rate on the adapters' inputs in training steps (a "dropout" rng).
       lora_targets: names of the adapted weights (attention wq/wk/wv/wo, mlp w_in/w_gate/w_out).
       reward_head: return a scalar per position, final hidden state . reward_head, instead of
         logits (reward models; the vocab head params still exist, so LM checkpoints load).
@@ -130,6 +131,7 @@ class ModelConfig:
     moe: MoeConfig | None = None
     lora_rank: int = 0
     lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ("wq", "wk", "wv", "wo")
     reward_head: bool = False
 
@@ -174,6 +176,11 @@ class ModelConfig:
             fail("remat", f"{self.remat!r} not in {REMAT_POLICIES}")
         if self.lora_rank < 0:
             fail("lora.rank", f"must be >= 0 (0 = no adapters), got {self.lora_rank}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            fail("lora.dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        if self.lora_dropout and self.pipeline_stages > 1:
+            fail("lora.dropout", "LoRA dropout is not supported with pipeline stages "
+                 "(mesh.pipeline > 1); set model.lora.dropout=0")
         if self.attention not in ATTENTION_IMPLS:
             fail("attention", f"{self.attention!r} not in {ATTENTION_IMPLS}")
         if self.pipeline_stages < 1 or self.pipeline_microbatches < 1:

@@ -2,10 +2,14 @@
 
 An adapted weight W [in..., out...] gets two parameters next to it, `<name>_lora_a`
 [in..., r] (normal init, std 1 / sqrt(fan_in)) and `<name>_lora_b` [r, out...] (zeros), and the
-layer uses W + (alpha / r) A B. With B = 0 the model computes exactly the base model; training
-only A and B (see `jaxlm.optim.train_only`) keeps the base weights and their optimizer state
-untouched. The adapted weight is formed before the layer's matmul, so the layers' fused kernels
-are used unchanged (the extra cost is one [in, r] x [r, out] product per weight and step).
+layer computes x W + (alpha / r) dropout(x) A B: the adapter is its own low-rank path beside the
+frozen weight, with dropout (`lora_dropout`, the "dropout" rng) on the adapter's input only, as
+in the LoRA paper. With B = 0 the model computes exactly the base model.
+
+Only the adapters (and a reward model's head) train: `trainable_mask` marks them, `jaxlm.optim.
+train_only` gives the rest no optimizer state, and `freeze` stops gradients at the frozen leaves,
+so no weight gradient of a frozen matrix is computed at all (the adapter path costs
+2 T r (in + out) per weight instead).
 
 `merge` folds trained adapters into the base weights: a plain model then gives the same
 logits (tools/merge_lora.py).
@@ -26,28 +30,55 @@ MLP_TARGETS = ("w_in", "w_gate", "w_out")
 # Leading (input) axes of each target; the rest are output axes.
 _INPUT_AXES = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_in": 1, "w_gate": 1, "w_out": 1}
 SUFFIX_A, SUFFIX_B = "_lora_a", "_lora_b"
+# Leaves that train next to the adapters: a reward model's scalar head starts at zero.
+TRAINABLE_WITH_ADAPTERS = ("reward_head",)
 
 
 def scale(rank: int, alpha: float) -> float:
     return alpha / rank
 
 
-def adapt(module: nn.Module, name: str, w: jax.Array, axes: tuple[str, ...]) -> jax.Array:
-    """`w` (already in the compute dtype) plus its adapter, if module.cfg adapts `name`."""
+def adapter(module: nn.Module, name: str, w_shape: tuple[int, ...], axes: tuple[str, ...]
+            ) -> tuple[jax.Array, jax.Array] | None:
+    """(A [in, r], B [r, out]) of weight `name` flattened to 2-D in the compute dtype, or None
+    when module.cfg does not adapt `name`."""
     cfg = module.cfg
     if not cfg.lora_rank or name not in cfg.lora_targets:
-        return w
+        return None
     n_in, r = _INPUT_AXES[name], cfg.lora_rank
-    in_shape, out_shape = w.shape[:n_in], w.shape[n_in:]
+    in_shape, out_shape = w_shape[:n_in], w_shape[n_in:]
     fan_in = math.prod(in_shape)
     a = module.param(name + SUFFIX_A, nn.with_logical_partitioning(
         nn.initializers.normal(fan_in ** -0.5), (*axes[:n_in], None)), (*in_shape, r),
-        cfg.weight_dtype).astype(cfg.dtype)
+        cfg.weight_dtype)
     b = module.param(name + SUFFIX_B, nn.with_logical_partitioning(
-        nn.initializers.zeros, (None, *axes[n_in:])), (r, *out_shape),
-        cfg.weight_dtype).astype(cfg.dtype)
-    delta = jnp.dot(a.reshape(fan_in, r), b.reshape(r, -1)).reshape(w.shape)
-    return w + jnp.asarray(scale(r, cfg.lora_alpha), cfg.dtype) * delta
+        nn.initializers.zeros, (None, *axes[n_in:])), (r, *out_shape), cfg.weight_dtype)
+    return (a.reshape(fan_in, r).astype(cfg.dtype),
+            b.reshape(r, math.prod(out_shape)).astype(cfg.dtype))
+
+
+def delta(module: nn.Module, x_BxLxI: jax.Array,
+          adapter_pair: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """(alpha / r) dropout(x) A B [B, L, out]; dropout only when the module has a "dropout"
+    rng (training steps pass one; evaluation and sampling do not)."""
+    cfg = module.cfg
+    a_IxR, b_RxO = adapter_pair
+    if cfg.lora_dropout > 0 and module.has_rng("dropout"):
+        keep = 1.0 - cfg.lora_dropout
+        mask = jax.random.bernoulli(module.make_rng("dropout"), keep, x_BxLxI.shape)
+        x_BxLxI = jnp.where(mask, x_BxLxI / jnp.asarray(keep, x_BxLxI.dtype), 0)
+    low_BxLxR = jnp.einsum("bli,ir->blr", x_BxLxI, a_IxR)
+    return jnp.asarray(scale(cfg.lora_rank, cfg.lora_alpha), x_BxLxI.dtype) * jnp.einsum(
+        "blr,ro->blo", low_BxLxR, b_RxO)
+
+
+def project(module: nn.Module, dense_fn: Any, x_BxLxI: jax.Array, w_IxO: jax.Array,
+            adapter_pair: tuple[jax.Array, jax.Array] | None) -> jax.Array:
+    """dense_fn(x, w) plus the adapter path when there is one."""
+    y_BxLxO = dense_fn(x_BxLxI, w_IxO)
+    if adapter_pair is None:
+        return y_BxLxO
+    return y_BxLxO + delta(module, x_BxLxI, adapter_pair)
 
 
 def is_adapter_path(path: tuple[Any, ...]) -> bool:
@@ -58,6 +89,22 @@ def is_adapter_path(path: tuple[Any, ...]) -> bool:
 def adapter_mask(params: Any) -> Any:
     """True on adapter leaves, False on base weights."""
     return jax.tree_util.tree_map_with_path(lambda p, _: is_adapter_path(p), params)
+
+
+def _trainable_path(path: tuple[Any, ...]) -> bool:
+    keys = [str(getattr(k, "key", k)) for k in path]
+    return is_adapter_path(path) or any(k in TRAINABLE_WITH_ADAPTERS for k in keys)
+
+
+def trainable_mask(params: Any) -> Any:
+    """True on the leaves a LoRA run trains: the adapters and a reward head."""
+    return jax.tree_util.tree_map_with_path(lambda p, _: _trainable_path(p), params)
+
+
+def freeze(params: Any) -> Any:
+    """`params` with gradients stopped at every leaf `trainable_mask` leaves out."""
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: x if _trainable_path(p) else jax.lax.stop_gradient(x), params)
 
 
 def split(params: dict) -> tuple[dict, dict]:
@@ -87,8 +134,8 @@ def merge(params: dict, rank: int, alpha: float) -> dict:
 
 
 def count(params: Any) -> dict[str, int]:
-    """Parameter counts: total, trainable (adapters) and frozen."""
-    sizes = jax.tree_util.tree_map_with_path(lambda p, x: (is_adapter_path(p), x.size), params)
+    """Parameter counts: total, trainable (adapters, reward head) and frozen."""
+    sizes = jax.tree_util.tree_map_with_path(lambda p, x: (_trainable_path(p), x.size), params)
     leaves = jax.tree.leaves(sizes, is_leaf=lambda x: isinstance(x, tuple))
     adapters = sum(n for is_a, n in leaves if is_a)
     total = sum(n for _, n in leaves)

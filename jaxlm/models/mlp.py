@@ -114,11 +114,13 @@ mlp_core.defvjp(_mlp_core_fwd, _mlp_core_bwd)
 class Mlp(nn.Module):
     cfg: ModelConfig
 
-    def _weight(self, name: str, shape: tuple[int, ...], axes: tuple[str, ...]) -> jax.Array:
+    def _weight(self, name: str, shape: tuple[int, ...], axes: tuple[str, ...]
+                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """Weight `name` in the compute dtype, and its LoRA adapter (None when not adapted)."""
         init = nn.initializers.normal(self.cfg.init_std)
         w = self.param(name, nn.with_logical_partitioning(init, axes), shape,
                        self.cfg.weight_dtype).astype(self.cfg.dtype)
-        return lora.adapt(self, name, w, axes)
+        return w, lora.adapter(self, name, shape, axes)
 
     def _bias(self, name: str, size: int, axis: str) -> jax.Array:
         return self.param(name, nn.with_logical_partitioning(nn.initializers.zeros, (axis,)),
@@ -128,14 +130,25 @@ class Mlp(nn.Module):
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         cfg = self.cfg
         d, f = cfg.d_model, cfg.d_ff
-        w_in_DxF = self._weight("w_in", (d, f), ("embed", "mlp"))
-        w_out_FxD = self._weight("w_out", (f, d), ("mlp", "embed"))
+        w_in_DxF, a_in = self._weight("w_in", (d, f), ("embed", "mlp"))
+        w_out_FxD, a_out = self._weight("w_out", (f, d), ("mlp", "embed"))
         b_in_F = self._bias("b_in", f, "mlp") if cfg.use_bias else None
-        w_gate_DxF = None
+        w_gate_DxF, a_gate = None, None
         if cfg.mlp_activation == "swiglu":
-            w_gate_DxF = self._weight("w_gate", (d, f), ("embed", "mlp"))
-        out_BxLxD = mlp_core(cfg.mlp_activation, x_BxLxD, w_in_DxF, b_in_F, w_gate_DxF,
-                             w_out_FxD)
+            w_gate_DxF, a_gate = self._weight("w_gate", (d, f), ("embed", "mlp"))
+        if a_in is None and a_out is None and a_gate is None:
+            out_BxLxD = mlp_core(cfg.mlp_activation, x_BxLxD, w_in_DxF, b_in_F, w_gate_DxF,
+                                 w_out_FxD)
+        else:  # LoRA on the MLP: the adapter paths sit between the fused kernel's matmuls
+            h_BxLxF = lora.project(self, dense, x_BxLxD, w_in_DxF, a_in)
+            if b_in_F is not None:
+                h_BxLxF += b_in_F
+            gate_BxLxF = None
+            if w_gate_DxF is not None:
+                gate_BxLxF = lora.project(self, dense, x_BxLxD, w_gate_DxF, a_gate)
+            a_BxLxF = sharding.constrain(_activate(cfg.mlp_activation, h_BxLxF, gate_BxLxF),
+                                         _HIDDEN)
+            out_BxLxD = lora.project(self, dense, a_BxLxF, w_out_FxD, a_out)
         if cfg.use_bias:
             out_BxLxD += self._bias("b_out", d, "norm")
         return out_BxLxD

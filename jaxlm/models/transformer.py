@@ -144,8 +144,9 @@ class Transformer(nn.Module):
             if cfg.moe is not None and cfg.moe.every > 1:
                 unit, length, kwargs = BlockGroup, cfg.num_layers // cfg.moe.every, {}
             stack = nn.scan(unit, variable_axes={"params": 0, "cache": 0},
-                            split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast),
-                            length=length, metadata_params={nn.PARTITION_NAME: "layers"})
+                            split_rngs={"params": True, "dropout": True},
+                            in_axes=(nn.broadcast, nn.broadcast), length=length,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
             x_BxLxD, stats = stack(cfg, self.decode, name="blocks", **kwargs)(
                 x_BxLxD, positions_BxL, segment_ids_BxL)
         else:

@@ -33,25 +33,31 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxlm.train_state import TrainState, microbatched_grads
+from jaxlm.models.moe import add_router_losses
+from jaxlm.train_state import TrainState, gradient_step, lora_step_options
 
 Batch = dict[str, jax.Array]
+# Each batch row holds a pair: chosen and rejected ([B, 2, L]); the trainer counts tokens and
+# FLOPs for both.
+SEQUENCES_PER_ROW = 2
 _FIELDS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
 
-def sequence_logps(params: Any, batch: Batch, *, model: nn.Module
-                   ) -> tuple[jax.Array, jax.Array]:
-    """(sum of log p(target) over loss_mask, number of masked tokens), each [B, 2]."""
+def sequence_logps(params: Any, batch: Batch, *, model: nn.Module,
+                   rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array, Any]:
+    """(sum of log p(target) over loss_mask, number of masked tokens), each [B, 2], and the
+    model's sown intermediates (MoE router stats). `rng` feeds dropout (LoRA) in training."""
     b, two, length = batch["inputs"].shape
     flat = {k: batch[k].reshape(b * two, length) for k in _FIELDS}
-    logits_NxLxV = model.apply({"params": params}, flat["inputs"],
-                               positions_BxL=flat["positions"],
-                               segment_ids_BxL=flat["segment_ids"])
+    logits_NxLxV, variables = model.apply(
+        {"params": params}, flat["inputs"], positions_BxL=flat["positions"],
+        segment_ids_BxL=flat["segment_ids"], mutable=["intermediates"],
+        rngs=None if rng is None else {"dropout": rng})
     logp_NxLxV = jax.nn.log_softmax(logits_NxLxV.astype(jnp.float32), axis=-1)
     token_NxL = jnp.take_along_axis(logp_NxLxV, flat["targets"][..., None], axis=-1)[..., 0]
     mask_NxL = flat["loss_mask"].astype(jnp.float32)
     return ((token_NxL * mask_NxL).sum(-1).reshape(b, two),
-            mask_NxL.sum(-1).reshape(b, two))
+            mask_NxL.sum(-1).reshape(b, two), variables)
 
 
 def preference_loss(policy_Bx2: jax.Array, reference_Bx2: jax.Array | None,
@@ -101,17 +107,19 @@ def means(sums: dict[str, jax.Array], prefix: str = "") -> dict[str, jax.Array]:
 
 
 def loss_fn(params: Any, batch: Batch, reference_Bx2: jax.Array | None, *, model: nn.Module,
-            variant: str, beta: float, label_smoothing: float, gamma: float
-            ) -> tuple[jax.Array, dict[str, jax.Array]]:
+            variant: str, beta: float, label_smoothing: float, gamma: float,
+            rng: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Sum of per-pair losses over the batch, and the pair sums (num_pairs as num_tokens, the
-    weight `microbatched_grads` divides by)."""
-    policy_Bx2, lengths_Bx2 = sequence_logps(params, batch, model=model)
+    weight `microbatched_grads` divides by). A mixture-of-experts policy's router losses are
+    added per pair (`add_router_losses`)."""
+    policy_Bx2, lengths_Bx2, variables = sequence_logps(params, batch, model=model, rng=rng)
     loss_B, chosen_B, rejected_B = preference_loss(
         policy_Bx2, reference_Bx2, lengths_Bx2, variant=variant, beta=beta,
         label_smoothing=label_smoothing, gamma=gamma)
     valid_B = (lengths_Bx2 > 0).all(axis=-1)
     sums = pair_sums(loss_B, chosen_B, rejected_B, policy_Bx2, valid_B)
-    return sums["loss_sum"], {**sums, "num_tokens": sums["num_pairs"]}
+    return add_router_losses(sums["loss_sum"], {**sums, "num_tokens": sums["num_pairs"]},
+                             variables, model.cfg)
 
 
 def _reference(batch: Batch, ref_params: Any, model: nn.Module) -> jax.Array | None:
@@ -125,21 +133,21 @@ def _reference(batch: Batch, ref_params: Any, model: nn.Module) -> jax.Array | N
 def dpo_step(state: TrainState, batch: Batch, ref_params: Any = None, *, model: nn.Module,
              tx: optax.GradientTransformation, lr_schedule: optax.Schedule, variant: str,
              beta: float, label_smoothing: float = 0.0, gamma: float = 0.0,
-             num_microbatches: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
+             num_microbatches: int = 1, freeze: Any = None, dropout_seed: int | None = None
+             ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on the mean preference loss over the pairs of `batch`."""
 
-    def micro_loss(p: Any, b: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def micro_loss(p: Any, b: Batch, rng: jax.Array | None
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
         return loss_fn(p, b, _reference(b, ref_params, model), model=model, variant=variant,
-                       beta=beta, label_smoothing=label_smoothing, gamma=gamma)
+                       beta=beta, label_smoothing=label_smoothing, gamma=gamma, rng=rng)
 
-    grads, sums = microbatched_grads(micro_loss, state.params, batch, num_microbatches)
-    metrics = means(sums)
-    grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-    new_state = state.apply_gradients(grads, tx, finite=finite)
-    metrics.update(grad_norm=grad_norm, param_norm=optax.global_norm(state.params),
-                   lr=lr_schedule(state.step), num_pairs=sums["num_pairs"],
-                   nonfinite=new_state.nonfinite)
+    new_state, sums, common = gradient_step(
+        state, batch, micro_loss, tx=tx, lr_schedule=lr_schedule,
+        num_microbatches=num_microbatches, freeze=freeze, dropout_seed=dropout_seed)
+    n = jnp.maximum(sums["num_pairs"], 1.0)
+    metrics = {**means(sums), **common, "num_pairs": sums["num_pairs"],
+               **{k.removesuffix("_sum"): v / n for k, v in sums.items() if k.startswith("moe_")}}
     return new_state, metrics
 
 
@@ -149,8 +157,7 @@ def eval_step(params: Any, batch: Batch, ref_params: Any = None, *, model: nn.Mo
     """Pair sums over one held-out batch (`eval_metrics` turns their totals into means)."""
     _, sums = loss_fn(params, batch, _reference(batch, ref_params, model), model=model,
                       variant=variant, beta=beta, label_smoothing=label_smoothing, gamma=gamma)
-    sums.pop("num_tokens")
-    return sums
+    return {k: v for k, v in sums.items() if k != "num_tokens" and not k.startswith("moe_")}
 
 
 def eval_metrics(totals: dict[str, float]) -> dict[str, float]:
@@ -175,7 +182,8 @@ def make_steps(config: Any, model: nn.Module, tx: optax.GradientTransformation,
     settings = dict(model=model, variant=d.variant, beta=d.beta,
                     label_smoothing=d.label_smoothing, gamma=d.simpo_gamma)
     train = functools.partial(dpo_step, tx=tx, lr_schedule=lr_schedule,
-                              num_microbatches=config.optim.grad_accum_steps, **settings)
+                              num_microbatches=config.optim.grad_accum_steps,
+                              **lora_step_options(config), **settings)
     return train, functools.partial(eval_step, **settings)
 
 

@@ -18,22 +18,24 @@ import optax
 
 from jaxlm.loss import fused_cross_entropy_sum
 from jaxlm.models.moe import add_router_losses
-from jaxlm.train_state import TrainState, microbatched_grads
+from jaxlm.train_state import TrainState, gradient_step, lora_step_options
 
 Batch = dict[str, jax.Array]
 
 
-def loss_fn(params: Any, batch: Batch, *, model: nn.Module,
-            z_loss: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+def loss_fn(params: Any, batch: Batch, *, model: nn.Module, z_loss: float = 0.0,
+            rng: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Summed next-token loss and its aux sums; the logits are never materialised whole.
 
     The model returns its final hidden states and vocab head and `fused_cross_entropy_sum`
     builds the logits a chunk of tokens at a time (equal to `cross_entropy_sum` on the logits).
-    A mixture-of-experts model's router losses are added (`add_router_losses`).
+    A mixture-of-experts model's router losses are added (`add_router_losses`). `rng` feeds
+    the model's dropout (LoRA adapters); None in evaluation.
     """
     (hidden_BxLxD, head_VxD), variables = model.apply(
         {"params": params}, batch["inputs"], positions_BxL=batch["positions"],
-        segment_ids_BxL=batch["segment_ids"], return_hidden=True, mutable=["intermediates"])
+        segment_ids_BxL=batch["segment_ids"], return_hidden=True, mutable=["intermediates"],
+        rngs=None if rng is None else {"dropout": rng})
     loss_sum, aux = fused_cross_entropy_sum(hidden_BxLxD, head_VxD, batch["targets"],
                                             batch["loss_mask"], z_loss,
                                             vocab_size=model.cfg.vocab_size)
@@ -42,27 +44,22 @@ def loss_fn(params: Any, batch: Batch, *, model: nn.Module,
 
 def pretrain_step(state: TrainState, batch: Batch, *, model: nn.Module,
                   tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
-                  z_loss: float = 0.0, num_microbatches: int = 1
-                  ) -> tuple[TrainState, dict[str, jax.Array]]:
+                  z_loss: float = 0.0, num_microbatches: int = 1, freeze: Any = None,
+                  dropout_seed: int | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on the mean next-token loss of `batch`."""
-    grads, aux = microbatched_grads(
-        lambda p, b: loss_fn(p, b, model=model, z_loss=z_loss), state.params, batch,
-        num_microbatches)
+    new_state, aux, common = gradient_step(
+        state, batch, lambda p, b, rng: loss_fn(p, b, model=model, z_loss=z_loss, rng=rng),
+        tx=tx, lr_schedule=lr_schedule, num_microbatches=num_microbatches, freeze=freeze,
+        dropout_seed=dropout_seed)
     num_tokens = jnp.maximum(aux["num_tokens"], 1.0)
     loss = aux["nll_sum"] / num_tokens
-    grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new_state = state.apply_gradients(grads, tx, finite=finite)
     metrics = {
         "loss": loss,
         "perplexity": jnp.exp(loss),
         "accuracy": aux["correct"] / num_tokens,
         "z_loss": aux["z_loss_sum"] / num_tokens,
-        "grad_norm": grad_norm,
-        "param_norm": optax.global_norm(state.params),
-        "lr": lr_schedule(state.step),
         "num_tokens": aux["num_tokens"],
-        "nonfinite": new_state.nonfinite,
+        **common,
         # MoE router stats: moe_balance_loss, moe_router_z_loss, moe_dropped_fraction.
         **{k.removesuffix("_sum"): v / num_tokens for k, v in aux.items() if k.startswith("moe_")},
     }
@@ -80,7 +77,8 @@ def make_steps(config: Any, model: nn.Module, tx: optax.GradientTransformation,
     """Binds the static settings of this stage's steps (un-jitted; the trainer jits them)."""
     train = functools.partial(pretrain_step, model=model, tx=tx, lr_schedule=lr_schedule,
                               z_loss=config.optim.z_loss,
-                              num_microbatches=config.optim.grad_accum_steps)
+                              num_microbatches=config.optim.grad_accum_steps,
+                              **lora_step_options(config))
     return train, functools.partial(eval_step, model=model)
 
 

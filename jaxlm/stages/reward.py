@@ -20,20 +20,29 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxlm.train_state import TrainState, microbatched_grads
+from jaxlm.models.moe import add_router_losses
+from jaxlm.train_state import TrainState, gradient_step, lora_step_options
 
 Batch = dict[str, jax.Array]
+# Each batch row holds a pair: chosen and rejected ([B, 2, L]); the trainer counts tokens and
+# FLOPs for both.
+SEQUENCES_PER_ROW = 2
 _FIELDS = ("inputs", "segment_ids", "positions")
 
 
-def sequence_rewards(params: Any, batch: Batch, *, model: nn.Module) -> jax.Array:
-    """[B, 2] rewards: the score at the last non-padding token of each sequence."""
+def sequence_rewards(params: Any, batch: Batch, *, model: nn.Module,
+                     rng: jax.Array | None = None) -> tuple[jax.Array, Any]:
+    """[B, 2] rewards (the score at the last non-padding token of each sequence), and the
+    model's sown intermediates (MoE router stats). `rng` feeds dropout (LoRA) in training."""
     b, two, length = batch["inputs"].shape
     flat = {k: batch[k].reshape(b * two, length) for k in _FIELDS}
-    scores_NxL = model.apply({"params": params}, flat["inputs"], positions_BxL=flat["positions"],
-                             segment_ids_BxL=flat["segment_ids"])
+    scores_NxL, variables = model.apply(
+        {"params": params}, flat["inputs"], positions_BxL=flat["positions"],
+        segment_ids_BxL=flat["segment_ids"], mutable=["intermediates"],
+        rngs=None if rng is None else {"dropout": rng})
     last_N = jnp.maximum(jnp.sum(flat["segment_ids"] > 0, axis=-1) - 1, 0)
-    return jnp.take_along_axis(scores_NxL, last_N[:, None], axis=-1)[:, 0].reshape(b, two)
+    rewards_Bx2 = jnp.take_along_axis(scores_NxL, last_N[:, None], axis=-1)[:, 0].reshape(b, two)
+    return rewards_Bx2, variables
 
 
 def bradley_terry(rewards_Bx2: jax.Array, margin: float = 0.0) -> jax.Array:
@@ -41,17 +50,18 @@ def bradley_terry(rewards_Bx2: jax.Array, margin: float = 0.0) -> jax.Array:
     return -jax.nn.log_sigmoid(rewards_Bx2[:, 0] - rewards_Bx2[:, 1] - margin)
 
 
-def loss_fn(params: Any, batch: Batch, *, model: nn.Module, margin: float
-            ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Summed loss over the pairs, and sums for the metrics (num_tokens = pairs)."""
-    rewards_Bx2 = sequence_rewards(params, batch, model=model)
+def loss_fn(params: Any, batch: Batch, *, model: nn.Module, margin: float,
+            rng: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Summed loss over the pairs, and sums for the metrics (num_tokens = pairs); a
+    mixture-of-experts model's router losses are added per pair (`add_router_losses`)."""
+    rewards_Bx2, variables = sequence_rewards(params, batch, model=model, rng=rng)
     loss_B = bradley_terry(rewards_Bx2, margin)
     diff_B = rewards_Bx2[:, 0] - rewards_Bx2[:, 1]
     n = jnp.asarray(loss_B.shape[0], jnp.float32)
     sums = {"loss_sum": jnp.sum(loss_B), "correct": jnp.sum((diff_B > 0).astype(jnp.float32)),
             "margin_sum": jnp.sum(diff_B), "chosen_sum": jnp.sum(rewards_Bx2[:, 0]),
             "rejected_sum": jnp.sum(rewards_Bx2[:, 1]), "num_pairs": n}
-    return sums["loss_sum"], {**sums, "num_tokens": n}
+    return add_router_losses(sums["loss_sum"], {**sums, "num_tokens": n}, variables, model.cfg)
 
 
 def means(sums: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -64,27 +74,23 @@ def means(sums: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def reward_step(state: TrainState, batch: Batch, *, model: nn.Module,
                 tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
-                margin: float = 0.0, num_microbatches: int = 1
-                ) -> tuple[TrainState, dict[str, jax.Array]]:
+                margin: float = 0.0, num_microbatches: int = 1, freeze: Any = None,
+                dropout_seed: int | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on the mean Bradley-Terry loss over the pairs of `batch`."""
-    grads, sums = microbatched_grads(
-        lambda p, b: loss_fn(p, b, model=model, margin=margin), state.params, batch,
-        num_microbatches)
-    metrics = means(sums)
-    grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-    new_state = state.apply_gradients(grads, tx, finite=finite)
-    metrics.update(grad_norm=grad_norm, param_norm=optax.global_norm(state.params),
-                   lr=lr_schedule(state.step), num_pairs=sums["num_pairs"],
-                   nonfinite=new_state.nonfinite)
+    new_state, sums, common = gradient_step(
+        state, batch, lambda p, b, rng: loss_fn(p, b, model=model, margin=margin, rng=rng),
+        tx=tx, lr_schedule=lr_schedule, num_microbatches=num_microbatches, freeze=freeze,
+        dropout_seed=dropout_seed)
+    n = jnp.maximum(sums["num_pairs"], 1.0)
+    metrics = {**means(sums), **common, "num_pairs": sums["num_pairs"],
+               **{k.removesuffix("_sum"): v / n for k, v in sums.items() if k.startswith("moe_")}}
     return new_state, metrics
 
 
 def eval_step(params: Any, batch: Batch, *, model: nn.Module, margin: float = 0.0
               ) -> dict[str, jax.Array]:
     _, sums = loss_fn(params, batch, model=model, margin=margin)
-    sums.pop("num_tokens")
-    return sums
+    return {k: v for k, v in sums.items() if k != "num_tokens" and not k.startswith("moe_")}
 
 
 def eval_metrics(totals: dict[str, float]) -> dict[str, float]:
@@ -95,7 +101,8 @@ def make_steps(config: Any, model: nn.Module, tx: optax.GradientTransformation,
                lr_schedule: optax.Schedule) -> tuple[Any, Any]:
     margin = config.reward.margin
     train = functools.partial(reward_step, model=model, tx=tx, lr_schedule=lr_schedule,
-                              margin=margin, num_microbatches=config.optim.grad_accum_steps)
+                              margin=margin, num_microbatches=config.optim.grad_accum_steps,
+                              **lora_step_options(config))
     return train, functools.partial(eval_step, model=model, margin=margin)
 
 

@@ -17,36 +17,34 @@ import jax.numpy as jnp
 import optax
 
 from jaxlm.stages.pretrain import loss_fn
-from jaxlm.train_state import TrainState, microbatched_grads
+from jaxlm.train_state import TrainState, gradient_step, lora_step_options
 
 Batch = dict[str, jax.Array]
 
 
 def sft_step(state: TrainState, batch: Batch, *, model: nn.Module,
              tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
-             num_microbatches: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
+             num_microbatches: int = 1, freeze: Any = None, dropout_seed: int | None = None
+             ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on the mean loss over the trained tokens of `batch`."""
-    grads, aux = microbatched_grads(lambda p, b: loss_fn(p, b, model=model), state.params,
-                                    batch, num_microbatches)
+    new_state, aux, common = gradient_step(
+        state, batch, lambda p, b, rng: loss_fn(p, b, model=model, rng=rng), tx=tx,
+        lr_schedule=lr_schedule, num_microbatches=num_microbatches, freeze=freeze,
+        dropout_seed=dropout_seed)
     num_tokens = jnp.maximum(aux["num_tokens"], 1.0)
     loss = aux["nll_sum"] / num_tokens
-    grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new_state = state.apply_gradients(grads, tx, finite=finite)
     real_tokens = jnp.sum((batch["segment_ids"] > 0).astype(jnp.float32))
     metrics = {
         "loss": loss,
         "perplexity": jnp.exp(loss),
         "accuracy": aux["correct"] / num_tokens,
-        "grad_norm": grad_norm,
-        "param_norm": optax.global_norm(state.params),
-        "lr": lr_schedule(state.step),
         "num_tokens": aux["num_tokens"],
         # Share of the non-padding tokens that are trained (assistant) targets.
         "trained_fraction": aux["num_tokens"] / jnp.maximum(real_tokens, 1.0),
         # Share of the rows' slots holding tokens (the rest is padding left by packing).
         "fill": real_tokens / batch["segment_ids"].size,
-        "nonfinite": new_state.nonfinite,
+        **common,
+        **{k.removesuffix("_sum"): v / num_tokens for k, v in aux.items() if k.startswith("moe_")},
     }
     return new_state, metrics
 
@@ -60,7 +58,8 @@ def eval_step(params: Any, batch: Batch, *, model: nn.Module) -> dict[str, jax.A
 def make_steps(config: Any, model: nn.Module, tx: optax.GradientTransformation,
                lr_schedule: optax.Schedule) -> tuple[Any, Any]:
     train = functools.partial(sft_step, model=model, tx=tx, lr_schedule=lr_schedule,
-                              num_microbatches=config.optim.grad_accum_steps)
+                              num_microbatches=config.optim.grad_accum_steps,
+                              **lora_step_options(config))
     return train, functools.partial(eval_step, model=model)
 
 
