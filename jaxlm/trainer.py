@@ -210,23 +210,75 @@ def initial_state(s: Setup, tx: optax.GradientTransformation, ckpt: Checkpointer
 
 
 def _init_from_params(s: Setup, tx: optax.GradientTransformation, shardings: TrainState) -> Any:
-    """The init_from checkpoint's params, sharded like this run's. Params the model has and the
-    checkpoint lacks (LoRA adapters, a reward head) start from their fresh init."""
+    """The init_from checkpoint's params, sharded like this run's. A checkpoint of a LoRA run
+    has its adapters merged into its base weights first (`_merged_lora_params`), so no trained
+    adapter is dropped and any rank can follow. Params the model has and the (merged)
+    checkpoint lacks (this run's LoRA adapters, a reward head) start from their fresh init."""
     c = s.config
     abstract = abstract_state(s.model, tx, shardings, c.data.seq_len).params
     step = None if c.init_from.step < 0 else c.init_from.step
     saved = saved_param_names(c.init_from.path, step)
+    saved_adapters = {name for name in saved if name.endswith((lora.SUFFIX_A, lora.SUFFIX_B))}
     flat = traverse_util.flatten_dict(abstract, sep="/")
-    if all(name in saved for name in flat):
+    base = {k: v for k, v in flat.items() if k in saved and k not in saved_adapters}
+    if saved_adapters:
+        restored = _merged_lora_params(s, step, saved_adapters, base)
+    elif len(base) == len(flat):
         return restore_params(c.init_from.path, step, abstract)
-    fresh_names = sorted(name for name in flat if name not in saved)
+    else:
+        restored = restore_params(c.init_from.path, step,
+                                  traverse_util.unflatten_dict(base, sep="/"))
+    fresh_names = sorted(name for name in flat if name not in base)
+    if not fresh_names:
+        return restored
     logging.info("params not in %s start fresh: %s", c.init_from.path, fresh_names)
-    restored = restore_params(c.init_from.path, step, traverse_util.unflatten_dict(
-        {k: v for k, v in flat.items() if k in saved}, sep="/"))
     fresh, _ = init_sharded_state(s.model, tx, s.mesh, jax.random.key(c.seed), c.data.seq_len)
     out = traverse_util.flatten_dict(fresh.params, sep="/")
     out.update(traverse_util.flatten_dict(restored, sep="/"))
     return traverse_util.unflatten_dict(out, sep="/")
+
+
+def _merged_lora_params(s: Setup, step: int | None, saved_adapters: set[str],
+                        base: dict[str, jax.ShapeDtypeStruct]) -> Any:
+    """The `base` params of a LoRA run's checkpoint with its adapters folded in,
+    W + (alpha / r) A B, sharded like `base` (this run's abstract params, by '/'-name).
+
+    The adapters are read at the shapes of the checkpoint's own rank and targets (the rank and
+    alpha of its saved config, the targets from the saved names) and merged on device."""
+    path = s.config.init_from.path
+    saved_lora = read_saved_json(path, step, "config")["model"]["lora"]
+    rank, alpha = int(saved_lora["rank"]), float(saved_lora["alpha"])
+    targets = tuple(sorted({name.rsplit("/", 1)[-1][:-len(lora.SUFFIX_A)]
+                            for name in saved_adapters if name.endswith(lora.SUFFIX_A)}))
+    if rank <= 0:
+        raise ValueError(f"init_from.path {path}: the checkpoint holds LoRA adapters but its "
+                         f"saved config has model.lora.rank={rank}")
+    # The checkpoint's model: this run's, with the checkpoint's adapters.
+    saved_model = Transformer(dataclasses.replace(
+        s.model_cfg, lora_rank=rank, lora_alpha=alpha, lora_targets=targets, lora_dropout=0.0))
+    boxed = abstract_boxed_params(saved_model, s.config.data.seq_len)
+    adapter_shardings = traverse_util.flatten_dict(
+        sharding.logical_shardings(boxed, s.mesh), sep="/")
+    adapter_shapes = traverse_util.flatten_dict(nn.meta.unbox(boxed), sep="/")
+    missing = sorted(saved_adapters - adapter_shapes.keys())
+    if missing:
+        raise ValueError(f"init_from.path {path}: adapters {missing[:4]} do not belong to this "
+                         "run's model (a different architecture)")
+    wanted = dict(base)
+    wanted.update({name: jax.ShapeDtypeStruct(adapter_shapes[name].shape,
+                                              adapter_shapes[name].dtype,
+                                              sharding=adapter_shardings[name])
+                   for name in saved_adapters})
+    params = restore_params(path, step, traverse_util.unflatten_dict(wanted, sep="/"))
+    out_shardings = traverse_util.unflatten_dict(
+        {k: v.sharding for k, v in base.items()}, sep="/")
+    with sharding.activate(s.mesh):
+        merged = jax.jit(functools.partial(lora.merge, rank=rank, alpha=alpha),
+                         out_shardings=out_shardings)(params)
+    logging.info("init_from %s: merged its LoRA adapters (rank %d, alpha %g, %s) into the base "
+                 "weights; this run's own adapters, if any, start fresh", path, rank, alpha,
+                 "/".join(targets))
+    return merged
 
 
 def _log_lora(s: Setup, tx: optax.GradientTransformation, full_tx: optax.GradientTransformation
