@@ -1,0 +1,132 @@
+"""Exact resume of the post-training stages through `python -m jaxlm.main`: an SFT run and a
+DPO run stopped after K steps and restarted with the same command in the same workdir end with
+bitwise the params, and log bitwise the losses and eval metrics, of runs never stopped.
+
+A run "stopped after K steps" is the uninterrupted run's workdir cut back to its step-K
+checkpoint (the newer checkpoints deleted, the metrics of later steps removed): exactly what a
+run killed after its step-K save leaves behind (tests/test_resume.py kills a real pretraining
+run with signals). The restart must restore the data iterator position: SFT packs several
+conversations per row (grain's first-fit packer), DPO batches preference pairs.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from jaxlm.data import conversations
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS, STOP = 6, 3
+DATA = 120  # dialogs / pairs
+TINY = ["--config.model.d_model=32", "--config.model.num_layers=1",
+        "--config.model.num_heads=2", "--config.model.num_kv_heads=1",
+        "--config.model.d_ff=64", "--config.data.seq_len=32", "--config.data.vocab_size=400",
+        "--config.data.max_documents=60", "--config.train.global_batch_size=8",
+        "--config.log.sample_every=0", "--config.log.tensorboard=False",
+        "--config.log.every_steps=1", "--config.checkpoint.async_save=False"]
+# Checkpoints at STOP and STEPS, both kept; evals at the same steps.
+RESUMABLE = [f"--config.train.steps={STEPS}", f"--config.checkpoint.every_steps={STOP}",
+             f"--config.train.eval_every={STOP}", "--config.train.eval_steps=1",
+             "--config.checkpoint.keep_last=4", "--config.optim.warmup_steps=2"]
+
+
+def _main(config: str, workdir: Path, *extra: str) -> None:
+    cmd = [sys.executable, "-m", "jaxlm.main", f"--config={config}", f"--workdir={workdir}",
+           *TINY, *extra]
+    # A compilation cache shared by the runs of this module: a restart compiles nothing anew.
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(workdir.parent / "jax_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def _rows(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _by_step(workdir: Path, key: str) -> dict[int, dict]:
+    """step -> the last logged row holding `key` (a resumed run re-logs from its restart)."""
+    return {r["step"]: r for r in _rows(workdir) if key in r}
+
+
+def _cut_back(source: Path, target: Path, step: int) -> None:
+    """`target` = `source` as a run stopped right after saving checkpoint `step` leaves it."""
+    shutil.copytree(source, target)
+    for ckpt in (target / "checkpoints").iterdir():
+        if ckpt.name.isdigit() and int(ckpt.name) > step:
+            shutil.rmtree(ckpt)
+    rows = [line for line in (target / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line)["step"] <= step]
+    (target / "metrics.jsonl").write_text("".join(line + "\n" for line in rows))
+
+
+def _state(workdir: Path, step: int) -> dict[str, np.ndarray]:
+    tree = ocp.PyTreeCheckpointer().restore(str(workdir / "checkpoints" / str(step) / "state"))
+    return ocp.tree.to_flat_dict(tree, sep="/")
+
+
+def _assert_same_run(resumed: Path, reference: Path) -> None:
+    assert sorted(int(p.name) for p in (resumed / "checkpoints").iterdir()
+                  if p.name.isdigit()) == [STOP, STEPS]
+    train, want = _by_step(resumed, "loss"), _by_step(reference, "loss")
+    assert sorted(train) == sorted(want) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        for key, value in want[step].items():
+            if key in ("steps_per_sec", "tokens_per_sec", "mfu", "time", "wall_time"):
+                continue
+            assert train[step][key] == value, (step, key, train[step][key], value)
+    evals, want_evals = _by_step(resumed, "eval_loss"), _by_step(reference, "eval_loss")
+    assert sorted(evals) == [STOP, STEPS] and evals[STEPS] == want_evals[STEPS]
+    got, expected = _state(resumed, STEPS), _state(reference, STEPS)
+    assert got.keys() == expected.keys() and int(got["step"]) == STEPS
+    for name, value in expected.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Uninterrupted SFT -> uninterrupted DPO (LoRA with dropout) and the command line of each."""
+    base = tmp_path_factory.mktemp("stage_resume")
+    sft, dpo = base / "sft", base / "dpo"
+    # The first dialogs and pairs of the chatterbot sets, as jsonl (quicker to tokenise).
+    _write_jsonl(base / "dialogs.jsonl", [{"messages": m} for m in
+                                          conversations.chatterbot_conversations()[:DATA]])
+    _write_jsonl(base / "pairs.jsonl", [dataclasses.asdict(p) for p in
+                                        conversations.chatterbot_pairs(0)[:DATA]])
+    # SFT from a fresh init (no pretraining run: it would only cost time here).
+    sft_cmd = ("configs/sft_tiny.py", *RESUMABLE, "--config.init_from.path=",
+               f"--config.sft.paths={base / 'dialogs.jsonl'}")
+    _main(sft_cmd[0], sft, *sft_cmd[1:])
+    dpo_cmd = (f"configs/dpo_tiny.py:sft={sft}", *RESUMABLE, "--config.dpo.max_prompt_tokens=16",
+               f"--config.dpo.paths={base / 'pairs.jsonl'}",
+               "--config.model.lora.rank=4",
+               "--config.model.lora.dropout=0.1", "--config.optim.learning_rate=1e-2")
+    _main(dpo_cmd[0], dpo, *dpo_cmd[1:])
+    return base, {"sft": (sft, sft_cmd), "dpo": (dpo, dpo_cmd)}
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_stage_stopped_and_resumed_equals_uninterrupted(runs, stage):
+    base, by_stage = runs
+    reference, cmd = by_stage[stage]
+    # The run really learns something, so equal params are not equal by accident.
+    losses = [r["loss"] for r in _by_step(reference, "loss").values()]
+    assert len(set(losses)) >= STEPS - 1  # DPO: steps 1 and 2 (lr 0) are at log 2
+    resumed = base / f"{stage}_resumed"
+    _cut_back(reference, resumed, STOP)
+    assert max(_by_step(resumed, "loss")) == STOP
+    _main(cmd[0], resumed, *cmd[1:])
+    _assert_same_run(resumed, reference)
