@@ -81,6 +81,11 @@ def _fail(key: str, msg: str) -> None:
     raise ValueError(f"config key {key}: {msg}")
 
 
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        _fail(key, f"{value!r} is not one of {choices}")
+
+
 def check_stage_config(config: ml_collections.ConfigDict) -> None:
     """Checks the section of config.stage; raises ValueError naming the key."""
     stage = config.stage
@@ -99,18 +104,14 @@ def check_stage_config(config: ml_collections.ConfigDict) -> None:
 
 def _check_sft(config: ml_collections.ConfigDict) -> None:
     s = config.sft
-    if s.loss_on not in LOSS_ON:
-        _fail("sft.loss_on", f"{s.loss_on!r} is not one of {LOSS_ON}")
-    if s.truncation not in TRUNCATION:
-        _fail("sft.truncation", f"{s.truncation!r} is not one of {TRUNCATION}")
+    _check_choice("sft.loss_on", s.loss_on, LOSS_ON)
+    _check_choice("sft.truncation", s.truncation, TRUNCATION)
 
 
 def _check_dpo(config: ml_collections.ConfigDict) -> None:
     d = config.dpo
-    if d.variant not in DPO_VARIANTS:
-        _fail("dpo.variant", f"{d.variant!r} is not one of {DPO_VARIANTS}")
-    if d.reference not in REFERENCE_MODES:
-        _fail("dpo.reference", f"{d.reference!r} is not one of {REFERENCE_MODES}")
+    _check_choice("dpo.variant", d.variant, DPO_VARIANTS)
+    _check_choice("dpo.reference", d.reference, REFERENCE_MODES)
     if d.beta <= 0:
         _fail("dpo.beta", f"must be positive, got {d.beta}")
     if not 0 <= d.label_smoothing < 0.5:
