@@ -176,8 +176,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Circular pipeline schedule (mesh.pipeline > 1 only): each stage holds this many chunks V of
     # num_layers / (pipeline * V) layers (chunk c on stage c mod pipeline) and the microbatches
     # go round the stages V times, so the bubble shrinks to (P - 1) / (V * M + P - 1) for
-    # M = num_microbatches >= P. 1 = GPipe. Must divide num_layers / pipeline; costs one
-    # all-to-all of the block params (and their gradients) over `pipeline` per step.
+    # M = num_microbatches >= P (required). 1 = GPipe. Must divide num_layers / pipeline.
+    # Checkpoints keep the stacked layout; the step transposes the block params (and their
+    # gradients) across `pipeline` instead, about one parameter-sized send per device per step.
     t.pipeline_repeats = 1
 
     # How this process joins a multi-host job (see docs/multihost.md); auto-detected on Cloud TPU

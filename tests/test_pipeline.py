@@ -100,6 +100,13 @@ def test_bubble_fraction_counts_the_idle_stage_steps(stages, microbatches, repea
     if microbatches >= stages or repeats == 1:
         want = (stages - 1) / (repeats * microbatches + stages - 1)
         assert pipeline.bubble_fraction(stages, microbatches, repeats) == pytest.approx(want)
+    # `circular` itself scans over exactly those ticks, all P stages working in each (its
+    # output equals the layers in order, so P*V*M of those stage-steps are the real ones).
+    jaxpr = jax.make_jaxpr(lambda w, x: pipeline.circular(
+        lambda w_K, x_B: x_B * w_K.sum(), pipeline.to_stages(w, stages, repeats), x, (),
+        x_axes=(None,), side_axes=()))(jnp.ones(stages * repeats), jnp.ones((microbatches, 2)))
+    scans = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
+    assert [e.params["length"] for e in scans] == [len(table)]
 
 
 def test_microbatch_split_is_strided_and_inverts():
