@@ -203,6 +203,10 @@ def test_pipelined_step_equals_unpipelined(reference, pipelined, name):
     assert shard.data.shape[0] == CFG.num_layers // shape[3]
     assert "collective-permute" in got["hlo"]
     assert "collective-permute" not in reference["hlo"]
+    # Circular repeats transpose the stored stack across `pipeline` inside the step: by
+    # all-to-all / collective-permute of the shards, never by gathering the parameters.
+    assert "all-gather" not in got["hlo"]
+    assert ("all-to-all" in got["hlo"]) == (PIPELINED[name][3] > 1)
 
 
 @pytest.mark.parametrize("source,target", [
