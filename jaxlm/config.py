@@ -9,6 +9,8 @@ per-replica batch, microbatch size).
 from __future__ import annotations
 
 import difflib
+import importlib.util
+import os
 from typing import Any
 
 import ml_collections
@@ -245,6 +247,22 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     return out
 
 
+def load_config_file(path: str | os.PathLike, arg: str | None = None) -> ml_collections.ConfigDict:
+    """`get_config(arg)` of the config file at `path`.
+
+    How one config file builds on another: `configs/sft_tiny.py` starts from
+    `load_config_file(Path(__file__).with_name("tiny.py"))` and sets what differs.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
 def _unknown_keys(config: Any, schema: Any, prefix: str = "") -> None:
     for key in config.keys():
         name = f"{prefix}{key}"
@@ -461,5 +479,5 @@ def describe(config: ml_collections.ConfigDict) -> str:
             f"params_dtype={m.param_dtype} compute_dtype={m.compute_dtype}")
 
 
-__all__ = ["base_config", "parse_arg", "validate", "check_devices", "model_config", "describe",
-           "tokens_per_step", "pipeline_summary", "resolve_steps"]
+__all__ = ["base_config", "parse_arg", "load_config_file", "validate", "check_devices",
+           "model_config", "describe", "tokens_per_step", "pipeline_summary", "resolve_steps"]
