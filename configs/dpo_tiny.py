@@ -11,19 +11,16 @@ the frozen reference. Arguments: `configs/dpo_tiny.py:sft=/tmp/run,steps=N,varia
 (sft = the SFT run's workdir; variant = sigmoid, ipo, conservative or simpo).
 """
 
-import importlib.util
 import os
+from pathlib import Path
 
 from jaxlm import config as config_lib
 
 
 def get_config(arg: str | None = None):
     args = config_lib.parse_arg(arg, sft="/tmp/jaxlm_tiny_sft", steps=200, variant="sigmoid")
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sft_tiny.py")
-    spec = importlib.util.spec_from_file_location("sft_tiny", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.tiny_config()
+    # The SFT run's model is configs/tiny.py's; its checkpoint is the starting policy.
+    c = config_lib.load_config_file(Path(__file__).with_name("tiny.py"))
     c.stage = "dpo"
     c.init_from.path = os.path.join(args.sft, "checkpoints")
 

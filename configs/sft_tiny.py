@@ -10,25 +10,16 @@ only the assistant turns are trained. Arguments: `configs/sft_tiny.py:pretrained
 (pretrained = the tiny run's workdir).
 """
 
-import importlib.util
 import os
+from pathlib import Path
 
 from jaxlm import config as config_lib
 from jaxlm.data.chat import render_messages
 
 
-def tiny_config():
-    """configs/tiny.py's config (its model is the one fine-tuned here)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny.py")
-    spec = importlib.util.spec_from_file_location("tiny", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 def get_config(arg: str | None = None):
     args = config_lib.parse_arg(arg, pretrained="/tmp/jaxlm_tiny", steps=300)
-    c = tiny_config()
+    c = config_lib.load_config_file(Path(__file__).with_name("tiny.py"))
     c.stage = "sft"
     c.init_from.path = os.path.join(args.pretrained, "checkpoints")
 

@@ -317,6 +317,27 @@ def _check_data_state(step_dir: str) -> None:
                                 "the same process count")
 
 
+def _step_or_newest(directory: str, step: int | None) -> int:
+    """`step`, or the newest complete step of `directory` when it is None."""
+    if step is not None:
+        return step
+    steps = complete_steps(directory)
+    if not steps:
+        where = ("does not exist" if not epath.Path(directory).is_dir()
+                 else "holds no complete checkpoint")
+        raise FileNotFoundError(f"cannot read a checkpoint from {directory}: it {where}")
+    return steps[-1]
+
+
+def _params_reader(directory: str) -> ocp.CheckpointManager:
+    """A read-only manager of `directory` that restores (parts of) the state as a pytree."""
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                           step_name_format=_name_format())
+    registry = _handler_registry(ocp.handlers.PyTreeCheckpointHandler,
+                                 (ocp.args.PyTreeRestore,))
+    return ocp.CheckpointManager(directory, options=options, handler_registry=registry)
+
+
 def restore_params(directory: str, step: int | None, abstract_params: Any, *,
                    subset: bool = False) -> Any:
     """Only the params of checkpoint `step` (None: the latest) in `directory`.
@@ -327,20 +348,10 @@ def restore_params(directory: str, step: int | None, abstract_params: Any, *,
     of the saved params (e.g. one at a time, to bound host memory).
     """
     directory = _absolute(directory)
-    if step is None:
-        steps = complete_steps(directory)
-        if not steps:
-            where = ("does not exist" if not epath.Path(directory).is_dir()
-                     else "holds no complete checkpoint")
-            raise FileNotFoundError(f"cannot initialise params from {directory}: it {where}")
-        step = steps[-1]
+    step = _step_or_newest(directory, step)
     step_dir = _step_dir(directory, step)
     _check_abstract(abstract_params, "abstract_params")
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False,
-                                           step_name_format=_name_format())
-    registry = _handler_registry(ocp.handlers.PyTreeCheckpointHandler,
-                                 (ocp.args.PyTreeRestore,))
-    with ocp.CheckpointManager(directory, options=options, handler_registry=registry) as mngr:
+    with _params_reader(directory) as mngr:
         metadata = mngr.item_metadata(step)[STATE]
         if metadata is None:
             raise FileNotFoundError(f"checkpoint {step_dir} has no train state ({STATE}/)")
@@ -360,11 +371,7 @@ def read_saved_json(directory: str, step: int | None, name: str) -> dict[str, An
     if name not in JSON_ITEMS:
         raise ValueError(f"read_saved_json reads one of {JSON_ITEMS}, got {name!r}")
     directory = _absolute(directory)
-    if step is None:
-        steps = complete_steps(directory)
-        if not steps:
-            raise FileNotFoundError(f"{directory} holds no complete checkpoint")
-        step = steps[-1]
+    step = _step_or_newest(directory, step)
     path = epath.Path(_step_dir(directory, step)) / name / "metadata"
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path.parent.parent} has no {name!r} item")
@@ -375,16 +382,7 @@ def saved_param_names(directory: str, step: int | None) -> set[str]:
     """'/'-joined names of the params stored in checkpoint `step` (None: the newest), e.g. to
     start a model with extra parameters (LoRA adapters, a reward head) from a plain one."""
     directory = _absolute(directory)
-    if step is None:
-        steps = complete_steps(directory)
-        if not steps:
-            raise FileNotFoundError(f"cannot initialise params from {directory}: it holds no "
-                                    "complete checkpoint")
-        step = steps[-1]
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False,
-                                           step_name_format=_name_format())
-    registry = _handler_registry(ocp.handlers.PyTreeCheckpointHandler,
-                                 (ocp.args.PyTreeRestore,))
-    with ocp.CheckpointManager(directory, options=options, handler_registry=registry) as mngr:
+    step = _step_or_newest(directory, step)
+    with _params_reader(directory) as mngr:
         metadata = mngr.item_metadata(step)[STATE]
     return {name[len("params/"):] for name in _flat(metadata.tree) if name.startswith("params/")}

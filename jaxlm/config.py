@@ -9,6 +9,8 @@ per-replica batch, microbatch size).
 from __future__ import annotations
 
 import difflib
+import importlib.util
+import os
 from typing import Any
 
 import ml_collections
@@ -146,7 +148,7 @@ def base_config() -> ml_collections.ConfigDict:
     me.fsdp = 1
     me.tensor = 1
     # Pipeline stages: the blocks are split into this many stages of num_layers / pipeline
-    # layers each (GPipe schedule, see docs/pipeline.md). Never -1.
+    # layers each (GPipe or circular schedule, see docs/pipeline.md). Never -1.
     me.pipeline = 1
     # Expert parallelism: MoE experts are split over this axis (it also splits the batch).
     me.expert = 1
@@ -173,6 +175,13 @@ def base_config() -> ml_collections.ConfigDict:
     # is cut into this many microbatches that flow through the stages together; the idle
     # "bubble" fraction is (pipeline - 1) / (num_microbatches + pipeline - 1).
     t.num_microbatches = 1
+    # Circular pipeline schedule (mesh.pipeline > 1 only): each stage holds this many chunks V of
+    # num_layers / (pipeline * V) layers (chunk c on stage c mod pipeline) and the microbatches
+    # go round the stages V times, so the bubble shrinks to (P - 1) / (V * M + P - 1) for
+    # M = num_microbatches >= P (required). 1 = GPipe. Must divide num_layers / pipeline.
+    # Checkpoints keep the stacked layout; the step transposes the block params (and their
+    # gradients) across `pipeline` instead, about one parameter-sized send per device per step.
+    t.pipeline_repeats = 1
 
     # How this process joins a multi-host job (see docs/multihost.md); auto-detected on Cloud TPU
     # and SLURM, a no-op on one machine.
@@ -238,6 +247,22 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     return out
 
 
+def load_config_file(path: str | os.PathLike, arg: str | None = None) -> ml_collections.ConfigDict:
+    """`get_config(arg)` of the config file at `path`.
+
+    How one config file builds on another: `configs/sft_tiny.py` starts from
+    `load_config_file(Path(__file__).with_name("tiny.py"))` and sets what differs.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
 def _unknown_keys(config: Any, schema: Any, prefix: str = "") -> None:
     for key in config.keys():
         name = f"{prefix}{key}"
@@ -276,6 +301,7 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = Non
         remat=m.remat, scan_layers=m.scan_layers, attention=m.attention, init_std=m.init_std,
         qkv_bias=m.qkv_bias, pipeline_stages=max(config.mesh.pipeline, 1),
         pipeline_microbatches=max(config.train.num_microbatches, 1),
+        pipeline_repeats=max(config.train.pipeline_repeats, 1),
         moe=MoeConfig(**m.moe.to_dict()) if m.moe.num_experts else None,
         lora_rank=m.lora.rank, lora_alpha=m.lora.alpha, lora_dropout=m.lora.dropout,
         lora_targets=ATTENTION_TARGETS + (MLP_TARGETS if m.lora.mlp else ()),
@@ -300,19 +326,37 @@ def _check_pipeline(config: ml_collections.ConfigDict) -> None:
     if stages > 1 and layers % stages:
         _fail("mesh.pipeline", f"{stages} pipeline stages do not divide model.num_layers="
               f"{layers}: every stage holds num_layers / mesh.pipeline layers")
+    repeats = config.train.pipeline_repeats
+    if repeats < 1:
+        _fail("train.pipeline_repeats", f"must be >= 1, got {repeats}")
+    if repeats > 1 and stages == 1:
+        _fail("train.pipeline_repeats", f"{repeats} circular repeats need mesh.pipeline > 1")
+    if repeats > 1 and (layers // stages) % repeats:
+        _fail("train.pipeline_repeats", f"{repeats} does not divide the {layers // stages} "
+              f"layers of a stage (model.num_layers={layers} / mesh.pipeline={stages})")
+    if repeats > 1 and m < stages:
+        _fail("train.pipeline_repeats", f"the circular schedule needs train.num_microbatches "
+              f">= mesh.pipeline, got {m} < {stages} (with fewer microbatches than stages it "
+              "idles like GPipe); raise train.num_microbatches or set pipeline_repeats=1")
 
 
 def pipeline_summary(config: ml_collections.ConfigDict) -> str | None:
     """The startup log line of a pipelined run (None without pipelining): stages, microbatch
-    sizes and the GPipe bubble fraction (P-1)/(M+P-1)."""
+    sizes, schedule and its bubble fraction."""
     stages, m = config.mesh.pipeline, config.train.num_microbatches
+    repeats = config.train.pipeline_repeats
     if stages == 1:
         return None
     rows = config.train.global_batch_size // config.optim.grad_accum_steps // m
-    bubble = bubble_fraction(stages, m)
-    return (f"pipeline: {stages} stages x {config.model.num_layers // stages} layers, "
-            f"{m} microbatches of {rows} sequences (global), GPipe schedule: bubble fraction "
-            f"(P-1)/(M+P-1) = {bubble:.3f}")
+    bubble = bubble_fraction(stages, m, repeats)
+    layers = config.model.num_layers // stages
+    if repeats == 1:
+        schedule = f"GPipe schedule: bubble fraction (P-1)/(M+P-1) = {bubble:.3f}"
+    else:
+        schedule = (f"circular schedule, {repeats} chunks of {layers // repeats} layers per "
+                    f"stage: bubble fraction (P-1)/(V*M+P-1) = {bubble:.3f}")
+    return (f"pipeline: {stages} stages x {layers} layers, {m} microbatches of {rows} "
+            f"sequences (global), {schedule}")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -435,5 +479,5 @@ def describe(config: ml_collections.ConfigDict) -> str:
             f"params_dtype={m.param_dtype} compute_dtype={m.compute_dtype}")
 
 
-__all__ = ["base_config", "parse_arg", "validate", "check_devices", "model_config", "describe",
-           "tokens_per_step", "pipeline_summary", "resolve_steps"]
+__all__ = ["base_config", "parse_arg", "load_config_file", "validate", "check_devices",
+           "model_config", "describe", "tokens_per_step", "pipeline_summary", "resolve_steps"]

@@ -145,8 +145,9 @@ def test_fused_cross_entropy_matches_logits_path(vocab_size, z_loss, chunk_token
                   jax.grad(mixed(ref_fn), (0, 1))(hidden, head), rtol=1e-4)
 
 
-def _fused_loss_fn(params, batch, *, model, z_loss=0.0):
+def _fused_loss_fn(params, batch, *, model, z_loss=0.0, rng=None):
     """The stage's loss_fn on the fused path (what `jaxlm/stages/pretrain.py` should call)."""
+    assert rng is None  # no dropout in these models
     hidden_BxLxD, head_VxD = model.apply({"params": params}, batch["inputs"],
                                          positions_BxL=batch["positions"],
                                          segment_ids_BxL=batch["segment_ids"],

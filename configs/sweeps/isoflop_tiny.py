@@ -1,16 +1,20 @@
-"""A tiny IsoFLOP sweep on CPU: for each compute budget C, models of ~0.06-0.5M parameters trained
-on D = C / (6 N) tokens (Chinchilla's Approach 2 grid), on the embedded stdlib corpus.
+"""A tiny IsoFLOP sweep on CPU: for each compute budget C, models of ~0.02-0.23M parameters
+trained on D = C / (6 N) tokens (Chinchilla's Approach 2 grid), on the embedded stdlib corpus.
 
     python -m jaxlm.sweep --config=configs/sweeps/isoflop_tiny.py --workdir=/tmp/isoflop_tiny
     python tools/fit_scaling_law.py --results=/tmp/isoflop_tiny/results.csv \
-        --out_dir=/tmp/isoflop_tiny/fit
+        --out_dir=/tmp/isoflop_tiny/fit --grid=small --bootstrap=20 --target_flops=1e12,1e13
 
+The default grid (3 budgets 3e11/1e12/3e12 x 5 shapes, batch 8 x 64 tokens, 1024-piece
+tokenizer, eval on 400 batches of a 10% held-out split) runs in ~20 minutes on 2 cores and
+brackets the optimum at every budget (docs/scaling.md has the measured run and its fit).
 Arguments (`configs/sweeps/isoflop_tiny.py:budgets=1e12/3e12,shapes=64x2/96x3`): `budgets` are
 training FLOPs (6 N D) separated by '/'; `shapes` are `<d_model>x<layers>` separated by '/';
-`smoke=True` shrinks data, vocabulary and batch for a seconds-long test. N counts every
-parameter (embeddings included, Chinchilla's convention) for the vocabulary of data.vocab_size.
+`batch` (rows of 64 tokens), `eval_steps`, `vocab`; `smoke=True` shrinks data, vocabulary and
+batch for a seconds-long test. N counts every parameter (embeddings included, Chinchilla's
+convention; the tied embedding is also the output head, so 6N per token counts it right).
 Run a single point with `python -m jaxlm.main --config=configs/sweeps/isoflop_tiny.py
---workdir=...` plus its overrides (see `--print_commands`). docs/scaling.md has the measured run.
+--workdir=...` plus its overrides (see `--print_commands`).
 """
 
 from jaxlm import config as config_lib

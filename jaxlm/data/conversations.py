@@ -27,13 +27,19 @@ import glob
 import json
 import os
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+import ml_collections
 import numpy as np
 
 from jaxlm.data.chat import Message, check_messages
 
 CHATTERBOT = "chatterbot"
+# Fixed seed of the holdout permutation: changing data.seed never moves eval examples.
+HOLDOUT_SEED = 20_240_611
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,3 +186,30 @@ def read_pairs(spec: str, key: str, seed: int = 0) -> list[Pair]:
     if spec == CHATTERBOT:
         return chatterbot_pairs(seed)
     return [parse_pair(record, where) for where, record in _jsonl_records(spec, key)]
+
+
+def holdout(items: list[Any], split: str, eval_fraction: float, key: str) -> list[Any]:
+    """`split`'s share of `items` under a fixed permutation (eval gets ceil(fraction * n))."""
+    n = len(items)
+    num_eval = int(np.ceil(eval_fraction * n))
+    if split == "eval" and num_eval == 0:
+        raise ValueError(f"config key data.eval_fraction: is 0, so {key} has no eval examples; "
+                         "set it > 0 or set the stage's eval_paths")
+    if split == "train" and num_eval >= n:
+        raise ValueError(f"config key data.eval_fraction: leaves none of the {n} examples of "
+                         f"{key} for training")
+    order = np.random.default_rng(HOLDOUT_SEED).permutation(n)
+    chosen = order[:num_eval] if split == "eval" else order[num_eval:]
+    return [items[i] for i in sorted(chosen)]
+
+
+def read_split(read: Callable[[str, str], list[T]], config: ml_collections.ConfigDict,
+               section: str, split: str) -> list[T]:
+    """The records of `split` for a stage's section ("sft", "dpo", "reward"), read by
+    `read(spec, key)`: <section>.eval_paths for "eval" when set, otherwise the split's share
+    of <section>.paths under the fixed holdout (data.eval_fraction)."""
+    paths, eval_paths = config[section].paths, config[section].eval_paths
+    if split == "eval" and eval_paths:
+        return read(eval_paths, f"{section}.eval_paths")
+    return holdout(read(paths, f"{section}.paths"), split, config.data.eval_fraction,
+                   f"{section}.paths")

@@ -21,6 +21,7 @@ ref_logps [batch, 2], looked up by pair_id in the table the trainer computed bef
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import grain
@@ -29,7 +30,7 @@ import numpy as np
 from absl import logging
 
 from jaxlm.data import chat, conversations
-from jaxlm.data.sft import example_stream, holdout
+from jaxlm.data.sft import example_stream
 
 
 @dataclasses.dataclass
@@ -87,13 +88,8 @@ def tokenize_pairs(pairs: list[conversations.Pair], tokenizer: Any, *,
 def split_pairs(config: ml_collections.ConfigDict, split: str, section: str = "dpo"
                 ) -> list[conversations.Pair]:
     """The pairs of `split` (<section>.paths with a holdout, or <section>.eval_paths)."""
-    sec = config[section]
-    if split == "eval" and sec.eval_paths:
-        return conversations.read_pairs(sec.eval_paths, f"{section}.eval_paths",
-                                        seed=config.data.seed)
-    return holdout(conversations.read_pairs(sec.paths, f"{section}.paths",
-                                            seed=config.data.seed),
-                   split, config.data.eval_fraction, f"{section}.paths")
+    read = functools.partial(conversations.read_pairs, seed=config.data.seed)
+    return conversations.read_split(read, config, section, split)
 
 
 def split_examples(config: ml_collections.ConfigDict, tokenizer: Any, split: str,

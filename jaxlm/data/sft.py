@@ -31,8 +31,6 @@ from absl import logging
 from jaxlm.data import chat, conversations
 
 TRUNCATION = ("truncate", "drop")
-# Fixed seed of the holdout permutation: changing data.seed never moves eval examples.
-HOLDOUT_SEED = 20_240_611
 
 
 @dataclasses.dataclass
@@ -46,21 +44,6 @@ class SftCounts:
     examples: int = 0
     tokens: int = 0
     target_tokens: int = 0
-
-
-def holdout(items: list[Any], split: str, eval_fraction: float, key: str) -> list[Any]:
-    """`split`'s share of `items` under a fixed permutation (eval gets ceil(fraction * n))."""
-    n = len(items)
-    num_eval = int(np.ceil(eval_fraction * n))
-    if split == "eval" and num_eval == 0:
-        raise ValueError(f"config key data.eval_fraction: is 0, so {key} has no eval examples; "
-                         "set it > 0 or set the stage's eval_paths")
-    if split == "train" and num_eval >= n:
-        raise ValueError(f"config key data.eval_fraction: leaves none of the {n} examples of "
-                         f"{key} for training")
-    order = np.random.default_rng(HOLDOUT_SEED).permutation(n)
-    chosen = order[:num_eval] if split == "eval" else order[num_eval:]
-    return [items[i] for i in sorted(chosen)]
 
 
 def tokenize_conversations(convs: list[list[chat.Message]], tokenizer: Any, *,
@@ -124,11 +107,7 @@ def make_sft_iterator(config: ml_collections.ConfigDict, tokenizer: Any, *, spli
                       process_count: int = 1) -> grain.DatasetIterator:
     """Endless iterator of packed SFT batches of `split` for this process (see module doc)."""
     sft, data = config.sft, config.data
-    if split == "eval" and sft.eval_paths:
-        convs = conversations.read_conversations(sft.eval_paths, "sft.eval_paths")
-    else:
-        convs = holdout(conversations.read_conversations(sft.paths, "sft.paths"), split,
-                        data.eval_fraction, "sft.paths")
+    convs = conversations.read_split(conversations.read_conversations, config, "sft", split)
     examples, counts = tokenize_conversations(
         convs, tokenizer, template=chat.template_from_config(config.chat), seq_len=data.seq_len,
         loss_on=sft.loss_on, truncation=sft.truncation)

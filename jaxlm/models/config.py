@@ -93,6 +93,8 @@ class ModelConfig:
       pipeline_stages: pipeline stages P the blocks are split into (the `pipeline` mesh axis);
         1 runs the blocks in one scan. P > 1 needs scan_layers and P dividing num_layers.
       pipeline_microbatches: microbatches M each batch is cut into for the pipeline schedule.
+      pipeline_repeats: chunks V per stage (circular schedule when > 1): the layers form P*V
+        chunks, chunk c on stage c mod P; P*V must divide num_layers.
       vocab_multiple: the embedding table is padded to a multiple of this.
       moe: mixture-of-experts settings; None = every block has the dense MLP.
       lora_rank: rank of LoRA adapters on the lora_targets weights (0: none; models/lora.py).
@@ -127,6 +129,7 @@ class ModelConfig:
     init_std: float = 0.02
     pipeline_stages: int = 1
     pipeline_microbatches: int = 1
+    pipeline_repeats: int = 1
     vocab_multiple: int = VOCAB_MULTIPLE
     moe: MoeConfig | None = None
     lora_rank: int = 0
@@ -191,6 +194,10 @@ class ModelConfig:
         if self.num_layers % self.pipeline_stages:
             fail("num_layers", f"{self.num_layers} layers cannot be split evenly into "
                  f"{self.pipeline_stages} pipeline stages")
+        if self.pipeline_repeats < 1 or self.num_layers % (self.pipeline_stages
+                                                            * self.pipeline_repeats):
+            fail("pipeline_repeats", f"{self.num_layers} layers cannot be split evenly into "
+                 f"{self.pipeline_stages} stages x {self.pipeline_repeats} repeats")
         for key in ("param_dtype", "compute_dtype"):
             try:
                 jnp.dtype(getattr(self, key))

@@ -201,3 +201,9 @@ def add_router_losses(loss_sum: jax.Array, aux: dict[str, jax.Array], variables:
                 + cfg.moe.router_z_loss_weight * stats["router_z_loss"])
     aux = dict(aux, **{f"moe_{k}_sum": v * num_tokens for k, v in stats.items()})
     return loss_sum + weighted * num_tokens, aux
+
+
+def router_metrics(sums: dict[str, jax.Array], denom: jax.Array) -> dict[str, jax.Array]:
+    """Per-token (or per-pair) means of the `moe_<stat>_sum` entries `add_router_losses` put in
+    a step's aux sums: moe_balance_loss, moe_router_z_loss, moe_dropped_fraction."""
+    return {k.removesuffix("_sum"): v / denom for k, v in sums.items() if k.startswith("moe_")}

@@ -82,8 +82,9 @@ def _block_class(cfg: ModelConfig) -> type[nn.Module]:
 
 def _pipelined_blocks(cfg: ModelConfig, blocks: dict, x_BxLxD: jax.Array,
                       positions_BxL: jax.Array, segment_ids_BxL: jax.Array) -> jax.Array:
-    """The stacked blocks [L, ...] as `cfg.pipeline_stages` stages of L/P layers each, run over
-    microbatches with the GPipe schedule of `jaxlm.models.pipeline`."""
+    """The stacked blocks [L, ...] as P = `cfg.pipeline_stages` stages holding
+    V = `cfg.pipeline_repeats` chunks of L/(P*V) layers each, run over microbatches with the
+    GPipe (V = 1) or circular (V > 1) schedule of `jaxlm.models.pipeline`."""
     block = _block_class(cfg)(cfg, parent=None)
 
     def stage(params_l: dict, x_bxLxD: jax.Array, pos_bxL: jax.Array,
@@ -94,8 +95,9 @@ def _pipelined_blocks(cfg: ModelConfig, blocks: dict, x_BxLxD: jax.Array,
 
     m = pipeline.num_microbatches(x_BxLxD.shape[0], cfg.pipeline_microbatches)
     split = lambda a: pipeline.split_microbatches(a, m)
-    out_MxBxLxD = pipeline.gpipe(
-        stage, pipeline.to_stages(blocks, cfg.pipeline_stages), split(x_BxLxD),
+    stage_params = pipeline.to_stages(blocks, cfg.pipeline_stages, cfg.pipeline_repeats)
+    out_MxBxLxD = pipeline.circular(
+        stage, stage_params, split(x_BxLxD),
         (split(positions_BxL), split(segment_ids_BxL)), x_axes=_ACT,
         side_axes=(_ACT[:2], _ACT[:2]))
     return sharding.constrain(pipeline.merge_microbatches(out_MxBxLxD), _ACT)

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxlm.models.moe import add_router_losses
+from jaxlm.models.moe import add_router_losses, router_metrics
 from jaxlm.train_state import TrainState, gradient_step, lora_step_options
 
 Batch = dict[str, jax.Array]
@@ -147,7 +147,7 @@ def dpo_step(state: TrainState, batch: Batch, ref_params: Any = None, *, model: 
         num_microbatches=num_microbatches, freeze=freeze, dropout_seed=dropout_seed)
     n = jnp.maximum(sums["num_pairs"], 1.0)
     metrics = {**means(sums), **common, "num_pairs": sums["num_pairs"],
-               **{k.removesuffix("_sum"): v / n for k, v in sums.items() if k.startswith("moe_")}}
+               **router_metrics(sums, n)}
     return new_state, metrics
 
 

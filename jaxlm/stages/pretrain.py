@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxlm.loss import fused_cross_entropy_sum
-from jaxlm.models.moe import add_router_losses
+from jaxlm.models.moe import add_router_losses, router_metrics
 from jaxlm.train_state import TrainState, gradient_step, lora_step_options
 
 Batch = dict[str, jax.Array]
@@ -60,8 +60,7 @@ def pretrain_step(state: TrainState, batch: Batch, *, model: nn.Module,
         "z_loss": aux["z_loss_sum"] / num_tokens,
         "num_tokens": aux["num_tokens"],
         **common,
-        # MoE router stats: moe_balance_loss, moe_router_z_loss, moe_dropped_fraction.
-        **{k.removesuffix("_sum"): v / num_tokens for k, v in aux.items() if k.startswith("moe_")},
+        **router_metrics(aux, num_tokens),
     }
     return new_state, metrics
 
@@ -72,13 +71,17 @@ def eval_step(params: Any, batch: Batch, *, model: nn.Module) -> dict[str, jax.A
     return {"nll_sum": aux["nll_sum"], "correct": aux["correct"], "num_tokens": aux["num_tokens"]}
 
 
+def step_settings(config: Any) -> dict[str, Any]:
+    """The static keyword settings of the token-loss steps (pretrain_step, sft_step)."""
+    return dict(z_loss=config.optim.z_loss, num_microbatches=config.optim.grad_accum_steps,
+                **lora_step_options(config))
+
+
 def make_steps(config: Any, model: nn.Module, tx: optax.GradientTransformation,
                lr_schedule: optax.Schedule) -> tuple[Any, Any]:
     """Binds the static settings of this stage's steps (un-jitted; the trainer jits them)."""
     train = functools.partial(pretrain_step, model=model, tx=tx, lr_schedule=lr_schedule,
-                              z_loss=config.optim.z_loss,
-                              num_microbatches=config.optim.grad_accum_steps,
-                              **lora_step_options(config))
+                              **step_settings(config))
     return train, functools.partial(eval_step, model=model)
 
 

@@ -81,40 +81,46 @@ def _fail(key: str, msg: str) -> None:
     raise ValueError(f"config key {key}: {msg}")
 
 
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        _fail(key, f"{value!r} is not one of {choices}")
+
+
 def check_stage_config(config: ml_collections.ConfigDict) -> None:
     """Checks the section of config.stage; raises ValueError naming the key."""
-    if config.stage in CHAT_STAGES:
-        check_chat_config(config.chat, split_list(config.data.special_tokens),
-                          config.data.tokenizer_path)
-    if config.stage == "sft":
-        s = config.sft
-        if not split_list(s.paths):
-            _fail("sft.paths", "is empty; set 'chatterbot' or jsonl globs")
-        if s.loss_on not in LOSS_ON:
-            _fail("sft.loss_on", f"{s.loss_on!r} is not one of {LOSS_ON}")
-        if s.truncation not in TRUNCATION:
-            _fail("sft.truncation", f"{s.truncation!r} is not one of {TRUNCATION}")
-    if config.stage == "reward":
-        if not split_list(config.reward.paths):
-            _fail("reward.paths", "is empty; set 'chatterbot' or jsonl globs")
-        if config.reward.max_prompt_tokens < 0:
-            _fail("reward.max_prompt_tokens", "must be >= 0")
-        if config.log.sample_every:
-            _fail("log.sample_every", "a reward model does not generate text; set it to 0")
-    if config.stage == "dpo":
-        d = config.dpo
-        if not split_list(d.paths):
-            _fail("dpo.paths", "is empty; set 'chatterbot' or jsonl globs")
-        if d.variant not in DPO_VARIANTS:
-            _fail("dpo.variant", f"{d.variant!r} is not one of {DPO_VARIANTS}")
-        if d.reference not in REFERENCE_MODES:
-            _fail("dpo.reference", f"{d.reference!r} is not one of {REFERENCE_MODES}")
-        if d.beta <= 0:
-            _fail("dpo.beta", f"must be positive, got {d.beta}")
-        if not 0 <= d.label_smoothing < 0.5:
-            _fail("dpo.label_smoothing", f"must lie in [0, 0.5), got {d.label_smoothing}")
-        if d.variant != "simpo" and not config.init_from.path:
-            _fail("init_from.path", f"dpo.variant={d.variant!r} needs a reference model: the "
-                  "checkpoint directory of the SFT run (its params start the policy too)")
-        if d.max_prompt_tokens < 0:
-            _fail("dpo.max_prompt_tokens", f"must be >= 0, got {d.max_prompt_tokens}")
+    stage = config.stage
+    if stage not in CHAT_STAGES:
+        return
+    check_chat_config(config.chat, split_list(config.data.special_tokens),
+                      config.data.tokenizer_path)
+    # What every post-training section has: its data, and (pair stages) a prompt cut.
+    section = config[stage]
+    if not split_list(section.paths):
+        _fail(f"{stage}.paths", "is empty; set 'chatterbot' or jsonl globs")
+    if "max_prompt_tokens" in section and section.max_prompt_tokens < 0:
+        _fail(f"{stage}.max_prompt_tokens", f"must be >= 0, got {section.max_prompt_tokens}")
+    {"sft": _check_sft, "dpo": _check_dpo, "reward": _check_reward}[stage](config)
+
+
+def _check_sft(config: ml_collections.ConfigDict) -> None:
+    s = config.sft
+    _check_choice("sft.loss_on", s.loss_on, LOSS_ON)
+    _check_choice("sft.truncation", s.truncation, TRUNCATION)
+
+
+def _check_dpo(config: ml_collections.ConfigDict) -> None:
+    d = config.dpo
+    _check_choice("dpo.variant", d.variant, DPO_VARIANTS)
+    _check_choice("dpo.reference", d.reference, REFERENCE_MODES)
+    if d.beta <= 0:
+        _fail("dpo.beta", f"must be positive, got {d.beta}")
+    if not 0 <= d.label_smoothing < 0.5:
+        _fail("dpo.label_smoothing", f"must lie in [0, 0.5), got {d.label_smoothing}")
+    if d.variant != "simpo" and not config.init_from.path:
+        _fail("init_from.path", f"dpo.variant={d.variant!r} needs a reference model: the "
+              "checkpoint directory of the SFT run (its params start the policy too)")
+
+
+def _check_reward(config: ml_collections.ConfigDict) -> None:
+    if config.log.sample_every:
+        _fail("log.sample_every", "a reward model does not generate text; set it to 0")

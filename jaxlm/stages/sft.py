@@ -16,20 +16,21 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxlm.stages.pretrain import loss_fn
-from jaxlm.train_state import TrainState, gradient_step, lora_step_options
+from jaxlm.models.moe import router_metrics
+from jaxlm.stages.pretrain import eval_step, loss_fn, step_settings
+from jaxlm.train_state import TrainState, gradient_step
 
 Batch = dict[str, jax.Array]
 
 
 def sft_step(state: TrainState, batch: Batch, *, model: nn.Module,
              tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
-             num_microbatches: int = 1, freeze: Any = None, dropout_seed: int | None = None
-             ) -> tuple[TrainState, dict[str, jax.Array]]:
+             z_loss: float = 0.0, num_microbatches: int = 1, freeze: Any = None,
+             dropout_seed: int | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on the mean loss over the trained tokens of `batch`."""
     new_state, aux, common = gradient_step(
-        state, batch, lambda p, b, rng: loss_fn(p, b, model=model, rng=rng), tx=tx,
-        lr_schedule=lr_schedule, num_microbatches=num_microbatches, freeze=freeze,
+        state, batch, lambda p, b, rng: loss_fn(p, b, model=model, z_loss=z_loss, rng=rng),
+        tx=tx, lr_schedule=lr_schedule, num_microbatches=num_microbatches, freeze=freeze,
         dropout_seed=dropout_seed)
     num_tokens = jnp.maximum(aux["num_tokens"], 1.0)
     loss = aux["nll_sum"] / num_tokens
@@ -44,22 +45,16 @@ def sft_step(state: TrainState, batch: Batch, *, model: nn.Module,
         # Share of the rows' slots holding tokens (the rest is padding left by packing).
         "fill": real_tokens / batch["segment_ids"].size,
         **common,
-        **{k.removesuffix("_sum"): v / num_tokens for k, v in aux.items() if k.startswith("moe_")},
+        **router_metrics(aux, num_tokens),
     }
     return new_state, metrics
 
 
-def eval_step(params: Any, batch: Batch, *, model: nn.Module) -> dict[str, jax.Array]:
-    """Sums over one held-out batch: loss and accuracy over its trained tokens."""
-    _, aux = loss_fn(params, batch, model=model)
-    return {"nll_sum": aux["nll_sum"], "correct": aux["correct"], "num_tokens": aux["num_tokens"]}
-
-
 def make_steps(config: Any, model: nn.Module, tx: optax.GradientTransformation,
                lr_schedule: optax.Schedule) -> tuple[Any, Any]:
+    """The pretraining stage's settings and eval step (the same token loss) with sft_step."""
     train = functools.partial(sft_step, model=model, tx=tx, lr_schedule=lr_schedule,
-                              num_microbatches=config.optim.grad_accum_steps,
-                              **lora_step_options(config))
+                              **step_settings(config))
     return train, functools.partial(eval_step, model=model)
 
 
