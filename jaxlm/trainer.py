@@ -62,6 +62,15 @@ class Setup:
     cache_dir: str
     # Extra keyword arguments of the stage's make_data (e.g. a precomputed reference table).
     data_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # The eval batches (host arrays), kept by the first `evaluate` when they fit in
+    # EVAL_CACHE_BYTES: later evaluations reuse them instead of rebuilding the eval iterator.
+    eval_batches: list[dict[str, np.ndarray]] | None = None
+
+
+# Eval batches are the same at every evaluation; up to this many bytes of them stay on the host
+# after the first one, so later evaluations skip re-reading (and, for the chat stages,
+# re-tokenising) the held-out data and restarting the iterator's workers.
+EVAL_CACHE_BYTES = 256 * 2**20
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
@@ -123,15 +132,29 @@ def _close(iterator: Any) -> None:
 
 def evaluate(s: Setup, eval_fn: Any, params: Any) -> dict[str, float]:
     """Mean held-out loss over train.eval_steps batches (the same batches every time)."""
-    it = _iterator(s, "eval")
+    cached = s.eval_batches
+    it = iter(cached) if cached is not None else _iterator(s, "eval")
+    keep: list[dict[str, np.ndarray]] | None = [] if cached is None else None
+    kept_bytes = 0
     totals: dict[str, float] = {}
     try:
         for _ in range(s.config.train.eval_steps):
-            sums = jax.device_get(eval_fn(params, sharding.global_batch(next(it), s.mesh)))
+            batch = next(it)
+            if keep is not None:
+                batch = {k: np.array(v) for k, v in batch.items()}  # own copies
+                kept_bytes += sum(v.nbytes for v in batch.values())
+                if kept_bytes <= EVAL_CACHE_BYTES:
+                    keep.append(batch)
+                else:
+                    keep = None
+            sums = jax.device_get(eval_fn(params, sharding.global_batch(batch, s.mesh)))
             for k, v in sums.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
     finally:
-        _close(it)
+        if cached is None:
+            _close(it)
+    if keep is not None:
+        s.eval_batches = keep
     if hasattr(s.stage, "eval_metrics"):  # a stage whose eval sums are not token losses
         return s.stage.eval_metrics(totals)
     n = max(totals.get("num_tokens", 0.0), 1.0)
