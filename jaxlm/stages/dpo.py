@@ -34,12 +34,11 @@ import jax.numpy as jnp
 import optax
 
 from jaxlm.models.moe import add_router_losses, router_metrics
+from jaxlm.stages import pairs
 from jaxlm.train_state import TrainState, gradient_step, lora_step_options
 
 Batch = dict[str, jax.Array]
-# Each batch row holds a pair: chosen and rejected ([B, 2, L]); the trainer counts tokens and
-# FLOPs for both.
-SEQUENCES_PER_ROW = 2
+SEQUENCES_PER_ROW = pairs.SEQUENCES_PER_ROW
 _FIELDS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
 
@@ -47,12 +46,9 @@ def sequence_logps(params: Any, batch: Batch, *, model: nn.Module,
                    rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array, Any]:
     """(sum of log p(target) over loss_mask, number of masked tokens), each [B, 2], and the
     model's sown intermediates (MoE router stats). `rng` feeds dropout (LoRA) in training."""
-    b, two, length = batch["inputs"].shape
-    flat = {k: batch[k].reshape(b * two, length) for k in _FIELDS}
-    logits_NxLxV, variables = model.apply(
-        {"params": params}, flat["inputs"], positions_BxL=flat["positions"],
-        segment_ids_BxL=flat["segment_ids"], mutable=["intermediates"],
-        rngs=None if rng is None else {"dropout": rng})
+    b, two = batch["inputs"].shape[:2]
+    flat = pairs.flatten(batch, _FIELDS)
+    logits_NxLxV, variables = pairs.apply(params, flat, model=model, rng=rng)
     logp_NxLxV = jax.nn.log_softmax(logits_NxLxV.astype(jnp.float32), axis=-1)
     token_NxL = jnp.take_along_axis(logp_NxLxV, flat["targets"][..., None], axis=-1)[..., 0]
     mask_NxL = flat["loss_mask"].astype(jnp.float32)

@@ -21,12 +21,11 @@ import jax.numpy as jnp
 import optax
 
 from jaxlm.models.moe import add_router_losses, router_metrics
+from jaxlm.stages import pairs
 from jaxlm.train_state import TrainState, gradient_step, lora_step_options
 
 Batch = dict[str, jax.Array]
-# Each batch row holds a pair: chosen and rejected ([B, 2, L]); the trainer counts tokens and
-# FLOPs for both.
-SEQUENCES_PER_ROW = 2
+SEQUENCES_PER_ROW = pairs.SEQUENCES_PER_ROW
 _FIELDS = ("inputs", "segment_ids", "positions")
 
 
@@ -34,12 +33,9 @@ def sequence_rewards(params: Any, batch: Batch, *, model: nn.Module,
                      rng: jax.Array | None = None) -> tuple[jax.Array, Any]:
     """[B, 2] rewards (the score at the last non-padding token of each sequence), and the
     model's sown intermediates (MoE router stats). `rng` feeds dropout (LoRA) in training."""
-    b, two, length = batch["inputs"].shape
-    flat = {k: batch[k].reshape(b * two, length) for k in _FIELDS}
-    scores_NxL, variables = model.apply(
-        {"params": params}, flat["inputs"], positions_BxL=flat["positions"],
-        segment_ids_BxL=flat["segment_ids"], mutable=["intermediates"],
-        rngs=None if rng is None else {"dropout": rng})
+    b, two = batch["inputs"].shape[:2]
+    flat = pairs.flatten(batch, _FIELDS)
+    scores_NxL, variables = pairs.apply(params, flat, model=model, rng=rng)
     last_N = jnp.maximum(jnp.sum(flat["segment_ids"] > 0, axis=-1) - 1, 0)
     rewards_Bx2 = jnp.take_along_axis(scores_NxL, last_N[:, None], axis=-1)[:, 0].reshape(b, two)
     return rewards_Bx2, variables

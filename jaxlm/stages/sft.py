@@ -16,37 +16,24 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxlm.models.moe import router_metrics
-from jaxlm.stages.pretrain import eval_step, loss_fn, step_settings
-from jaxlm.train_state import TrainState, gradient_step
+from jaxlm.stages.pretrain import eval_step, pretrain_step, step_settings
+from jaxlm.train_state import TrainState
 
 Batch = dict[str, jax.Array]
 
 
-def sft_step(state: TrainState, batch: Batch, *, model: nn.Module,
-             tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
-             z_loss: float = 0.0, num_microbatches: int = 1, freeze: Any = None,
-             dropout_seed: int | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on the mean loss over the trained tokens of `batch`."""
-    new_state, aux, common = gradient_step(
-        state, batch, lambda p, b, rng: loss_fn(p, b, model=model, z_loss=z_loss, rng=rng),
-        tx=tx, lr_schedule=lr_schedule, num_microbatches=num_microbatches, freeze=freeze,
-        dropout_seed=dropout_seed)
-    num_tokens = jnp.maximum(aux["num_tokens"], 1.0)
-    loss = aux["nll_sum"] / num_tokens
+def sft_step(state: TrainState, batch: Batch, **settings: Any
+             ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on the mean loss over the trained tokens of `batch`: the pretraining
+    step (same keyword settings) plus two packing metrics. Its z_loss metric is dropped
+    (optim.z_loss still applies)."""
+    new_state, metrics = pretrain_step(state, batch, **settings)
     real_tokens = jnp.sum((batch["segment_ids"] > 0).astype(jnp.float32))
-    metrics = {
-        "loss": loss,
-        "perplexity": jnp.exp(loss),
-        "accuracy": aux["correct"] / num_tokens,
-        "num_tokens": aux["num_tokens"],
-        # Share of the non-padding tokens that are trained (assistant) targets.
-        "trained_fraction": aux["num_tokens"] / jnp.maximum(real_tokens, 1.0),
-        # Share of the rows' slots holding tokens (the rest is padding left by packing).
-        "fill": real_tokens / batch["segment_ids"].size,
-        **common,
-        **router_metrics(aux, num_tokens),
-    }
+    metrics.pop("z_loss")
+    # Share of the non-padding tokens that are trained (assistant) targets.
+    metrics["trained_fraction"] = metrics["num_tokens"] / jnp.maximum(real_tokens, 1.0)
+    # Share of the rows' slots holding tokens (the rest is padding left by packing).
+    metrics["fill"] = real_tokens / batch["segment_ids"].size
     return new_state, metrics
 
 

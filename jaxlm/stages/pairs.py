@@ -1,0 +1,29 @@
+"""What the pair stages (dpo, reward) share: batches of [B, 2, L] rows, chosen then rejected,
+run through the model as one [2B, L] batch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+Batch = dict[str, jax.Array]
+# Each batch row holds a pair; the trainer counts tokens and FLOPs for both sequences.
+SEQUENCES_PER_ROW = 2
+
+
+def flatten(batch: Batch, fields: tuple[str, ...]) -> dict[str, jax.Array]:
+    """`fields` of a [B, 2, L] pair batch as [2B, L] arrays (pair i -> rows 2i, 2i + 1)."""
+    b, two, length = batch["inputs"].shape
+    return {k: batch[k].reshape(b * two, length) for k in fields}
+
+
+def apply(params: Any, flat: dict[str, jax.Array], *, model: nn.Module,
+          rng: jax.Array | None = None) -> tuple[jax.Array, Any]:
+    """The model on flattened pair rows: (its output, its sown intermediates (MoE router
+    stats)). `rng` feeds dropout (LoRA) in training steps."""
+    return model.apply(
+        {"params": params}, flat["inputs"], positions_BxL=flat["positions"],
+        segment_ids_BxL=flat["segment_ids"], mutable=["intermediates"],
+        rngs=None if rng is None else {"dropout": rng})
