@@ -3,10 +3,11 @@ device) and MFU.
 
     python benchmarks/train_throughput.py --config=configs/bench_cpu.py [--steps=20]
 
-Runs the stage's real jitted train step (same shardings and donation as jaxlm.trainer) on
-synthetic full-length batches, so the figure is the model and optimizer, not the input pipeline
-(benchmarks/data_throughput.py measures that). Prints one markdown table row for
-docs/benchmarks.md.
+Runs the stage's real jitted train step, built by `jaxlm.program.build` exactly as jaxlm.trainer
+builds it (shardings, donation, LoRA's frozen base, a DPO reference), on synthetic full-length
+batches of the stage's layout, so the figure is the model and optimizer, not the input pipeline
+(benchmarks/data_throughput.py measures that). MFU counts the stage's own work
+(`jaxlm.scaling.train_flops_per_token`). Prints one markdown table row for docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -20,66 +21,67 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from jaxlm import config as config_lib
-from jaxlm import hardware, scaling, sharding
-from jaxlm.models import Transformer
+from jaxlm import hardware, params_from, scaling, sharding
 from jaxlm.models.attention import resolve_attention
-from jaxlm.optim import learning_rate_schedule, make_optimizer
-from jaxlm.stages import get_stage
-from jaxlm.train_state import init_sharded_state
+from jaxlm.program import Program, build
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_cpu.py", "Config file.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps after two warm-up steps.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions; the best is reported.")
 
 
-def synthetic_batch(batch: int, length: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Full rows of one document each: every position carries loss."""
+def synthetic_batch(program: Program, seed: int = 0) -> dict[str, np.ndarray]:
+    """A host batch of the stage's layout: full rows of one document each, every position
+    carrying loss (pairs: chosen and rejected both full)."""
     rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, vocab, size=(batch, length + 1)).astype(np.int32)
-    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-            "segment_ids": np.ones((batch, length), np.int32),
-            "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)).copy(),
-            "loss_mask": np.ones((batch, length), np.float32)}
+    vocab = program.model_cfg.vocab_size
+    out = {}
+    for name, spec in program.abstract_batch.items():
+        shape, dtype = spec.shape, spec.dtype
+        if name == "positions":
+            out[name] = np.broadcast_to(np.arange(shape[-1], dtype=dtype), shape).copy()
+        elif name in ("segment_ids", "loss_mask"):
+            out[name] = np.ones(shape, dtype)
+        elif name in ("inputs", "targets"):
+            out[name] = rng.integers(0, vocab, size=shape).astype(dtype)
+        elif name == "pair_id":
+            out[name] = np.arange(shape[0], dtype=dtype)
+        else:
+            out[name] = np.zeros(shape, dtype)
+    return out
 
 
 def measure(config) -> dict[str, float]:
     config_lib.validate(config)
     mesh = sharding.make_mesh(config_lib.check_devices(config, jax.device_count()))
-    model_cfg = config_lib.model_config(config, vocab_size=config.data.vocab_size)
-    model = Transformer(model_cfg)
-    steps = config.train.steps
-    tx = make_optimizer(config.optim, steps)
-    schedule = learning_rate_schedule(config.optim, steps)
-    state, shardings = init_sharded_state(model, tx, mesh, jax.random.key(0), config.data.seq_len)
-    train_fn, _ = get_stage(config.stage).make_steps(config, model, tx, schedule)
-    batch = sharding.global_batch(
-        synthetic_batch(config.train.global_batch_size, config.data.seq_len,
-                        model_cfg.vocab_size), mesh)
-    with sharding.activate(mesh):
-        t0 = time.perf_counter()
-        step = jax.jit(train_fn, in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                       out_shardings=(shardings, sharding.replicated(mesh)),
-                       donate_argnums=0).lower(state, batch).compile()
-        compile_s = time.perf_counter() - t0
+    program = build(config, mesh, vocab_size=config.data.vocab_size)
+    state = program.init_state(jax.random.key(0))
+    reference = ((params_from.frozen_copy(program, state.params),)
+                 if program.uses_reference else ())
+    batch = sharding.global_batch(synthetic_batch(program), mesh)
+    t0 = time.perf_counter()
+    step = program.compile_train()
+    compile_s = time.perf_counter() - t0
     for _ in range(2):
-        state, metrics = step(state, batch)
+        state, metrics = step(state, batch, *reference)
     jax.block_until_ready(metrics)
     best = float("inf")
     for _ in range(_REPEATS.value):
         t0 = time.perf_counter()
         for _ in range(_STEPS.value):
-            state, metrics = step(state, batch)
+            state, metrics = step(state, batch, *reference)
         jax.block_until_ready((state, metrics))
         best = min(best, (time.perf_counter() - t0) / _STEPS.value)
-    flops = scaling.flops_per_step(model_cfg, config.data.seq_len, config.train.global_batch_size)
+    flops = program.flops_per_step
     peak, note = hardware.peak_flops_per_device(jax.devices()[0], config.model.compute_dtype)
+    tokens = program.tokens_per_step
     return {"compile_s": compile_s, "step_s": best,
-            "tokens_per_sec": config_lib.tokens_per_step(config) / best,
-            "tokens_per_sec_per_device": config_lib.tokens_per_step(config) / best
-            / jax.device_count(),
+            "tokens_per_sec": tokens / best,
+            "tokens_per_sec_per_device": tokens / best / jax.device_count(),
             "mfu": hardware.mfu(flops, best, jax.device_count(), peak),
             "achieved_flops": flops / best, "peak_flops": peak, "peak_note": note,
-            "params": scaling.count_params(model_cfg)["total"], "vocab": model_cfg.vocab_size}
+            "params": scaling.count_params(program.model_cfg)["total"],
+            "vocab": program.model_cfg.vocab_size}
 
 
 def main(argv: list[str]) -> None:

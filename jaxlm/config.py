@@ -23,20 +23,16 @@ from jaxlm.models.config import ModelConfig, MoeConfig
 from jaxlm.models.lora import ATTENTION_TARGETS, MLP_TARGETS
 from jaxlm.models.pipeline import bubble_fraction
 from jaxlm.sharding import MESH_AXES, resolve_mesh_shape
-from jaxlm.stages.settings import (
-    check_stage_config,
-    default_dpo_config,
-    default_reward_config,
-    default_sft_config,
-)
+from jaxlm.stages import STAGE_MODULES, all_stages, get_stage
 
-STAGES = ("pretrain", "sft", "dpo", "reward")
+STAGES = tuple(STAGE_MODULES)
 
 
 def base_config() -> ml_collections.ConfigDict:
     """Every key a run may set, with its default. Config files override a subset."""
     c = ml_collections.ConfigDict()
-    # Which step function trains: "pretrain", "sft", "dpo" or "reward" (docs/post_training.md).
+    # Which stage trains: "pretrain", "sft", "dpo" or "reward" (docs/post_training.md); the
+    # registry is jaxlm/stages/__init__.py.
     c.stage = "pretrain"
     # Seed of parameter init (data order has its own seed, data.seed).
     c.seed = 0
@@ -114,11 +110,12 @@ def base_config() -> ml_collections.ConfigDict:
     mo.router_z_loss_weight = 0.001
 
     c.data = default_data_config()
-    # Chat template of the sft and dpo stages (jaxlm/data/chat.py), and their own sections.
+    # Chat template of the sft, dpo and reward stages (jaxlm/data/chat.py).
     c.chat = default_chat_config()
-    c.sft = default_sft_config()
-    c.dpo = default_dpo_config()
-    c.reward = default_reward_config()
+    # Each stage's own section (sft, dpo, reward, ...), defaults from its Stage.
+    for stage in all_stages():
+        if stage.section is not None:
+            c[stage.section] = stage.default_section()
 
     c.optim = o = ml_collections.ConfigDict()
     # Peak learning rate, reached at the end of warmup.
@@ -305,7 +302,7 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = Non
         moe=MoeConfig(**m.moe.to_dict()) if m.moe.num_experts else None,
         lora_rank=m.lora.rank, lora_alpha=m.lora.alpha, lora_dropout=m.lora.dropout,
         lora_targets=ATTENTION_TARGETS + (MLP_TARGETS if m.lora.mlp else ()),
-        reward_head=config.stage == "reward")
+        reward_head=get_stage(config.stage).reward_head)
     cfg.check()
     return cfg
 
@@ -362,10 +359,10 @@ def pipeline_summary(config: ml_collections.ConfigDict) -> str | None:
 def validate(config: ml_collections.ConfigDict) -> None:
     """Device-independent checks of a whole run config; raises ValueError naming the key."""
     _unknown_keys(config, base_config())
-    if config.stage not in STAGES:
-        _fail("stage", f"{config.stage!r} is not one of {STAGES}")
+    stage = get_stage(config.stage)  # raises naming the key for an unknown stage
     check_data_config(config.data)
-    check_stage_config(config)
+    if stage.check_config is not None:
+        stage.check_config(config)
     check_distributed_config(config.distributed)
     _check_pipeline(config)
     model_config(config, vocab_size=config.model.vocab_size or 1)

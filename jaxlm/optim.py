@@ -36,9 +36,10 @@ def weight_decay_mask(params: Any, decay_embeddings: bool) -> Any:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(optim: ml_collections.ConfigDict,
-                   total_steps: int) -> optax.GradientTransformation:
-    schedule = learning_rate_schedule(optim, total_steps)
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int,
+                   schedule: optax.Schedule | None = None) -> optax.GradientTransformation:
+    """Clipping + AdamW on `schedule` (default: `learning_rate_schedule(optim, total_steps)`)."""
+    schedule = schedule or learning_rate_schedule(optim, total_steps)
     parts = []
     if optim.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(optim.clip_norm))

@@ -27,6 +27,15 @@ Chinchilla's Appendix F:
   * training = 3 x forward (backward = 2 x forward); recomputation from `remat` is not counted, as
     is usual for MFU (it would be "hardware FLOPs").
 
+Training work by what trains (`train_flops_per_token`, what the stages' MFU counts): a weight
+matmul's backward is an input gradient (= its forward) plus, only when the weight trains, a
+weight gradient (= its forward again); attention's two matmuls have activations on both sides,
+so their backward is always 2 x forward. With every weight training this is the 3 x forward
+above. With LoRA the base weights (and the vocabulary head) are frozen, so they cost 2 x forward,
+and the adapters' own 2 r (in + out) per token and weight cost 3 x. A reward model has no
+vocabulary head (a d_model -> 1 score instead), and a frozen reference model evaluated in the
+step adds one forward pass.
+
 Mixture of experts (`cfg.moe`): `total` holds every expert; `active` / `active_non_embedding`
 count only the top_k experts a token uses (plus the router), and the FLOPs charge a token its
 top_k experts and the router matmul. Slots left empty by the capacity factor (compute spent on
@@ -142,3 +151,40 @@ def flops_per_step(cfg: ModelConfig, seq_len: int, global_batch_size: int) -> fl
     if global_batch_size <= 0:
         raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
     return flops_per_token(cfg, seq_len)["train"] * seq_len * global_batch_size
+
+
+def _lora_flops_per_token(cfg: ModelConfig) -> float:
+    """Forward FLOPs per token of the LoRA adapters, 2 r (in + out) per adapted weight per layer
+    (MLP targets only in dense layers: the experts of an MoE block have no adapters)."""
+    if not cfg.lora_rank:
+        return 0.0
+    d, h, n, k, f = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_ff
+    sizes = {"wq": d + h * k, "wk": d + n * k, "wv": d + n * k, "wo": h * k + d,
+             "w_in": d + f, "w_gate": d + f if cfg.mlp_activation == "swiglu" else 0,
+             "w_out": f + d}
+    dense_layers = cfg.num_layers - _moe_layers(cfg)
+    total = 0.0
+    for name in cfg.lora_targets:
+        layers = cfg.num_layers if name in ("wq", "wk", "wv", "wo") else dense_layers
+        total += layers * 2 * cfg.lora_rank * sizes[name]
+    return total
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int, *, frozen_base: bool = False,
+                          vocab_head: bool = True, reference_forwards: int = 0) -> float:
+    """FLOPs per trained token of one training step, counting what is actually computed.
+
+    frozen_base: the base weights get no weight gradient (LoRA: only the adapters, and a reward
+      head, train). vocab_head: False for a reward model (a d_model -> 1 score, not the [D, V]
+      head). reference_forwards: forward passes of a frozen copy of the model per token (DPO's
+      reference evaluated inside the step). With the defaults this is `flops_per_token`'s
+      `train` (3 x forward).
+    """
+    f = flops_per_token(cfg, seq_len)
+    head = f["head"] if vocab_head else 2.0 * cfg.d_model
+    weights = f["qkv_projections"] + f["output_projection"] + f["mlp"] + head
+    attention = f["attention_logits"] + f["attention_values"]
+    adapters = _lora_flops_per_token(cfg)
+    forward = weights + attention + adapters
+    backward = 2.0 * attention + 2.0 * adapters + (1.0 if frozen_base else 2.0) * weights
+    return forward + backward + reference_forwards * (weights + attention + adapters)

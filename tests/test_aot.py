@@ -84,3 +84,31 @@ def test_huge_batch_does_not_fit():
     name, size, shape = report.largest_intermediates[0]
     assert any(d % 2**16 == 0 for d in shape)
     assert size > 2**30
+
+
+@needs_libtpu
+def test_every_stage_and_lora_compile_for_v5p_with_what_they_hold():
+    """The fit check builds the trainer's program: pair stages carry [B, 2, L] batches, DPO's
+    frozen reference is an argument of the step, and LoRA keeps optimizer state for the
+    adapters only, so its step needs less memory than full fine-tuning's."""
+    reports = {}
+    for name, stage, rank in [("sft", "sft", 0), ("reward", "reward", 0), ("dpo", "dpo", 0),
+                              ("dpo_lora", "dpo", 8)]:
+        c = _tiny_config(batch=8)
+        c.stage = stage
+        c.log.sample_every = 0
+        c.model.lora.rank = rank
+        if stage == "dpo":
+            c.init_from.path = "/sft/checkpoints"  # only read when training
+        reports[name] = _check_fit(c, "v5p-8")
+        assert reports[name].fits and not reports[name].compiler_error, name
+    params = scaling.count_params(config_lib.model_config(_tiny_config(batch=8)))["total"]
+    # Policy, two Adam moments and the frozen reference, float32, on every device.
+    assert reports["dpo"].argument_bytes >= 4 * 4 * params > reports["sft"].argument_bytes
+    # LoRA drops the base weights' two moments (adapters and their moments add a little back).
+    saved = reports["dpo"].argument_bytes - reports["dpo_lora"].argument_bytes
+    assert saved > 0.8 * 2 * 4 * params
+    assert reports["dpo_lora"].total_bytes < reports["dpo"].total_bytes
+    # MFU's count: pairs run two sequences per row, DPO a reference forward on top.
+    assert reports["dpo"].model_flops_per_step == pytest.approx(
+        reports["sft"].model_flops_per_step * 2 * 4 / 3, rel=1e-9)

@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 
 from jaxlm import sharding, trainer
+from jaxlm.stages.stage import token_eval_metrics
 
 
 class _CountingStage(types.SimpleNamespace):
     """A stage whose eval data is 3 fixed batches of token sums; counts make_data calls."""
+
+    eval_metrics = staticmethod(token_eval_metrics)
 
     def make_data(self, config, tokenizer, *, split, batch_size, **kwargs):
         del config, tokenizer, kwargs
@@ -27,8 +30,8 @@ def _setup(stage):
     config = ml_collections.ConfigDict({"train": {"eval_steps": 3, "global_batch_size": 8}})
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1, "pipeline": 1},
                               devices=jax.devices()[:1])
-    return trainer.Setup(config=config, workdir="", mesh=mesh, tokenizer=None, model_cfg=None,
-                         model=None, stage=stage, cache_dir="")
+    return trainer.Setup(config=config, workdir="", mesh=mesh, tokenizer=None, stage=stage,
+                         cache_dir="")
 
 
 def _eval_fn(params, batch):

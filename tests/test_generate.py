@@ -17,7 +17,7 @@ from jaxlm import generate, trainer
 from jaxlm.config import base_config
 from jaxlm.inference.loading import load_model
 from jaxlm.models import Transformer
-from jaxlm.sampling import make_greedy_sampler
+from tests.greedy_reference import make_greedy_sampler
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ import pytest
 from jaxlm import sharding
 from jaxlm.inference import Request, Sampler, SamplingParams, decode, processing, shard_params
 from jaxlm.models import Transformer
-from jaxlm.sampling import make_greedy_sampler
+from tests.greedy_reference import make_greedy_sampler
 from tests.model_fixtures import GPT2_TINY, LLAMA_TINY
 
 LLAMA = dataclasses.replace(LLAMA_TINY, max_seq_len=64)  # scanned layers, RoPE, GQA

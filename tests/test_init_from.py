@@ -6,7 +6,6 @@ import pytest
 
 from jaxlm import trainer
 from jaxlm.config import base_config
-from jaxlm.optim import make_optimizer
 
 
 def _config(tmp_path, steps):
@@ -28,12 +27,11 @@ def test_init_from_loads_params_only_and_resume_wins(tmp_path):
     second = _config(tmp_path, steps=3)
     second.init_from.path = str(tmp_path / "pretrain" / "checkpoints")
     s = trainer.setup(second, str(tmp_path / "sft"))
-    tx = make_optimizer(second.optim, 3)
     ckpt = trainer._checkpointer(second, str(tmp_path / "sft"))
-    state, _ = trainer.initial_state(s, tx, ckpt, train_iter=None)
+    state = trainer.initial_state(s, ckpt, train_iter=None)
     source = trainer._checkpointer(first, str(tmp_path / "pretrain"))
-    trained, _ = trainer.initial_state(trainer.setup(first, str(tmp_path / "pretrain")), tx,
-                                       source, train_iter=None)
+    trained = trainer.initial_state(trainer.setup(first, str(tmp_path / "pretrain")), source,
+                                    train_iter=None)
     ckpt.close()
     source.close()
     assert int(state.step) == 0 and int(trained.step) == 2

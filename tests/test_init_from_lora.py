@@ -15,7 +15,6 @@ from jaxlm import trainer
 from jaxlm.checkpoint import restore_params
 from jaxlm.config import base_config
 from jaxlm.models import Transformer, lora
-from jaxlm.optim import make_optimizer, train_only
 from jaxlm.train_state import abstract_boxed_params
 
 SEQ = 16
@@ -38,12 +37,9 @@ def _config(tmp_path, steps, rank=0):
 def _initial_params(config, workdir):
     """The params a run of `config` in the empty `workdir` starts from, on the host."""
     s = trainer.setup(config, str(workdir))
-    tx = make_optimizer(config.optim, config.train.steps)
-    if config.model.lora.rank:
-        tx = train_only(tx, lora.trainable_mask)
     ckpt = trainer._checkpointer(config, str(workdir))
     try:
-        state, _ = trainer.initial_state(s, tx, ckpt, train_iter=None)
+        state = trainer.initial_state(s, ckpt, train_iter=None)
     finally:
         ckpt.close()
     return s, jax.device_get(state.params)
@@ -58,7 +54,7 @@ def lora_run(tmp_path_factory):
     s = trainer.setup(config, str(base / "lora"))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                            nn.meta.unbox(abstract_boxed_params(s.model, SEQ)))
+                            nn.meta.unbox(abstract_boxed_params(s.program.model, SEQ)))
     checkpoints = str(base / "lora" / "checkpoints")
     saved = jax.device_get(restore_params(checkpoints, None, abstract))
     return base, checkpoints, saved
@@ -111,8 +107,8 @@ def test_lora_run_of_another_rank_starts_from_the_merged_model(lora_run):
         np.testing.assert_allclose(got[name], value, rtol=1e-6, atol=1e-7, err_msg=name)
     # Same logits as the plain model with the merged weights.
     tokens = jnp.asarray(np.random.default_rng(0).integers(3, 300, (2, SEQ)), jnp.int32)
-    plain = Transformer(dataclasses.replace(s.model_cfg, lora_rank=0))
+    plain = Transformer(dataclasses.replace(s.program.model_cfg, lora_rank=0))
     want = plain.apply({"params": lora.merge(saved, 4, 8.0)}, tokens)
-    logits = s.model.apply({"params": params}, tokens)
+    logits = s.program.model.apply({"params": params}, tokens)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(want), rtol=1e-5, atol=1e-5)
 

@@ -1,15 +1,16 @@
-"""One module per training stage; the trainer looks a stage up here by `config.stage`.
+"""The registry of training stages: `config.stage` -> the module that defines its `STAGE`.
 
-A stage module provides `make_steps(config, model, tx, lr_schedule)` returning
-`(train_step(state, batch) -> (state, metrics), eval_step(params, batch) -> sums)` with its
-static settings bound, and `make_data(...)` returning its train/eval iterators. The trainer
-knows nothing about a stage's loss or batch layout beyond that.
+A stage is one module defining `STAGE = jaxlm.stages.stage.Stage(...)` plus one line here; the
+program builder, the trainer and the config schema find everything else through it.
 """
 
 from __future__ import annotations
 
 import importlib
-from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from jaxlm.stages.stage import Stage
 
 STAGE_MODULES = {
     "pretrain": "jaxlm.stages.pretrain",
@@ -19,7 +20,11 @@ STAGE_MODULES = {
 }
 
 
-def get_stage(name: str) -> ModuleType:
+def get_stage(name: str) -> Stage:
     if name not in STAGE_MODULES:
-        raise ValueError(f"config key stage: {name!r} is not one of {sorted(STAGE_MODULES)}")
-    return importlib.import_module(STAGE_MODULES[name])
+        raise ValueError(f"config key stage: {name!r} is not one of {tuple(STAGE_MODULES)}")
+    return importlib.import_module(STAGE_MODULES[name]).STAGE
+
+
+def all_stages() -> list[Stage]:
+    return [get_stage(name) for name in STAGE_MODULES]

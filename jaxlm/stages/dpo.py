@@ -18,8 +18,8 @@ beta pi / |y|); metrics report their means over pairs, their margin, the reward 
 of pairs whose chosen reward is higher) and the mean policy log-probs.
 
 The reference log-probs come from the frozen initial params (the init_from checkpoint), either
-computed inside the jitted step (dpo.reference="jit"; the trainer passes the frozen params as
-the step's third argument, sharded like the policy) or once before training
+computed inside the jitted step (dpo.reference="jit"; the frozen params are the step's third
+argument, sharded like the policy) or once before training by `prepare`
 (dpo.reference="precompute"; the batch then carries them as ref_logps [B, 2]).
 """
 
@@ -31,14 +31,18 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from absl import logging
 
+from jaxlm import sharding
 from jaxlm.models.moe import add_router_losses, router_metrics
 from jaxlm.stages import pairs
+from jaxlm.stages.settings import check_dpo, default_dpo_config
+from jaxlm.stages.stage import BatchFields, Stage
 from jaxlm.train_state import TrainState, gradient_step, lora_step_options
 
 Batch = dict[str, jax.Array]
-SEQUENCES_PER_ROW = pairs.SEQUENCES_PER_ROW
 _FIELDS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
 
@@ -161,9 +165,9 @@ def eval_metrics(totals: dict[str, float]) -> dict[str, float]:
 
 
 def reference_mode(config: Any) -> str:
-    """What the trainer provides: "none" (simpo), "jit" (frozen params as the steps' third
-    argument) or "precompute" (a table of reference log-probs per pair, from `reference_step`
-    over `reference_batches`, handed to make_data)."""
+    """Where the reference log-probs come from: "none" (simpo), "jit" (frozen params as the
+    steps' third argument) or "precompute" (a table of reference log-probs per pair, built by
+    `prepare` before training and handed to make_data)."""
     return "none" if config.dpo.variant == "simpo" else config.dpo.reference
 
 
@@ -199,3 +203,42 @@ def reference_batches(config: Any, tokenizer: Any, *, split: str, batch_size: in
     from jaxlm.data.preference import one_pass_batches
     return one_pass_batches(config, tokenizer, split=split, batch_size=batch_size,
                             process_index=process_index, process_count=process_count)
+
+
+def batch_fields(config: Any) -> BatchFields:
+    fields = pairs.batch_fields(config)
+    if reference_mode(config) == "precompute":
+        fields["ref_logps"] = ((2,), np.float32)
+    return fields
+
+
+def prepare(program: Any, tokenizer: Any, reference_params: Any) -> dict[str, Any]:
+    """dpo.reference="precompute": the reference log-probs of every pair of each split, one
+    pass of `reference_step` over `reference_batches`, as make_data's `reference` tables
+    (split -> [N, 2], row = pair_id). The reference params can be dropped afterwards."""
+    c, mesh = program.config, program.mesh
+    step_fn = functools.partial(reference_step, model=program.model)
+    tables = {}
+    with sharding.activate(mesh):
+        # Values and pair ids of the whole global batch, on every process.
+        jitted = jax.jit(lambda p, b: (step_fn(p, b), b["pair_id"]),
+                         out_shardings=sharding.replicated(mesh))
+        for split in ("train", "eval"):
+            if split == "eval" and not (c.train.eval_every and c.train.eval_steps):
+                continue
+            rows: dict[int, Any] = {}
+            for local in reference_batches(
+                    c, tokenizer, split=split, batch_size=c.train.global_batch_size,
+                    process_index=jax.process_index(), process_count=jax.process_count()):
+                values, ids = jax.device_get(
+                    jitted(reference_params, sharding.global_batch(local, mesh)))
+                rows.update((int(i), v) for i, v in zip(ids, values) if i >= 0)
+            tables[split] = np.stack([rows[i] for i in range(len(rows))])
+            logging.info("reference log-probs precomputed for %d %s examples", len(rows), split)
+    return {"reference": tables}
+
+
+STAGE = Stage(name="dpo", make_steps=make_steps, make_data=make_data, batch_fields=batch_fields,
+              section="dpo", default_section=default_dpo_config, check_config=check_dpo,
+              sequences_per_row=pairs.SEQUENCES_PER_ROW, eval_metrics=eval_metrics,
+              reference_mode=reference_mode, prepare=prepare)

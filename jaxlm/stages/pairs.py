@@ -7,9 +7,12 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import numpy as np
+
+from jaxlm.stages.stage import BatchFields, token_fields
 
 Batch = dict[str, jax.Array]
-# Each batch row holds a pair; the trainer counts tokens and FLOPs for both sequences.
+# Each batch row holds a pair; tokens/s and FLOPs count both sequences.
 SEQUENCES_PER_ROW = 2
 
 
@@ -27,3 +30,8 @@ def apply(params: Any, flat: dict[str, jax.Array], *, model: nn.Module,
         {"params": params}, flat["inputs"], positions_BxL=flat["positions"],
         segment_ids_BxL=flat["segment_ids"], mutable=["intermediates"],
         rngs=None if rng is None else {"dropout": rng})
+
+
+def batch_fields(config: Any) -> BatchFields:
+    """[2, L] token fields per pair row, and the pair's index in its split (pad rows: -1)."""
+    return {**token_fields(config.data.seq_len, pair=True), "pair_id": ((), np.int32)}

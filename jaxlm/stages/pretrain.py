@@ -18,6 +18,7 @@ import optax
 
 from jaxlm.loss import fused_cross_entropy_sum
 from jaxlm.models.moe import add_router_losses, router_metrics
+from jaxlm.stages.stage import Stage, token_fields
 from jaxlm.train_state import TrainState, gradient_step, lora_step_options
 
 Batch = dict[str, jax.Array]
@@ -92,3 +93,11 @@ def make_data(config: Any, tokenizer: Any, *, split: str, batch_size: int, proce
     return make_pretrain_iterator(config.data, tokenizer, split=split, batch_size=batch_size,
                                   process_index=process_index, process_count=process_count,
                                   cache_dir=cache_dir)
+
+
+def batch_fields(config: Any) -> dict[str, Any]:
+    return token_fields(config.data.seq_len)
+
+
+STAGE = Stage(name="pretrain", make_steps=make_steps, make_data=make_data,
+              batch_fields=batch_fields)

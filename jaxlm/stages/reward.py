@@ -22,10 +22,11 @@ import optax
 
 from jaxlm.models.moe import add_router_losses, router_metrics
 from jaxlm.stages import pairs
+from jaxlm.stages.settings import check_reward, default_reward_config
+from jaxlm.stages.stage import Stage
 from jaxlm.train_state import TrainState, gradient_step, lora_step_options
 
 Batch = dict[str, jax.Array]
-SEQUENCES_PER_ROW = pairs.SEQUENCES_PER_ROW
 _FIELDS = ("inputs", "segment_ids", "positions")
 
 
@@ -110,3 +111,10 @@ def make_data(config: Any, tokenizer: Any, *, split: str, batch_size: int, proce
     return make_pair_iterator(config, tokenizer, split=split, batch_size=batch_size,
                               process_index=process_index, process_count=process_count,
                               section="reward")
+
+
+STAGE = Stage(name="reward", make_steps=make_steps, make_data=make_data,
+              batch_fields=pairs.batch_fields, section="reward",
+              default_section=default_reward_config, check_config=check_reward,
+              sequences_per_row=pairs.SEQUENCES_PER_ROW, vocab_head=False, reward_head=True,
+              eval_metrics=eval_metrics, generates_text=False)

@@ -1,7 +1,8 @@
 """The config sections of the post-training stages (`sft`, `dpo`, `reward`): defaults, checks.
 
-Each section is read only by its own stage; `check_stage_config` checks the section of the
-stage a run selects. Importing this module pulls in neither grain nor JAX.
+Each section is read only by its own stage, whose `Stage` names its default and its check
+(`check_sft`, `check_dpo`, `check_reward`); `jaxlm.config.validate` runs the check of the stage a
+run selects. Importing this module pulls in neither grain nor JAX.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ LOSS_ON = ("assistant", "all")
 TRUNCATION = ("truncate", "drop")
 DPO_VARIANTS = ("sigmoid", "ipo", "conservative", "simpo")
 REFERENCE_MODES = ("jit", "precompute")
-CHAT_STAGES = ("sft", "dpo", "reward")
 
 
 def default_sft_config() -> ml_collections.ConfigDict:
@@ -86,29 +86,26 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
         _fail(key, f"{value!r} is not one of {choices}")
 
 
-def check_stage_config(config: ml_collections.ConfigDict) -> None:
-    """Checks the section of config.stage; raises ValueError naming the key."""
-    stage = config.stage
-    if stage not in CHAT_STAGES:
-        return
+def _check_chat_section(config: ml_collections.ConfigDict, stage: str) -> None:
+    """What every post-training section has: chat data, and (pair stages) a prompt cut."""
     check_chat_config(config.chat, split_list(config.data.special_tokens),
                       config.data.tokenizer_path)
-    # What every post-training section has: its data, and (pair stages) a prompt cut.
     section = config[stage]
     if not split_list(section.paths):
         _fail(f"{stage}.paths", "is empty; set 'chatterbot' or jsonl globs")
     if "max_prompt_tokens" in section and section.max_prompt_tokens < 0:
         _fail(f"{stage}.max_prompt_tokens", f"must be >= 0, got {section.max_prompt_tokens}")
-    {"sft": _check_sft, "dpo": _check_dpo, "reward": _check_reward}[stage](config)
 
 
-def _check_sft(config: ml_collections.ConfigDict) -> None:
+def check_sft(config: ml_collections.ConfigDict) -> None:
+    _check_chat_section(config, "sft")
     s = config.sft
     _check_choice("sft.loss_on", s.loss_on, LOSS_ON)
     _check_choice("sft.truncation", s.truncation, TRUNCATION)
 
 
-def _check_dpo(config: ml_collections.ConfigDict) -> None:
+def check_dpo(config: ml_collections.ConfigDict) -> None:
+    _check_chat_section(config, "dpo")
     d = config.dpo
     _check_choice("dpo.variant", d.variant, DPO_VARIANTS)
     _check_choice("dpo.reference", d.reference, REFERENCE_MODES)
@@ -121,6 +118,7 @@ def _check_dpo(config: ml_collections.ConfigDict) -> None:
               "checkpoint directory of the SFT run (its params start the policy too)")
 
 
-def _check_reward(config: ml_collections.ConfigDict) -> None:
+def check_reward(config: ml_collections.ConfigDict) -> None:
+    _check_chat_section(config, "reward")
     if config.log.sample_every:
         _fail("log.sample_every", "a reward model does not generate text; set it to 0")

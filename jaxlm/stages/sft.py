@@ -16,7 +16,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxlm.stages.pretrain import eval_step, pretrain_step, step_settings
+from jaxlm.stages.pretrain import batch_fields, eval_step, pretrain_step, step_settings
+from jaxlm.stages.settings import check_sft, default_sft_config
+from jaxlm.stages.stage import Stage
 from jaxlm.train_state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -52,3 +54,7 @@ def make_data(config: Any, tokenizer: Any, *, split: str, batch_size: int, proce
     from jaxlm.data.sft import make_sft_iterator
     return make_sft_iterator(config, tokenizer, split=split, batch_size=batch_size,
                              process_index=process_index, process_count=process_count)
+
+
+STAGE = Stage(name="sft", make_steps=make_steps, make_data=make_data, batch_fields=batch_fields,
+              section="sft", default_section=default_sft_config, check_config=check_sft)

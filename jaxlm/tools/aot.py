@@ -5,10 +5,11 @@ machine without TPUs, and says whether it fits in each chip's HBM.
     python -m jaxlm.tools.aot --config=configs/chinchilla_1b.py --topology=v5p-64
 
 `--topology` takes a Cloud TPU accelerator type (`v4-32`, `v5p-64`, `v5litepod-16` or `v5e-16`,
-`v6e-8`) or a libtpu topology name (`v5p:2x4x4`). The step is the one `jaxlm.trainer` runs: the
-stage's `make_steps`, jitted with the state's logical shardings on the config's mesh (built over
-the topology's devices), the batch sharded over (data, fsdp), and the state donated. Nothing is
-allocated: the state and batch are abstract. Prints per-device memory from
+`v6e-8`) or a libtpu topology name (`v5p:2x4x4`). The step is the one `jaxlm.trainer` runs, built
+by the same `jaxlm.program.build` on the config's mesh over the topology's devices: every stage
+(pretrain, sft, dpo with its frozen reference, reward), LoRA's adapter-only optimizer state, the
+stage's batch layout, the state donated. Nothing is allocated: the state and batch are
+abstract. Prints per-device memory from
 `Compiled.memory_analysis()` against the HBM, the compiled FLOPs from `cost_analysis()` against
 `jaxlm.scaling`'s model FLOPs, and exits with status 1 when the step does not fit.
 """
@@ -24,18 +25,13 @@ import sys
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
 from jaxlm import config as config_lib
-from jaxlm import hardware, scaling, sharding
-from jaxlm.models import Transformer
-from jaxlm.models.attention import resolve_attention
-from jaxlm.optim import learning_rate_schedule, make_optimizer
-from jaxlm.stages import get_stage
-from jaxlm.train_state import abstract_state, state_shardings
+from jaxlm import hardware, sharding
+from jaxlm.program import build
 
 GiB = 2**30
 
@@ -150,14 +146,6 @@ class FitReport:
                 + self.code_bytes)
 
 
-def _abstract_batch(config: ml_collections.ConfigDict, mesh: Any) -> dict[str, Any]:
-    shape = (config.train.global_batch_size, config.data.seq_len)
-    dtypes = {"inputs": jnp.int32, "targets": jnp.int32, "segment_ids": jnp.int32,
-              "positions": jnp.int32, "loss_mask": jnp.float32}
-    return {k: jax.ShapeDtypeStruct(shape, dt, sharding=sharding.batch_sharding(mesh))
-            for k, dt in dtypes.items()}
-
-
 def _largest_shards(state: Any, top: int = 8) -> list[tuple[str, int, tuple[int, ...]]]:
     """The biggest per-device pieces of the train state: (path, bytes, shard shape)."""
     rows = []
@@ -205,29 +193,18 @@ def check_fit(config: ml_collections.ConfigDict, topology: str) -> FitReport:
     per_chip = len(devices) // chips
     mesh_shape = config_lib.check_devices(config, len(devices))
     mesh = sharding.make_mesh(mesh_shape, devices)
-    model_cfg = config_lib.model_config(config, vocab_size=config.data.vocab_size)
-    # "auto" must pick the TPU kernel (Splash), not the one of the machine compiling.
-    model_cfg = dataclasses.replace(model_cfg,
-                                    attention=resolve_attention(model_cfg.attention, "tpu"))
-    model = Transformer(model_cfg)
-    tx = make_optimizer(config.optim, config.train.steps)
-    schedule = learning_rate_schedule(config.optim, config.train.steps)
-    seq_len = config.data.seq_len
-    shardings = state_shardings(model, tx, mesh, seq_len)
-    state = abstract_state(model, tx, shardings, seq_len)
-    train_fn, _ = get_stage(config.stage).make_steps(config, model, tx, schedule)
+    # platform="tpu": attention="auto" must pick the TPU kernel (Splash), not the one of the
+    # machine compiling.
+    program = build(config, mesh, vocab_size=config.data.vocab_size, platform="tpu")
+    state = program.abstract_state
     report = FitReport(
         topology=libtpu_name, device_kind=devices[0].device_kind, num_devices=len(devices),
-        devices_per_chip=per_chip, mesh_shape=mesh_shape, attention=model_cfg.attention,
-        hbm_per_device=gen.hbm_bytes // per_chip, fits=False,
-        model_flops_per_step=scaling.flops_per_step(model_cfg, seq_len,
-                                                    config.train.global_batch_size),
+        devices_per_chip=per_chip, mesh_shape=mesh_shape,
+        attention=program.model_cfg.attention, hbm_per_device=gen.hbm_bytes // per_chip,
+        fits=False, model_flops_per_step=program.flops_per_step,
         largest_state_shards=_largest_shards(state))
     with sharding.activate(mesh):
-        jitted = jax.jit(train_fn, in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                         out_shardings=(shardings, sharding.replicated(mesh)),
-                         donate_argnums=0)
-        traced = jitted.trace(state, _abstract_batch(config, mesh))
+        traced = program.train_step.trace(*program.abstract_args())
         lowered = traced.lower()
     try:
         compiled = lowered.compile()

@@ -1,8 +1,8 @@
-"""Greedy decoding for the samples the trainer logs.
+"""Greedy decoding by full recomputation: the independent reference the KV-cache decoder
+(`jaxlm.inference`) is tested against.
 
-This recomputes the full forward pass for every new token (no KV cache), which is simple and
-exact and costs nothing at the sizes samples are logged at. KV-cache decoding and the sampling
-methods belong to the sampler issue.
+Every new token reruns the whole forward pass over the buffer (no cache), which is simple and
+exact at test sizes.
 """
 
 from __future__ import annotations

@@ -1,0 +1,85 @@
+"""What a training stage is: the one interface the program builder and the trainer know.
+
+A stage module (pretrain, sft, dpo, reward, ...) defines `STAGE = Stage(...)` and is listed once in
+`jaxlm.stages.STAGE_MODULES`. Everything stage-specific is reached through these fields; the
+trainer never names a stage or reads a stage's batch keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+Config = ml_collections.ConfigDict
+# Field name -> (shape of one batch row, dtype); the batch holds [global_batch, *shape] arrays.
+BatchFields = dict[str, tuple[tuple[int, ...], Any]]
+
+
+def token_fields(seq_len: int, pair: bool = False) -> BatchFields:
+    """The next-token layout of the data pipelines: [L] per row ([2, L] for a pair row)."""
+    row = (2, seq_len) if pair else (seq_len,)
+    fields: BatchFields = {k: (row, np.int32)
+                           for k in ("inputs", "targets", "segment_ids", "positions")}
+    fields["loss_mask"] = (row, np.float32)
+    return fields
+
+
+def token_eval_metrics(totals: dict[str, float]) -> dict[str, float]:
+    """Mean held-out loss, perplexity and accuracy from summed token losses."""
+    n = max(totals.get("num_tokens", 0.0), 1.0)
+    loss = totals.get("nll_sum", 0.0) / n
+    return {"eval_loss": loss, "eval_perplexity": float(np.exp(loss)),
+            "eval_accuracy": totals.get("correct", 0.0) / n}
+
+
+def no_reference(config: Config) -> str:
+    del config
+    return "none"
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One way of training the model.
+
+    Attributes:
+      name: the value of `config.stage` that selects it.
+      make_steps: (config, model, tx, lr_schedule) -> (train_step, eval_step), pure and un-jitted:
+        train_step(state, batch[, reference_params]) -> (state, metrics) and
+        eval_step(params, batch[, reference_params]) -> sums; the reference params are passed
+        only when `reference_mode(config) == "jit"`.
+      make_data: (config, tokenizer, *, split, batch_size, process_index, process_count,
+        cache_dir, **prepared) -> iterator of host batches with exactly `batch_fields`.
+      batch_fields: config -> the per-row shape and dtype of every batch array.
+      section: the config section the stage owns (None: none), with its defaults and checks
+        (`default_section() -> ConfigDict`, `check_config(config)` raising ValueError that names
+        the key).
+      sequences_per_row: model sequences per batch row (2 for chosen/rejected pairs): tokens/s
+        and FLOPs count every one.
+      vocab_head: whether the step runs the [D, V] output head (a reward model does not).
+      reward_head: the model is built with a scalar score head.
+      eval_metrics: summed eval sums over batches -> logged metrics.
+      reference_mode: config -> "none", "jit" (a frozen copy of the init_from params is the
+        steps' third argument) or "precompute" (`prepare` turns it into data before training).
+      prepare: (program, tokenizer, reference_params) -> keyword arguments of make_data, run once
+        before training when reference_mode is "precompute".
+      generates_text: whether logged samples make sense for the model.
+    """
+
+    name: str
+    make_steps: Callable[..., tuple[Callable[..., Any], Callable[..., Any]]]
+    make_data: Callable[..., Iterator[dict[str, np.ndarray]]]
+    batch_fields: Callable[[Config], BatchFields]
+    section: str | None = None
+    default_section: Callable[[], Config] | None = None
+    check_config: Callable[[Config], None] | None = None
+    sequences_per_row: int = 1
+    vocab_head: bool = True
+    reward_head: bool = False
+    eval_metrics: Callable[[dict[str, float]], dict[str, float]] = token_eval_metrics
+    reference_mode: Callable[[Config], str] = no_reference
+    prepare: Callable[..., dict[str, Any]] | None = None
+    generates_text: bool = True
