@@ -8,6 +8,10 @@ Two ways to get the same numbers:
   [B*L, V] array; the gradient is computed in the same pass. On CPU this removes several
   [B*L, V] float32 temporaries (logits, exp, its transpose, the gradient) whose fresh pages and
   memory traffic cost more than the head matmuls themselves.
+
+`token_logps(hidden, head, targets)` gives the per-token log p(target) [B, L] (and optionally the
+entropy) the same chunked way, with a backward pass that recomputes each chunk's logits; the
+sequence-level losses (DPO, scoring, RL) build on it.
 """
 
 from __future__ import annotations
@@ -173,6 +177,17 @@ def _chunk_dlogits(spec: _HeadSpec, logits_BxCxV, log_z_BxC, t_BxC, m_BxC, coef_
     return sharding.constrain(d, _LOGITS)
 
 
+def _head_grads(x_BxCxD: jax.Array, head_VxD: jax.Array, d_BxCxV: jax.Array
+                ) -> tuple[jax.Array, jax.Array]:
+    """d/d x [B, C, D] and the float32 d/d head^T [D, V] of one chunk, from d logits."""
+    d = d_BxCxV.astype(x_BxCxD.dtype)
+    dx_BxCxD = jnp.einsum("bcv,vd->bcd", d, head_VxD)
+    # x^T as its own array keeps this dot in the fast (row-major, untransposed) form.
+    x_DxT = jax.lax.optimization_barrier(x_BxCxD.reshape(-1, x_BxCxD.shape[-1]).T)
+    dhead_DxV = jnp.dot(x_DxT, d.reshape(-1, d.shape[-1]), preferred_element_type=jnp.float32)
+    return dx_BxCxD, dhead_DxV
+
+
 def _scan_chunks(spec: _HeadSpec, x_NxBxCxD, head_VxD, t_NxBxC, m_NxBxC, coefs=None):
     """Loops over the chunks; returns the (nll, z, correct) sums and, if `coefs`, gradients.
 
@@ -191,13 +206,9 @@ def _scan_chunks(spec: _HeadSpec, x_NxBxCxD, head_VxD, t_NxBxC, m_NxBxC, coefs=N
         x_BxCxD, t_BxC, m_BxC = chunk
         logits = _chunk_logits(spec, x_BxCxD, head_DxV)
         log_z_BxC, chunk_sums = _chunk_stats(logits, t_BxC, m_BxC)
-        d = _chunk_dlogits(spec, logits, log_z_BxC, t_BxC, m_BxC, *coefs).astype(x_BxCxD.dtype)
-        dx_BxCxD = jnp.einsum("bcv,vd->bcd", d, head_VxD)
-        # x^T as its own array keeps this dot in the fast (row-major, untransposed) form.
-        x_DxT = jax.lax.optimization_barrier(x_BxCxD.reshape(-1, x_BxCxD.shape[-1]).T)
-        dhead_DxV = dhead_DxV + jnp.dot(x_DxT, d.reshape(-1, d.shape[-1]),
-                                        preferred_element_type=jnp.float32)
-        return (sums + chunk_sums, dhead_DxV), dx_BxCxD
+        d = _chunk_dlogits(spec, logits, log_z_BxC, t_BxC, m_BxC, *coefs)
+        dx_BxCxD, dhead_chunk_DxV = _head_grads(x_BxCxD, head_VxD, d)
+        return (sums + chunk_sums, dhead_DxV + dhead_chunk_DxV), dx_BxCxD
 
     sums0 = jnp.zeros((3,), jnp.float32)
     chunks = (x_NxBxCxD, t_NxBxC, m_NxBxC)
@@ -238,3 +249,111 @@ def _fused_ce_bwd(spec, res, cts):
 
 
 _fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd, symbolic_zeros=True)
+
+
+def token_logps(hidden_BxLxD: jax.Array, head_VxD: jax.Array, targets_BxL: jax.Array, *,
+                vocab_size: int | None = None, chunk_tokens: int = 512,
+                with_entropy: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """float32 log p(target) per position [B, L] of the logits `hidden @ head.T`, chunked.
+
+    Equals `take_along_axis(log_softmax(logits), targets)` on the logits `Transformer` returns
+    (padded vocab entries `>= vocab_size` at -1e9), but the logits exist only for
+    `chunk_tokens` tokens at a time, in the forward and in the backward pass: the gradient
+    w.r.t. hidden and head recomputes each chunk's logits and applies
+    d logits = ct * (onehot(target) - softmax) (plus the entropy term if asked for), so the
+    sequence losses of DPO, reward-free scoring and RL never hold a [B, L, V] float32 array.
+
+    Args:
+      hidden_BxLxD: final-norm hidden states in the compute dtype.
+      head_VxD: output projection (the embedding when tied), rows = padded vocab.
+      targets_BxL: token ids whose log-probabilities are wanted (constants: no gradient).
+      vocab_size: real vocabulary size (<= V); None means V.
+      chunk_tokens: tokens per chunk (B * chunk length); when the chunk length does not
+        divide L the last chunk is padded (the padding is cut from the result).
+      with_entropy: also return the entropy of each position's distribution [B, L]
+        (differentiable too), at the cost of one more pass over each chunk's logits.
+    """
+    b, length, _ = hidden_BxLxD.shape
+    vocab_size = head_VxD.shape[0] if vocab_size is None else vocab_size
+    n = -(-length // min(length, max(1, chunk_tokens // b)))
+    chunk_len = -(-length // n)  # the smallest chunk length that needs n chunks
+    pad = n * chunk_len - length
+    if pad:
+        hidden_BxLxD = jnp.pad(hidden_BxLxD, ((0, 0), (0, pad), (0, 0)))
+        targets_BxL = jnp.pad(targets_BxL, ((0, 0), (0, pad)))
+
+    def chunked(a: jax.Array) -> jax.Array:  # [B, L, ...] -> [L/chunk, B, chunk, ...]
+        return jnp.swapaxes(a.reshape(b, n, chunk_len, *a.shape[2:]), 0, 1)
+
+    def unchunked(a_NxBxC: jax.Array) -> jax.Array:
+        return jnp.swapaxes(a_NxBxC, 0, 1).reshape(b, n * chunk_len)[:, :length]
+
+    outs = _fused_logps(_HeadSpec(0.0, vocab_size), with_entropy, chunked(hidden_BxLxD),
+                        head_VxD, chunked(targets_BxL))
+    if with_entropy:
+        return unchunked(outs[0]), unchunked(outs[1])
+    return unchunked(outs[0])
+
+
+def _chunk_logps(spec: _HeadSpec, with_entropy: bool, x_BxCxD, head_DxV, t_BxC):
+    """One chunk's log p(target), log Z and (with_entropy) E_p[logits], each [B, C]."""
+    logits = _chunk_logits(spec, x_BxCxD, head_DxV)
+    max_BxC = jnp.max(logits, axis=-1)
+    log_z_BxC = max_BxC + jnp.log(jnp.sum(jnp.exp(logits - max_BxC[..., None]), axis=-1))
+    target_BxC = jnp.take_along_axis(logits, t_BxC[..., None], axis=-1)[..., 0]
+    mean_BxC = None
+    if with_entropy:  # padded entries: p = exp(-1e9 - log Z) = 0, so they add nothing
+        mean_BxC = jnp.sum(jnp.exp(logits - log_z_BxC[..., None]) * logits, axis=-1)
+    return target_BxC - log_z_BxC, log_z_BxC, mean_BxC
+
+
+def _scan_logps(spec: _HeadSpec, with_entropy: bool, x_NxBxCxD, head_VxD, t_NxBxC):
+    """(log p(target), log Z, E_p[logits] or None), each [N, B, C], chunk by chunk."""
+    head_DxV = head_VxD.T
+
+    def body(_, chunk):
+        x_BxCxD, t_BxC = chunk
+        logp, log_z, mean = _chunk_logps(spec, with_entropy, x_BxCxD, head_DxV, t_BxC)
+        return None, (logp, log_z, mean)
+
+    return jax.lax.scan(body, None, (x_NxBxCxD, t_NxBxC))[1]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fused_logps(spec, with_entropy, x_NxBxCxD, head_VxD, t_NxBxC):
+    """(log p(target),) or (log p(target), entropy), each [N, B, C]; see token_logps."""
+    logp, log_z, mean = _scan_logps(spec, with_entropy, x_NxBxCxD, head_VxD, t_NxBxC)
+    return (logp, log_z - mean) if with_entropy else (logp,)
+
+
+def _fused_logps_fwd(spec, with_entropy, x, head, t):
+    logp, log_z, mean = _scan_logps(spec, with_entropy, x, head, t)
+    out = (logp, log_z - mean) if with_entropy else (logp,)
+    return out, (x, head, t, log_z, mean)
+
+
+def _fused_logps_bwd(spec, with_entropy, res, cts):
+    """Recomputes each chunk's logits: d logits = ct_logp * (onehot - p)
+    - ct_entropy * p * (logits - E_p[logits]), then the head matmuls' gradients."""
+    x, head, t, log_z, mean = res
+    head_DxV = head.T
+
+    def body(dhead_DxV, chunk):
+        x_BxCxD, t_BxC, log_z_BxC, ct_BxC, *entropy = chunk
+        logits = _chunk_logits(spec, x_BxCxD, head_DxV)
+        # _dlogits of the nll weighted by -ct: ct * (onehot - softmax), padded entries zeroed.
+        d = _chunk_dlogits(spec, logits, log_z_BxC, t_BxC, ct_BxC, -1.0, 0.0)
+        if entropy:
+            mean_BxC, ct_ent_BxC = entropy
+            probs = jnp.exp(logits - log_z_BxC[..., None])
+            d = d - probs * (ct_ent_BxC[..., None] * (logits - mean_BxC[..., None]))
+            d = sharding.constrain(d, _LOGITS)
+        dx_BxCxD, dhead_chunk_DxV = _head_grads(x_BxCxD, head, d)
+        return dhead_DxV + dhead_chunk_DxV, dx_BxCxD
+
+    chunks = (x, t, log_z, cts[0]) + ((mean, cts[1]) if with_entropy else ())
+    dhead_DxV, dx = jax.lax.scan(body, jnp.zeros(head_DxV.shape, jnp.float32), chunks)
+    return dx.astype(x.dtype), dhead_DxV.T.astype(head.dtype), None
+
+
+_fused_logps.defvjp(_fused_logps_fwd, _fused_logps_bwd)

@@ -8,17 +8,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxlm.loss import token_logps
+
 
 def token_logprobs(model: nn.Module, params: Any, tokens_BxL: jax.Array,
                    valid_BxL: jax.Array) -> jax.Array:
     """log p(token[t+1] | tokens[..t]) for right-padded rows, [B, L-1]; 0 where t+1 is padding.
 
     One full forward pass (no cache); padding is its own segment, so it never affects the real
-    tokens.
+    tokens. The log-probs come from the hidden states chunk by chunk (`token_logps`), so long
+    texts never hold [B, L, V] logits.
     """
-    logits_BxLxV = model.apply({"params": params}, tokens_BxL,
-                               segment_ids_BxL=valid_BxL.astype(jnp.int32))
-    logp_BxLxV = jax.nn.log_softmax(logits_BxLxV[:, :-1], axis=-1)
-    target_BxL = tokens_BxL[:, 1:]
-    logp_BxL = jnp.take_along_axis(logp_BxLxV, target_BxL[..., None], axis=-1)[..., 0]
+    hidden_BxLxD, head_VxD = model.apply({"params": params}, tokens_BxL,
+                                         segment_ids_BxL=valid_BxL.astype(jnp.int32),
+                                         return_hidden=True)
+    logp_BxL = token_logps(hidden_BxLxD[:, :-1], head_VxD, tokens_BxL[:, 1:],
+                           vocab_size=model.cfg.vocab_size)
     return jnp.where(valid_BxL[:, 1:], logp_BxL, 0.0)

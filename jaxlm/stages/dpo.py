@@ -36,6 +36,7 @@ import optax
 from absl import logging
 
 from jaxlm import sharding
+from jaxlm.loss import token_logps
 from jaxlm.models.moe import add_router_losses, router_metrics
 from jaxlm.stages import pairs
 from jaxlm.stages.settings import check_dpo, default_dpo_config
@@ -49,12 +50,15 @@ _FIELDS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 def sequence_logps(params: Any, batch: Batch, *, model: nn.Module,
                    rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array, Any]:
     """(sum of log p(target) over loss_mask, number of masked tokens), each [B, 2], and the
-    model's sown intermediates (MoE router stats). `rng` feeds dropout (LoRA) in training."""
+    model's sown intermediates (MoE router stats). `rng` feeds dropout (LoRA) in training.
+    The log-probs come from the hidden states chunk by chunk (`token_logps`): no [2B, L, V]
+    logits exist, forward or backward."""
     b, two = batch["inputs"].shape[:2]
     flat = pairs.flatten(batch, _FIELDS)
-    logits_NxLxV, variables = pairs.apply(params, flat, model=model, rng=rng)
-    logp_NxLxV = jax.nn.log_softmax(logits_NxLxV.astype(jnp.float32), axis=-1)
-    token_NxL = jnp.take_along_axis(logp_NxLxV, flat["targets"][..., None], axis=-1)[..., 0]
+    (hidden_NxLxD, head_VxD), variables = pairs.apply(params, flat, model=model, rng=rng,
+                                                      return_hidden=True)
+    token_NxL = token_logps(hidden_NxLxD, head_VxD, flat["targets"],
+                            vocab_size=model.cfg.vocab_size)
     mask_NxL = flat["loss_mask"].astype(jnp.float32)
     return ((token_NxL * mask_NxL).sum(-1).reshape(b, two),
             mask_NxL.sum(-1).reshape(b, two), variables)

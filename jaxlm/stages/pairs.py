@@ -23,13 +23,14 @@ def flatten(batch: Batch, fields: tuple[str, ...]) -> dict[str, jax.Array]:
 
 
 def apply(params: Any, flat: dict[str, jax.Array], *, model: nn.Module,
-          rng: jax.Array | None = None) -> tuple[jax.Array, Any]:
+          rng: jax.Array | None = None, return_hidden: bool = False) -> tuple[Any, Any]:
     """The model on flattened pair rows: (its output, its sown intermediates (MoE router
-    stats)). `rng` feeds dropout (LoRA) in training steps."""
+    stats)). `rng` feeds dropout (LoRA) in training steps; return_hidden as in `Transformer`
+    (the output is then (hidden, head), for `jaxlm.loss.token_logps`)."""
     return model.apply(
         {"params": params}, flat["inputs"], positions_BxL=flat["positions"],
-        segment_ids_BxL=flat["segment_ids"], mutable=["intermediates"],
-        rngs=None if rng is None else {"dropout": rng})
+        segment_ids_BxL=flat["segment_ids"], return_hidden=return_hidden,
+        mutable=["intermediates"], rngs=None if rng is None else {"dropout": rng})
 
 
 def batch_fields(config: Any) -> BatchFields:
