@@ -58,7 +58,7 @@ def _one_step(mesh, batch, microbatches=1):
     schedule = learning_rate_schedule(config.optim, 10)
     state, shardings = init_sharded_state(model, tx, mesh, jax.random.key(0), 16)
     step = functools.partial(pretrain_step, model=model, tx=tx, lr_schedule=schedule,
-                             num_microbatches=microbatches)
+                             grad_accum_steps=microbatches)
     with sharding.activate(mesh):
         batch_sh = sharding.batch_sharding(mesh)
         jitted = jax.jit(step, in_shardings=(shardings, batch_sh),
