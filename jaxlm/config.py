@@ -39,6 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model = m = ml_collections.ConfigDict()
     # Vocabulary size; 0 = take it from the tokenizer. Embeddings pad it to a multiple of 128.
+    # The model's own size (embedding rows, logits); a trained tokenizer's is data.vocab_size.
     m.vocab_size = 0
     # Residual stream width.
     m.d_model = 256
@@ -170,12 +171,12 @@ def base_config() -> ml_collections.ConfigDict:
     t.max_nonfinite = 10
     # Pipeline microbatches (mesh.pipeline > 1 only): each batch (each grad_accum_steps chunk)
     # is cut into this many microbatches that flow through the stages together; the idle
-    # "bubble" fraction is (pipeline - 1) / (num_microbatches + pipeline - 1).
-    t.num_microbatches = 1
+    # "bubble" fraction is (pipeline - 1) / (pipeline_microbatches + pipeline - 1).
+    t.pipeline_microbatches = 1
     # Circular pipeline schedule (mesh.pipeline > 1 only): each stage holds this many chunks V of
     # num_layers / (pipeline * V) layers (chunk c on stage c mod pipeline) and the microbatches
     # go round the stages V times, so the bubble shrinks to (P - 1) / (V * M + P - 1) for
-    # M = num_microbatches >= P (required). 1 = GPipe. Must divide num_layers / pipeline.
+    # M = pipeline_microbatches >= P (required). 1 = GPipe. Must divide num_layers / pipeline.
     # Checkpoints keep the stacked layout; the step transposes the block params (and their
     # gradients) across `pipeline` instead, about one parameter-sized send per device per step.
     t.pipeline_repeats = 1
@@ -260,10 +261,24 @@ def load_config_file(path: str | os.PathLike, arg: str | None = None) -> ml_coll
     return module.get_config(arg)
 
 
+# Config keys that were renamed: old dotted name -> new one. Setting an old name (in a config
+# file or as a --config.* override) is an error naming the new key, never silently ignored.
+RENAMED_KEYS: dict[str, str] = {
+    "train.num_microbatches": "train.pipeline_microbatches",
+}
+
+
+def check_renamed_key(name: str) -> None:
+    """Raises ValueError naming the new key when the dotted `name` is a renamed config key."""
+    if name in RENAMED_KEYS:
+        _fail(name, f"renamed to {RENAMED_KEYS[name]}")
+
+
 def _unknown_keys(config: Any, schema: Any, prefix: str = "") -> None:
     for key in config.keys():
         name = f"{prefix}{key}"
         if key not in schema:
+            check_renamed_key(name)
             close = difflib.get_close_matches(key, list(schema.keys()), n=1)
             hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
             raise ValueError(f"config key {name}: unknown key{hint}")
@@ -297,7 +312,7 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = Non
         norm_eps=m.norm_eps, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype,
         remat=m.remat, scan_layers=m.scan_layers, attention=m.attention, init_std=m.init_std,
         qkv_bias=m.qkv_bias, pipeline_stages=max(config.mesh.pipeline, 1),
-        pipeline_microbatches=max(config.train.num_microbatches, 1),
+        pipeline_microbatches=max(config.train.pipeline_microbatches, 1),
         pipeline_repeats=max(config.train.pipeline_repeats, 1),
         moe=MoeConfig(**m.moe.to_dict()) if m.moe.num_experts else None,
         lora_rank=m.lora.rank, lora_alpha=m.lora.alpha, lora_dropout=m.lora.dropout,
@@ -308,15 +323,15 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = Non
 
 
 def _check_pipeline(config: ml_collections.ConfigDict) -> None:
-    stages, m = config.mesh.pipeline, config.train.num_microbatches
+    stages, m = config.mesh.pipeline, config.train.pipeline_microbatches
     layers = config.model.num_layers
     if stages == -1:
         _fail("mesh.pipeline", "-1 is not supported here; give the number of pipeline stages")
     if m < 1:
-        _fail("train.num_microbatches", f"must be >= 1, got {m}")
+        _fail("train.pipeline_microbatches", f"must be >= 1, got {m}")
     if stages == 1 and m > 1:
-        _fail("train.num_microbatches", f"{m} pipeline microbatches need mesh.pipeline > 1; "
-              "for sequential microbatches (gradient accumulation) use optim.grad_accum_steps")
+        _fail("train.pipeline_microbatches", f"{m} pipeline microbatches need mesh.pipeline > "
+              "1; for sequential microbatches (gradient accumulation) use optim.grad_accum_steps")
     if stages > 1 and not config.model.scan_layers:
         _fail("model.scan_layers", f"mesh.pipeline={stages} needs scan_layers=True (the "
               "stages are slices of the stacked layers)")
@@ -332,15 +347,16 @@ def _check_pipeline(config: ml_collections.ConfigDict) -> None:
         _fail("train.pipeline_repeats", f"{repeats} does not divide the {layers // stages} "
               f"layers of a stage (model.num_layers={layers} / mesh.pipeline={stages})")
     if repeats > 1 and m < stages:
-        _fail("train.pipeline_repeats", f"the circular schedule needs train.num_microbatches "
-              f">= mesh.pipeline, got {m} < {stages} (with fewer microbatches than stages it "
-              "idles like GPipe); raise train.num_microbatches or set pipeline_repeats=1")
+        _fail("train.pipeline_repeats", "the circular schedule needs "
+              f"train.pipeline_microbatches >= mesh.pipeline, got {m} < {stages} (with fewer "
+              "microbatches than stages it idles like GPipe); raise train.pipeline_microbatches "
+              "or set pipeline_repeats=1")
 
 
 def pipeline_summary(config: ml_collections.ConfigDict) -> str | None:
     """The startup log line of a pipelined run (None without pipelining): stages, microbatch
     sizes, schedule and its bubble fraction."""
-    stages, m = config.mesh.pipeline, config.train.num_microbatches
+    stages, m = config.mesh.pipeline, config.train.pipeline_microbatches
     repeats = config.train.pipeline_repeats
     if stages == 1:
         return None
@@ -455,9 +471,9 @@ def check_devices(config: ml_collections.ConfigDict, num_devices: int,
     if (batch // dp) % accum:
         _fail("optim.grad_accum_steps", f"{accum} microbatches do not divide the per-replica "
               f"batch {batch // dp} (train.global_batch_size / data-parallel size {dp})")
-    m = config.train.num_microbatches
+    m = config.train.pipeline_microbatches
     if (batch // dp // accum) % m:
-        _fail("train.num_microbatches", f"{m} pipeline microbatches do not divide the "
+        _fail("train.pipeline_microbatches", f"{m} pipeline microbatches do not divide the "
               f"per-replica batch of one accumulation step, {batch // dp // accum} "
               f"(train.global_batch_size / data-parallel size {dp} / optim.grad_accum_steps)")
     return shape
@@ -477,4 +493,5 @@ def describe(config: ml_collections.ConfigDict) -> str:
 
 
 __all__ = ["base_config", "parse_arg", "load_config_file", "validate", "check_devices",
-           "model_config", "describe", "tokens_per_step", "pipeline_summary", "resolve_steps"]
+           "model_config", "describe", "tokens_per_step", "pipeline_summary", "resolve_steps",
+           "check_renamed_key", "RENAMED_KEYS"]

@@ -10,12 +10,25 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jaxlm import config as config_lib
 from jaxlm import distributed, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, checkpoints and caches.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, after failing with the new name on a `--config.*` override of a
+    renamed config key (ml_collections alone would raise a bare KeyError)."""
+    for arg in argv[1:]:
+        if arg.startswith("--config."):
+            try:
+                config_lib.check_renamed_key(arg.removeprefix("--config.").split("=", 1)[0])
+            except ValueError as e:
+                sys.exit(f"error: {e}")
+    return app.parse_flags_with_usage(argv)
 
 
 def main(argv: list[str]) -> None:
@@ -35,4 +48,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -14,12 +14,29 @@ Model code names every parameter dimension and every activation at a block bound
   MoE blocks the `expert` axis is one more data-parallel axis (docs/moe.md).
 
 A mesh axis that does not divide the dimension it would shard is dropped for that array (the
-dimension is replicated instead) so that e.g. one kv head works with tensor=4.
+dimension is replicated instead) so that e.g. one kv head works with tensor=4. For a parameter
+(`logical_shardings`) such a dropped axis is logged at WARNING once per parameter and reason,
+with the parameter's name, shape and size, since a large weight left replicated costs memory on
+every device; activations (`constrain`, traced many times) drop axes silently. Mesh axes of size
+1 are never a problem and never logged.
+
+Collisions. A mesh axis shards at most one dimension of an array. When two dimensions name it:
+* both rules map to that one mesh axis alone (e.g. `embed` and `mlp` both -> `fsdp` on a weight
+  [embed, mlp]) and the later dimension could otherwise take it: the rules table is wrong, and
+  `logical_to_mesh_spec` raises ValueError naming both logical axes and the mesh axis;
+* either rule lists several mesh axes (`act_batch` -> (data, fsdp, expert)): that rule spreads
+  its dimension over whichever of its axes are still free, so the later dimension falls back to
+  the rest. This is deliberate: the MoE buffer [batch, experts, ...] shards its batch over
+  `expert` too and leaves the experts dimension whole until the all-to-all moves `expert` onto
+  it ([experts, batch, ...], where the batch keeps data and fsdp). For a parameter such a
+  fallback is logged like an axis that does not divide.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -27,6 +44,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -119,30 +137,94 @@ def _mesh_axes_for(logical: str | None, rules: dict[str, Any]) -> tuple[str, ...
     return (target,) if isinstance(target, str) else tuple(target)
 
 
+@dataclasses.dataclass(frozen=True)
+class DroppedAxis:
+    """A mesh axis that a dimension's rule names but that does not shard it, and why."""
+
+    dim: int  # index of the array dimension
+    logical: str  # its logical axis name
+    mesh_axis: str
+    reason: str
+
+
+def _spec_and_dropped(logical_axes: Sequence[str | None], shape: Sequence[int],
+                      mesh_shape: dict[str, int], rules: Sequence[tuple[str, Any]]
+                      ) -> tuple[P, list[DroppedAxis]]:
+    if len(logical_axes) != len(shape):
+        raise ValueError(f"logical axes {tuple(logical_axes)} do not match shape {tuple(shape)}")
+    table = dict(rules)
+    owner: dict[str, int] = {}  # mesh axis -> the dimension it shards
+    spec, dropped = [], []
+    for k, (name, dim) in enumerate(zip(logical_axes, shape)):
+        axes = _mesh_axes_for(name, table)
+        kept = []
+        for axis in axes:
+            size = mesh_shape.get(axis, 1)
+            if size == 1:
+                continue
+            divisor = math.prod(mesh_shape[a] for a in kept) * size
+            if axis in owner:
+                j = owner[axis]
+                single = len(axes) == 1 and len(_mesh_axes_for(logical_axes[j], table)) == 1
+                if single and dim % divisor == 0:
+                    raise ValueError(
+                        f"logical axes {logical_axes[j]!r} (dimension {j}) and {name!r} "
+                        f"(dimension {k}) of one array {tuple(shape)} both map to mesh axis "
+                        f"{axis!r} (size {size}) in the logical axis rules; a mesh axis shards "
+                        "one dimension, so map one of them to another mesh axis")
+                dropped.append(DroppedAxis(k, name, axis, f"mesh axis already used by "
+                                                          f"dimension {j} ({logical_axes[j]!r})"))
+            elif dim % divisor:
+                dropped.append(DroppedAxis(k, name, axis, f"does not divide dim {dim} by mesh "
+                                                          f"size {divisor}"))
+            else:
+                kept.append(axis)
+        owner.update((axis, k) for axis in kept)
+        spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return P(*spec), dropped
+
+
 def logical_to_mesh_spec(logical_axes: Sequence[str | None], shape: Sequence[int],
                          mesh_shape: dict[str, int],
                          rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> P:
     """Maps logical names of an array of `shape` to a PartitionSpec on a mesh of `mesh_shape`.
 
-    Mesh axes of size 1, axes already used by an earlier dimension, and axes that do not divide
-    the dimension are dropped (that dimension is then less sharded, never wrongly sharded).
+    Mesh axes of size 1, axes already used by an earlier dimension through a multi-axis rule,
+    and axes that do not divide the dimension are dropped (that dimension is then less sharded,
+    never wrongly sharded). Two single-axis rules on one mesh axis raise ValueError (see the
+    module docstring).
     """
-    if len(logical_axes) != len(shape):
-        raise ValueError(f"logical axes {tuple(logical_axes)} do not match shape {tuple(shape)}")
-    table = dict(rules)
-    used: set[str] = set()
-    spec = []
-    for name, dim in zip(logical_axes, shape):
-        kept = []
-        for axis in _mesh_axes_for(name, table):
-            size = mesh_shape.get(axis, 1)
-            if size == 1 or axis in used:
-                continue
-            if dim % (math.prod(mesh_shape[a] for a in kept) * size) == 0:
-                kept.append(axis)
-        used.update(kept)
-        spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
-    return P(*spec)
+    return _spec_and_dropped(logical_axes, shape, mesh_shape, rules)[0]
+
+
+@functools.cache
+def _warn_once(name: str, reason: str, message: str) -> None:
+    """Logs `message` the first time (parameter name, reason) is seen in this process: the
+    shardings of one model are built several times (train state, checkpoints, sampling)."""
+    del name, reason  # the cache key
+    logging.warning(message)
+
+
+def _path_name(path: tuple[Any, ...]) -> str:
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def _warn_dropped(name: str, value: Any, dropped: Sequence[DroppedAxis]) -> None:
+    shape = tuple(value.shape)
+    mib = math.prod(shape) * np.dtype(value.dtype).itemsize / 2**20
+    for d in dropped:
+        _warn_once(name, f"{d.dim}:{d.mesh_axis}:{d.reason}",
+                   f"sharding: parameter {name} {shape} ({mib:.2f} MiB) is not split over mesh "
+                   f"axis {d.mesh_axis!r} on dimension {d.dim} (logical axis {d.logical!r}): "
+                   f"{d.reason}")
 
 
 def _mesh_shape(mesh: Mesh | jax.sharding.AbstractMesh) -> dict[str, int]:
@@ -181,17 +263,22 @@ def logical_shardings(boxed_tree: Any, mesh: Mesh,
                       rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> Any:
     """NamedShardings for a tree of (abstract) values boxed in `nn.LogicallyPartitioned`.
 
-    Leaves that carry no logical names are replicated.
+    Leaves that carry no logical names are replicated. A mesh axis a parameter's rules name but
+    cannot use is logged once (name, shape, MiB, logical and mesh axis, why); a collision in
+    the rules raises ValueError.
     """
     mesh_shape = _mesh_shape(mesh)
 
-    def one(leaf: Any) -> NamedSharding:
+    def one(path: tuple[Any, ...], leaf: Any) -> NamedSharding:
         if isinstance(leaf, nn.LogicallyPartitioned):
-            spec = logical_to_mesh_spec(leaf.names, leaf.value.shape, mesh_shape, rules)
+            spec, dropped = _spec_and_dropped(leaf.names, leaf.value.shape, mesh_shape, rules)
+            if dropped:
+                _warn_dropped(_path_name(path), leaf.value, dropped)
             return NamedSharding(mesh, spec)
         return NamedSharding(mesh, P())
 
-    return jax.tree.map(one, boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    return jax.tree_util.tree_map_with_path(
+        one, boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -47,7 +47,7 @@ Freeze = Callable[[Any], Any]
 
 
 def microbatched_grads(loss_fn: LossFn, params: Any, batch: dict[str, jax.Array],
-                       num_microbatches: int, *, freeze: Freeze | None = None,
+                       grad_accum_steps: int, *, freeze: Freeze | None = None,
                        rng: jax.Array | None = None) -> tuple[Any, dict[str, jax.Array]]:
     """Gradient of a token-weighted loss summed over sequential microbatches.
 
@@ -71,11 +71,11 @@ def microbatched_grads(loss_fn: LossFn, params: Any, batch: dict[str, jax.Array]
         return loss_sum, {**aux, "objective_sum": loss_sum}
 
     grad_fn = jax.grad(objective, has_aux=True)
-    if num_microbatches == 1:
+    if grad_accum_steps == 1:
         grads, aux = grad_fn(params, batch, jnp.zeros((), jnp.int32))
     else:
         split = jax.tree.map(
-            lambda x: x.reshape(num_microbatches, x.shape[0] // num_microbatches, *x.shape[1:]),
+            lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]),
             batch)
 
         def body(carry: tuple[Any, Any], micro_and_index: tuple[dict[str, jax.Array], jax.Array]
@@ -90,7 +90,7 @@ def microbatched_grads(loss_fn: LossFn, params: Any, batch: dict[str, jax.Array]
         zero_aux = jax.tree.map(jnp.zeros_like, jax.eval_shape(
             lambda: grad_fn(params, first, jnp.zeros((), jnp.int32))[1]))
         (grads, aux), _ = jax.lax.scan(body, (zero_grads, zero_aux),
-                                       (split, jnp.arange(num_microbatches)))
+                                       (split, jnp.arange(grad_accum_steps)))
     denom = jnp.maximum(aux["num_tokens"], 1.0)
     grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
     return grads, aux
@@ -98,7 +98,7 @@ def microbatched_grads(loss_fn: LossFn, params: Any, batch: dict[str, jax.Array]
 
 def gradient_step(state: TrainState, batch: dict[str, jax.Array], loss_fn: LossFn, *,
                   tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
-                  num_microbatches: int = 1, freeze: Freeze | None = None,
+                  grad_accum_steps: int = 1, freeze: Freeze | None = None,
                   dropout_seed: int | None = None
                   ) -> tuple[TrainState, dict[str, jax.Array], dict[str, jax.Array]]:
     """What every stage's train step does around its loss: microbatched gradients, the update
@@ -114,7 +114,7 @@ def gradient_step(state: TrainState, batch: dict[str, jax.Array], loss_fn: LossF
         rng = jax.random.fold_in(jax.random.key(dropout_seed), state.step)
     grads, aux = microbatched_grads(
         loss_fn if rng is not None else (lambda p, b: loss_fn(p, b, None)), state.params, batch,
-        num_microbatches, freeze=freeze, rng=rng)
+        grad_accum_steps, freeze=freeze, rng=rng)
     grad_norm = optax.global_norm(grads)
     objective = aux.pop("objective_sum") / jnp.maximum(aux["num_tokens"], 1.0)
     finite = jnp.isfinite(objective) & jnp.isfinite(grad_norm)

@@ -1,8 +1,14 @@
 """Config validation: every mistake is caught before compiling, with the key named."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from jaxlm import config as config_lib
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _config(**overrides):
@@ -51,6 +57,41 @@ def test_unknown_keys_are_named_with_a_suggestion():
     c.optimizer = {"lr": 1}
     with pytest.raises(ValueError, match="config key optimizer: unknown key"):
         config_lib.validate(c)
+
+
+def _has_key(config, dotted):
+    *sections, leaf = dotted.split(".")
+    for section in sections:
+        if section not in config:
+            return False
+        config = config[section]
+    return leaf in config
+
+
+def test_renamed_keys_point_from_a_gone_key_to_a_live_one():
+    base = config_lib.base_config()
+    assert config_lib.RENAMED_KEYS
+    for old, new in config_lib.RENAMED_KEYS.items():
+        assert not _has_key(base, old) and _has_key(base, new)
+
+
+def test_renamed_key_in_a_config_names_the_new_key():
+    c = config_lib.base_config()
+    c.train.num_microbatches = 4
+    with pytest.raises(ValueError, match=r"^config key train.num_microbatches: renamed to "
+                                         r"train.pipeline_microbatches$"):
+        config_lib.validate(c)
+
+
+def test_renamed_key_as_a_command_line_override_names_the_new_key(tmp_path):
+    cmd = [sys.executable, "-m", "jaxlm.main", "--config=configs/tiny.py",
+           f"--workdir={tmp_path / 'run'}", "--config.train.num_microbatches=4"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert ("error: config key train.num_microbatches: renamed to train.pipeline_microbatches"
+            in proc.stderr)
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_mesh_must_match_the_devices():

@@ -126,7 +126,7 @@ def test_steps_raise_the_margin_and_microbatches_agree(model_and_params):
     batch = _pair_batch(seed=3)
     make = lambda n: jax.jit(functools.partial(
         dpo.dpo_step, model=model, tx=tx, lr_schedule=lambda s: 0.0, variant="sigmoid",
-        beta=0.5, num_microbatches=n))
+        beta=0.5, grad_accum_steps=n))
     one, two = make(1), make(2)
     _, m1 = one(TrainState.create(params, tx), batch, params)
     _, m2 = two(TrainState.create(params, tx), batch, params)

@@ -122,7 +122,7 @@ def test_bubble_fraction_formula_and_startup_line():
     assert pipeline.bubble_fraction(4, 4) == pytest.approx(3 / 7)
     c = config_lib.base_config()
     assert config_lib.pipeline_summary(c) is None
-    c.mesh.pipeline, c.train.num_microbatches, c.train.global_batch_size = 4, 12, 48
+    c.mesh.pipeline, c.train.pipeline_microbatches, c.train.global_batch_size = 4, 12, 48
     line = config_lib.pipeline_summary(c)
     assert "4 stages x 1 layers" in line and "12 microbatches of 4 sequences" in line
     assert f"{3 / 15:.3f}" in line and "GPipe" in line
@@ -247,17 +247,19 @@ def _config(**overrides):
      r"config key mesh.pipeline: 4 pipeline stages do not divide model.num_layers=6"),
     ({"mesh__pipeline": 2, "model__scan_layers": False}, "config key model.scan_layers"),
     ({"mesh__pipeline": -1}, "config key mesh.pipeline"),
-    ({"train__num_microbatches": 4}, "config key train.num_microbatches: .*mesh.pipeline > 1"),
-    ({"mesh__pipeline": 2, "train__num_microbatches": 0}, "config key train.num_microbatches"),
-    ({"mesh__pipeline": 2, "train__num_microbatches": 2, "train__pipeline_repeats": 0},
+    ({"train__pipeline_microbatches": 4},
+     "config key train.pipeline_microbatches: .*mesh.pipeline > 1"),
+    ({"mesh__pipeline": 2, "train__pipeline_microbatches": 0},
+     "config key train.pipeline_microbatches"),
+    ({"mesh__pipeline": 2, "train__pipeline_microbatches": 2, "train__pipeline_repeats": 0},
      r"config key train.pipeline_repeats: must be >= 1"),
     ({"train__pipeline_repeats": 2}, r"config key train.pipeline_repeats: .*mesh.pipeline > 1"),
-    ({"mesh__pipeline": 2, "train__num_microbatches": 2, "model__num_layers": 6,
+    ({"mesh__pipeline": 2, "train__pipeline_microbatches": 2, "model__num_layers": 6,
       "train__pipeline_repeats": 2},
      r"config key train.pipeline_repeats: 2 does not divide the 3 layers of a stage"),
-    ({"mesh__pipeline": 4, "train__num_microbatches": 2, "model__num_layers": 8,
+    ({"mesh__pipeline": 4, "train__pipeline_microbatches": 2, "model__num_layers": 8,
       "train__pipeline_repeats": 2},
-     r"config key train.pipeline_repeats: .*num_microbatches >= mesh.pipeline, got 2 < 4"),
+     r"config key train.pipeline_repeats: .*pipeline_microbatches >= mesh.pipeline, got 2 < 4"),
 ])
 def test_bad_pipeline_configs_name_their_key(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -265,12 +267,12 @@ def test_bad_pipeline_configs_name_their_key(overrides, message):
 
 
 def test_microbatches_must_divide_the_per_replica_batch():
-    c = _config(mesh__pipeline=2, train__num_microbatches=3, train__global_batch_size=16)
+    c = _config(mesh__pipeline=2, train__pipeline_microbatches=3, train__global_batch_size=16)
     config_lib.validate(c)
-    with pytest.raises(ValueError, match=r"train.num_microbatches: 3 .* batch of one "
+    with pytest.raises(ValueError, match=r"train.pipeline_microbatches: 3 .* batch of one "
                                          r"accumulation step, 4"):
         config_lib.check_devices(c, 8)  # data=4 x pipeline=2: 16 / 4 = 4 rows per replica
-    c.train.num_microbatches = 4
+    c.train.pipeline_microbatches = 4
     assert config_lib.check_devices(c, 8) == {"data": 4, "fsdp": 1, "tensor": 1, "pipeline": 2,
                                               "expert": 1}
     assert config_lib.model_config(c, 100).pipeline_stages == 2
@@ -281,6 +283,6 @@ def test_model_config_rejects_uneven_stages():
         dataclasses.replace(CFG, pipeline_stages=3).check()
     with pytest.raises(ValueError, match="model.pipeline_repeats: 8 layers .* 2 stages x 3"):
         dataclasses.replace(CFG, pipeline_stages=2, pipeline_repeats=3).check()
-    c = _config(mesh__pipeline=2, train__num_microbatches=2, train__pipeline_repeats=2)
+    c = _config(mesh__pipeline=2, train__pipeline_microbatches=2, train__pipeline_repeats=2)
     config_lib.validate(c)
     assert config_lib.model_config(c, 100).pipeline_repeats == 2

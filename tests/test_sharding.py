@@ -1,8 +1,11 @@
 """Sharding: the rules table, and a sharded train step equal to the single-device one."""
 
 import functools
+import logging
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -38,6 +41,78 @@ def test_axes_that_do_not_divide_are_replicated_not_mis_sharded():
     assert spec == P("data")
 
 
+def _boxed(shape, names, dtype=jnp.float32):
+    return nn.LogicallyPartitioned(jax.ShapeDtypeStruct(shape, dtype), names)
+
+
+def _rules_with(**changes):
+    return tuple((name, changes.get(name, target)) for name, target in sharding.LOGICAL_AXIS_RULES)
+
+
+def test_param_axis_that_cannot_apply_is_logged_once_with_name_and_size(caplog):
+    sharding._warn_once.cache_clear()
+    mesh = sharding.make_mesh({"data": 2, "tensor": 4})
+    tree = {"blocks": {"attn": {
+        # one kv head cannot be split 4 ways over tensor: 1024 * 1 * 512 bf16 = 1 MiB replicated
+        "wk": _boxed((1024, 1, 512), ("embed", "kv_heads", "head_dim"), jnp.bfloat16),
+        "wq": _boxed((1024, 4, 128), ("embed", "heads", "head_dim"))}}}
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        first = sharding.logical_shardings(tree, mesh)
+        second = sharding.logical_shardings(tree, mesh)
+    assert first == second
+    assert first["blocks"]["attn"]["wk"].spec == P(None, None, None)
+    assert first["blocks"]["attn"]["wq"].spec == P(None, "tensor", None)
+    # embed -> fsdp of size 1 is silent; only wk's kv_heads is reported, and only once
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    msg = warnings[0]
+    assert "blocks/attn/wk" in msg and "(1024, 1, 512)" in msg and "1.00 MiB" in msg
+    assert "'kv_heads'" in msg and "'tensor'" in msg
+    assert "does not divide dim 1 by mesh size 4" in msg
+
+
+def test_multi_axis_rule_falls_back_and_a_param_says_which_dimension_took_the_axis(caplog):
+    sharding._warn_once.cache_clear()
+    rules = _rules_with(mlp=("tensor", "fsdp"))
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    tree = {"w_out": _boxed((64, 32), ("mlp", "embed"))}
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        spec = sharding.logical_shardings(tree, mesh, rules)["w_out"].spec
+    assert spec == P(("tensor", "fsdp"), None)
+    [msg] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "w_out (64, 32)" in msg and "'embed'" in msg and "'fsdp'" in msg
+    assert "mesh axis already used by dimension 0 ('mlp')" in msg
+
+
+def test_activations_fall_back_silently_on_the_projects_multi_axis_batch_rule():
+    # the MoE buffer [batch, experts, ...]: the batch takes `expert` first, by design
+    mesh_shape = {"data": 2, "fsdp": 1, "tensor": 1, "pipeline": 1, "expert": 4}
+    assert sharding.logical_to_mesh_spec(("act_batch", "act_expert", None, "act_embed"),
+                                         (8, 4, 3, 32), mesh_shape) == P(("data", "expert"),
+                                                                        None, None, None)
+    assert sharding.logical_to_mesh_spec(("act_expert", "act_batch", None, "act_embed"),
+                                         (4, 8, 3, 32), mesh_shape) == P("expert", "data",
+                                                                        None, None)
+
+
+def test_two_logical_axes_on_one_mesh_axis_is_a_rules_error():
+    rules = _rules_with(mlp="fsdp")
+    mesh_shape = {"data": 1, "fsdp": 2, "tensor": 2, "pipeline": 1}
+    with pytest.raises(ValueError, match=r"logical axes 'embed' \(dimension 0\) and 'mlp' "
+                                         r"\(dimension 1\) .* mesh axis 'fsdp'"):
+        sharding.logical_to_mesh_spec(("embed", "mlp"), (32, 64), mesh_shape, rules)
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    with pytest.raises(ValueError, match=r"'embed'.*'mlp'.*'fsdp'"):
+        sharding.logical_shardings({"w_in": _boxed((32, 64), ("embed", "mlp"))}, mesh, rules)
+    # not a collision where only one of them could use the axis: fsdp of size 1, or an odd dim
+    assert sharding.logical_to_mesh_spec(("embed", "mlp"), (32, 64), {**mesh_shape, "fsdp": 1},
+                                         rules) == P(None, None)
+    assert sharding.logical_to_mesh_spec(("embed", "mlp"), (32, 63), mesh_shape,
+                                         rules) == P("fsdp", None)
+    assert sharding.logical_to_mesh_spec(("embed", "mlp"), (31, 64), mesh_shape,
+                                         rules) == P(None, "fsdp")
+
+
 def test_mesh_sizes_resolve_minus_one_and_reject_bad_products():
     assert sharding.resolve_mesh_shape({"data": -1, "fsdp": 2, "tensor": 2, "pipeline": 1},
                                        8)["data"] == 2
@@ -58,7 +133,7 @@ def _one_step(mesh, batch, microbatches=1):
     schedule = learning_rate_schedule(config.optim, 10)
     state, shardings = init_sharded_state(model, tx, mesh, jax.random.key(0), 16)
     step = functools.partial(pretrain_step, model=model, tx=tx, lr_schedule=schedule,
-                             num_microbatches=microbatches)
+                             grad_accum_steps=microbatches)
     with sharding.activate(mesh):
         batch_sh = sharding.batch_sharding(mesh)
         jitted = jax.jit(step, in_shardings=(shardings, batch_sh),

@@ -40,6 +40,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     # source=arrayrecord, "" = the tokenizer recorded in the shards' manifest.json.
     d.tokenizer_path = ""
     # Vocabulary of a tokenizer trained on the fly (ignored when tokenizer_path is set).
+    # Sizes only that trained tokenizer; the model takes model.vocab_size (0: the tokenizer's).
     d.vocab_size = 8192
     # Sentencepiece algorithm of a tokenizer trained on the fly: "bpe" or "unigram".
     d.tokenizer_model_type = "bpe"

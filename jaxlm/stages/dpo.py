@@ -137,7 +137,7 @@ def _reference(batch: Batch, ref_params: Any, model: nn.Module) -> jax.Array | N
 def dpo_step(state: TrainState, batch: Batch, ref_params: Any = None, *, model: nn.Module,
              tx: optax.GradientTransformation, lr_schedule: optax.Schedule, variant: str,
              beta: float, label_smoothing: float = 0.0, gamma: float = 0.0,
-             num_microbatches: int = 1, freeze: Any = None, dropout_seed: int | None = None
+             grad_accum_steps: int = 1, freeze: Any = None, dropout_seed: int | None = None
              ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on the mean preference loss over the pairs of `batch`."""
 
@@ -148,7 +148,7 @@ def dpo_step(state: TrainState, batch: Batch, ref_params: Any = None, *, model: 
 
     new_state, sums, common = gradient_step(
         state, batch, micro_loss, tx=tx, lr_schedule=lr_schedule,
-        num_microbatches=num_microbatches, freeze=freeze, dropout_seed=dropout_seed)
+        grad_accum_steps=grad_accum_steps, freeze=freeze, dropout_seed=dropout_seed)
     n = jnp.maximum(sums["num_pairs"], 1.0)
     metrics = {**means(sums), **common, "num_pairs": sums["num_pairs"],
                **router_metrics(sums, n)}
@@ -186,7 +186,7 @@ def make_steps(config: Any, model: nn.Module, tx: optax.GradientTransformation,
     settings = dict(model=model, variant=d.variant, beta=d.beta,
                     label_smoothing=d.label_smoothing, gamma=d.simpo_gamma)
     train = functools.partial(dpo_step, tx=tx, lr_schedule=lr_schedule,
-                              num_microbatches=config.optim.grad_accum_steps,
+                              grad_accum_steps=config.optim.grad_accum_steps,
                               **lora_step_options(config), **settings)
     return train, functools.partial(eval_step, **settings)
 

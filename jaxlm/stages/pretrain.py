@@ -45,12 +45,12 @@ def loss_fn(params: Any, batch: Batch, *, model: nn.Module, z_loss: float = 0.0,
 
 def pretrain_step(state: TrainState, batch: Batch, *, model: nn.Module,
                   tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
-                  z_loss: float = 0.0, num_microbatches: int = 1, freeze: Any = None,
+                  z_loss: float = 0.0, grad_accum_steps: int = 1, freeze: Any = None,
                   dropout_seed: int | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on the mean next-token loss of `batch`."""
     new_state, aux, common = gradient_step(
         state, batch, lambda p, b, rng: loss_fn(p, b, model=model, z_loss=z_loss, rng=rng),
-        tx=tx, lr_schedule=lr_schedule, num_microbatches=num_microbatches, freeze=freeze,
+        tx=tx, lr_schedule=lr_schedule, grad_accum_steps=grad_accum_steps, freeze=freeze,
         dropout_seed=dropout_seed)
     num_tokens = jnp.maximum(aux["num_tokens"], 1.0)
     loss = aux["nll_sum"] / num_tokens
@@ -74,7 +74,7 @@ def eval_step(params: Any, batch: Batch, *, model: nn.Module) -> dict[str, jax.A
 
 def step_settings(config: Any) -> dict[str, Any]:
     """The static keyword settings of the token-loss steps (pretrain_step, sft_step)."""
-    return dict(z_loss=config.optim.z_loss, num_microbatches=config.optim.grad_accum_steps,
+    return dict(z_loss=config.optim.z_loss, grad_accum_steps=config.optim.grad_accum_steps,
                 **lora_step_options(config))
 
 

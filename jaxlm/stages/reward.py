@@ -71,12 +71,12 @@ def means(sums: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def reward_step(state: TrainState, batch: Batch, *, model: nn.Module,
                 tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
-                margin: float = 0.0, num_microbatches: int = 1, freeze: Any = None,
+                margin: float = 0.0, grad_accum_steps: int = 1, freeze: Any = None,
                 dropout_seed: int | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on the mean Bradley-Terry loss over the pairs of `batch`."""
     new_state, sums, common = gradient_step(
         state, batch, lambda p, b, rng: loss_fn(p, b, model=model, margin=margin, rng=rng),
-        tx=tx, lr_schedule=lr_schedule, num_microbatches=num_microbatches, freeze=freeze,
+        tx=tx, lr_schedule=lr_schedule, grad_accum_steps=grad_accum_steps, freeze=freeze,
         dropout_seed=dropout_seed)
     n = jnp.maximum(sums["num_pairs"], 1.0)
     metrics = {**means(sums), **common, "num_pairs": sums["num_pairs"],
@@ -98,7 +98,7 @@ def make_steps(config: Any, model: nn.Module, tx: optax.GradientTransformation,
                lr_schedule: optax.Schedule) -> tuple[Any, Any]:
     margin = config.reward.margin
     train = functools.partial(reward_step, model=model, tx=tx, lr_schedule=lr_schedule,
-                              margin=margin, num_microbatches=config.optim.grad_accum_steps,
+                              margin=margin, grad_accum_steps=config.optim.grad_accum_steps,
                               **lora_step_options(config))
     return train, functools.partial(eval_step, model=model, margin=margin)
 
