@@ -60,11 +60,13 @@ class Case:
     best_of: str = ""    # glob over case names whose fastest ok row picks remat="best"
     default_s: float = 60.0  # wall-time estimate before any case of this config has run
     extra: bool = False  # after the profile (which runs before the first extra case)
+    scan_layers: bool = True  # model.scan_layers; False unrolls the blocks
 
     @property
     def name(self) -> str:
         seq = f"x{self.seq_len}" if self.seq_len else ""
-        return f"{self.config}/{self.attention}/{self.remat}/b{self.batch}{seq}"
+        unrolled = "" if self.scan_layers else "/unrolled"
+        return f"{self.config}/{self.attention}/{self.remat}/b{self.batch}{seq}{unrolled}"
 
 
 # Priority order. Estimates: ~15 s compile per 1B model on an H100, ~5-10 s process start and
@@ -101,7 +103,18 @@ CPU_CASES = (
     Case("tiny", 8, "cudnn", "save_dots", default_s=30, extra=True),  # -> cudnn_fallback
 )
 
-CASE_SETS = {"gpu": GPU_CASES, "cpu": CPU_CASES}
+# Follow-up of the first profile (chinchilla_1b b8, remat none: GEMMs 53% of GPU time, cuDNN
+# attention 20%, 1,545 small copies 5.5%, mostly the scanned layers' stacked residuals): the
+# same shapes with the blocks unrolled, and a larger batch.
+GPU_FOLLOWUP_CASES = (
+    Case("chinchilla_1b", 16, "cudnn", "none", scan_layers=False, default_s=60),
+    Case("chinchilla_1b", 32, "cudnn", "none", default_s=60),
+    Case("chinchilla_1b", 8, "cudnn", "none", scan_layers=False, default_s=60),
+    Case("llama_1b", 16, "cudnn", "none", scan_layers=False, default_s=70),
+    Case("chinchilla_1b", 32, "cudnn", "none", scan_layers=False, default_s=70),
+)
+
+CASE_SETS = {"gpu": GPU_CASES, "gpu_followup": GPU_FOLLOWUP_CASES, "cpu": CPU_CASES}
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,6 +128,7 @@ def _load_config(case: Case, remat: str):
     config.train.global_batch_size = case.batch
     config.model.attention = case.attention
     config.model.remat = remat
+    config.model.scan_layers = case.scan_layers
     if case.seq_len:
         config.data.seq_len = case.seq_len
         if config.model.max_seq_len and config.model.max_seq_len < case.seq_len:
