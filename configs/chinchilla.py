@@ -7,7 +7,10 @@
 jaxlm/chinchilla.py). The number of steps is not set: it follows from `train.tokens_per_param`
 (20, the paper's compute-optimal ratio) x the model's parameter count / tokens per step; pass
 `tokens=<T>` for a fixed token budget instead (or `--config.train.steps=<S>` with
-`--config.train.tokens_per_param=0`). Sequence 2048, batch 256 x 2048 = 0.5M tokens per step.
+`--config.train.tokens_per_param=0`). Parameters are counted as the paper counts them
+(`train.param_convention="chinchilla"`: one vocabulary matrix and a relative-position projection
+per layer; within 0.8% of every Table A9 row), not as built: the family uses RoPE and an untied
+head (why: jaxlm/chinchilla.py). Sequence 2048, batch 256 x 2048 = 0.5M tokens per step.
 Counts: `python -m jaxlm.tools.scaling count --config=configs/chinchilla.py:size=1018`.
 """
 

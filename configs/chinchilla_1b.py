@@ -4,9 +4,10 @@
     python -m jaxlm.main --config=configs/chinchilla_1b.py:data=/data/mc4/*.array_record \
         --workdir=gs://bucket/chinchilla_1b
 
-The paper's models use RMSNorm, a GELU MLP of width ffw_size and untied embeddings; its relative
-position encoding is replaced by RoPE here. Batch 256 x 2048 = 0.5M tokens per step (the paper
-uses 0.5M-1M for models of this size); 20 x ~1.0B params = ~20B tokens = 38,500 steps.
+RMSNorm, a GELU MLP of width ffw_size; RoPE replaces the paper's relative position encoding and
+the head is untied (why: jaxlm/chinchilla.py). Batch 256 x 2048 = 0.5M tokens per step (the paper
+uses 0.5M-1M for models of this size); 20 x 1017.5M params (the paper's convention; 1001.1M as
+built) = 20.35B tokens = 38,815 steps.
 It is `configs/chinchilla.py:size=1018` (docs/scaling.md) with this step count fixed instead of
 derived from 20 tokens per parameter.
 """
@@ -18,7 +19,7 @@ from jaxlm.data.config import use_files
 
 
 def get_config(arg: str | None = None):
-    args = config_lib.parse_arg(arg, data="", tokenizer="", steps=38500)
+    args = config_lib.parse_arg(arg, data="", tokenizer="", steps=38815)
     # The family's Table A9 row and recipe (configs/chinchilla.py), for a fixed number of steps.
     c = config_lib.load_config_file(Path(__file__).with_name("chinchilla.py"), "size=1018")
     use_files(c.data, args.data, args.tokenizer)

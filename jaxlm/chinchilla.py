@@ -3,8 +3,25 @@
 Each row is (params in millions as the paper reports them, d_model, ffw_size, kv_size, n_heads,
 n_layers); the vocabulary is 32,000 for all of them. `kv_size` is the width of one head, which
 is not always d_model / n_heads (e.g. the 4608-wide, 32-head 12569M row), so `head_dim` is set
-explicitly. The paper's MLP is a plain two-matrix one of width ffw_size (GELU here), its norm
-RMSNorm, its position encoding relative (RoPE here) and its embeddings untied.
+explicitly.
+
+Parameter counts. The paper's numbers follow one formula, N = n_layers (5 d_model hk +
+2 d_model ffw_size) + V d_model with hk = n_heads x kv_size: per layer the four attention
+projections, one d_model x hk projection of the relative position encoding and the two MLP
+matrices, plus one vocabulary matrix (no norms, no biases). It reproduces all 50 rows within
+0.8% (`jaxlm.scaling.count_params(...)["chinchilla"]`); `train.param_convention="chinchilla"`,
+the default, makes token budgets use it, so 20 tokens per parameter is the paper's budget.
+
+Shapes, and why. The MLP is the paper's plain two-matrix one of width ffw_size (GELU) and the
+norm RMSNorm. Two choices differ from the paper, and change only the count "as built":
+  * position encoding: RoPE instead of Transformer-XL relative positions. RoPE is jaxlm's
+    relative encoding (every attention kernel supports it) and has no weights, so as built a
+    layer lacks the paper's d_model x hk projection (-7% of N at 1018M);
+  * embeddings: untied, a separate [d_model, V] output head, the layout of the family's
+    existing runs and checkpoints. It is the second vocabulary matrix that the paper's count
+    does not hold (+V d_model: +32% of N at 44M, +1% at 16183M).
+As built, N = chinchilla + V d_model + norms - n_layers d_model hk (`count` in
+`python -m jaxlm.tools.scaling` prints both).
 
 `configs/chinchilla.py:size=<M>` builds a run config from a row; `configs/chinchilla_1b.py` is
 the 1018M row.

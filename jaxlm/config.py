@@ -162,6 +162,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Token budget as tokens per model parameter (0: unset, which is 20, Chinchilla's
     # compute-optimal ratio, when train.steps and train.tokens are 0 too); needs train.steps = 0.
     t.tokens_per_param = 0.0
+    # What "parameter" means in tokens_per_param and in sweep results (docs/scaling.md):
+    # "chinchilla" (Hoffmann et al.'s Table A9 count), "total" or "non_embedding" (as built),
+    # "kaplan" (Kaplan et al.'s attention + MLP matrices).
+    t.param_convention = "chinchilla"
     # Evaluate on held-out data every this many steps (0: never; always at the end if > 0).
     t.eval_every = 200
     # Batches per evaluation.
@@ -422,6 +426,9 @@ def _check_budget(t: ml_collections.ConfigDict) -> None:
     for key in ("steps", "tokens", "tokens_per_param"):
         if t[key] < 0:
             _fail(f"train.{key}", f"must be >= 0, got {t[key]}")
+    if t.param_convention not in scaling.PARAM_CONVENTIONS:
+        _fail("train.param_convention", f"{t.param_convention!r} is not one of "
+              f"{scaling.PARAM_CONVENTIONS}")
     given = [key for key in ("steps", "tokens", "tokens_per_param") if t[key] > 0]
     if len(given) > 1:
         _fail(f"train.{given[1]}", f"{t[given[1]]} conflicts with train.{given[0]}="
@@ -433,7 +440,7 @@ def resolve_steps(config: ml_collections.ConfigDict,
     """The config with `train.steps` set from its token budget (a copy; unchanged if steps > 0).
 
     The one place where `train.tokens` / `train.tokens_per_param` become steps: tokens per
-    parameter counts every parameter (Chinchilla's N, `scaling.count_params(...)["total"]`), and
+    parameter counts parameters as `train.param_convention` says (`scaling.param_count`), and
     steps = ceil(tokens / (train.global_batch_size * data.seq_len)), so a run trains on at least
     its budget.
     """
@@ -445,7 +452,7 @@ def resolve_steps(config: ml_collections.ConfigDict,
         tokens = t.tokens
     else:
         per_param = t.tokens_per_param or DEFAULT_TOKENS_PER_PARAM
-        tokens = per_param * scaling.count_params(model_cfg)["total"]
+        tokens = per_param * scaling.param_count(model_cfg, t.param_convention)
     resolved = config.copy_and_resolve_references()
     resolved.train.steps = max(1, -(-int(tokens) // tokens_per_step(config)))
     return resolved

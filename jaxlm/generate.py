@@ -2,7 +2,7 @@
 
     python -m jaxlm.generate --workdir=/tmp/jaxlm_tiny --prompt="def " --max_new_tokens=64
     python -m jaxlm.generate --workdir=DIR --prompt="import " --temperature=0.8 --top_p=0.95
-    python -m jaxlm.generate --workdir=DIR --prompt="def " --num_beams=4
+    python -m jaxlm.generate --workdir=DIR --prompt="def " --num_beams=4 --length_penalty=1.0
     python -m jaxlm.generate --workdir=DIR --prompt="def " --draft_workdir=SMALL_RUN
     python -m jaxlm.generate --workdir=DIR --score --input=texts.txt   # JSON lines
     python -m jaxlm.generate --workdir=SFT_RUN --chat
@@ -31,8 +31,15 @@ _MIN_P = flags.DEFINE_float("min_p", 0.0, "Drop tokens below min_p * top probabi
 _REP = flags.DEFINE_float("repetition_penalty", 1.0, "Penalty on seen tokens (1 = off).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _BEAMS = flags.DEFINE_integer("num_beams", 1, "Beam search with this many beams (1 = off).")
-_LENGTH_PENALTY = flags.DEFINE_float("length_penalty", 0.0,
-                                     "Beams rank by logprob / length**this.")
+_LENGTH_PENALTY = flags.DEFINE_float("length_penalty", 1.0,
+                                     "Finished beams score logprob / length**this (length: new "
+                                     "tokens, the stop token included), as in transformers.")
+# --early_stopping values -> beam search's early_stopping (transformers' True / False / "never").
+EARLY_STOPPING = {"false": False, "true": True, "never": "never"}
+_EARLY_STOPPING = flags.DEFINE_enum(
+    "early_stopping", "false", list(EARLY_STOPPING), "Beam search stops a prompt: true = as "
+    "soon as num_beams hypotheses finished; false = when no open beam can beat them at the "
+    "current length; never = when none can at the full length (transformers' semantics).")
 _BEST_OF = flags.DEFINE_integer("best_of", 1, "Sample this many, print the most likely.")
 _DRAFT = flags.DEFINE_string("draft_workdir", "", "A smaller model's run directory: greedy "
                              "speculative decoding with it as the draft.")
@@ -42,12 +49,11 @@ _STOP = flags.DEFINE_multi_string("stop", [], "Extra stop token (a piece of the 
                                   "EOS always stops.")
 _SCORE = flags.DEFINE_bool("score", False, "Print per-token log-probs of each line of --input.")
 _INPUT = flags.DEFINE_string("input", None, "Text file, one text per line, for --score.")
-_CHAT = flags.DEFINE_bool("chat", False, "Interactive chat with the SFT chat template.")
+_CHAT = flags.DEFINE_bool("chat", False, "Interactive chat with the run's chat template "
+                          "(chat.*), token ids exactly as SFT rendered them.")
 _SYSTEM = flags.DEFINE_string("system", "", "System message of --chat.")
 _TENSOR = flags.DEFINE_integer("tensor", 1, "Tensor-parallel mesh size (heads over devices).")
 _JSON = flags.DEFINE_bool("json", False, "Print generations as JSON lines.")
-
-CHAT_END = "<|im_end|>"
 
 
 @dataclasses.dataclass
@@ -63,7 +69,8 @@ class Options:
     repetition_penalty: float = 1.0
     seed: int = 0
     num_beams: int = 1
-    length_penalty: float = 0.0
+    length_penalty: float = 1.0
+    early_stopping: str = "false"
     best_of: int = 1
     draft_workdir: str = ""
     draft_step: int = -1
@@ -82,7 +89,8 @@ def _options_from_flags() -> Options:
         workdir=_WORKDIR.value, step=_STEP.value, prompts=tuple(_PROMPT.value),
         max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
         top_p=_TOP_P.value, min_p=_MIN_P.value, repetition_penalty=_REP.value, seed=_SEED.value,
-        num_beams=_BEAMS.value, length_penalty=_LENGTH_PENALTY.value, best_of=_BEST_OF.value,
+        num_beams=_BEAMS.value, length_penalty=_LENGTH_PENALTY.value,
+        early_stopping=_EARLY_STOPPING.value, best_of=_BEST_OF.value,
         draft_workdir=_DRAFT.value, draft_step=_DRAFT_STEP.value, num_draft=_NUM_DRAFT.value,
         stop=tuple(_STOP.value), score=_SCORE.value, input=_INPUT.value, chat=_CHAT.value,
         system=_SYSTEM.value, tensor=_TENSOR.value, json=_JSON.value)
@@ -124,12 +132,21 @@ class _Session:
         return self.tok.decode([t for t in tokens if t not in self.stop_ids])
 
     def generate(self, texts: list[str], extra_stop: tuple[int, ...] = ()) -> list[str]:
+        return self.generate_ids([self.encode_prompt(t) for t in texts], extra_stop)
+
+    def generate_ids(self, prompts: list[list[int]], extra_stop: tuple[int, ...] = ()
+                     ) -> list[str]:
+        """Completions (text, stop tokens left out) of prompts given as token ids; their ids
+        are in `last_tokens`."""
         from jaxlm.inference.processing import SamplingParams
         from jaxlm.inference.sampler import Request
 
         o = self.opts
-        requests = [Request(self.encode_prompt(t), o.max_new_tokens, self.stop_ids + extra_stop)
-                    for t in texts]
+        if o.early_stopping not in EARLY_STOPPING:
+            raise ValueError(f"--early_stopping={o.early_stopping!r} is not one of "
+                             f"{list(EARLY_STOPPING)}")
+        requests = [Request(ids, o.max_new_tokens, self.stop_ids + extra_stop)
+                    for ids in prompts]
         sampling = SamplingParams(o.temperature, o.top_k, o.top_p, o.min_p, o.repetition_penalty)
         self.acceptance_rate = None
         if o.draft_workdir:
@@ -139,8 +156,8 @@ class _Session:
             out = self.sampler.speculative(requests, draft.model_cfg, draft.params, o.num_draft)
             self.acceptance_rate = self.sampler.last_acceptance_rate
         elif o.num_beams > 1:
-            out = [beams[0] for beams in self.sampler.beam_search(requests, o.num_beams,
-                                                                  o.length_penalty)]
+            out = [beams[0] for beams in self.sampler.beam_search(
+                requests, o.num_beams, o.length_penalty, EARLY_STOPPING[o.early_stopping])]
         elif o.best_of > 1:
             out = self.sampler.best_of(requests, o.best_of, sampling, o.seed)
         else:
@@ -165,18 +182,26 @@ def score_lines(session: _Session, lines: list[str]) -> list[dict[str, Any]]:
 
 
 def chat_loop(session: _Session, stdin: IO[str], stdout: IO[str]) -> None:
-    """Reads user turns from stdin (one per line; empty line or EOF ends), prints replies."""
-    from jaxlm.data.chat import render_messages  # written with the SFT stage
+    """Reads user turns from stdin (one per line; empty line or EOF ends), prints replies.
 
-    end_id = session.tok.piece_to_id(CHAT_END)
-    extra = (end_id,) if session.tok.id_to_piece(end_id) == CHAT_END else ()
+    The prompt is the run's chat template (its `chat.*` keys: markers, separators, system
+    prompt, BOS) rendered piece by piece by `chat.prompt_ids`, exactly the ids SFT trained on;
+    an answer ends at the template's turn_end token.
+    """
+    from jaxlm.data import chat
+
+    template = chat.template_from_config(session.loaded.config.chat)
+    _, end_id = chat.special_ids(session.tok, template)
     messages = [{"role": "system", "content": session.opts.system}] if session.opts.system else []
     for line in stdin:
         if not line.strip():
             break
         messages.append({"role": "user", "content": line.rstrip("\n")})
-        prompt = render_messages(messages, add_generation_prompt=True)
-        reply = session.generate([prompt], extra_stop=extra)[0].split(CHAT_END)[0]
+        ids = [int(t) for t in chat.prompt_ids(session.tok, messages, template=template)]
+        session.generate_ids([ids], extra_stop=(end_id,))
+        tokens = session.last_tokens[0]
+        answer = tokens[:tokens.index(end_id)] if end_id in tokens else tokens
+        reply = session.decode_new(answer)
         messages.append({"role": "assistant", "content": reply})
         print(f"assistant: {reply}", file=stdout, flush=True)
 

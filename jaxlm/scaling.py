@@ -12,6 +12,18 @@ Parameter-count convention (`count_params`):
   * `non_embedding` = `total` - `embedding`: Kaplan et al. (2020)'s N. An *untied* output head is
     kept in it, because it is a real [D, V] matmul every token pays for, like any other weight;
     a tied head has no parameters of its own, so it appears in neither `head` nor `non_embedding`.
+  * `chinchilla` is the count Hoffmann et al. (2022) report for their models (Table A9): per
+    layer the four attention projections, one more d_model x (heads x head_dim) projection for
+    the relative position encoding (Gopher/Chinchilla use Transformer-XL style relative
+    positions) and the MLP's matrices, plus one vocabulary matrix V x d_model; no norms, no
+    biases, no second vocabulary matrix. N = layers (5 d hk + 2 d ffw) + V d reproduces all 50
+    rows of Table A9 within 0.8% (the 1018M row: 1017.5M). It is a convention on the shapes,
+    applied whatever jaxlm builds (RoPE has no relative-position weights; an untied head is a
+    second vocabulary matrix), so that budgets of 20 tokens per parameter mean the paper's.
+  * `kaplan` is Kaplan et al. (2020)'s N = 2 d_model n_layer (2 d_attn + d_ff): the attention
+    and MLP weight matrices only (no embeddings, head, norms or biases).
+  `PARAM_CONVENTIONS` names the conventions a config may choose (`train.param_convention`):
+  "chinchilla", "total" (as built), "non_embedding" (as built) and "kaplan".
 
 FLOP convention (`flops_per_token`), one multiply-add = 2 FLOPs, matmuls only, in the style of
 Chinchilla's Appendix F:
@@ -47,9 +59,14 @@ from __future__ import annotations
 from jaxlm.models.config import ModelConfig
 
 
+def _attention_weights_per_layer(cfg: ModelConfig) -> int:
+    d, h, n, k = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    return d * h * k + 2 * d * n * k + h * k * d  # wq, wk, wv, wo
+
+
 def _attention_params_per_layer(cfg: ModelConfig) -> int:
     d, h, n, k = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    weights = d * h * k + 2 * d * n * k + h * k * d  # wq, wk, wv, wo
+    weights = _attention_weights_per_layer(cfg)
     biases = (h * k + 2 * n * k + d) if cfg.use_bias else 0  # bq, bk, bv, bo
     if cfg.qkv_bias and not cfg.use_bias:
         biases = h * k + 2 * n * k  # bq, bk, bv
@@ -74,6 +91,15 @@ def _moe_mlp_params(cfg: ModelConfig, experts: int) -> int:
     return (cfg.num_layers - moe_layers) * dense + moe_layers * (experts * dense + router)
 
 
+def _mlp_weights(cfg: ModelConfig) -> int:
+    """MLP weight matrices of all layers, every expert and the router included, no biases."""
+    dense = (3 if cfg.mlp_activation == "swiglu" else 2) * cfg.d_model * cfg.d_ff
+    moe_layers = _moe_layers(cfg)
+    router = cfg.d_model * cfg.moe.num_experts if moe_layers else 0
+    experts = cfg.moe.num_experts if moe_layers else 0
+    return (cfg.num_layers - moe_layers) * dense + moe_layers * (experts * dense + router)
+
+
 def _norm_params(cfg: ModelConfig) -> int:
     """Scale (+ bias for LayerNorm) of 2 norms per block and the final norm."""
     per_norm = cfg.d_model * (2 if cfg.norm == "layernorm" else 1)
@@ -86,7 +112,8 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
     Keys: `total`, `embedding` (= `token_embedding` + `position_embedding`), `non_embedding`,
     `attention`, `mlp`, `norms` (all layers together), `head` (0 when tied), and
     `active` / `active_non_embedding` (what one token uses: equal to `total` / `non_embedding`
-    unless the model is a mixture of experts).
+    unless the model is a mixture of experts), and the published conventions `chinchilla`
+    (Hoffmann et al.'s Table A9 count) and `kaplan` (Kaplan et al.'s non-embedding N).
     """
     vocab, d = cfg.padded_vocab_size, cfg.d_model
     token_embedding = vocab * d
@@ -105,7 +132,23 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
     inactive = counts["mlp"] - _moe_mlp_params(cfg, cfg.moe.top_k if cfg.moe else 1)
     counts["active_non_embedding"] = counts["non_embedding"] - inactive
     counts["active"] = counts["total"] - inactive
+    kaplan = cfg.num_layers * _attention_weights_per_layer(cfg) + _mlp_weights(cfg)
+    counts["kaplan"] = kaplan
+    relative_position = cfg.num_layers * d * cfg.num_heads * cfg.head_dim
+    counts["chinchilla"] = kaplan + relative_position + cfg.vocab_size * d
     return counts
+
+
+PARAM_CONVENTIONS = ("chinchilla", "total", "non_embedding", "kaplan")
+
+
+def param_count(cfg: ModelConfig, convention: str = "chinchilla") -> int:
+    """N of the model under a named convention (`PARAM_CONVENTIONS`; see the module doc): what
+    tokens-per-parameter budgets and sweep results divide by."""
+    if convention not in PARAM_CONVENTIONS:
+        raise ValueError(f"config key train.param_convention: {convention!r} is not one of "
+                         f"{PARAM_CONVENTIONS}")
+    return count_params(cfg)[convention]
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:

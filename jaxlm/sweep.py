@@ -16,8 +16,10 @@ one that stopped midway resumes from its checkpoints. `--print_commands` prints 
 local call then finds them finished and only collects).
 
 After every point, `<workdir>/results.csv` holds one row per finished point: its name and
-metadata, N (all parameters, Chinchilla's convention) and N non-embedding, D (tokens trained =
-steps x batch x seq), C = 6 N D and the detailed count C_detailed, the final train loss (last
+metadata, N (parameters counted as the config's `train.param_convention` says, named in the
+column param_convention; default Hoffmann et al.'s Table A9 convention), N_total and
+N_non_embedding (as built), D (tokens trained = steps x batch x seq), C = 6 N D and the
+detailed count C_detailed, the final train loss (last
 step and mean of the last 10% of logged steps) and the final eval loss. Fit it with
 `python tools/fit_scaling_law.py --results=<workdir>/results.csv` (docs/scaling.md).
 """
@@ -39,8 +41,8 @@ from absl import app, flags, logging
 from jaxlm import config as config_lib
 from jaxlm import scaling
 
-RESULTS_FIELDS = ("name", "N", "N_non_embedding", "D", "C", "C_detailed", "steps", "final_loss",
-                  "final_loss_avg", "eval_loss")
+RESULTS_FIELDS = ("name", "N", "param_convention", "N_total", "N_non_embedding", "D", "C",
+                  "C_detailed", "steps", "final_loss", "final_loss_avg", "eval_loss")
 
 
 def load_sweep_file(spec: str) -> tuple[Any, str | None]:
@@ -126,17 +128,21 @@ def summarize(rows: Iterable[dict[str, Any]], total_steps: int) -> dict[str, flo
 
 
 def sizes(config: ml_collections.ConfigDict) -> dict[str, float]:
-    """N, N non-embedding, steps, D, C = 6ND and C_detailed of a point's (unresolved) config.
+    """N (under train.param_convention), N total and non-embedding (as built), steps, D,
+    C = 6ND and C_detailed of a point's (unresolved) config.
 
     The vocabulary is model.vocab_size, else data.vocab_size (the tokenizer the run trains).
     """
     cfg = config_lib.model_config(config, vocab_size=config.data.vocab_size)
     params = scaling.count_params(cfg)
+    convention = config.train.param_convention
+    n = scaling.param_count(cfg, convention)
     steps = config_lib.resolve_steps(config, cfg).train.steps
     tokens = steps * config_lib.tokens_per_step(config)
     per_token = scaling.flops_per_token(cfg, config.data.seq_len)["train"]
-    return {"N": params["total"], "N_non_embedding": params["non_embedding"], "steps": steps,
-            "D": tokens, "C": 6.0 * params["total"] * tokens, "C_detailed": per_token * tokens}
+    return {"N": n, "param_convention": convention, "N_total": params["total"],
+            "N_non_embedding": params["non_embedding"], "steps": steps, "D": tokens,
+            "C": 6.0 * n * tokens, "C_detailed": per_token * tokens}
 
 
 def write_results(path: str, rows: list[dict[str, Any]]) -> None:

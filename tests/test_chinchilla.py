@@ -1,4 +1,5 @@
-"""configs/chinchilla.py reproduces every row of Chinchilla's Table A9; token budgets -> steps."""
+"""configs/chinchilla.py reproduces every row of Chinchilla's Table A9, counted under the paper's
+parameter convention; token budgets -> steps under train.param_convention."""
 
 import csv
 import importlib.util
@@ -11,7 +12,10 @@ from jaxlm import chinchilla, scaling
 from jaxlm import config as config_lib
 
 ROOT = Path(__file__).resolve().parents[1]
-TABLE_CSV = Path("/work/shared/data/chinchilla_table_a9.csv")
+# The published table, kept in shared/ beside the repository (read-only in CI).
+TABLE_CSV = next((p for p in (ROOT.parent / "shared/data/chinchilla_table_a9.csv",
+                              Path("/work/shared/data/chinchilla_table_a9.csv")) if p.exists()),
+                 ROOT.parent / "shared/data/chinchilla_table_a9.csv")
 
 
 def _load(name: str, arg: str | None = None):
@@ -43,16 +47,59 @@ def test_config_builds_table_row(size):
             cfg.num_layers, cfg.vocab_size) == (r["d_model"], r["ffw_size"], r["kv_size"],
                                                 r["n_heads"], r["n_heads"], r["n_layers"], 32000)
     assert not cfg.tie_embeddings and cfg.mlp_activation == "gelu"
-    # The paper counts parameters its own way (not published); ours is within 35% everywhere
-    # and within 7% from 306M up.
-    n = scaling.count_params(cfg)["total"] / 1e6
-    assert abs(n / size - 1) < (0.07 if size >= 306 else 0.35)
+    assert cfg.position_embedding == "rope"
+    # As built, the family differs from the paper's convention by exactly its shape choices:
+    # a second vocabulary matrix (the untied head) and norms, and no relative-position
+    # projection (RoPE has no weights).
+    counts = scaling.count_params(cfg)
+    d, layers, hk = r["d_model"], r["n_layers"], r["n_heads"] * r["kv_size"]
+    assert counts["total"] - counts["chinchilla"] == \
+        32000 * d + (2 * layers + 1) * d - layers * d * hk
+
+
+def _paper_formula(r: dict[str, int]) -> int:
+    """Hoffmann et al.'s count: per layer 4 attention projections + 1 relative-position
+    projection (d x heads x kv_size each) + 2 MLP matrices (d x ffw), plus one V x d matrix."""
+    d, hk = r["d_model"], r["n_heads"] * r["kv_size"]
+    return r["n_layers"] * (5 * d * hk + 2 * d * r["ffw_size"]) + 32000 * d
+
+
+def test_paper_convention_reproduces_every_published_row():
+    for r in _published_rows():
+        c = _load("chinchilla", f"size={r['params_million']}")
+        cfg = config_lib.model_config(c)
+        n = scaling.param_count(cfg, "chinchilla")
+        assert n == scaling.count_params(cfg)["chinchilla"] == _paper_formula(r)
+        assert abs(n / (r["params_million"] * 1e6) - 1) < 0.01, r
+    cfg = config_lib.model_config(_load("chinchilla", "size=1018"))
+    assert round(scaling.param_count(cfg) / 1e6, 1) == 1017.5
+
+
+def test_counter_reports_the_paper_convention_next_to_as_built():
+    from jaxlm.tools import scaling as scaling_tool
+
+    c = _load("chinchilla", "size=1018")
+    counts = scaling_tool.count(c)
+    cfg = config_lib.model_config(c)
+    assert counts["conventions"]["chinchilla"] == _paper_formula(chinchilla.row(1018))
+    assert counts["conventions"]["total"] == counts["params"]["total"]
+    assert counts["conventions"]["non_embedding"] == counts["params"]["non_embedding"]
+    # Kaplan et al.: 2 d n_layer (2 d_attn + d_ff) for this MHA GELU model.
+    assert counts["conventions"]["kaplan"] == 2 * 1792 * 23 * (2 * 1792 + 7168)
+    b = counts["budget"]
+    assert b["param_convention"] == "chinchilla" and b["N"] == scaling.param_count(cfg)
+    assert b["tokens_per_param"] == pytest.approx(b["tokens"] / b["N"])
+    report = scaling_tool.format_report(counts)
+    assert "chinchilla" in report and f"{b['N']:,}" in report
 
 
 def test_chinchilla_1b_is_the_1018m_row_of_the_family():
     one_b, family = _load("chinchilla_1b"), _load("chinchilla", "size=1018")
     assert config_lib.model_config(one_b) == config_lib.model_config(family)
-    assert one_b.train.steps == 38500 and family.train.steps == 0
+    assert family.train.steps == 0
+    # Its fixed step count is the family's 20 tokens per parameter (the paper's convention).
+    model_cfg = config_lib.model_config(family)
+    assert one_b.train.steps == config_lib.resolve_steps(family, model_cfg).train.steps
 
 
 def test_unknown_size_is_named():
@@ -63,7 +110,8 @@ def test_unknown_size_is_named():
 def test_tokens_per_param_default_is_20_and_becomes_steps():
     c = _load("chinchilla", "size=44")
     cfg = config_lib.model_config(c)
-    n = scaling.count_params(cfg)["total"]
+    assert c.train.param_convention == "chinchilla"
+    n = _paper_formula(chinchilla.row(44))
     steps = config_lib.resolve_steps(c, cfg).train.steps
     assert steps == math.ceil(20 * n / (256 * 2048))
     assert c.train.steps == 0  # the input config is not modified
@@ -72,6 +120,15 @@ def test_tokens_per_param_default_is_20_and_becomes_steps():
     assert config_lib.resolve_steps(c, cfg).train.steps == steps
     c.train.tokens_per_param = 10.0
     assert config_lib.resolve_steps(c, cfg).train.steps == math.ceil(10 * n / (256 * 2048))
+    # Another convention, named by the config.
+    counts = scaling.count_params(cfg)
+    for convention in ("total", "non_embedding", "kaplan"):
+        c.train.param_convention = convention
+        assert config_lib.resolve_steps(c, cfg).train.steps == \
+            math.ceil(10 * counts[convention] / (256 * 2048))
+    c.train.param_convention = "paper"
+    with pytest.raises(ValueError, match="config key train.param_convention: 'paper'"):
+        config_lib.resolve_steps(c, cfg)
 
 
 def test_token_budget_and_steps():

@@ -20,32 +20,37 @@ def _log_sigmoid(x):
     return -np.log1p(np.exp(-x))
 
 
-def _numpy_loss(variant, pi, ref, lengths, beta, eps, gamma):
-    """Per-pair losses and rewards as written in the papers (B pairs, [:, 0] chosen)."""
+def _numpy_loss(variant, pi, ref, lengths, beta, eps, gamma, ipo_normalize=True):
+    """Per-pair losses and rewards as written in the papers (B pairs, [:, 0] chosen); label
+    smoothing on the sigmoid loss as TRL applies it; IPO per token as TRL (ipo_normalize) or
+    summed as Azar et al."""
     if variant == "simpo":
         r = beta * pi / lengths
         return -_log_sigmoid(r[:, 0] - r[:, 1] - gamma), r
-    h = (pi[:, 0] - ref[:, 0]) - (pi[:, 1] - ref[:, 1])
-    r = beta * (pi - ref)
-    if variant == "sigmoid":
-        return -_log_sigmoid(beta * h), r
-    if variant == "conservative":
+    ratio = pi - ref
+    if variant == "ipo" and ipo_normalize:
+        ratio = ratio / lengths
+    h = ratio[:, 0] - ratio[:, 1]
+    r = beta * ratio
+    if variant in ("sigmoid", "conservative"):
         return -(1 - eps) * _log_sigmoid(beta * h) - eps * _log_sigmoid(-beta * h), r
     return (h - 1 / (2 * beta)) ** 2, r  # ipo
 
 
-@pytest.mark.parametrize("variant", ["sigmoid", "conservative", "ipo", "simpo"])
-def test_losses_and_metrics_match_numpy(variant):
+@pytest.mark.parametrize("variant,eps,ipo_normalize", [
+    ("sigmoid", 0.0, True), ("sigmoid", 0.2, True), ("conservative", 0.2, True),
+    ("ipo", 0.0, True), ("ipo", 0.0, False), ("simpo", 0.0, True)])
+def test_losses_and_metrics_match_numpy(variant, eps, ipo_normalize):
     rng = np.random.default_rng(1)
     pi = -rng.uniform(5, 40, size=(6, 2))
     ref = pi + rng.normal(0, 2, size=(6, 2))
     lengths = rng.integers(3, 20, size=(6, 2)).astype(np.float64)
-    beta, eps, gamma = 0.3, 0.2, 0.4
-    want_loss, want_r = _numpy_loss(variant, pi, ref, lengths, beta, eps, gamma)
+    beta, gamma = 0.3, 0.4
+    want_loss, want_r = _numpy_loss(variant, pi, ref, lengths, beta, eps, gamma, ipo_normalize)
     loss, chosen, rejected = dpo.preference_loss(
         jnp.asarray(pi, jnp.float32), jnp.asarray(ref, jnp.float32),
         jnp.asarray(lengths, jnp.float32), variant=variant, beta=beta, label_smoothing=eps,
-        gamma=gamma)
+        gamma=gamma, ipo_normalize=ipo_normalize)
     np.testing.assert_allclose(loss, want_loss, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(chosen, want_r[:, 0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(rejected, want_r[:, 1], rtol=1e-5, atol=1e-5)
@@ -60,6 +65,23 @@ def test_losses_and_metrics_match_numpy(variant):
                 "chosen_logp": pi[v, 0].mean(), "rejected_logp": pi[v, 1].mean()}
     for k, want in expected.items():
         np.testing.assert_allclose(metrics[k], want, rtol=1e-5, atol=1e-5, err_msg=k)
+
+
+def test_label_smoothing_changes_sigmoid_and_ipo_conventions_differ():
+    """Smoothing is applied, not ignored; summed and per-token IPO are different losses; a
+    smoothing that would do nothing is refused."""
+    pi = jnp.asarray([[-10.0, -30.0], [-12.0, -8.0]])
+    ref, lengths = pi + jnp.asarray([[1.0, -2.0], [0.5, 0.5]]), jnp.asarray([[5.0, 9.0]] * 2)
+    kw = dict(beta=0.1, gamma=0.0)
+    plain = dpo.preference_loss(pi, ref, lengths, variant="sigmoid", **kw)[0]
+    smooth = dpo.preference_loss(pi, ref, lengths, variant="sigmoid", label_smoothing=0.1, **kw)
+    assert not np.allclose(plain, smooth[0])
+    summed = dpo.preference_loss(pi, ref, lengths, variant="ipo", ipo_normalize=False, **kw)
+    per_token = dpo.preference_loss(pi, ref, lengths, variant="ipo", **kw)
+    assert not np.allclose(summed[0], per_token[0])
+    for variant in ("ipo", "simpo"):
+        with pytest.raises(ValueError, match="dpo.label_smoothing: 0.1 has no effect"):
+            dpo.preference_loss(pi, ref, lengths, variant=variant, label_smoothing=0.1, **kw)
 
 
 def _pair_batch(b=4, length=16, vocab=250, seed=0):

@@ -74,28 +74,84 @@ def test_score_prints_per_token_logprobs_and_perplexity(run_dir, tmp_path):
         assert math.isclose(row["perplexity"], math.exp(-logp.mean()), rel_tol=1e-4)
 
 
-def test_chat_renders_the_template_and_answers_each_turn(run_dir):
-    chat = pytest.importorskip("jaxlm.data.chat")
-    seen = []
-    render = chat.render_messages
+def _chat(run_dir, monkeypatch, stdin, chat_overrides=None, **options):
+    """Runs --chat; returns (printed replies, the loaded run, prompts sent as token ids)."""
+    from jaxlm.inference import loading, sampler
 
-    def spy(messages, *, add_generation_prompt=False):
-        seen.append([dict(m) for m in messages])
-        return render(messages, add_generation_prompt=add_generation_prompt)
+    loaded = load_model(str(run_dir))
+    for key, value in (chat_overrides or {}).items():
+        loaded.config.chat[key] = value
+    monkeypatch.setattr(loading, "load_model", lambda *args, **kwargs: loaded)
+    sent = []
+    original = sampler.Sampler.generate
 
+    def spy(self, requests, *args, **kwargs):
+        sent.extend(list(r.prompt) for r in requests)
+        return original(self, requests, *args, **kwargs)
+
+    monkeypatch.setattr(sampler.Sampler, "generate", spy)
     out = io.StringIO()
-    chat.render_messages = spy
-    try:
-        generate.run(generate.Options(workdir=str(run_dir), chat=True, max_new_tokens=4,
-                                      system="be brief"),
-                     stdin=io.StringIO("hello\nand again\n\n"), stdout=out)
-    finally:
-        chat.render_messages = render
+    generate.run(generate.Options(workdir=str(run_dir), chat=True, max_new_tokens=4, **options),
+                 stdin=io.StringIO(stdin), stdout=out)
     replies = [line for line in out.getvalue().splitlines() if line.startswith("assistant:")]
-    assert len(replies) == 2
-    assert [m["role"] for m in seen[1]] == ["system", "user", "assistant", "user"]
+    return replies, loaded, sent
+
+
+def test_chat_answers_each_turn_with_the_whole_conversation(run_dir, monkeypatch):
+    from jaxlm.data import chat
+
+    replies, loaded, sent = _chat(run_dir, monkeypatch, "hello\nand again\n\n",
+                                  system="be brief")
+    assert len(replies) == 2 and len(sent) == 2
+    template = chat.template_from_config(loaded.config.chat)
+    answer = replies[0][len("assistant: "):]
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"},
+                {"role": "assistant", "content": answer}, {"role": "user", "content": "and again"}]
+    assert sent[1] == chat.prompt_ids(loaded.tokenizer, messages, template=template).tolist()
+
+
+def test_chat_prompt_ids_are_the_ids_sft_trained_on(run_dir, monkeypatch):
+    """With the run's own chat.* settings (not the defaults), the ids of the rendered
+    conversation equal `chat.prompt_ids` under that template: what SFT's data trains on."""
+    from jaxlm.data import chat
+
+    overrides = {"role_separator": ": ", "turn_separator": "\\n\\n",
+                 "system_prompt": "You answer in Python.", "add_bos": False}
+    _, loaded, sent = _chat(run_dir, monkeypatch, "print a list\n\n", overrides)
+    template = chat.template_from_config(loaded.config.chat)
+    messages = [{"role": "user", "content": "print a list"}]
+    expected = chat.prompt_ids(loaded.tokenizer, messages, template=template).tolist()
+    assert sent == [expected]
+    assert expected[0] != loaded.tokenizer.bos_id  # chat.add_bos, not data.add_bos
+    # Encoding the rendered text at once (with data.add_bos) gives other ids.
+    text = chat.render_messages(messages, add_generation_prompt=True, template=template)
+    assert sent[0] != [loaded.tokenizer.bos_id] + loaded.tokenizer.encode(text)
 
 
 def test_conflicting_modes_are_refused(run_dir):
     with pytest.raises(ValueError, match="exactly one"):
         generate.run(generate.Options(workdir=str(run_dir), prompts=("a",), score=True))
+
+
+def test_beam_flags_reach_the_beam_search(run_dir):
+    """--num_beams / --length_penalty / --early_stopping print the best hypothesis of
+    `Sampler.beam_search` under the same settings (defaults: transformers')."""
+    from jaxlm.inference import Request, Sampler
+
+    loaded = load_model(str(run_dir))
+    tok = loaded.tokenizer
+    sampler = Sampler(loaded.model_cfg, loaded.params, pad_id=tok.pad_id)
+    prompt = [tok.bos_id] + tok.encode("def ")
+    for penalty, stopping in ((1.0, "false"), (-2.0, "never")):
+        out = io.StringIO()
+        generate.run(generate.Options(workdir=str(run_dir), prompts=("def ",), num_beams=3,
+                                      max_new_tokens=6, length_penalty=penalty,
+                                      early_stopping=stopping, json=True), stdout=out)
+        row = json.loads(out.getvalue().strip().splitlines()[-1])
+        best = sampler.beam_search([Request(prompt, 6, (tok.eos_id,))], 3, penalty,
+                                   generate.EARLY_STOPPING[stopping])[0][0]
+        assert row["token_ids"] == best.tokens
+    assert generate.Options(workdir="").length_penalty == 1.0
+    with pytest.raises(ValueError, match="--early_stopping='sometimes'"):
+        generate.run(generate.Options(workdir=str(run_dir), prompts=("def ",), num_beams=2,
+                                      early_stopping="sometimes"))

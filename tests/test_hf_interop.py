@@ -219,3 +219,61 @@ def test_gpt2_hub_names_buffers_and_tensor_errors(tmp_path):
         hf.import_hf(str(tmp_path / "extra"), str(tmp_path / "c"))
     with pytest.raises(ValueError, match=r"missing tensors \['transformer.h.1.mlp.c_fc.bias'\]"):
         hf.import_hf(str(tmp_path / "missing"), str(tmp_path / "d"))
+
+
+# -- beam search against transformers' generate(num_beams=...) ---------------------------------
+
+BEAM_PROMPTS = [[5, 6, 7, 8], [40, 41, 9], [17]]
+BEAM_NEW = 8
+
+
+def _hf_beams(model, prompt, eos, beams, **kwargs):
+    """transformers' finished hypotheses of one prompt: (new tokens up to and including the
+    stop token, score), best first."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             num_beams=beams, num_return_sequences=beams,
+                             max_new_tokens=BEAM_NEW, eos_token_id=eos, pad_token_id=0,
+                             output_scores=True, return_dict_in_generate=True, **kwargs)
+    hyps = []
+    for row in out.sequences[:, len(prompt):].tolist():
+        ends = [j for j, t in enumerate(row) if t in (eos or [])]
+        hyps.append(row[:ends[0] + 1] if ends else row)
+    return hyps, out.sequences_scores.tolist()
+
+
+@pytest.fixture(scope="module")
+def beam_models(tmp_path_factory):
+    from jaxlm.inference import Sampler
+
+    kwargs = dict(_LLAMA, vocab_size=96, num_key_value_heads=2, tie_word_embeddings=False,
+                  bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    model = _random_hf_model(transformers.LlamaConfig, kwargs, seed=3)
+    root = tmp_path_factory.mktemp("beam")
+    model.save_pretrained(str(root / "hf"))
+    hf.import_hf(str(root / "hf"), str(root / "jx"))
+    cfg, params = _restore_like_init_from(_load_config_file(str(root / "jx" / "config.py")))
+    # Two stop tokens that the searches meet: tokens of the best unstopped beams.
+    first = _hf_beams(model, BEAM_PROMPTS[0], None, 3)[0][0]
+    second = _hf_beams(model, BEAM_PROMPTS[1], None, 3)[0][0]
+    return model, Sampler(cfg, params, pad_id=0), [first[2], second[4]]
+
+
+@pytest.mark.parametrize("beams,length_penalty,early_stopping", [
+    (3, 1.0, False), (4, 2.0, "never"), (3, -0.5, True), (2, 0.0, False), (5, 1.0, "never")])
+def test_beam_search_matches_transformers_token_for_token(beam_models, beams, length_penalty,
+                                                          early_stopping):
+    from jaxlm.inference import Request
+
+    model, sampler, eos = beam_models
+    ours = sampler.beam_search([Request(p, BEAM_NEW, eos) for p in BEAM_PROMPTS], beams,
+                               length_penalty=length_penalty, early_stopping=early_stopping)
+    stopped = 0
+    for prompt, completions in zip(BEAM_PROMPTS, ours):
+        hyps, scores = _hf_beams(model, prompt, eos, beams, length_penalty=length_penalty,
+                                 early_stopping=early_stopping)
+        assert [c.tokens for c in completions] == hyps
+        np.testing.assert_allclose([c.score for c in completions], scores, atol=1e-4, rtol=0)
+        stopped += sum(c.stopped for c in completions)
+    assert stopped > 0  # finished-hypothesis bookkeeping is exercised, not only the budget

@@ -140,11 +140,32 @@ def test_beam_search_finds_a_sequence_greedy_misses():
             jnp.asarray([[-1]]))
     greedy = decode.sample(lm, *args, processing.as_arrays(SamplingParams()),
                            jax.random.key(0), max_new=2, pad_id=0)
-    beams = decode.beam_search(lm, *args, beams=2, max_new=2, pad_id=0)
+    beams = decode.beam_search(lm, *args, beams=2, max_new=2, pad_id=0, length_penalty=0.0)
     assert greedy["tokens"][0].tolist()[0] == 2
     assert beams["tokens"][0, 0].tolist() == [3, 1]
     np.testing.assert_allclose(beams["scores"][0, 0], np.log(0.4 * 0.95), rtol=1e-4)
     assert beams["scores"][0, 0] > greedy["logprob"][0]
+    # The default length penalty 1.0 (transformers') divides by the 2 new tokens.
+    normalised = decode.beam_search(lm, *args, beams=2, max_new=2, pad_id=0)
+    np.testing.assert_allclose(normalised["scores"][0, 0], np.log(0.4 * 0.95) / 2, rtol=1e-4)
+
+
+def test_finished_beams_free_their_slot_for_open_ones():
+    """From 1: p(stop)=.5, p(2)=.3, p(3)=.2; then 2 -> 3 and 3 -> 2 with p=.9. With two beams
+    the stopped hypothesis [4] is kept and two open beams still search, so the second best
+    hypothesis is [2, 3] (p=.27), not a second copy of a frozen one."""
+    probs = np.full((5, 5), 1e-6)
+    probs[1, [4, 2, 3]] = [0.5, 0.3, 0.2]
+    probs[2, 3], probs[3, 2] = 0.9, 0.9
+    probs[2, [1, 2, 4]] = probs[3, [1, 3, 4]] = 0.1 / 3
+    probs[[0, 4], 1:] = 0.25
+    lm = _BigramLM(np.log(probs / probs.sum(1, keepdims=True)))
+    out = decode.beam_search(lm, None, jnp.asarray([[1]]), jnp.asarray([[True]]),
+                             jnp.asarray([2]), jnp.asarray([[4]]), beams=2, max_new=2, pad_id=0,
+                             length_penalty=0.0)
+    assert out["tokens"][0, :, :2].tolist() == [[4, 0], [2, 3]]
+    assert out["lengths"][0].tolist() == [1, 2]
+    np.testing.assert_allclose(out["scores"][0], np.log([0.5, 0.3 * 0.9]), rtol=1e-4)
 
 
 def test_speculative_greedy_equals_target_greedy(llama):

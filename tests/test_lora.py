@@ -155,3 +155,18 @@ def test_reward_head_trains_with_adapters():
     assert mask["reward_head"] and not mask["embed"]
     assert all(v == k.endswith(("_lora_a", "_lora_b")) for k, v in mask.items()
                if k != "reward_head")
+
+
+def test_mlp_adapters_on_a_mixture_of_experts_are_refused_by_name():
+    """The experts take no adapters: model.lora.mlp on an MoE model is an error, not a no-op."""
+    from jaxlm import config as config_lib
+
+    c = config_lib.base_config()
+    c.model.lora.rank, c.model.moe.num_experts, c.model.vocab_size = 4, 4, 256
+    config_lib.model_config(c)  # attention adapters on an MoE model are fine
+    c.model.lora.mlp = True
+    with pytest.raises(ValueError, match=r"config key model.lora.mlp: .* 4 experts of "
+                                         "model.moe unadapted"):
+        config_lib.model_config(c)
+    c.model.moe.num_experts = 0
+    assert "w_in" in config_lib.model_config(c).lora_targets  # dense MLPs are adapted

@@ -219,11 +219,15 @@ def test_count_tool_reports_the_library_numbers() -> None:
     cfg = config_lib.model_config(c)
     assert counts["params"] == scaling.count_params(cfg)
     assert counts["flops_per_token"] == scaling.flops_per_token(cfg, 2048)
-    tokens = 38500 * 256 * 2048
+    tokens = c.train.steps * 256 * 2048
     assert counts["budget"]["tokens"] == tokens
-    assert counts["budget"]["train_flops_6nd"] == 6 * counts["params"]["total"] * tokens
+    # 6 N D with N under the run's train.param_convention (default: the paper's).
+    n = scaling.param_count(cfg, c.train.param_convention)
+    assert counts["budget"]["N"] == n == counts["params"]["chinchilla"]
+    assert counts["budget"]["train_flops_6nd"] == 6 * n * tokens
     out = subprocess.run([sys.executable, "-m", "jaxlm.tools.scaling", "count",
                           f"--config={path}"], capture_output=True, text=True, check=True).stdout
     assert f"{counts['params']['total']:,}" in out
     assert f"{counts['params']['non_embedding']:,}" in out
+    assert f"{counts['params']['chinchilla']:,}" in out
     assert f"{counts['flops_per_token']['train']:.4g}" in out

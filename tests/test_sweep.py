@@ -47,6 +47,13 @@ def test_isoflop_points_have_budget_sized_token_counts():
         assert numbers["steps"] == math.ceil(overrides["train.tokens"] / (8 * 16))
         assert numbers["D"] == numbers["steps"] * 8 * 16
         assert numbers["C"] == 6 * n * numbers["D"]
+        assert numbers["param_convention"] == "total" and numbers["N_total"] == n
+        # The results follow the convention the config names.
+        c.train.param_convention = "chinchilla"
+        paper = scaling.count_params(config_lib.model_config(c, c.data.vocab_size))["chinchilla"]
+        renamed = sweep.sizes(c)
+        assert renamed["N"] == paper != n and renamed["N_total"] == n
+        assert renamed["C"] == 6 * paper * renamed["D"]
 
 
 def test_sweep_runs_every_point_and_writes_the_results_table(swept):

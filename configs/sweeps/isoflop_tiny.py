@@ -11,8 +11,10 @@ brackets the optimum at every budget (docs/scaling.md has the measured run and i
 Arguments (`configs/sweeps/isoflop_tiny.py:budgets=1e12/3e12,shapes=64x2/96x3`): `budgets` are
 training FLOPs (6 N D) separated by '/'; `shapes` are `<d_model>x<layers>` separated by '/';
 `batch` (rows of 64 tokens), `eval_steps`, `vocab`; `smoke=True` shrinks data, vocabulary and
-batch for a seconds-long test. N counts every parameter (embeddings included, Chinchilla's
-convention; the tied embedding is also the output head, so 6N per token counts it right).
+batch for a seconds-long test. N counts every parameter as built (`train.param_convention=
+"total"`: embeddings included; the tied embedding is also the output head, so 6N per token counts
+it right): these RoPE models have no relative-position weights, which the Chinchilla convention
+would count, and the fit in docs/scaling.md was measured with this N.
 Run a single point with `python -m jaxlm.main --config=configs/sweeps/isoflop_tiny.py
 --workdir=...` plus its overrides (see `--print_commands`).
 """
@@ -43,6 +45,7 @@ def get_config(arg: str | None = None):
     c.train.global_batch_size = 8 if args.smoke else args.batch
     c.train.steps = 0
     c.train.tokens_per_param = 0.0  # 20 tokens per parameter unless a point sets train.tokens
+    c.train.param_convention = "total"  # N as built (see the docstring)
     c.train.eval_every = 1_000_000  # only at the end
     c.train.eval_steps = 2 if args.smoke else args.eval_steps
 
@@ -65,7 +68,8 @@ def get_sweep(arg: str | None = None):
         for d_model, layers in _shapes(args.shapes):
             c = base.copy_and_resolve_references()
             _set_shape(c, d_model, layers)
-            n = scaling.count_params(config_lib.model_config(c, c.data.vocab_size))["total"]
+            n = scaling.param_count(config_lib.model_config(c, c.data.vocab_size),
+                                    c.train.param_convention)
             tokens = int(budget / (6 * n))
             steps = -(-tokens // config_lib.tokens_per_step(c))
             yield {"name": f"C{budget:.0e}_d{d_model}_l{layers}".replace("+", ""), "budget": budget,

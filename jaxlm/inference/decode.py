@@ -112,56 +112,101 @@ def sample(lm: LanguageModel, params: Any, tokens_BxP: jax.Array, valid_BxP: jax
     return {"tokens": s["out"], "lengths": s["lengths"], "logprob": s["logprob"]}
 
 
+EARLY_STOPPING = (False, True, "never")
+_NEG = -1.0e9  # the score of a beam that must not be chosen (finite, so sums stay ordered)
+
+
 def beam_search(lm: LanguageModel, params: Any, tokens_BxP: jax.Array, valid_BxP: jax.Array,
                 max_new_B: jax.Array, stop_BxS: jax.Array, *, beams: int, max_new: int,
-                pad_id: int, length_penalty: float = 0.0) -> dict[str, jax.Array]:
-    """Keeps the `beams` highest-scoring continuations of each prompt; score = sum of log-probs.
+                pad_id: int, length_penalty: float = 1.0,
+                early_stopping: bool | str = False) -> dict[str, jax.Array]:
+    """Beam search with the semantics of `transformers`' `generate(num_beams=...)`.
 
-    A beam that emits a stop token (or reaches its budget) is finished: it stays in the beam set
-    with its score frozen (it can only be extended by pad at log-prob 0). Returns tokens
-    [B, W, max_new], lengths [B, W] and scores [B, W], best first, where the ranking score is
-    logprob / length**length_penalty (0: plain sum of log-probs).
+    Each step extends the `beams` open beams of a prompt by every token and ranks the
+    candidates by their summed log-prob; of the top max(2, 1 + S) x beams (S = stop-list width):
+      * a candidate that ends (a stop token, or the row's budget reached) and ranks among the
+        first `beams` becomes a finished hypothesis, scored logprob / length ** length_penalty
+        with length = its new tokens, the stop token included; it replaces the worst of the
+        `beams` kept finished hypotheses if it scores higher;
+      * the best `beams` candidates that do not end are the next open beams, so finished ones
+        never take an open beam's slot.
+    A prompt is done when its budget is reached; or, with `early_stopping=True`, as soon as it
+    has `beams` finished hypotheses; or, with False / "never", when those are all at least as
+    good as the best open beam could still get (its score at the current length, or, for
+    "never" with length_penalty > 0, at the full budget). Returns the finished hypotheses:
+    tokens [B, W, max_new] (pad after their end), lengths [B, W] and scores [B, W], best first
+    (a row with a budget of 0 has none: lengths 0, scores 0).
     """
-    b, w = tokens_BxP.shape[0], beams
+    if early_stopping not in EARLY_STOPPING:
+        raise ValueError(f"early_stopping must be one of {EARLY_STOPPING}, got "
+                         f"{early_stopping!r}")
+    b, w, s_width = tokens_BxP.shape[0], beams, stop_BxS.shape[1]
     rep = lambda x: jnp.repeat(x, w, axis=0)  # noqa: E731
-    tokens_BxP, valid_BxP, max_new_B, stop_BxS = map(rep, (tokens_BxP, valid_BxP, max_new_B,
-                                                           stop_BxS))
-    last_BxV, cache, pos_B = prefill(lm, params, tokens_BxP, valid_BxP,
-                                     tokens_BxP.shape[1] + max_new)
-    vocab = last_BxV.shape[-1]
-    scores_BxW = jnp.tile(jnp.where(jnp.arange(w) == 0, 0.0, -jnp.inf), (b, 1))
-    state = dict(i=jnp.zeros((), jnp.int32), last=last_BxV, cache=cache, pos=pos_B,
-                 out=jnp.full((b * w, max_new), pad_id, jnp.int32),
-                 lengths=jnp.zeros((b * w,), jnp.int32), scores=scores_BxW,
-                 done=max_new_B <= 0)
-    pad_only_V = jnp.where(jnp.arange(vocab) == pad_id, 0.0, -jnp.inf)
+    last, cache, pos = prefill(lm, params, rep(tokens_BxP), rep(valid_BxP),
+                               tokens_BxP.shape[1] + max_new)
+    vocab = last.shape[-1]
+    k = min(max(2, 1 + s_width) * w, w * vocab)
+    state = dict(i=jnp.zeros((), jnp.int32), last=last, cache=cache, pos=pos,
+                 run_out=jnp.full((b, w, max_new), pad_id, jnp.int32),
+                 run_scores=jnp.tile(jnp.where(jnp.arange(w) == 0, 0.0, _NEG), (b, 1)),
+                 fin_out=jnp.full((b, w, max_new), pad_id, jnp.int32),
+                 fin_scores=jnp.full((b, w), -jnp.inf, jnp.float32),
+                 fin_lengths=jnp.zeros((b, w), jnp.int32), open=max_new_B > 0)
+
+    def gather(x, idx_BxN):  # x [B, M, ...] -> [B, N, ...]
+        return jnp.take_along_axis(x, idx_BxN.reshape(idx_BxN.shape + (1,) * (x.ndim - 2)),
+                                   axis=1)
 
     def cond(s):
-        return (s["i"] < max_new) & ~jnp.all(s["done"])
+        return (s["i"] < max_new) & jnp.any(s["open"])
 
     def body(s):
         i = s["i"]
-        logp_BxWxV = jax.nn.log_softmax(s["last"]).reshape(b, w, vocab)
-        logp_BxWxV = jnp.where(s["done"].reshape(b, w, 1), pad_only_V, logp_BxWxV)
-        cand_BxWV = (s["scores"][..., None] + logp_BxWxV).reshape(b, w * vocab)
-        scores_BxW, idx_BxW = jax.lax.top_k(cand_BxWV, w)
-        rows_R = (jnp.arange(b)[:, None] * w + idx_BxW // vocab).reshape(-1)
-        tok_R = (idx_BxW % vocab).reshape(-1).astype(jnp.int32)
-        done, pos = s["done"][rows_R], s["pos"][rows_R]
-        lengths = jnp.where(done, s["lengths"][rows_R], i + 1)
+        logp_BxWxV = jax.nn.log_softmax(s["last"].astype(jnp.float32)).reshape(b, w, vocab)
+        cand_BxWV = (s["run_scores"][..., None] + logp_BxWxV).reshape(b, w * vocab)
+        top_BxK, idx_BxK = jax.lax.top_k(cand_BxWV, k)
+        src_BxK, tok_BxK = idx_BxK // vocab, (idx_BxK % vocab).astype(jnp.int32)
+        out_BxKxT = gather(s["run_out"], src_BxK).at[:, :, i].set(tok_BxK)
+        ends_BxK = (jnp.any(tok_BxK[..., None] == stop_BxS[:, None, :], axis=-1)
+                    | (i + 1 >= max_new_B)[:, None])
+        # Open beams: the best candidates that do not end.
+        run_scores, keep_BxW = jax.lax.top_k(jnp.where(ends_BxK, top_BxK + _NEG, top_BxK), w)
+        run_out = gather(out_BxKxT, keep_BxW)
+        rows_R = (jnp.arange(b)[:, None] * w + gather(src_BxK, keep_BxW)).reshape(-1)
+        tok_R = gather(tok_BxK, keep_BxW).reshape(-1)
+        # Finished hypotheses: the ending candidates among the first `beams`, while the row is
+        # open and (early_stopping=True) not yet full.
+        full_B = jnp.all(jnp.isfinite(s["fin_scores"]), axis=-1)
+        accept_B = s["open"] & ~(full_B & (early_stopping is True))
+        new_BxK = ends_BxK & (jnp.arange(k) < w)[None] & accept_B[:, None]
+        length = (i + 1).astype(jnp.float32)
+        new_scores = jnp.where(new_BxK, top_BxK / length ** length_penalty, -jnp.inf)
+        merged = jnp.concatenate([s["fin_scores"], new_scores], axis=1)
+        fin_scores, best_BxW = jax.lax.top_k(merged, w)
+        fin_out = gather(jnp.concatenate([s["fin_out"], out_BxKxT], axis=1), best_BxW)
+        fin_lengths = gather(jnp.concatenate(
+            [s["fin_lengths"], jnp.full((b, k), i + 1, jnp.int32)], axis=1), best_BxW)
+        # Can the best open beam still beat the worst finished hypothesis?
+        if early_stopping == "never" and length_penalty > 0:
+            best_len_B = max_new_B.astype(jnp.float32)
+        else:
+            best_len_B = jnp.broadcast_to(length, (b,))
+        full_B = jnp.all(jnp.isfinite(fin_scores), axis=-1)
+        improvable_B = ~full_B | (run_scores[:, 0] / best_len_B ** length_penalty
+                                  > jnp.min(fin_scores, axis=-1))
+        still_open = s["open"] & improvable_B & (i + 1 < max_new_B)
+        if early_stopping is True:
+            still_open &= ~full_B
         cache = kv_cache.reorder(s["cache"], rows_R)
+        pos = s["pos"][rows_R]
         logits_Rx1xV, cache = lm.step(params, cache, tok_R[:, None], pos[:, None],
-                                      ~done[:, None])
-        return dict(i=i + 1, last=logits_Rx1xV[:, 0], cache=cache, pos=pos + ~done,
-                    out=s["out"][rows_R].at[:, i].set(tok_R), lengths=lengths,
-                    scores=scores_BxW,
-                    done=done | hits_stop(tok_R, stop_BxS) | (i + 1 >= max_new_B))
+                                      jnp.ones((b * w, 1), bool))
+        return dict(i=i + 1, last=logits_Rx1xV[:, 0], cache=cache, pos=pos + 1,
+                    run_out=run_out, run_scores=run_scores, fin_out=fin_out,
+                    fin_scores=fin_scores, fin_lengths=fin_lengths, open=still_open)
 
     s = jax.lax.while_loop(cond, body, state)
-    lengths_BxW = s["lengths"].reshape(b, w)
-    rank_BxW = s["scores"] / jnp.maximum(lengths_BxW, 1).astype(jnp.float32) ** length_penalty
-    order_BxW = jnp.argsort(-rank_BxW, axis=-1)
-    take = lambda x: jnp.take_along_axis(x, order_BxW.reshape(  # noqa: E731
-        (b, w) + (1,) * (x.ndim - 2)), axis=1)
-    return {"tokens": take(s["out"].reshape(b, w, max_new)), "lengths": take(lengths_BxW),
-            "scores": take(s["scores"])}
+    found = jnp.isfinite(s["fin_scores"])
+    return {"tokens": jnp.where(found[..., None], s["fin_out"], pad_id),
+            "lengths": jnp.where(found, s["fin_lengths"], 0),
+            "scores": jnp.where(found, s["fin_scores"], 0.0)}

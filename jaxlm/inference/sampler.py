@@ -153,18 +153,25 @@ class Sampler:
     @functools.cached_property
     def _beam_fn(self):
         return jax.jit(functools.partial(decode.beam_search, self.lm, pad_id=self.pad_id),
-                       static_argnames=("beams", "max_new", "length_penalty"))
+                       static_argnames=("beams", "max_new", "length_penalty",
+                                        "early_stopping"))
 
-    def beam_search(self, requests: Sequence[Request], beams: int,
-                    length_penalty: float = 0.0) -> list[list[Completion]]:
-        """All `beams` finished beams per request, best first."""
+    def beam_search(self, requests: Sequence[Request], beams: int, length_penalty: float = 1.0,
+                    early_stopping: bool | str = False) -> list[list[Completion]]:
+        """The `beams` best finished hypotheses per request, best first, with the semantics
+        (and defaults) of transformers' beam search: score = logprob / length**length_penalty,
+        early_stopping True / False / "never" (see `decode.beam_search`)."""
         if beams < 1:
             raise ValueError(f"beams must be >= 1, got {beams}")
+        if early_stopping not in decode.EARLY_STOPPING:
+            raise ValueError(f"early_stopping must be one of {decode.EARLY_STOPPING}, got "
+                             f"{early_stopping!r}")
         batch = self._batch(requests)
         with self._context():
             out = self._beam_fn(self.params, batch["tokens"], batch["valid"], batch["budget"],
                                 batch["stop"], beams=beams, max_new=batch["max_new"],
-                                length_penalty=length_penalty)
+                                length_penalty=float(length_penalty),
+                                early_stopping=early_stopping)
         out = jax.device_get(out)
         return [self._completions(out["tokens"][i], out["lengths"][i], out["scores"][i],
                                   [r] * beams) for i, r in enumerate(requests)]

@@ -205,6 +205,11 @@ class ModelConfig:
                 fail(key, f"{getattr(self, key)!r} is not a dtype name")
         if self.moe is not None:
             self._check_moe(fail)
+            mlp_targets = {"w_in", "w_gate", "w_out"} & set(self.lora_targets)
+            if self.lora_rank and mlp_targets:
+                fail("lora.mlp", f"LoRA adapters on the MLP ({sorted(mlp_targets)}) would "
+                     f"leave the {self.moe.num_experts} experts of model.moe unadapted: "
+                     "experts take no adapters; set model.lora.mlp=False (attention only)")
             if self.pipeline_stages > 1:
                 fail("moe.num_experts", "mixture-of-experts blocks cannot run in the pipeline "
                      "schedule yet: use mesh.pipeline=1 with model.moe")

@@ -7,13 +7,22 @@ on the answer's target tokens only. Both sequences go through the model in one [
 With policy log-probs pi_c = log pi(chosen | prompt), pi_r likewise (sums over answer tokens),
 the reference's ref_c, ref_r, and h = (pi_c - ref_c) - (pi_r - ref_r), the per-pair losses are
 
-    sigmoid (DPO, Rafailov et al. 2023):   -log sigmoid(beta h)
-    conservative (cDPO, smoothing e):     -(1 - e) log sigmoid(beta h) - e log sigmoid(-beta h)
+    sigmoid (DPO, Rafailov et al. 2023), with label smoothing e (0: plain DPO):
+                                           -(1 - e) log sigmoid(beta h) - e log sigmoid(-beta h)
+    conservative (cDPO, Mitchell 2023):    the same loss, with e > 0 required
     ipo (Azar et al. 2023):                (h - 1 / (2 beta))^2
     simpo (Meng et al. 2024, reference-free):
                                            -log sigmoid(beta pi_c/|c| - beta pi_r/|r| - gamma)
 
-with |c|, |r| the answers' token counts. The implicit rewards are beta (pi - ref) (simpo:
+with |c|, |r| the answers' token counts. Label smoothing on the sigmoid loss is what TRL's
+`DPOTrainer` does; ipo and simpo refuse it (dpo.label_smoothing > 0 is an error there).
+
+IPO's convention (`ipo_normalize`, config key dpo.ipo_normalize): Azar et al. write h with
+summed log-probs; TRL divides each sequence's log-probs (policy and reference) by its answer
+length before the IPO loss, so h = (pi_c - ref_c)/|c| - (pi_r - ref_r)/|r|. The two put beta on
+different scales (a published IPO beta carries over only with the same convention); the default
+is the length-normalised one, the common practice (TRL). The implicit rewards are beta times
+the log-ratios that enter the loss: beta (pi - ref), per token for normalised ipo (simpo:
 beta pi / |y|); metrics report their means over pairs, their margin, the reward accuracy (share
 of pairs whose chosen reward is higher) and the mean policy log-probs.
 
@@ -66,18 +75,22 @@ def sequence_logps(params: Any, batch: Batch, *, model: nn.Module,
 
 def preference_loss(policy_Bx2: jax.Array, reference_Bx2: jax.Array | None,
                     lengths_Bx2: jax.Array, *, variant: str, beta: float,
-                    label_smoothing: float = 0.0, gamma: float = 0.0
-                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+                    label_smoothing: float = 0.0, gamma: float = 0.0,
+                    ipo_normalize: bool = True) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Per-pair (loss [B], chosen reward [B], rejected reward [B]); see the module doc."""
+    if label_smoothing and variant not in ("sigmoid", "conservative"):
+        raise ValueError(f"config key dpo.label_smoothing: {label_smoothing} has no effect on "
+                         f"dpo.variant={variant!r}; it smooths the sigmoid loss (sigmoid, "
+                         "conservative) only, set it to 0")
     if variant == "simpo":
         rewards_Bx2 = beta * policy_Bx2 / jnp.maximum(lengths_Bx2, 1.0)
         margin_B = rewards_Bx2[:, 0] - rewards_Bx2[:, 1]
         return -jax.nn.log_sigmoid(margin_B - gamma), rewards_Bx2[:, 0], rewards_Bx2[:, 1]
     logratio_Bx2 = policy_Bx2 - reference_Bx2
+    if variant == "ipo" and ipo_normalize:
+        logratio_Bx2 = logratio_Bx2 / jnp.maximum(lengths_Bx2, 1.0)
     h_B = logratio_Bx2[:, 0] - logratio_Bx2[:, 1]
-    if variant == "sigmoid":
-        loss_B = -jax.nn.log_sigmoid(beta * h_B)
-    elif variant == "conservative":
+    if variant in ("sigmoid", "conservative"):
         loss_B = (-(1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * h_B)
                   - label_smoothing * jax.nn.log_sigmoid(-beta * h_B))
     elif variant == "ipo":
@@ -112,14 +125,15 @@ def means(sums: dict[str, jax.Array], prefix: str = "") -> dict[str, jax.Array]:
 
 def loss_fn(params: Any, batch: Batch, reference_Bx2: jax.Array | None, *, model: nn.Module,
             variant: str, beta: float, label_smoothing: float, gamma: float,
-            rng: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+            ipo_normalize: bool = True, rng: jax.Array | None = None
+            ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Sum of per-pair losses over the batch, and the pair sums (num_pairs as num_tokens, the
     weight `microbatched_grads` divides by). A mixture-of-experts policy's router losses are
     added per pair (`add_router_losses`)."""
     policy_Bx2, lengths_Bx2, variables = sequence_logps(params, batch, model=model, rng=rng)
     loss_B, chosen_B, rejected_B = preference_loss(
         policy_Bx2, reference_Bx2, lengths_Bx2, variant=variant, beta=beta,
-        label_smoothing=label_smoothing, gamma=gamma)
+        label_smoothing=label_smoothing, gamma=gamma, ipo_normalize=ipo_normalize)
     valid_B = (lengths_Bx2 > 0).all(axis=-1)
     sums = pair_sums(loss_B, chosen_B, rejected_B, policy_Bx2, valid_B)
     return add_router_losses(sums["loss_sum"], {**sums, "num_tokens": sums["num_pairs"]},
@@ -137,14 +151,16 @@ def _reference(batch: Batch, ref_params: Any, model: nn.Module) -> jax.Array | N
 def dpo_step(state: TrainState, batch: Batch, ref_params: Any = None, *, model: nn.Module,
              tx: optax.GradientTransformation, lr_schedule: optax.Schedule, variant: str,
              beta: float, label_smoothing: float = 0.0, gamma: float = 0.0,
-             grad_accum_steps: int = 1, freeze: Any = None, dropout_seed: int | None = None
+             ipo_normalize: bool = True, grad_accum_steps: int = 1, freeze: Any = None,
+             dropout_seed: int | None = None
              ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on the mean preference loss over the pairs of `batch`."""
 
     def micro_loss(p: Any, b: Batch, rng: jax.Array | None
                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
         return loss_fn(p, b, _reference(b, ref_params, model), model=model, variant=variant,
-                       beta=beta, label_smoothing=label_smoothing, gamma=gamma, rng=rng)
+                       beta=beta, label_smoothing=label_smoothing, gamma=gamma,
+                       ipo_normalize=ipo_normalize, rng=rng)
 
     new_state, sums, common = gradient_step(
         state, batch, micro_loss, tx=tx, lr_schedule=lr_schedule,
@@ -156,11 +172,12 @@ def dpo_step(state: TrainState, batch: Batch, ref_params: Any = None, *, model: 
 
 
 def eval_step(params: Any, batch: Batch, ref_params: Any = None, *, model: nn.Module,
-              variant: str, beta: float, label_smoothing: float = 0.0, gamma: float = 0.0
-              ) -> dict[str, jax.Array]:
+              variant: str, beta: float, label_smoothing: float = 0.0, gamma: float = 0.0,
+              ipo_normalize: bool = True) -> dict[str, jax.Array]:
     """Pair sums over one held-out batch (`eval_metrics` turns their totals into means)."""
     _, sums = loss_fn(params, batch, _reference(batch, ref_params, model), model=model,
-                      variant=variant, beta=beta, label_smoothing=label_smoothing, gamma=gamma)
+                      variant=variant, beta=beta, label_smoothing=label_smoothing, gamma=gamma,
+                      ipo_normalize=ipo_normalize)
     return {k: v for k, v in sums.items() if k != "num_tokens" and not k.startswith("moe_")}
 
 
@@ -184,7 +201,8 @@ def make_steps(config: Any, model: nn.Module, tx: optax.GradientTransformation,
                lr_schedule: optax.Schedule) -> tuple[Any, Any]:
     d = config.dpo
     settings = dict(model=model, variant=d.variant, beta=d.beta,
-                    label_smoothing=d.label_smoothing, gamma=d.simpo_gamma)
+                    label_smoothing=d.label_smoothing, gamma=d.simpo_gamma,
+                    ipo_normalize=d.ipo_normalize)
     train = functools.partial(dpo_step, tx=tx, lr_schedule=lr_schedule,
                               grad_accum_steps=config.optim.grad_accum_steps,
                               **lora_step_options(config), **settings)

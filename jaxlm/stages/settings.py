@@ -45,13 +45,18 @@ def default_dpo_config() -> ml_collections.ConfigDict:
     d.paths = "chatterbot"
     # Held-out pairs; "" = data.eval_fraction of dpo.paths under a fixed permutation.
     d.eval_paths = ""
-    # "sigmoid" (DPO), "ipo", "conservative" (DPO with label smoothing) or "simpo"
-    # (reference-free, length-normalised, with a target margin).
+    # "sigmoid" (DPO), "ipo", "conservative" (DPO with label smoothing > 0) or "simpo"
+    # (reference-free, length-normalised, with a target margin). docs/post_training.md.
     d.variant = "sigmoid"
     # Inverse temperature of the implicit reward (for ipo: 1 / (2 beta) is the target margin).
     d.beta = 0.1
-    # conservative: probability that a preference label is flipped.
+    # sigmoid / conservative: probability that a preference label is flipped (the smoothed
+    # sigmoid loss, as TRL applies it; conservative needs > 0). Refused for ipo and simpo.
     d.label_smoothing = 0.0
+    # ipo: divide each answer's log-probs (policy and reference) by its token count before the
+    # loss, as TRL does (True, the common practice); False = Azar et al.'s summed log-probs.
+    # The two conventions need different betas.
+    d.ipo_normalize = True
     # simpo: target reward margin gamma.
     d.simpo_gamma = 0.5
     # Reference log-probs: "jit" (computed in the train step from a frozen copy of the initial
@@ -113,6 +118,12 @@ def check_dpo(config: ml_collections.ConfigDict) -> None:
         _fail("dpo.beta", f"must be positive, got {d.beta}")
     if not 0 <= d.label_smoothing < 0.5:
         _fail("dpo.label_smoothing", f"must lie in [0, 0.5), got {d.label_smoothing}")
+    if d.label_smoothing and d.variant not in ("sigmoid", "conservative"):
+        _fail("dpo.label_smoothing", f"{d.label_smoothing} has no effect on dpo.variant="
+              f"{d.variant!r}: it smooths the sigmoid loss (sigmoid, conservative) only; set 0")
+    if d.variant == "conservative" and not d.label_smoothing:
+        _fail("dpo.label_smoothing", "dpo.variant='conservative' is DPO with label smoothing; "
+              "set a value in (0, 0.5) (0 would be plain dpo.variant='sigmoid')")
     if d.variant != "simpo" and not config.init_from.path:
         _fail("init_from.path", f"dpo.variant={d.variant!r} needs a reference model: the "
               "checkpoint directory of the SFT run (its params start the policy too)")
