@@ -79,7 +79,8 @@ def base_config() -> ml_collections.ConfigDict:
     m.remat = "none"
     # Run blocks with scan over stacked parameters (compile time independent of depth).
     m.scan_layers = True
-    # Attention implementation: "auto" or "xla".
+    # Attention implementation: "auto" (the platform's kernel), "xla", "blocked", "chunked",
+    # "cudnn" or "splash" (docs/attention_and_fit_check.md).
     m.attention = "auto"
     # Std of the normal initialiser of weight matrices.
     m.init_std = 0.02
@@ -162,7 +163,8 @@ def base_config() -> ml_collections.ConfigDict:
     # Token budget as tokens per model parameter (0: unset, which is 20, Chinchilla's
     # compute-optimal ratio, when train.steps and train.tokens are 0 too); needs train.steps = 0.
     t.tokens_per_param = 0.0
-    # Evaluate on held-out data every this many steps (0: never; always at the end if > 0).
+    # Evaluate on held-out data every this many steps (0: only at the last step); never when
+    # train.eval_steps is 0.
     t.eval_every = 200
     # Batches per evaluation.
     t.eval_steps = 4
