@@ -33,7 +33,7 @@ main() {
       --target /tmp/site .whl/*.whl || { echo "FATAL: wheel install failed"; return 1; }
     export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
   else
-    echo "no .whl/ wheels (not carried?): using the image's packages only"
+    echo "no .whl/ wheels: using the image's packages only"
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
   fi
   echo "== nvidia-smi"
