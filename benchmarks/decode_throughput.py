@@ -5,8 +5,8 @@
 Random weights (decoding cost does not depend on their values); prompts of --prompt_len random
 tokens; every row generates exactly --new_tokens tokens (no stop token). "cache" is
 `jaxlm.inference.Sampler.generate` (prefill + one cached step per token); "recompute" runs the
-full forward pass over the whole [B, prompt + new] buffer for every token, as the trainer's
-logged samples do (`jaxlm.sampling`). Times include the prefill, not the compile. Prints
+full forward pass over the whole [B, prompt + new] buffer for every token, the no-cache
+baseline. Times include the prefill, not the compile. Prints
 markdown table rows for docs/benchmarks.md.
 """
 

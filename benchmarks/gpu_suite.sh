@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_suite.sh [gpu_suite.py flags, e.g. --cases=chinchilla --xla_flags=...]
 #
-# 1. installs the carried wheels of .whl/ (packages jaxlm needs that the image lacks) into
+# 1. installs the wheels in .whl/, if any (packages jaxlm needs that the image lacks), into
 #    /tmp/site, without touching the image's jax/numpy;
 # 2. prints nvidia-smi, versions and jax.devices(), and imports jaxlm.trainer;
 # 3. runs tests/test_attention_impls.py -k cudnn on the GPU (tests/conftest.py only
@@ -33,7 +33,7 @@ main() {
       --target /tmp/site .whl/*.whl || { echo "FATAL: wheel install failed"; return 1; }
     export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
   else
-    echo "no .whl/ wheels (not carried?): using the image's packages only"
+    echo "no .whl/ wheels: using the image's packages only"
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
   fi
   echo "== nvidia-smi"

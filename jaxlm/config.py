@@ -79,7 +79,8 @@ def base_config() -> ml_collections.ConfigDict:
     m.remat = "none"
     # Run blocks with scan over stacked parameters (compile time independent of depth).
     m.scan_layers = True
-    # Attention implementation: "auto" or "xla".
+    # Attention implementation: "auto" (the platform's kernel), "xla", "blocked", "chunked",
+    # "cudnn" or "splash" (docs/attention_and_fit_check.md).
     m.attention = "auto"
     # Std of the normal initialiser of weight matrices.
     m.init_std = 0.02
@@ -166,7 +167,8 @@ def base_config() -> ml_collections.ConfigDict:
     # "chinchilla" (Hoffmann et al.'s Table A9 count), "total" or "non_embedding" (as built),
     # "kaplan" (Kaplan et al.'s attention + MLP matrices).
     t.param_convention = "chinchilla"
-    # Evaluate on held-out data every this many steps (0: never; always at the end if > 0).
+    # Evaluate on held-out data every this many steps (0: only at the last step); never when
+    # train.eval_steps is 0.
     t.eval_every = 200
     # Batches per evaluation.
     t.eval_steps = 4

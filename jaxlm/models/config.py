@@ -88,7 +88,7 @@ class ModelConfig:
         masked keys, hand-written backward pass; fastest on CPU), "chunked" (blockwise online
         softmax, O(L) memory, any backend), "cudnn" (cuDNN flash attention, NVIDIA GPU),
         "splash" (Pallas Splash attention, TPU) or "auto" (cudnn on GPU, splash on TPU,
-        blocked on CPU). See docs/scale.md.
+        blocked on CPU). See docs/attention_and_fit_check.md.
       init_std: standard deviation of the normal initialiser of weight matrices.
       pipeline_stages: pipeline stages P the blocks are split into (the `pipeline` mesh axis);
         1 runs the blocks in one scan. P > 1 needs scan_layers and P dividing num_layers.

@@ -11,7 +11,8 @@ grouped-query) without materialising the [L, L] probabilities in HBM:
 * `splash_attention`: the Pallas TPU kernel `jax.experimental.pallas.ops.tpu.splash_attention`
   with a static causal mask, segment ids for packing and native grouped-query heads. Pallas
   kernels are not partitioned by XLA, so under a mesh the kernel runs inside `shard_map`: the
-  batch split over (data, fsdp) and the heads over `tensor` (when it divides the kv heads).
+  batch split over (data, fsdp, expert) and the heads over `tensor` (when it divides the kv
+  heads).
   `interpret=True` runs the kernel in the Pallas interpreter (any backend; tests use it on CPU).
 """
 

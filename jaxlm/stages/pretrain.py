@@ -1,9 +1,10 @@
 """Pretraining: next-token cross-entropy over packed documents.
 
-`pretrain_step(state, batch) -> (state, metrics)` is pure; the trainer binds the static settings
-(model, optimizer, z-loss, microbatches) with functools.partial and jits it with explicit
-shardings. The batch layout is the data pipeline's: inputs, targets, segment_ids, positions and
-loss_mask, each [B, L]; loss_mask is 0 on padding and where a target crosses a document boundary.
+`pretrain_step(state, batch) -> (state, metrics)` is pure; `make_steps` binds the static settings
+(model, optimizer, z-loss, gradient accumulation, LoRA) with functools.partial and the program
+builder (jaxlm/program.py) jits it with explicit shardings. The batch layout is the data
+pipeline's: inputs, targets, segment_ids, positions and loss_mask, each [B, L]; loss_mask is 0 on
+padding and where a target crosses a document boundary.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def step_settings(config: Any) -> dict[str, Any]:
 
 def make_steps(config: Any, model: nn.Module, tx: optax.GradientTransformation,
                lr_schedule: optax.Schedule) -> tuple[Any, Any]:
-    """Binds the static settings of this stage's steps (un-jitted; the trainer jits them)."""
+    """Binds the static settings of this stage's steps (un-jitted; `program.build` jits them)."""
     train = functools.partial(pretrain_step, model=model, tx=tx, lr_schedule=lr_schedule,
                               **step_settings(config))
     return train, functools.partial(eval_step, model=model)
