@@ -80,9 +80,10 @@ def step_settings(config: Any) -> dict[str, Any]:
 
 
 def make_steps(config: Any, model: nn.Module, tx: optax.GradientTransformation,
-               lr_schedule: optax.Schedule) -> tuple[Any, Any]:
-    """Binds the static settings of this stage's steps (un-jitted; `program.build` jits them)."""
-    train = functools.partial(pretrain_step, model=model, tx=tx, lr_schedule=lr_schedule,
+               lr_schedule: optax.Schedule, *, step_fn: Any = pretrain_step) -> tuple[Any, Any]:
+    """Binds the static settings of this stage's steps (un-jitted; `program.build` jits them).
+    `step_fn`: a step with pretrain_step's settings (sft_step)."""
+    train = functools.partial(step_fn, model=model, tx=tx, lr_schedule=lr_schedule,
                               **step_settings(config))
     return train, functools.partial(eval_step, model=model)
 

@@ -11,12 +11,11 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 
-from jaxlm.stages.pretrain import batch_fields, eval_step, pretrain_step, step_settings
+from jaxlm.stages import pretrain
+from jaxlm.stages.pretrain import batch_fields, pretrain_step
 from jaxlm.stages.settings import check_sft, default_sft_config
 from jaxlm.stages.stage import Stage
 from jaxlm.train_state import TrainState
@@ -39,12 +38,8 @@ def sft_step(state: TrainState, batch: Batch, **settings: Any
     return new_state, metrics
 
 
-def make_steps(config: Any, model: nn.Module, tx: optax.GradientTransformation,
-               lr_schedule: optax.Schedule) -> tuple[Any, Any]:
-    """The pretraining stage's settings and eval step (the same token loss) with sft_step."""
-    train = functools.partial(sft_step, model=model, tx=tx, lr_schedule=lr_schedule,
-                              **step_settings(config))
-    return train, functools.partial(eval_step, model=model)
+# The pretraining stage's settings and eval step (the same token loss) with sft_step.
+make_steps = functools.partial(pretrain.make_steps, step_fn=sft_step)
 
 
 def make_data(config: Any, tokenizer: Any, *, split: str, batch_size: int, process_index: int,
