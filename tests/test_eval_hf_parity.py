@@ -132,7 +132,7 @@ def test_jaxlm_backend_equals_the_hf_backend(setup):
     from lm_eval.tasks import TaskManager
 
     tasks = ["parity_choice", "parity_rolling", "parity_gen"]
-    manager = TaskManager(include_path=str(setup / "tasks"))
+    manager = TaskManager(include_path=str(setup / "tasks"), include_defaults=False)
     reference = simple_evaluate(
         model=HFLM(pretrained=str(setup / "hf"), device="cpu", batch_size=4, dtype="float32"),
         tasks=tasks, task_manager=manager, log_samples=True, bootstrap_iters=0)

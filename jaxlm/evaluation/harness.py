@@ -118,7 +118,11 @@ def evaluate(engine: Engine, tasks: list[str], *, include_path: str = "", limit:
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=include_path or None)
+    manager = None
+    if include_path:  # indexing the harness's own task folders takes ~30 s: skip when unneeded
+        local = TaskManager(include_path=include_path, include_defaults=False)
+        manager = local if set(tasks) <= set(local.all_tasks) else None
+    manager = manager or TaskManager(include_path=include_path or None)
     return simple_evaluate(model=JaxLM(engine, progress), tasks=tasks, num_fewshot=num_fewshot,
                            limit=limit or None, task_manager=manager, log_samples=log_samples,
                            bootstrap_iters=0)
