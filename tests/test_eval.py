@@ -198,6 +198,17 @@ def test_cli_builtin_writes_results_with_config_and_step(run_dir, tmp_path):
     assert flat["eval/next_line/acc"] == saved["results"]["next_line"]["acc"]
 
 
+def test_progress_bar_shows_rate_and_eta():
+    stream = io.StringIO()
+    bar = results.ProgressBar(10, stream, every_s=0.0)
+    bar.label = "next_line"
+    bar(4)
+    bar.add_total(10)
+    bar(6)
+    line = stream.getvalue().split("\r")[-1]
+    assert "next_line" in line and "10/20 requests" in line and "eta" in line
+
+
 def test_split_tasks_expands_builtin():
     assert results.split_tasks("builtin,hellaswag") == (list(builtin.TASKS), ["hellaswag"])
     assert results.metric_name("acc,none") == "acc"

@@ -45,13 +45,13 @@ def test_win_rate_against_itself_is_one_half_and_rewards_are_the_judges(runs):
     out = io.StringIO()
     got = eval_cli.run(eval_cli.Options(
         workdir=str(runs / "policy"), tasks="", reward_model=str(runs / "rm"),
-        reference=str(runs / "policy"), limit=5, max_new_tokens=8, batch_size=4,
+        reference=str(runs / "policy"), limit=3, max_new_tokens=8, batch_size=4,
         output=str(runs / "w.json")), stdout=out)["results"]["winrate"]
-    assert got["win_rate"] == 0.5 and got["prompts"] == 5 and "win_rate" in out.getvalue()
+    assert got["win_rate"] == 0.5 and got["prompts"] == 3 and "win_rate" in out.getvalue()
 
     # The policy's mean reward, recomputed one prompt at a time: sampler + full forward.
     policy, judge = load_target(str(runs / "policy")), load_target(str(runs / "rm"))
-    prompts = winrate.heldout_prompts(policy, 5)
+    prompts = winrate.heldout_prompts(policy, 3)
     sampler = Sampler(policy.model_cfg, policy.params, pad_id=policy.tokenizer.pad_id)
     end_id = policy.tokenizer._tok.piece_to_id("<|im_end|>")
     score = jax.jit(lambda params, x: Transformer(judge.model_cfg).apply({"params": params}, x))

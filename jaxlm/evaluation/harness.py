@@ -57,11 +57,17 @@ class JaxLM(TemplateLM):
     def tok_decode(self, tokens: list[int]) -> str:
         return self.engine.tokenizer.decode(tokens)
 
+    def _expect(self, n: int) -> None:
+        add_total = getattr(self.progress, "add_total", None)
+        if add_total is not None:
+            add_total(n)
+
     # -- requests ---------------------------------------------------------------------------
 
     def _loglikelihood_tokens(self, requests: list[tuple[Any, list[int], list[int]]],
                               **kwargs: Any) -> list[tuple[float, bool]]:
         del kwargs
+        self._expect(len(requests))
         out = self.engine.loglikelihood([(ctx, cont) for _, ctx, cont in requests],
                                         self.progress)
         for (key, _, _), value in zip(requests, out):
@@ -105,6 +111,7 @@ class JaxLM(TemplateLM):
             contexts.append(self.tok_encode(context))
             untils.append(until)
             budgets.append(min(budget, self.max_length - 1))
+        self._expect(len(requests))
         out = self.engine.generate_until(contexts, untils, budgets, self.progress)
         for request, text in zip(requests, out):
             self.cache_hook.add_partial("generate_until", request.args, text)

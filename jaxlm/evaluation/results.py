@@ -40,9 +40,13 @@ class ProgressBar:
     """One line on stderr: requests done over the task list, rate and ETA."""
 
     def __init__(self, total: int, stream: IO[str] | None = sys.stderr, every_s: float = 0.5):
-        self.total, self.done, self.stream, self.every_s = max(total, 1), 0, stream, every_s
+        self.total, self.done, self.stream, self.every_s = total, 0, stream, every_s
         self.t0 = self._last = time.perf_counter()
         self.label = ""
+
+    def add_total(self, n: int) -> None:
+        """More requests to come (harness request lists arrive one type at a time)."""
+        self.total += n
 
     def __call__(self, n: int) -> None:
         self.done += n
@@ -53,7 +57,7 @@ class ProgressBar:
             rate = self.done / max(now - self.t0, 1e-9)
             eta = max(self.total - self.done, 0) / max(rate, 1e-9)
             width = 24
-            filled = int(width * min(self.done / self.total, 1.0))
+            filled = int(width * min(self.done / max(self.total, 1), 1.0))
             self.stream.write(f"\r{self.label:<18} [{'#' * filled}{'.' * (width - filled)}] "
                               f"{self.done}/{self.total} requests | {rate:.1f}/s | "
                               f"eta {format_duration(eta)}  ")
