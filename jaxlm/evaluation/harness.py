@@ -13,6 +13,7 @@ windows; generation is greedy, cut at the request's stop strings.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from lm_eval import utils as lm_utils
@@ -123,13 +124,22 @@ def evaluate(engine: Engine, tasks: list[str], *, include_path: str = "", limit:
              log_samples: bool = False) -> dict[str, Any]:
     """`lm_eval.simple_evaluate` of `tasks` on the engine's model; its result dict."""
     from lm_eval import simple_evaluate
+
+    return simple_evaluate(model=JaxLM(engine, progress), tasks=tasks, num_fewshot=num_fewshot,
+                           limit=limit or None, task_manager=_task_manager(include_path,
+                                                                           tuple(tasks)),
+                           log_samples=log_samples, bootstrap_iters=0)
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(include_path: str, tasks: tuple[str, ...]) -> Any:
+    """The harness's task index, built once per process (evals during training reuse it).
+    Indexing the harness's own task folders takes ~30 s, so a task list found entirely under
+    include_path skips them."""
     from lm_eval.tasks import TaskManager
 
-    manager = None
-    if include_path:  # indexing the harness's own task folders takes ~30 s: skip when unneeded
+    if include_path:
         local = TaskManager(include_path=include_path, include_defaults=False)
-        manager = local if set(tasks) <= set(local.all_tasks) else None
-    manager = manager or TaskManager(include_path=include_path or None)
-    return simple_evaluate(model=JaxLM(engine, progress), tasks=tasks, num_fewshot=num_fewshot,
-                           limit=limit or None, task_manager=manager, log_samples=log_samples,
-                           bootstrap_iters=0)
+        if set(tasks) <= set(local.all_tasks):
+            return local
+    return TaskManager(include_path=include_path or None)
