@@ -94,7 +94,7 @@ def test_is_greedy_true_for_the_models_own_continuation(target):
     cont = []
     for _ in range(3):  # the greedy continuation, token by token, from the full forward pass
         cont.append(int(_ref_logits(target, ctx + cont)[-1].argmax()))
-    other = [(cont[0] + 1) % target.tokenizer._tok.vocab_size] + cont[1:]
+    other = [(cont[0] + 1) % target.tokenizer.vocab_size] + cont[1:]
     (lp_g, is_g), (lp_o, is_o) = engine.loglikelihood([(ctx, cont), (ctx, other)])
     assert is_g and not is_o and lp_g > lp_o
 

@@ -53,7 +53,7 @@ def test_win_rate_against_itself_is_one_half_and_rewards_are_the_judges(runs):
     policy, judge = load_target(str(runs / "policy")), load_target(str(runs / "rm"))
     prompts = winrate.heldout_prompts(policy, 3)
     sampler = Sampler(policy.model_cfg, policy.params, pad_id=policy.tokenizer.pad_id)
-    end_id = policy.tokenizer._tok.piece_to_id("<|im_end|>")
+    end_id = policy.tokenizer.raw.piece_to_id("<|im_end|>")
     score = jax.jit(lambda params, x: Transformer(judge.model_cfg).apply({"params": params}, x))
     rewards = []
     for p in prompts:

@@ -38,6 +38,15 @@ class TextTokenizer:
         self._tok, self.add_bos, self.name = tokenizer, add_bos, name
         self.is_hf = not hasattr(tokenizer, "encode_array")
 
+    @property
+    def raw(self) -> Any:
+        """The wrapped tokenizer (jaxlm's sentencepiece `Tokenizer` or a Hugging Face one)."""
+        return self._tok
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._tok) if self.is_hf else self._tok.vocab_size
+
     def encode(self, text: str, special: bool = True) -> list[int]:
         if self.is_hf:
             return list(self._tok.encode(text, add_special_tokens=special))
@@ -122,9 +131,7 @@ def load_target(workdir: str, step: int | None = None, mesh: Mesh | None = None,
         raise FileNotFoundError(f"checkpoint {step} in {directory} has no saved config")
     config = ml_collections.ConfigDict(items[checkpoint.CONFIG])
     tokenizer = _tokenizer(config, items.get(checkpoint.EXTRA, {}), hf_tokenizer)
-    vocab = getattr(tokenizer._tok, "vocab_size", None) if not tokenizer.is_hf else len(
-        tokenizer._tok)
-    model_cfg = config_lib.model_config(config, vocab)
+    model_cfg = config_lib.model_config(config, tokenizer.vocab_size)
     if mesh is None:
         mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1, "pipeline": 1})
     shapes = nn.meta.unbox(abstract_boxed_params(Transformer(model_cfg), 1))

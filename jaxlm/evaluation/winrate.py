@@ -67,7 +67,7 @@ def heldout_prompts(policy: Target, limit: int) -> list[list[int]]:
     """Chat-rendered prompt ids of the policy run's held-out preference pairs."""
     pairs = preference.split_pairs(policy.config, "eval", "dpo")
     template = chat.template_from_config(policy.config.chat)
-    raw = policy.tokenizer._tok
+    raw = policy.tokenizer.raw
     prompts = [list(chat.prompt_ids(raw, p.prompt, template=template)) for p in pairs]
     return prompts[:limit] if limit else prompts
 
@@ -109,12 +109,19 @@ def evaluate(policy: Target, engine: Engine, reward_model: str, *, reference: st
     if not prompts:
         raise ValueError("no held-out prompts (dpo.paths / dpo.eval_paths of the policy run)")
     template = chat.template_from_config(policy.config.chat)
-    _, end_id = chat.special_ids(policy.tokenizer._tok, template)
+    _, end_id = chat.special_ids(policy.tokenizer.raw, template)
     stop = (end_id, policy.tokenizer.eos_id)
-    ref_engine = Engine(ref.model_cfg, ref.params, ref.tokenizer, ref.mesh,
-                        batch_size=engine.batch_size, max_length=engine.max_length)
     mine = answers(engine, prompts, stop, max_new_tokens)
-    theirs = answers(ref_engine, prompts, stop, max_new_tokens)
+    if ref.model_cfg == policy.model_cfg:  # same architecture: reuse the compiled decoder
+        policy_params, engine.params = engine.params, ref.params
+        try:
+            theirs = answers(engine, prompts, stop, max_new_tokens)
+        finally:
+            engine.params = policy_params
+    else:
+        theirs = answers(Engine(ref.model_cfg, ref.params, ref.tokenizer, ref.mesh,
+                                batch_size=engine.batch_size, max_length=engine.max_length),
+                         prompts, stop, max_new_tokens)
     r_policy = sequence_rewards(judge, [p + a for p, a in zip(prompts, mine)], engine.batch_size)
     r_ref = sequence_rewards(judge, [p + a for p, a in zip(prompts, theirs)], engine.batch_size)
     wins = np.where(r_policy > r_ref, 1.0, np.where(r_policy == r_ref, 0.5, 0.0))
