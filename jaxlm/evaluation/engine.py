@@ -206,7 +206,7 @@ class Engine:
         ids = [self.tokenizer.eos_id] if self.tokenizer.eos_id >= 0 else []
         for s in until:
             enc = self.tokenizer.encode(s, special=False)
-            if len(enc) == 1 and self.tokenizer.decode(enc) == s:
+            if len(enc) == 1 and self.tokenizer.decode(enc, skip_special=False) == s:
                 ids.append(enc[0])
         return tuple(dict.fromkeys(ids))
 

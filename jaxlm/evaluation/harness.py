@@ -96,7 +96,8 @@ class JaxLM(TemplateLM):
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         del disable_tqdm
-        eos = self.tok_decode([self.eot_token_id]) if self.eot_token_id >= 0 else ""
+        eos = (self.engine.tokenizer.decode([self.eot_token_id], skip_special=False)
+               if self.eot_token_id >= 0 else "")
         contexts, untils, budgets = [], [], []
         for request in requests:
             context, gen_kwargs = request.args

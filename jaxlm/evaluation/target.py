@@ -53,9 +53,11 @@ class TextTokenizer:
         ids = list(self._tok.encode(text))
         return [self.bos_id] + ids if special and self.add_bos and self.bos_id >= 0 else ids
 
-    def decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int], skip_special: bool = True) -> str:
+        """Text of `ids`; a Hugging Face tokenizer leaves special tokens out unless asked (as
+        the harness's Hugging Face backend decodes generations)."""
         if self.is_hf:
-            return self._tok.decode(list(ids))
+            return self._tok.decode(list(ids), skip_special_tokens=skip_special)
         return self._tok.decode(ids)
 
     def _hf_id(self, name: str) -> int:
