@@ -15,7 +15,7 @@ import time
 from typing import IO, Any
 
 from jaxlm.evaluation import builtin
-from jaxlm.evaluation.engine import Engine
+from jaxlm.evaluation.engine import Engine, Throughput
 from jaxlm.metrics import format_duration
 
 BUILTIN = "builtin"
@@ -80,7 +80,7 @@ def run_tasks(engine: Engine, tasks: str | list[str], *, limit: int = 0,
     bar = ProgressBar(sum(builtin.requests_of(t, n) for t, n in limits.items()),
                       sys.stderr if progress else None)
     out: dict[str, Any] = {"results": {}, "configs": {}, "versions": {}, "n-shot": {}}
-    engine.throughput = type(engine.throughput)()
+    engine.throughput = Throughput()
     t0 = time.perf_counter()
     try:
         for name in local:
