@@ -19,6 +19,7 @@ from jaxlm import scaling
 from jaxlm.data.chat import default_chat_config
 from jaxlm.data.config import check_data_config, default_data_config
 from jaxlm.distributed import check_distributed_config, default_distributed_config
+from jaxlm.evaluation.settings import check_eval_config, default_eval_config
 from jaxlm.models.config import ModelConfig, MoeConfig
 from jaxlm.models.lora import ATTENTION_TARGETS, MLP_TARGETS
 from jaxlm.models.pipeline import bubble_fraction
@@ -222,6 +223,9 @@ def base_config() -> ml_collections.ConfigDict:
     lg.peak_flops = 0.0
     # Also write TensorBoard event files under <workdir>/tensorboard.
     lg.tensorboard = True
+
+    # Evals during training (jaxlm/evaluation/settings.py): eval.tasks, eval.every_steps, ...
+    c.eval = default_eval_config()
     return c
 
 
@@ -386,6 +390,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if stage.check_config is not None:
         stage.check_config(config)
     check_distributed_config(config.distributed)
+    check_eval_config(config.eval)
     _check_pipeline(config)
     model_config(config, vocab_size=config.model.vocab_size or 1)
     if config.model.max_seq_len and config.model.max_seq_len < config.data.seq_len:

@@ -25,6 +25,7 @@ from jaxlm import hardware, params_from, scaling, sharding
 from jaxlm import program as program_lib
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.data.pipeline import load_or_train_tokenizer
+from jaxlm.evaluation.live import LiveEval
 from jaxlm.inference.sampler import Request, Sampler
 from jaxlm.metrics import MetricsWriter, is_remote, progress_line
 from jaxlm.models import lora
@@ -245,6 +246,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                  peak, peak_note, jax.device_count(), flops_per_step)
     sampler = Sampler(program.model_cfg, None, mesh=s.mesh,
                       pad_id=max(getattr(s.tokenizer, "pad_id", 0), 0))
+    live_eval = LiveEval.maybe(s)  # config.eval.tasks on the live params
     extra = {"tokenizer_path": s.tokenizer.path,
              "tokenizer_sha256": getattr(s.tokenizer, "sha256", "")}
 
@@ -301,11 +303,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 batch = sharding.global_batch(next(train_iter), s.mesh)
             end_or_eval = step == total_steps or (c.train.eval_every and
                                                   step % c.train.eval_every == 0)
-            if end_or_eval or (c.log.sample_every and step % c.log.sample_every == 0):
+            tasks_due = live_eval is not None and live_eval.due(step, total_steps)
+            if (end_or_eval or tasks_due
+                    or (c.log.sample_every and step % c.log.sample_every == 0)):
                 if pending is not None:
                     report(*pending)
                     pending = None
                 _eval_and_sample(s, state, step, eval_step, sampler, writer, end_or_eval)
+                if tasks_due:
+                    writer.write(step, live_eval.metrics(live_eval.run(state.params, step)))
                 window_start, window_step0 = time.perf_counter(), step
         if previous is not None:
             _check_finite(previous, step, c.train.max_nonfinite)

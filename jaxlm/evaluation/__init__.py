@@ -1,0 +1,2 @@
+"""Evaluation of jaxlm models: the scoring engine, built-in offline tasks, the lm-evaluation-harness
+backend, reward-model win rates and result files. `python -m jaxlm.eval` is the command line."""

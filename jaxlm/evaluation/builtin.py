@@ -1,0 +1,143 @@
+"""Built-in offline evals: no download, built from the standard-library source every Python
+ships (the held-out files of the embedded corpus, `jaxlm.data.corpus`).
+
+    corpus_bpb       held-out documents: token perplexity and bits per UTF-8 byte
+                     (rolling log-likelihood in windows of the model's context)
+    next_line        multiple choice: which of 4 lines follows the given lines of code
+                     (acc: highest log-likelihood; acc_norm: per byte of the choice)
+    line_completion  generation: finish a line of code given its first half and the lines
+                     before it, greedy until the newline; exact_match of the rest of the line
+
+The examples depend only on this Python's standard library and a fixed seed, so two checkpoints
+evaluated on one machine see the same data.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import random
+from collections.abc import Callable
+from typing import Any
+
+from jaxlm.data import corpus
+from jaxlm.evaluation.engine import Engine, Progress, bits_per_byte
+
+# Default examples per task (eval.limit / --limit override).
+DEFAULT_LIMITS = {"corpus_bpb": 24, "next_line": 96, "line_completion": 48}
+_CONTEXT_LINES = 4
+_SEED = 0
+_MAX_DOC_CHARS = 3000
+_MAX_NEW_TOKENS = 32
+
+
+@functools.lru_cache(maxsize=1)
+def heldout_documents(max_files: int = 40) -> tuple[str, ...]:
+    """Documents of the corpus's held-out standard-library files (eval split), in file order."""
+    root = corpus.stdlib_root()
+    files = corpus.split_files(corpus.stdlib_files(root), 0.02)["eval"][:max_files]
+    docs: list[str] = []
+    for name in files:
+        with open(os.path.join(root, name), "rb") as f:
+            docs.extend(corpus.split_documents(f.read().decode("utf-8", errors="replace")))
+    return tuple(docs)
+
+
+def _code_lines() -> list[tuple[list[str], int]]:
+    """(lines of a document, index of a line worth predicting) pairs, shuffled with a fixed
+    seed: lines of 12-80 characters with at least _CONTEXT_LINES lines before them."""
+    spots = []
+    for doc in heldout_documents():
+        lines = doc.split("\n")
+        for j in range(_CONTEXT_LINES, len(lines)):
+            if 12 <= len(lines[j].strip()) <= 80 and not lines[j].strip().startswith("#"):
+                spots.append((lines, j))
+    random.Random(_SEED).shuffle(spots)
+    return spots
+
+
+def _context(lines: list[str], j: int) -> str:
+    return "\n".join(lines[j - _CONTEXT_LINES:j]) + "\n"
+
+
+def corpus_bpb(engine: Engine, limit: int, progress: Progress | None = None
+               ) -> dict[str, float]:
+    docs = [d[:_MAX_DOC_CHARS] for d in heldout_documents()[:limit]]
+    tokens = [engine.tokenizer.encode(d, special=False) for d in docs]
+    logps = engine.loglikelihood_rolling(tokens, progress)
+    nll = -sum(logps)
+    num_tokens, num_bytes = sum(len(t) for t in tokens), sum(len(d.encode()) for d in docs)
+    return {"bits_per_byte": bits_per_byte(nll, num_bytes),
+            "token_perplexity": math.exp(nll / max(num_tokens, 1)),
+            "documents": len(docs), "tokens": num_tokens, "bytes": num_bytes}
+
+
+def next_line_examples(limit: int) -> list[dict[str, Any]]:
+    spots = _code_lines()
+    rng = random.Random(_SEED + 1)
+    examples = []
+    for lines, j in spots[:limit]:
+        answer = lines[j]
+        others: list[str] = []
+        while len(others) < 3:
+            dl, dj = spots[rng.randrange(len(spots))]
+            if dl[dj] != answer and dl[dj] not in others:
+                others.append(dl[dj])
+        gold = rng.randrange(4)
+        choices = others[:gold] + [answer] + others[gold:]
+        examples.append({"context": _context(lines, j), "choices": choices, "gold": gold})
+    return examples
+
+
+def next_line(engine: Engine, limit: int, progress: Progress | None = None
+              ) -> dict[str, float]:
+    examples = next_line_examples(limit)
+    tok = engine.tokenizer
+    pairs = []
+    for ex in examples:
+        ctx = tok.encode(ex["context"])
+        pairs += [(ctx, tok.encode(c + "\n", special=False)) for c in ex["choices"]]
+    scores = [s for s, _ in engine.loglikelihood(pairs, progress)]
+    acc = acc_norm = 0
+    for i, ex in enumerate(examples):
+        row = scores[4 * i:4 * i + 4]
+        per_byte = [s / len((c + "\n").encode()) for s, c in zip(row, ex["choices"])]
+        acc += row.index(max(row)) == ex["gold"]
+        acc_norm += per_byte.index(max(per_byte)) == ex["gold"]
+    n = max(len(examples), 1)
+    return {"acc": acc / n, "acc_norm": acc_norm / n, "examples": len(examples)}
+
+
+def line_completion_examples(limit: int) -> list[dict[str, str]]:
+    examples = []
+    for lines, j in _code_lines()[-limit:] if limit else []:
+        line = lines[j]
+        indent = len(line) - len(line.lstrip())
+        body = line[indent:]
+        cut = body.rfind(" ", 0, len(body) // 2 + 1)
+        cut = indent + (cut + 1 if cut > 0 else len(body) // 2)
+        examples.append({"context": _context(lines, j) + line[:cut], "target": line[cut:]})
+    return examples
+
+
+def line_completion(engine: Engine, limit: int, progress: Progress | None = None
+                    ) -> dict[str, float]:
+    examples = line_completion_examples(limit)
+    tok = engine.tokenizer
+    texts = engine.generate_until([tok.encode(ex["context"]) for ex in examples],
+                                  [["\n"]] * len(examples),
+                                  [_MAX_NEW_TOKENS] * len(examples), progress)
+    hits = sum(t.rstrip() == ex["target"].rstrip() for t, ex in zip(texts, examples))
+    return {"exact_match": hits / max(len(examples), 1), "examples": len(examples)}
+
+
+TASKS: dict[str, Callable[..., dict[str, float]]] = {
+    "corpus_bpb": corpus_bpb, "next_line": next_line, "line_completion": line_completion}
+
+
+def requests_of(name: str, limit: int) -> int:
+    """Number of engine requests (batch rows) a task makes, for the progress bar."""
+    if name == "next_line":
+        return 4 * limit
+    return limit

@@ -1,0 +1,143 @@
+"""What is evaluated: a checkpoint's params on a mesh, its run config and its text tokenizer.
+
+The tokenizer is the run's sentencepiece model, or, for a checkpoint imported from Hugging Face
+without a sentencepiece file, the Hugging Face tokenizer of the imported directory (`hf_source`
+in the checkpoint), so harness scores match the source model's own tokenization.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+from etils import epath
+from jax.sharding import Mesh
+
+from jaxlm import checkpoint, sharding
+from jaxlm import config as config_lib
+from jaxlm.data.tokenizer import load_tokenizer
+from jaxlm.inference import loading
+from jaxlm.inference.sampler import param_shardings
+from jaxlm.models import ModelConfig, Transformer
+from jaxlm.train_state import abstract_boxed_params
+
+
+class TextTokenizer:
+    """encode/decode with the ids evaluation needs, over sentencepiece or Hugging Face.
+
+    `encode(text, special=True)` adds what the model's documents start with: BOS for a
+    sentencepiece run trained with data.add_bos, the Hugging Face tokenizer's own special tokens
+    otherwise (as the harness's Hugging Face backend does).
+    """
+
+    def __init__(self, tokenizer: Any, *, add_bos: bool, name: str):
+        self._tok, self.add_bos, self.name = tokenizer, add_bos, name
+        self.is_hf = not hasattr(tokenizer, "encode_array")
+
+    @property
+    def raw(self) -> Any:
+        """The wrapped tokenizer (jaxlm's sentencepiece `Tokenizer` or a Hugging Face one)."""
+        return self._tok
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._tok) if self.is_hf else self._tok.vocab_size
+
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        if self.is_hf:
+            return list(self._tok.encode(text, add_special_tokens=special))
+        ids = list(self._tok.encode(text))
+        return [self.bos_id] + ids if special and self.add_bos and self.bos_id >= 0 else ids
+
+    def decode(self, ids: list[int], skip_special: bool = True) -> str:
+        """Text of `ids`; a Hugging Face tokenizer leaves special tokens out unless asked (as
+        the harness's Hugging Face backend decodes generations)."""
+        if self.is_hf:
+            return self._tok.decode(list(ids), skip_special_tokens=skip_special)
+        return self._tok.decode(ids)
+
+    def _hf_id(self, name: str) -> int:
+        value = getattr(self._tok, name, None)
+        return -1 if value is None else int(value)
+
+    @property
+    def bos_id(self) -> int:
+        return self._hf_id("bos_token_id") if self.is_hf else self._tok.bos_id
+
+    @property
+    def eos_id(self) -> int:
+        return self._hf_id("eos_token_id") if self.is_hf else self._tok.eos_id
+
+    @property
+    def pad_id(self) -> int:
+        if self.is_hf:
+            pad = self._hf_id("pad_token_id")
+            return pad if pad >= 0 else max(self.eos_id, 0)
+        return self._tok.pad_id
+
+    @property
+    def prefix_id(self) -> int:
+        """The token an empty context (or a rolling window's start) is conditioned on."""
+        return self.bos_id if self.bos_id >= 0 else self.eos_id
+
+
+@dataclasses.dataclass
+class Target:
+    """A model to evaluate: params (sharded over `mesh`), configs, tokenizer, and where from."""
+
+    config: ml_collections.ConfigDict
+    model_cfg: ModelConfig
+    params: Any
+    tokenizer: TextTokenizer
+    mesh: Mesh
+    step: int
+    directory: str = ""
+
+
+def _tokenizer(config: ml_collections.ConfigDict, extra: dict[str, Any],
+               hf_tokenizer: str) -> TextTokenizer:
+    add_bos = bool(config.data.add_bos)
+    hf_dir = hf_tokenizer or ""
+    path = extra.get("tokenizer_path") or config.data.tokenizer_path
+    if not hf_dir and path and epath.Path(path).exists():
+        tok = load_tokenizer(path)
+        want = extra.get("tokenizer_sha256")
+        if want and tok.sha256 != want:
+            raise ValueError(f"tokenizer {path} has changed since the checkpoint was written")
+        return TextTokenizer(tok, add_bos=add_bos, name=path)
+    hf_dir = hf_dir or extra.get("hf_source", "")
+    if not hf_dir or not os.path.isdir(hf_dir):
+        raise FileNotFoundError(f"the checkpoint's tokenizer {path!r} does not exist and it "
+                                "names no Hugging Face directory; pass --hf_tokenizer=DIR")
+    from transformers import AutoTokenizer  # only for imported checkpoints
+
+    return TextTokenizer(AutoTokenizer.from_pretrained(hf_dir, local_files_only=True),
+                         add_bos=add_bos, name=hf_dir)
+
+
+def load_target(workdir: str, step: int | None = None, mesh: Mesh | None = None,
+                hf_tokenizer: str = "") -> Target:
+    """The newest (or `step`) checkpoint of a run or an imported model, params over `mesh`."""
+    directory = loading.checkpoint_dir(os.path.abspath(workdir) if "://" not in workdir
+                                       else workdir)
+    steps = checkpoint.complete_steps(directory)
+    if not steps:
+        raise FileNotFoundError(f"no complete checkpoint under {workdir}")
+    step = steps[-1] if step is None else step
+    items = loading.read_json_items(directory, step)
+    if checkpoint.CONFIG not in items:
+        raise FileNotFoundError(f"checkpoint {step} in {directory} has no saved config")
+    config = ml_collections.ConfigDict(items[checkpoint.CONFIG])
+    tokenizer = _tokenizer(config, items.get(checkpoint.EXTRA, {}), hf_tokenizer)
+    model_cfg = config_lib.model_config(config, tokenizer.vocab_size)
+    if mesh is None:
+        mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1, "pipeline": 1})
+    shapes = nn.meta.unbox(abstract_boxed_params(Transformer(model_cfg), 1))
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            shapes, param_shardings(model_cfg, mesh))
+    params = checkpoint.restore_params(directory, step, abstract)
+    return Target(config, model_cfg, params, tokenizer, mesh, step, directory)
