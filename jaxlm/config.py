@@ -22,6 +22,7 @@ from jaxlm.distributed import check_distributed_config, default_distributed_conf
 from jaxlm.models.config import ModelConfig, MoeConfig
 from jaxlm.models.lora import ATTENTION_TARGETS, MLP_TARGETS
 from jaxlm.models.pipeline import bubble_fraction
+from jaxlm.models.rope import RopeScaling
 from jaxlm.sharding import MESH_AXES, resolve_mesh_shape
 from jaxlm.stages import STAGE_MODULES, all_stages, get_stage
 
@@ -69,6 +70,24 @@ def base_config() -> ml_collections.ConfigDict:
     m.tie_embeddings = False
     # RoPE base frequency.
     m.rope_theta = 10000.0
+    # RoPE context extension (jaxlm/models/rope.py, docs/hf.md); kind "none" = plain RoPE.
+    m.rope_scaling = rs = ml_collections.ConfigDict()
+    # "none", "linear", "dynamic" (NTK), "llama3" or "yarn".
+    rs.kind = "none"
+    # Context extension factor.
+    rs.factor = 1.0
+    # Pretraining context length (llama3, yarn; dynamic: where the base starts to grow).
+    rs.original_max_len = 0
+    # llama3: wavelengths above original_max_len / low_freq_factor are divided by factor, those
+    # below original_max_len / high_freq_factor kept, a smooth ramp between.
+    rs.low_freq_factor = 1.0
+    rs.high_freq_factor = 4.0
+    # yarn: ramp bounds in rotations over original_max_len, cos/sin scale (0 = 0.1 ln f + 1),
+    # and whether the ramp bounds are rounded to integers.
+    rs.beta_fast = 32.0
+    rs.beta_slow = 1.0
+    rs.attention_factor = 0.0
+    rs.truncate = True
     # Norm epsilon.
     m.norm_eps = 1e-5
     # Stored parameter dtype.
@@ -317,7 +336,9 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = Non
         moe=MoeConfig(**m.moe.to_dict()) if m.moe.num_experts else None,
         lora_rank=m.lora.rank, lora_alpha=m.lora.alpha, lora_dropout=m.lora.dropout,
         lora_targets=ATTENTION_TARGETS + (MLP_TARGETS if m.lora.mlp else ()),
-        reward_head=get_stage(config.stage).reward_head)
+        reward_head=get_stage(config.stage).reward_head,
+        rope_scaling=RopeScaling(**m.rope_scaling.to_dict()) if "rope_scaling" in m
+        else RopeScaling())
     cfg.check()
     return cfg
 

@@ -30,6 +30,13 @@ CASES = {
     "llama_gqa_sharded": (transformers.LlamaConfig,
                           dict(_LLAMA, vocab_size=330, num_key_value_heads=2, rope_theta=5000.0,
                                tie_word_embeddings=False), "30KB"),
+    # Llama 3.2 shape: llama3 RoPE scaling with an original context shorter than the sequence.
+    "llama3_rope_scaling": (transformers.LlamaConfig,
+                            dict(_LLAMA, vocab_size=300, num_key_value_heads=2, rope_theta=5e5,
+                                 tie_word_embeddings=True, rope_scaling=dict(
+                                     rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                     high_freq_factor=4.0, original_max_position_embeddings=8)),
+                            None),
     "llama_tied": (transformers.LlamaConfig,
                    dict(_LLAMA, vocab_size=256, num_key_value_heads=4, tie_word_embeddings=True),
                    None),
@@ -159,9 +166,10 @@ def _llama_json(**overrides):
 
 
 @pytest.mark.parametrize("hf_json, key", [
-    (_llama_json(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "rope_scaling"),
-    (_llama_json(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}),
-     "rope_parameters.rope_type"),
+    (_llama_json(rope_scaling={"rope_type": "longrope", "factor": 8.0}),
+     "rope_scaling.rope_type"),
+    (_llama_json(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0,
+                                  "short_factor": [1.0]}), "rope_parameters.short_factor"),
     (_llama_json(model_type="mistral", sliding_window=16), "sliding_window"),
     (_llama_json(model_type="qwen2", use_sliding_window=True, sliding_window=16),
      "use_sliding_window"),

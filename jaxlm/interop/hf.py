@@ -51,7 +51,11 @@ def run_config(model_fields: dict[str, Any], param_dtype: str,
     """base_config() with the imported model (and its tokenizer) filled in; validated."""
     c = config_lib.base_config()
     for key, value in model_fields.items():
-        c.model[key] = value
+        if isinstance(value, dict):  # a sub-section such as rope_scaling: only the keys given
+            for sub, v in value.items():
+                c.model[key][sub] = v
+        else:
+            c.model[key] = value
     c.model.param_dtype = param_dtype
     c.data.tokenizer_path = tokenizer_path
     c.data.seq_len = min(c.data.seq_len, c.model.max_seq_len)
@@ -122,7 +126,10 @@ def _write_config_file(path: str, c: ml_collections.ConfigDict, fields: dict[str
              "    del arg",
              "    c = base_config()"]
     for key in (*fields, "param_dtype"):  # every architecture key, default or not
-        lines.append(f"    c.model.{key} = {c.model[key]!r}")
+        if isinstance(fields.get(key), dict):
+            lines += [f"    c.model.{key}.{sub} = {c.model[key][sub]!r}" for sub in c.model[key]]
+        else:
+            lines.append(f"    c.model.{key} = {c.model[key]!r}")
     if c.data.tokenizer_path:
         lines.append(f"    c.data.tokenizer_path = {c.data.tokenizer_path!r}")
     if c.data.seq_len != config_lib.base_config().data.seq_len:

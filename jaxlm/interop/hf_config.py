@@ -1,17 +1,19 @@
 """Hugging Face `config.json` <-> the `model` section of a jaxlm run config.
 
-Supported: Llama-family decoders (`model_type` llama, mistral, qwen2: RoPE, RMSNorm, SwiGLU,
-grouped-query attention, Qwen2's q/k/v biases) and GPT-2. Anything in a config.json that would
-change the function the model computes and that jaxlm does not implement (RoPE scaling, sliding
-windows, biases elsewhere, other activations) is an error naming the config.json key, never
-silently dropped.
+Supported: Llama-family decoders (`model_type` llama, mistral, qwen2: RoPE with linear, dynamic,
+llama3 or yarn scaling, RMSNorm, SwiGLU, grouped-query attention, Qwen2's q/k/v biases) and
+GPT-2. Anything in a config.json that would change the function the model computes and that
+jaxlm does not implement (partial rotary embeddings, longrope, biases elsewhere, other
+activations) is an error naming the config.json key, never silently dropped.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from jaxlm.models.config import ModelConfig
+from jaxlm.models.rope import RopeScaling, yarn_attention_factor
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 GPT2 = "gpt2"
@@ -35,23 +37,77 @@ def model_fields(hf: dict[str, Any]) -> dict[str, Any]:
     raise AssertionError  # unreachable
 
 
-def _rope_theta(hf: dict[str, Any]) -> float:
-    """The RoPE base of plain (unscaled) RoPE; transformers <5 and >=5 spell it differently."""
-    params = hf.get("rope_parameters") or {}
-    if params and not all(isinstance(v, (int, float, str)) for v in params.values()):
+_ROPE_KEYS = {  # HF rope parameter -> jaxlm `model.rope_scaling.*` key
+    "factor": "factor", "original_max_position_embeddings": "original_max_len",
+    "low_freq_factor": "low_freq_factor", "high_freq_factor": "high_freq_factor",
+    "beta_fast": "beta_fast", "beta_slow": "beta_slow", "attention_factor": "attention_factor",
+    "truncate": "truncate"}
+_ROPE_IGNORED = ("rope_type", "type", "rope_theta", "partial_rotary_factor", "mscale",
+                 "mscale_all_dim")
+_ROPE_KINDS = {"default": "none", "linear": "linear", "dynamic": "dynamic", "llama3": "llama3",
+               "yarn": "yarn"}
+
+
+def _rope(hf: dict[str, Any]) -> dict[str, Any]:
+    """`rope_theta` and `rope_scaling` (a dict of `model.rope_scaling.*`) of config.json;
+    transformers < 5 spells them rope_theta + rope_scaling, >= 5 rope_parameters."""
+    params = dict(hf.get("rope_parameters") or {})
+    if any(isinstance(v, dict) for v in params.values()):
         _fail("rope_parameters", "per-layer-type RoPE parameters are not supported")
+    key = "rope_parameters"
+    if hf.get("rope_scaling") and params.get("rope_type", "default") == "default":
+        params, key = {**params, **hf["rope_scaling"]}, "rope_scaling"
     kind = params.get("rope_type", params.get("type", "default"))
-    if kind != "default":
-        _fail("rope_parameters.rope_type", f"{kind!r}: only plain RoPE ('default') is "
-              "implemented (no llama3/linear/dynamic/yarn scaling)")
-    scaling = hf.get("rope_scaling")
-    if scaling:
-        kind = scaling.get("rope_type", scaling.get("type"))
-        if kind != "default":
-            _fail("rope_scaling", f"{kind!r} RoPE scaling is not implemented ({scaling})")
+    if kind not in _ROPE_KINDS:
+        _fail(f"{key}.rope_type", f"{kind!r} RoPE is not implemented; supported: "
+              f"{', '.join(_ROPE_KINDS)}")
     if params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
         _fail("partial_rotary_factor", "partial rotary embeddings are not implemented")
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    scaling = {"kind": _ROPE_KINDS[kind]}
+    if kind == "default":
+        return {"rope_theta": theta, "rope_scaling": scaling}
+    unknown = sorted(set(params) - set(_ROPE_KEYS) - set(_ROPE_IGNORED))
+    if unknown:
+        _fail(f"{key}.{unknown[0]}", f"not implemented for {kind!r} RoPE")
+    for hf_key, jaxlm_key in _ROPE_KEYS.items():
+        if params.get(hf_key) is not None:
+            scaling[jaxlm_key] = type(getattr(RopeScaling(), jaxlm_key))(params[hf_key])
+    max_len = hf.get("max_position_embeddings")
+    if kind == "dynamic":  # transformers grows the base past max_position_embeddings
+        scaling["original_max_len"] = int(max_len)
+    elif "original_max_len" not in scaling:
+        scaling["original_max_len"] = int(max_len)
+    if kind == "yarn":
+        if scaling.get("factor") is None:
+            scaling["factor"] = max_len / scaling["original_max_len"]
+        mscale, mscale_all = params.get("mscale"), params.get("mscale_all_dim")
+        if not scaling.get("attention_factor") and mscale and mscale_all:
+            ratio = lambda m: 1.0 if scaling["factor"] <= 1 else (
+                0.1 * m * math.log(scaling["factor"]) + 1.0)
+            scaling["attention_factor"] = float(ratio(mscale) / ratio(mscale_all))
+    return {"rope_theta": theta, "rope_scaling": scaling}
+
+
+def _hf_rope(cfg: ModelConfig) -> dict[str, Any]:
+    """config.json's RoPE keys for `cfg` (both transformers spellings)."""
+    s = cfg.rope_scaling
+    params: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if s.kind != "none":
+        params = {"rope_type": s.kind, "rope_theta": cfg.rope_theta, "factor": s.factor}
+        if s.kind == "llama3":
+            params.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor,
+                          original_max_position_embeddings=s.original_max_len)
+        elif s.kind == "yarn":
+            params.update(beta_fast=s.beta_fast, beta_slow=s.beta_slow, truncate=s.truncate,
+                          original_max_position_embeddings=s.original_max_len,
+                          attention_factor=yarn_attention_factor(s))
+        elif s.kind == "dynamic" and s.original_max_len != cfg.max_seq_len:
+            raise ValueError("config key model.rope_scaling.original_max_len: transformers' "
+                             "dynamic RoPE grows past max_position_embeddings, so it must equal "
+                             f"model.max_seq_len={cfg.max_seq_len}; cannot export")
+    scaling = None if s.kind == "none" else {k: v for k, v in params.items() if k != "rope_theta"}
+    return {"rope_theta": cfg.rope_theta, "rope_scaling": scaling, "rope_parameters": params}
 
 
 def _check_full_attention(hf: dict[str, Any]) -> None:
@@ -86,7 +142,7 @@ def _llama_fields(hf: dict[str, Any]) -> dict[str, Any]:
         "norm": "rmsnorm", "mlp_activation": "swiglu", "use_bias": False,
         "qkv_bias": model_type == "qwen2",
         "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
-        "rope_theta": _rope_theta(hf), "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+        "norm_eps": float(hf.get("rms_norm_eps", 1e-6)), **_rope(hf),
     }
 
 
@@ -112,7 +168,8 @@ def _gpt2_fields(hf: dict[str, Any]) -> dict[str, Any]:
         "position_embedding": "learned", "norm": "layernorm", "mlp_activation": "gelu",
         "use_bias": True, "qkv_bias": False,
         "tie_embeddings": bool(hf.get("tie_word_embeddings", True)),
-        "rope_theta": 10000.0, "norm_eps": float(hf.get("layer_norm_epsilon", 1e-5)),
+        "rope_theta": 10000.0, "rope_scaling": {"kind": "none"},
+        "norm_eps": float(hf.get("layer_norm_epsilon", 1e-5)),
     }
 
 
@@ -158,9 +215,8 @@ def hf_config(cfg: ModelConfig, torch_dtype: str) -> dict[str, Any]:
         "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
         "head_dim": cfg.head_dim, "hidden_act": "silu",
         "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
-        # transformers < 5 reads rope_theta, >= 5 rope_parameters.
-        "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        # transformers < 5 reads rope_theta + rope_scaling, >= 5 rope_parameters.
+        **_hf_rope(cfg),
         "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": torch_dtype,
     }
     if kind == "qwen2":

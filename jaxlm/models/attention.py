@@ -237,8 +237,10 @@ class Attention(nn.Module):
         k_BxLxNxK = sharding.constrain(k_BxLxNxK, ("act_batch", "act_length", "act_kv_heads",
                                                    None))
         if cfg.position_embedding == "rope":
-            q_BxLxHxK = apply_rope(q_BxLxHxK, positions_BxL, cfg.rope_theta)
-            k_BxLxNxK = apply_rope(k_BxLxNxK, positions_BxL, cfg.rope_theta)
+            q_BxLxHxK = apply_rope(q_BxLxHxK, positions_BxL, cfg.rope_theta,
+                                   cfg.rope_scaling)
+            k_BxLxNxK = apply_rope(k_BxLxNxK, positions_BxL, cfg.rope_theta,
+                                   cfg.rope_scaling)
 
         if self.decode:
             out_BxLxHxK = kv_cache.update_and_attend(self, q_BxLxHxK, k_BxLxNxK, v_BxLxNxK,

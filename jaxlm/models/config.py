@@ -14,6 +14,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from jaxlm.models.rope import NO_SCALING, RopeScaling
+
 POSITION_EMBEDDINGS = ("rope", "learned")
 NORMS = ("rmsnorm", "layernorm")
 MLP_ACTIVATIONS = ("swiglu", "gelu")
@@ -79,6 +81,7 @@ class ModelConfig:
       qkv_bias: biases on the query/key/value projections only (Qwen2 style); implied by use_bias.
       tie_embeddings: share the input embedding with the output projection.
       rope_theta: RoPE base frequency.
+      rope_scaling: context extension of RoPE (linear, dynamic NTK, llama3, yarn; models/rope.py).
       norm_eps: epsilon of the norms.
       param_dtype: dtype of the stored parameters ("float32").
       compute_dtype: dtype of matmuls and activations ("float32" on CPU, "bfloat16" on TPU/GPU).
@@ -120,6 +123,7 @@ class ModelConfig:
     qkv_bias: bool = False
     tie_embeddings: bool = False
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = NO_SCALING
     norm_eps: float = 1e-5
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
@@ -171,6 +175,7 @@ class ModelConfig:
             fail("position_embedding", f"{self.position_embedding!r} not in {POSITION_EMBEDDINGS}")
         if self.position_embedding == "rope" and self.head_dim % 2:
             fail("head_dim", f"{self.head_dim} must be even for rope")
+        self.rope_scaling.check(fail)
         if self.norm not in NORMS:
             fail("norm", f"{self.norm!r} not in {NORMS}")
         if self.mlp_activation not in MLP_ACTIVATIONS:
