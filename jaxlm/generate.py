@@ -166,7 +166,7 @@ def score_lines(session: _Session, lines: list[str]) -> list[dict[str, Any]]:
 
 def chat_loop(session: _Session, stdin: IO[str], stdout: IO[str]) -> None:
     """Reads user turns from stdin (one per line; empty line or EOF ends), prints replies."""
-    from jaxlm.data.chat import render_messages  # written with the SFT stage
+    from jaxlm.data.chat import generation_prompt  # the tokenizer's own template, else ChatML
 
     end_id = session.tok.piece_to_id(CHAT_END)
     extra = (end_id,) if session.tok.id_to_piece(end_id) == CHAT_END else ()
@@ -175,7 +175,7 @@ def chat_loop(session: _Session, stdin: IO[str], stdout: IO[str]) -> None:
         if not line.strip():
             break
         messages.append({"role": "user", "content": line.rstrip("\n")})
-        prompt = render_messages(messages, add_generation_prompt=True)
+        prompt = generation_prompt(session.tok, messages, add_bos=session.add_bos)
         reply = session.generate([prompt], extra_stop=extra)[0].split(CHAT_END)[0]
         messages.append({"role": "assistant", "content": reply})
         print(f"assistant: {reply}", file=stdout, flush=True)
