@@ -88,6 +88,10 @@ def base_config() -> ml_collections.ConfigDict:
     rs.beta_slow = 1.0
     rs.attention_factor = 0.0
     rs.truncate = True
+    # Sliding-window attention: a query sees the last sliding_window tokens (0 = all).
+    m.sliding_window = 0
+    # With a window, every this-many-th layer attends globally (0 = none; Gemma 2: 2, 3: 6).
+    m.global_every = 0
     # Norm epsilon.
     m.norm_eps = 1e-5
     # Stored parameter dtype.
@@ -338,7 +342,8 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = Non
         lora_targets=ATTENTION_TARGETS + (MLP_TARGETS if m.lora.mlp else ()),
         reward_head=get_stage(config.stage).reward_head,
         rope_scaling=RopeScaling(**m.rope_scaling.to_dict()) if "rope_scaling" in m
-        else RopeScaling())
+        else RopeScaling(), sliding_window=m.get("sliding_window", 0),
+        global_every=m.get("global_every", 0))
     cfg.check()
     return cfg
 

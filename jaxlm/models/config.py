@@ -82,6 +82,11 @@ class ModelConfig:
       tie_embeddings: share the input embedding with the output projection.
       rope_theta: RoPE base frequency.
       rope_scaling: context extension of RoPE (linear, dynamic NTK, llama3, yarn; models/rope.py).
+      sliding_window: W > 0: a query sees only the last W tokens (itself included) in the layers
+        that use the window (Mistral; Gemma's local layers); 0 = full causal attention.
+      global_every: with a sliding window, every this-many-th layer (the last of each group)
+        attends globally (Gemma 2: 2, Gemma 3: 6); 0 = every layer uses the window, and the KV
+        cache of decoding is then a ring buffer of W slots.
       norm_eps: epsilon of the norms.
       param_dtype: dtype of the stored parameters ("float32").
       compute_dtype: dtype of matmuls and activations ("float32" on CPU, "bfloat16" on TPU/GPU).
@@ -124,6 +129,8 @@ class ModelConfig:
     tie_embeddings: bool = False
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling = NO_SCALING
+    sliding_window: int = 0
+    global_every: int = 0
     norm_eps: float = 1e-5
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
@@ -149,6 +156,17 @@ class ModelConfig:
     def is_moe_layer(self, index: int) -> bool:
         """Whether block `index` (0-based) has the MoE feed-forward: the last of every group."""
         return self.moe is not None and (index + 1) % self.moe.every == 0
+
+    def layer_window(self, index: int) -> int:
+        """The sliding window of block `index` (0-based); 0 = full causal attention."""
+        if self.global_every and (index + 1) % self.global_every == 0:
+            return 0
+        return self.sliding_window
+
+    @property
+    def mixed_windows(self) -> bool:
+        """Some layers use the sliding window and some attend globally."""
+        return len({self.layer_window(i) for i in range(self.num_layers)}) > 1
 
     @property
     def dtype(self) -> Any:
@@ -176,6 +194,12 @@ class ModelConfig:
         if self.position_embedding == "rope" and self.head_dim % 2:
             fail("head_dim", f"{self.head_dim} must be even for rope")
         self.rope_scaling.check(fail)
+        if self.sliding_window < 0 or self.global_every < 0:
+            fail("sliding_window", "sliding_window and global_every must be >= 0")
+        if self.mixed_windows and (self.pipeline_stages > 1 or (
+                self.moe is not None and self.moe.every > 1)):
+            fail("global_every", "alternating local and global layers cannot run in the "
+                 "pipeline schedule or with model.moe.every > 1")
         if self.norm not in NORMS:
             fail("norm", f"{self.norm!r} not in {NORMS}")
         if self.mlp_activation not in MLP_ACTIVATIONS:

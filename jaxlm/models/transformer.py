@@ -37,15 +37,18 @@ class Block(nn.Module):
     cfg: ModelConfig
     decode: bool = False
     moe: bool = False
+    window: int = -1  # this block's sliding window; -1: the model's (cfg.sliding_window)
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array,
-                 segment_ids_BxL: jax.Array) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+                 segment_ids_BxL: jax.Array, layer_window: jax.Array | None = None
+                 ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
         x_BxLxD = sharding.constrain(x_BxLxD, _ACT)
+        window = self.cfg.sliding_window if self.window < 0 else self.window
         with jax.named_scope("attention"):
             h_BxLxD = Norm(self.cfg, name="attn_norm")(x_BxLxD)
-            attn = Attention(self.cfg, self.decode, name="attn")
-            x_BxLxD = x_BxLxD + attn(h_BxLxD, positions_BxL, segment_ids_BxL)
+            attn = Attention(self.cfg, self.decode, window, name="attn")
+            x_BxLxD = x_BxLxD + attn(h_BxLxD, positions_BxL, segment_ids_BxL, layer_window)
         with jax.named_scope("mlp"):
             h_BxLxD = Norm(self.cfg, name="mlp_norm")(x_BxLxD)
             stats = None
@@ -145,16 +148,20 @@ class Transformer(nn.Module):
             unit, length, kwargs = block_cls, cfg.num_layers, {"moe": cfg.moe is not None}
             if cfg.moe is not None and cfg.moe.every > 1:
                 unit, length, kwargs = BlockGroup, cfg.num_layers // cfg.moe.every, {}
+            # Alternating local/global layers: each layer's window is a scanned input.
+            windows = ((jnp.asarray([cfg.layer_window(i) for i in range(length)], jnp.int32),)
+                       if cfg.mixed_windows else ())
             stack = nn.scan(unit, variable_axes={"params": 0, "cache": 0},
                             split_rngs={"params": True, "dropout": True},
-                            in_axes=(nn.broadcast, nn.broadcast), length=length,
-                            metadata_params={nn.PARTITION_NAME: "layers"})
+                            in_axes=(nn.broadcast, nn.broadcast) + (0,) * len(windows),
+                            length=length, metadata_params={nn.PARTITION_NAME: "layers"})
             x_BxLxD, stats = stack(cfg, self.decode, name="blocks", **kwargs)(
-                x_BxLxD, positions_BxL, segment_ids_BxL)
+                x_BxLxD, positions_BxL, segment_ids_BxL, *windows)
         else:
             per_layer = []
             for i in range(cfg.num_layers):
-                block = block_cls(cfg, self.decode, moe=cfg.is_moe_layer(i), name=f"block_{i}")
+                block = block_cls(cfg, self.decode, moe=cfg.is_moe_layer(i),
+                                  window=cfg.layer_window(i), name=f"block_{i}")
                 x_BxLxD, stats = block(x_BxLxD, positions_BxL, segment_ids_BxL)
                 per_layer += [stats] if stats is not None else []
             stats = jax.tree.map(lambda *s: jnp.stack(s), *per_layer) if per_layer else None
