@@ -30,6 +30,8 @@ FAMILIES = {
             original_max_position_embeddings=16))),
     "qwen2.5": (transformers.Qwen2Config, dict(_DENSE, tie_word_embeddings=True,
                                                rope_theta=1e6)),
+    # A window of 16 tokens on 88-token sequences (ring-buffer KV cache).
+    "mistral": (transformers.MistralConfig, dict(_DENSE, sliding_window=16)),
     "gpt2": (transformers.GPT2Config, dict(vocab_size=512, n_positions=128, n_embd=32,
                                            n_layer=2, n_head=4, n_inner=48)),
 }

@@ -44,6 +44,14 @@ CASES = {
     "mistral_mqa_head_dim": (transformers.MistralConfig,
                              dict(_LLAMA, vocab_size=300, num_key_value_heads=1, head_dim=16,
                                   sliding_window=None, rope_theta=1e6), None),
+    # A sliding window shorter than the 12 test tokens (exports as Mistral again).
+    "window_mistral": (transformers.MistralConfig,
+                       dict(_LLAMA, vocab_size=300, num_key_value_heads=2, sliding_window=5),
+                       None),
+    # Qwen2 with every layer local, and q/k/v biases.
+    "window_qwen2": (transformers.Qwen2Config,
+                     dict(_LLAMA, vocab_size=300, num_key_value_heads=2, use_sliding_window=True,
+                          sliding_window=4, max_window_layers=0), None),
     # q/k/v biases, tied.
     "qwen2_bias": (transformers.Qwen2Config,
                    dict(_LLAMA, vocab_size=300, num_key_value_heads=2,
@@ -170,9 +178,9 @@ def _llama_json(**overrides):
      "rope_scaling.rope_type"),
     (_llama_json(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0,
                                   "short_factor": [1.0]}), "rope_parameters.short_factor"),
-    (_llama_json(model_type="mistral", sliding_window=16), "sliding_window"),
-    (_llama_json(model_type="qwen2", use_sliding_window=True, sliding_window=16),
-     "use_sliding_window"),
+    (_llama_json(model_type="qwen2", use_sliding_window=True, sliding_window=16,
+                 max_window_layers=1), "max_window_layers"),
+    (_llama_json(layer_types=["chunked_attention", "full_attention"]), "layer_types"),
     (_llama_json(attention_bias=True), "attention_bias"),
     (_llama_json(mlp_bias=True), "mlp_bias"),
     (_llama_json(hidden_act="gelu"), "hidden_act"),

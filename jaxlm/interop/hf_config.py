@@ -110,17 +110,34 @@ def _hf_rope(cfg: ModelConfig) -> dict[str, Any]:
     return {"rope_theta": cfg.rope_theta, "rope_scaling": scaling, "rope_parameters": params}
 
 
-def _check_full_attention(hf: dict[str, Any]) -> None:
-    if hf.get("use_sliding_window"):
-        _fail("use_sliding_window", "sliding-window attention is not implemented")
-    window, max_len = hf.get("sliding_window"), hf.get("max_position_embeddings")
-    if hf.get("use_sliding_window", True) and window is not None and window < max_len:
-        _fail("sliding_window", f"{window} < max_position_embeddings={max_len}: sliding-window "
-              "attention is not implemented (a model whose window covers every position, or "
-              "null, converts)")
-    kinds = set(hf.get("layer_types") or ["full_attention"])
-    if kinds != {"full_attention"}:
-        _fail("layer_types", f"{sorted(kinds)}: only full_attention layers are implemented")
+def _windows(hf: dict[str, Any]) -> dict[str, int]:
+    """`sliding_window` and `global_every` of config.json's sliding window and layer types
+    (Mistral: every layer local; Qwen2: local from max_window_layers on, when
+    use_sliding_window; Gemma: layer_types, every k-th layer global)."""
+    n, max_len = hf["num_hidden_layers"], hf.get("max_position_embeddings")
+    window = hf.get("sliding_window")
+    if hf.get("model_type") == "qwen2" and not hf.get("use_sliding_window"):
+        window = None
+    types = hf.get("layer_types")
+    if types is None:
+        first_local = hf.get("max_window_layers", 0) if hf.get("model_type") == "qwen2" else 0
+        types = ["sliding_attention" if window is not None and i >= first_local
+                 else "full_attention" for i in range(n)]
+    unknown = set(types) - {"sliding_attention", "full_attention"}
+    if unknown:
+        _fail("layer_types", f"{sorted(unknown)}: only full_attention and sliding_attention "
+              "layers are implemented")
+    local = [t == "sliding_attention" for t in types]
+    if not any(local) or not window:
+        return {"sliding_window": 0, "global_every": 0}
+    every = 0 if all(local) else local.index(False) + 1
+    if any(local[i] != (every == 0 or (i + 1) % every != 0) for i in range(n)):
+        key = "max_window_layers" if hf.get("model_type") == "qwen2" else "layer_types"
+        _fail(key, f"local layers {[i for i in range(n) if local[i]]}: only every layer local, "
+              "or every k-th layer global (the last of each group of k), is implemented")
+    if every == 0 and max_len and window >= max_len:  # the window covers every position
+        return {"sliding_window": 0, "global_every": 0}
+    return {"sliding_window": int(window), "global_every": every}
 
 
 def _llama_fields(hf: dict[str, Any]) -> dict[str, Any]:
@@ -132,7 +149,6 @@ def _llama_fields(hf: dict[str, Any]) -> dict[str, Any]:
               "not implemented; Qwen2's q/k/v-only biases are (model_type qwen2)")
     if hf.get("mlp_bias"):
         _fail("mlp_bias", "MLP biases in a Llama-family model are not implemented")
-    _check_full_attention(hf)
     d, heads = hf["hidden_size"], hf["num_attention_heads"]
     return {
         "vocab_size": hf["vocab_size"], "d_model": d, "num_layers": hf["num_hidden_layers"],
@@ -142,7 +158,7 @@ def _llama_fields(hf: dict[str, Any]) -> dict[str, Any]:
         "norm": "rmsnorm", "mlp_activation": "swiglu", "use_bias": False,
         "qkv_bias": model_type == "qwen2",
         "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
-        "norm_eps": float(hf.get("rms_norm_eps", 1e-6)), **_rope(hf),
+        "norm_eps": float(hf.get("rms_norm_eps", 1e-6)), **_rope(hf), **_windows(hf),
     }
 
 
@@ -192,7 +208,12 @@ def family(cfg: ModelConfig) -> str:
     for key, want in (("norm", "rmsnorm"), ("mlp_activation", "swiglu"), ("use_bias", False)):
         if getattr(cfg, key) != want:
             fail(key, f"a Llama-style model (rope) needs {want!r}")
-    return "qwen2" if cfg.qkv_bias else "llama"
+    if cfg.mixed_windows:
+        fail("global_every", "no Llama-family HF architecture alternates local and global "
+             "layers")
+    if cfg.qkv_bias:
+        return "qwen2"
+    return "mistral" if cfg.sliding_window else "llama"
 
 
 def hf_config(cfg: ModelConfig, torch_dtype: str) -> dict[str, Any]:
@@ -208,8 +229,10 @@ def hf_config(cfg: ModelConfig, torch_dtype: str) -> dict[str, Any]:
             "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
             "torch_dtype": torch_dtype,
         }
+    architectures = {"qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
+                     "llama": "LlamaForCausalLM"}
     out = {
-        "architectures": ["Qwen2ForCausalLM" if kind == "qwen2" else "LlamaForCausalLM"],
+        "architectures": [architectures[kind]],
         "model_type": kind, "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
         "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
@@ -219,9 +242,12 @@ def hf_config(cfg: ModelConfig, torch_dtype: str) -> dict[str, Any]:
         **_hf_rope(cfg),
         "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": torch_dtype,
     }
+    window = cfg.sliding_window or None
     if kind == "qwen2":
-        out.update(use_sliding_window=False, sliding_window=None,
-                   max_window_layers=cfg.num_layers)
+        out.update(use_sliding_window=window is not None, sliding_window=window,
+                   max_window_layers=0 if window else cfg.num_layers)
+    elif kind == "mistral":
+        out.update(sliding_window=window)
     else:
         out.update(attention_bias=False, mlp_bias=False)
     return out
