@@ -92,6 +92,16 @@ def base_config() -> ml_collections.ConfigDict:
     m.sliding_window = 0
     # With a window, every this-many-th layer attends globally (0 = none; Gemma 2: 2, 3: 6).
     m.global_every = 0
+    # RoPE base of the sliding-window layers (Gemma 3: 10000); 0 = the global layers' RoPE.
+    m.rope_local_theta = 0.0
+    # Gemma: RMSNorm scales by (1 + scale); norms on the attention and MLP outputs too; RMSNorm
+    # on queries and keys (Gemma 3); scores scaled by attn_scale_dim^-1/2 (0 = head_dim);
+    # embeddings multiplied by sqrt(d_model).
+    m.norm_plus_one = False
+    m.post_norms = False
+    m.qk_norm = False
+    m.attn_scale_dim = 0.0
+    m.embed_scale = False
     # Norm epsilon.
     m.norm_eps = 1e-5
     # Stored parameter dtype.
@@ -342,8 +352,10 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = Non
         lora_targets=ATTENTION_TARGETS + (MLP_TARGETS if m.lora.mlp else ()),
         reward_head=get_stage(config.stage).reward_head,
         rope_scaling=RopeScaling(**m.rope_scaling.to_dict()) if "rope_scaling" in m
-        else RopeScaling(), sliding_window=m.get("sliding_window", 0),
-        global_every=m.get("global_every", 0))
+        else RopeScaling(), **{key: m.get(key, default) for key, default in (
+            ("sliding_window", 0), ("global_every", 0), ("rope_local_theta", 0.0),
+            ("norm_plus_one", False), ("post_norms", False), ("qk_norm", False),
+            ("attn_scale_dim", 0.0), ("embed_scale", False))})
     cfg.check()
     return cfg
 

@@ -32,6 +32,16 @@ FAMILIES = {
                                                rope_theta=1e6)),
     # A window of 16 tokens on 88-token sequences (ring-buffer KV cache).
     "mistral": (transformers.MistralConfig, dict(_DENSE, sliding_window=16)),
+    # Local (window 16) then global layers; no logit soft-capping (not implemented).
+    "gemma2": (transformers.Gemma2Config, dict(
+        _DENSE, head_dim=8, query_pre_attn_scalar=16, sliding_window=16,
+        attn_logit_softcapping=None, final_logit_softcapping=None)),
+    # q/k norms; local layers with their own RoPE base, global ones with linear scaling.
+    "gemma3": (transformers.Gemma3TextConfig, dict(
+        _DENSE, head_dim=8, query_pre_attn_scalar=16, sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"], rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
     "gpt2": (transformers.GPT2Config, dict(vocab_size=512, n_positions=128, n_embd=32,
                                            n_layer=2, n_head=4, n_inner=48)),
 }

@@ -52,6 +52,18 @@ CASES = {
     "window_qwen2": (transformers.Qwen2Config,
                      dict(_LLAMA, vocab_size=300, num_key_value_heads=2, use_sliding_window=True,
                           sliding_window=4, max_window_layers=0), None),
+    # Gemma 3: local layer (window 5 < 12 tokens) then global; q/k norms, two RoPE bases.
+    "gemma3": (transformers.Gemma3TextConfig,
+               dict(_LLAMA, vocab_size=300, num_key_value_heads=2, head_dim=8,
+                    query_pre_attn_scalar=12, sliding_window=5,
+                    layer_types=["sliding_attention", "full_attention"], rope_parameters={
+                        "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+               None),
+    "gemma2": (transformers.Gemma2Config,
+               dict(_LLAMA, vocab_size=300, num_key_value_heads=2, head_dim=8,
+                    sliding_window=5, attn_logit_softcapping=None,
+                    final_logit_softcapping=None), None),
     # q/k/v biases, tied.
     "qwen2_bias": (transformers.Qwen2Config,
                    dict(_LLAMA, vocab_size=300, num_key_value_heads=2,

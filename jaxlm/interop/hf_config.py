@@ -1,10 +1,13 @@
 """Hugging Face `config.json` <-> the `model` section of a jaxlm run config.
 
 Supported: Llama-family decoders (`model_type` llama, mistral, qwen2: RoPE with linear, dynamic,
-llama3 or yarn scaling, RMSNorm, SwiGLU, grouped-query attention, Qwen2's q/k/v biases) and
-GPT-2. Anything in a config.json that would change the function the model computes and that
-jaxlm does not implement (partial rotary embeddings, longrope, biases elsewhere, other
-activations) is an error naming the config.json key, never silently dropped.
+llama3 or yarn scaling, RMSNorm, SwiGLU, grouped-query attention, Qwen2's q/k/v biases, sliding
+windows), Gemma 2 / Gemma 3 text models (gemma2, gemma3_text: (1 + w) RMSNorms around attention
+and MLP, GeGLU, query pre-attention scaling, alternating local/global layers, embeddings scaled
+by sqrt(d); Gemma 3's q/k norms and local RoPE base) and GPT-2. Anything in a config.json
+that would change the function the model computes and that jaxlm does not implement (partial
+rotary embeddings, longrope, logit soft-capping, biases elsewhere, other activations) is an
+error naming the config.json key, never silently dropped.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from jaxlm.models.config import ModelConfig
 from jaxlm.models.rope import RopeScaling, yarn_attention_factor
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+GEMMA_FAMILY = ("gemma2", "gemma3_text")
 GPT2 = "gpt2"
 # GELU variants equal to jax.nn.gelu(approximate=True), the one jaxlm's GPT-2 MLP uses.
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
@@ -30,10 +34,14 @@ def model_fields(hf: dict[str, Any]) -> dict[str, Any]:
     model_type = hf.get("model_type")
     if model_type in LLAMA_FAMILY:
         return _llama_fields(hf)
+    if model_type in GEMMA_FAMILY:
+        return _gemma_fields(hf)
     if model_type == GPT2:
         return _gpt2_fields(hf)
-    _fail("model_type", f"{model_type!r} is not supported; supported: "
-          f"{', '.join(LLAMA_FAMILY + (GPT2,))}")
+    hint = " (a Gemma 3 checkpoint with vision: convert its text model, model_type " \
+        "gemma3_text)" if model_type == "gemma3" else ""
+    _fail("model_type", f"{model_type!r} is not supported{hint}; supported: "
+          f"{', '.join(LLAMA_FAMILY + GEMMA_FAMILY + (GPT2,))}")
     raise AssertionError  # unreachable
 
 
@@ -162,6 +170,52 @@ def _llama_fields(hf: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _gemma_rope(hf: dict[str, Any]) -> dict[str, Any]:
+    """Gemma 3's global-layer RoPE and local-layer base (`rope_parameters` per layer type in
+    transformers >= 5; rope_theta, rope_scaling and rope_local_base_freq before)."""
+    params = hf.get("rope_parameters") or {}
+    if "full_attention" in params or "sliding_attention" in params:
+        local = params.get("sliding_attention") or {}
+        if local.get("rope_type", "default") != "default":
+            _fail("rope_parameters.sliding_attention.rope_type", f"{local['rope_type']!r}: "
+                  "only plain RoPE is implemented for sliding-window layers")
+        out = _rope({**hf, "rope_parameters": params.get("full_attention") or {}})
+        local_theta = local.get("rope_theta", hf.get("rope_local_base_freq", 10000.0))
+    else:
+        out = _rope(hf)
+        local_theta = hf.get("rope_local_base_freq", out["rope_theta"])
+    return {**out, "rope_local_theta": float(local_theta)}
+
+
+def _gemma_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    model_type = hf["model_type"]
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in _TANH_GELUS:
+        _fail("hidden_activation", f"{act!r}: jaxlm's GeGLU uses the tanh GELU")
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if hf.get(key) is not None:
+            _fail(key, f"{hf[key]}: logit soft-capping is not implemented (Gemma 2 "
+                  "checkpoints use it; set it to null only if the model was trained without)")
+    for key in ("attention_bias", "use_bidirectional_attention"):
+        if hf.get(key):
+            _fail(key, "not implemented")
+    d, heads = hf["hidden_size"], hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or d // heads
+    rope = _gemma_rope(hf) if model_type == "gemma3_text" else _rope(hf)
+    return {
+        "vocab_size": hf["vocab_size"], "d_model": d, "num_layers": hf["num_hidden_layers"],
+        "num_heads": heads, "num_kv_heads": hf.get("num_key_value_heads") or heads,
+        "head_dim": head_dim, "d_ff": hf["intermediate_size"],
+        "max_seq_len": hf["max_position_embeddings"], "position_embedding": "rope",
+        "norm": "rmsnorm", "mlp_activation": "geglu", "use_bias": False, "qkv_bias": False,
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", True)),
+        "norm_eps": float(hf.get("rms_norm_eps", 1e-6)), **rope, **_windows(hf),
+        "norm_plus_one": True, "post_norms": True, "qk_norm": model_type == "gemma3_text",
+        "attn_scale_dim": float(hf.get("query_pre_attn_scalar") or head_dim),
+        "embed_scale": True,
+    }
+
+
 def _gpt2_fields(hf: dict[str, Any]) -> dict[str, Any]:
     act = hf.get("activation_function", "gelu_new")
     if act not in _TANH_GELUS:
@@ -205,7 +259,15 @@ def family(cfg: ModelConfig) -> str:
         if cfg.num_heads * cfg.head_dim != cfg.d_model:
             fail("head_dim", "GPT-2 needs num_heads * head_dim == d_model")
         return GPT2
-    for key, want in (("norm", "rmsnorm"), ("mlp_activation", "swiglu"), ("use_bias", False)):
+    if cfg.post_norms:
+        for key, want in (("norm", "rmsnorm"), ("mlp_activation", "geglu"), ("use_bias", False),
+                          ("qkv_bias", False), ("norm_plus_one", True), ("embed_scale", True)):
+            if getattr(cfg, key) != want:
+                fail(key, f"a Gemma-style model (post_norms) needs {want!r}")
+        return "gemma3_text" if cfg.qk_norm else "gemma2"
+    for key, want in (("norm", "rmsnorm"), ("mlp_activation", "swiglu"), ("use_bias", False),
+                      ("norm_plus_one", False), ("qk_norm", False), ("embed_scale", False),
+                      ("attn_scale_dim", 0.0), ("rope_local_theta", 0.0)):
         if getattr(cfg, key) != want:
             fail(key, f"a Llama-style model (rope) needs {want!r}")
     if cfg.mixed_windows:
@@ -229,6 +291,8 @@ def hf_config(cfg: ModelConfig, torch_dtype: str) -> dict[str, Any]:
             "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
             "torch_dtype": torch_dtype,
         }
+    if kind in GEMMA_FAMILY:
+        return _hf_gemma_config(cfg, kind, torch_dtype)
     architectures = {"qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
                      "llama": "LlamaForCausalLM"}
     out = {
@@ -251,3 +315,35 @@ def hf_config(cfg: ModelConfig, torch_dtype: str) -> dict[str, Any]:
     else:
         out.update(attention_bias=False, mlp_bias=False)
     return out
+
+
+def _hf_gemma_config(cfg: ModelConfig, kind: str, torch_dtype: str) -> dict[str, Any]:
+    layer_types = ["sliding_attention" if cfg.layer_window(i) else "full_attention"
+                   for i in range(cfg.num_layers)]
+    out = {
+        "architectures": ["Gemma3ForCausalLM" if kind == "gemma3_text" else "Gemma2ForCausalLM"],
+        "model_type": kind, "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim, "hidden_activation": "gelu_pytorch_tanh",
+        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+        "query_pre_attn_scalar": _int_if_whole(cfg.attn_scale_dim or cfg.head_dim),
+        "sliding_window": cfg.sliding_window or None, "layer_types": layer_types,
+        "attn_logit_softcapping": None, "final_logit_softcapping": None,
+        "attention_bias": False, "tie_word_embeddings": cfg.tie_embeddings,
+        "torch_dtype": torch_dtype, **_hf_rope(cfg),
+    }
+    if kind == "gemma3_text":
+        local_theta = cfg.rope_local_theta or cfg.rope_theta
+        out["rope_local_base_freq"] = local_theta
+        out["rope_parameters"] = {"full_attention": out["rope_parameters"],
+                                  "sliding_attention": {"rope_type": "default",
+                                                        "rope_theta": local_theta}}
+    elif cfg.rope_local_theta and cfg.rope_local_theta != cfg.rope_theta:
+        raise ValueError("config key model.rope_local_theta: Gemma 2 uses one RoPE base for "
+                         "every layer; cannot export")
+    return out
+
+
+def _int_if_whole(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else x

@@ -22,7 +22,8 @@ from jaxlm.models.chunked_attention import chunked_attention
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.kernel_attention import cudnn_attention, splash_attention
 from jaxlm.models.mlp import dense
-from jaxlm.models.rope import apply_rope
+from jaxlm.models.norms import Norm
+from jaxlm.models.rope import NO_SCALING, apply_rope
 
 Window = int | jax.Array | None
 
@@ -238,6 +239,25 @@ class Attention(nn.Module):
         return self.param(name, nn.with_logical_partitioning(nn.initializers.zeros, axes), shape,
                           self.cfg.weight_dtype).astype(self.cfg.dtype)
 
+    def _rope(self, q_BxLxHxK: jax.Array, k_BxLxNxK: jax.Array, positions_BxL: jax.Array,
+              window: Window) -> tuple[jax.Array, jax.Array]:
+        """RoPE of the model; sliding-window layers use `rope_local_theta` when it is set
+        (chosen per layer: statically, or by the traced window under scan)."""
+        cfg = self.cfg
+
+        def rotate(theta, scaling):
+            return (apply_rope(q_BxLxHxK, positions_BxL, theta, scaling),
+                    apply_rope(k_BxLxNxK, positions_BxL, theta, scaling))
+
+        if not cfg.rope_local_theta or not cfg.sliding_window:
+            return rotate(cfg.rope_theta, cfg.rope_scaling)
+        if isinstance(window, int):
+            return (rotate(cfg.rope_local_theta, NO_SCALING) if window
+                    else rotate(cfg.rope_theta, cfg.rope_scaling))
+        local, full = rotate(cfg.rope_local_theta, NO_SCALING), rotate(cfg.rope_theta,
+                                                                       cfg.rope_scaling)
+        return tuple(jnp.where(window > 0, a, b) for a, b in zip(local, full))
+
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array,
                  segment_ids_BxL: jax.Array, layer_window: jax.Array | None = None
@@ -264,11 +284,15 @@ class Attention(nn.Module):
         q_BxLxHxK = sharding.constrain(q_BxLxHxK, ("act_batch", "act_length", "act_heads", None))
         k_BxLxNxK = sharding.constrain(k_BxLxNxK, ("act_batch", "act_length", "act_kv_heads",
                                                    None))
+        if cfg.qk_norm:  # RMSNorm over each head's K features
+            q_BxLxHxK = Norm(cfg, name="q_norm")(q_BxLxHxK.reshape(b, length * h, k)).reshape(
+                b, length, h, k)
+            k_BxLxNxK = Norm(cfg, name="k_norm")(k_BxLxNxK.reshape(b, length * n, k)).reshape(
+                b, length, n, k)
         if cfg.position_embedding == "rope":
-            q_BxLxHxK = apply_rope(q_BxLxHxK, positions_BxL, cfg.rope_theta,
-                                   cfg.rope_scaling)
-            k_BxLxNxK = apply_rope(k_BxLxNxK, positions_BxL, cfg.rope_theta,
-                                   cfg.rope_scaling)
+            q_BxLxHxK, k_BxLxNxK = self._rope(q_BxLxHxK, k_BxLxNxK, positions_BxL, window)
+        if cfg.attn_scale_dim:  # the kernels scale by k^-1/2; scores want attn_scale_dim^-1/2
+            q_BxLxHxK = q_BxLxHxK * jnp.asarray((k / cfg.attn_scale_dim) ** 0.5, q_BxLxHxK.dtype)
 
         if self.decode:
             ring = bool(cfg.sliding_window) and not cfg.mixed_windows

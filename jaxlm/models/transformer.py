@@ -29,7 +29,8 @@ REMAT_POLICIES = {
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); with
+    `cfg.post_norms`, x + norm(attn(norm(x))) and x + norm(mlp(norm(x))) (Gemma).
 
     With `moe` the MLP is a mixture of experts and the block also returns its router stats.
     """
@@ -48,7 +49,10 @@ class Block(nn.Module):
         with jax.named_scope("attention"):
             h_BxLxD = Norm(self.cfg, name="attn_norm")(x_BxLxD)
             attn = Attention(self.cfg, self.decode, window, name="attn")
-            x_BxLxD = x_BxLxD + attn(h_BxLxD, positions_BxL, segment_ids_BxL, layer_window)
+            h_BxLxD = attn(h_BxLxD, positions_BxL, segment_ids_BxL, layer_window)
+            if self.cfg.post_norms:
+                h_BxLxD = Norm(self.cfg, name="post_attn_norm")(h_BxLxD)
+            x_BxLxD = x_BxLxD + h_BxLxD
         with jax.named_scope("mlp"):
             h_BxLxD = Norm(self.cfg, name="mlp_norm")(x_BxLxD)
             stats = None
@@ -56,6 +60,8 @@ class Block(nn.Module):
                 h_BxLxD, stats = MoeMlp(self.cfg, name="moe")(h_BxLxD, segment_ids_BxL > 0)
             else:
                 h_BxLxD = Mlp(self.cfg, name="mlp")(h_BxLxD)
+            if self.cfg.post_norms:
+                h_BxLxD = Norm(self.cfg, name="post_mlp_norm")(h_BxLxD)
             x_BxLxD = x_BxLxD + h_BxLxD
         return sharding.constrain(x_BxLxD, _ACT), stats
 
@@ -131,6 +137,8 @@ class Transformer(nn.Module):
         embed_VxD = self.param("embed", nn.with_logical_partitioning(init, ("vocab", "embed")),
                                (cfg.padded_vocab_size, cfg.d_model), cfg.weight_dtype)
         x_BxLxD = jnp.take(embed_VxD, inputs_BxL, axis=0).astype(cfg.dtype)
+        if cfg.embed_scale:  # Gemma: embeddings times sqrt(d_model)
+            x_BxLxD = x_BxLxD * jnp.asarray(cfg.d_model**0.5, cfg.dtype)
         if cfg.position_embedding == "learned":
             pos_PxD = self.param("pos_embed",
                                  nn.with_logical_partitioning(init, ("positions", "embed")),
