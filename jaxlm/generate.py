@@ -21,6 +21,7 @@ from typing import IO, Any
 from absl import app, flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (or its checkpoints/ directory).")
+flags.DEFINE_alias("checkpoint", "workdir")  # e.g. --checkpoint=<tools/convert_hf.py import dir>
 _STEP = flags.DEFINE_integer("step", -1, "Checkpoint step; -1 = the newest.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "Prompt text; repeat for a batch.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt at most.")
