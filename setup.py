@@ -24,6 +24,9 @@ setuptools.setup(
         "etils[epath]",
         "pyarrow>=15",
         "safetensors>=0.4",  # tools/convert_hf.py (Hugging Face import/export)
+        # Hugging Face tokenizer.json and its Jinja chat template (jaxlm/data/hf_tokenizer.py).
+        "tokenizers>=0.20",
+        "jinja2>=3.1",
         # Scaling-law fits (jaxlm/scaling_fit.py) and their plots (tools/fit_scaling_law.py).
         "scipy>=1.11",
         "matplotlib>=3.8",

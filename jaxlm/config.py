@@ -23,6 +23,7 @@ from jaxlm.evaluation.settings import check_eval_config, default_eval_config
 from jaxlm.models.config import ModelConfig, MoeConfig
 from jaxlm.models.lora import ATTENTION_TARGETS, MLP_TARGETS
 from jaxlm.models.pipeline import bubble_fraction
+from jaxlm.models.rope import RopeScaling
 from jaxlm.sharding import MESH_AXES, resolve_mesh_shape
 from jaxlm.stages import STAGE_MODULES, all_stages, get_stage
 
@@ -70,6 +71,38 @@ def base_config() -> ml_collections.ConfigDict:
     m.tie_embeddings = False
     # RoPE base frequency.
     m.rope_theta = 10000.0
+    # RoPE context extension (jaxlm/models/rope.py, docs/hf.md); kind "none" = plain RoPE.
+    m.rope_scaling = rs = ml_collections.ConfigDict()
+    # "none", "linear", "dynamic" (NTK), "llama3" or "yarn".
+    rs.kind = "none"
+    # Context extension factor.
+    rs.factor = 1.0
+    # Pretraining context length (llama3, yarn; dynamic: where the base starts to grow).
+    rs.original_max_len = 0
+    # llama3: wavelengths above original_max_len / low_freq_factor are divided by factor, those
+    # below original_max_len / high_freq_factor kept, a smooth ramp between.
+    rs.low_freq_factor = 1.0
+    rs.high_freq_factor = 4.0
+    # yarn: ramp bounds in rotations over original_max_len, cos/sin scale (0 = 0.1 ln f + 1),
+    # and whether the ramp bounds are rounded to integers.
+    rs.beta_fast = 32.0
+    rs.beta_slow = 1.0
+    rs.attention_factor = 0.0
+    rs.truncate = True
+    # Sliding-window attention: a query sees the last sliding_window tokens (0 = all).
+    m.sliding_window = 0
+    # With a window, every this-many-th layer attends globally (0 = none; Gemma 2: 2, 3: 6).
+    m.global_every = 0
+    # RoPE base of the sliding-window layers (Gemma 3: 10000); 0 = the global layers' RoPE.
+    m.rope_local_theta = 0.0
+    # Gemma: RMSNorm scales by (1 + scale); norms on the attention and MLP outputs too; RMSNorm
+    # on queries and keys (Gemma 3); scores scaled by attn_scale_dim^-1/2 (0 = head_dim);
+    # embeddings multiplied by sqrt(d_model).
+    m.norm_plus_one = False
+    m.post_norms = False
+    m.qk_norm = False
+    m.attn_scale_dim = 0.0
+    m.embed_scale = False
     # Norm epsilon.
     m.norm_eps = 1e-5
     # Stored parameter dtype.
@@ -327,7 +360,12 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = Non
         moe=MoeConfig(**m.moe.to_dict()) if m.moe.num_experts else None,
         lora_rank=m.lora.rank, lora_alpha=m.lora.alpha, lora_dropout=m.lora.dropout,
         lora_targets=ATTENTION_TARGETS + (MLP_TARGETS if m.lora.mlp else ()),
-        reward_head=get_stage(config.stage).reward_head)
+        reward_head=get_stage(config.stage).reward_head,
+        rope_scaling=RopeScaling(**m.rope_scaling.to_dict()) if "rope_scaling" in m
+        else RopeScaling(), **{key: m.get(key, default) for key, default in (
+            ("sliding_window", 0), ("global_every", 0), ("rope_local_theta", 0.0),
+            ("norm_plus_one", False), ("post_norms", False), ("qk_norm", False),
+            ("attn_scale_dim", 0.0), ("embed_scale", False))})
     cfg.check()
     return cfg
 

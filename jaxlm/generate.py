@@ -21,6 +21,7 @@ from typing import IO, Any
 from absl import app, flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (or its checkpoints/ directory).")
+flags.DEFINE_alias("checkpoint", "workdir")  # e.g. --checkpoint=<tools/convert_hf.py import dir>
 _STEP = flags.DEFINE_integer("step", -1, "Checkpoint step; -1 = the newest.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "Prompt text; repeat for a batch.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt at most.")
@@ -186,22 +187,28 @@ def chat_loop(session: _Session, stdin: IO[str], stdout: IO[str]) -> None:
 
     The prompt is the run's chat template (its `chat.*` keys: markers, separators, system
     prompt, BOS) rendered piece by piece by `chat.prompt_ids`, exactly the ids SFT trained on;
-    an answer ends at the template's turn_end token.
+    an answer ends at the template's turn_end token. A model whose template is its Hugging Face
+    tokenizer's own (chat.template="tokenizer") is prompted with that Jinja template and stops
+    at the tokenizer's end-of-sequence ids.
     """
     from jaxlm.data import chat
 
     template = chat.template_from_config(session.loaded.config.chat)
-    _, end_id = chat.special_ids(session.tok, template)
+    end_id = None if template.from_tokenizer else chat.special_ids(session.tok, template)[1]
     messages = [{"role": "system", "content": session.opts.system}] if session.opts.system else []
     for line in stdin:
         if not line.strip():
             break
         messages.append({"role": "user", "content": line.rstrip("\n")})
-        ids = [int(t) for t in chat.prompt_ids(session.tok, messages, template=template)]
-        session.generate_ids([ids], extra_stop=(end_id,))
-        tokens = session.last_tokens[0]
-        answer = tokens[:tokens.index(end_id)] if end_id in tokens else tokens
-        reply = session.decode_new(answer)
+        if end_id is None:
+            prompt = chat.generation_prompt(session.tok, messages, add_bos=session.add_bos)
+            reply = session.generate([prompt])[0]
+        else:
+            ids = [int(t) for t in chat.prompt_ids(session.tok, messages, template=template)]
+            session.generate_ids([ids], extra_stop=(end_id,))
+            tokens = session.last_tokens[0]
+            answer = tokens[:tokens.index(end_id)] if end_id in tokens else tokens
+            reply = session.decode_new(answer)
         messages.append({"role": "assistant", "content": reply})
         print(f"assistant: {reply}", file=stdout, flush=True)
 

@@ -30,6 +30,13 @@ CASES = {
     "llama_gqa_sharded": (transformers.LlamaConfig,
                           dict(_LLAMA, vocab_size=330, num_key_value_heads=2, rope_theta=5000.0,
                                tie_word_embeddings=False), "30KB"),
+    # Llama 3.2 shape: llama3 RoPE scaling with an original context shorter than the sequence.
+    "llama3_rope_scaling": (transformers.LlamaConfig,
+                            dict(_LLAMA, vocab_size=300, num_key_value_heads=2, rope_theta=5e5,
+                                 tie_word_embeddings=True, rope_scaling=dict(
+                                     rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                     high_freq_factor=4.0, original_max_position_embeddings=8)),
+                            None),
     "llama_tied": (transformers.LlamaConfig,
                    dict(_LLAMA, vocab_size=256, num_key_value_heads=4, tie_word_embeddings=True),
                    None),
@@ -37,6 +44,26 @@ CASES = {
     "mistral_mqa_head_dim": (transformers.MistralConfig,
                              dict(_LLAMA, vocab_size=300, num_key_value_heads=1, head_dim=16,
                                   sliding_window=None, rope_theta=1e6), None),
+    # A sliding window shorter than the 12 test tokens (exports as Mistral again).
+    "window_mistral": (transformers.MistralConfig,
+                       dict(_LLAMA, vocab_size=300, num_key_value_heads=2, sliding_window=5),
+                       None),
+    # Qwen2 with every layer local, and q/k/v biases.
+    "window_qwen2": (transformers.Qwen2Config,
+                     dict(_LLAMA, vocab_size=300, num_key_value_heads=2, use_sliding_window=True,
+                          sliding_window=4, max_window_layers=0), None),
+    # Gemma 3: local layer (window 5 < 12 tokens) then global; q/k norms, two RoPE bases.
+    "gemma3": (transformers.Gemma3TextConfig,
+               dict(_LLAMA, vocab_size=300, num_key_value_heads=2, head_dim=8,
+                    query_pre_attn_scalar=12, sliding_window=5,
+                    layer_types=["sliding_attention", "full_attention"], rope_parameters={
+                        "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+               None),
+    "gemma2": (transformers.Gemma2Config,
+               dict(_LLAMA, vocab_size=300, num_key_value_heads=2, head_dim=8,
+                    sliding_window=5, attn_logit_softcapping=None,
+                    final_logit_softcapping=None), None),
     # q/k/v biases, tied.
     "qwen2_bias": (transformers.Qwen2Config,
                    dict(_LLAMA, vocab_size=300, num_key_value_heads=2,
@@ -159,12 +186,13 @@ def _llama_json(**overrides):
 
 
 @pytest.mark.parametrize("hf_json, key", [
-    (_llama_json(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "rope_scaling"),
-    (_llama_json(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}),
-     "rope_parameters.rope_type"),
-    (_llama_json(model_type="mistral", sliding_window=16), "sliding_window"),
-    (_llama_json(model_type="qwen2", use_sliding_window=True, sliding_window=16),
-     "use_sliding_window"),
+    (_llama_json(rope_scaling={"rope_type": "longrope", "factor": 8.0}),
+     "rope_scaling.rope_type"),
+    (_llama_json(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0,
+                                  "short_factor": [1.0]}), "rope_parameters.short_factor"),
+    (_llama_json(model_type="qwen2", use_sliding_window=True, sliding_window=16,
+                 max_window_layers=1), "max_window_layers"),
+    (_llama_json(layer_types=["chunked_attention", "full_attention"]), "layer_types"),
     (_llama_json(attention_bias=True), "attention_bias"),
     (_llama_json(mlp_bias=True), "mlp_bias"),
     (_llama_json(hidden_act="gelu"), "hidden_act"),

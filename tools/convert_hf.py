@@ -1,4 +1,4 @@
-"""Hugging Face <-> jaxlm checkpoints (Llama / Mistral / Qwen2 / GPT-2 layouts).
+"""Hugging Face <-> jaxlm checkpoints (Llama 2/3/3.x, Mistral, Qwen2, Gemma 2/3, GPT-2).
 
     python tools/convert_hf.py import --hf_dir=/models/Llama-2-7b-hf --out_dir=/ckpt/llama2
     python -m jaxlm.main --config=/ckpt/llama2/config.py --workdir=/runs/sft ...
@@ -8,9 +8,9 @@
 
 `import` writes <out_dir>/checkpoints/0 (a params-only jaxlm checkpoint with the run config and
 tokenizer reference), <out_dir>/config.py (a run config whose init_from points at it) and a copy
-of the sentencepiece tokenizer.model if the HF directory has one. `export` writes config.json and
-safetensors that transformers' from_pretrained loads. Both stream tensor by tensor; see
-docs/hf.md.
+of the tokenizer (tokenizer.json with its config and chat template, or a sentencepiece
+tokenizer.model). `export` writes config.json, safetensors that transformers' from_pretrained
+loads, and the tokenizer files. Both stream tensor by tensor; see docs/hf.md.
 """
 
 import os

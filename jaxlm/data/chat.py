@@ -30,6 +30,7 @@ import numpy as np
 
 ROLES = ("system", "user", "assistant")
 LOSS_ON = ("assistant", "all")
+CHAT_TEMPLATES = ("chatml", "tokenizer")
 Message = dict[str, str]
 
 
@@ -45,6 +46,9 @@ class ChatTemplate:
       system_prompt: a system message put first when a conversation has none ("" = none).
       add_bos: token-level rendering starts with the tokenizer's BOS (as pretraining documents
         do).
+      from_tokenizer: render with the tokenizer's own Jinja chat template (a Hugging Face
+        tokenizer.json's tokenizer_config.json) instead of the fields above; the template
+        writes BOS itself.
     """
 
     turn_start: str = "<|im_start|>"
@@ -53,6 +57,7 @@ class ChatTemplate:
     turn_separator: str = "\n"
     system_prompt: str = ""
     add_bos: bool = True
+    from_tokenizer: bool = False
 
     @property
     def special_tokens(self) -> tuple[str, str]:
@@ -77,6 +82,9 @@ def default_chat_config() -> ml_collections.ConfigDict:
     c.system_prompt = ""
     # Start each rendered conversation with BOS, like pretraining documents.
     c.add_bos = True
+    # "chatml": the markers above; "tokenizer": the Jinja chat template of a Hugging Face
+    # tokenizer (data.tokenizer_path = .../tokenizer.json), rendered as transformers does.
+    c.template = "chatml"
     return c
 
 
@@ -85,12 +93,21 @@ def template_from_config(chat: ml_collections.ConfigDict) -> ChatTemplate:
     return ChatTemplate(turn_start=chat.turn_start, turn_end=chat.turn_end,
                         role_separator=unescape(chat.role_separator),
                         turn_separator=unescape(chat.turn_separator),
-                        system_prompt=chat.system_prompt, add_bos=chat.add_bos)
+                        system_prompt=chat.system_prompt, add_bos=chat.add_bos,
+                        from_tokenizer=chat.get("template", "chatml") == "tokenizer")
 
 
 def check_chat_config(chat: ml_collections.ConfigDict, special_tokens: Sequence[str],
                       tokenizer_path: str) -> None:
     """Raises naming `chat.*` / `data.special_tokens` keys; `special_tokens` is data's list."""
+    template = chat.get("template", "chatml")
+    if template not in CHAT_TEMPLATES:
+        raise ValueError(f"config key chat.template: {template!r} is not one of {CHAT_TEMPLATES}")
+    if template == "tokenizer":
+        if not tokenizer_path.endswith(".json"):
+            raise ValueError("config key chat.template: 'tokenizer' needs data.tokenizer_path "
+                             f"to be a Hugging Face tokenizer.json, got {tokenizer_path!r}")
+        return
     for key in ("turn_start", "turn_end"):
         if not chat[key]:
             raise ValueError(f"config key chat.{key}: must be a special token, e.g. "
@@ -159,6 +176,8 @@ def render_tokens(tokenizer: Any, messages: Sequence[Message], *,
     """
     if loss_on not in LOSS_ON:
         raise ValueError(f"config key sft.loss_on: {loss_on!r} is not one of {LOSS_ON}")
+    if template.from_tokenizer:
+        return _render_jinja_tokens(tokenizer, messages, loss_on, add_generation_prompt)
     start_id, end_id = special_ids(tokenizer, template)
     sep = tokenizer.encode(template.turn_separator) if template.turn_separator else []
     ids: list[int] = [tokenizer.bos_id] if template.add_bos else []
@@ -181,6 +200,62 @@ def render_tokens(tokenizer: Any, messages: Sequence[Message], *,
     return np.asarray(ids, np.int32), mask_arr
 
 
+def _jinja(tokenizer: Any, messages: Sequence[Message], add_generation_prompt: bool) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"config key chat.template: tokenizer {tokenizer.path} has no chat "
+                         "template; use chat.template='chatml'")
+    return tokenizer.apply_chat_template(list(messages),
+                                         add_generation_prompt=add_generation_prompt)
+
+
+def _render_jinja_tokens(tokenizer: Any, messages: Sequence[Message], loss_on: str,
+                         add_generation_prompt: bool) -> tuple[np.ndarray, np.ndarray]:
+    """`render_tokens` with the tokenizer's Jinja template: the conversation is rendered one
+    message longer at a time, and each new stretch of text is encoded on its own; an assistant
+    message's stretch is split into its header (the text the template writes with
+    add_generation_prompt) and the trained rest (content and end-of-turn marker)."""
+    pieces: list[tuple[str, bool]] = []
+    done = ""
+
+    def extend(text: str, trained: bool, k: int) -> None:
+        nonlocal done
+        if not text.startswith(done):
+            raise ValueError(f"chat template of {tokenizer.path}: the rendering of the first "
+                             f"{k} messages is not a prefix of the rendering of more; its "
+                             "conversations cannot be masked for training")
+        pieces.append((text[len(done):], trained))
+        done = text
+
+    for k, m in enumerate(messages):
+        if m["role"] == "assistant" and k:
+            extend(_jinja(tokenizer, messages[:k], True), False, k)
+        extend(_jinja(tokenizer, messages[:k + 1], False), m["role"] == "assistant", k + 1)
+    if add_generation_prompt:
+        extend(_jinja(tokenizer, messages, True), False, len(messages))
+    ids: list[int] = []
+    mask: list[float] = []
+    for text, trained in pieces:
+        tokens = tokenizer.encode(text)
+        ids.extend(tokens)
+        mask.extend([1.0 if trained else 0.0] * len(tokens))
+    mask_arr = np.asarray(mask, np.float32)
+    if loss_on == "all":
+        mask_arr = np.ones_like(mask_arr)
+        mask_arr[:1] = 0.0
+    return np.asarray(ids, np.int32), mask_arr
+
+
+def generation_prompt(tokenizer: Any, messages: Sequence[Message], *, add_bos: bool) -> str:
+    """The text a chat model continues: the tokenizer's own Jinja chat template when it has
+    one (a Hugging Face tokenizer.json), else ChatML. `add_bos`: the caller puts the BOS id
+    first itself, so a BOS the template writes is left out."""
+    if not getattr(tokenizer, "chat_template", None):
+        return render_messages(list(messages), add_generation_prompt=True)
+    text = _jinja(tokenizer, messages, True)
+    bos = tokenizer.special_token_strings.get("bos_token")
+    return text[len(bos):] if add_bos and bos and text.startswith(bos) else text
+
+
 def prompt_ids(tokenizer: Any, messages: Sequence[Message], *,
                template: ChatTemplate = CHATML) -> np.ndarray:
     """Ids of `messages` followed by the opening of an assistant turn: what a chat model is
@@ -191,5 +266,10 @@ def prompt_ids(tokenizer: Any, messages: Sequence[Message], *,
 def response_ids(tokenizer: Any, content: str, *, template: ChatTemplate = CHATML) -> np.ndarray:
     """Ids of an assistant answer as it follows `prompt_ids`: its content and closing marker,
     the tokens `render_tokens` marks as trained for that message."""
+    if template.from_tokenizer:  # the stretch the template adds after a generation prompt
+        question = [{"role": "user", "content": "?"}]
+        head = _jinja(tokenizer, question, True)
+        full = _jinja(tokenizer, question + [{"role": "assistant", "content": content}], False)
+        return np.asarray(tokenizer.encode(full[len(head):]), np.int32)
     _, end_id = special_ids(tokenizer, template)
     return np.asarray(tokenizer.encode(content) + [end_id], np.int32)

@@ -111,10 +111,14 @@ class Tokenizer:
 
 
 def load_tokenizer(path: str) -> Tokenizer:
-    """Loads a sentencepiece `.model`; raises FileNotFoundError/ValueError naming the file."""
+    """Loads a sentencepiece `.model`, or a Hugging Face `tokenizer.json` (as an `HFTokenizer`,
+    same interface); raises FileNotFoundError/ValueError naming the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"tokenizer {path} does not exist (check data.tokenizer_path "
                                 "or train one with tools/train_tokenizer.py)")
+    if path.endswith(".json"):
+        from jaxlm.data.hf_tokenizer import HFTokenizer
+        return HFTokenizer(path)  # type: ignore[return-value]
     return Tokenizer(path)
 
 

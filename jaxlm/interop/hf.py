@@ -7,10 +7,14 @@
                                    and `init_from` load
     <out_dir>/config.py            a run config (`get_config`) with this model and
                                    init_from.path = <out_dir>/checkpoints
+    <out_dir>/tokenizer.json       the Hugging Face tokenizer (with tokenizer_config.json, its
+                                   special tokens and chat template), when the HF directory has
+                                   one; else
     <out_dir>/tokenizer.model      the sentencepiece tokenizer, when the HF directory has one
 
 `export_hf(checkpoint_dir, out_dir)` writes config.json + safetensors (sharded above
-`max_shard_bytes`) that `transformers.AutoModelForCausalLM.from_pretrained` loads.
+`max_shard_bytes`) that `transformers.AutoModelForCausalLM.from_pretrained` loads, and the
+tokenizer files back.
 
 Memory: import reads each HF tensor lazily (`safe_open`), writes it into the jaxlm arrays being
 built and frees it, so the peak is about the output params plus one tensor (never the HF model and
@@ -34,7 +38,8 @@ from absl import logging
 
 from jaxlm import checkpoint as ckpt_lib
 from jaxlm import config as config_lib
-from jaxlm.data.tokenizer import Tokenizer
+from jaxlm.data import hf_tokenizer
+from jaxlm.data.tokenizer import load_tokenizer
 from jaxlm.interop import hf_config, hf_weights, safetensors_io
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.transformer import Transformer
@@ -51,9 +56,19 @@ def run_config(model_fields: dict[str, Any], param_dtype: str,
     """base_config() with the imported model (and its tokenizer) filled in; validated."""
     c = config_lib.base_config()
     for key, value in model_fields.items():
-        c.model[key] = value
+        if isinstance(value, dict):  # a sub-section such as rope_scaling: only the keys given
+            for sub, v in value.items():
+                c.model[key][sub] = v
+        else:
+            c.model[key] = value
     c.model.param_dtype = param_dtype
     c.data.tokenizer_path = tokenizer_path
+    if tokenizer_path.endswith(".json"):  # a HF tokenizer: its own BOS rule and chat template
+        tokenizer = load_tokenizer(tokenizer_path)
+        c.data.add_bos = tokenizer.add_bos
+        c.data.add_eos = tokenizer.eos_id >= 0
+        if tokenizer.chat_template:
+            c.chat.template = "tokenizer"
     c.data.seq_len = min(c.data.seq_len, c.model.max_seq_len)
     config_lib.validate(c)
     return c
@@ -93,17 +108,25 @@ def _prepare_out_dir(out_dir: str, overwrite: bool) -> None:
 
 
 def _copy_tokenizer(hf_dir: str, out_dir: str, vocab_size: int) -> tuple[str, str]:
-    """Copies a sentencepiece tokenizer.model; returns (path, sha256), or ("", "") if none."""
-    source = os.path.join(hf_dir, TOKENIZER_FILE)
-    if not os.path.isfile(source):
-        logging.warning("%s has no %s (sentencepiece); the import carries no tokenizer: set "
-                        "data.tokenizer_path yourself", hf_dir, TOKENIZER_FILE)
+    """Copies the tokenizer: a Hugging Face tokenizer.json (with tokenizer_config.json, its
+    chat template and special tokens), else a sentencepiece tokenizer.model; returns (path,
+    sha256), or ("", "") if the directory has neither."""
+    if os.path.isfile(os.path.join(hf_dir, hf_tokenizer.TOKENIZER_JSON)):
+        for name in hf_tokenizer.TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(hf_dir, name)):
+                shutil.copyfile(os.path.join(hf_dir, name), os.path.join(out_dir, name))
+        target = os.path.join(out_dir, hf_tokenizer.TOKENIZER_JSON)
+    elif os.path.isfile(os.path.join(hf_dir, TOKENIZER_FILE)):
+        target = os.path.join(out_dir, TOKENIZER_FILE)
+        shutil.copyfile(os.path.join(hf_dir, TOKENIZER_FILE), target)
+    else:
+        logging.warning("%s has neither %s nor %s; the import carries no tokenizer: set "
+                        "data.tokenizer_path yourself", hf_dir, hf_tokenizer.TOKENIZER_JSON,
+                        TOKENIZER_FILE)
         return "", ""
-    target = os.path.join(out_dir, TOKENIZER_FILE)
-    shutil.copyfile(source, target)
-    tokenizer = Tokenizer(target)
+    tokenizer = load_tokenizer(target)
     if tokenizer.vocab_size > vocab_size:
-        raise ValueError(f"{source} has {tokenizer.vocab_size} pieces but config.json "
+        raise ValueError(f"{target} has {tokenizer.vocab_size} ids but config.json "
                          f"vocab_size is {vocab_size}")
     return target, tokenizer.sha256
 
@@ -122,9 +145,17 @@ def _write_config_file(path: str, c: ml_collections.ConfigDict, fields: dict[str
              "    del arg",
              "    c = base_config()"]
     for key in (*fields, "param_dtype"):  # every architecture key, default or not
-        lines.append(f"    c.model.{key} = {c.model[key]!r}")
+        if isinstance(fields.get(key), dict):
+            lines += [f"    c.model.{key}.{sub} = {c.model[key][sub]!r}" for sub in c.model[key]]
+        else:
+            lines.append(f"    c.model.{key} = {c.model[key]!r}")
     if c.data.tokenizer_path:
         lines.append(f"    c.data.tokenizer_path = {c.data.tokenizer_path!r}")
+    defaults = config_lib.base_config()
+    for section, key in (("data", "add_bos"), ("data", "add_eos"), ("data", "special_tokens"),
+                         ("chat", "template")):
+        if c[section][key] != defaults[section][key]:
+            lines.append(f"    c.{section}.{key} = {c[section][key]!r}")
     if c.data.seq_len != config_lib.base_config().data.seq_len:
         lines.append(f"    c.data.seq_len = {c.data.seq_len!r}")
     lines += [f"    c.init_from.path = {c.init_from.path!r}", "    return c", ""]
@@ -305,7 +336,14 @@ def export_hf(checkpoint_dir: str, out_dir: str, *, step: int | None = None,
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     tokenizer = extra.get("tokenizer_path", "")
-    if tokenizer and os.path.isfile(tokenizer):
+    if tokenizer.endswith(".json") and os.path.isfile(tokenizer):
+        source_dir = os.path.dirname(tokenizer)
+        for name in hf_tokenizer.TOKENIZER_FILES:
+            source = tokenizer if name == hf_tokenizer.TOKENIZER_JSON else os.path.join(
+                source_dir, name)
+            if os.path.isfile(source):
+                shutil.copyfile(source, os.path.join(out_dir, name))
+    elif tokenizer and os.path.isfile(tokenizer):
         shutil.copyfile(tokenizer, os.path.join(out_dir, TOKENIZER_FILE))
     logging.info("exported step %d of %s (%s) -> %s: %s", step, checkpoint_dir,
                  config["model_type"], out_dir, files)

@@ -13,6 +13,9 @@ direction, so import and export cannot drift apart. Layouts:
   way (reshape H -> N x G), so heads keep their order.
 * Vocabulary: jaxlm's embedding/head have `padded_vocab_size` rows; HF keeps `vocab_size`. Import
   fills the first rows (padding rows stay 0); export drops the padding rows.
+* Gemma: `post_attention_layernorm` is the norm on the attention output (`post_attn_norm`),
+  `pre_feedforward_layernorm` the MLP's input norm (`mlp_norm`); both sides store the RMSNorm
+  scale w of x * (1 + w), so norms copy as they are.
 * Tied embeddings: jaxlm has no `head` param; HF writes no `lm_head.weight` (an existing one is
   skipped on import).
 * Stacked layers: with `scan_layers` the block params carry a leading `layers` axis
@@ -95,7 +98,15 @@ def _llama_maps(cfg: ModelConfig) -> list[TensorMap]:
             add("self_attn.k_proj.bias", (n * k,), ("attn", "bk"), _bias((n, k)))
             add("self_attn.v_proj.bias", (n * k,), ("attn", "bv"), _bias((n, k)))
         add("self_attn.o_proj.weight", (d, h * k), ("attn", "wo"), _linear_in((h, k)))
-        add("post_attention_layernorm.weight", (d,), ("mlp_norm", "scale"), _same())
+        if cfg.qk_norm:
+            add("self_attn.q_norm.weight", (k,), ("attn", "q_norm", "scale"), _same())
+            add("self_attn.k_norm.weight", (k,), ("attn", "k_norm", "scale"), _same())
+        if cfg.post_norms:  # Gemma: a norm after attention, and around the MLP
+            add("post_attention_layernorm.weight", (d,), ("post_attn_norm", "scale"), _same())
+            add("pre_feedforward_layernorm.weight", (d,), ("mlp_norm", "scale"), _same())
+            add("post_feedforward_layernorm.weight", (d,), ("post_mlp_norm", "scale"), _same())
+        else:
+            add("post_attention_layernorm.weight", (d,), ("mlp_norm", "scale"), _same())
         add("mlp.gate_proj.weight", (f, d), ("mlp", "w_gate"), _transpose())
         add("mlp.up_proj.weight", (f, d), ("mlp", "w_in"), _transpose())
         add("mlp.down_proj.weight", (d, f), ("mlp", "w_out"), _transpose())

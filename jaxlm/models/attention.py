@@ -1,4 +1,12 @@
-"""Multi-head attention with grouped-query heads, RoPE and packed-sequence (segment) masking."""
+"""Multi-head attention with grouped-query heads, RoPE, packed-sequence (segment) masking and
+optional sliding windows.
+
+A sliding window W lets query l see only the keys m with l - W < m <= l (W tokens including
+itself), as Mistral and Gemma's local layers do. Every implementation takes `window`: 0 (or
+None) = plain causal attention; a Python int is static; a traced int32 scalar (one per layer
+under scan, for models that alternate local and global layers) is supported by the XLA
+reference, blocked and chunked paths.
+"""
 
 from __future__ import annotations
 
@@ -14,19 +22,31 @@ from jaxlm.models.chunked_attention import chunked_attention
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.kernel_attention import cudnn_attention, splash_attention
 from jaxlm.models.mlp import dense
-from jaxlm.models.rope import apply_rope
+from jaxlm.models.norms import Norm
+from jaxlm.models.rope import NO_SCALING, apply_rope
+
+Window = int | jax.Array | None
 
 
-def attention_mask(segment_ids_BxL: jax.Array) -> jax.Array:
-    """[B, L, L] boolean: query l may see key m iff m <= l and both lie in the same document."""
-    length = segment_ids_BxL.shape[1]
-    causal_LxL = jnp.tril(jnp.ones((length, length), dtype=jnp.bool_))
+def visible(q_idx: jax.Array, k_idx: jax.Array, window: Window) -> jax.Array:
+    """Causal (k <= q) and, with a window W, within it (q - k < W); broadcasts its inputs."""
+    ok = k_idx <= q_idx
+    if window is None or isinstance(window, int):
+        return ok & (q_idx - k_idx < window) if window else ok
+    return ok & ((q_idx - k_idx < window) | (window <= 0))  # traced: 0 = no window
+
+
+def attention_mask(segment_ids_BxL: jax.Array, window: Window = None) -> jax.Array:
+    """[B, L, L] boolean: query l may see key m iff m <= l (and l - m < window, if any) and
+    both lie in the same document."""
+    idx_L = jnp.arange(segment_ids_BxL.shape[1])
+    causal_LxL = visible(idx_L[:, None], idx_L[None, :], window)
     same_doc_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
     return causal_LxL[None] & same_doc_BxLxL
 
 
 def xla_attention(q_BxLxHxK: jax.Array, k_BxLxNxK: jax.Array, v_BxLxNxK: jax.Array,
-                  segment_ids_BxL: jax.Array) -> jax.Array:
+                  segment_ids_BxL: jax.Array, window: Window = None) -> jax.Array:
     """Reference attention in plain XLA ops; softmax in float32.
 
     H query heads share N key/value heads in groups of G = H / N.
@@ -37,7 +57,7 @@ def xla_attention(q_BxLxHxK: jax.Array, k_BxLxNxK: jax.Array, v_BxLxNxK: jax.Arr
                                                                            q_BxLxHxK.dtype)
     scores_BxNxGxLxM = jnp.einsum("blngk,bmnk->bnglm", q_BxLxNxGxK, k_BxLxNxK,
                                   preferred_element_type=jnp.float32)
-    mask_Bx1x1xLxM = attention_mask(segment_ids_BxL)[:, None, None]
+    mask_Bx1x1xLxM = attention_mask(segment_ids_BxL, window)[:, None, None]
     scores_BxNxGxLxM = jnp.where(mask_Bx1x1xLxM, scores_BxNxGxLxM, jnp.finfo(jnp.float32).min)
     probs_BxNxGxLxM = jax.nn.softmax(scores_BxNxGxLxM, axis=-1).astype(v_BxLxNxK.dtype)
     out_BxLxNxGxK = jnp.einsum("bnglm,bmnk->blngk", probs_BxNxGxLxM, v_BxLxNxK)
@@ -67,11 +87,12 @@ def _query_blocks(length: int) -> int:
     return blocks
 
 
-def _block_mask(segment_ids_BxL, rows: slice, keys: int) -> jax.Array:
-    """[B, 1, 1, rows, keys] boolean: causal and same document."""
+def _block_mask(segment_ids_BxL, rows: slice, keys: int, window: Window) -> jax.Array:
+    """[B, 1, 1, rows, keys] boolean: causal (within the window) and same document."""
     seg_rows_BxR = segment_ids_BxL[:, rows]
     seg_keys_BxM = segment_ids_BxL[:, :keys]
-    causal_RxM = (jnp.arange(rows.start, rows.stop)[:, None] >= jnp.arange(keys)[None, :])
+    causal_RxM = visible(jnp.arange(rows.start, rows.stop)[:, None], jnp.arange(keys)[None, :],
+                         window)
     same_doc_BxRxM = seg_rows_BxR[:, :, None] == seg_keys_BxM[:, None, :]
     return (causal_RxM[None] & same_doc_BxRxM)[:, None, None]
 
@@ -97,13 +118,14 @@ def _block_probs(q_BxNxQxK, kt_BxNxKxM, mask_Bx1x1xRxM, group):
     return jax.nn.softmax(scores, axis=-1).reshape(b, n, q_rows, -1)
 
 
-def _attention_forward(q_BxNxGxLxK, kt_BxNxKxM, v_BxNxMxK, segment_ids_BxL):
+def _attention_forward(q_BxNxGxLxK, kt_BxNxKxM, v_BxNxMxK, segment_ids_BxL, window):
     """Output [B, N, G, L, K] and the per-block probabilities (in the value dtype)."""
     b, n, g, length, k = q_BxNxGxLxK.shape
     outs, probs = [], []
     for rows, keys in _blocks(length, _query_blocks(length)):
         p = _block_probs(_rows(q_BxNxGxLxK, rows), kt_BxNxKxM[..., :keys],
-                         _block_mask(segment_ids_BxL, rows, keys), g).astype(v_BxNxMxK.dtype)
+                         _block_mask(segment_ids_BxL, rows, keys, window),
+                         g).astype(v_BxNxMxK.dtype)
         out = jnp.einsum("bnqm,bnmk->bnqk", p, v_BxNxMxK[:, :, :keys])
         outs.append(out.reshape(b, n, g, -1, k))
         probs.append(p)
@@ -111,7 +133,7 @@ def _attention_forward(q_BxNxGxLxK, kt_BxNxKxM, v_BxNxMxK, segment_ids_BxL):
 
 
 @jax.custom_vjp
-def _attention_core(q_BxNxGxLxK, kt_BxNxKxM, v_BxNxMxK, segment_ids_BxL):
+def _attention_core(q_BxNxGxLxK, kt_BxNxKxM, v_BxNxMxK, segment_ids_BxL, window):
     """softmax(q k^T + mask) v for pre-scaled q; kt = k transposed; G query heads per kv head.
 
     The G query heads of a kv head are stacked into one [G*rows, K] operand (one dot per kv
@@ -119,12 +141,12 @@ def _attention_core(q_BxNxGxLxK, kt_BxNxKxM, v_BxNxMxK, segment_ids_BxL):
     (`_query_blocks`). The backward pass keeps only the probabilities and never transposes an
     [L, L]-sized array.
     """
-    return _attention_forward(q_BxNxGxLxK, kt_BxNxKxM, v_BxNxMxK, segment_ids_BxL)[0]
+    return _attention_forward(q_BxNxGxLxK, kt_BxNxKxM, v_BxNxMxK, segment_ids_BxL, window)[0]
 
 
-def _attention_core_fwd(q, kt, v, segment_ids):
-    out, probs = _attention_forward(q, kt, v, segment_ids)
-    return out, (q, kt, v, segment_ids, out, probs)
+def _attention_core_fwd(q, kt, v, segment_ids, window):
+    out, probs = _attention_forward(q, kt, v, segment_ids, window)
+    return out, (q, kt, v, segment_ids, window, out, probs)
 
 
 def _attention_core_bwd(res, dout_BxNxGxLxK):
@@ -133,7 +155,8 @@ def _attention_core_bwd(res, dout_BxNxGxLxK):
     d k and d v are produced transposed ([K, M]) so that only [rows, K]-sized operands are
     transposed; each query block adds into the first `keys` columns.
     """
-    q, kt, v, segment_ids, out, probs = res
+    q, kt, v, segment_ids, window, out, probs = res
+    del segment_ids, window  # the masks are in the saved probabilities
     length = q.shape[3]
     vt_BxNxKxM, k_BxNxMxK = _barrier_t(v), _barrier_t(kt)
     row_BxNxGxL = jnp.sum(dout_BxNxGxLxK.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
@@ -153,14 +176,14 @@ def _attention_core_bwd(res, dout_BxNxGxLxK):
             jnp.einsum("bnkq,bnqm->bnkm", _barrier_t(dout_i), p,
                        preferred_element_type=jnp.float32))
     dq = jnp.concatenate(dq_blocks, axis=3)
-    return dq, dkt.astype(kt.dtype), jnp.swapaxes(dvt, -1, -2).astype(v.dtype), None
+    return dq, dkt.astype(kt.dtype), jnp.swapaxes(dvt, -1, -2).astype(v.dtype), None, None
 
 
 _attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
 
 
 def fused_attention(q_BxLxHxK: jax.Array, k_BxLxNxK: jax.Array, v_BxLxNxK: jax.Array,
-                    segment_ids_BxL: jax.Array) -> jax.Array:
+                    segment_ids_BxL: jax.Array, window: Window = None) -> jax.Array:
     """Same function as `xla_attention`, with a hand-written backward pass (`_attention_core`)."""
     b, length, h, k = q_BxLxHxK.shape
     n = k_BxLxNxK.shape[2]
@@ -169,7 +192,8 @@ def fused_attention(q_BxLxHxK: jax.Array, k_BxLxNxK: jax.Array, v_BxLxNxK: jax.A
     q_BxNxGxLxK = jnp.transpose(q_BxLxNxGxK, (0, 2, 3, 1, 4))
     kt_BxNxKxM = jnp.transpose(k_BxLxNxK, (0, 2, 3, 1))
     v_BxNxMxK = jnp.transpose(v_BxLxNxK, (0, 2, 1, 3))
-    out_BxNxGxLxK = _attention_core(q_BxNxGxLxK, kt_BxNxKxM, v_BxNxMxK, segment_ids_BxL)
+    window = jnp.asarray(0 if window is None else window, jnp.int32)  # 0: no window
+    out_BxNxGxLxK = _attention_core(q_BxNxGxLxK, kt_BxNxKxM, v_BxNxMxK, segment_ids_BxL, window)
     return jnp.transpose(out_BxNxGxLxK, (0, 3, 1, 2, 4)).reshape(b, length, h, k)
 
 
@@ -200,6 +224,7 @@ class Attention(nn.Module):
 
     cfg: ModelConfig
     decode: bool = False
+    window: int = 0
 
     def _proj(self, name: str, shape: tuple[int, ...], axes: tuple[str, ...]
               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
@@ -214,10 +239,33 @@ class Attention(nn.Module):
         return self.param(name, nn.with_logical_partitioning(nn.initializers.zeros, axes), shape,
                           self.cfg.weight_dtype).astype(self.cfg.dtype)
 
+    def _rope(self, q_BxLxHxK: jax.Array, k_BxLxNxK: jax.Array, positions_BxL: jax.Array,
+              window: Window) -> tuple[jax.Array, jax.Array]:
+        """RoPE of the model; sliding-window layers use `rope_local_theta` when it is set
+        (chosen per layer: statically, or by the traced window under scan)."""
+        cfg = self.cfg
+
+        def rotate(theta, scaling):
+            return (apply_rope(q_BxLxHxK, positions_BxL, theta, scaling),
+                    apply_rope(k_BxLxNxK, positions_BxL, theta, scaling))
+
+        if not cfg.rope_local_theta or not cfg.sliding_window:
+            return rotate(cfg.rope_theta, cfg.rope_scaling)
+        if isinstance(window, int):
+            return (rotate(cfg.rope_local_theta, NO_SCALING) if window
+                    else rotate(cfg.rope_theta, cfg.rope_scaling))
+        local, full = rotate(cfg.rope_local_theta, NO_SCALING), rotate(cfg.rope_theta,
+                                                                       cfg.rope_scaling)
+        return tuple(jnp.where(window > 0, a, b) for a, b in zip(local, full))
+
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array,
-                 segment_ids_BxL: jax.Array) -> jax.Array:
+                 segment_ids_BxL: jax.Array, layer_window: jax.Array | None = None
+                 ) -> jax.Array:
+        """`layer_window`: this layer's window as a traced scalar (scanned layers that
+        alternate local and global attention); else the static `window` attribute."""
         cfg = self.cfg
+        window = self.window if layer_window is None else layer_window
         d, h, n, k = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         wq = self._proj("wq", (d, h, k), ("embed", "heads", "head_dim"))
         wk = self._proj("wk", (d, n, k), ("embed", "kv_heads", "head_dim"))
@@ -236,16 +284,25 @@ class Attention(nn.Module):
         q_BxLxHxK = sharding.constrain(q_BxLxHxK, ("act_batch", "act_length", "act_heads", None))
         k_BxLxNxK = sharding.constrain(k_BxLxNxK, ("act_batch", "act_length", "act_kv_heads",
                                                    None))
+        if cfg.qk_norm:  # RMSNorm over each head's K features
+            q_BxLxHxK = Norm(cfg, name="q_norm")(q_BxLxHxK.reshape(b, length * h, k)).reshape(
+                b, length, h, k)
+            k_BxLxNxK = Norm(cfg, name="k_norm")(k_BxLxNxK.reshape(b, length * n, k)).reshape(
+                b, length, n, k)
         if cfg.position_embedding == "rope":
-            q_BxLxHxK = apply_rope(q_BxLxHxK, positions_BxL, cfg.rope_theta)
-            k_BxLxNxK = apply_rope(k_BxLxNxK, positions_BxL, cfg.rope_theta)
+            q_BxLxHxK, k_BxLxNxK = self._rope(q_BxLxHxK, k_BxLxNxK, positions_BxL, window)
+        if cfg.attn_scale_dim:  # the kernels scale by k^-1/2; scores want attn_scale_dim^-1/2
+            q_BxLxHxK = q_BxLxHxK * jnp.asarray((k / cfg.attn_scale_dim) ** 0.5, q_BxLxHxK.dtype)
 
         if self.decode:
-            out_BxLxHxK = kv_cache.update_and_attend(self, q_BxLxHxK, k_BxLxNxK, v_BxLxNxK,
-                                                     segment_ids_BxL)
+            ring = bool(cfg.sliding_window) and not cfg.mixed_windows
+            out_BxLxHxK = kv_cache.update_and_attend(
+                self, q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, segment_ids_BxL, positions_BxL,
+                window if cfg.sliding_window else None, ring)
         else:
             attend = ATTENTION_FUNCTIONS[resolve_attention(cfg.attention)]
-            out_BxLxHxK = attend(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, segment_ids_BxL)
+            out_BxLxHxK = attend(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, segment_ids_BxL,
+                                 window if cfg.sliding_window else None)
         out_BxLxD = project(out_BxLxHxK.reshape(b, length, h * k), wo)
         if cfg.use_bias:
             out_BxLxD += self._bias("bo", (d,), ("norm",))

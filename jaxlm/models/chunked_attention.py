@@ -27,10 +27,12 @@ def block_size(length: int, target: int = DEFAULT_BLOCK) -> int:
     return size
 
 
-def _tile_mask(seg_q_BxR, seg_k_BxC, q0, k0):
-    """[B, 1, 1, R, C]: causal (by index) and same document, for the tile at (q0, k0)."""
+def _tile_mask(seg_q_BxR, seg_k_BxC, q0, k0, window):
+    """[B, 1, 1, R, C]: causal (by index, within the window if > 0) and same document, for the
+    tile at (q0, k0)."""
     rows, cols = seg_q_BxR.shape[1], seg_k_BxC.shape[1]
-    causal_RxC = (q0 + jnp.arange(rows))[:, None] >= (k0 + jnp.arange(cols))[None, :]
+    q_R1, k_1C = (q0 + jnp.arange(rows))[:, None], (k0 + jnp.arange(cols))[None, :]
+    causal_RxC = (q_R1 >= k_1C) & ((window <= 0) | (q_R1 - k_1C < window))
     same_BxRxC = seg_q_BxR[:, :, None] == seg_k_BxC[:, None, :]
     return (causal_RxC[None] & same_BxRxC)[:, None, None]
 
@@ -45,7 +47,12 @@ def _slice(x, start, size, axis):
     return jax.lax.dynamic_slice_in_dim(x, start, size, axis)
 
 
-def _forward(q, k, v, seg, block):
+def _first_key_block(i, block, window):
+    """The first key block query block i can see: all from 0, or from the window's start."""
+    return jnp.where(window > 0, jnp.maximum(0, (i * block - window + 1) // block), 0)
+
+
+def _forward(q, k, v, seg, window, block):
     """Output [B, N, G, L, K] and log-sum-exp [B, N, G, L] (float32)."""
     b, n, g, length, kd = q.shape
     nblocks = length // block
@@ -57,7 +64,8 @@ def _forward(q, k, v, seg, block):
         def key_block(j, carry):
             m, denom, acc = carry
             k_j, v_j = _slice(k, j * block, block, 2), _slice(v, j * block, block, 2)
-            mask = _tile_mask(seg_i, _slice(seg, j * block, block, 1), i * block, j * block)
+            mask = _tile_mask(seg_i, _slice(seg, j * block, block, 1), i * block, j * block,
+                              window)
             s = _tile_scores(q_i, k_j, mask)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             # Rows with no visible key in this tile keep m = -inf; exp must not see inf - inf.
@@ -72,7 +80,8 @@ def _forward(q, k, v, seg, block):
         init = (jnp.full((b, n, g, block), -jnp.inf, jnp.float32),
                 jnp.zeros((b, n, g, block), jnp.float32),
                 jnp.zeros((b, n, g, block, kd), jnp.float32))
-        m, denom, acc = jax.lax.fori_loop(0, i + 1, key_block, init)
+        m, denom, acc = jax.lax.fori_loop(_first_key_block(i, block, window), i + 1, key_block,
+                                          init)
         # Every row sees at least itself (causal diagonal, own document), so denom > 0.
         return (acc / denom[..., None]).astype(q.dtype), m + jnp.log(denom)
 
@@ -83,20 +92,20 @@ def _forward(q, k, v, seg, block):
     return out, lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _chunked_core(q, k, v, seg, block):
-    return _forward(q, k, v, seg, block)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _chunked_core(q, k, v, seg, window, block):
+    return _forward(q, k, v, seg, window, block)[0]
 
 
-def _core_fwd(q, k, v, seg, block):
-    out, lse = _forward(q, k, v, seg, block)
-    return out, (q, k, v, seg, out, lse)
+def _core_fwd(q, k, v, seg, window, block):
+    out, lse = _forward(q, k, v, seg, window, block)
+    return out, (q, k, v, seg, window, out, lse)
 
 
 def _core_bwd(block, res, dout):
     """FlashAttention-2 backward: per tile p = exp(s - lse), ds = p * (dout v^T - D), D =
     rowsum(dout * out); dq accumulates over key tiles, dk/dv over query tiles."""
-    q, k, v, seg, out, lse = res
+    q, k, v, seg, window, out, lse = res
     length = q.shape[3]
     nblocks = length // block
     delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
@@ -111,7 +120,8 @@ def _core_bwd(block, res, dout):
         def key_block(j, inner):
             dk, dv, dq_i = inner
             k_j, v_j = _slice(k, j * block, block, 2), _slice(v, j * block, block, 2)
-            mask = _tile_mask(seg_i, _slice(seg, j * block, block, 1), i * block, j * block)
+            mask = _tile_mask(seg_i, _slice(seg, j * block, block, 1), i * block, j * block,
+                              window)
             p = jnp.exp(_tile_scores(q_i, k_j, mask) - lse_i[..., None])
             dp = jnp.einsum("bngrk,bnck->bngrc", do_i, v_j, preferred_element_type=jnp.float32)
             ds = (p * (dp - delta_i[..., None])).astype(q.dtype)
@@ -127,24 +137,28 @@ def _core_bwd(block, res, dout):
             return dk, dv, dq_i
 
         dq_i = jnp.zeros(q_i.shape, jnp.float32)
-        dk, dv, dq_i = jax.lax.fori_loop(0, i + 1, key_block, (dk, dv, dq_i))
+        dk, dv, dq_i = jax.lax.fori_loop(_first_key_block(i, block, window), i + 1, key_block,
+                                         (dk, dv, dq_i))
         dq = jax.lax.dynamic_update_slice_in_dim(dq, dq_i, i * block, 3)
         return dk, dv, dq
 
     zeros = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32),
              jnp.zeros(q.shape, jnp.float32))
     dk, dv, dq = jax.lax.fori_loop(0, nblocks, query_block, zeros)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
 
 _chunked_core.defvjp(_core_fwd, _core_bwd)
 
 
 def chunked_attention(q_BxLxHxK: jax.Array, k_BxLxNxK: jax.Array, v_BxLxNxK: jax.Array,
-                      segment_ids_BxL: jax.Array, block: int = DEFAULT_BLOCK) -> jax.Array:
+                      segment_ids_BxL: jax.Array, window: int | jax.Array | None = None,
+                      block: int = DEFAULT_BLOCK) -> jax.Array:
     """Causal, segment-masked grouped-query attention; same function as `xla_attention`.
 
     `block` is the target tile size; the one used is the largest divisor of L not above it.
+    With a sliding `window` (> 0) only the key blocks that reach into the window are visited,
+    so the work is O(L * window).
     """
     b, length, h, kd = q_BxLxHxK.shape
     n = k_BxLxNxK.shape[2]
@@ -154,5 +168,6 @@ def chunked_attention(q_BxLxHxK: jax.Array, k_BxLxNxK: jax.Array, v_BxLxNxK: jax
     k_BxNxLxK = jnp.transpose(k_BxLxNxK, (0, 2, 1, 3))
     v_BxNxLxK = jnp.transpose(v_BxLxNxK, (0, 2, 1, 3))
     out_BxNxGxLxK = _chunked_core(q_BxNxGxLxK, k_BxNxLxK, v_BxNxLxK, segment_ids_BxL,
+                                  jnp.asarray(0 if window is None else window, jnp.int32),
                                   block_size(length, block))
     return jnp.transpose(out_BxNxGxLxK, (0, 3, 1, 2, 4)).reshape(b, length, h, kd)

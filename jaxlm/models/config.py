@@ -14,9 +14,12 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from jaxlm.models.rope import NO_SCALING, RopeScaling
+
 POSITION_EMBEDDINGS = ("rope", "learned")
 NORMS = ("rmsnorm", "layernorm")
-MLP_ACTIVATIONS = ("swiglu", "gelu")
+MLP_ACTIVATIONS = ("swiglu", "geglu", "gelu")
+GATED_ACTIVATIONS = ("swiglu", "geglu")  # act(x @ w_gate) * (x @ w_in)
 REMAT_POLICIES = ("none", "full", "save_dots")
 ATTENTION_IMPLS = ("auto", "xla", "blocked", "chunked", "cudnn", "splash")
 VOCAB_MULTIPLE = 128
@@ -79,6 +82,21 @@ class ModelConfig:
       qkv_bias: biases on the query/key/value projections only (Qwen2 style); implied by use_bias.
       tie_embeddings: share the input embedding with the output projection.
       rope_theta: RoPE base frequency.
+      rope_scaling: context extension of RoPE (linear, dynamic NTK, llama3, yarn; models/rope.py).
+      sliding_window: W > 0: a query sees only the last W tokens (itself included) in the layers
+        that use the window (Mistral; Gemma's local layers); 0 = full causal attention.
+      global_every: with a sliding window, every this-many-th layer (the last of each group)
+        attends globally (Gemma 2: 2, Gemma 3: 6); 0 = every layer uses the window, and the KV
+        cache of decoding is then a ring buffer of W slots.
+      rope_local_theta: RoPE base of the sliding-window layers (Gemma 3: 10000; plain RoPE,
+        no scaling); 0 = the same RoPE as the global layers.
+      norm_plus_one: RMSNorm multiplies by (1 + scale), scale initialised to 0 (Gemma).
+      post_norms: a norm on the attention output and on the MLP output before each residual
+        add (Gemma 2/3's post-attention / post-feedforward norms).
+      qk_norm: RMSNorm over head_dim on queries and keys before RoPE (Gemma 3).
+      attn_scale_dim: scores are scaled by attn_scale_dim^-1/2 instead of head_dim^-1/2
+        (Gemma's query_pre_attn_scalar); 0 = head_dim.
+      embed_scale: the input embeddings are multiplied by sqrt(d_model) (Gemma).
       norm_eps: epsilon of the norms.
       param_dtype: dtype of the stored parameters ("float32").
       compute_dtype: dtype of matmuls and activations ("float32" on CPU, "bfloat16" on TPU/GPU).
@@ -120,6 +138,15 @@ class ModelConfig:
     qkv_bias: bool = False
     tie_embeddings: bool = False
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = NO_SCALING
+    sliding_window: int = 0
+    global_every: int = 0
+    rope_local_theta: float = 0.0
+    norm_plus_one: bool = False
+    post_norms: bool = False
+    qk_norm: bool = False
+    attn_scale_dim: float = 0.0
+    embed_scale: bool = False
     norm_eps: float = 1e-5
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
@@ -146,6 +173,17 @@ class ModelConfig:
         """Whether block `index` (0-based) has the MoE feed-forward: the last of every group."""
         return self.moe is not None and (index + 1) % self.moe.every == 0
 
+    def layer_window(self, index: int) -> int:
+        """The sliding window of block `index` (0-based); 0 = full causal attention."""
+        if self.global_every and (index + 1) % self.global_every == 0:
+            return 0
+        return self.sliding_window
+
+    @property
+    def mixed_windows(self) -> bool:
+        """Some layers use the sliding window and some attend globally."""
+        return len({self.layer_window(i) for i in range(self.num_layers)}) > 1
+
     @property
     def dtype(self) -> Any:
         return jnp.dtype(self.compute_dtype)
@@ -171,6 +209,19 @@ class ModelConfig:
             fail("position_embedding", f"{self.position_embedding!r} not in {POSITION_EMBEDDINGS}")
         if self.position_embedding == "rope" and self.head_dim % 2:
             fail("head_dim", f"{self.head_dim} must be even for rope")
+        self.rope_scaling.check(fail)
+        if self.attn_scale_dim < 0 or self.rope_local_theta < 0:
+            fail("attn_scale_dim", "attn_scale_dim and rope_local_theta must be >= 0")
+        if self.norm_plus_one and self.norm != "rmsnorm":
+            fail("norm_plus_one", "the (1 + scale) form is for model.norm='rmsnorm'")
+        if self.moe is not None and self.mlp_activation == "geglu":
+            fail("mlp_activation", "mixture-of-experts blocks are SwiGLU or GELU, not GeGLU")
+        if self.sliding_window < 0 or self.global_every < 0:
+            fail("sliding_window", "sliding_window and global_every must be >= 0")
+        if self.mixed_windows and (self.pipeline_stages > 1 or (
+                self.moe is not None and self.moe.every > 1)):
+            fail("global_every", "alternating local and global layers cannot run in the "
+                 "pipeline schedule or with model.moe.every > 1")
         if self.norm not in NORMS:
             fail("norm", f"{self.norm!r} not in {NORMS}")
         if self.mlp_activation not in MLP_ACTIVATIONS:

@@ -14,6 +14,10 @@ grouped-query) without materialising the [L, L] probabilities in HBM:
   batch split over (data, fsdp, expert) and the heads over `tensor` (when it divides the kv
   heads).
   `interpret=True` runs the kernel in the Pallas interpreter (any backend; tests use it on CPU).
+
+Sliding windows: both take a static `window` (a Python int; cuDNN's `local_window_size`,
+Splash's `LocalMask`). A traced per-layer window (models that alternate local and global layers
+under scan_layers) cannot select a kernel mask: that raises, naming model.scan_layers.
 """
 
 from __future__ import annotations
@@ -28,15 +32,31 @@ from jaxlm.models.chunked_attention import block_size
 SPLASH_BLOCK = 512
 
 
+def static_window(window: int | jax.Array | None, kernel: str) -> int:
+    """The window as a Python int (0 = none); raises for a traced per-layer window."""
+    if window is None:
+        return 0
+    if isinstance(window, int):
+        return window
+    raise ValueError(f"config key model.attention: {kernel} attention needs the same sliding "
+                     "window in every layer it is traced for; a model that alternates local "
+                     "and global layers needs model.scan_layers=False (one static window per "
+                     "layer) or model.attention='chunked'")
+
+
 def cudnn_attention(q_BxLxHxK: jax.Array, k_BxLxNxK: jax.Array, v_BxLxNxK: jax.Array,
-                    segment_ids_BxL: jax.Array) -> jax.Array:
-    """cuDNN flash attention; raises (from jax) off NVIDIA GPUs or for unsupported shapes."""
+                    segment_ids_BxL: jax.Array, window: int | jax.Array | None = None,
+                    implementation: str = "cudnn") -> jax.Array:
+    """cuDNN flash attention; raises (from jax) off NVIDIA GPUs or for unsupported shapes.
+    (`implementation="xla"` runs jax's reference of the same call, for tests off GPU.)"""
+    w = static_window(window, "cudnn")
     same_doc_Bx1xLxL = (segment_ids_BxL[:, None, :, None] == segment_ids_BxL[:, None, None, :])
     return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, mask=same_doc_Bx1xLxL,
-                                        is_causal=True, implementation="cudnn")
+                                        is_causal=True, local_window_size=(w - 1, 0) if w else None,
+                                        implementation=implementation)
 
 
-def _splash_local(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, segment_ids_BxL, interpret):
+def _splash_local(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, segment_ids_BxL, window, interpret):
     """The kernel on one shard: vmapped over the batch, heads-major [H, L, K] per example."""
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
@@ -45,7 +65,11 @@ def _splash_local(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, segment_ids_BxL, interpret):
     sizes = splash.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk,
                               block_kv_dkv=blk, block_kv_dkv_compute=blk, block_q_dq=blk,
                               block_kv_dq=blk)
-    mask = splash.MultiHeadMask([splash.CausalMask((length, length))] * h)
+    if window:  # causal within the window: keys q - (W - 1) .. q
+        one_head = splash.LocalMask((length, length), window_size=(window - 1, 0), offset=0)
+    else:
+        one_head = splash.CausalMask((length, length))
+    mask = splash.MultiHeadMask([one_head] * h)
     kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
                                     interpret=interpret)
     q_BxHxLxK = jnp.swapaxes(q_BxLxHxK * jnp.asarray(kd**-0.5, q_BxLxHxK.dtype), 1, 2)
@@ -59,11 +83,13 @@ def _splash_local(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, segment_ids_BxL, interpret):
 
 
 def splash_attention(q_BxLxHxK: jax.Array, k_BxLxNxK: jax.Array, v_BxLxNxK: jax.Array,
-                     segment_ids_BxL: jax.Array, interpret: bool = False) -> jax.Array:
+                     segment_ids_BxL: jax.Array, window: int | jax.Array | None = None,
+                     interpret: bool = False) -> jax.Array:
     """Splash attention, sharded with `shard_map` over the current mesh (if any)."""
+    w = static_window(window, "splash")
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        return _splash_local(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, segment_ids_BxL, interpret)
+        return _splash_local(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, segment_ids_BxL, w, interpret)
     shape = dict(zip(mesh.axis_names, mesh.axis_sizes))
     b, n = q_BxLxHxK.shape[0], k_BxLxNxK.shape[2]
     batch_axes = sharding.logical_to_mesh_spec(("act_batch",), (b,), shape)[0]
@@ -71,6 +97,6 @@ def splash_attention(q_BxLxHxK: jax.Array, k_BxLxNxK: jax.Array, v_BxLxNxK: jax.
     heads_axis = sharding.logical_to_mesh_spec(("act_kv_heads",), (n,), shape)[0]
     qkv_spec = P(batch_axes, None, heads_axis, None)
     return jax.shard_map(
-        lambda q, k, v, s: _splash_local(q, k, v, s, interpret), mesh=mesh,
+        lambda q, k, v, s: _splash_local(q, k, v, s, w, interpret), mesh=mesh,
         in_specs=(qkv_spec, qkv_spec, qkv_spec, P(batch_axes, None)), out_specs=qkv_spec,
         check_vma=False)(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, segment_ids_BxL)

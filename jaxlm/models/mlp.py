@@ -1,4 +1,5 @@
-"""The feed-forward block: SwiGLU (Llama) or GELU (GPT-2), and the `dense` matmul it uses."""
+"""The feed-forward block: SwiGLU (Llama), GeGLU (Gemma) or GELU (GPT-2), and the `dense`
+matmul it uses."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 
 from jaxlm import sharding
 from jaxlm.models import lora
-from jaxlm.models.config import ModelConfig
+from jaxlm.models.config import GATED_ACTIVATIONS, ModelConfig
 
 
 def weight_grad(x_BxLxI: jax.Array, dy_BxLxO: jax.Array) -> jax.Array:
@@ -57,6 +58,8 @@ _HIDDEN = ("act_batch", "act_length", "act_mlp")
 def _activate(activation: str, h_BxLxF: jax.Array, gate_BxLxF: jax.Array | None) -> jax.Array:
     if activation == "swiglu":
         return jax.nn.silu(gate_BxLxF) * h_BxLxF
+    if activation == "geglu":
+        return jax.nn.gelu(gate_BxLxF, approximate=True) * h_BxLxF
     return jax.nn.gelu(h_BxLxF, approximate=True)
 
 
@@ -134,7 +137,7 @@ class Mlp(nn.Module):
         w_out_FxD, a_out = self._weight("w_out", (f, d), ("mlp", "embed"))
         b_in_F = self._bias("b_in", f, "mlp") if cfg.use_bias else None
         w_gate_DxF, a_gate = None, None
-        if cfg.mlp_activation == "swiglu":
+        if cfg.mlp_activation in GATED_ACTIVATIONS:
             w_gate_DxF, a_gate = self._weight("w_gate", (d, f), ("embed", "mlp"))
         if a_in is None and a_out is None and a_gate is None:
             out_BxLxD = mlp_core(cfg.mlp_activation, x_BxLxD, w_in_DxF, b_in_F, w_gate_DxF,

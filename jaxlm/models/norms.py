@@ -63,7 +63,8 @@ normalize.defvjp(_normalize_fwd, _normalize_bwd)
 
 
 class Norm(nn.Module):
-    """Normalises the last axis; `cfg.norm` picks RMSNorm or LayerNorm (with bias)."""
+    """Normalises the last axis; `cfg.norm` picks RMSNorm or LayerNorm (with bias);
+    `cfg.norm_plus_one` scales by (1 + scale) with scale initialised to 0 (Gemma)."""
 
     cfg: ModelConfig
 
@@ -71,8 +72,11 @@ class Norm(nn.Module):
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         cfg = self.cfg
         d = x_BxLxD.shape[-1]
-        scale_D = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+        init = nn.initializers.zeros if cfg.norm_plus_one else nn.initializers.ones
+        scale_D = self.param("scale", nn.with_logical_partitioning(init, ("norm",)),
                              (d,), cfg.weight_dtype)
+        if cfg.norm_plus_one:
+            scale_D = 1.0 + scale_D.astype(jnp.float32)
         bias_D = None
         if cfg.norm == "layernorm":
             bias_D = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,

@@ -29,7 +29,8 @@ REMAT_POLICIES = {
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); with
+    `cfg.post_norms`, x + norm(attn(norm(x))) and x + norm(mlp(norm(x))) (Gemma).
 
     With `moe` the MLP is a mixture of experts and the block also returns its router stats.
     """
@@ -37,15 +38,21 @@ class Block(nn.Module):
     cfg: ModelConfig
     decode: bool = False
     moe: bool = False
+    window: int = -1  # this block's sliding window; -1: the model's (cfg.sliding_window)
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array,
-                 segment_ids_BxL: jax.Array) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+                 segment_ids_BxL: jax.Array, layer_window: jax.Array | None = None
+                 ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
         x_BxLxD = sharding.constrain(x_BxLxD, _ACT)
+        window = self.cfg.sliding_window if self.window < 0 else self.window
         with jax.named_scope("attention"):
             h_BxLxD = Norm(self.cfg, name="attn_norm")(x_BxLxD)
-            attn = Attention(self.cfg, self.decode, name="attn")
-            x_BxLxD = x_BxLxD + attn(h_BxLxD, positions_BxL, segment_ids_BxL)
+            attn = Attention(self.cfg, self.decode, window, name="attn")
+            h_BxLxD = attn(h_BxLxD, positions_BxL, segment_ids_BxL, layer_window)
+            if self.cfg.post_norms:
+                h_BxLxD = Norm(self.cfg, name="post_attn_norm")(h_BxLxD)
+            x_BxLxD = x_BxLxD + h_BxLxD
         with jax.named_scope("mlp"):
             h_BxLxD = Norm(self.cfg, name="mlp_norm")(x_BxLxD)
             stats = None
@@ -53,6 +60,8 @@ class Block(nn.Module):
                 h_BxLxD, stats = MoeMlp(self.cfg, name="moe")(h_BxLxD, segment_ids_BxL > 0)
             else:
                 h_BxLxD = Mlp(self.cfg, name="mlp")(h_BxLxD)
+            if self.cfg.post_norms:
+                h_BxLxD = Norm(self.cfg, name="post_mlp_norm")(h_BxLxD)
             x_BxLxD = x_BxLxD + h_BxLxD
         return sharding.constrain(x_BxLxD, _ACT), stats
 
@@ -128,6 +137,8 @@ class Transformer(nn.Module):
         embed_VxD = self.param("embed", nn.with_logical_partitioning(init, ("vocab", "embed")),
                                (cfg.padded_vocab_size, cfg.d_model), cfg.weight_dtype)
         x_BxLxD = jnp.take(embed_VxD, inputs_BxL, axis=0).astype(cfg.dtype)
+        if cfg.embed_scale:  # Gemma: embeddings times sqrt(d_model)
+            x_BxLxD = x_BxLxD * jnp.asarray(cfg.d_model**0.5, cfg.dtype)
         if cfg.position_embedding == "learned":
             pos_PxD = self.param("pos_embed",
                                  nn.with_logical_partitioning(init, ("positions", "embed")),
@@ -145,16 +156,20 @@ class Transformer(nn.Module):
             unit, length, kwargs = block_cls, cfg.num_layers, {"moe": cfg.moe is not None}
             if cfg.moe is not None and cfg.moe.every > 1:
                 unit, length, kwargs = BlockGroup, cfg.num_layers // cfg.moe.every, {}
+            # Alternating local/global layers: each layer's window is a scanned input.
+            windows = ((jnp.asarray([cfg.layer_window(i) for i in range(length)], jnp.int32),)
+                       if cfg.mixed_windows else ())
             stack = nn.scan(unit, variable_axes={"params": 0, "cache": 0},
                             split_rngs={"params": True, "dropout": True},
-                            in_axes=(nn.broadcast, nn.broadcast), length=length,
-                            metadata_params={nn.PARTITION_NAME: "layers"})
+                            in_axes=(nn.broadcast, nn.broadcast) + (0,) * len(windows),
+                            length=length, metadata_params={nn.PARTITION_NAME: "layers"})
             x_BxLxD, stats = stack(cfg, self.decode, name="blocks", **kwargs)(
-                x_BxLxD, positions_BxL, segment_ids_BxL)
+                x_BxLxD, positions_BxL, segment_ids_BxL, *windows)
         else:
             per_layer = []
             for i in range(cfg.num_layers):
-                block = block_cls(cfg, self.decode, moe=cfg.is_moe_layer(i), name=f"block_{i}")
+                block = block_cls(cfg, self.decode, moe=cfg.is_moe_layer(i),
+                                  window=cfg.layer_window(i), name=f"block_{i}")
                 x_BxLxD, stats = block(x_BxLxD, positions_BxL, segment_ids_BxL)
                 per_layer += [stats] if stats is not None else []
             stats = jax.tree.map(lambda *s: jnp.stack(s), *per_layer) if per_layer else None
