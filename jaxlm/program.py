@@ -119,10 +119,11 @@ class Program:
                            out_shardings=self.state_shardings)(params)
 
 
-def make_tx(config: ml_collections.ConfigDict, lr_schedule: optax.Schedule
-            ) -> optax.GradientTransformation:
-    """The run's optimizer: AdamW on every leaf, or (LoRA) on the adapters only."""
-    tx = make_optimizer(config.optim, config.train.steps, schedule=lr_schedule)
+def make_tx(config: ml_collections.ConfigDict, lr_schedule: optax.Schedule,
+            updates: int | None = None) -> optax.GradientTransformation:
+    """The run's optimizer: AdamW on every leaf, or (LoRA) on the adapters only. updates: the
+    run's optimizer updates (default train.steps)."""
+    tx = make_optimizer(config.optim, updates or config.train.steps, schedule=lr_schedule)
     if config.model.lora.rank:  # only the adapters train; the rest has no optimizer state
         tx = train_only(tx, lora.trainable_mask)
     return tx
@@ -160,8 +161,9 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, *, vocab_size: int | No
             model_cfg, attention=resolve_attention(model_cfg.attention, platform))
     config = config_lib.resolve_steps(config, model_cfg)  # a token budget becomes train.steps
     model = Transformer(model_cfg)
-    lr_schedule = learning_rate_schedule(config.optim, config.train.steps)
-    tx = make_tx(config, lr_schedule)
+    updates = config.train.steps * stage.updates_per_step(config)  # optimizer updates
+    lr_schedule = learning_rate_schedule(config.optim, updates)
+    tx = make_tx(config, lr_schedule, updates)
     seq_len = config.data.seq_len
     shardings = state_shardings(model, tx, mesh, seq_len)
     params = nn.meta.unbox(abstract_boxed_params(model, seq_len))

@@ -67,6 +67,15 @@ class Stage:
       prepare: (program, tokenizer, reference_params) -> keyword arguments of make_data, run once
         before training when reference_mode is "precompute".
       generates_text: whether logged samples make sense for the model.
+      make_host: (program, tokenizer) -> a host loop, for stages whose step needs Python between
+        jitted pieces (RL: generate, score text on the host, update). The trainer then hands it
+        the host-local batches instead of calling the jitted steps itself:
+        `host.train(state, host_batch, reference) -> (state, metrics)` (float metrics; its own
+        tokens_per_sec / mfu win over the trainer's), `host.eval(params, host_batch, reference)
+        -> sums` (summed over eval batches, then `eval_metrics`), and `host.samples`, texts
+        written to TensorBoard at each evaluation.
+      updates_per_step: config -> optimizer updates per trainer step (the learning-rate
+        schedule spans train.steps times this many).
     """
 
     name: str
@@ -83,3 +92,5 @@ class Stage:
     reference_mode: Callable[[Config], str] = no_reference
     prepare: Callable[..., dict[str, Any]] | None = None
     generates_text: bool = True
+    make_host: Callable[[Any, Any], Any] | None = None
+    updates_per_step: Callable[[Config], int] = lambda config: 1
