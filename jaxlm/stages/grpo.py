@@ -66,7 +66,8 @@ def loss_fn(params: Any, batch: Batch, rng: jax.Array | None = None, *, model: n
         kl_NxT = k3_kl(logp_NxT, batch["ref_logps"])
         sums["kl_sum"] = jnp.sum(kl_NxT * mask_NxT)
         per_token_NxT = per_token_NxT + kl_coef * kl_NxT
-    return jnp.sum(per_token_NxT * batch["weights"]), sums
+    loss = jnp.sum(per_token_NxT * batch["weights"])
+    return loss, {**sums, "loss_sum": loss}
 
 
 def grpo_step(state: TrainState, batch: Batch, ref_params: Any = None, *, model: nn.Module,
@@ -91,7 +92,7 @@ def grpo_step(state: TrainState, batch: Batch, ref_params: Any = None, *, model:
         first = sums if first is None else first
         clipped = clipped + sums["clipped_sum"]
     n_tok = jnp.maximum(first["mask_sum"], 1.0)
-    metrics = {**common, "lr": lr_schedule(step0 * num_epochs),
+    metrics = {**common, "lr": lr_schedule(step0 * num_epochs), "loss": first["loss_sum"],
                "entropy": first["entropy_sum"] / n_tok,
                "clip_fraction": clipped / (num_epochs * n_tok)}
     if "kl_sum" in first:
