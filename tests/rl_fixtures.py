@@ -23,9 +23,10 @@ class CharTokenizer:
         return "".join(_CHARS[i - 4] for i in ids if i >= 4)
 
 
-def grpo_config(**rl) -> ml_collections.ConfigDict:
+def grpo_config(stage_: str = "grpo", **rl) -> ml_collections.ConfigDict:
+    """The tiny RL config of the tests (stage_: grpo or rejection); keyword args set rl.*."""
     c = config_lib.base_config()
-    c.stage = "grpo"
+    c.stage = stage_
     c.model.vocab_size = CharTokenizer.vocab_size
     c.model.d_model, c.model.num_layers, c.model.num_heads = 32, 2, 4
     c.model.num_kv_heads, c.model.d_ff = 2, 64

@@ -53,6 +53,8 @@ def default_rl_config() -> ml_collections.ConfigDict:
     r.clip_eps_high = 0.0
     # Gradient steps on each rollout batch (the old policy's log-probs stay fixed).
     r.num_epochs = 1
+    # rejection: a prompt's best completion is trained on when its reward reaches this.
+    r.keep_min_reward = 1.0
     # KL(policy || reference) penalty with the k3 estimator; 0 builds no reference model.
     r.kl_coef = 0.04
     # Completions (prompt, completion, reward) logged to the console and TensorBoard per eval.
@@ -119,7 +121,7 @@ def check_rl(config: ml_collections.ConfigDict) -> None:
         _fail("rl.num_epochs", f"must be >= 1, got {r.num_epochs}")
     if r.kl_coef < 0:
         _fail("rl.kl_coef", f"must be >= 0, got {r.kl_coef}")
-    if r.kl_coef > 0 and not config.init_from.path:
+    if r.kl_coef > 0 and config.stage == "grpo" and not config.init_from.path:
         _fail("init_from.path", f"rl.kl_coef={r.kl_coef} needs a reference model: the "
               "checkpoint the policy starts from (or set rl.kl_coef=0)")
     if config.log.sample_every:

@@ -18,6 +18,7 @@ STAGE_MODULES = {
     "dpo": "jaxlm.stages.dpo",
     "reward": "jaxlm.stages.reward",
     "grpo": "jaxlm.stages.grpo",
+    "rejection": "jaxlm.stages.rejection",
 }
 
 
