@@ -14,6 +14,7 @@ layout, the state's logical shardings and its donation.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any
 
@@ -49,8 +50,9 @@ class Program:
         like the policy's params (`reference_shardings`).
       train_step: jit(state, batch[, reference]) -> (state, metrics), state donated.
       eval_step: jit(params, batch[, reference]) -> summed eval values.
-      flops_per_step / tokens_per_step: model FLOPs and tokens of one optimizer step, counting
-        every sequence of a row and only the work done (`scaling.train_flops_per_token`).
+      flops_per_step / tokens_per_step: model FLOPs and tokens of one train step (all its
+        optimizer updates, `Stage.updates_per_step`), counting every sequence of a row and only
+        the work done (`scaling.train_flops_per_token`).
     """
 
     config: ml_collections.ConfigDict
@@ -143,10 +145,13 @@ def step_flops(stage: Stage, config: ml_collections.ConfigDict, model_cfg: Model
     """Model FLOPs of one optimizer step of `stage`: every sequence of every row, the backward
     work of what trains, the vocabulary head only where the stage runs it."""
     seq_len = config.data.seq_len
-    per_token = scaling.train_flops_per_token(
-        model_cfg, seq_len, frozen_base=bool(config.model.lora.rank),
-        vocab_head=stage.vocab_head, reference_forwards=int(uses_reference))
-    return per_token * seq_len * config.train.global_batch_size * stage.sequences_per_row
+    per_token = functools.partial(
+        scaling.train_flops_per_token, model_cfg, seq_len,
+        frozen_base=bool(config.model.lora.rank), vocab_head=stage.vocab_head)
+    train, with_reference = per_token(), per_token(reference_forwards=int(uses_reference))
+    # Every optimizer update trains; the reference runs once per step.
+    per_step = train * stage.updates_per_step(config) + (with_reference - train)
+    return per_step * seq_len * config.train.global_batch_size * stage.sequences(config)
 
 
 def build(config: ml_collections.ConfigDict, mesh: Mesh, *, vocab_size: int | None = None,
@@ -186,4 +191,4 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, *, vocab_size: int | No
         abstract_batch=batch, batch_shardings=batch_sh, uses_reference=uses_reference,
         train_step=train_step, eval_step=eval_step,
         flops_per_step=step_flops(stage, config, model_cfg, uses_reference),
-        tokens_per_step=(config_lib.tokens_per_step(config) * stage.sequences_per_row))
+        tokens_per_step=(config_lib.tokens_per_step(config) * stage.sequences(config)))

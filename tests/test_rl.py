@@ -10,7 +10,7 @@ import pytest
 
 from jaxlm import config as config_lib
 from jaxlm import program as program_lib
-from jaxlm import sharding
+from jaxlm import scaling, sharding
 from jaxlm.rl import advantages, objectives, rewards, tasks
 from jaxlm.rl.host import place
 from jaxlm.rl.prompts import make_prompt_iterator
@@ -107,6 +107,21 @@ def test_check_rl_names_the_key():
             config_lib.validate(c)
     with pytest.raises(ValueError, match="config key init_from.path"):
         config_lib.validate(grpo_config(kl_coef=0.1))
+
+
+def test_program_counts_every_group_member_and_epoch():
+    config = grpo_config(num_epochs=3, kl_coef=0.1)
+    config.init_from.path = "/unused/checkpoints"
+    program = _program(config, 1)
+    assert program.uses_reference
+    count = functools.partial(scaling.train_flops_per_token, program.model_cfg, 14)
+    forward = count(reference_forwards=1) - count()
+    rows = 8 * 4  # prompts x group
+    assert program.flops_per_step == pytest.approx((3 * count() + forward) * 14 * rows)
+    assert program.tokens_per_step == 14 * rows
+    # The schedule spans every optimizer update: 20 steps x 3 epochs.
+    assert float(program.lr_schedule(60)) == pytest.approx(
+        config.optim.learning_rate * config.optim.min_lr_ratio, rel=1e-5)
 
 
 # -- rollouts and steps on the tiny model ---------------------------------------------------

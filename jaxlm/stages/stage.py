@@ -57,8 +57,8 @@ class Stage:
       section: the config section the stage owns (None: none), with its defaults and checks
         (`default_section() -> ConfigDict`, `check_config(config)` raising ValueError that names
         the key).
-      sequences_per_row: model sequences per batch row (2 for chosen/rejected pairs): tokens/s
-        and FLOPs count every one.
+      sequences_per_row: model sequences per batch row (2 for chosen/rejected pairs; a function
+        of the config for RL groups): tokens/s and FLOPs count every one.
       vocab_head: whether the step runs the [D, V] output head (a reward model does not).
       reward_head: the model is built with a scalar score head.
       eval_metrics: summed eval sums over batches -> logged metrics.
@@ -85,7 +85,7 @@ class Stage:
     section: str | None = None
     default_section: Callable[[], Config] | None = None
     check_config: Callable[[Config], None] | None = None
-    sequences_per_row: int = 1
+    sequences_per_row: int | Callable[[Config], int] = 1
     vocab_head: bool = True
     reward_head: bool = False
     eval_metrics: Callable[[dict[str, float]], dict[str, float]] = token_eval_metrics
@@ -94,3 +94,8 @@ class Stage:
     generates_text: bool = True
     make_host: Callable[[Any, Any], Any] | None = None
     updates_per_step: Callable[[Config], int] = lambda config: 1
+
+    def sequences(self, config: Config) -> int:
+        """Model sequences per batch row under `config`."""
+        n = self.sequences_per_row
+        return n(config) if callable(n) else n
