@@ -9,6 +9,7 @@ Each stage (grpo, rejection, ppo) adds its own `train`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from typing import Any
@@ -59,7 +60,8 @@ class RolloutHost:
         self.stop = stop_ids(tokenizer, c.rl.stop)
         self.max_new = c.rl.max_new_tokens
         self.samples: list[str] = []
-        lm = decode.TransformerLM(program.model_cfg)
+        # A policy with a value head (ppo) decodes with its vocab head.
+        lm = decode.TransformerLM(dataclasses.replace(program.model_cfg, reward_head=False))
         out_sh = {"completion": sharding.batch_sharding(self.mesh, 3),
                   "lengths": sharding.batch_sharding(self.mesh, 2),
                   "logps": sharding.batch_sharding(self.mesh, 3)}

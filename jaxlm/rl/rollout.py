@@ -55,17 +55,26 @@ def sequences(prompt_BxP: np.ndarray, valid_BxP: np.ndarray, completion_BxGxT: n
             "mask": mask_BxGxT.astype(np.float32)}
 
 
-def sequence_logps(params: Any, tokens_NxS: jax.Array, valid_NxS: jax.Array, num_new: int, *,
-                   model: nn.Module, with_entropy: bool = False, rng: jax.Array | None = None
-                   ) -> jax.Array | tuple[jax.Array, jax.Array]:
-    """log p(token) of the last `num_new` slots of each row [N, T] (and their entropy), from the
-    chunked head (`token_logps`: no [N, S, V] logits)."""
+def completion_hidden(params: Any, tokens_NxS: jax.Array, valid_NxS: jax.Array, num_new: int,
+                      *, model: nn.Module, rng: jax.Array | None = None
+                      ) -> tuple[jax.Array, jax.Array]:
+    """The final hidden states that predict the last `num_new` slots [N, T, D], and the vocab
+    head [V, D]. `model` returns hidden states (`return_hidden`), not a score head."""
     valid = valid_NxS.astype(jnp.int32)
     positions_NxS = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
     (hidden_NxLxD, head_VxD), _ = model.apply(
         {"params": params}, tokens_NxS[:, :-1], positions_BxL=positions_NxS[:, :-1],
         segment_ids_BxL=valid[:, :-1], return_hidden=True, mutable=["intermediates"],
         rngs=None if rng is None else {"dropout": rng})
-    out = token_logps(hidden_NxLxD[:, -num_new:], head_VxD, tokens_NxS[:, -num_new:],
-                      vocab_size=model.cfg.vocab_size, with_entropy=with_entropy)
-    return out
+    return hidden_NxLxD[:, -num_new:], head_VxD
+
+
+def sequence_logps(params: Any, tokens_NxS: jax.Array, valid_NxS: jax.Array, num_new: int, *,
+                   model: nn.Module, with_entropy: bool = False, rng: jax.Array | None = None
+                   ) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """log p(token) of the last `num_new` slots of each row [N, T] (and their entropy), from the
+    chunked head (`token_logps`: no [N, S, V] logits)."""
+    hidden_NxTxD, head_VxD = completion_hidden(params, tokens_NxS, valid_NxS, num_new,
+                                               model=model, rng=rng)
+    return token_logps(hidden_NxTxD, head_VxD, tokens_NxS[:, -num_new:],
+                       vocab_size=model.cfg.vocab_size, with_entropy=with_entropy)

@@ -1,4 +1,4 @@
-"""The `rl` config section (grpo and rejection stages): defaults and checks.
+"""The `rl` (grpo, rejection, ppo) and `ppo` config sections: defaults and checks.
 
 Importing this module pulls in neither grain nor JAX.
 """
@@ -57,6 +57,9 @@ def default_rl_config() -> ml_collections.ConfigDict:
     r.keep_min_reward = 1.0
     # KL(policy || reference) penalty with the k3 estimator; 0 builds no reference model.
     r.kl_coef = 0.04
+    # ppo: generalised advantage estimation's discount and lambda over completion tokens.
+    r.gamma = 1.0
+    r.lam = 0.95
     # Completions (prompt, completion, reward) logged to the console and TensorBoard per eval.
     r.log_samples = 4
     return r
@@ -127,3 +130,45 @@ def check_rl(config: ml_collections.ConfigDict) -> None:
     if config.log.sample_every:
         _fail("log.sample_every", "RL stages log their own samples at each evaluation "
               "(rl.log_samples); set it to 0")
+    if not 0 <= r.gamma <= 1:
+        _fail("rl.gamma", f"must lie in [0, 1], got {r.gamma}")
+    if not 0 <= r.lam <= 1:
+        _fail("rl.lam", f"must lie in [0, 1], got {r.lam}")
+
+
+def default_ppo_config() -> ml_collections.ConfigDict:
+    p = ml_collections.ConfigDict()
+    # Checkpoints directory of a reward-stage run (same architecture and tokenizer as the
+    # policy); restored frozen, sharded like the policy. Its score at a completion's last token
+    # is the completion's reward.
+    p.reward_model = ""
+    # Its step; -1 = the newest.
+    p.reward_model_step = -1
+    # Per-token KL penalty -kl_coef * (logp_old - logp_ref) in the rewards.
+    p.kl_coef = 0.05
+    # Adaptive coefficient (Ziegler et al. 2019): 0 keeps kl_coef fixed; > 0 moves it towards
+    # this mean per-completion KL, by at most 20% of (kl / target - 1) * B / kl_horizon a step.
+    p.kl_target = 0.0
+    p.kl_horizon = 10000
+    # Weight of the clipped value loss 0.5 max((V - R)^2, (V_clipped - R)^2) in the objective.
+    p.value_coef = 0.1
+    # Value predictions move at most this far from the rollout's per update.
+    p.value_clip = 0.2
+    # Whiten the advantages over the batch's completion tokens.
+    p.whiten = True
+    return p
+
+
+def check_ppo(config: ml_collections.ConfigDict) -> None:
+    check_rl(config)
+    p = config.ppo
+    if not p.reward_model:
+        _fail("ppo.reward_model", "is empty; give the checkpoints directory of a reward run")
+    if not config.init_from.path:
+        _fail("init_from.path", "ppo needs the policy to start from (an SFT run's checkpoints): "
+              "it is also the KL reference")
+    for key in ("kl_coef", "kl_target", "value_coef", "value_clip"):
+        if p[key] < 0:
+            _fail(f"ppo.{key}", f"must be >= 0, got {p[key]}")
+    if p.kl_horizon < 1:
+        _fail("ppo.kl_horizon", f"must be >= 1, got {p.kl_horizon}")

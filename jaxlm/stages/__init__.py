@@ -19,6 +19,7 @@ STAGE_MODULES = {
     "reward": "jaxlm.stages.reward",
     "grpo": "jaxlm.stages.grpo",
     "rejection": "jaxlm.stages.rejection",
+    "ppo": "jaxlm.stages.ppo",
 }
 
 
