@@ -130,7 +130,7 @@ def test_program_counts_every_group_member_and_epoch():
 def rolled_out():
     """A 1-device program, a warmed-up policy, one rollout batch and its update arrays."""
     tok = CharTokenizer()
-    config = grpo_config()
+    config = grpo_config(num_epochs=2)
     program = _program(config, 1)
     host = grpo.GrpoHost(program, tok)
     params = warm_up(program, program.init_params(jax.random.key(0)), tok, steps=30)
@@ -176,7 +176,7 @@ def test_sharded_grpo_step_equals_unsharded(rolled_out):
     config = grpo_config(num_epochs=2)
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
     outs = []
-    for program in (_program(grpo_config(num_epochs=2), 1), _program(config, 8)):
+    for program in (program1, _program(config, 8)):
         state = program.state_from_params(jax.device_put(params, program.reference_shardings))
         new, metrics = program.train_step(state, place(arrays, program.mesh))
         outs.append((jax.device_get(new.params), jax.device_get(metrics), int(new.step)))

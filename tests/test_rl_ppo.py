@@ -57,10 +57,15 @@ def _setup(tmp_path, num_epochs=1):
     return program, rm
 
 
-def test_reward_model_is_restored_and_scores_padded_rows_like_unpadded(tmp_path):
-    program, rm = _setup(tmp_path)
+@pytest.fixture(scope="module")
+def ppo_host(tmp_path_factory):
+    program, rm = _setup(tmp_path_factory.mktemp("ppo"), num_epochs=2)
+    return program, rm, ppo.PpoHost(program, CharTokenizer())  # restores ppo.reward_model
+
+
+def test_reward_model_is_restored_and_scores_padded_rows_like_unpadded(ppo_host):
+    program, rm, host = ppo_host
     tok = CharTokenizer()
-    host = ppo.PpoHost(program, tok)  # restores ppo.reward_model
     for a, b in zip(jax.tree.leaves(host.reward_params), jax.tree.leaves(rm)):
         np.testing.assert_array_equal(a, b)
     batch = next(make_prompt_iterator(program.config, tok, split="train", batch_size=8))
@@ -77,10 +82,9 @@ def test_reward_model_is_restored_and_scores_padded_rows_like_unpadded(tmp_path)
         assert float(scores[i]) == pytest.approx(float(want), rel=1e-4, abs=1e-5)
 
 
-def test_ppo_step_trains_policy_and_value_head(tmp_path):
-    program, rm = _setup(tmp_path, num_epochs=2)
+def test_ppo_step_trains_policy_and_value_head(ppo_host):
+    program, _, host = ppo_host
     tok = CharTokenizer()
-    host = ppo.PpoHost(program, tok, reward_params=rm)
     params = program.init_params(jax.random.key(0))
     reference = jax.tree.map(jnp.copy, params)
     state = program.state_from_params(params)

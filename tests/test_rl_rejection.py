@@ -4,6 +4,7 @@ arithmetic reward going up over a few rounds from a warmed-up policy."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxlm import config as config_lib
 from jaxlm import program as program_lib
@@ -36,16 +37,25 @@ def test_best_of_group_keeps_each_prompts_top_completion():
     np.testing.assert_array_equal(rows["keep"], [1.0, 0.0, 1.0])
 
 
-def test_rejection_loss_is_the_mean_nll_of_kept_tokens_only():
+@pytest.fixture(scope="module")
+def rejection_host():
+    """16 prompts x 8 samples, lr 1e-3: the setting of the reward test."""
+    config = grpo_config("rejection")
+    config.train.global_batch_size, config.rl.group_size = 16, 8
+    config.optim.learning_rate = 1e-3
+    program = _program(config)
+    return program, rejection.RejectionHost(program, CharTokenizer())
+
+
+def test_rejection_loss_is_the_mean_nll_of_kept_tokens_only(rejection_host):
     tok = CharTokenizer()
-    program = _program(grpo_config("rejection"))
+    program, host = rejection_host
     params = program.init_params(jax.random.key(1))
-    host = rejection.RejectionHost(program, tok)
-    batch = next(make_prompt_iterator(program.config, tok, split="train", batch_size=8))
-    rolled = host.generate(params, batch, group_size=4, rng=jax.random.key(2))
-    rewards = np.random.default_rng(3).random((8, 4))
-    rows = rejection.best_of_group(rolled, rewards, min_reward=0.5)
-    assert 0 < rows["keep"].sum() < 8
+    batch = next(make_prompt_iterator(program.config, tok, split="train", batch_size=16))
+    rolled = host.generate(params, batch, group_size=8, rng=jax.random.key(2))
+    rewards = np.random.default_rng(3).random((16, 8))
+    rows = rejection.best_of_group(rolled, rewards, min_reward=0.9)
+    assert 0 < rows["keep"].sum() < 16
     arrays = {k: jnp.asarray(v) for k, v in rows.items()}
     loss, sums = rejection.loss_fn(params, arrays, model=program.model)
     logp = sequence_logps(params, arrays["tokens"], arrays["valid"], 6, model=program.model)
@@ -60,15 +70,12 @@ def test_rejection_loss_is_the_mean_nll_of_kept_tokens_only():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
 
 
-def test_rejection_sampling_raises_the_arithmetic_reward():
+def test_rejection_sampling_raises_the_arithmetic_reward(rejection_host):
     """30 rounds (16 prompts x 8 samples) after 60 supervised warm-up steps: the mean
     exact-answer reward of the last 8 rounds beats that of the first 8 (0.46 -> 0.57 here)."""
     tok = CharTokenizer()
-    config = grpo_config("rejection")
-    config.train.global_batch_size, config.rl.group_size = 16, 8
-    config.optim.learning_rate = 1e-3
-    program = _program(config)
-    host = rejection.RejectionHost(program, tok)
+    program, host = rejection_host
+    config = program.config
     state = program.state_from_params(
         warm_up(program, program.init_params(jax.random.key(0)), tok, steps=60))
     it = make_prompt_iterator(config, tok, split="train", batch_size=16)
