@@ -127,9 +127,6 @@ def check_rl(config: ml_collections.ConfigDict) -> None:
     if r.kl_coef > 0 and config.stage == "grpo" and not config.init_from.path:
         _fail("init_from.path", f"rl.kl_coef={r.kl_coef} needs a reference model: the "
               "checkpoint the policy starts from (or set rl.kl_coef=0)")
-    if config.log.sample_every:
-        _fail("log.sample_every", "RL stages log their own samples at each evaluation "
-              "(rl.log_samples); set it to 0")
     if not 0 <= r.gamma <= 1:
         _fail("rl.gamma", f"must lie in [0, 1], got {r.gamma}")
     if not 0 <= r.lam <= 1:

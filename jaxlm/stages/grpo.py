@@ -189,5 +189,6 @@ def reference_mode(config: Any) -> str:
 STAGE = Stage(name="grpo", make_steps=make_steps, make_data=make_data, batch_fields=batch_fields,
               section="rl", default_section=default_rl_config, check_config=check_rl,
               eval_metrics=eval_metrics, reference_mode=reference_mode, make_host=GrpoHost,
+              generates_text=False,  # samples are logged by the host at each evaluation
               updates_per_step=lambda config: config.rl.num_epochs,
               sequences_per_row=lambda config: config.rl.group_size)

@@ -258,5 +258,6 @@ class PpoHost(RolloutHost):
 STAGE = Stage(name="ppo", make_steps=make_steps, make_data=make_data, batch_fields=batch_fields,
               section="ppo", default_section=default_ppo_config, check_config=check_ppo,
               reward_head=True, eval_metrics=eval_metrics, reference_mode=lambda config: "jit",
-              make_host=PpoHost, updates_per_step=lambda config: config.rl.num_epochs,
+              generates_text=False, make_host=PpoHost,
+              updates_per_step=lambda config: config.rl.num_epochs,
               sequences_per_row=lambda config: config.rl.group_size)

@@ -121,4 +121,5 @@ class RejectionHost(RolloutHost):
 
 STAGE = Stage(name="rejection", make_steps=make_steps, make_data=make_data,
               batch_fields=batch_fields, section="rl", default_section=default_rl_config,
-              check_config=check_rl, eval_metrics=eval_metrics, make_host=RejectionHost)
+              check_config=check_rl, eval_metrics=eval_metrics, generates_text=False,
+              make_host=RejectionHost)
