@@ -11,6 +11,7 @@ from jaxlm import program as program_lib
 from jaxlm import sharding
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.rl.prompts import make_prompt_iterator
+from jaxlm.rl.reward_model import sequence_scores
 from jaxlm.stages import ppo
 from tests.rl_fixtures import CharTokenizer, grpo_config
 
@@ -66,7 +67,7 @@ def ppo_host(tmp_path_factory):
 def test_reward_model_is_restored_and_scores_padded_rows_like_unpadded(ppo_host):
     program, rm, host = ppo_host
     tok = CharTokenizer()
-    for a, b in zip(jax.tree.leaves(host.reward_params), jax.tree.leaves(rm)):
+    for a, b in zip(jax.tree.leaves(host.reward_model.params), jax.tree.leaves(rm)):
         np.testing.assert_array_equal(a, b)
     batch = next(make_prompt_iterator(program.config, tok, split="train", batch_size=8))
     rolled = host.generate(rm, batch, group_size=1, rng=jax.random.key(0))
@@ -74,8 +75,8 @@ def test_reward_model_is_restored_and_scores_padded_rows_like_unpadded(ppo_host)
     lengths = rolled["lengths"][:, 0]
     valid = np.concatenate([rolled["prompt_valid"],
                             np.arange(6) < lengths[:, None]], axis=1).astype(np.int32)
-    scores = ppo.sequence_scores(rm, jnp.asarray(tokens), jnp.asarray(valid),
-                                 jnp.asarray(lengths), 6, model=program.model)
+    scores = sequence_scores(rm, jnp.asarray(tokens), jnp.asarray(valid),
+                             jnp.asarray(lengths), 6, model=program.model)
     for i in range(4):
         alone = tokens[i][valid[i] > 0][None]
         want = program.model.apply({"params": rm}, jnp.asarray(alone))[0, -1]
@@ -99,3 +100,27 @@ def test_ppo_step_trains_policy_and_value_head(ppo_host):
     for k in ("loss", "value_loss", "entropy", "reward_mean", "rollout_tokens_per_sec",
               "tokens_per_sec", "mfu"):
         assert np.isfinite(m2[k]), k
+
+
+def test_rejection_ranks_by_the_reward_model_when_given(ppo_host):
+    """rl.reward_model: the kept completion of each prompt is the one the model scores best."""
+    from jaxlm.stages import rejection
+
+    program, rm, ppo_host_ = ppo_host
+    config = grpo_config("rejection", reward_model=program.config.ppo.reward_model,
+                         keep_min_reward=-1e9)
+    config_lib.validate(config)
+    rs_program = program_lib.build(config, program.mesh)
+    host = rejection.RejectionHost(rs_program, CharTokenizer())
+    for a, b in zip(jax.tree.leaves(host.reward_model.params), jax.tree.leaves(rm)):
+        np.testing.assert_array_equal(a, b)
+    batch = next(make_prompt_iterator(config, CharTokenizer(), split="train", batch_size=8))
+    rolled = host.generate(rm, batch, group_size=4, rng=jax.random.key(1))
+    seqs = rejection.sequences(rolled["prompt"], rolled["prompt_valid"], rolled["completion"],
+                               rolled["lengths"])
+    scores = host.reward_model.score(seqs, rolled["lengths"])
+    np.testing.assert_allclose(scores, ppo_host_.reward_model.score(seqs, rolled["lengths"]))
+    rows = rejection.best_of_group(rolled, scores, -1e9)
+    best = np.argmax(scores, axis=1)
+    np.testing.assert_array_equal(rows["tokens"][:, -6:],
+                                  rolled["completion"][np.arange(8), best])

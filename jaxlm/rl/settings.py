@@ -55,6 +55,9 @@ def default_rl_config() -> ml_collections.ConfigDict:
     r.num_epochs = 1
     # rejection: a prompt's best completion is trained on when its reward reaches this.
     r.keep_min_reward = 1.0
+    # rejection: rank completions by this reward-stage checkpoint's score (its newest step)
+    # instead of rl.rewards; "" = rl.rewards.
+    r.reward_model = ""
     # KL(policy || reference) penalty with the k3 estimator; 0 builds no reference model.
     r.kl_coef = 0.04
     # ppo: generalised advantage estimation's discount and lambda over completion tokens.

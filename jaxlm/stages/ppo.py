@@ -33,16 +33,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
 
-from jaxlm import sharding
-from jaxlm.checkpoint import restore_params
 from jaxlm.loss import token_logps
 from jaxlm.models import Transformer
 from jaxlm.rl.advantages import gae, whiten
 from jaxlm.rl.host import RolloutHost, eval_metrics, place
 from jaxlm.rl.objectives import clipped_surrogate, token_weights
 from jaxlm.rl.prompts import make_prompt_iterator
+from jaxlm.rl.reward_model import RewardModel
 from jaxlm.rl.rollout import completion_hidden, sequence_logps, sequences
 from jaxlm.rl.settings import check_ppo, default_ppo_config
 from jaxlm.stages.grpo import _flat
@@ -68,18 +66,6 @@ def logps_values(params: Any, tokens_NxS: jax.Array, valid_NxS: jax.Array, num_n
     w_D = params["reward_head"].astype(hidden_NxTxD.dtype)
     values = jnp.einsum("ntd,d->nt", hidden_NxTxD, w_D).astype(jnp.float32)
     return logp, entropy, values
-
-
-def sequence_scores(params: Any, tokens_NxS: jax.Array, valid_NxS: jax.Array,
-                    lengths_N: jax.Array, num_new: int, *, model: nn.Module) -> jax.Array:
-    """A reward model's score of each row at its last token (the completion's last, or the
-    prompt's when the completion is empty) [N]."""
-    valid = valid_NxS.astype(jnp.int32)
-    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
-    scores_NxS = model.apply({"params": params}, tokens_NxS, positions_BxL=positions,
-                             segment_ids_BxL=valid)
-    last_N = tokens_NxS.shape[1] - num_new + lengths_N - 1
-    return jnp.take_along_axis(scores_NxS, last_N[:, None], axis=1)[:, 0]
 
 
 def token_rewards(score_N: jax.Array, old_logp_NxT: jax.Array, ref_logp_NxT: jax.Array,
@@ -205,13 +191,10 @@ class PpoHost(RolloutHost):
     def __init__(self, program: Any, tokenizer: Any, reward_params: Any = None):
         super().__init__(program, tokenizer)
         p = self.config.ppo
-        if reward_params is None:
-            step = None if p.reward_model_step < 0 else p.reward_model_step
-            reward_params = restore_params(p.reward_model, step, program.abstract_params)
-            logging.info("reward model from %s", p.reward_model)
-        self.reward_params, self.kl_coef = reward_params, float(p.kl_coef)
-        score = functools.partial(sequence_scores, num_new=self.max_new, model=program.model)
-        self._score = jax.jit(score, out_shardings=sharding.batch_sharding(self.mesh, 1))
+        self.reward_model = RewardModel(
+            program, p.reward_model, None if p.reward_model_step < 0 else p.reward_model_step,
+            params=reward_params)
+        self.kl_coef = float(p.kl_coef)
 
     def train(self, state: TrainState, host_batch: dict[str, np.ndarray], reference: Any = None
               ) -> tuple[TrainState, dict[str, float]]:
@@ -225,13 +208,7 @@ class PpoHost(RolloutHost):
         b, g, t = seqs["mask"].shape
         task_rewards, parts, _, _ = self.rewards(rolled, "train")
         t1 = time.perf_counter()  # the update phase: reward model, then the jitted update
-        flat = place({"tokens": seqs["tokens"].reshape(b * g, -1),
-                      "valid": seqs["valid"].reshape(b * g, -1),
-                      "lengths": rolled["lengths"].reshape(-1).astype(np.int32)}, self.mesh)
-        with sharding.activate(self.mesh):
-            score = self._score(self.reward_params, flat["tokens"], flat["valid"],
-                                flat["lengths"])
-        score = np.asarray(jax.device_get(score)).reshape(b, g)
+        score = self.reward_model.score(seqs, rolled["lengths"])
         weights = np.asarray(token_weights(seqs["mask"].reshape(b * g, t), r.loss_norm))
         arrays = {**seqs, "old_logps": rolled["logps"].astype(np.float32),
                   "weights": weights.reshape(b, g, t).astype(np.float32),

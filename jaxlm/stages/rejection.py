@@ -1,7 +1,8 @@
 """Rejection sampling (expert iteration, RAFT): sample, keep the best, fine-tune on it; repeat.
 
 One step (`RejectionHost.train`): rl.group_size completions of each prompt from the current
-policy (the KV-cache decoder on the training mesh), scored by the configured rewards; the
+policy (the KV-cache decoder on the training mesh), scored by the configured rewards (or by a
+frozen reward-stage model, rl.reward_model); the
 best-scoring completion of each prompt is kept when its reward reaches rl.keep_min_reward; one
 optimizer step of the SFT loss (mean negative log-likelihood of the kept completions' tokens,
 EOS included) follows. Each step samples from the policy the previous steps trained, so the
@@ -22,6 +23,7 @@ import optax
 
 from jaxlm.rl.host import RolloutHost, eval_metrics, place
 from jaxlm.rl.prompts import make_prompt_iterator
+from jaxlm.rl.reward_model import RewardModel
 from jaxlm.rl.rollout import sequence_logps, sequences
 from jaxlm.rl.settings import check_rl, default_rl_config
 from jaxlm.stages.grpo import reward_metrics
@@ -95,7 +97,15 @@ def best_of_group(rolled: dict[str, np.ndarray], rewards_BxG: np.ndarray, min_re
 
 
 class RejectionHost(RolloutHost):
-    """The rejection-sampling step as the trainer calls it: sample, filter, fine-tune."""
+    """The rejection-sampling step as the trainer calls it: sample, filter, fine-tune. The
+    ranking reward is rl.rewards, or the score of rl.reward_model when set (`reward_params`:
+    that model's params, default restored)."""
+
+    def __init__(self, program: Any, tokenizer: Any, reward_params: Any = None):
+        super().__init__(program, tokenizer)
+        path = self.config.rl.reward_model
+        self.reward_model = (RewardModel(program, path, params=reward_params)
+                             if path or reward_params is not None else None)
 
     def train(self, state: TrainState, host_batch: dict[str, np.ndarray], reference: Any = None
               ) -> tuple[TrainState, dict[str, float]]:
@@ -106,6 +116,10 @@ class RejectionHost(RolloutHost):
         rolled = self.generate(state.params, host_batch, group_size=r.group_size,
                                rng=self.rollout_rng(step))
         rewards, parts, _, _ = self.rewards(rolled, "train")
+        if self.reward_model is not None:
+            rewards = self.reward_model.score(
+                sequences(rolled["prompt"], rolled["prompt_valid"], rolled["completion"],
+                          rolled["lengths"]), rolled["lengths"])
         arrays = best_of_group(rolled, rewards, r.keep_min_reward)
         t1 = time.perf_counter()
         state, metrics = self.program.train_step(state, place(arrays, self.mesh))
