@@ -142,8 +142,9 @@ def abstract_batch(stage: Stage, config: ml_collections.ConfigDict, mesh: Mesh
 
 def step_flops(stage: Stage, config: ml_collections.ConfigDict, model_cfg: ModelConfig,
                uses_reference: bool) -> float:
-    """Model FLOPs of one optimizer step of `stage`: every sequence of every row, the backward
-    work of what trains, the vocabulary head only where the stage runs it."""
+    """Model FLOPs of one train step of `stage`: every sequence of every row, the backward work
+    of what trains in each of its optimizer updates, the reference's forward once, the
+    vocabulary head only where the stage runs it."""
     seq_len = config.data.seq_len
     per_token = functools.partial(
         scaling.train_flops_per_token, model_cfg, seq_len,
