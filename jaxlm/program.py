@@ -14,6 +14,7 @@ layout, the state's logical shardings and its donation.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any
 
@@ -49,8 +50,9 @@ class Program:
         like the policy's params (`reference_shardings`).
       train_step: jit(state, batch[, reference]) -> (state, metrics), state donated.
       eval_step: jit(params, batch[, reference]) -> summed eval values.
-      flops_per_step / tokens_per_step: model FLOPs and tokens of one optimizer step, counting
-        every sequence of a row and only the work done (`scaling.train_flops_per_token`).
+      flops_per_step / tokens_per_step: model FLOPs and tokens of one train step (all its
+        optimizer updates, `Stage.updates_per_step`), counting every sequence of a row and only
+        the work done (`scaling.train_flops_per_token`).
     """
 
     config: ml_collections.ConfigDict
@@ -119,10 +121,11 @@ class Program:
                            out_shardings=self.state_shardings)(params)
 
 
-def make_tx(config: ml_collections.ConfigDict, lr_schedule: optax.Schedule
-            ) -> optax.GradientTransformation:
-    """The run's optimizer: AdamW on every leaf, or (LoRA) on the adapters only."""
-    tx = make_optimizer(config.optim, config.train.steps, schedule=lr_schedule)
+def make_tx(config: ml_collections.ConfigDict, lr_schedule: optax.Schedule,
+            updates: int | None = None) -> optax.GradientTransformation:
+    """The run's optimizer: AdamW on every leaf, or (LoRA) on the adapters only. updates: the
+    run's optimizer updates (default train.steps)."""
+    tx = make_optimizer(config.optim, updates or config.train.steps, schedule=lr_schedule)
     if config.model.lora.rank:  # only the adapters train; the rest has no optimizer state
         tx = train_only(tx, lora.trainable_mask)
     return tx
@@ -139,13 +142,17 @@ def abstract_batch(stage: Stage, config: ml_collections.ConfigDict, mesh: Mesh
 
 def step_flops(stage: Stage, config: ml_collections.ConfigDict, model_cfg: ModelConfig,
                uses_reference: bool) -> float:
-    """Model FLOPs of one optimizer step of `stage`: every sequence of every row, the backward
-    work of what trains, the vocabulary head only where the stage runs it."""
+    """Model FLOPs of one train step of `stage`: every sequence of every row, the backward work
+    of what trains in each of its optimizer updates, the reference's forward once, the
+    vocabulary head only where the stage runs it."""
     seq_len = config.data.seq_len
-    per_token = scaling.train_flops_per_token(
-        model_cfg, seq_len, frozen_base=bool(config.model.lora.rank),
-        vocab_head=stage.vocab_head, reference_forwards=int(uses_reference))
-    return per_token * seq_len * config.train.global_batch_size * stage.sequences_per_row
+    per_token = functools.partial(
+        scaling.train_flops_per_token, model_cfg, seq_len,
+        frozen_base=bool(config.model.lora.rank), vocab_head=stage.vocab_head)
+    train, with_reference = per_token(), per_token(reference_forwards=int(uses_reference))
+    # Every optimizer update trains; the reference runs once per step.
+    per_step = train * stage.updates_per_step(config) + (with_reference - train)
+    return per_step * seq_len * config.train.global_batch_size * stage.sequences(config)
 
 
 def build(config: ml_collections.ConfigDict, mesh: Mesh, *, vocab_size: int | None = None,
@@ -160,8 +167,9 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, *, vocab_size: int | No
             model_cfg, attention=resolve_attention(model_cfg.attention, platform))
     config = config_lib.resolve_steps(config, model_cfg)  # a token budget becomes train.steps
     model = Transformer(model_cfg)
-    lr_schedule = learning_rate_schedule(config.optim, config.train.steps)
-    tx = make_tx(config, lr_schedule)
+    updates = config.train.steps * stage.updates_per_step(config)  # optimizer updates
+    lr_schedule = learning_rate_schedule(config.optim, updates)
+    tx = make_tx(config, lr_schedule, updates)
     seq_len = config.data.seq_len
     shardings = state_shardings(model, tx, mesh, seq_len)
     params = nn.meta.unbox(abstract_boxed_params(model, seq_len))
@@ -184,4 +192,4 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, *, vocab_size: int | No
         abstract_batch=batch, batch_shardings=batch_sh, uses_reference=uses_reference,
         train_step=train_step, eval_step=eval_step,
         flops_per_step=step_flops(stage, config, model_cfg, uses_reference),
-        tokens_per_step=(config_lib.tokens_per_step(config) * stage.sequences_per_row))
+        tokens_per_step=(config_lib.tokens_per_step(config) * stage.sequences(config)))

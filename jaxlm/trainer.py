@@ -50,6 +50,8 @@ class Setup:
     # The eval batches (host arrays), kept by the first `evaluate` when they fit in
     # EVAL_CACHE_BYTES: later evaluations reuse them instead of rebuilding the eval iterator.
     eval_batches: list[dict[str, np.ndarray]] | None = None
+    # The stage's host loop (`Stage.make_host`): it takes host batches and runs its own jits.
+    host: Any = None
 
 
 # Eval batches are the same at every evaluation; up to this many bytes of them stay on the host
@@ -119,7 +121,8 @@ def evaluate(s: Setup, eval_fn: Any, params: Any) -> dict[str, float]:
                     keep.append(batch)
                 else:
                     keep = None
-            sums = jax.device_get(eval_fn(params, sharding.global_batch(batch, s.mesh)))
+            placed = batch if s.host is not None else sharding.global_batch(batch, s.mesh)
+            sums = jax.device_get(eval_fn(params, placed))
             for k, v in sums.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
     finally:
@@ -234,10 +237,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
     step = int(jax.device_get(state.step))
     reference_args = (reference,) if program.uses_reference else ()
-    compiled = program.compile_train() if step < total_steps else program.train_step
-    train_step = lambda st, b: compiled(st, b, *reference_args)
-    eval_step = lambda p, b: program.eval_step(p, b, *reference_args)
-    batch = sharding.global_batch(next(train_iter), s.mesh) if step < total_steps else None
+    if s.stage.make_host is not None:  # the stage's Python step around its own jits
+        s.host = host = s.stage.make_host(program, s.tokenizer)
+        train_step = lambda st, b: host.train(st, b, reference)
+        eval_step = lambda p, b: host.eval(p, b, reference)
+        place = lambda b: b
+    else:
+        compiled = program.compile_train() if step < total_steps else program.train_step
+        train_step = lambda st, b: compiled(st, b, *reference_args)
+        eval_step = lambda p, b: program.eval_step(p, b, *reference_args)
+        place = lambda b: sharding.global_batch(b, s.mesh)
+    batch = place(next(train_iter)) if step < total_steps else None
 
     tokens_per_step, flops_per_step = program.tokens_per_step, program.flops_per_step
     peak, peak_note = (c.log.peak_flops, "from log.peak_flops") if c.log.peak_flops else \
@@ -263,9 +273,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         elapsed = max(now - window_start, 1e-9)
         window_steps = max(step_done - window_step0, 1)
         row["steps_per_sec"] = window_steps / elapsed
-        row["tokens_per_sec"] = row["steps_per_sec"] * tokens_per_step
-        row["mfu"] = hardware.mfu(flops_per_step, elapsed / window_steps,
-                                  jax.device_count(), peak)
+        # A host loop measures its own (generation and training counted apart).
+        row.setdefault("tokens_per_sec", row["steps_per_sec"] * tokens_per_step)
+        row.setdefault("mfu", hardware.mfu(flops_per_step, elapsed / window_steps,
+                                           jax.device_count(), peak))
         row["tokens_seen"] = step_done * tokens_per_step
         eta = (total_steps - step_done) / max(row["steps_per_sec"], 1e-9)
         if is_main:
@@ -300,7 +311,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                                 "rescheduled", step)
                 break
             if step < total_steps:
-                batch = sharding.global_batch(next(train_iter), s.mesh)
+                batch = place(next(train_iter))
             end_or_eval = step == total_steps or (c.train.eval_every and
                                                   step % c.train.eval_every == 0)
             tasks_due = live_eval is not None and live_eval.due(step, total_steps)
@@ -349,6 +360,8 @@ def _eval_and_sample(s: Setup, state: TrainState, step: int, eval_step: Any, sam
             logging.info("eval at step %d | %s", step, " | ".join(
                 f"{k.removeprefix('eval_')} {v:.4g}" for k, v in row.items()))
             writer.write(step, row)
+            if s.host is not None and s.host.samples:
+                writer.write_text(step, "samples", "\n\n".join(s.host.samples))
     if (s.stage.generates_text and c.log.sample_every
             and (step % c.log.sample_every == 0 or step == c.train.steps)):
         text = sample_text(s, sampler, state.params)

@@ -76,8 +76,9 @@ def sample(lm: LanguageModel, params: Any, tokens_BxP: jax.Array, valid_BxP: jax
     """Samples (or greedily decodes) up to max_new_B[b] <= max_new tokens per row.
 
     A row stops after one of its stop tokens (which is kept in its output) or its budget;
-    later entries are pad_id. Returns tokens [B, max_new], lengths [B] and logprob [B], the
-    sum of the model's (unfiltered) log-probabilities of the chosen tokens.
+    later entries are pad_id. Returns tokens [B, max_new], lengths [B], logprob [B], the
+    sum of the model's (unfiltered) log-probabilities of the chosen tokens, and token_logprob
+    [B, max_new], each chosen token's own (0 after the end; what RL keeps of its rollouts).
     """
     b = tokens_BxP.shape[0]
     last_BxV, cache, pos_B = prefill(lm, params, tokens_BxP, valid_BxP,
@@ -85,7 +86,8 @@ def sample(lm: LanguageModel, params: Any, tokens_BxP: jax.Array, valid_BxP: jax
     state = dict(i=jnp.zeros((), jnp.int32), last=last_BxV, cache=cache, pos=pos_B,
                  out=jnp.full((b, max_new), pad_id, jnp.int32),
                  lengths=jnp.zeros((b,), jnp.int32), logprob=jnp.zeros((b,), jnp.float32),
-                 done=max_new_B <= 0, seen=_seen(tokens_BxP, valid_BxP, last_BxV.shape[-1]),
+                 token_logprob=jnp.zeros((b, max_new), jnp.float32), done=max_new_B <= 0,
+                 seen=_seen(tokens_BxP, valid_BxP, last_BxV.shape[-1]),
                  rng=rng)
 
     def cond(s):
@@ -103,13 +105,15 @@ def sample(lm: LanguageModel, params: Any, tokens_BxP: jax.Array, valid_BxP: jax
                     pos=s["pos"] + ~done, out=s["out"].at[:, i].set(tok_B),
                     lengths=jnp.where(done, s["lengths"], i + 1),
                     logprob=s["logprob"] + jnp.where(done, 0.0, logp_B),
+                    token_logprob=s["token_logprob"].at[:, i].set(jnp.where(done, 0.0, logp_B)),
                     done=done | hits_stop(tok_B, stop_BxS) | (i + 1 >= max_new_B),
                     seen=s["seen"] | (jax.nn.one_hot(tok_B, s["seen"].shape[-1], dtype=jnp.bool_)
                                       & ~done[:, None]),
                     rng=rng)
 
     s = jax.lax.while_loop(cond, body, state)
-    return {"tokens": s["out"], "lengths": s["lengths"], "logprob": s["logprob"]}
+    return {"tokens": s["out"], "lengths": s["lengths"], "logprob": s["logprob"],
+            "token_logprob": s["token_logprob"]}
 
 
 EARLY_STOPPING = (False, True, "never")

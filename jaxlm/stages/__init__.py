@@ -17,6 +17,9 @@ STAGE_MODULES = {
     "sft": "jaxlm.stages.sft",
     "dpo": "jaxlm.stages.dpo",
     "reward": "jaxlm.stages.reward",
+    "grpo": "jaxlm.stages.grpo",
+    "rejection": "jaxlm.stages.rejection",
+    "ppo": "jaxlm.stages.ppo",
 }
 
 

@@ -57,8 +57,8 @@ class Stage:
       section: the config section the stage owns (None: none), with its defaults and checks
         (`default_section() -> ConfigDict`, `check_config(config)` raising ValueError that names
         the key).
-      sequences_per_row: model sequences per batch row (2 for chosen/rejected pairs): tokens/s
-        and FLOPs count every one.
+      sequences_per_row: model sequences per batch row (2 for chosen/rejected pairs; a function
+        of the config for RL groups): tokens/s and FLOPs count every one.
       vocab_head: whether the step runs the [D, V] output head (a reward model does not).
       reward_head: the model is built with a scalar score head.
       eval_metrics: summed eval sums over batches -> logged metrics.
@@ -67,6 +67,15 @@ class Stage:
       prepare: (program, tokenizer, reference_params) -> keyword arguments of make_data, run once
         before training when reference_mode is "precompute".
       generates_text: whether logged samples make sense for the model.
+      make_host: (program, tokenizer) -> a host loop, for stages whose step needs Python between
+        jitted pieces (RL: generate, score text on the host, update). The trainer then hands it
+        the host-local batches instead of calling the jitted steps itself:
+        `host.train(state, host_batch, reference) -> (state, metrics)` (float metrics; its own
+        tokens_per_sec / mfu win over the trainer's), `host.eval(params, host_batch, reference)
+        -> sums` (summed over eval batches, then `eval_metrics`), and `host.samples`, texts
+        written to TensorBoard at each evaluation.
+      updates_per_step: config -> optimizer updates per trainer step (the learning-rate
+        schedule spans train.steps times this many).
     """
 
     name: str
@@ -76,10 +85,17 @@ class Stage:
     section: str | None = None
     default_section: Callable[[], Config] | None = None
     check_config: Callable[[Config], None] | None = None
-    sequences_per_row: int = 1
+    sequences_per_row: int | Callable[[Config], int] = 1
     vocab_head: bool = True
     reward_head: bool = False
     eval_metrics: Callable[[dict[str, float]], dict[str, float]] = token_eval_metrics
     reference_mode: Callable[[Config], str] = no_reference
     prepare: Callable[..., dict[str, Any]] | None = None
     generates_text: bool = True
+    make_host: Callable[[Any, Any], Any] | None = None
+    updates_per_step: Callable[[Config], int] = lambda config: 1
+
+    def sequences(self, config: Config) -> int:
+        """Model sequences per batch row under `config`."""
+        n = self.sequences_per_row
+        return n(config) if callable(n) else n

@@ -1,0 +1,240 @@
+"""PPO from a reward model (RLHF): a value head on the policy trunk, GAE, clipped policy and
+value losses, the reward model's score plus a per-token KL penalty as the reward.
+
+The value function is a second head on the policy's own trunk (the model is built with
+`reward_head=True`: its `reward_head` vector, zero at the start, reads the final hidden state),
+trained with the policy in one objective. Sharing the trunk costs no second model's memory,
+optimizer state or forward pass, and the value sees exactly the features the policy acts on;
+`ppo.value_coef` bounds how much the value loss moves the shared weights.
+
+One step (`PpoHost.train`): G completions per prompt from the KV-cache decoder (pi_old per
+token kept); the frozen reward model (a reward-stage checkpoint, `ppo.reward_model`, sharded
+like the policy) scores each completion at its last token; then the jitted update computes,
+with the frozen reference (init_from) and the rollout policy's values V,
+
+    r_t = -beta (log pi_old(o_t) - log ref(o_t))  (+ score at the last token)
+    A = GAE(r, V; rl.gamma, rl.lam), R = A + V, A whitened over the batch (ppo.whiten)
+
+and takes rl.num_epochs steps on the clipped policy loss plus ppo.value_coef times the clipped
+value loss 0.5 max((V' - R)^2, (V + clip(V' - V, +-ppo.value_clip) - R)^2), token weights as
+rl.loss_norm. beta is ppo.kl_coef, fixed or (ppo.kl_target > 0) adapted on the host after
+each step; an adapted beta restarts from ppo.kl_coef when a run resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxlm.loss import token_logps
+from jaxlm.models import Transformer
+from jaxlm.rl.advantages import gae, whiten
+from jaxlm.rl.host import RolloutHost, eval_metrics, place
+from jaxlm.rl.objectives import clipped_surrogate, token_weights
+from jaxlm.rl.prompts import make_prompt_iterator
+from jaxlm.rl.reward_model import RewardModel
+from jaxlm.rl.rollout import completion_hidden, sequence_logps, sequences
+from jaxlm.rl.settings import check_ppo, default_ppo_config
+from jaxlm.stages.grpo import _flat
+from jaxlm.stages.stage import BatchFields, Stage
+from jaxlm.train_state import TrainState, gradient_step, lora_step_options
+
+Batch = dict[str, jax.Array]
+
+
+def language_model(model: nn.Module) -> nn.Module:
+    """The same params read through the vocab head (the value head stays unused)."""
+    return Transformer(dataclasses.replace(model.cfg, reward_head=False))
+
+
+def logps_values(params: Any, tokens_NxS: jax.Array, valid_NxS: jax.Array, num_new: int, *,
+                 lm: nn.Module, rng: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-token log-probs, entropies and values [N, T] of the completion slots, one pass."""
+    hidden_NxTxD, head_VxD = completion_hidden(params, tokens_NxS, valid_NxS, num_new, model=lm,
+                                               rng=rng)
+    logp, entropy = token_logps(hidden_NxTxD, head_VxD, tokens_NxS[:, -num_new:],
+                                vocab_size=lm.cfg.vocab_size, with_entropy=True)
+    w_D = params["reward_head"].astype(hidden_NxTxD.dtype)
+    values = jnp.einsum("ntd,d->nt", hidden_NxTxD, w_D).astype(jnp.float32)
+    return logp, entropy, values
+
+
+def token_rewards(score_N: jax.Array, old_logp_NxT: jax.Array, ref_logp_NxT: jax.Array,
+                  mask_NxT: jax.Array, kl_coef_N: jax.Array) -> jax.Array:
+    """-kl_coef (log pi_old - log ref) on every generated token, plus the score on the last."""
+    lengths_N = mask_NxT.sum(axis=1).astype(jnp.int32)
+    last_NxT = jax.nn.one_hot(lengths_N - 1, mask_NxT.shape[1]) * (lengths_N > 0)[:, None]
+    kl_NxT = (old_logp_NxT - ref_logp_NxT) * mask_NxT
+    return -kl_coef_N[:, None] * kl_NxT + score_N[:, None] * last_NxT
+
+
+def clipped_value_loss(values_NxT: jax.Array, old_values_NxT: jax.Array,
+                       returns_NxT: jax.Array, clip: float) -> jax.Array:
+    """0.5 max((V - R)^2, (V_old + clip(V - V_old, -clip, clip) - R)^2) per token."""
+    clipped = old_values_NxT + jnp.clip(values_NxT - old_values_NxT, -clip, clip)
+    return 0.5 * jnp.maximum(jnp.square(values_NxT - returns_NxT),
+                             jnp.square(clipped - returns_NxT))
+
+
+def adaptive_kl(coef: float, kl: float, *, target: float, horizon: int, batch: int) -> float:
+    """Ziegler et al. (2019): coef * (1 + clip(kl / target - 1, -0.2, 0.2) * batch / horizon)."""
+    error = float(np.clip(kl / target - 1.0, -0.2, 0.2))
+    return coef * (1.0 + error * batch / horizon)
+
+
+def loss_fn(params: Any, batch: Batch, rng: jax.Array | None = None, *, lm: nn.Module,
+            clip_low: float, clip_high: float, value_clip: float, value_coef: float,
+            total_rows: int) -> tuple[jax.Array, dict[str, jax.Array]]:
+    num_new = batch["mask"].shape[-1]
+    logp, entropy, values = logps_values(params, batch["tokens"], batch["valid"], num_new,
+                                         lm=lm, rng=rng)
+    pg_NxT, clipped_NxT = clipped_surrogate(logp, batch["old_logps"], batch["adv"],
+                                            clip_low=clip_low, clip_high=clip_high)
+    vf_NxT = clipped_value_loss(values, batch["old_values"], batch["returns"], value_clip)
+    mask, w = batch["mask"], batch["weights"]
+    loss = jnp.sum((pg_NxT + value_coef * vf_NxT) * w)
+    return loss, {"loss_sum": loss, "value_loss_sum": jnp.sum(vf_NxT * w),
+                  "clipped_sum": jnp.sum(clipped_NxT * mask),
+                  "entropy_sum": jnp.sum(entropy * mask), "mask_sum": jnp.sum(mask),
+                  "num_tokens": jnp.asarray(mask.shape[0] / total_rows, jnp.float32)}
+
+
+def ppo_step(state: TrainState, batch: Batch, ref_params: Any, *, model: nn.Module,
+             tx: optax.GradientTransformation, lr_schedule: optax.Schedule, clip_low: float,
+             clip_high: float, value_clip: float, value_coef: float, gamma: float, lam: float,
+             whiten_advantages: bool, num_epochs: int, grad_accum_steps: int = 1,
+             freeze: Any = None, dropout_seed: int | None = None
+             ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """Rewards, GAE and rl.num_epochs updates on one rollout batch [B, G, ...]."""
+    lm = language_model(model)
+    flat = _flat(batch)
+    num_new, total = flat["mask"].shape[-1], flat["mask"].shape[0]
+    mask = flat["mask"]
+    ref = sequence_logps(ref_params, flat["tokens"], flat["valid"], num_new, model=lm)
+    _, _, old_values = logps_values(state.params, flat["tokens"], flat["valid"], num_new, lm=lm)
+    ref, old_values = jax.lax.stop_gradient(ref), jax.lax.stop_gradient(old_values * mask)
+    rewards = token_rewards(flat["score"], flat["old_logps"], ref, mask, flat["kl_coef"])
+    adv, returns = gae(rewards, old_values, mask, gamma=gamma, lam=lam)
+    if whiten_advantages:
+        adv = whiten(adv, mask)
+    flat.update(adv=adv, returns=returns, old_values=old_values)
+    micro = functools.partial(loss_fn, lm=lm, clip_low=clip_low, clip_high=clip_high,
+                              value_clip=value_clip, value_coef=value_coef, total_rows=total)
+    step0, first, clipped = state.step, None, 0.0
+    for _ in range(num_epochs):
+        state, sums, common = gradient_step(
+            state, flat, micro, tx=tx, lr_schedule=lr_schedule,
+            grad_accum_steps=grad_accum_steps, freeze=freeze, dropout_seed=dropout_seed)
+        first = sums if first is None else first
+        clipped = clipped + sums["clipped_sum"]
+    n_tok = jnp.maximum(jnp.sum(mask), 1.0)
+    kl_N = jnp.sum((flat["old_logps"] - ref) * mask, axis=1)
+    metrics = {**common, "lr": lr_schedule(step0 * num_epochs), "loss": first["loss_sum"],
+               "value_loss": first["value_loss_sum"], "entropy": first["entropy_sum"] / n_tok,
+               "clip_fraction": clipped / (num_epochs * n_tok),
+               "kl": jnp.sum((flat["old_logps"] - ref) * mask) / n_tok,
+               "sequence_kl": jnp.mean(kl_N), "value_mean": jnp.sum(old_values) / n_tok,
+               "return_mean": jnp.sum(returns * mask) / n_tok}
+    return state.replace(step=step0 + 1), metrics
+
+
+def eval_step(params: Any, batch: Batch, ref_params: Any = None, *, model: nn.Module
+              ) -> dict[str, jax.Array]:
+    """Mean completion log-prob of a rollout batch (held-out evaluation decodes on the host)."""
+    del ref_params
+    flat = _flat(batch)
+    logp = sequence_logps(params, flat["tokens"], flat["valid"], flat["mask"].shape[-1],
+                          model=language_model(model))
+    return {"logp_sum": jnp.sum(logp * flat["mask"]), "num_tokens": jnp.sum(flat["mask"])}
+
+
+def make_steps(config: Any, model: nn.Module, tx: optax.GradientTransformation,
+               lr_schedule: optax.Schedule) -> tuple[Any, Any]:
+    r, p = config.rl, config.ppo
+    train = functools.partial(
+        ppo_step, model=model, tx=tx, lr_schedule=lr_schedule, clip_low=r.clip_eps,
+        clip_high=r.clip_eps_high or r.clip_eps, value_clip=p.value_clip,
+        value_coef=p.value_coef, gamma=r.gamma, lam=r.lam, whiten_advantages=p.whiten,
+        num_epochs=r.num_epochs, grad_accum_steps=config.optim.grad_accum_steps,
+        **lora_step_options(config))
+    return train, functools.partial(eval_step, model=model)
+
+
+def batch_fields(config: Any) -> BatchFields:
+    g, s, t = config.rl.group_size, config.data.seq_len, config.rl.max_new_tokens
+    return {"tokens": ((g, s), np.int32), "valid": ((g, s), np.int32),
+            "mask": ((g, t), np.float32), "old_logps": ((g, t), np.float32),
+            "weights": ((g, t), np.float32), "score": ((g,), np.float32),
+            "kl_coef": ((g,), np.float32)}
+
+
+def make_data(config: Any, tokenizer: Any, *, split: str, batch_size: int, process_index: int,
+              process_count: int, cache_dir: str) -> Any:
+    del cache_dir
+    return make_prompt_iterator(config, tokenizer, split=split, batch_size=batch_size,
+                                process_index=process_index, process_count=process_count)
+
+
+class PpoHost(RolloutHost):
+    """The PPO step as the trainer calls it: rollout, reward-model scores, update, KL control.
+    `reward_params`: the reward model's params (default: restored from ppo.reward_model)."""
+
+    def __init__(self, program: Any, tokenizer: Any, reward_params: Any = None):
+        super().__init__(program, tokenizer)
+        p = self.config.ppo
+        self.reward_model = RewardModel(
+            program, p.reward_model, None if p.reward_model_step < 0 else p.reward_model_step,
+            params=reward_params)
+        self.kl_coef = float(p.kl_coef)
+
+    def train(self, state: TrainState, host_batch: dict[str, np.ndarray], reference: Any = None
+              ) -> tuple[TrainState, dict[str, float]]:
+        r, p = self.config.rl, self.config.ppo
+        t0 = time.perf_counter()
+        step = int(jax.device_get(state.step))
+        rolled = self.generate(state.params, host_batch, group_size=r.group_size,
+                               rng=self.rollout_rng(step))
+        seqs = sequences(rolled["prompt"], rolled["prompt_valid"], rolled["completion"],
+                         rolled["lengths"])
+        b, g, t = seqs["mask"].shape
+        task_rewards, parts, _, _ = self.rewards(rolled, "train")
+        t1 = time.perf_counter()  # the update phase: reward model, then the jitted update
+        score = self.reward_model.score(seqs, rolled["lengths"])
+        weights = np.asarray(token_weights(seqs["mask"].reshape(b * g, t), r.loss_norm))
+        arrays = {**seqs, "old_logps": rolled["logps"].astype(np.float32),
+                  "weights": weights.reshape(b, g, t).astype(np.float32),
+                  "score": score.astype(np.float32),
+                  "kl_coef": np.full((b, g), self.kl_coef, np.float32)}
+        state, metrics = self.program.train_step(state, place(arrays, self.mesh), reference)
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        t2 = time.perf_counter()
+        metrics.update({"reward_mean": float(score.mean()), "reward_std": float(score.std()),
+                        "task_reward_mean": float(task_rewards.mean()),
+                        **{f"reward_{k}": float(v.mean()) for k, v in parts.items()},
+                        "response_length": float(rolled["lengths"].mean()),
+                        "kl_coef": self.kl_coef})
+        if p.kl_target > 0:
+            self.kl_coef = adaptive_kl(self.kl_coef, metrics["sequence_kl"], target=p.kl_target,
+                                       horizon=p.kl_horizon, batch=b * g)
+        # Forwards besides the epochs: reward model, reference, rollout values.
+        passes = r.num_epochs + 3 * self.forward_flops_per_token / self.train_flops_per_token
+        metrics.update(self.throughput(rolled, b * g, passes, rolled["seconds"], t2 - t1,
+                                       t2 - t0))
+        return state, metrics
+
+
+STAGE = Stage(name="ppo", make_steps=make_steps, make_data=make_data, batch_fields=batch_fields,
+              section="ppo", default_section=default_ppo_config, check_config=check_ppo,
+              reward_head=True, eval_metrics=eval_metrics, reference_mode=lambda config: "jit",
+              generates_text=False, make_host=PpoHost,
+              updates_per_step=lambda config: config.rl.num_epochs,
+              sequences_per_row=lambda config: config.rl.group_size)

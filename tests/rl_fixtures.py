@@ -1,0 +1,48 @@
+"""A character tokenizer and tiny GRPO configs for the RL tests (no sentencepiece, no data)."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from jaxlm import config as config_lib
+
+_CHARS = "0123456789+-*= \n"
+
+
+class CharTokenizer:
+    """ids 0-3: pad, unk, BOS, EOS; then one id per character of `_CHARS`."""
+
+    pad_id, unk_id, bos_id, eos_id = 0, 1, 2, 3
+    path, sha256 = "chars", ""
+    vocab_size = 4 + len(_CHARS)
+
+    def encode(self, text: str) -> list[int]:
+        return [4 + _CHARS.index(ch) if ch in _CHARS else 1 for ch in text]
+
+    def decode(self, ids) -> str:
+        return "".join(_CHARS[i - 4] for i in ids if i >= 4)
+
+
+def grpo_config(stage_: str = "grpo", **rl) -> ml_collections.ConfigDict:
+    """The tiny RL config of the tests (stage_: grpo or rejection); keyword args set rl.*."""
+    c = config_lib.base_config()
+    c.stage = stage_
+    c.model.vocab_size = CharTokenizer.vocab_size
+    c.model.d_model, c.model.num_layers, c.model.num_heads = 32, 2, 4
+    c.model.num_kv_heads, c.model.d_ff = 2, 64
+    c.data.seq_len = 14
+    c.data.eval_fraction = 0.2
+    c.train.global_batch_size = 8
+    c.train.steps = 20
+    c.optim.learning_rate = 3e-3
+    c.optim.warmup_steps = 0
+    c.optim.weight_decay = 0.0
+    c.log.sample_every = 0
+    c.log.peak_flops = 1e11  # MFU against a fixed number: no start-up measurement
+    c.rl.max_operand = 4
+    c.rl.group_size = 4
+    c.rl.max_new_tokens = 6
+    c.rl.kl_coef = 0.0
+    for k, v in rl.items():
+        c.rl[k] = v
+    return c

@@ -1,0 +1,126 @@
+"""PPO from a reward model: per-token rewards, the clipped value loss, the adaptive KL
+coefficient, reward-model scores of padded rows, and one update on a tiny model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlm import config as config_lib
+from jaxlm import program as program_lib
+from jaxlm import sharding
+from jaxlm.checkpoint import Checkpointer
+from jaxlm.rl.prompts import make_prompt_iterator
+from jaxlm.rl.reward_model import sequence_scores
+from jaxlm.stages import ppo
+from tests.rl_fixtures import CharTokenizer, grpo_config
+
+
+def test_token_rewards_match_a_direct_computation():
+    rng = np.random.default_rng(0)
+    old, ref = rng.normal(size=(3, 5)), rng.normal(size=(3, 5))
+    lengths = np.array([5, 2, 0])
+    mask = (np.arange(5) < lengths[:, None]).astype(np.float64)
+    score, coef = np.array([1.0, -2.0, 3.0]), np.array([0.1, 0.1, 0.1])
+    want = -0.1 * (old - ref) * mask
+    want[0, 4] += 1.0
+    want[1, 1] += -2.0  # the empty completion gets no score term
+    got = ppo.token_rewards(*(jnp.asarray(x, jnp.float32) for x in (score, old, ref, mask,
+                                                                     coef)))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_clipped_value_loss_and_adaptive_kl_against_hand_values():
+    v, old, ret = jnp.array([[1.0, 0.0, 0.5]]), jnp.array([[0.5, 0.0, 0.4]]), jnp.array(
+        [[0.0, 1.0, 0.5]])
+    # V - V_old = 0.5 (clipped to 0.2: 0.7), 0, 0.1 (unclipped)
+    want = 0.5 * np.array([[max(1.0, 0.49), 1.0, 0.0]])
+    np.testing.assert_allclose(ppo.clipped_value_loss(v, old, ret, 0.2), want, rtol=1e-6)
+    assert ppo.adaptive_kl(0.1, 12.0, target=6.0, horizon=100, batch=10) == pytest.approx(
+        0.1 * (1 + 0.2 * 0.1))
+    assert ppo.adaptive_kl(0.1, 5.4, target=6.0, horizon=100, batch=10) == pytest.approx(
+        0.1 * (1 - 0.1 * 0.1))
+
+
+def _setup(tmp_path, num_epochs=1):
+    config = grpo_config("ppo", num_epochs=num_epochs, kl_coef=0.0)
+    config.init_from.path = "/unused/checkpoints"
+    config.ppo.reward_model = str(tmp_path / "rm")
+    config_lib.validate(config)
+    mesh = sharding.make_mesh(config_lib.check_devices(config, 1, 1), devices=jax.devices()[:1])
+    program = program_lib.build(config, mesh)
+    # A "reward model": random weights with a random score head, saved as a reward run saves.
+    rm = program.init_params(jax.random.key(7))
+    rm["reward_head"] = jax.random.normal(jax.random.key(8), rm["reward_head"].shape) * 0.5
+    ckpt = Checkpointer(str(tmp_path / "rm"), save_every=1, keep_last=1, async_save=False)
+    ckpt.save(1, program.state_from_params(rm))
+    ckpt.close()
+    return program, rm
+
+
+@pytest.fixture(scope="module")
+def ppo_host(tmp_path_factory):
+    program, rm = _setup(tmp_path_factory.mktemp("ppo"), num_epochs=2)
+    return program, rm, ppo.PpoHost(program, CharTokenizer())  # restores ppo.reward_model
+
+
+def test_reward_model_is_restored_and_scores_padded_rows_like_unpadded(ppo_host):
+    program, rm, host = ppo_host
+    tok = CharTokenizer()
+    for a, b in zip(jax.tree.leaves(host.reward_model.params), jax.tree.leaves(rm)):
+        np.testing.assert_array_equal(a, b)
+    batch = next(make_prompt_iterator(program.config, tok, split="train", batch_size=8))
+    rolled = host.generate(rm, batch, group_size=1, rng=jax.random.key(0))
+    tokens = np.concatenate([rolled["prompt"], rolled["completion"][:, 0]], axis=1)
+    lengths = rolled["lengths"][:, 0]
+    valid = np.concatenate([rolled["prompt_valid"],
+                            np.arange(6) < lengths[:, None]], axis=1).astype(np.int32)
+    scores = sequence_scores(rm, jnp.asarray(tokens), jnp.asarray(valid),
+                             jnp.asarray(lengths), 6, model=program.model)
+    for i in range(4):
+        alone = tokens[i][valid[i] > 0][None]
+        want = program.model.apply({"params": rm}, jnp.asarray(alone))[0, -1]
+        assert float(scores[i]) == pytest.approx(float(want), rel=1e-4, abs=1e-5)
+
+
+def test_ppo_step_trains_policy_and_value_head(ppo_host):
+    program, _, host = ppo_host
+    tok = CharTokenizer()
+    params = program.init_params(jax.random.key(0))
+    reference = jax.tree.map(jnp.copy, params)
+    state = program.state_from_params(params)
+    it = make_prompt_iterator(program.config, tok, split="train", batch_size=8)
+    state, m1 = host.train(state, next(it), reference)
+    assert m1["value_mean"] == 0.0  # the value head starts at zero
+    assert m1["kl"] == pytest.approx(0.0, abs=1e-5)  # the policy is the reference
+    assert m1["clip_fraction"] > 0  # the second epoch's ratios moved
+    assert np.abs(np.asarray(state.params["reward_head"])).max() > 0
+    state, m2 = host.train(state, next(it), reference)
+    assert m2["value_mean"] != 0.0 and m2["kl"] != 0.0
+    for k in ("loss", "value_loss", "entropy", "reward_mean", "rollout_tokens_per_sec",
+              "tokens_per_sec", "mfu"):
+        assert np.isfinite(m2[k]), k
+
+
+def test_rejection_ranks_by_the_reward_model_when_given(ppo_host):
+    """rl.reward_model: the kept completion of each prompt is the one the model scores best."""
+    from jaxlm.stages import rejection
+
+    program, rm, ppo_host_ = ppo_host
+    config = grpo_config("rejection", reward_model=program.config.ppo.reward_model,
+                         keep_min_reward=-1e9)
+    config_lib.validate(config)
+    rs_program = program_lib.build(config, program.mesh)
+    host = rejection.RejectionHost(rs_program, CharTokenizer())
+    for a, b in zip(jax.tree.leaves(host.reward_model.params), jax.tree.leaves(rm)):
+        np.testing.assert_array_equal(a, b)
+    batch = next(make_prompt_iterator(config, CharTokenizer(), split="train", batch_size=8))
+    rolled = host.generate(rm, batch, group_size=4, rng=jax.random.key(1))
+    seqs = rejection.sequences(rolled["prompt"], rolled["prompt_valid"], rolled["completion"],
+                               rolled["lengths"])
+    scores = host.reward_model.score(seqs, rolled["lengths"])
+    np.testing.assert_allclose(scores, ppo_host_.reward_model.score(seqs, rolled["lengths"]))
+    rows = rejection.best_of_group(rolled, scores, -1e9)
+    best = np.argmax(scores, axis=1)
+    np.testing.assert_array_equal(rows["tokens"][:, -6:],
+                                  rolled["completion"][np.arange(8), best])
