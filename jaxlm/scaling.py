@@ -56,7 +56,7 @@ padding, up to capacity_factor - 1 extra) are hardware FLOPs and are not counted
 
 from __future__ import annotations
 
-from jaxlm.models.config import ModelConfig
+from jaxlm.models.config import GATED_ACTIVATIONS, ModelConfig
 
 
 def _attention_weights_per_layer(cfg: ModelConfig) -> int:
@@ -75,7 +75,7 @@ def _attention_params_per_layer(cfg: ModelConfig) -> int:
 
 def _mlp_params_per_layer(cfg: ModelConfig) -> int:
     d, f = cfg.d_model, cfg.d_ff
-    matrices = 3 if cfg.mlp_activation == "swiglu" else 2  # w_in, w_out (+ w_gate)
+    matrices = 3 if cfg.mlp_activation in GATED_ACTIVATIONS else 2  # w_in, w_out (+ w_gate)
     biases = (f + d) if cfg.use_bias else 0  # b_in, b_out
     return matrices * d * f + biases
 
@@ -93,7 +93,7 @@ def _moe_mlp_params(cfg: ModelConfig, experts: int) -> int:
 
 def _mlp_weights(cfg: ModelConfig) -> int:
     """MLP weight matrices of all layers, every expert and the router included, no biases."""
-    dense = (3 if cfg.mlp_activation == "swiglu" else 2) * cfg.d_model * cfg.d_ff
+    dense = (3 if cfg.mlp_activation in GATED_ACTIVATIONS else 2) * cfg.d_model * cfg.d_ff
     moe_layers = _moe_layers(cfg)
     router = cfg.d_model * cfg.moe.num_experts if moe_layers else 0
     experts = cfg.moe.num_experts if moe_layers else 0
@@ -101,16 +101,20 @@ def _mlp_weights(cfg: ModelConfig) -> int:
 
 
 def _norm_params(cfg: ModelConfig) -> int:
-    """Scale (+ bias for LayerNorm) of 2 norms per block and the final norm."""
+    """Scale (+ bias for LayerNorm) of 2 norms per block (4 with Gemma's post-attention and
+    post-MLP norms) and the final norm, plus Gemma 3's query and key norms (one head_dim scale
+    each per block)."""
     per_norm = cfg.d_model * (2 if cfg.norm == "layernorm" else 1)
-    return (2 * cfg.num_layers + 1) * per_norm
+    per_block = (4 if cfg.post_norms else 2) * per_norm + (2 * cfg.head_dim if cfg.qk_norm else 0)
+    return cfg.num_layers * per_block + per_norm
 
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:
     """Parameter counts by component; see the module docstring for the convention.
 
     Keys: `total`, `embedding` (= `token_embedding` + `position_embedding`), `non_embedding`,
-    `attention`, `mlp`, `norms` (all layers together), `head` (0 when tied), and
+    `attention`, `mlp`, `norms` (all layers together), `head` (0 when tied), `reward_head` (a
+    reward model's or a PPO value head's score vector, else 0), and
     `active` / `active_non_embedding` (what one token uses: equal to `total` / `non_embedding`
     unless the model is a mixture of experts), and the published conventions `chinchilla`
     (Hoffmann et al.'s Table A9 count) and `kaplan` (Kaplan et al.'s non-embedding N).
@@ -126,8 +130,11 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
         "mlp": _moe_mlp_params(cfg, cfg.moe.num_experts if cfg.moe else 1),
         "norms": _norm_params(cfg),
         "head": 0 if cfg.tie_embeddings else d * vocab,
+        # A reward model's (or PPO value head's) d_model -> 1 score vector.
+        "reward_head": d if cfg.reward_head else 0,
     }
-    counts["non_embedding"] = counts["attention"] + counts["mlp"] + counts["norms"] + counts["head"]
+    counts["non_embedding"] = (counts["attention"] + counts["mlp"] + counts["norms"]
+                               + counts["head"] + counts["reward_head"])
     counts["total"] = counts["embedding"] + counts["non_embedding"]
     inactive = counts["mlp"] - _moe_mlp_params(cfg, cfg.moe.top_k if cfg.moe else 1)
     counts["active_non_embedding"] = counts["non_embedding"] - inactive
@@ -167,7 +174,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
                          "size of the learned position table")
     d, h, n, k, f = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_ff
     layers, moe_layers = cfg.num_layers, _moe_layers(cfg)
-    mlp_matrices = 3 if cfg.mlp_activation == "swiglu" else 2
+    mlp_matrices = 3 if cfg.mlp_activation in GATED_ACTIVATIONS else 2
     per_token_mlp = 2 * mlp_matrices * d * f
     mlp = (layers - moe_layers) * per_token_mlp
     if moe_layers:
@@ -203,7 +210,7 @@ def _lora_flops_per_token(cfg: ModelConfig) -> float:
         return 0.0
     d, h, n, k, f = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_ff
     sizes = {"wq": d + h * k, "wk": d + n * k, "wv": d + n * k, "wo": h * k + d,
-             "w_in": d + f, "w_gate": d + f if cfg.mlp_activation == "swiglu" else 0,
+             "w_in": d + f, "w_gate": d + f if cfg.mlp_activation in GATED_ACTIVATIONS else 0,
              "w_out": f + d}
     dense_layers = cfg.num_layers - _moe_layers(cfg)
     total = 0.0

@@ -35,6 +35,9 @@ VARIANTS = {
     "moe_top2": dataclasses.replace(LLAMA, moe=MoeConfig(num_experts=4, top_k=2)),
     "gpt2_moe_every_3rd": dataclasses.replace(GPT2, moe=MoeConfig(num_experts=3, top_k=1,
                                                                   every=3)),
+    # Gemma 3 style: GeGLU (three matrices), norms after attention and MLP, q/k norms.
+    "gemma3": dataclasses.replace(LLAMA, mlp_activation="geglu", post_norms=True, qk_norm=True,
+                                  norm_plus_one=True, embed_scale=True, tie_embeddings=True),
 }
 
 
@@ -52,8 +55,8 @@ def _component(path: str) -> str:
         return "token_embedding"
     if name == "pos_embed":
         return "position_embedding"
-    if name == "head":
-        return "head"
+    if name in ("head", "reward_head"):
+        return name
     if "norm" in path:
         return "norms"
     if "/attn/" in path:
