@@ -8,6 +8,7 @@ per-replica batch, microbatch size).
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib.util
 import os
@@ -336,6 +337,12 @@ def _fail(key: str, msg: str) -> None:
     raise ValueError(f"config key {key}: {msg}")
 
 
+# `model.*` keys that are not a ModelConfig field of the same name and meaning: 0 = "derive it"
+# sizes, and the sections `moe`, `lora`, `rope_scaling` (every other model key is copied as is).
+DERIVED_MODEL_KEYS = ("vocab_size", "num_kv_heads", "head_dim", "d_ff", "max_seq_len", "moe",
+                      "lora", "rope_scaling")
+
+
 def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = None) -> ModelConfig:
     """The typed model config, with 0-valued sizes resolved. Raises naming `model.*` keys."""
     m = config.model
@@ -345,16 +352,15 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = Non
     if m.head_dim == 0 and m.d_model % m.num_heads:
         _fail("model.num_heads", f"{m.num_heads} heads do not divide model.d_model={m.d_model}; "
               "change one of them or set model.head_dim explicitly")
+    # Keys named like a ModelConfig field are that field (a saved config of an older version
+    # that lacks a newer key gets the field's default); the rest are resolved here.
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    same = {k: m[k] for k in m.keys() if k in fields and k not in DERIVED_MODEL_KEYS}
     cfg = ModelConfig(
-        vocab_size=vocab, d_model=m.d_model, num_layers=m.num_layers, num_heads=m.num_heads,
-        num_kv_heads=m.num_kv_heads or m.num_heads,
+        **same, vocab_size=vocab, num_kv_heads=m.num_kv_heads or m.num_heads,
         head_dim=m.head_dim or m.d_model // m.num_heads, d_ff=m.d_ff or 4 * m.d_model,
         max_seq_len=m.max_seq_len or config.data.seq_len,
-        position_embedding=m.position_embedding, norm=m.norm, mlp_activation=m.mlp_activation,
-        use_bias=m.use_bias, tie_embeddings=m.tie_embeddings, rope_theta=m.rope_theta,
-        norm_eps=m.norm_eps, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype,
-        remat=m.remat, scan_layers=m.scan_layers, attention=m.attention, init_std=m.init_std,
-        qkv_bias=m.qkv_bias, pipeline_stages=max(config.mesh.pipeline, 1),
+        pipeline_stages=max(config.mesh.pipeline, 1),
         pipeline_microbatches=max(config.train.pipeline_microbatches, 1),
         pipeline_repeats=max(config.train.pipeline_repeats, 1),
         moe=MoeConfig(**m.moe.to_dict()) if m.moe.num_experts else None,
@@ -362,10 +368,7 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = Non
         lora_targets=ATTENTION_TARGETS + (MLP_TARGETS if m.lora.mlp else ()),
         reward_head=get_stage(config.stage).reward_head,
         rope_scaling=RopeScaling(**m.rope_scaling.to_dict()) if "rope_scaling" in m
-        else RopeScaling(), **{key: m.get(key, default) for key, default in (
-            ("sliding_window", 0), ("global_every", 0), ("rope_local_theta", 0.0),
-            ("norm_plus_one", False), ("post_norms", False), ("qk_norm", False),
-            ("attn_scale_dim", 0.0), ("embed_scale", False))})
+        else RopeScaling())
     cfg.check()
     return cfg
 

@@ -124,3 +124,27 @@ def test_config_argument_parsing():
         config_lib.parse_arg("sise=3", size=44)
     with pytest.raises(ValueError, match="config argument size"):
         config_lib.parse_arg("size=big", size=44)
+
+
+def test_model_section_and_model_config_are_one_schema():
+    """Every `model.*` key is a ModelConfig field of the same name (copied as is, same default)
+    or one of the few derived keys; so a new model option is declared once per layer and the
+    two defaults cannot drift apart."""
+    import dataclasses
+
+    from jaxlm.models import ModelConfig
+
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    model = config_lib.base_config().model
+    for key in model.keys():
+        if key in config_lib.DERIVED_MODEL_KEYS:
+            continue
+        assert key in fields, f"model.{key} is neither a ModelConfig field nor derived"
+        default = fields[key].default
+        if default is not dataclasses.MISSING:
+            assert model[key] == default, f"model.{key}: {model[key]!r} vs {default!r}"
+    # A config saved before a key existed still builds (the field's default).
+    c = config_lib.base_config()
+    c.model.vocab_size = 300
+    del c.model["sliding_window"]
+    assert config_lib.model_config(c).sliding_window == fields["sliding_window"].default
