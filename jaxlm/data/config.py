@@ -16,6 +16,8 @@ import dataclasses
 
 import ml_collections
 
+from jaxlm import errors
+
 SOURCES = ("stdlib", "files", "arrayrecord", "mixture")
 PROCESS_SHARDING = ("documents", "rows")
 MODEL_TYPES = ("bpe", "unigram")
@@ -157,7 +159,7 @@ def special_tokens(data: ml_collections.ConfigDict) -> list[str]:
 
 
 def _fail(key: str, msg: str) -> None:
-    raise ValueError(f"config key data.{key}: {msg}")
+    raise errors.config_error(f"data.{key}", msg)
 
 
 def check_data_config(data: ml_collections.ConfigDict) -> None:
