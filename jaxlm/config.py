@@ -277,6 +277,23 @@ def check_renamed_key(name: str) -> None:
         _fail(name, f"renamed to {RENAMED_KEYS[name]}")
 
 
+def check_override_key(name: str) -> None:
+    """Raises naming the key when a `--config.<name>` override is renamed or unknown (with the
+    closest known key), before ml_collections would fail with a bare AttributeError."""
+    check_renamed_key(name)
+    node: Any = base_config()
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict):
+            return  # a value that is itself a dict/tuple: ml_collections checks the rest
+        if part not in node:
+            prefix = ".".join(parts[:i] + [""])
+            close = difflib.get_close_matches(part, list(node.keys()), n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            _fail(name, f"unknown key{hint}")
+        node = node[part]
+
+
 def _unknown_keys(config: Any, schema: Any, prefix: str = "") -> None:
     for key in config.keys():
         name = f"{prefix}{key}"

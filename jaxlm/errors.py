@@ -3,7 +3,7 @@
 A `UserError` (bad config key, unreadable data file, checkpoint that cannot be restored, a
 broken Hugging Face file, a bad CLI flag) carries a message naming the key or file and what to
 do. Every entry point runs its main function through `run_main`, which prints such an error as
-one line `error: ...` and exits with status 2; the traceback is shown only with
+one line `error: ...` and exits with status 1; the traceback is shown only with
 `--verbosity=1` or higher. Subclasses also derive from the builtin type that callers and tests
 already catch (ValueError, FileNotFoundError).
 """
@@ -68,13 +68,32 @@ def one_line(e: BaseException) -> str:
     return f"error: {type(e).__name__}: {text}"
 
 
+def verbosity_requested(argv: list[str]) -> int:
+    """The --verbosity / -v value given in `argv` (0 when absent), read before absl parses
+    flags, so a flag error itself can be shown with its traceback on request."""
+    level = 0
+    for i, arg in enumerate(argv):
+        for name in ("--verbosity", "-verbosity", "--v", "-v"):
+            value = None
+            if arg.startswith(name + "="):
+                value = arg.split("=", 1)[1]
+            elif arg == name and i + 1 < len(argv):
+                value = argv[i + 1]
+            if value is not None:
+                try:
+                    level = int(value)
+                except ValueError:
+                    pass
+    return level
+
+
 def run_main(main: Callable[..., Any], *args: Any) -> Any:
     """Calls `main(*args)`; a user-fixable failure becomes one line on stderr and exit 2 (the
-    traceback too with --verbosity >= 1)."""
+    traceback instead with --verbosity >= 1)."""
     try:
         return main(*args)
     except Exception as e:  # noqa: BLE001  (only user errors are caught; others re-raise)
-        if not is_user_error(e) or logging.get_verbosity() >= 1:
+        if not is_user_error(e) or logging.get_verbosity() >= 1 \
+                or verbosity_requested(sys.argv) >= 1:
             raise
-        print(one_line(e), file=sys.stderr)
-        sys.exit(2)
+        sys.exit(one_line(e))

@@ -17,6 +17,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from jaxlm import errors  # noqa: E402
 from jaxlm.data.config import split_list  # noqa: E402
 from jaxlm.data.prepare import prepare_shards  # noqa: E402
 
@@ -49,4 +50,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(lambda argv: errors.run_main(main, argv))
