@@ -223,7 +223,10 @@ def run(opts: Options, stdin: IO[str] = sys.stdin, stdout: IO[str] = sys.stdout)
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    errors.run_main(lambda: run(_options_from_flags()))
+    from jaxlm import console
+
+    with console.quiet(None):  # orbax's restore lines and jax's backend probing stay quiet
+        errors.run_main(lambda: run(_options_from_flags()))
 
 
 if __name__ == "__main__":

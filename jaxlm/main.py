@@ -15,7 +15,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxlm import config as config_lib
-from jaxlm import distributed, errors, trainer
+from jaxlm import console, distributed, errors, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
                                           lock_config=True)
@@ -66,10 +66,11 @@ def _train(argv: list[str]) -> None:
         raise errors.UserError(f"unexpected arguments: {argv[1:]}")
     # Joins the other processes of a multi-host job (a no-op on one machine); must come
     # before anything touches devices.
-    distributed.initialize(_CONFIG.value.distributed)
-    if not distributed.is_primary():
-        logging.set_verbosity(logging.WARNING)  # only process 0 logs progress
-    trainer.run(_CONFIG.value, _WORKDIR.value)
+    with console.quiet(None):  # library INFO lines (backend probing) off the console
+        distributed.initialize(_CONFIG.value.distributed)
+        if not distributed.is_primary():
+            logging.set_verbosity(logging.WARNING)  # only process 0 logs progress
+        trainer.run(_CONFIG.value, _WORKDIR.value)
 
 
 def main(argv: list[str]) -> None:

@@ -124,5 +124,13 @@ def progress_line(step: int, total_steps: int, metrics: dict[str, float], eta_s:
     return (f"step {step}/{total_steps} | loss {metrics['loss']:.4f} | "
             f"grad_norm {metrics['grad_norm']:.3f} | lr {metrics['lr']:.2e} | "
             f"{metrics['steps_per_sec']:.2f} steps/s | {metrics['tokens_per_sec']:,.0f} tok/s | "
-            f"mfu {100 * metrics['mfu']:.1f}% | eta {format_duration(eta_s)}")
+            f"mfu {mfu_text(metrics['mfu'])} | eta {format_duration(eta_s)}")
+
+
+def mfu_text(mfu: float) -> str:
+    """MFU as a percentage; above 100% it cannot be right, and says the peak is suspect."""
+    text = f"{100 * mfu:.1f}%"
+    if mfu > 1.0:
+        text += " (over 100%: the peak FLOP/s is suspect; set log.peak_flops)"
+    return text
 

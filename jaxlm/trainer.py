@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 
 from jaxlm import config as config_lib
-from jaxlm import hardware, params_from, run_counters, scaling, sharding, workdir_lock
+from jaxlm import console, hardware, params_from, run_counters, scaling, sharding, workdir_lock
 from jaxlm import program as program_lib
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.data.pipeline import load_or_train_tokenizer
@@ -211,7 +211,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains `config` in `workdir` (resuming from its checkpoints); returns the last logged
     metrics. The run owns the workdir meanwhile: a second run on it refuses to start."""
     config_lib.validate(config)
-    with workdir_lock.hold(workdir, enabled=jax.process_index() == 0):
+    with workdir_lock.hold(workdir, enabled=jax.process_index() == 0), \
+            console.quiet(workdir if jax.process_index() == 0 else None):
         return _run(config, workdir)
 
 
@@ -252,7 +253,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     counter = run_counters.resumed_counter(ckpt, step, tokens_per_step, c)
     health = StepHealth(c.train.max_nonfinite)
     peak, peak_note = (c.log.peak_flops, "from log.peak_flops") if c.log.peak_flops else \
-        hardware.peak_flops_per_device(jax.devices()[0], c.model.compute_dtype)
+        hardware.peak_flops_per_device(jax.devices()[0], c.model.compute_dtype,
+                                       cache_dir=s.cache_dir)
     logging.info("MFU against %.3g FLOP/s per device (%s) x %d devices; %.3g FLOPs per step",
                  peak, peak_note, jax.device_count(), flops_per_step)
     sampler = Sampler(program.model_cfg, None, mesh=s.mesh,

@@ -189,3 +189,23 @@ def test_unknown_key_and_missing_config_file_print_one_line(tmp_path):
                  "--config.train.stepz=3", "--verbosity=1")
     assert "Traceback" in proc.stderr
 
+
+
+def test_console_shows_own_info_and_warnings_and_the_file_gets_everything(tmp_path):
+    import logging
+
+    from jaxlm import console
+
+    def record(path: str, level: int, msg: str) -> logging.LogRecord:
+        return logging.LogRecord("absl", level, path, 1, msg, None, None)
+
+    own = str(Path(console.__file__).with_name("checkpoint.py"))
+    lib = "/site-packages/orbax/checkpoint/checkpoint_manager.py"
+    flt = console.OwnInfoOnly()
+    assert flt.filter(record(own, logging.INFO, "checkpoint: step 5"))
+    assert not flt.filter(record(lib, logging.INFO, "Saving item state"))
+    assert flt.filter(record(lib, logging.WARNING, "disk nearly full"))
+    assert not flt.filter(record(lib, logging.WARNING, "Given directory is read only=/x"))
+    with console.quiet(str(tmp_path)):
+        logging.getLogger("orbax.test").warning("library line %d", 7)
+    assert "library line 7" in (tmp_path / console.LOG_FILE).read_text()
