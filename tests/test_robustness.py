@@ -132,23 +132,33 @@ def test_metrics_are_strict_json_and_truncate_after_a_step(tmp_path):
 
 # --- resume that recovers ----------------------------------------------------------------------
 
-def test_unreadable_newest_checkpoints_are_moved_aside_and_run_resumes(tmp_path):
+def test_unreadable_newest_checkpoints_are_moved_aside_and_run_resumes(tmp_path, caplog):
     cache, workdir = tmp_path / "cache", tmp_path / "run"
-    trainer.run(_config(cache, steps=5), str(workdir))  # checkpoints 2, 4, 5
+    c = _config(cache, steps=5)
+    c.checkpoint.every_steps = 1
+    trainer.run(c, str(workdir))  # checkpoints 1..5
     first = {r["step"]: r for r in _strict_rows(workdir) if "loss" in r}
     ckpts = workdir / "checkpoints"
     # Step 5: its array data files truncated. Step 4: _METADATA gone (a save cut short).
+    # Step 3: the data iterator position gone.
     broken = [p for p in (ckpts / "5" / "state").rglob("*") if p.is_file()
               and p.stat().st_size > 0 and "d" in p.parent.name]
     assert broken
     for p in broken:
         p.write_bytes(p.read_bytes()[:7])
     (ckpts / "4" / "state" / "_METADATA").unlink()
+    for p in (ckpts / "3" / "data").iterdir():
+        p.unlink()
 
-    last = trainer.run(_config(cache, steps=5), str(workdir))
+    with caplog.at_level("WARNING"):
+        last = trainer.run(c, str(workdir))
+    why = {int(m.split()[2]): m for m in (r.getMessage() for r in caplog.records)
+           if m.startswith("checkpoint step")}
+    assert "no readable _METADATA" in why[4] and "position file is missing" in why[3]
+    assert "saved by" not in why[3] and "has no train state" not in why[4]
     aside = sorted(p.name.split("-")[0] for p in (workdir / "checkpoints.unreadable").iterdir())
-    assert aside == ["4", "5"]
-    assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == [2, 4, 5]
+    assert aside == ["3", "4", "5"]  # moved, not deleted
+    assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == [1, 2, 3, 4, 5]
     rows = [r for r in _strict_rows(workdir) if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]  # each step once
     # Resumed from step 2: steps 3-5 replay the same batches from the same state.
