@@ -219,3 +219,12 @@ def test_console_shows_own_info_and_warnings_and_the_file_gets_everything(tmp_pa
     with console.quiet(str(tmp_path)):
         logging.getLogger("orbax.test").warning("library line %d", 7)
     assert "library line 7" in (tmp_path / console.LOG_FILE).read_text()
+
+
+def test_corrupt_safetensors_file_is_named(tmp_path):
+    from jaxlm.interop.safetensors_io import iter_tensors
+
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")  # header cut short
+    with pytest.raises(errors.DataError, match=rf"{path}: not a readable safetensors file"):
+        list(iter_tensors([str(path)]))
