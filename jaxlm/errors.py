@@ -42,6 +42,10 @@ class MissingFileError(UserError, FileNotFoundError):
     """A file or directory the run needs does not exist (names it)."""
 
 
+class NonFiniteError(UserError, FloatingPointError):
+    """Too many NaN/Inf steps in a row (train.max_nonfinite)."""
+
+
 class WorkdirLockedError(UserError, RuntimeError):
     """Another run owns the workdir."""
 

@@ -14,6 +14,8 @@ from typing import Any
 import jax
 from absl import logging
 
+from jaxlm.errors import NonFiniteError
+
 ZERO_GRAD_STEPS = 3
 
 
@@ -24,8 +26,13 @@ class StepHealth:
         self.max_nonfinite = max_nonfinite
         self.zero_grad_in_a_row = 0
         self.zero_grad_reported = False
+        self.last_step = -1
 
     def check(self, metrics: dict[str, Any], step: int) -> None:
+        """Checks `step`'s metrics once (a step checked before, e.g. at a save, is skipped)."""
+        if step <= self.last_step:
+            return
+        self.last_step = step
         values = jax.device_get({k: metrics[k] for k in ("nonfinite", "grad_norm")
                                  if k in metrics})
         self._check_finite(int(values["nonfinite"]), step)
@@ -38,7 +45,7 @@ class StepHealth:
         logging.warning("step %d: loss, gradient, update or parameter norm is NaN/Inf; update "
                         "skipped (%d in a row)", step, in_a_row)
         if in_a_row >= self.max_nonfinite:
-            raise FloatingPointError(
+            raise NonFiniteError(
                 f"{in_a_row} steps in a row (up to step {step}) had a NaN/Inf loss, gradient, "
                 f"update or parameter norm (train.max_nonfinite={self.max_nonfinite}); stopping. "
                 "The parameters are those of the last finite step. Lower optim.learning_rate, "
