@@ -47,16 +47,19 @@ def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, after failing in one line on a missing config file or a
     `--config.*` override of an unknown or renamed key (ml_collections alone would raise a
     bare AttributeError with a long traceback)."""
-    try:
+    if errors.verbosity_requested(argv) >= 1:
         _check_flags(argv)
         return app.parse_flags_with_usage(argv)
+    try:
+        _check_flags(argv)
+        return flags.FLAGS(argv)
     except errors.UserError as e:
-        if errors.verbosity_requested(argv) >= 1:
-            raise
         sys.exit(errors.one_line(e))
+    except flags.Error as e:  # absl's message may embed a traceback: keep its first and last line
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        text = lines[0] if len(lines) == 1 else f"{lines[0].rstrip(':')}: {lines[-1]}"
+        sys.exit(f"error: {text} (--helpshort lists the flags)")
     except (AttributeError, KeyError, TypeError, ValueError) as e:  # a bad override value
-        if errors.verbosity_requested(argv) >= 1:
-            raise
         sys.exit(f"error: a --config flag could not be applied ({type(e).__name__}: "
                  f"{' '.join(str(e).split())}); check the flag names and values")
 
