@@ -78,6 +78,18 @@ class IncompatibleCheckpointError(CheckpointError):
     """A readable checkpoint that does not fit the run (model, optimizer, process count)."""
 
 
+# Error texts of failures that are not the checkpoint's fault: never a reason to move it aside.
+_TRANSIENT_MARKS = ("RESOURCE_EXHAUSTED", "out of memory", "UNAVAILABLE", "DEADLINE_EXCEEDED",
+                    "Connection", "timed out")
+
+
+def _transient(e: BaseException) -> bool:
+    """True for out-of-memory, network and timeout errors (the files may be fine)."""
+    if isinstance(e, (MemoryError, ConnectionError, TimeoutError)):
+        return True
+    return any(mark.lower() in str(e).lower() for mark in _TRANSIENT_MARKS)
+
+
 def _missing_state(step_dir: str) -> CheckpointError:
     """The error for a step without readable state metadata, saying which file is missing."""
     state_dir = epath.Path(step_dir) / STATE
@@ -295,6 +307,8 @@ class Checkpointer:
             except IncompatibleCheckpointError:
                 raise
             except Exception as e:  # noqa: BLE001  (any read failure: the files are broken)
+                if _transient(e):  # memory or network trouble says nothing about the files
+                    raise
                 reason = " ".join(str(e).split())[:300] or type(e).__name__
                 self.move_aside(step, f"{type(e).__name__}: {reason}")
         return None

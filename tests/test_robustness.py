@@ -229,3 +229,11 @@ def test_corrupt_safetensors_file_is_named(tmp_path):
     path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")  # header cut short
     with pytest.raises(errors.DataError, match=rf"{path}: not a readable safetensors file"):
         list(iter_tensors([str(path)]))
+
+
+def test_memory_and_network_errors_never_move_a_checkpoint_aside():
+    from jaxlm.checkpoint import _transient
+
+    assert _transient(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate"))
+    assert _transient(ConnectionError("reset by peer")) and _transient(TimeoutError())
+    assert not _transient(ValueError("OUT_OF_RANGE: Error reading byte range of local file"))
