@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import grain
@@ -28,6 +29,8 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+
+from jaxlm.errors import CheckpointError
 
 # The items of one checkpoint step.
 STATE, DATA, CONFIG, EXTRA = "state", "data", "config", "extra"
@@ -71,6 +74,32 @@ def _flat(tree: Any) -> dict[str, Any]:
     return ocp.tree.to_flat_dict(tree, sep="/")
 
 
+class IncompatibleCheckpointError(CheckpointError):
+    """A readable checkpoint that does not fit the run (model, optimizer, process count)."""
+
+
+# Error texts of failures that are not the checkpoint's fault: never a reason to move it aside.
+_TRANSIENT_MARKS = ("RESOURCE_EXHAUSTED", "out of memory", "UNAVAILABLE", "DEADLINE_EXCEEDED",
+                    "Connection", "timed out")
+
+
+def _transient(e: BaseException) -> bool:
+    """True for out-of-memory, network and timeout errors (the files may be fine)."""
+    if isinstance(e, (MemoryError, ConnectionError, TimeoutError)):
+        return True
+    return any(mark.lower() in str(e).lower() for mark in _TRANSIENT_MARKS)
+
+
+def _missing_state(step_dir: str) -> CheckpointError:
+    """The error for a step without readable state metadata, saying which file is missing."""
+    state_dir = epath.Path(step_dir) / STATE
+    if not state_dir.is_dir():
+        return CheckpointError(f"checkpoint {step_dir} has no train state ({STATE}/)",
+                               path=step_dir)
+    return CheckpointError(f"checkpoint {state_dir} has no readable _METADATA: the save was cut "
+                           "short or the file was removed", path=str(state_dir))
+
+
 def _check_abstract(abstract: Any, what: str) -> None:
     for name, leaf in _flat(abstract).items():
         if getattr(leaf, "sharding", None) is None:
@@ -92,19 +121,19 @@ def _check_shapes(stored: Any, abstract: Any, path: str, *, prefix: str = "",
               for name, leaf in _flat(abstract).items()}
     missing = sorted(wanted.keys() - saved.keys())
     if missing:
-        raise ValueError(f"checkpoint {path} has no {', '.join(missing[:5])}"
+        raise IncompatibleCheckpointError(f"checkpoint {path} has no {', '.join(missing[:5])}"
                          f"{' ...' if len(missing) > 5 else ''} ({len(missing)} entries that the "
                          "model/optimizer expects): it was saved by a different model or "
                          "optimizer")
     unexpected = sorted(saved.keys() - wanted.keys())
     if unexpected and not subset:
-        raise ValueError(f"checkpoint {path} holds {', '.join(unexpected[:5])}"
+        raise IncompatibleCheckpointError(f"checkpoint {path} holds {', '.join(unexpected[:5])}"
                          f"{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)} entries) "
                          "that the model/optimizer does not have: it was saved by a different "
                          "model or optimizer")
     for name in sorted(wanted):
         if saved[name] is not None and tuple(saved[name]) != tuple(wanted[name]):
-            raise ValueError(f"checkpoint {path}: parameter {name} has shape "
+            raise IncompatibleCheckpointError(f"checkpoint {path}: parameter {name} has shape "
                              f"{tuple(saved[name])} but the model expects {tuple(wanted[name])}")
 
 
@@ -243,7 +272,7 @@ class Checkpointer:
         state_dir = os.path.join(step_dir, STATE)
         metadata = self._manager.item_metadata(step)[STATE]
         if metadata is None:
-            raise FileNotFoundError(f"checkpoint {step_dir} has no train state ({STATE}/)")
+            raise _missing_state(step_dir)
         _check_shapes(metadata.tree, abstract_state, state_dir)
         items = {STATE: ocp.args.StandardRestore(abstract_state)}
         position_file = None
@@ -261,6 +290,45 @@ class Checkpointer:
         if self.is_primary:
             logging.info("checkpoint: restored step %d from %s", step, step_dir)
         return restored[STATE]
+
+    def restore_newest(self, abstract_state: Any, *, data_iterator: Any = None,
+                       shared_data_position: bool = False) -> tuple[int, Any] | None:
+        """(step, state) of the newest checkpoint that restores, or None when none does.
+
+        A checkpoint that cannot be read (a truncated or missing file, a missing iterator
+        position) is logged in one line and moved aside to `<directory>.unreadable/` (never
+        deleted), and the next older one is tried. A checkpoint that does not fit the run (a
+        different model or optimizer, another process count) is an error: it is fine on disk.
+        """
+        for step in reversed(self.all_steps()):
+            try:
+                return step, self.restore(step, abstract_state, data_iterator=data_iterator,
+                                          shared_data_position=shared_data_position)
+            except IncompatibleCheckpointError:
+                raise
+            except Exception as e:  # noqa: BLE001  (any read failure: the files are broken)
+                if _transient(e):  # memory or network trouble says nothing about the files
+                    raise
+                reason = " ".join(str(e).split())[:300] or type(e).__name__
+                self.move_aside(step, f"{type(e).__name__}: {reason}")
+        return None
+
+    def move_aside(self, step: int, reason: str) -> str:
+        """Moves checkpoint `step` to `<directory>.unreadable/<step>` and logs why."""
+        source = epath.Path(_step_dir(self.directory, step))
+        target_dir = epath.Path(self.directory.rstrip("/") + ".unreadable")
+        target = target_dir / f"{step}-{int(time.time())}"
+        if self.is_primary:
+            target_dir.mkdir(parents=True, exist_ok=True)
+            source.rename(target)
+            logging.warning("checkpoint step %d cannot be restored (%s); moved it to %s and "
+                            "resuming from an older one", step, reason, target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"jaxlm_move_aside_{step}")
+        self._manager.reload()
+        return str(target)
 
     def read_json(self, step: int, name: str) -> dict[str, Any]:
         """The `config` or `extra` dict saved with checkpoint `step`."""
@@ -312,9 +380,13 @@ def _check_data_state(step_dir: str) -> None:
     name = f"process_{index}-of-{count}.json"
     if not epath.Path(os.path.join(data_dir, name)).is_file():
         found = sorted(_listdir(data_dir))
-        raise FileNotFoundError(f"checkpoint {data_dir} has no {name}: the data position was "
-                                f"saved by another number of processes ({found}); resume with "
-                                "the same process count")
+        counts = {f.split("-of-")[-1].removesuffix(".json") for f in found if "-of-" in f}
+        if counts and str(count) not in counts:
+            raise IncompatibleCheckpointError(
+                f"checkpoint {data_dir} has no {name}: the data position was saved by "
+                f"{'/'.join(sorted(counts))} processes ({found}); resume with that process count")
+        raise CheckpointError(f"checkpoint {data_dir} has no {name}: the data position file is "
+                              f"missing (found {found or 'nothing'})", path=data_dir)
 
 
 def _step_or_newest(directory: str, step: int | None) -> int:
@@ -354,7 +426,7 @@ def restore_params(directory: str, step: int | None, abstract_params: Any, *,
     with _params_reader(directory) as mngr:
         metadata = mngr.item_metadata(step)[STATE]
         if metadata is None:
-            raise FileNotFoundError(f"checkpoint {step_dir} has no train state ({STATE}/)")
+            raise _missing_state(step_dir)
         _check_shapes(metadata.tree, abstract_params, os.path.join(step_dir, STATE),
                       prefix="params", subset=subset)
         target = {"params": abstract_params}

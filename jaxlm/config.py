@@ -11,12 +11,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import math
 import os
 from typing import Any
 
 import ml_collections
+from absl import logging
 
-from jaxlm import scaling
+from jaxlm import errors, scaling
 from jaxlm.data.chat import default_chat_config
 from jaxlm.data.config import check_data_config, default_data_config
 from jaxlm.distributed import check_distributed_config, default_distributed_config
@@ -297,7 +299,8 @@ def load_config_file(path: str | os.PathLike, arg: str | None = None) -> ml_coll
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path!r} does not exist")
+        raise errors.MissingFileError(f"config file {path!r} does not exist; check --config",
+                                      path=path)
     name = os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
@@ -318,6 +321,23 @@ def check_renamed_key(name: str) -> None:
         _fail(name, f"renamed to {RENAMED_KEYS[name]}")
 
 
+def check_override_key(name: str) -> None:
+    """Raises naming the key when a `--config.<name>` override is renamed or unknown (with the
+    closest known key), before ml_collections would fail with a bare AttributeError."""
+    check_renamed_key(name)
+    node: Any = base_config()
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict):
+            return  # a value that is itself a dict/tuple: ml_collections checks the rest
+        if part not in node:
+            prefix = ".".join(parts[:i] + [""])
+            close = difflib.get_close_matches(part, list(node.keys()), n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            _fail(name, f"unknown key{hint}")
+        node = node[part]
+
+
 def _unknown_keys(config: Any, schema: Any, prefix: str = "") -> None:
     for key in config.keys():
         name = f"{prefix}{key}"
@@ -325,7 +345,7 @@ def _unknown_keys(config: Any, schema: Any, prefix: str = "") -> None:
             check_renamed_key(name)
             close = difflib.get_close_matches(key, list(schema.keys()), n=1)
             hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-            raise ValueError(f"config key {name}: unknown key{hint}")
+            raise errors.config_error(name, f"unknown key{hint}")
         value, expected = config[key], schema[key]
         if isinstance(expected, ml_collections.ConfigDict):
             if not isinstance(value, ml_collections.ConfigDict):
@@ -334,7 +354,7 @@ def _unknown_keys(config: Any, schema: Any, prefix: str = "") -> None:
 
 
 def _fail(key: str, msg: str) -> None:
-    raise ValueError(f"config key {key}: {msg}")
+    raise errors.config_error(f"{key}", msg)
 
 
 # `model.*` keys that are not a ModelConfig field of the same name and meaning: 0 = "derive it"
@@ -426,6 +446,7 @@ def pipeline_summary(config: ml_collections.ConfigDict) -> str | None:
 def validate(config: ml_collections.ConfigDict) -> None:
     """Device-independent checks of a whole run config; raises ValueError naming the key."""
     _unknown_keys(config, base_config())
+    _check_finite_floats(config)
     stage = get_stage(config.stage)  # raises naming the key for an unknown stage
     check_data_config(config.data)
     if stage.check_config is not None:
@@ -465,6 +486,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
         size = config.mesh[axis]
         if size == 0 or size < -1:
             _fail(f"mesh.{axis}", f"size must be positive or -1, got {size}")
+
+
+def _check_finite_floats(config: Any, prefix: str = "") -> None:
+    """Every float key is finite: NaN passes every `<= 0` check and would train silently."""
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            _check_finite_floats(value, prefix=f"{name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            _fail(name, f"must be a finite number, got {value}")
+
+
+def warn_schedule(config: ml_collections.ConfigDict, total_steps: int) -> None:
+    """Logs once when the warmup is longer than the run (the peak rate is never reached)."""
+    warmup = config.optim.warmup_steps
+    if warmup > total_steps:
+        logging.warning("optim.warmup_steps=%d is longer than the run's %d steps: the learning "
+                        "rate reaches only %.3g of optim.learning_rate=%g", warmup, total_steps,
+                        total_steps / warmup, config.optim.learning_rate)
 
 
 DEFAULT_TOKENS_PER_PARAM = 20.0

@@ -28,6 +28,8 @@ import jax
 import ml_collections
 from absl import logging
 
+from jaxlm import errors
+
 ENV_PREFIX = "JAXLM_"
 # "off" never initialises (one process); "auto" (or unset) decides as described above.
 MODE_ENV = "JAXLM_DISTRIBUTED"
@@ -79,7 +81,7 @@ class Plan:
 
 
 def _fail(key: str, msg: str) -> None:
-    raise ValueError(f"config key distributed.{key}: {msg}")
+    raise errors.config_error(f"distributed.{key}", msg)
 
 
 def _source(key: str, origin: Mapping[str, str]) -> str:

@@ -20,6 +20,8 @@ from typing import IO, Any
 
 from absl import app, flags
 
+from jaxlm import errors
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (or its checkpoints/ directory).")
 flags.DEFINE_alias("checkpoint", "workdir")  # e.g. --checkpoint=<tools/convert_hf.py import dir>
 _STEP = flags.DEFINE_integer("step", -1, "Checkpoint step; -1 = the newest.")
@@ -127,7 +129,14 @@ class _Session:
         return token
 
     def encode_prompt(self, text: str) -> list[int]:
-        return ([self.tok.bos_id] if self.add_bos else []) + self.tok.encode(text)
+        ids = ([self.tok.bos_id] if self.add_bos else []) + self.tok.encode(text)
+        trained = int(self.loaded.config.data.seq_len)
+        if len(ids) > trained and not getattr(self, "_warned_long", False):
+            self._warned_long = True
+            print(f"warning: a prompt of {len(ids)} tokens is longer than the {trained} tokens "
+                  "the model was trained on (data.seq_len); expect worse continuations",
+                  file=sys.stderr)
+        return ids
 
     def decode_new(self, tokens: list[int]) -> str:
         return self.tok.decode([t for t in tokens if t not in self.stop_ids])
@@ -246,10 +255,10 @@ def run(opts: Options, stdin: IO[str] = sys.stdin, stdout: IO[str] = sys.stdout)
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        run(_options_from_flags())
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    from jaxlm import console
+
+    with console.quiet(None):  # orbax's restore lines and jax's backend probing stay quiet
+        errors.run_main(lambda: run(_options_from_flags()))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ so there the whole file is rewritten at each write (it stays small: one line per
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from etils import epath
@@ -48,7 +49,12 @@ class MetricsWriter:
             return
         row = {"step": int(step)}
         row.update({k: _scalar(v) for k, v in metrics.items()})
-        line = json.dumps(row) + "\n"
+        # Strict JSON: a NaN/Inf value is written as null (with its kind in "<key>_nonfinite").
+        for key, value in list(row.items()):
+            if isinstance(value, float) and not math.isfinite(value):
+                row[key] = None
+                row[f"{key}_nonfinite"] = str(value)
+        line = json.dumps(row, allow_nan=False) + "\n"
         if self._append:
             self._jsonl.write(line)
             self._jsonl.flush()
@@ -60,6 +66,26 @@ class MetricsWriter:
                 if key != "step" and isinstance(value, (int, float)):
                     self._tb.add_scalar(key, value, step)
 
+    def truncate_after(self, step: int) -> int:
+        """Drops the rows of steps after `step` (a resumed run rewrites them), so every step
+        appears once; returns how many rows were dropped."""
+        if not self.enabled or not self._path.exists():
+            return 0
+        lines = (self._text if not self._append else self._path.read_text()).splitlines()
+        kept = [line for line in lines if not line.strip() or _row_step(line) <= step]
+        dropped = len(lines) - len(kept)
+        if not dropped:
+            return 0
+        text = "".join(line + "\n" for line in kept)
+        if self._append:
+            self._jsonl.close()
+            self._path.write_text(text)
+            self._jsonl = self._path.open("a")
+        else:
+            self._text = text
+            self._path.write_text(text)
+        return dropped
+
     def write_text(self, step: int, tag: str, text: str) -> None:
         if self._tb is not None:
             self._tb.add_text(tag, text, step)
@@ -69,6 +95,15 @@ class MetricsWriter:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _row_step(line: str) -> float:
+    """The step of a metrics.jsonl line (a line that does not parse counts as after any step:
+    a write cut short by a crash)."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _scalar(value: Any) -> Any:
@@ -89,5 +124,13 @@ def progress_line(step: int, total_steps: int, metrics: dict[str, float], eta_s:
     return (f"step {step}/{total_steps} | loss {metrics['loss']:.4f} | "
             f"grad_norm {metrics['grad_norm']:.3f} | lr {metrics['lr']:.2e} | "
             f"{metrics['steps_per_sec']:.2f} steps/s | {metrics['tokens_per_sec']:,.0f} tok/s | "
-            f"mfu {100 * metrics['mfu']:.1f}% | eta {format_duration(eta_s)}")
+            f"mfu {mfu_text(metrics['mfu'])} | eta {format_duration(eta_s)}")
+
+
+def mfu_text(mfu: float) -> str:
+    """MFU as a percentage; above 100% it cannot be right, and says the peak is suspect."""
+    text = f"{100 * mfu:.1f}%"
+    if mfu > 1.0:
+        text += " (over 100%: the peak FLOP/s is suspect; set log.peak_flops)"
+    return text
 

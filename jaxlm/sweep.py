@@ -31,7 +31,6 @@ import importlib.util
 import json
 import os
 import shlex
-import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -39,7 +38,7 @@ import ml_collections
 from absl import app, flags, logging
 
 from jaxlm import config as config_lib
-from jaxlm import scaling
+from jaxlm import errors, scaling
 
 RESULTS_FIELDS = ("name", "N", "param_convention", "N_total", "N_non_embedding", "D", "C",
                   "C_detailed", "steps", "final_loss", "final_loss_avg", "eval_loss")
@@ -215,22 +214,17 @@ def main() -> None:
     def run(argv: list[str]) -> None:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-        try:
-            if print_commands.value:
-                module, arg = load_sweep_file(config.value)
-                for name, overrides, _ in points(module, arg):
-                    print(launch_command(config.value,
-                                         f"{workdir.value.rstrip('/')}/{name}", overrides))
-                return
-            rows = run_sweep(config.value, workdir.value)
-        except ValueError as e:
-            if "config key" not in str(e) and not str(e).startswith(("--config", "config arg")):
-                raise
-            sys.exit(f"error: {e}")
+        if print_commands.value:
+            module, arg = load_sweep_file(config.value)
+            for name, overrides, _ in points(module, arg):
+                print(launch_command(config.value,
+                                     f"{workdir.value.rstrip('/')}/{name}", overrides))
+            return
+        rows = run_sweep(config.value, workdir.value)
         logging.info("%d points; results in %s", len(rows),
                      os.path.join(workdir.value, "results.csv"))
 
-    app.run(run)
+    app.run(lambda argv: errors.run_main(run, argv))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ from jaxlm import sharding
 @flax.struct.dataclass
 class TrainState:
     """step: optimizer steps taken (skipped ones included); params: the model pytree;
-    opt_state: optax state; nonfinite: how many steps in a row had a NaN/Inf loss or gradient."""
+    opt_state: optax state; nonfinite: how many steps in a row had a NaN/Inf loss, gradient,
+    update or new params (and were skipped)."""
 
     step: jax.Array
     params: Any
@@ -32,10 +33,13 @@ class TrainState:
 
     def apply_gradients(self, grads: Any, tx: optax.GradientTransformation,
                         finite: jax.Array | bool = True) -> TrainState:
-        """One optimizer update; when `finite` is False the params and optimizer state are
-        kept as they were (the step still counts, so the data and schedule move on)."""
+        """One optimizer update; when `finite` is False, or the update or the new params are
+        not finite (a NaN learning rate, an overflow), the params and optimizer state are kept
+        as they were (the step still counts, so the data and schedule move on)."""
         updates, opt_state = tx.update(grads, self.opt_state, self.params)
         params = optax.apply_updates(self.params, updates)
+        finite = (finite & jnp.isfinite(optax.global_norm(updates))
+                  & jnp.isfinite(optax.global_norm(params)))
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         return self.replace(step=self.step + 1, params=keep(params, self.params),
                             opt_state=keep(opt_state, self.opt_state),

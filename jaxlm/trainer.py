@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 
 from jaxlm import config as config_lib
-from jaxlm import hardware, params_from, scaling, sharding
+from jaxlm import console, hardware, params_from, run_counters, scaling, sharding, workdir_lock
 from jaxlm import program as program_lib
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.data.pipeline import load_or_train_tokenizer
@@ -31,6 +31,7 @@ from jaxlm.metrics import MetricsWriter, is_remote, progress_line
 from jaxlm.models import lora
 from jaxlm.optim import make_optimizer, state_bytes
 from jaxlm.stages.stage import Stage
+from jaxlm.step_health import StepHealth
 from jaxlm.train_state import TrainState, abstract_boxed_params
 
 
@@ -146,12 +147,11 @@ def initial_state(s: Setup, ckpt: Checkpointer, train_iter: Any,
     """Resumes from the newest checkpoint (state + data position) when there is one, else
     starts from the `init_from` params (`start_params` if already restored) or a fresh init."""
     c, program = s.config, s.program
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state = ckpt.restore(latest, program.abstract_state, data_iterator=train_iter,
-                             shared_data_position=c.data.process_sharding == "rows")
-        logging.info("resumed from %s at step %d", ckpt.directory, latest)
-        return state
+    restored = ckpt.restore_newest(program.abstract_state, data_iterator=train_iter,
+                                   shared_data_position=c.data.process_sharding == "rows")
+    if restored is not None:
+        logging.info("resumed from %s at step %d", ckpt.directory, restored[0])
+        return restored[1]
     if c.init_from.path:
         params = start_params if start_params is not None else \
             params_from.init_from_params(program)
@@ -213,7 +213,14 @@ class _Preemption:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains `config` in `workdir` (resuming from its checkpoints); returns the last logged
-    metrics."""
+    metrics. The run owns the workdir meanwhile: a second run on it refuses to start."""
+    config_lib.validate(config)
+    with workdir_lock.hold(workdir, enabled=jax.process_index() == 0), \
+            console.quiet(workdir if jax.process_index() == 0 else None):
+        return _run(config, workdir)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     s = setup(config, workdir)
     c, program = s.config, s.program
     is_main = jax.process_index() == 0
@@ -236,6 +243,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                  f"{params_count['total']:,}", f"{params_count['non_embedding']:,}")
 
     step = int(jax.device_get(state.step))
+    dropped = writer.truncate_after(step)
+    if dropped:
+        logging.info("metrics.jsonl: dropped %d rows after the resumed step %d", dropped, step)
+    config_lib.warn_schedule(c, total_steps)
     reference_args = (reference,) if program.uses_reference else ()
     if s.stage.make_host is not None:  # the stage's Python step around its own jits
         s.host = host = s.stage.make_host(program, s.tokenizer)
@@ -250,8 +261,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     batch = place(next(train_iter)) if step < total_steps else None
 
     tokens_per_step, flops_per_step = program.tokens_per_step, program.flops_per_step
+    counter = run_counters.resumed_counter(ckpt, step, tokens_per_step, c)
+    health = StepHealth(c.train.max_nonfinite)
     peak, peak_note = (c.log.peak_flops, "from log.peak_flops") if c.log.peak_flops else \
-        hardware.peak_flops_per_device(jax.devices()[0], c.model.compute_dtype)
+        hardware.peak_flops_per_device(jax.devices()[0], c.model.compute_dtype,
+                                       cache_dir=s.cache_dir)
     logging.info("MFU against %.3g FLOP/s per device (%s) x %d devices; %.3g FLOPs per step",
                  peak, peak_note, jax.device_count(), flops_per_step)
     sampler = Sampler(program.model_cfg, None, mesh=s.mesh,
@@ -277,7 +291,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         row.setdefault("tokens_per_sec", row["steps_per_sec"] * tokens_per_step)
         row.setdefault("mfu", hardware.mfu(flops_per_step, elapsed / window_steps,
                                            jax.device_count(), peak))
-        row["tokens_seen"] = step_done * tokens_per_step
+        row["tokens_seen"] = counter.tokens_seen(step_done)
         eta = (total_steps - step_done) / max(row["steps_per_sec"], 1e-9)
         if is_main:
             logging.info(progress_line(step_done, total_steps, row, eta))
@@ -294,7 +308,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             # Read back the previous step's metrics only after dispatching this one, so the
             # device never waits on the host.
             if previous is not None:
-                _check_finite(previous, step - 1, c.train.max_nonfinite)
+                health.check(previous, step - 1)
             previous = metrics
             if pending is not None:
                 report(*pending)
@@ -304,8 +318,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             # Save before the iterator moves on, so the saved position is "after `step`
             # batches" and a resumed run draws exactly the batches this run would have.
             if ckpt.should_save(step, total_steps) or preemption.requested:
-                _check_finite(metrics, step, c.train.max_nonfinite)
-                ckpt.save(step, state, data_iterator=train_iter, config=c, extra=extra)
+                health.check(metrics, step)
+                ckpt.save(step, state, data_iterator=train_iter, config=c,
+                          extra={**extra, "tokens_seen": counter.tokens_seen(step)})
             if preemption.requested:
                 logging.warning("SIGTERM: saved step %d; exiting so the job can be "
                                 "rescheduled", step)
@@ -325,7 +340,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                     writer.write(step, live_eval.metrics(live_eval.run(state.params, step)))
                 window_start, window_step0 = time.perf_counter(), step
         if previous is not None:
-            _check_finite(previous, step, c.train.max_nonfinite)
+            health.check(previous, step)
         if pending is not None:
             report(*pending)
     finally:
@@ -334,21 +349,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         _close(train_iter)
         writer.close()
     return last
-
-
-def _check_finite(metrics: dict[str, Any], step: int, max_in_a_row: int) -> None:
-    """Warns about a skipped (NaN/Inf) step; stops the run after `max_in_a_row` of them."""
-    in_a_row = int(jax.device_get(metrics["nonfinite"]))
-    if not in_a_row:
-        return
-    logging.warning("step %d: loss or gradient norm is NaN/Inf; update skipped (%d in a row)",
-                    step, in_a_row)
-    if in_a_row >= max_in_a_row:
-        raise FloatingPointError(
-            f"{in_a_row} steps in a row (up to step {step}) had a NaN/Inf loss or gradient norm "
-            f"(train.max_nonfinite={max_in_a_row}); stopping. The parameters are those of the "
-            "last finite step. Lower optim.learning_rate, check the data, or raise "
-            "train.max_nonfinite.")
 
 
 def _eval_and_sample(s: Setup, state: TrainState, step: int, eval_step: Any, sampler: Sampler,

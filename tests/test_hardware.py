@@ -89,3 +89,22 @@ def test_mfu() -> None:
     assert hardware.mfu(1e15, 2.0, 4, 2.5e14) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="step_time_s"):
         hardware.mfu(1e15, 0.0, 4, 2.5e14)
+
+
+def test_measured_peak_is_cached_per_cpu_model_keeping_the_best(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    readings = iter([5e9, 3e9, 7e9])  # the second run was on a busy machine
+    monkeypatch.setattr(hardware, "_measure_peak", lambda *a: next(readings))
+    cpu = jax.local_devices(backend="cpu")[0]
+    peaks = [hardware.peak_flops_per_device(cpu, "float32", cache_dir=str(tmp_path))
+             for _ in range(3)]
+    shared = len(jax.local_devices(backend="cpu"))
+    assert [p[0] * shared for p in peaks] == [5e9, 5e9, 7e9]
+    assert hardware.cpu_model() in peaks[0][1] and hardware.PEAK_CACHE_FILE in peaks[0][1]
+
+
+def test_mfu_over_100_percent_says_the_peak_is_suspect() -> None:
+    from jaxlm.metrics import mfu_text
+
+    assert mfu_text(0.425) == "42.5%"
+    assert mfu_text(1.1).startswith("110.0% (") and "suspect" in mfu_text(1.1)

@@ -20,6 +20,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from jaxlm import errors  # noqa: E402
 from jaxlm.interop import hf  # noqa: E402
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "import: HF model directory (config.json + "
@@ -59,4 +60,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(lambda argv: errors.run_main(main, argv))

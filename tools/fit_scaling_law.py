@@ -29,7 +29,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jaxlm import scaling_fit  # noqa: E402
+from jaxlm import errors, scaling_fit  # noqa: E402
 
 _RESULTS = flags.DEFINE_string("results", None, "CSV of runs (jaxlm.sweep's results.csv).")
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Where fit.json and the plots go; default "
@@ -189,4 +189,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(lambda argv: errors.run_main(main, argv))

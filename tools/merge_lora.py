@@ -21,6 +21,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jaxlm import config as config_lib  # noqa: E402
+from jaxlm import errors  # noqa: E402
 from jaxlm.checkpoint import (  # noqa: E402
     Checkpointer,
     complete_steps,
@@ -75,4 +76,4 @@ def _define_flags() -> None:
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    app.run(lambda argv: errors.run_main(main, argv))

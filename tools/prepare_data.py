@@ -17,8 +17,11 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from jaxlm import errors  # noqa: E402
 from jaxlm.data.config import split_list  # noqa: E402
 from jaxlm.data.prepare import prepare_shards  # noqa: E402
+from jaxlm.data.shards import verify_directory  # noqa: E402
+from jaxlm.errors import DataError  # noqa: E402
 
 _INPUT = flags.DEFINE_string("input", None, "Comma-separated globs of .txt/.jsonl/.parquet.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Directory for shards and manifest.json.")
@@ -34,19 +37,39 @@ _NUM_WORKERS = flags.DEFINE_integer("num_workers", os.cpu_count() or 1,
 _SKIP_BAD = flags.DEFINE_bool("skip_bad_records", False,
                               "Skip and count malformed records instead of failing on them.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing output directory.")
-flags.mark_flags_as_required(["input", "output_dir", "tokenizer"])
+_VERIFY = flags.DEFINE_bool("verify", True, "Read back every record of the written shards.")
+_VERIFY_ONLY = flags.DEFINE_bool("verify_only", False, "Only check every record of the shards "
+                                 "in --output_dir (no --input/--tokenizer needed).")
+
+
+def _verify(output_dir: str) -> None:
+    problems = verify_directory(output_dir)
+    if problems:
+        raise DataError(f"{len(problems)}+ bad records in {output_dir}, first {problems[0]}; "
+                        "re-run tools/prepare_data.py --overwrite", path=output_dir)
+    print(f"verified every record of the shards in {output_dir}", flush=True)
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _OUTPUT_DIR.value is None:
+        raise errors.ConfigError("--output_dir is required")
+    if _VERIFY_ONLY.value:
+        _verify(_OUTPUT_DIR.value)
+        return
+    for flag in (_INPUT, _TOKENIZER):
+        if flag.value is None:
+            raise errors.ConfigError(f"--{flag.name} is required")
     prepare_shards(split_list(_INPUT.value), _OUTPUT_DIR.value, _TOKENIZER.value,
                    text_field=_TEXT_FIELD.value,
                    text_delimiter=_TEXT_DELIMITER.value.replace("\\n", "\n"),
                    num_shards=_NUM_SHARDS.value, docs_per_shard=_DOCS_PER_SHARD.value,
                    num_workers=_NUM_WORKERS.value, skip_bad_records=_SKIP_BAD.value,
                    overwrite=_OVERWRITE.value, progress=lambda line: print(line, flush=True))
+    if _VERIFY.value:
+        _verify(_OUTPUT_DIR.value)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(lambda argv: errors.run_main(main, argv))

@@ -16,6 +16,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from jaxlm import errors  # noqa: E402
 from jaxlm.data import sources  # noqa: E402
 from jaxlm.data.config import split_list  # noqa: E402
 from jaxlm.data.tokenizer import train_sentencepiece  # noqa: E402
@@ -60,4 +61,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(lambda argv: errors.run_main(main, argv))

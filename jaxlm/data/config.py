@@ -16,6 +16,8 @@ import dataclasses
 
 import ml_collections
 
+from jaxlm import errors
+
 SOURCES = ("stdlib", "files", "arrayrecord", "mixture")
 PROCESS_SHARDING = ("documents", "rows")
 MODEL_TYPES = ("bpe", "unigram")
@@ -90,6 +92,13 @@ def default_data_config() -> ml_collections.ConfigDict:
     # Skip (and count) malformed records such as a jsonl line without data.text_field, instead
     # of raising an error that names the file and line.
     d.skip_bad_records = False
+    # Read every record of every ArrayRecord shard at start-up (the default check reads only
+    # each shard's footer); a bad record is then reported before training starts.
+    d.verify_shards = False
+    # Raw text documents that are not UTF-8 (or are binary) are decoded with replacement
+    # characters, counted and warned about; above this fraction of the documents read the run
+    # stops naming the file.
+    d.max_bad_text_fraction = 0.01
     return d
 
 
@@ -157,7 +166,7 @@ def special_tokens(data: ml_collections.ConfigDict) -> list[str]:
 
 
 def _fail(key: str, msg: str) -> None:
-    raise ValueError(f"config key data.{key}: {msg}")
+    raise errors.config_error(f"data.{key}", msg)
 
 
 def check_data_config(data: ml_collections.ConfigDict) -> None:
@@ -169,6 +178,8 @@ def check_data_config(data: ml_collections.ConfigDict) -> None:
         _fail("source", f"{data.source!r} is not one of {SOURCES}")
     if data.seq_len <= 0:
         _fail("seq_len", f"must be positive, got {data.seq_len}")
+    if not 0 <= data.max_bad_text_fraction <= 1:
+        _fail("max_bad_text_fraction", f"must lie in [0, 1], got {data.max_bad_text_fraction}")
     if not data.tokenizer_path:
         if data.vocab_size < MIN_VOCAB_SIZE:
             _fail("vocab_size", f"{data.vocab_size} is too small for a byte-fallback tokenizer; "

@@ -149,17 +149,19 @@ def _spec_documents(spec: str, name: str, weight: float, data: ml_collections.Co
             raise ValueError(f"config key {key}: token shards need the tokenizer they were "
                              "prepared with")
         source = sources.TokenShardSource(paths, tokenizer,
-                                          skip_bad_records=data.skip_bad_records)
+                                          skip_bad_records=data.skip_bad_records,
+                                          verify=data.verify_shards)
     else:
         source = sources.RawFilesSource(paths, text_field=data.text_field,
                                         delimiter=config_lib.text_delimiter(data),
                                         skip_bad_records=data.skip_bad_records,
-                                        index_cache_dir=cache_dir)
+                                        index_cache_dir=cache_dir,
+                                        max_bad_text_fraction=data.max_bad_text_fraction)
     if len(source) == 0:
         raise ValueError(f"config key {key}: the files {paths} hold no documents")
     docs = grain.MapDataset.source(source)
     identity = ["files", _files_key(paths), data.text_field, data.text_delimiter]
-    if not use_eval_files:
+    if not eval_spec:  # with data.eval_paths, every training file trains
         docs = _holdout(docs, split, data.eval_fraction, f"{key}={spec!r}")
         identity.append(data.eval_fraction)
     return DocumentSet(name, weight, docs, identity, source)

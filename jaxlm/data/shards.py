@@ -84,6 +84,51 @@ def read_manifest(directory: str) -> dict[str, Any]:
     return manifest
 
 
+def verify_shard(path: str, dtype: np.dtype, vocab_size: int | None = None,
+                 max_errors: int = 10) -> tuple[int, list[str]]:
+    """Reads every record (chunk) of one shard: (records read, problems found, each naming the
+    record). The startup check reads only the footer; this finds corruption inside the file."""
+    problems: list[str] = []
+    try:
+        reader = ArrayRecordReader(path, "readahead_buffer_size:0")
+    except RuntimeError as e:
+        return 0, [f"{path}: cannot be opened as ArrayRecord ({' '.join(str(e).split())})"]
+    try:
+        n = reader.num_records()
+        for i in range(n):
+            try:
+                record = reader.read([i])[0]
+            except RuntimeError as e:
+                problems.append(f"{path}:record {i}: unreadable ({' '.join(str(e).split())})")
+            else:
+                if len(record) % np.dtype(dtype).itemsize:
+                    problems.append(f"{path}:record {i}: {len(record)} bytes is not a whole "
+                                    f"number of {np.dtype(dtype).name} token ids")
+                elif vocab_size is not None and len(record):
+                    top = int(np.frombuffer(record, dtype=dtype).max())
+                    if top >= vocab_size:
+                        problems.append(f"{path}:record {i}: token id {top} is outside the "
+                                        f"vocabulary of {vocab_size}")
+            if len(problems) >= max_errors:
+                break
+    finally:
+        reader.close()
+    return n, problems
+
+
+def verify_directory(directory: str, vocab_size: int | None = None) -> list[str]:
+    """verify_shard over every shard of a prepared directory (per the manifest): problems."""
+    manifest = read_manifest(directory)
+    problems: list[str] = []
+    for entry in manifest["shards"]:
+        path = os.path.join(directory, entry["name"])
+        n, found = verify_shard(path, manifest["dtype"], vocab_size)
+        if not found and n != entry["documents"]:
+            found = [f"{path}: holds {n} records but the manifest says {entry['documents']}"]
+        problems.extend(found)
+    return problems
+
+
 def count_records(path: str) -> int:
     """Records in one shard; raises ValueError naming the shard if it cannot be opened."""
     try:

@@ -32,6 +32,7 @@ from absl import logging
 from jaxlm.data import cache
 from jaxlm.data import config as config_lib
 from jaxlm.data import shards as shards_lib
+from jaxlm.errors import DataError
 
 _INDEX_CHUNK_BYTES = 64 << 20
 # Warnings about skipped records logged per source and process, before going quiet.
@@ -78,14 +79,55 @@ class _BadRecords:
 
     def __call__(self, where: str, reason: str) -> Skipped:
         if not self.skip:
-            raise ValueError(f"{where}: {reason} (fix the record, or set "
-                             "data.skip_bad_records=True to skip and count such records)")
+            raise DataError(f"{where}: {reason} (fix the record, or set "
+                            "data.skip_bad_records=True to skip and count such records)",
+                            path=where)
         if self.warned < _MAX_SKIP_WARNINGS:
             self.warned += 1
             logging.warning("skipping %s: %s%s", where, reason,
                             "" if self.warned < _MAX_SKIP_WARNINGS else " (further skips of "
                             "this source are only counted)")
         return Skipped(where, reason)
+
+
+# Non-UTF-8 documents are judged against at least this many documents read.
+_MIN_DOCS_FOR_TEXT_FRACTION = 100
+
+
+class _TextDecoder:
+    """UTF-8 decoding that counts documents which are not UTF-8 text (invalid bytes, or NUL
+    bytes: a binary file), warns naming the file, and stops once they exceed `max_fraction`
+    of the documents read (at least _MIN_DOCS_FOR_TEXT_FRACTION)."""
+
+    def __init__(self, max_fraction: float):
+        self.max_fraction = max_fraction
+        self.decoded = 0
+        self.bad = 0
+        self.warned: set[str] = set()
+
+    def __call__(self, raw: bytes, path: str) -> str:
+        self.decoded += 1
+        try:
+            text = raw.decode("utf-8")
+            binary = "\x00" in text
+        except UnicodeDecodeError:
+            text, binary = raw.decode("utf-8", errors="replace"), False
+        else:
+            if not binary:
+                return text
+        self.bad += 1
+        kind = "binary (NUL bytes)" if binary else "not valid UTF-8"
+        if path not in self.warned and len(self.warned) < _MAX_SKIP_WARNINGS:
+            self.warned.add(path)
+            logging.warning("%s: a document is %s; decoded with replacement characters (%d of "
+                            "%d documents read so far)", path, kind, self.bad, self.decoded)
+        if self.bad > self.max_fraction * max(self.decoded, _MIN_DOCS_FOR_TEXT_FRACTION):
+            raise DataError(f"{path}: {self.bad} of {self.decoded} documents read are not UTF-8 "
+                            f"text (this one is {kind}), more than "
+                            f"data.max_bad_text_fraction={self.max_fraction}; remove binary or "
+                            "re-encode the files, or raise data.max_bad_text_fraction",
+                            path=path)
+        return text
 
 
 def _line_starts(path: str) -> np.ndarray:
@@ -150,8 +192,10 @@ class RawFilesSource:
     """
 
     def __init__(self, paths: Sequence[str], *, text_field: str = "text", delimiter: str = "",
-                 skip_bad_records: bool = False, index_cache_dir: str = ""):
+                 skip_bad_records: bool = False, index_cache_dir: str = "",
+                 max_bad_text_fraction: float = 0.01):
         self.paths = list(paths)
+        self._decode = _TextDecoder(max_bad_text_fraction)
         self.text_field = text_field
         self.delimiter = delimiter
         self._bad = _BadRecords(skip_bad_records)
@@ -231,7 +275,7 @@ class RawFilesSource:
         if kind == "parquet":
             return self._parquet_document(f, k)
         start, end = self._index[f][k]
-        return self._pread(f, int(start), int(end)).decode("utf-8", errors="replace")
+        return self._decode(self._pread(f, int(start), int(end)), self.paths[f])
 
     def _jsonl_document(self, f: int, k: int) -> str | Skipped:
         starts, path = self._index[f], self.paths[f]
@@ -300,7 +344,9 @@ class TokenShardSource:
     `skip_bad_records` is on.
     """
 
-    def __init__(self, paths: Sequence[str], tokenizer: Any, *, skip_bad_records: bool = False):
+    def __init__(self, paths: Sequence[str], tokenizer: Any, *, skip_bad_records: bool = False,
+                 verify: bool = False):
+        """`verify`: read every record of every shard first (data.verify_shards)."""
         import grain
 
         self.vocab_size = tokenizer.vocab_size
@@ -332,6 +378,13 @@ class TokenShardSource:
                 logging.warning("skipping empty shard %s", path)
                 self.skipped_shards.append(path)
                 continue
+            if verify:
+                _, problems = shards_lib.verify_shard(path, manifest["dtype"], self.vocab_size)
+                if problems:
+                    raise DataError(f"data.verify_shards: {len(problems)}+ bad records, first "
+                                    f"{problems[0]}; re-run tools/prepare_data.py (or set "
+                                    "data.skip_bad_records=True and data.verify_shards=False to "
+                                    "skip and count them)", path=path)
             self.paths.append(path)
             counts.append(records)
             dtypes.add(manifest["dtype"])
@@ -351,7 +404,16 @@ class TokenShardSource:
         return f"{self.paths[f]}:record {index - int(self._offsets[f])}"
 
     def __getitem__(self, index: int) -> np.ndarray | Skipped:
-        tokens = shards_lib.decode_record(self._records[int(index)], self.dtype)
+        try:
+            record = self._records[int(index)]
+        except RuntimeError as e:  # a corrupted chunk: name the shard and record
+            return self._bad(self.where(int(index)), f"unreadable ({' '.join(str(e).split())}); "
+                             "find every bad record with tools/prepare_data.py --verify_only or "
+                             "data.verify_shards=True")
+        if len(record) % self.dtype.itemsize:
+            return self._bad(self.where(int(index)), f"{len(record)} bytes is not a whole number "
+                             f"of {self.dtype.name} token ids")
+        tokens = shards_lib.decode_record(record, self.dtype)
         if tokens.size and int(tokens.max()) >= self.vocab_size:
             return self._bad(self.where(int(index)), f"token id {int(tokens.max())} is outside "
                              f"the tokenizer's vocabulary of {self.vocab_size}")

@@ -20,6 +20,8 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
+from jaxlm.errors import DataError
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -47,18 +49,29 @@ def weight_files(hf_dir: str) -> list[str]:
     return paths
 
 
+def _corrupt(path: str, e: Exception) -> DataError:
+    return DataError(f"{path}: not a readable safetensors file ({type(e).__name__}: "
+                     f"{' '.join(str(e).split())}); download or convert it again", path=path)
+
+
 def _read(path: str, name: str) -> np.ndarray:
     # A fresh safe_open per tensor: the file stays memory-mapped only while one tensor is
     # copied out, so mapped pages of tensors already converted never count towards the RSS.
-    with safe_open(path, framework="numpy") as f:
-        return f.get_tensor(name)
+    try:
+        with safe_open(path, framework="numpy") as f:
+            return f.get_tensor(name)
+    except Exception as e:  # noqa: BLE001  (safetensors raises its own and OS errors)
+        raise _corrupt(path, e) from e
 
 
 def iter_tensors(paths: Sequence[str]) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
     """(name, load) for every tensor of the files; `load()` reads just that tensor."""
     for path in paths:
-        with safe_open(path, framework="numpy") as f:
-            names = list(f.keys())
+        try:
+            with safe_open(path, framework="numpy") as f:
+                names = list(f.keys())
+        except Exception as e:  # noqa: BLE001
+            raise _corrupt(path, e) from e
         for name in names:
             yield name, lambda path=path, name=name: _read(path, name)
 

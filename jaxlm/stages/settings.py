@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from jaxlm import errors
 from jaxlm.data.chat import check_chat_config
 from jaxlm.data.config import split_list
 
@@ -83,7 +84,7 @@ def default_reward_config() -> ml_collections.ConfigDict:
 
 
 def _fail(key: str, msg: str) -> None:
-    raise ValueError(f"config key {key}: {msg}")
+    raise errors.config_error(f"{key}", msg)
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

@@ -30,7 +30,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from jaxlm import config as config_lib
-from jaxlm import hardware, sharding
+from jaxlm import errors, hardware, sharding
 from jaxlm.program import build
 
 GiB = 2**30
@@ -300,4 +300,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main)
+    app.run(lambda argv: errors.run_main(main, argv))

@@ -20,7 +20,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from jaxlm import config as config_lib
-from jaxlm import scaling
+from jaxlm import errors, scaling
 
 PARAM_KEYS = ("total", "embedding", "token_embedding", "position_embedding", "non_embedding",
               "attention", "mlp", "norms", "head")
@@ -88,7 +88,7 @@ def main() -> None:
             raise app.UsageError(f"expected the command `count`, got {argv[1:]}")
         print(format_report(count(config.value, seq_len.value)))
 
-    app.run(run)
+    app.run(lambda argv: errors.run_main(run, argv))
 
 
 if __name__ == "__main__":
