@@ -22,6 +22,7 @@ from jaxlm import errors, scaling
 from jaxlm.data.chat import default_chat_config
 from jaxlm.data.config import check_data_config, default_data_config
 from jaxlm.distributed import check_distributed_config, default_distributed_config
+from jaxlm.errors import ConfigError
 from jaxlm.evaluation.settings import check_eval_config, default_eval_config
 from jaxlm.models.config import ModelConfig, MoeConfig
 from jaxlm.models.lora import ATTENTION_TARGETS, MLP_TARGETS
@@ -349,7 +350,7 @@ def _unknown_keys(config: Any, schema: Any, prefix: str = "") -> None:
         value, expected = config[key], schema[key]
         if isinstance(expected, ml_collections.ConfigDict):
             if not isinstance(value, ml_collections.ConfigDict):
-                raise ValueError(f"config key {name}: must be a section, got {value!r}")
+                raise ConfigError(f"config key {name}: must be a section, got {value!r}")
             _unknown_keys(value, expected, prefix=f"{name}.")
 
 

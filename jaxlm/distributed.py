@@ -29,6 +29,7 @@ import ml_collections
 from absl import logging
 
 from jaxlm import errors
+from jaxlm.errors import ConfigError
 
 ENV_PREFIX = "JAXLM_"
 # "off" never initialises (one process); "auto" (or unset) decides as described above.
@@ -209,7 +210,7 @@ def resolve_plan(cfg: ml_collections.ConfigDict | None = None,
         on_cloud_tpu_vm = _running_on_cloud_tpu_vm()
     switch = environ.get(MODE_ENV, "auto").strip().lower() or "auto"
     if switch not in ("auto", "off"):
-        raise ValueError(f"config key distributed: {MODE_ENV}={switch!r} is not 'auto' or 'off'")
+        raise ConfigError(f"config key distributed: {MODE_ENV}={switch!r} is not 'auto' or 'off'")
     cfg, origin = with_env_overrides(cfg, environ)
     check_distributed_config(cfg, origin)
     common = dict(cpu_collectives=cfg.cpu_collectives,

@@ -56,6 +56,7 @@ padding, up to capacity_factor - 1 extra) are hardware FLOPs and are not counted
 
 from __future__ import annotations
 
+from jaxlm.errors import ConfigError
 from jaxlm.models.config import GATED_ACTIVATIONS, ModelConfig
 
 
@@ -153,7 +154,7 @@ def param_count(cfg: ModelConfig, convention: str = "chinchilla") -> int:
     """N of the model under a named convention (`PARAM_CONVENTIONS`; see the module doc): what
     tokens-per-parameter budgets and sweep results divide by."""
     if convention not in PARAM_CONVENTIONS:
-        raise ValueError(f"config key train.param_convention: {convention!r} is not one of "
+        raise ConfigError(f"config key train.param_convention: {convention!r} is not one of "
                          f"{PARAM_CONVENTIONS}")
     return count_params(cfg)[convention]
 

@@ -48,6 +48,8 @@ from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxlm.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor", "pipeline", "expert")
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None for replicated). One entry per name.
@@ -96,23 +98,23 @@ def resolve_mesh_shape(sizes: dict[str, int], num_devices: int) -> dict[str, int
     unknown = [axis for axis in MESH_AXES if sizes[axis] == -1]
     for axis in MESH_AXES:
         if sizes[axis] == 0 or sizes[axis] < -1:
-            raise ValueError(f"config key mesh.{axis}: size must be positive or -1, got "
+            raise ConfigError(f"config key mesh.{axis}: size must be positive or -1, got "
                              f"{sizes[axis]}")
     if len(unknown) > 1:
-        raise ValueError(f"config keys mesh.{unknown[0]}, mesh.{unknown[1]}: only one mesh axis "
+        raise ConfigError(f"config keys mesh.{unknown[0]}, mesh.{unknown[1]}: only one mesh axis "
                          "may be -1 ('the rest of the devices')")
     known = math.prod(sizes[a] for a in MESH_AXES if a not in unknown)
     resolved = dict(sizes)
     if unknown:
         if num_devices % known:
             others = ", ".join(f"mesh.{a}={sizes[a]}" for a in MESH_AXES if a not in unknown)
-            raise ValueError(f"config key mesh.{unknown[0]}: -1 cannot fill {num_devices} devices "
+            raise ConfigError(f"config key mesh.{unknown[0]}: -1 cannot fill {num_devices} devices "
                              f"when the other axes ({others}) multiply to {known}")
         resolved[unknown[0]] = num_devices // known
     product = math.prod(resolved[a] for a in MESH_AXES)
     if product != num_devices:
         shape = ", ".join(f"{a}={resolved[a]}" for a in MESH_AXES)
-        raise ValueError(f"config keys mesh.*: the mesh ({shape}) has {product} devices but "
+        raise ConfigError(f"config keys mesh.*: the mesh ({shape}) has {product} devices but "
                          f"{num_devices} are available; set one axis to -1 or fix the sizes")
     return resolved
 

@@ -25,6 +25,7 @@ from jaxlm import console, hardware, params_from, run_counters, scaling, shardin
 from jaxlm import program as program_lib
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.data.pipeline import load_or_train_tokenizer
+from jaxlm.errors import ConfigError
 from jaxlm.evaluation.live import LiveEval
 from jaxlm.inference.sampler import Request, Sampler
 from jaxlm.metrics import MetricsWriter, is_remote, progress_line
@@ -74,7 +75,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     tokenizer = (params_from.init_from_tokenizer(config)
                  or load_or_train_tokenizer(config.data, cache_dir))
     if config.model.vocab_size and tokenizer.vocab_size > config.model.vocab_size:
-        raise ValueError(f"config key model.vocab_size: {config.model.vocab_size} is smaller than "
+        raise ConfigError(f"config key model.vocab_size: {config.model.vocab_size} is smaller than "
                          f"the tokenizer's {tokenizer.vocab_size} ids ({tokenizer.path})")
     program = program_lib.build(config, mesh, vocab_size=tokenizer.vocab_size)
     model_cfg = program.model_cfg
@@ -168,7 +169,7 @@ def _reference(s: Setup, start_params: Any) -> Any:
     if mode == "none":
         return None
     if not s.config.init_from.path:
-        raise ValueError(f"config key init_from.path: stage {s.config.stage} with a reference "
+        raise ConfigError(f"config key init_from.path: stage {s.config.stage} with a reference "
                          "model needs the checkpoint to start from (its params are the "
                          "reference)")
     params = start_params if start_params is not None else \

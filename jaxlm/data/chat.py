@@ -28,6 +28,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from jaxlm.errors import ConfigError
+
 ROLES = ("system", "user", "assistant")
 LOSS_ON = ("assistant", "all")
 CHAT_TEMPLATES = ("chatml", "tokenizer")
@@ -102,18 +104,18 @@ def check_chat_config(chat: ml_collections.ConfigDict, special_tokens: Sequence[
     """Raises naming `chat.*` / `data.special_tokens` keys; `special_tokens` is data's list."""
     template = chat.get("template", "chatml")
     if template not in CHAT_TEMPLATES:
-        raise ValueError(f"config key chat.template: {template!r} is not one of {CHAT_TEMPLATES}")
+        raise ConfigError(f"config key chat.template: {template!r} is not one of {CHAT_TEMPLATES}")
     if template == "tokenizer":
         if not tokenizer_path.endswith(".json"):
-            raise ValueError("config key chat.template: 'tokenizer' needs data.tokenizer_path "
+            raise ConfigError("config key chat.template: 'tokenizer' needs data.tokenizer_path "
                              f"to be a Hugging Face tokenizer.json, got {tokenizer_path!r}")
         return
     for key in ("turn_start", "turn_end"):
         if not chat[key]:
-            raise ValueError(f"config key chat.{key}: must be a special token, e.g. "
+            raise ConfigError(f"config key chat.{key}: must be a special token, e.g. "
                              f"{getattr(CHATML, key)!r}")
         if not tokenizer_path and chat[key] not in special_tokens:
-            raise ValueError(f"config key data.special_tokens: {list(special_tokens)} lacks "
+            raise ConfigError(f"config key data.special_tokens: {list(special_tokens)} lacks "
                              f"chat.{key}={chat[key]!r}; the tokenizer needs it as one id")
 
 
@@ -159,7 +161,7 @@ def special_ids(tokenizer: Any, template: ChatTemplate = CHATML) -> tuple[int, i
     for key, piece in (("turn_start", template.turn_start), ("turn_end", template.turn_end)):
         token_id = tokenizer.piece_to_id(piece)
         if token_id == tokenizer.unk_id or tokenizer.id_to_piece(token_id) != piece:
-            raise ValueError(f"config key data.special_tokens: tokenizer {tokenizer.path} has no "
+            raise ConfigError(f"config key data.special_tokens: tokenizer {tokenizer.path} has no "
                              f"id for chat.{key}={piece!r}; train it with that special token")
         ids.append(token_id)
     return ids[0], ids[1]
@@ -175,7 +177,7 @@ def render_tokens(tokenizer: Any, messages: Sequence[Message], *,
     Decoding the ids (without BOS) gives `render_messages(messages)`.
     """
     if loss_on not in LOSS_ON:
-        raise ValueError(f"config key sft.loss_on: {loss_on!r} is not one of {LOSS_ON}")
+        raise ConfigError(f"config key sft.loss_on: {loss_on!r} is not one of {LOSS_ON}")
     if template.from_tokenizer:
         return _render_jinja_tokens(tokenizer, messages, loss_on, add_generation_prompt)
     start_id, end_id = special_ids(tokenizer, template)
@@ -202,7 +204,7 @@ def render_tokens(tokenizer: Any, messages: Sequence[Message], *,
 
 def _jinja(tokenizer: Any, messages: Sequence[Message], add_generation_prompt: bool) -> str:
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"config key chat.template: tokenizer {tokenizer.path} has no chat "
+        raise ConfigError(f"config key chat.template: tokenizer {tokenizer.path} has no chat "
                          "template; use chat.template='chatml'")
     return tokenizer.apply_chat_template(list(messages),
                                          add_generation_prompt=add_generation_prompt)

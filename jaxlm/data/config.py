@@ -17,6 +17,7 @@ import dataclasses
 import ml_collections
 
 from jaxlm import errors
+from jaxlm.errors import ConfigError
 
 SOURCES = ("stdlib", "files", "arrayrecord", "mixture")
 PROCESS_SHARDING = ("documents", "rows")
@@ -139,20 +140,20 @@ def parse_mixture(value: str, key: str = "data.mixture") -> list[MixtureComponen
         spec, colon, weight_str = rest.rpartition(":")
         name = name.strip() or ("stdlib" if spec.strip() == "stdlib" else f"source{i}")
         if not colon or not spec:
-            raise ValueError(f"config key {key}: item {item!r} must read [name=]spec:weight, "
+            raise ConfigError(f"config key {key}: item {item!r} must read [name=]spec:weight, "
                              "e.g. web=/data/web/*.jsonl:0.7")
         try:
             weight = float(weight_str)
         except ValueError:
-            raise ValueError(f"config key {key}: weight {weight_str!r} of item {item!r} is not "
+            raise ConfigError(f"config key {key}: weight {weight_str!r} of item {item!r} is not "
                              "a number") from None
         if not weight > 0:
-            raise ValueError(f"config key {key}: weight of item {item!r} must be positive, got "
+            raise ConfigError(f"config key {key}: weight of item {item!r} must be positive, got "
                              f"{weight}")
         components.append(MixtureComponent(name=name.strip(), spec=spec.strip(), weight=weight))
     names = [c.name for c in components]
     if len(set(names)) != len(names):
-        raise ValueError(f"config key {key}: component names {names} are not unique")
+        raise ConfigError(f"config key {key}: component names {names} are not unique")
     return components
 
 

@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 
 from jaxlm.data.chat import Message, check_messages
+from jaxlm.errors import ConfigError
 
 CHATTERBOT = "chatterbot"
 # Fixed seed of the holdout permutation: changing data.seed never moves eval examples.
@@ -114,7 +115,7 @@ def _jsonl_records(spec: str, key: str) -> list[tuple[str, Any]]:
                     except json.JSONDecodeError as e:
                         raise ValueError(f"{where}: not JSON ({e})") from None
     if not records:
-        raise ValueError(f"config key {key}: {spec!r} holds no records")
+        raise ConfigError(f"config key {key}: {spec!r} holds no records")
     return records
 
 
@@ -193,10 +194,10 @@ def holdout(items: list[Any], split: str, eval_fraction: float, key: str) -> lis
     n = len(items)
     num_eval = int(np.ceil(eval_fraction * n))
     if split == "eval" and num_eval == 0:
-        raise ValueError(f"config key data.eval_fraction: is 0, so {key} has no eval examples; "
+        raise ConfigError(f"config key data.eval_fraction: is 0, so {key} has no eval examples; "
                          "set it > 0 or set the stage's eval_paths")
     if split == "train" and num_eval >= n:
-        raise ValueError(f"config key data.eval_fraction: leaves none of the {n} examples of "
+        raise ConfigError(f"config key data.eval_fraction: leaves none of the {n} examples of "
                          f"{key} for training")
     order = np.random.default_rng(HOLDOUT_SEED).permutation(n)
     chosen = order[:num_eval] if split == "eval" else order[num_eval:]

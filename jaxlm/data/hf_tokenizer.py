@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxlm.errors import ConfigError
+
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
@@ -146,7 +148,7 @@ class HFTokenizer:
 
     def check_fits(self, vocab_size: int, key: str = "model.vocab_size") -> None:
         if self.vocab_size > vocab_size:
-            raise ValueError(f"config key {key}: {vocab_size} is smaller than the "
+            raise ConfigError(f"config key {key}: {vocab_size} is smaller than the "
                              f"{self.vocab_size} ids of tokenizer {self.path}; raise it to at "
                              "least the tokenizer's vocabulary or use a matching tokenizer")
 

@@ -40,6 +40,7 @@ from jaxlm.data import cache, corpus, sources
 from jaxlm.data import config as config_lib
 from jaxlm.data.packing import PackedRowsIterDataset
 from jaxlm.data.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
+from jaxlm.errors import ConfigError
 
 SPLITS = ("train", "eval")
 # Seed of the eval holdout permutation; fixed so that changing data.seed never moves held-out
@@ -112,10 +113,10 @@ def _holdout(docs: grain.MapDataset, split: str, eval_fraction: float,
     n = len(docs)
     num_eval = math.ceil(eval_fraction * n) if eval_fraction > 0 else 0
     if split == "eval" and num_eval == 0:
-        raise ValueError(f"config key data.eval_fraction: is 0, so {what} has no eval "
+        raise ConfigError(f"config key data.eval_fraction: is 0, so {what} has no eval "
                          "documents; set it > 0 or set data.eval_paths")
     if split == "train" and num_eval >= n:
-        raise ValueError(f"config key data.eval_fraction: holding out {num_eval} of the {n} "
+        raise ConfigError(f"config key data.eval_fraction: holding out {num_eval} of the {n} "
                          f"documents of {what} leaves none for training; lower it or set "
                          "data.eval_paths")
     if num_eval == 0:
@@ -132,7 +133,7 @@ def _spec_documents(spec: str, name: str, weight: float, data: ml_collections.Co
         built = corpus.build_stdlib_corpus(cache_dir, eval_fraction=data.eval_fraction,
                                            max_documents=data.max_documents)
         if built.num_documents[split] == 0:
-            raise ValueError(f"config key data.eval_fraction: the stdlib corpus has no {split} "
+            raise ConfigError(f"config key data.eval_fraction: the stdlib corpus has no {split} "
                              "documents; raise data.eval_fraction or data.max_documents")
         source = sources.TextRecordSource([built.path(split)])
         return DocumentSet(name, weight, grain.MapDataset.source(source), ["stdlib", built.key],
@@ -143,10 +144,10 @@ def _spec_documents(spec: str, name: str, weight: float, data: ml_collections.Co
     kinds = {sources.file_kind(p) for p in paths}
     if "arrayrecord" in kinds:
         if kinds != {"arrayrecord"}:
-            raise ValueError(f"config key {key}: {patterns} mixes ArrayRecord shards with raw "
+            raise ConfigError(f"config key {key}: {patterns} mixes ArrayRecord shards with raw "
                              "files; give them as separate mixture components")
         if tokenizer is None:
-            raise ValueError(f"config key {key}: token shards need the tokenizer they were "
+            raise ConfigError(f"config key {key}: token shards need the tokenizer they were "
                              "prepared with")
         source = sources.TokenShardSource(paths, tokenizer,
                                           skip_bad_records=data.skip_bad_records,
@@ -158,7 +159,7 @@ def _spec_documents(spec: str, name: str, weight: float, data: ml_collections.Co
                                         index_cache_dir=cache_dir,
                                         max_bad_text_fraction=data.max_bad_text_fraction)
     if len(source) == 0:
-        raise ValueError(f"config key {key}: the files {paths} hold no documents")
+        raise ConfigError(f"config key {key}: the files {paths} hold no documents")
     docs = grain.MapDataset.source(source)
     identity = ["files", _files_key(paths), data.text_field, data.text_delimiter]
     if not eval_spec:  # with data.eval_paths, every training file trains
@@ -217,10 +218,10 @@ def _packed_rows(ds: DocumentSet, data: ml_collections.ConfigDict, tokenizer: To
 
 def _check_special_ids(data: ml_collections.ConfigDict, tokenizer: Tokenizer) -> None:
     if data.add_bos and tokenizer.bos_id < 0:
-        raise ValueError(f"config key data.add_bos: tokenizer {tokenizer.path} has no BOS "
+        raise ConfigError(f"config key data.add_bos: tokenizer {tokenizer.path} has no BOS "
                          "token; set data.add_bos=False")
     if data.add_eos and tokenizer.eos_id < 0:
-        raise ValueError(f"config key data.add_eos: tokenizer {tokenizer.path} has no EOS "
+        raise ConfigError(f"config key data.add_eos: tokenizer {tokenizer.path} has no EOS "
                          "token; set data.add_eos=False")
 
 
@@ -312,4 +313,4 @@ def load_or_train_tokenizer(data: ml_collections.ConfigDict, cache_dir: str) -> 
                                    max_chars=data.tokenizer_sample_chars,
                                    num_threads=_TOKENIZER_THREADS)
     except ValueError as e:
-        raise ValueError(f"config key data.vocab_size: {e}") from None
+        raise ConfigError(f"config key data.vocab_size: {e}") from None

@@ -31,6 +31,7 @@ from absl import logging
 
 from jaxlm.data import chat, conversations
 from jaxlm.data.sft import example_stream
+from jaxlm.errors import ConfigError
 
 
 @dataclasses.dataclass
@@ -101,7 +102,7 @@ def split_examples(config: ml_collections.ConfigDict, tokenizer: Any, split: str
         max_prompt_tokens=config[section].max_prompt_tokens)
     logging.info("%s %s data: %s", section, split, dataclasses.asdict(counts))
     if not examples:
-        raise ValueError(f"config key {section}.paths: no {split} pair fits data.seq_len="
+        raise ConfigError(f"config key {section}.paths: no {split} pair fits data.seq_len="
                          f"{config.data.seq_len} ({dataclasses.asdict(counts)})")
     return examples
 

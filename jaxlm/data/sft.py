@@ -29,6 +29,7 @@ import numpy as np
 from absl import logging
 
 from jaxlm.data import chat, conversations
+from jaxlm.errors import ConfigError
 
 TRUNCATION = ("truncate", "drop")
 
@@ -51,7 +52,7 @@ def tokenize_conversations(convs: list[list[chat.Message]], tokenizer: Any, *,
                            truncation: str) -> tuple[list[dict[str, np.ndarray]], SftCounts]:
     """Next-token examples {inputs, targets, loss_mask} of at most seq_len tokens each."""
     if truncation not in TRUNCATION:
-        raise ValueError(f"config key sft.truncation: {truncation!r} is not one of {TRUNCATION}")
+        raise ConfigError(f"config key sft.truncation: {truncation!r} is not one of {TRUNCATION}")
     counts = SftCounts(conversations=len(convs))
     examples = []
     for messages in convs:
@@ -113,7 +114,7 @@ def make_sft_iterator(config: ml_collections.ConfigDict, tokenizer: Any, *, spli
         loss_on=sft.loss_on, truncation=sft.truncation)
     logging.info("sft %s data: %s", split, dataclasses.asdict(counts))
     if not examples:
-        raise ValueError(f"config key sft.paths: no {split} conversation is left after "
+        raise ConfigError(f"config key sft.paths: no {split} conversation is left after "
                          f"truncation ({dataclasses.asdict(counts)})")
     ds = example_stream(examples, split=split, shuffle=data.shuffle, seed=data.seed,
                         process_index=process_index, process_count=process_count).to_iter_dataset()

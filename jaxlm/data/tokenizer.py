@@ -20,6 +20,7 @@ import numpy as np
 import sentencepiece as spm
 
 from jaxlm.data import cache
+from jaxlm.errors import ConfigError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 # Sentencepiece skips longer sentences; longer lines are cut into pieces of this many chars.
@@ -95,7 +96,7 @@ class Tokenizer:
     def check_fits(self, vocab_size: int, key: str = "model.vocab_size") -> None:
         """Raises naming `key` and this file if the model's `vocab_size` cannot hold our ids."""
         if self.vocab_size > vocab_size:
-            raise ValueError(f"config key {key}: {vocab_size} is smaller than the "
+            raise ConfigError(f"config key {key}: {vocab_size} is smaller than the "
                              f"{self.vocab_size} ids of tokenizer {self.path}; raise it to at "
                              "least the tokenizer's vocabulary or use a matching tokenizer")
 

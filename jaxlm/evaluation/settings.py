@@ -9,6 +9,8 @@ import importlib.util
 
 import ml_collections
 
+from jaxlm.errors import ConfigError
+
 BUILTIN_TASKS = ("builtin", "corpus_bpb", "next_line", "line_completion")
 
 
@@ -37,9 +39,9 @@ def check_eval_config(e: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the `eval.*` key that is wrong."""
     for key, low in (("every_steps", 0), ("limit", 0), ("batch_size", 1), ("num_fewshot", -1)):
         if e[key] < low:
-            raise ValueError(f"config key eval.{key}: must be >= {low}, got {e[key]}")
+            raise ConfigError(f"config key eval.{key}: must be >= {low}, got {e[key]}")
     names = [t.strip() for t in e.tasks.split(",") if t.strip()]
     harness = [t for t in names if t not in BUILTIN_TASKS]
     if harness and importlib.util.find_spec("lm_eval") is None:
-        raise ValueError(f"config key eval.tasks: {harness} are lm-evaluation-harness tasks, "
+        raise ConfigError(f"config key eval.tasks: {harness} are lm-evaluation-harness tasks, "
                          "which need the lm-eval package: pip install -e '.[eval]'")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from jaxlm.errors import ConfigError
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.rope import RopeScaling, yarn_attention_factor
 
@@ -111,7 +112,7 @@ def _hf_rope(cfg: ModelConfig) -> dict[str, Any]:
                           original_max_position_embeddings=s.original_max_len,
                           attention_factor=yarn_attention_factor(s))
         elif s.kind == "dynamic" and s.original_max_len != cfg.max_seq_len:
-            raise ValueError("config key model.rope_scaling.original_max_len: transformers' "
+            raise ConfigError("config key model.rope_scaling.original_max_len: transformers' "
                              "dynamic RoPE grows past max_position_embeddings, so it must equal "
                              f"model.max_seq_len={cfg.max_seq_len}; cannot export")
     scaling = None if s.kind == "none" else {k: v for k, v in params.items() if k != "rope_theta"}
@@ -248,7 +249,7 @@ def family(cfg: ModelConfig) -> str:
     the `model.*` key that no supported HF architecture has."""
 
     def fail(key: str, msg: str) -> None:
-        raise ValueError(f"config key model.{key}: {msg}; cannot export to Hugging Face")
+        raise ConfigError(f"config key model.{key}: {msg}; cannot export to Hugging Face")
 
     if cfg.position_embedding == "learned":
         for key, want in (("norm", "layernorm"), ("mlp_activation", "gelu"), ("use_bias", True)):
@@ -340,7 +341,7 @@ def _hf_gemma_config(cfg: ModelConfig, kind: str, torch_dtype: str) -> dict[str,
                                   "sliding_attention": {"rope_type": "default",
                                                         "rope_theta": local_theta}}
     elif cfg.rope_local_theta and cfg.rope_local_theta != cfg.rope_theta:
-        raise ValueError("config key model.rope_local_theta: Gemma 2 uses one RoPE base for "
+        raise ConfigError("config key model.rope_local_theta: Gemma 2 uses one RoPE base for "
                          "every layer; cannot export")
     return out
 

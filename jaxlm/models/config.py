@@ -14,6 +14,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from jaxlm.errors import ConfigError
 from jaxlm.models.rope import NO_SCALING, RopeScaling
 
 POSITION_EMBEDDINGS = ("rope", "learned")
@@ -196,7 +197,7 @@ class ModelConfig:
         """Raises ValueError naming the `model.*` key that is inconsistent."""
 
         def fail(key: str, msg: str) -> None:
-            raise ValueError(f"config key model.{key}: {msg}")
+            raise ConfigError(f"config key model.{key}: {msg}")
 
         for key in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
                     "head_dim", "d_ff", "max_seq_len"):

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxlm import sharding
+from jaxlm.errors import ConfigError
 from jaxlm.models.chunked_attention import block_size
 
 SPLASH_BLOCK = 512
@@ -38,7 +39,7 @@ def static_window(window: int | jax.Array | None, kernel: str) -> int:
         return 0
     if isinstance(window, int):
         return window
-    raise ValueError(f"config key model.attention: {kernel} attention needs the same sliding "
+    raise ConfigError(f"config key model.attention: {kernel} attention needs the same sliding "
                      "window in every layer it is traced for; a model that alternates local "
                      "and global layers needs model.scan_layers=False (one static window per "
                      "layer) or model.attention='chunked'")

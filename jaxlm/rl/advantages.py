@@ -8,6 +8,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxlm.errors import ConfigError
+
 
 def group_advantages(rewards_BxG: jax.Array, scale: str = "std", eps: float = 1e-4
                      ) -> jax.Array:
@@ -18,7 +20,7 @@ def group_advantages(rewards_BxG: jax.Array, scale: str = "std", eps: float = 1e
     if scale == "none":
         return centred_BxG
     if scale != "std":
-        raise ValueError(f"config key rl.advantage_scale: unknown {scale!r}")
+        raise ConfigError(f"config key rl.advantage_scale: unknown {scale!r}")
     return centred_BxG / (rewards_BxG.std(axis=1, keepdims=True) + eps)
 
 

@@ -21,6 +21,7 @@ from jax.experimental import multihost_utils
 
 from jaxlm import hardware, scaling, sharding
 from jaxlm.data.config import split_list
+from jaxlm.errors import ConfigError
 from jaxlm.inference import decode
 from jaxlm.inference.processing import SamplingParams, as_arrays
 from jaxlm.rl.prompts import prompt_length
@@ -36,7 +37,7 @@ def stop_ids(tokenizer: Any, stop: str) -> list[int]:
     for piece in split_list(stop.encode().decode("unicode_escape")):
         encoded = list(tokenizer.encode(piece))
         if len(encoded) != 1:
-            raise ValueError(f"config key rl.stop: {piece!r} is {len(encoded)} tokens, not one")
+            raise ConfigError(f"config key rl.stop: {piece!r} is {len(encoded)} tokens, not one")
         ids.append(encoded[0])
     return ids
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxlm.errors import ConfigError
+
 
 def clipped_surrogate(logp_NxT: jax.Array, old_logp_NxT: jax.Array, adv_NxT: jax.Array, *,
                       clip_low: float, clip_high: float) -> tuple[jax.Array, jax.Array]:
@@ -43,4 +45,4 @@ def token_weights(mask_NxT: jax.Array, loss_norm: str) -> jax.Array:
         return mask / jnp.maximum(mask.sum(), 1.0)
     if loss_norm == "constant":
         return mask / (n * t)
-    raise ValueError(f"config key rl.loss_norm: unknown {loss_norm!r}")
+    raise ConfigError(f"config key rl.loss_norm: unknown {loss_norm!r}")

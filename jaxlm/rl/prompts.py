@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from jaxlm.data.sft import example_stream
+from jaxlm.errors import ConfigError
 from jaxlm.rl.tasks import Example, split_examples
 
 
@@ -40,7 +41,7 @@ def tokenize_prompts(examples: list[Example], tokenizer: Any, length: int
     for i, ex in enumerate(examples):
         ids = prompt_ids(tokenizer, ex["prompt"])
         if len(ids) > length:
-            raise ValueError(f"config key data.seq_len: prompt {ex['prompt']!r} has {len(ids)} "
+            raise ConfigError(f"config key data.seq_len: prompt {ex['prompt']!r} has {len(ids)} "
                              f"tokens, more than data.seq_len - rl.max_new_tokens = {length}")
         tokens = np.full(length, pad, np.int32)
         valid = np.zeros(length, np.int32)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ml_collections
 
 from jaxlm.data.config import split_list
+from jaxlm.errors import ConfigError
 
 TASKS = ("arithmetic", "jsonl")
 ADVANTAGE_SCALES = ("std", "none")
@@ -69,7 +70,7 @@ def default_rl_config() -> ml_collections.ConfigDict:
 
 
 def _fail(key: str, msg: str) -> None:
-    raise ValueError(f"config key {key}: {msg}")
+    raise ConfigError(f"config key {key}: {msg}")
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

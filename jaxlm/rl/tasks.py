@@ -16,6 +16,7 @@ import ml_collections
 from jaxlm.data.config import split_list
 from jaxlm.data.conversations import holdout
 from jaxlm.data.sources import expand_globs
+from jaxlm.errors import ConfigError
 
 Example = dict[str, str]
 _OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
@@ -38,7 +39,7 @@ def read_jsonl(spec: str, key: str) -> list[Example]:
                     continue
                 record = json.loads(line)
                 if not isinstance(record.get("prompt"), str):
-                    raise ValueError(f"config key {key}: {path}:{n} has no string 'prompt'")
+                    raise ConfigError(f"config key {key}: {path}:{n} has no string 'prompt'")
                 out.append({"prompt": record["prompt"], "answer": str(record.get("answer", ""))})
     return out
 

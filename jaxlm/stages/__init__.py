@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from jaxlm.errors import ConfigError
+
 if TYPE_CHECKING:
     from jaxlm.stages.stage import Stage
 
@@ -25,7 +27,7 @@ STAGE_MODULES = {
 
 def get_stage(name: str) -> Stage:
     if name not in STAGE_MODULES:
-        raise ValueError(f"config key stage: {name!r} is not one of {tuple(STAGE_MODULES)}")
+        raise ConfigError(f"config key stage: {name!r} is not one of {tuple(STAGE_MODULES)}")
     return importlib.import_module(STAGE_MODULES[name]).STAGE
 
 

@@ -45,6 +45,7 @@ import optax
 from absl import logging
 
 from jaxlm import sharding
+from jaxlm.errors import ConfigError
 from jaxlm.loss import token_logps
 from jaxlm.models.moe import add_router_losses, router_metrics
 from jaxlm.stages import pairs
@@ -79,7 +80,7 @@ def preference_loss(policy_Bx2: jax.Array, reference_Bx2: jax.Array | None,
                     ipo_normalize: bool = True) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Per-pair (loss [B], chosen reward [B], rejected reward [B]); see the module doc."""
     if label_smoothing and variant not in ("sigmoid", "conservative"):
-        raise ValueError(f"config key dpo.label_smoothing: {label_smoothing} has no effect on "
+        raise ConfigError(f"config key dpo.label_smoothing: {label_smoothing} has no effect on "
                          f"dpo.variant={variant!r}; it smooths the sigmoid loss (sigmoid, "
                          "conservative) only, set it to 0")
     if variant == "simpo":
@@ -96,7 +97,7 @@ def preference_loss(policy_Bx2: jax.Array, reference_Bx2: jax.Array | None,
     elif variant == "ipo":
         loss_B = jnp.square(h_B - 1.0 / (2.0 * beta))
     else:
-        raise ValueError(f"config key dpo.variant: unknown {variant!r}")
+        raise ConfigError(f"config key dpo.variant: unknown {variant!r}")
     rewards_Bx2 = beta * logratio_Bx2
     return loss_B, rewards_Bx2[:, 0], rewards_Bx2[:, 1]
 
