@@ -62,9 +62,11 @@ class Setup:
 EVAL_CACHE_BYTES = 256 * 2**20
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
-    """Validates the config, builds the mesh, the tokenizer and the program (no params yet)."""
-    config_lib.validate(config)
+def setup(config: ml_collections.ConfigDict, workdir: str, *, validated: bool = False) -> Setup:
+    """Validates the config (unless the caller just did), builds the mesh, the tokenizer and
+    the program (no params yet)."""
+    if not validated:
+        config_lib.validate(config)
     mesh_shape = config_lib.check_devices(config, jax.device_count(), jax.process_count())
     mesh = sharding.make_mesh(mesh_shape)
     # Corpus and tokenizer cache: next to the run, or a local directory when the workdir is
@@ -222,7 +224,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
 
 def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    s = setup(config, workdir)
+    s = setup(config, workdir, validated=True)  # `run` validated it before taking the lock
     c, program = s.config, s.program
     is_main = jax.process_index() == 0
     writer = MetricsWriter(workdir, enabled=is_main, tensorboard=c.log.tensorboard)
