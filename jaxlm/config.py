@@ -31,8 +31,8 @@ STAGES = tuple(STAGE_MODULES)
 def base_config() -> ml_collections.ConfigDict:
     """Every key a run may set, with its default. Config files override a subset."""
     c = ml_collections.ConfigDict()
-    # Which stage trains: "pretrain", "sft", "dpo" or "reward" (docs/post_training.md); the
-    # registry is jaxlm/stages/__init__.py.
+    # Which stage trains: "pretrain", "sft", "dpo", "reward" (docs/post_training.md) or
+    # "distill" (docs/distillation.md); the registry is jaxlm/stages/__init__.py.
     c.stage = "pretrain"
     # Seed of parameter init (data order has its own seed, data.seed).
     c.seed = 0

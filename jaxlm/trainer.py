@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 
 from jaxlm import config as config_lib
-from jaxlm import hardware, params_from, scaling, sharding
+from jaxlm import frozen_models, hardware, params_from, scaling, sharding
 from jaxlm import program as program_lib
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.data.pipeline import load_or_train_tokenizer
@@ -67,7 +67,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     cache_dir = config.data.cache_dir or (
         os.path.join(os.path.expanduser("~"), ".cache", "jaxlm") if is_remote(workdir)
         else os.path.join(workdir, "cache"))
-    tokenizer = (params_from.init_from_tokenizer(config)
+    tokenizer = (params_from.init_from_tokenizer(config) or frozen_models.tokenizer(config)
                  or load_or_train_tokenizer(config.data, cache_dir))
     if config.model.vocab_size and tokenizer.vocab_size > config.model.vocab_size:
         raise ValueError(f"config key model.vocab_size: {config.model.vocab_size} is smaller than "
@@ -224,6 +224,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     if ckpt.latest_step() is None and c.init_from.path:
         start_params = params_from.init_from_params(program)
     reference = _reference(s, start_params)
+    # The stage's frozen models (a distillation teacher): restored once, never donated.
+    frozen = frozen_models.restore(program.frozen, s.tokenizer) if program.frozen else None
     train_iter = _iterator(s, "train")
     state = initial_state(s, ckpt, train_iter, start_params)
     del start_params
@@ -232,7 +234,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                  f"{params_count['total']:,}", f"{params_count['non_embedding']:,}")
 
     step = int(jax.device_get(state.step))
-    reference_args = (reference,) if program.uses_reference else ()
+    reference_args = program.extra_args(reference, frozen)
     compiled = program.compile_train() if step < total_steps else program.train_step
     train_step = lambda st, b: compiled(st, b, *reference_args)
     eval_step = lambda p, b: program.eval_step(p, b, *reference_args)

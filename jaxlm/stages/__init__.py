@@ -17,6 +17,7 @@ STAGE_MODULES = {
     "sft": "jaxlm.stages.sft",
     "dpo": "jaxlm.stages.dpo",
     "reward": "jaxlm.stages.reward",
+    "distill": "jaxlm.stages.distill",
 }
 
 

@@ -41,6 +41,11 @@ def no_reference(config: Config) -> str:
     return "none"
 
 
+def no_frozen_models(config: Config) -> dict[str, tuple[str, int | None]]:
+    del config
+    return {}
+
+
 @dataclasses.dataclass(frozen=True)
 class Stage:
     """One way of training the model.
@@ -67,6 +72,11 @@ class Stage:
       prepare: (program, tokenizer, reference_params) -> keyword arguments of make_data, run once
         before training when reference_mode is "precompute".
       generates_text: whether logged samples make sense for the model.
+      frozen_models: config -> {name: (checkpoint directory, step or None for the newest)} of
+        models the steps read but never train (a distillation teacher), each of the shape its
+        checkpoint's saved config gives (jaxlm/frozen_models.py). When there are any,
+        make_steps also gets `frozen={name: FrozenModel}` and both steps take one more
+        argument after the batch (and reference): {name: params}, sharded on the run's mesh.
     """
 
     name: str
@@ -83,3 +93,4 @@ class Stage:
     reference_mode: Callable[[Config], str] = no_reference
     prepare: Callable[..., dict[str, Any]] | None = None
     generates_text: bool = True
+    frozen_models: Callable[[Config], dict[str, tuple[str, int | None]]] = no_frozen_models
