@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from scipy import stats
 
 from jaxlm.inference import Request, Sampler, SamplingParams, decode, processing, speculative
@@ -95,3 +96,21 @@ def test_greedy_with_repetition_penalty_equals_plain_greedy():
     plain = [c.tokens for c in sampler.generate(requests, SamplingParams())]
     assert plain != want
     assert 0.0 < sampler.last_acceptance_rate < 1.0
+
+
+def test_generate_refuses_options_that_cannot_be_combined():
+    from jaxlm import generate
+
+    base = dict(workdir="/nonexistent", prompts=("def ",))
+    clashes = [({"num_beams": 2, "temperature": 0.7}, "--num_beams with --temperature"),
+               ({"num_beams": 2, "top_k": 5}, "--num_beams with sampling filters"),
+               ({"num_beams": 2, "draft_workdir": "d"}, "--num_beams with --draft_workdir"),
+               ({"best_of": 3, "temperature": 1.0, "draft_workdir": "d"},
+                "--best_of with --draft_workdir"),
+               ({"best_of": 3}, "--best_of with --temperature=0")]
+    for kwargs, message in clashes:
+        with pytest.raises(ValueError, match=message):
+            generate.run(generate.Options(**base, **kwargs))  # refused before loading
+    # Sampling with a draft is one of the combinations that work.
+    generate.check_combination(generate.Options(**base, draft_workdir="d", temperature=0.8,
+                                                top_p=0.9))
