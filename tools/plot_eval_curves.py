@@ -4,7 +4,7 @@ student trained with cross-entropy only, docs/distillation.md).
     python tools/plot_eval_curves.py --out=docs/img/distill_tiny.png \
         --run="distilled=/tmp/student_kd" --run="cross-entropy only=/tmp/student_ce"
 
-Each --run is label=workdir; the curve is the `eval_loss` rows of <workdir>/metrics.jsonl (the
+Each --run is label=workdir (split at the last "="); the curve is the `eval_loss` rows of <workdir>/metrics.jsonl (the
 last row of a step wins, as after a resume). Prints each run's final held-out loss.
 """
 
@@ -39,7 +39,7 @@ def main(argv: list[str]) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for spec in _RUNS.value:
-        label, workdir = spec.split("=", 1)
+        label, workdir = spec.rsplit("=", 1)
         steps, losses = eval_curve(workdir)
         ax.plot(steps, losses, marker="o", label=label)
         print(f"{label}: final held-out loss {losses[-1]:.4f} at step {steps[-1]}")
