@@ -35,10 +35,16 @@ def token_probs(logits_NxV: jax.Array, seen_NxV: jax.Array, sampling: SamplingPa
     """The distribution plain sampling draws from [N, V] float32: softmax of the processed
     logits, or (temperature 0) one-hot at the argmax of the penalised logits."""
     logits_NxV = logits_NxV.astype(jnp.float32)
-    penalised = repetition_penalty(logits_NxV, seen_NxV, sampling.repetition_penalty)
-    greedy = jax.nn.one_hot(jnp.argmax(penalised, axis=-1), logits_NxV.shape[-1])
-    sampled = jax.nn.softmax(process(logits_NxV, seen_NxV, sampling), axis=-1)
-    return jnp.where(sampling.temperature > 0, sampled, greedy)
+
+    def greedy():
+        penalised = repetition_penalty(logits_NxV, seen_NxV, sampling.repetition_penalty)
+        return jax.nn.one_hot(jnp.argmax(penalised, axis=-1), logits_NxV.shape[-1])
+
+    def sampled():
+        return jax.nn.softmax(process(logits_NxV, seen_NxV, sampling), axis=-1)
+
+    # A real branch: greedy decoding skips the sorts of top-k / top-p.
+    return jax.lax.cond(sampling.temperature > 0, sampled, greedy)
 
 
 def _draw(rng: jax.Array, probs_NxV: jax.Array) -> jax.Array:
