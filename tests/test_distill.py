@@ -1,5 +1,6 @@
 """stage=distill: a teacher of another shape restored frozen from its checkpoint, the step on a
-sharded mesh equal to one device's, exact resume, and a tokenizer mismatch refused."""
+sharded mesh equal to one device's, exact resume, a tokenizer mismatch refused, and
+distillation after SFT on the SFT batches."""
 
 import shutil
 from types import SimpleNamespace
@@ -116,3 +117,41 @@ def test_distill_config_errors_name_the_key(teacher):
     c.distill.teacher = ""
     with pytest.raises(ValueError, match="config key distill.teacher"):
         trainer.setup(c, str(teacher / "bad"))
+
+
+def test_distill_after_sft_trains_on_the_sft_batches(tmp_path):
+    """distill.data=chat: the student reads exactly the SFT run's batches (same trained-token
+    counts, assistant tokens only) from the SFT teacher's tokenizer."""
+    import json
+
+    from jaxlm.config import load_config_file
+    from jaxlm.data import conversations
+
+    dialogs = tmp_path / "dialogs.jsonl"
+    dialogs.write_text("".join(json.dumps({"messages": m}) + "\n"
+                               for m in conversations.chatterbot_conversations()[:60]))
+
+    def sft_config(**model):
+        c = load_config_file("configs/sft_tiny.py", "steps=2")
+        c.init_from.path, c.sft.paths = "", str(dialogs)
+        c.model.update({"num_layers": 1, "d_model": 32, "d_ff": 64, "num_heads": 2,
+                        "num_kv_heads": 1, **model})
+        c.data.seq_len, c.data.vocab_size = 32, 400
+        c.data.cache_dir = str(tmp_path / "cache")
+        c.train.global_batch_size, c.train.eval_every = 8, 0
+        c.log.sample_every, c.log.tensorboard, c.log.every_steps = 0, False, 1
+        c.checkpoint.async_save = False
+        return c
+
+    trainer.run(sft_config(num_layers=2, d_model=48), str(tmp_path / "teacher"))
+    student = sft_config()
+    student.stage, student.distill.data = "distill", "chat"
+    student.distill.teacher = str(tmp_path / "teacher" / "checkpoints")
+    trainer.run(student, str(tmp_path / "student"))
+    rows = lambda run: [json.loads(line) for line in  # noqa: E731
+                        (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+                        if "loss" in json.loads(line)]
+    teacher_rows, student_rows = rows("teacher"), rows("student")
+    assert [r["num_tokens"] for r in student_rows] == [r["num_tokens"] for r in teacher_rows]
+    assert all(0 < r["trained_fraction"] < 1 for r in teacher_rows)  # assistant tokens only
+    assert all(r["kd"] > 0 for r in student_rows)
