@@ -4,8 +4,9 @@ student trained with cross-entropy only, docs/distillation.md).
     python tools/plot_eval_curves.py --out=docs/img/distill_tiny.png \
         --run="distilled=/tmp/student_kd" --run="cross-entropy only=/tmp/student_ce"
 
-Each --run is label=workdir (split at the last "="); the curve is the `eval_loss` rows of <workdir>/metrics.jsonl (the
-last row of a step wins, as after a resume). Prints each run's final held-out loss.
+Each --run is label=workdir (split at the last "="); the curve is the `eval_loss` rows of
+<workdir>/metrics.jsonl (the last row of a step wins, as after a resume). Prints each run's
+final held-out loss.
 """
 
 import json
