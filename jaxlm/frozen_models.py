@@ -128,6 +128,22 @@ def tokenizer(config: ml_collections.ConfigDict) -> Any:
     return load_tokenizer(saved_path)
 
 
+def random_params(frozen: dict[str, FrozenModel], rng: jax.Array, seq_len: int
+                  ) -> dict[str, Any]:
+    """{name: freshly initialised params} in each frozen model's shardings: for measurements
+    whose cost does not depend on the weights (benchmarks/train_throughput.py)."""
+    import jax.numpy as jnp
+
+    out = {}
+    for name, f in frozen.items():
+        init = lambda r, m=f.model: nn.meta.unbox(  # noqa: E731
+            m.init(r, jnp.zeros((1, seq_len), jnp.int32))["params"])
+        mesh = jax.tree.leaves(f.shardings)[0].mesh
+        with sharding.activate(mesh):
+            out[name] = jax.jit(init, out_shardings=f.shardings)(rng)
+    return out
+
+
 def restore(frozen: dict[str, FrozenModel], tokenizer: Any) -> dict[str, Any]:
     """{name: params} of every frozen model, restored into its shardings."""
     out = {}
