@@ -75,8 +75,9 @@ def test_forward_kl_gradient_at_large_temperature_is_logit_matching():
     np.testing.assert_allclose(np.asarray(grad1), _softmax(s) - _softmax(t), atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["forward", "jsd"])
-def test_chunked_sums_equal_materialised_logits(kind):
+@pytest.mark.parametrize("kind,top_k", [("forward", 0), ("forward", 3), ("reverse", 0),
+                                        ("jsd", 0)])
+def test_chunked_sums_equal_materialised_logits(kind, top_k):
     rng = np.random.default_rng(4)
     vocab = V - 2  # two padded rows, masked like the model's head masks them
     x = jnp.asarray(rng.normal(size=(B, L, D)), jnp.float32)
@@ -85,7 +86,7 @@ def test_chunked_sums_equal_materialised_logits(kind):
     thead = jnp.asarray(rng.normal(size=(V, E)), jnp.float32)
     targets = jnp.asarray(rng.integers(0, vocab, size=(B, L)), jnp.int32)
     mask = jnp.asarray(rng.random((B, L)) > 0.3, jnp.float32)
-    spec = DistillSpec(kind=kind, temperature=2.0)
+    spec = DistillSpec(kind=kind, temperature=2.0, beta=0.3, top_k=top_k)
 
     def padded(logits):
         return jnp.where(jnp.arange(V) < vocab, logits, -1e9)
@@ -110,6 +111,15 @@ def test_chunked_sums_equal_materialised_logits(kind):
         g_want = jax.grad(obj(reference), argnums=(0, 1))(x, head)
         for a, b in zip(g_got, g_want):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    # The training objective (loss_sum, gradient built in the forward pass) and its gradient.
+    alpha = 0.3
+    fused = lambda a, h: distill_sums(spec, a, h, tx, thead, targets, mask, vocab_size=vocab,  # noqa: E731
+                                      alpha=alpha, chunk_tokens=6)["loss_sum"]
+    ref_obj = lambda a, h: alpha * reference(a, h)[0] + (1 - alpha) * reference(a, h)[1]  # noqa: E731
+    np.testing.assert_allclose(float(fused(x, head)), float(ref_obj(x, head)), rtol=1e-5)
+    for a, b in zip(jax.grad(fused, argnums=(0, 1))(x, head),
+                    jax.grad(ref_obj, argnums=(0, 1))(x, head)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
     # The teacher gets no gradient.
     g_teacher = jax.grad(lambda t: distill_sums(spec, x, head, t, thead, targets, mask,
                                                 vocab_size=vocab)["kd_sum"])(tx)

@@ -117,9 +117,9 @@ def loss_fn(params: Any, batch: Batch, teacher_params: Any, *, model: nn.Module,
     (hidden_BxLxD, head_VxD), variables = _hidden(model, params, batch, rng)
     (t_hidden_BxLxE, t_head_VxE), _ = _hidden(teacher, teacher_params, batch)
     sums = distill_sums(spec, hidden_BxLxD, head_VxD, t_hidden_BxLxE, t_head_VxE,
-                        batch["targets"], batch["loss_mask"], vocab_size=model.cfg.vocab_size)
-    loss_sum = alpha * sums["nll_sum"] + (1.0 - alpha) * sums["kd_sum"]
-    return add_router_losses(loss_sum, sums, variables, model.cfg)
+                        batch["targets"], batch["loss_mask"], vocab_size=model.cfg.vocab_size,
+                        alpha=alpha)
+    return add_router_losses(sums.pop("loss_sum"), sums, variables, model.cfg)
 
 
 def distill_step(state: TrainState, batch: Batch, frozen: dict[str, Any], *, model: nn.Module,
