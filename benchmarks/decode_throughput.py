@@ -8,6 +8,15 @@ tokens; every row generates exactly --new_tokens tokens (no stop token). "cache"
 full forward pass over the whole [B, prompt + new] buffer for every token, the no-cache
 baseline. Times include the prefill, not the compile. Prints
 markdown table rows for docs/benchmarks.md.
+
+Speculative decoding of trained models (their weights decide how many drafts are accepted):
+
+    python benchmarks/decode_throughput.py --target=/tmp/teacher \
+        --drafts="distilled=/tmp/student_kd,cross-entropy only=/tmp/student_ce" [--temperature=1]
+
+times plain decoding of the target against `Sampler.speculative` with each draft (workdirs of
+runs with the target's tokenizer), on prompts cut from the start of Python stdlib files, and
+reports the speed-up and the acceptance rate (accepted / proposed draft tokens).
 """
 
 from __future__ import annotations
@@ -31,6 +40,56 @@ _BATCHES = flags.DEFINE_list("batches", ["1", "8"], "Batch sizes.")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 16, "Prompt tokens per row.")
 _NEW = flags.DEFINE_integer("new_tokens", 128, "Generated tokens per row.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions; the best is reported.")
+_TARGET = flags.DEFINE_string("target", "", "Speculative mode: the target run's workdir.")
+_DRAFTS = flags.DEFINE_list("drafts", [], "Speculative mode: label=workdir of each draft.")
+_NUM_DRAFT = flags.DEFINE_integer("num_draft", 4, "Draft tokens proposed per target call.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Speculative mode: 0 = greedy.")
+
+
+def _stdlib_prompts(count: int) -> list[str]:
+    """The first 200 characters of `count` Python stdlib modules (sorted by name)."""
+    import os
+    import sysconfig
+
+    root = sysconfig.get_paths()["stdlib"]
+    names = sorted(n for n in os.listdir(root) if n.endswith(".py"))[:count]
+    out = []
+    for name in names:
+        with open(os.path.join(root, name), encoding="utf-8", errors="replace") as f:
+            out.append(f.read(200))
+    return out
+
+
+def speculative_rows() -> None:
+    """Plain vs speculative decoding of a trained target with each draft."""
+    from jaxlm.inference import SamplingParams
+    from jaxlm.inference.loading import load_model
+
+    target = load_model(_TARGET.value)
+    sampler = Sampler(target.model_cfg, target.params, bucket=8, pad_id=target.tokenizer.pad_id)
+    sampling = SamplingParams(temperature=_TEMPERATURE.value)
+    n = _NEW.value
+    print(f"# {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}); "
+          f"target d_model={target.model_cfg.d_model} layers={target.model_cfg.num_layers}; "
+          f"{n} new tokens, {_NUM_DRAFT.value} drafts per call, temperature "
+          f"{_TEMPERATURE.value}")
+    print("| batch | decoding | s per batch | tokens/s | speed-up | acceptance |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: |")
+    drafts = [(spec.split("=", 1)[0], load_model(spec.split("=", 1)[1]))
+              for spec in _DRAFTS.value]
+    for b in map(int, _BATCHES.value):
+        requests = [Request(target.tokenizer.encode(text)[:_PROMPT_LEN.value], n)
+                    for text in _stdlib_prompts(b)]
+        plain = _best(lambda: sampler.generate(requests, sampling), _REPEATS.value)  # noqa: B023
+        print(f"| {b} | target alone | {plain:.3f} | {b * n / plain:,.0f} | 1.0x | |",
+              flush=True)
+        for label, draft in drafts:
+            run = lambda d=draft: sampler.speculative(  # noqa: E731
+                requests, d.model_cfg, d.params, _NUM_DRAFT.value, sampling)  # noqa: B023
+            t = _best(run, _REPEATS.value)
+            print(f"| {b} | draft: {label} (d_model={draft.model_cfg.d_model}, "
+                  f"{draft.model_cfg.num_layers} layers) | {t:.3f} | {b * n / t:,.0f} | "
+                  f"{plain / t:.2f}x | {sampler.last_acceptance_rate:.1%} |", flush=True)
 
 
 def recompute_decoder(model: nn.Module, total: int):
@@ -60,6 +119,9 @@ def _best(fn, repeats: int) -> float:
 
 def main(argv: list[str]) -> None:
     del argv
+    if _TARGET.value:
+        speculative_rows()
+        return
     config = _CONFIG.value
     cfg = config_lib.model_config(config, config.data.vocab_size)
     p, n = _PROMPT_LEN.value, _NEW.value

@@ -21,7 +21,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from jaxlm import config as config_lib
-from jaxlm import hardware, params_from, scaling, sharding
+from jaxlm import frozen_models, hardware, params_from, scaling, sharding
 from jaxlm.models.attention import resolve_attention
 from jaxlm.program import Program, build
 
@@ -56,8 +56,9 @@ def measure(config) -> dict[str, float]:
     mesh = sharding.make_mesh(config_lib.check_devices(config, jax.device_count()))
     program = build(config, mesh, vocab_size=config.data.vocab_size)
     state = program.init_state(jax.random.key(0))
-    reference = ((params_from.frozen_copy(program, state.params),)
-                 if program.uses_reference else ())
+    reference = program.extra_args(
+        params_from.frozen_copy(program, state.params) if program.uses_reference else None,
+        frozen_models.random_params(program.frozen, jax.random.key(1), config.data.seq_len))
     batch = sharding.global_batch(synthetic_batch(program), mesh)
     t0 = time.perf_counter()
     step = program.compile_train()

@@ -38,7 +38,8 @@ def base_config() -> ml_collections.ConfigDict:
     """Every key a run may set, with its default. Config files override a subset."""
     c = ml_collections.ConfigDict()
     # Which stage trains: "pretrain", "sft", "dpo" or "reward" (docs/post_training.md), "grpo",
-    # "ppo" or "rejection" (docs/rl.md); the registry is jaxlm/stages/__init__.py.
+    # "ppo" or "rejection" (docs/rl.md), "distill" (docs/distillation.md); the registry is
+    # jaxlm/stages/__init__.py.
     c.stage = "pretrain"
     # Seed of parameter init (data order has its own seed, data.seed).
     c.seed = 0

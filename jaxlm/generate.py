@@ -44,8 +44,9 @@ _EARLY_STOPPING = flags.DEFINE_enum(
     "soon as num_beams hypotheses finished; false = when no open beam can beat them at the "
     "current length; never = when none can at the full length (transformers' semantics).")
 _BEST_OF = flags.DEFINE_integer("best_of", 1, "Sample this many, print the most likely.")
-_DRAFT = flags.DEFINE_string("draft_workdir", "", "A smaller model's run directory: greedy "
-                             "speculative decoding with it as the draft.")
+_DRAFT = flags.DEFINE_string("draft_workdir", "", "A smaller model's run directory: "
+                             "speculative decoding with it as the draft (greedy, or sampling "
+                             "with the target's distribution at --temperature > 0).")
 _DRAFT_STEP = flags.DEFINE_integer("draft_step", -1, "Checkpoint step of the draft; -1 = newest.")
 _NUM_DRAFT = flags.DEFINE_integer("num_draft", 4, "Draft tokens proposed per target call.")
 _STOP = flags.DEFINE_multi_string("stop", [], "Extra stop token (a piece of the vocabulary); "
@@ -163,7 +164,8 @@ class _Session:
             from jaxlm.inference.loading import load_model
             draft = load_model(o.draft_workdir, None if o.draft_step < 0 else o.draft_step,
                                self.mesh)
-            out = self.sampler.speculative(requests, draft.model_cfg, draft.params, o.num_draft)
+            out = self.sampler.speculative(requests, draft.model_cfg, draft.params, o.num_draft,
+                                           sampling, o.seed)
             self.acceptance_rate = self.sampler.last_acceptance_rate
         elif o.num_beams > 1:
             out = [beams[0] for beams in self.sampler.beam_search(
@@ -222,7 +224,30 @@ def chat_loop(session: _Session, stdin: IO[str], stdout: IO[str]) -> None:
         print(f"assistant: {reply}", file=stdout, flush=True)
 
 
+def check_combination(opts: Options) -> None:
+    """Refuses decoding options that cannot be combined, naming them, rather than silently
+    dropping one: beam search is deterministic (no sampling, best-of or draft), best-of samples
+    (it needs a temperature, and no draft)."""
+    sampled = (opts.temperature > 0 or opts.top_k or opts.top_p < 1 or opts.min_p
+               or opts.repetition_penalty != 1)
+    clashes = [
+        (opts.num_beams > 1 and opts.temperature > 0, "--num_beams with --temperature > 0"),
+        (opts.num_beams > 1 and sampled, "--num_beams with sampling filters (--top_k, --top_p, "
+         "--min_p, --repetition_penalty)"),
+        (opts.num_beams > 1 and bool(opts.draft_workdir), "--num_beams with --draft_workdir"),
+        (opts.num_beams > 1 and opts.best_of > 1, "--num_beams with --best_of"),
+        (opts.best_of > 1 and bool(opts.draft_workdir), "--best_of with --draft_workdir"),
+        (opts.best_of > 1 and opts.temperature == 0, "--best_of with --temperature=0 (every "
+         "sample would be the same greedy decode)"),
+        (bool(opts.draft_workdir) and opts.score, "--draft_workdir with --score"),
+    ]
+    for clash, what in clashes:
+        if clash:
+            raise ValueError(f"{what} cannot be combined; drop one")
+
+
 def run(opts: Options, stdin: IO[str] = sys.stdin, stdout: IO[str] = sys.stdout) -> None:
+    check_combination(opts)
     modes = sum([bool(opts.prompts), opts.score, opts.chat])
     if modes != 1:
         raise ValueError("give exactly one of --prompt, --score (with --input) or --chat")

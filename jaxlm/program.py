@@ -27,7 +27,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 
 from jaxlm import config as config_lib
-from jaxlm import scaling, sharding
+from jaxlm import frozen_models, scaling, sharding
 from jaxlm.models import ModelConfig, Transformer, lora
 from jaxlm.models.attention import resolve_attention
 from jaxlm.optim import learning_rate_schedule, make_optimizer, train_only
@@ -48,8 +48,10 @@ class Program:
       abstract_batch / batch_shardings: one global batch of the stage's layout.
       uses_reference: the steps take the frozen reference params as a third argument, sharded
         like the policy's params (`reference_shardings`).
-      train_step: jit(state, batch[, reference]) -> (state, metrics), state donated.
-      eval_step: jit(params, batch[, reference]) -> summed eval values.
+      frozen: the stage's frozen models (`Stage.frozen_models`), by name; when there are any,
+        the steps take {name: params} as their last argument (`frozen_shardings`).
+      train_step: jit(state, batch[, reference][, frozen]) -> (state, metrics), state donated.
+      eval_step: jit(params, batch[, reference][, frozen]) -> summed eval values.
       flops_per_step / tokens_per_step: model FLOPs and tokens of one train step (all its
         optimizer updates, `Stage.updates_per_step`), counting every sequence of a row and only
         the work done (`scaling.train_flops_per_token`).
@@ -71,6 +73,16 @@ class Program:
     eval_step: Any
     flops_per_step: float
     tokens_per_step: int
+    frozen: dict[str, frozen_models.FrozenModel] = dataclasses.field(default_factory=dict)
+
+    @property
+    def frozen_shardings(self) -> dict[str, Any]:
+        return {name: f.shardings for name, f in self.frozen.items()}
+
+    def extra_args(self, reference: Any, frozen: dict[str, Any] | None) -> tuple[Any, ...]:
+        """The steps' arguments after the batch: [reference params][, frozen params]."""
+        return (((reference,) if self.uses_reference else ())
+                + ((frozen,) if self.frozen else ()))
 
     @property
     def reference_shardings(self) -> Any:
@@ -81,9 +93,11 @@ class Program:
         return self.abstract_state.params
 
     def abstract_args(self) -> tuple[Any, ...]:
-        """(state, batch[, reference params]) as ShapeDtypeStructs: what `lower` takes."""
-        reference = (self.abstract_params,) if self.uses_reference else ()
-        return (self.abstract_state, self.abstract_batch, *reference)
+        """(state, batch[, reference params][, frozen params]) as ShapeDtypeStructs: what
+        `lower` takes."""
+        frozen = {name: f.abstract_params for name, f in self.frozen.items()}
+        return (self.abstract_state, self.abstract_batch,
+                *self.extra_args(self.abstract_params, frozen))
 
     def lower_train(self) -> Any:
         with sharding.activate(self.mesh):
@@ -141,17 +155,20 @@ def abstract_batch(stage: Stage, config: ml_collections.ConfigDict, mesh: Mesh
 
 
 def step_flops(stage: Stage, config: ml_collections.ConfigDict, model_cfg: ModelConfig,
-               uses_reference: bool) -> float:
+               uses_reference: bool, frozen: dict[str, Any] | None = None) -> float:
     """Model FLOPs of one train step of `stage`: every sequence of every row, the backward work
     of what trains in each of its optimizer updates, the reference's forward once, the
-    vocabulary head only where the stage runs it."""
+    vocabulary head only where the stage runs it, and one forward of each frozen model (a third
+    of its training FLOPs)."""
     seq_len = config.data.seq_len
     per_token = functools.partial(
         scaling.train_flops_per_token, model_cfg, seq_len,
         frozen_base=bool(config.model.lora.rank), vocab_head=stage.vocab_head)
     train, with_reference = per_token(), per_token(reference_forwards=int(uses_reference))
-    # Every optimizer update trains; the reference runs once per step.
+    # Every optimizer update trains; the reference and the frozen models run once per step.
     per_step = train * stage.updates_per_step(config) + (with_reference - train)
+    per_step += sum(scaling.train_flops_per_token(f.model_cfg, seq_len) / 3
+                    for f in (frozen or {}).values())
     return per_step * seq_len * config.train.global_batch_size * stage.sequences(config)
 
 
@@ -179,8 +196,11 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, *, vocab_size: int | No
     batch = abstract_batch(stage, config, mesh)
     batch_sh = {k: v.sharding for k, v in batch.items()}
     uses_reference = stage.reference_mode(config) == "jit"
-    reference_sh = (shardings.params,) if uses_reference else ()
-    train_fn, eval_fn = stage.make_steps(config, model, tx, lr_schedule)
+    frozen = frozen_models.build(stage.frozen_models(config), config, mesh, model_cfg.vocab_size)
+    reference_sh = ((shardings.params,) if uses_reference else ()) + (
+        ({name: f.shardings for name, f in frozen.items()},) if frozen else ())
+    train_fn, eval_fn = stage.make_steps(config, model, tx, lr_schedule,
+                                         **({"frozen": frozen} if frozen else {}))
     replicated = sharding.replicated(mesh)
     train_step = jax.jit(train_fn, in_shardings=(shardings, batch_sh, *reference_sh),
                          out_shardings=(shardings, replicated), donate_argnums=0)
@@ -191,5 +211,6 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, *, vocab_size: int | No
         lr_schedule=lr_schedule, state_shardings=shardings, abstract_state=abstract,
         abstract_batch=batch, batch_shardings=batch_sh, uses_reference=uses_reference,
         train_step=train_step, eval_step=eval_step,
-        flops_per_step=step_flops(stage, config, model_cfg, uses_reference),
-        tokens_per_step=(config_lib.tokens_per_step(config) * stage.sequences(config)))
+        flops_per_step=step_flops(stage, config, model_cfg, uses_reference, frozen),
+        tokens_per_step=(config_lib.tokens_per_step(config) * stage.sequences(config)),
+        frozen=frozen)

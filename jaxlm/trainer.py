@@ -21,7 +21,16 @@ import numpy as np
 from absl import logging
 
 from jaxlm import config as config_lib
-from jaxlm import console, hardware, params_from, run_counters, scaling, sharding, workdir_lock
+from jaxlm import (
+    console,
+    frozen_models,
+    hardware,
+    params_from,
+    run_counters,
+    scaling,
+    sharding,
+    workdir_lock,
+)
 from jaxlm import program as program_lib
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.data.pipeline import load_or_train_tokenizer
@@ -74,7 +83,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, validated: bool = 
     cache_dir = config.data.cache_dir or (
         os.path.join(os.path.expanduser("~"), ".cache", "jaxlm") if is_remote(workdir)
         else os.path.join(workdir, "cache"))
-    tokenizer = (params_from.init_from_tokenizer(config)
+    tokenizer = (params_from.init_from_tokenizer(config) or frozen_models.tokenizer(config)
                  or load_or_train_tokenizer(config.data, cache_dir))
     if config.model.vocab_size and tokenizer.vocab_size > config.model.vocab_size:
         raise ConfigError(f"config key model.vocab_size: {config.model.vocab_size} is smaller than "
@@ -238,6 +247,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     if ckpt.latest_step() is None and c.init_from.path:
         start_params = params_from.init_from_params(program)
     reference = _reference(s, start_params)
+    # The stage's frozen models (a distillation teacher): restored once, never donated.
+    frozen = frozen_models.restore(program.frozen, s.tokenizer) if program.frozen else None
     train_iter = _iterator(s, "train")
     state = initial_state(s, ckpt, train_iter, start_params)
     del start_params
@@ -250,7 +261,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     if dropped:
         logging.info("metrics.jsonl: dropped %d rows after the resumed step %d", dropped, step)
     config_lib.warn_schedule(c, total_steps)
-    reference_args = (reference,) if program.uses_reference else ()
+    reference_args = program.extra_args(reference, frozen)
     if s.stage.make_host is not None:  # the stage's Python step around its own jits
         s.host = host = s.stage.make_host(program, s.tokenizer)
         train_step = lambda st, b: host.train(st, b, reference)

@@ -177,11 +177,16 @@ class Sampler:
                                   [r] * beams) for i, r in enumerate(requests)]
 
     def speculative(self, requests: Sequence[Request], draft_cfg: ModelConfig, draft_params: Any,
-                    num_draft: int = 4) -> list[Completion]:
-        """Greedy completions of this (target) model, proposed by a draft model.
+                    num_draft: int = 4, sampling: SamplingParams | None = None,
+                    seed: int = 0) -> list[Completion]:
+        """Completions of this (target) model, proposed by a draft model: distributed exactly as
+        `generate` with the same `sampling` (greedy by default) would give them
+        (`speculative.speculative_decode`).
 
         Sets `last_acceptance_rate` (accepted / proposed draft tokens).
         """
+        sampling = sampling or SamplingParams()
+        sampling.check()
         if draft_cfg.padded_vocab_size != self.cfg.padded_vocab_size:
             raise ValueError(f"the draft model's vocabulary ({draft_cfg.vocab_size}) differs "
                              f"from the target's ({self.cfg.vocab_size})")
@@ -191,7 +196,8 @@ class Sampler:
         fn = _speculative_fn(self.cfg, draft_cfg, self.pad_id)
         with self._context():
             out = fn(self.params, draft_params, batch["tokens"], batch["valid"], batch["budget"],
-                     batch["stop"], num_draft=num_draft, max_new=batch["max_new"])
+                     batch["stop"], as_arrays(sampling), jax.random.key(seed),
+                     num_draft=num_draft, max_new=batch["max_new"])
         out = jax.device_get(out)
         self.last_acceptance_rate = float(out["accepted"]) / max(float(out["proposed"]), 1.0)
         return self._completions(out["tokens"], out["lengths"], np.zeros(len(requests)),
@@ -226,7 +232,7 @@ def _speculative_fn(target_cfg: ModelConfig, draft_cfg: ModelConfig, pad_id: int
     target, draft = decode.TransformerLM(target_cfg), decode.TransformerLM(draft_cfg)
 
     def run(target_params, draft_params, *arrays, num_draft, max_new):
-        return speculative.speculative_greedy(target, target_params, draft, draft_params,
+        return speculative.speculative_decode(target, target_params, draft, draft_params,
                                               *arrays, num_draft=num_draft, max_new=max_new,
                                               pad_id=pad_id)
 

@@ -22,6 +22,7 @@ STAGE_MODULES = {
     "grpo": "jaxlm.stages.grpo",
     "rejection": "jaxlm.stages.rejection",
     "ppo": "jaxlm.stages.ppo",
+    "distill": "jaxlm.stages.distill",
 }
 
 

@@ -41,6 +41,11 @@ def no_reference(config: Config) -> str:
     return "none"
 
 
+def no_frozen_models(config: Config) -> dict[str, tuple[str, int | None]]:
+    del config
+    return {}
+
+
 @dataclasses.dataclass(frozen=True)
 class Stage:
     """One way of training the model.
@@ -76,6 +81,11 @@ class Stage:
         written to TensorBoard at each evaluation.
       updates_per_step: config -> optimizer updates per trainer step (the learning-rate
         schedule spans train.steps times this many).
+      frozen_models: config -> {name: (checkpoint directory, step or None for the newest)} of
+        models the steps read but never train (a distillation teacher), each of the shape its
+        checkpoint's saved config gives (jaxlm/frozen_models.py). When there are any,
+        make_steps also gets `frozen={name: FrozenModel}` and both steps take one more
+        argument after the batch (and reference): {name: params}, sharded on the run's mesh.
     """
 
     name: str
@@ -94,6 +104,8 @@ class Stage:
     generates_text: bool = True
     make_host: Callable[[Any, Any], Any] | None = None
     updates_per_step: Callable[[Config], int] = lambda config: 1
+
+    frozen_models: Callable[[Config], dict[str, tuple[str, int | None]]] = no_frozen_models
 
     def sequences(self, config: Config) -> int:
         """Model sequences per batch row under `config`."""
