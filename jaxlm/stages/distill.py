@@ -29,6 +29,7 @@ import ml_collections
 import optax
 
 from jaxlm.distill_loss import KINDS, DistillSpec, distill_sums
+from jaxlm.errors import ConfigError
 from jaxlm.models.moe import add_router_losses, router_metrics
 from jaxlm.stages import pretrain, sft
 from jaxlm.stages.settings import check_sft
@@ -67,7 +68,7 @@ def default_section() -> ml_collections.ConfigDict:
 
 
 def _fail(key: str, msg: str) -> None:
-    raise ValueError(f"config key {key}: {msg}")
+    raise ConfigError(f"config key {key}: {msg}")
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
