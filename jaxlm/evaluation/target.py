@@ -103,6 +103,10 @@ def _tokenizer(config: ml_collections.ConfigDict, extra: dict[str, Any],
     add_bos = bool(config.data.add_bos)
     hf_dir = hf_tokenizer or ""
     path = extra.get("tokenizer_path") or config.data.tokenizer_path
+    if not hf_dir and path.endswith(".json") and os.path.isdir(os.path.dirname(path)):
+        # An imported checkpoint's tokenizer.json (with its tokenizer_config.json beside it):
+        # evaluated through transformers' own tokenizer, as the harness's HF backend is.
+        hf_dir = os.path.dirname(path)
     if not hf_dir and path and epath.Path(path).exists():
         tok = load_tokenizer(path)
         want = extra.get("tokenizer_sha256")
