@@ -31,14 +31,23 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_bytes_atomic(path: str, data: bytes) -> None:
-    """Writes `data` to `path` through a temporary file in the same directory and a rename."""
+    """Writes `data` to `path` through a temporary file in the same directory and a rename.
+    The file gets the mode an ordinary `open(path, "w")` would (0666 less the umask), not the
+    0600 of the private temporary file, so it reads like the files written beside it."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

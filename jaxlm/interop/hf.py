@@ -133,7 +133,10 @@ def _copy_tokenizer(hf_dir: str, out_dir: str, vocab_size: int) -> tuple[str, st
 
 def _write_config_file(path: str, c: ml_collections.ConfigDict, fields: dict[str, Any],
                        hf_dir: str) -> None:
-    lines = [f'"""The model imported from {hf_dir} by tools/convert_hf.py.',
+    # Everything embedded is escaped: the docstring holds the directory only as a repr with
+    # its quotes and backslashes escaped, so no directory name can end the string.
+    where = repr(hf_dir).replace("\\", "\\\\").replace('"', '\\"')
+    lines = [f'"""The model imported from {where} by tools/convert_hf.py.',
              "",
              "Starts a run from the imported weights (init_from); set data.* and train.* for",
              'the run, e.g. --config.data.paths=... on the command line."""',

@@ -36,6 +36,12 @@ def weight_files(hf_dir: str) -> list[str]:
         with open(index) as f:
             weight_map = json.load(f)["weight_map"]
         files = sorted(set(weight_map.values()))
+        root = os.path.realpath(hf_dir)
+        for name in files:  # a crafted index must not read files outside the model directory
+            target = os.path.realpath(os.path.join(hf_dir, name))
+            if os.path.isabs(name) or os.path.commonpath([root, target]) != root:
+                raise DataError(f"{index}: weight_map names {name!r}, which is outside {hf_dir}; "
+                                "refusing to read it", path=index)
     elif os.path.isfile(os.path.join(hf_dir, SINGLE_FILE)):
         files = [SINGLE_FILE]
     else:
