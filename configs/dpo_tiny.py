@@ -36,12 +36,10 @@ def get_config(arg: str | None = None):
     c.optim.warmup_steps = 10
     c.optim.weight_decay = 0.0
 
-    c.train.global_batch_size = 16
+    # Batch size, eval steps and checkpoint interval: configs/tiny.py's.
     c.train.steps = args.steps
     c.train.eval_every = 100
-    c.train.eval_steps = 4
 
-    c.checkpoint.every_steps = 100
     c.log.sample_every = 0
     config_lib.validate(c)
     return c

@@ -30,15 +30,12 @@ def get_config(arg: str | None = None):
     c.data.eval_fraction = 0.05
 
     c.optim.learning_rate = 1e-3
-    c.optim.warmup_steps = 20
     c.optim.weight_decay = 0.0
 
-    c.train.global_batch_size = 16
+    # Batch size, warmup, eval steps and checkpoint interval: configs/tiny.py's.
     c.train.steps = args.steps
     c.train.eval_every = 100
-    c.train.eval_steps = 4
 
-    c.checkpoint.every_steps = 100
     c.log.sample_every = 100
     c.log.sample_prompt = render_messages([{"role": "user", "content": "Hello, how are you?"}],
                                           add_generation_prompt=True)

@@ -11,7 +11,7 @@ already catch (ValueError, FileNotFoundError).
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from absl import logging
@@ -53,6 +53,27 @@ class WorkdirLockedError(UserError, RuntimeError):
 def config_error(key: str, msg: str) -> ConfigError:
     """`config key <key>: <msg>` as a ConfigError carrying the key."""
     return ConfigError(f"config key {key}: {msg}", key=key)
+
+
+def check_choice(key: str, value: Any, choices: Sequence[Any]) -> None:
+    """Raises `config key <key>: 'value' is not one of (...)` unless `value` is in `choices`."""
+    if value not in choices:
+        raise config_error(key, f"{value!r} is not one of {choices}")
+
+
+def check_at_least(key: str, value: float, minimum: float) -> None:
+    """Raises `config key <key>: must be >= minimum, got value` when `value` is smaller."""
+    if value < minimum:
+        raise config_error(key, f"must be >= {minimum}, got {value}")
+
+
+def check_interval(key: str, value: float, low: float, high: float, bounds: str = "[]") -> None:
+    """Raises `config key <key>: must lie in [low, high], got value` unless `value` lies in the
+    interval; `bounds` ("[]", "[)", "(]" or "()") says which ends are included."""
+    above = value >= low if bounds[0] == "[" else value > low
+    below = value <= high if bounds[1] == "]" else value < high
+    if not (above and below):
+        raise config_error(key, f"must lie in {bounds[0]}{low}, {high}{bounds[1]}, got {value}")
 
 
 def is_user_error(e: BaseException) -> bool:

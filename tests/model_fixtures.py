@@ -1,10 +1,20 @@
-"""Tiny model configs and synthetic packed batches shared by the model and step tests."""
+"""Tiny model configs, synthetic packed batches and one sharded train step, shared by the model
+and step tests."""
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
+import jax
+import ml_collections
 import numpy as np
 
-from jaxlm.models import ModelConfig
+from jaxlm import sharding
+from jaxlm.models import ModelConfig, Transformer
+from jaxlm.optim import learning_rate_schedule, make_optimizer
+from jaxlm.stages import pretrain
+from jaxlm.train_state import TrainState, init_sharded_state
 
 LLAMA_TINY = ModelConfig(vocab_size=250, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
                          head_dim=8, d_ff=64, max_seq_len=16)
@@ -31,3 +41,28 @@ def packed_batch(batch: int, length: int, vocab: int, seed: int = 0) -> dict[str
     mask = ((inputs_seg == target_seg) & (inputs_seg > 0)).astype(np.float32)
     return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": inputs_seg,
             "positions": pos[:, :-1], "loss_mask": mask}
+
+
+def one_pretrain_step(mesh: jax.sharding.Mesh, batch: dict[str, np.ndarray], microbatches: int = 1
+                      ) -> tuple[Any, dict[str, np.ndarray], TrainState]:
+    """One jitted `pretrain_step` of LLAMA_TINY from a fixed init, state and batch sharded over
+    `mesh`: (new params and metrics on the host, the new sharded state). Equal on every mesh
+    up to float reordering, which is what the sharding tests compare.
+
+    A large Adam eps keeps the first update linear in small gradients, so comparing params
+    after one step compares gradients rather than the sign of fp32 noise.
+    """
+    config = ml_collections.ConfigDict({"optim": dict(
+        learning_rate=1e-2, warmup_steps=0, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-3,
+        weight_decay=0.1, decay_embeddings=False, clip_norm=1.0)})
+    model = Transformer(LLAMA_TINY)
+    tx = make_optimizer(config.optim, total_steps=10)
+    schedule = learning_rate_schedule(config.optim, 10)
+    state, shardings = init_sharded_state(model, tx, mesh, jax.random.key(0), 16)
+    step = functools.partial(pretrain.pretrain_step, model=model, tx=tx, lr_schedule=schedule,
+                             grad_accum_steps=microbatches)
+    with sharding.activate(mesh):
+        jitted = jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                         out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+        new_state, metrics = jitted(state, sharding.global_batch(batch, mesh))
+    return jax.device_get(new_state.params), jax.device_get(metrics), new_state

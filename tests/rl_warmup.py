@@ -11,7 +11,7 @@ import numpy as np
 import optax
 
 from jaxlm import sharding
-from jaxlm.rl.prompts import prompt_length, tokenize_prompts
+from jaxlm.rl.prompts import make_prompt_iterator, prompt_length, tokenize_prompts
 from jaxlm.rl.rollout import sequence_logps, sequences
 from jaxlm.rl.tasks import split_examples
 
@@ -51,3 +51,17 @@ def warm_up(program: Any, params: Any, tokenizer: Any, steps: int, lr: float = 3
         for _ in range(steps):
             params, opt = step(params, opt)
     return params
+
+
+def rewards_after_warm_up(program: Any, host: Any, tokenizer: Any, rounds: int
+                          ) -> list[dict[str, float]]:
+    """Each step's metrics of `rounds` RL steps (`host.train` on batches of 16 training
+    prompts) from the policy after 60 warm-up steps: what the learning tests compare."""
+    state = program.state_from_params(
+        warm_up(program, program.init_params(jax.random.key(0)), tokenizer, steps=60))
+    it = make_prompt_iterator(program.config, tokenizer, split="train", batch_size=16)
+    history = []
+    for _ in range(rounds):
+        state, metrics = host.train(state, next(it))
+        history.append(metrics)
+    return history

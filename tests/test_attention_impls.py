@@ -22,6 +22,7 @@ from jaxlm.models.attention import resolve_attention, xla_attention
 from jaxlm.models.chunked_attention import block_size, chunked_attention
 from jaxlm.models.kernel_attention import cudnn_attention, splash_attention
 from jaxlm.stages import pretrain
+from jaxlm.tools.aot import all_eqns
 from tests.model_fixtures import LLAMA_TINY, packed_batch
 
 
@@ -71,19 +72,8 @@ def test_chunked_never_materialises_the_score_matrix():
 
     def shapes(fn):
         jaxpr = jax.make_jaxpr(lambda *a: _value_and_grads(fn, a, seg, ct))(*args)
-        found = []
-
-        def walk(jx):
-            for eqn in jx.eqns:
-                found.extend(tuple(v.aval.shape) for v in eqn.outvars
-                             if hasattr(v.aval, "shape"))
-                for param in eqn.params.values():
-                    for sub in param if isinstance(param, tuple) else (param,):
-                        inner = getattr(sub, "jaxpr", sub)
-                        if hasattr(inner, "eqns"):
-                            walk(inner)
-        walk(jaxpr.jaxpr)
-        return found
+        return [tuple(v.aval.shape) for eqn in all_eqns(jaxpr.jaxpr) for v in eqn.outvars
+                if hasattr(v.aval, "shape")]
 
     def square(shape):
         return sum(d == length for d in shape) >= 2

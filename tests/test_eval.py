@@ -16,12 +16,13 @@ import pytest
 
 from jaxlm import eval as eval_cli
 from jaxlm import sharding, trainer
-from jaxlm.config import base_config
 from jaxlm.evaluation import builtin, results
 from jaxlm.evaluation.engine import Engine, bits_per_byte, cut_at_stop, rolling_windows
 from jaxlm.evaluation.target import load_target
 from jaxlm.inference.sampler import Request, Sampler
 from jaxlm.models import Transformer
+from tests.harness_tasks import write_jsonl, write_task
+from tests.run_fixtures import tiny_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,16 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("eval")
-    c = base_config()
-    c.model.num_layers, c.model.d_model, c.model.d_ff = 2, 32, 64
-    c.model.num_heads, c.model.num_kv_heads = 2, 1
-    c.data.seq_len, c.data.vocab_size, c.data.max_documents = 32, 400, 60
-    c.data.cache_dir = str(tmp / "cache")
-    c.train.global_batch_size, c.train.steps, c.train.eval_every = 8, 2, 0
-    c.optim.warmup_steps = 1
-    c.log.sample_every, c.log.tensorboard, c.log.every_steps = 0, False, 1
-    c.checkpoint.every_steps = 2
-    trainer.run(c, str(tmp / "run"))
+    trainer.run(tiny_run_config(tmp), str(tmp / "run"))
     return tmp / "run"
 
 
@@ -215,49 +207,20 @@ def test_split_tasks_expands_builtin():
     assert results.metric_name("exact_match,strict-match") == "exact_match_strict-match"
 
 
-_YAML_CHOICE = """task: jaxlm_local_choice
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-metric_list:
-  - metric: acc
-"""
-
-_YAML_GEN = """task: jaxlm_local_gen
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{prompt}}}}"
-doc_to_target: "{{{{target}}}}"
-generation_kwargs:
-  until: ["\\n"]
-  max_gen_toks: 6
-metric_list:
-  - metric: exact_match
-"""
-
-
 def test_local_harness_task_runs_through_the_cli(run_dir, target, tmp_path):
     pytest.importorskip("lm_eval")
     rows = [{"question": "import", "choices": ["os", "sys", "re"], "answer": 0},
             {"question": "def f(x):\n    return", "choices": ["x", "1 +"], "answer": 1},
             {"question": "class", "choices": ["A:", "B(object):"], "answer": 0}]
     gen = [{"prompt": "def ", "target": "x"}, {"prompt": "import ", "target": "os"}]
-    (tmp_path / "choice.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    (tmp_path / "gen.jsonl").write_text("\n".join(json.dumps(r) for r in gen) + "\n")
     tasks = tmp_path / "tasks"
     tasks.mkdir()
-    (tasks / "choice.yaml").write_text(_YAML_CHOICE.format(data=tmp_path / "choice.jsonl"))
-    (tasks / "gen.yaml").write_text(_YAML_GEN.format(data=tmp_path / "gen.jsonl"))
+    write_task(tasks / "choice.yaml", "jaxlm_local_choice",
+               write_jsonl(tmp_path / "choice.jsonl", rows), "multiple_choice", ["acc"],
+               text="{{question}}", choice="{{choices}}", target="{{answer}}")
+    write_task(tasks / "gen.yaml", "jaxlm_local_gen", write_jsonl(tmp_path / "gen.jsonl", gen),
+               "generate_until", ["exact_match"], text="{{prompt}}", target="{{target}}",
+               extra='generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 6')
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
                HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
                HF_DATASETS_CACHE=str(tmp_path / "hf_cache"), HF_HOME=str(tmp_path / "hf"))

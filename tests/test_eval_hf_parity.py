@@ -5,7 +5,6 @@ A tiny random Llama and a byte-level BPE tokenizer are built here and saved with
 save_pretrained; nothing is downloaded.
 """
 
-import json
 import os
 
 import numpy as np
@@ -21,54 +20,10 @@ from jaxlm.evaluation import harness  # noqa: E402
 from jaxlm.evaluation.engine import Engine  # noqa: E402
 from jaxlm.evaluation.target import load_target  # noqa: E402
 from jaxlm.interop import hf  # noqa: E402
+from tests.harness_tasks import write_jsonl, write_task  # noqa: E402
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "import os\nimport sys\n",
          "class Point:\n    x = 0\n    y = 0\n", "for i in range(10):\n    print(i)\n"] * 5
-
-_CHOICE = """task: parity_choice
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {dir}/choice.jsonl
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-"""
-_ROLLING = """task: parity_rolling
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {dir}/docs.jsonl
-test_split: test
-output_type: loglikelihood_rolling
-doc_to_text: ""
-doc_to_target: "{{{{text}}}}"
-metric_list:
-  - metric: word_perplexity
-  - metric: bits_per_byte
-"""
-_GEN = """task: parity_gen
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {dir}/gen.jsonl
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{prompt}}}}"
-doc_to_target: "{{{{target}}}}"
-generation_kwargs:
-  until: ["\\n", "b"]
-  max_gen_toks: 8
-  do_sample: false
-metric_list:
-  - metric: exact_match
-"""
-
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
@@ -106,12 +61,18 @@ def setup(tmp_path_factory):
             {"question": "class", "choices": ["Point:", "Foo(object):", "x"], "answer": 1}]
     docs = [{"text": t * 6} for t in TEXTS[:3]]  # longer than the 64-token context
     gen = [{"prompt": "def add(a", "target": ", b):"}, {"prompt": "import ", "target": "os"}]
-    for name, items in (("choice", rows), ("docs", docs), ("gen", gen)):
-        (tmp / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in items) + "\n")
     tasks = tmp / "tasks"
     tasks.mkdir()
-    for name, text in (("choice", _CHOICE), ("rolling", _ROLLING), ("gen", _GEN)):
-        (tasks / f"{name}.yaml").write_text(text.format(dir=tmp))
+    write_task(tasks / "choice.yaml", "parity_choice", write_jsonl(tmp / "choice.jsonl", rows),
+               "multiple_choice", ["acc", "acc_norm"], text="{{question}}",
+               choice="{{choices}}", target="{{answer}}")
+    write_task(tasks / "rolling.yaml", "parity_rolling", write_jsonl(tmp / "docs.jsonl", docs),
+               "loglikelihood_rolling", ["word_perplexity", "bits_per_byte"], text="",
+               target="{{text}}")
+    write_task(tasks / "gen.yaml", "parity_gen", write_jsonl(tmp / "gen.jsonl", gen),
+               "generate_until", ["exact_match"], text="{{prompt}}", target="{{target}}",
+               extra='generation_kwargs:\n  until: ["\\n", "b"]\n  max_gen_toks: 8\n'
+                     '  do_sample: false')
     return tmp
 
 

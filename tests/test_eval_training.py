@@ -12,18 +12,11 @@ from jaxlm.evaluation import results
 from jaxlm.evaluation.engine import Engine
 from jaxlm.evaluation.live import LiveEval
 from jaxlm.evaluation.target import load_target
+from tests.run_fixtures import tiny_run_config
 
 
 def _config(tmp):
-    c = base_config()
-    c.model.num_layers, c.model.d_model, c.model.d_ff = 2, 32, 64
-    c.model.num_heads, c.model.num_kv_heads = 2, 1
-    c.data.seq_len, c.data.vocab_size, c.data.max_documents = 32, 400, 60
-    c.data.cache_dir = str(tmp / "cache")
-    c.train.global_batch_size, c.train.steps, c.train.eval_every = 8, 3, 0
-    c.optim.warmup_steps = 1
-    c.log.sample_every, c.log.every_steps = 0, 1
-    c.checkpoint.every_steps = 3
+    c = tiny_run_config(tmp, steps=3, tensorboard=True)
     c.eval.tasks, c.eval.every_steps, c.eval.limit, c.eval.batch_size = "builtin", 2, 4, 8
     return c
 

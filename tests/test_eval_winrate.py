@@ -8,24 +8,17 @@ import pytest
 
 from jaxlm import eval as eval_cli
 from jaxlm import trainer
-from jaxlm.config import base_config
 from jaxlm.evaluation import winrate
 from jaxlm.evaluation.target import load_target
 from jaxlm.inference.sampler import Request, Sampler
 from jaxlm.models import Transformer
+from tests.run_fixtures import tiny_run_config
 
 pytest.importorskip("chatterbot_corpus")
 
 
 def _config(tmp, **stage):
-    c = base_config()
-    c.model.num_layers, c.model.d_model, c.model.d_ff = 1, 32, 64
-    c.model.num_heads, c.model.num_kv_heads = 2, 1
-    c.data.seq_len, c.data.vocab_size, c.data.max_documents = 64, 400, 60
-    c.data.cache_dir = str(tmp / "cache")
-    c.train.global_batch_size, c.train.steps, c.train.eval_every = 8, 1, 0
-    c.log.sample_every, c.log.tensorboard, c.log.every_steps = 0, False, 1
-    c.checkpoint.every_steps = 1
+    c = tiny_run_config(tmp, num_layers=1, seq_len=64, steps=1)
     for key, value in stage.items():
         c[key] = value
     return c

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from jaxlm import generate, trainer
-from jaxlm.config import base_config
 from jaxlm.inference.loading import load_model
 from jaxlm.models import Transformer
 from tests.greedy_reference import make_greedy_sampler
+from tests.run_fixtures import tiny_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,16 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("generate")
-    c = base_config()
-    c.model.num_layers, c.model.d_model, c.model.d_ff = 1, 32, 64
-    c.model.num_heads, c.model.num_kv_heads = 2, 1
-    c.data.seq_len, c.data.vocab_size, c.data.max_documents = 16, 400, 60
-    c.data.cache_dir = str(tmp / "cache")
-    c.train.global_batch_size, c.train.steps, c.train.eval_every = 8, 2, 0
-    c.optim.warmup_steps = 1
-    c.log.sample_every, c.log.tensorboard, c.log.every_steps = 0, False, 1
-    c.checkpoint.every_steps = 2
-    trainer.run(c, str(tmp / "run"))
+    trainer.run(tiny_run_config(tmp, num_layers=1, seq_len=16), str(tmp / "run"))
     return tmp / "run"
 
 

@@ -11,7 +11,6 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -21,10 +20,8 @@ from jaxlm.models import Transformer
 from jaxlm.models.attention import fused_attention, xla_attention
 from jaxlm.models.mlp import dense, mlp_core, weight_grad
 from jaxlm.models.norms import normalize
-from jaxlm.optim import learning_rate_schedule, make_optimizer
 from jaxlm.stages import pretrain
-from jaxlm.train_state import init_sharded_state
-from tests.model_fixtures import GPT2_TINY, LLAMA_TINY, packed_batch
+from tests.model_fixtures import GPT2_TINY, LLAMA_TINY, one_pretrain_step, packed_batch
 
 
 def _normal(seed, *shape, dtype=jnp.float32, scale=1.0):
@@ -191,22 +188,6 @@ def test_bf16_fast_paths_stay_close_to_float32():
         np.testing.assert_allclose(g, r, atol=3e-2 * scale)
 
 
-def _fused_step(mesh, batch):
-    config = ml_collections.ConfigDict({"optim": dict(
-        learning_rate=1e-2, warmup_steps=0, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-3,
-        weight_decay=0.1, decay_embeddings=False, clip_norm=1.0)})
-    model = Transformer(LLAMA_TINY)
-    tx = make_optimizer(config.optim, total_steps=10)
-    schedule = learning_rate_schedule(config.optim, 10)
-    state, shardings = init_sharded_state(model, tx, mesh, jax.random.key(0), 16)
-    step = functools.partial(pretrain.pretrain_step, model=model, tx=tx, lr_schedule=schedule)
-    with sharding.activate(mesh):
-        jitted = jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                         out_shardings=(shardings, sharding.replicated(mesh)))
-        new_state, metrics = jitted(state, sharding.global_batch(batch, mesh))
-    return jax.device_get(new_state.params), jax.device_get(metrics)
-
-
 @pytest.fixture(scope="module")
 def fused_single_device():
     batch = packed_batch(8, 16, 250, seed=4)
@@ -214,7 +195,8 @@ def fused_single_device():
                                 devices=jax.devices()[:1])
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(pretrain, "loss_fn", _fused_loss_fn)
-        return batch, *_fused_step(single, batch)
+        params, metrics, _ = one_pretrain_step(single, batch)
+        return batch, params, metrics
 
 
 @pytest.mark.parametrize("shape", [(2, 2, 2, 1), (1, 2, 4, 1)])
@@ -222,8 +204,8 @@ def test_sharded_step_with_fused_loss_equals_single_device(fused_single_device, 
                                                            monkeypatch):
     batch, ref_params, ref_metrics = fused_single_device
     monkeypatch.setattr(pretrain, "loss_fn", _fused_loss_fn)
-    params, metrics = _fused_step(sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape))),
-                                  batch)
+    params, metrics, _ = one_pretrain_step(
+        sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape))), batch)
     np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-6)
     np.testing.assert_allclose(metrics["accuracy"], ref_metrics["accuracy"])
     _assert_close(params, ref_params, rtol=1e-5, atol=1e-6)

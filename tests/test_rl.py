@@ -17,7 +17,7 @@ from jaxlm.rl.prompts import make_prompt_iterator
 from jaxlm.rl.rollout import sequence_logps
 from jaxlm.stages import grpo
 from tests.rl_fixtures import CharTokenizer, grpo_config
-from tests.rl_warmup import warm_up
+from tests.rl_warmup import rewards_after_warm_up, warm_up
 
 
 def _program(config, devices: int):
@@ -201,13 +201,8 @@ def test_reward_goes_up_on_arithmetic_from_a_warmed_up_policy():
     config.train.global_batch_size, config.rl.group_size = 16, 8
     config.optim.learning_rate = 5e-4
     program = _program(config, 1)
-    host = grpo.GrpoHost(program, tok)
-    state = program.state_from_params(
-        warm_up(program, program.init_params(jax.random.key(0)), tok, steps=60))
-    it = make_prompt_iterator(config, tok, split="train", batch_size=16)
-    correct = []
-    for _ in range(40):
-        state, metrics = host.train(state, next(it))
-        correct.append(metrics["reward_correct"])
+    history = rewards_after_warm_up(program, grpo.GrpoHost(program, tok), tok, rounds=40)
+    for metrics in history:
         assert metrics["rollout_tokens_per_sec"] > 0 and 0 < metrics["rollout_fraction"] < 1
+    correct = [m["reward_correct"] for m in history]
     assert np.mean(correct[-8:]) > np.mean(correct[:8]) + 0.04, np.round(correct, 2)

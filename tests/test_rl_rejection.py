@@ -13,7 +13,7 @@ from jaxlm.rl.prompts import make_prompt_iterator
 from jaxlm.rl.rollout import sequence_logps
 from jaxlm.stages import rejection
 from tests.rl_fixtures import CharTokenizer, grpo_config
-from tests.rl_warmup import warm_up
+from tests.rl_warmup import rewards_after_warm_up
 
 
 def _program(config):
@@ -75,12 +75,5 @@ def test_rejection_sampling_raises_the_arithmetic_reward(rejection_host):
     exact-answer reward of the last 8 rounds beats that of the first 8 (0.46 -> 0.57 here)."""
     tok = CharTokenizer()
     program, host = rejection_host
-    config = program.config
-    state = program.state_from_params(
-        warm_up(program, program.init_params(jax.random.key(0)), tok, steps=60))
-    it = make_prompt_iterator(config, tok, split="train", batch_size=16)
-    correct = []
-    for _ in range(30):
-        state, metrics = host.train(state, next(it))
-        correct.append(metrics["reward_correct"])
+    correct = [m["reward_correct"] for m in rewards_after_warm_up(program, host, tok, rounds=30)]
     assert np.mean(correct[-8:]) > np.mean(correct[:8]) + 0.04, np.round(correct, 2)

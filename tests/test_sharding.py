@@ -1,22 +1,16 @@
 """Sharding: the rules table, and a sharded train step equal to the single-device one."""
 
-import functools
 import logging
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxlm import sharding
-from jaxlm.models import Transformer
-from jaxlm.optim import learning_rate_schedule, make_optimizer
-from jaxlm.stages.pretrain import pretrain_step
-from jaxlm.train_state import init_sharded_state
-from tests.model_fixtures import LLAMA_TINY, packed_batch
+from tests.model_fixtures import one_pretrain_step, packed_batch
 
 MESH_SIZES = ["data", "fsdp", "tensor", "pipeline"]
 
@@ -122,32 +116,12 @@ def test_mesh_sizes_resolve_minus_one_and_reject_bad_products():
         sharding.resolve_mesh_shape({"data": -1, "fsdp": 3, "tensor": 1, "pipeline": 1}, 8)
 
 
-def _one_step(mesh, batch, microbatches=1):
-    # A large eps keeps Adam's first update linear in small gradients, so comparing params after
-    # one step compares gradients rather than the sign of fp32 noise.
-    config = ml_collections.ConfigDict({"optim": dict(
-        learning_rate=1e-2, warmup_steps=0, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-3,
-        weight_decay=0.1, decay_embeddings=False, clip_norm=1.0)})
-    model = Transformer(LLAMA_TINY)
-    tx = make_optimizer(config.optim, total_steps=10)
-    schedule = learning_rate_schedule(config.optim, 10)
-    state, shardings = init_sharded_state(model, tx, mesh, jax.random.key(0), 16)
-    step = functools.partial(pretrain_step, model=model, tx=tx, lr_schedule=schedule,
-                             grad_accum_steps=microbatches)
-    with sharding.activate(mesh):
-        batch_sh = sharding.batch_sharding(mesh)
-        jitted = jax.jit(step, in_shardings=(shardings, batch_sh),
-                         out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
-        new_state, metrics = jitted(state, sharding.global_batch(batch, mesh))
-    return jax.device_get(new_state.params), jax.device_get(metrics), new_state
-
-
 @pytest.fixture(scope="module")
 def reference():
     batch = packed_batch(8, 16, 250, seed=4)
     single = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1, "pipeline": 1},
                                 devices=jax.devices()[:1])
-    params, metrics, _ = _one_step(single, batch)
+    params, metrics, _ = one_pretrain_step(single, batch)
     return batch, params, metrics
 
 
@@ -155,7 +129,7 @@ def reference():
 def test_sharded_train_step_equals_single_device(reference, shape):
     batch, ref_params, ref_metrics = reference
     mesh = sharding.make_mesh(dict(zip(MESH_SIZES, shape)))
-    params, metrics, state = _one_step(mesh, batch)
+    params, metrics, state = one_pretrain_step(mesh, batch)
     np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-6)
     np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
@@ -171,7 +145,7 @@ def test_gradient_accumulation_equals_one_big_batch(reference):
     batch, ref_params, ref_metrics = reference
     single = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1, "pipeline": 1},
                                 devices=jax.devices()[:1])
-    params, metrics, _ = _one_step(single, batch, microbatches=4)
+    params, metrics, _ = one_pretrain_step(single, batch, microbatches=4)
     np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                  params, ref_params)

@@ -175,19 +175,15 @@ def check_data_config(data: ml_collections.ConfigDict) -> None:
 
     File existence is checked when the pipeline is built; that error names the file or glob.
     """
-    if data.source not in SOURCES:
-        _fail("source", f"{data.source!r} is not one of {SOURCES}")
+    errors.check_choice("data.source", data.source, SOURCES)
     if data.seq_len <= 0:
         _fail("seq_len", f"must be positive, got {data.seq_len}")
-    if not 0 <= data.max_bad_text_fraction <= 1:
-        _fail("max_bad_text_fraction", f"must lie in [0, 1], got {data.max_bad_text_fraction}")
+    errors.check_interval("data.max_bad_text_fraction", data.max_bad_text_fraction, 0, 1)
     if not data.tokenizer_path:
         if data.vocab_size < MIN_VOCAB_SIZE:
             _fail("vocab_size", f"{data.vocab_size} is too small for a byte-fallback tokenizer; "
                   f"use at least {MIN_VOCAB_SIZE}")
-        if data.tokenizer_model_type not in MODEL_TYPES:
-            _fail("tokenizer_model_type", f"{data.tokenizer_model_type!r} is not one of "
-                  f"{MODEL_TYPES}")
+        errors.check_choice("data.tokenizer_model_type", data.tokenizer_model_type, MODEL_TYPES)
         if data.tokenizer_sample_chars <= 0:
             _fail("tokenizer_sample_chars", f"must be positive, got {data.tokenizer_sample_chars}")
     if data.source in ("files", "arrayrecord") and not split_list(data.paths):
@@ -206,19 +202,13 @@ def check_data_config(data: ml_collections.ConfigDict) -> None:
                   "'[name=]spec:weight,...', e.g. 'web=/d/web/*.jsonl:0.7,stdlib:0.3'")
     elif data.mixture:
         parse_mixture(data.mixture)
-    if not 0.0 <= data.eval_fraction < 1.0:
-        _fail("eval_fraction", f"must lie in [0, 1), got {data.eval_fraction}")
+    errors.check_interval("data.eval_fraction", data.eval_fraction, 0, 1, "[)")
     if data.max_documents < 0:
         _fail("max_documents", f"must be >= 0 (0 = all), got {data.max_documents}")
     if not 0 <= data.seed < 2**32:
         _fail("seed", f"must lie in [0, 2**32), got {data.seed}")
-    if data.process_sharding not in PROCESS_SHARDING:
-        _fail("process_sharding", f"{data.process_sharding!r} is not one of {PROCESS_SHARDING}")
-    if data.num_workers < 0:
-        _fail("num_workers", f"must be >= 0, got {data.num_workers}")
-    if data.prefetch_buffer_size < 0:
-        _fail("prefetch_buffer_size", f"must be >= 0, got {data.prefetch_buffer_size}")
-    if data.read_threads < 0:
-        _fail("read_threads", f"must be >= 0, got {data.read_threads}")
+    errors.check_choice("data.process_sharding", data.process_sharding, PROCESS_SHARDING)
+    for key in ("num_workers", "prefetch_buffer_size", "read_threads"):
+        errors.check_at_least(f"data.{key}", data[key], 0)
     if not data.text_field:
         _fail("text_field", "must name the field that holds the text, e.g. 'text'")

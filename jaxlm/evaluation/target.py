@@ -11,19 +11,14 @@ import dataclasses
 import os
 from typing import Any
 
-import flax.linen as nn
-import jax
 import ml_collections
 from etils import epath
 from jax.sharding import Mesh
 
-from jaxlm import checkpoint, sharding
 from jaxlm import config as config_lib
 from jaxlm.data.tokenizer import load_tokenizer
 from jaxlm.inference import loading
-from jaxlm.inference.sampler import param_shardings
-from jaxlm.models import ModelConfig, Transformer
-from jaxlm.train_state import abstract_boxed_params
+from jaxlm.models import ModelConfig
 
 
 class TextTokenizer:
@@ -126,22 +121,8 @@ def _tokenizer(config: ml_collections.ConfigDict, extra: dict[str, Any],
 def load_target(workdir: str, step: int | None = None, mesh: Mesh | None = None,
                 hf_tokenizer: str = "") -> Target:
     """The newest (or `step`) checkpoint of a run or an imported model, params over `mesh`."""
-    directory = loading.checkpoint_dir(os.path.abspath(workdir) if "://" not in workdir
-                                       else workdir)
-    steps = checkpoint.complete_steps(directory)
-    if not steps:
-        raise FileNotFoundError(f"no complete checkpoint under {workdir}")
-    step = steps[-1] if step is None else step
-    items = loading.read_json_items(directory, step)
-    if checkpoint.CONFIG not in items:
-        raise FileNotFoundError(f"checkpoint {step} in {directory} has no saved config")
-    config = ml_collections.ConfigDict(items[checkpoint.CONFIG])
-    tokenizer = _tokenizer(config, items.get(checkpoint.EXTRA, {}), hf_tokenizer)
+    directory, step, config, extra = loading.read_run(workdir, step)
+    tokenizer = _tokenizer(config, extra, hf_tokenizer)
     model_cfg = config_lib.model_config(config, tokenizer.vocab_size)
-    if mesh is None:
-        mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1, "pipeline": 1})
-    shapes = nn.meta.unbox(abstract_boxed_params(Transformer(model_cfg), 1))
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            shapes, param_shardings(model_cfg, mesh))
-    params = checkpoint.restore_params(directory, step, abstract)
+    params, mesh = loading.restore_sharded_params(directory, step, model_cfg, mesh)
     return Target(config, model_cfg, params, tokenizer, mesh, step, directory)

@@ -65,9 +65,10 @@ def _tokenizer(config: ml_collections.ConfigDict, extra: dict[str, Any]) -> Toke
     return tokenizer
 
 
-def load_model(workdir: str, step: int | None = None, mesh: Mesh | None = None) -> LoadedModel:
-    """The newest (or `step`) checkpoint of a run: params only, sharded over `mesh` (default:
-    every device on the data axis, i.e. params replicated)."""
+def read_run(workdir: str, step: int | None = None
+             ) -> tuple[str, int, ml_collections.ConfigDict, dict[str, Any]]:
+    """(checkpoint directory, step, saved run config, saved `extra` item) of the newest (or
+    `step`) complete checkpoint of a run's workdir or of a checkpoint directory."""
     directory = checkpoint_dir(os.path.abspath(workdir) if "://" not in workdir else workdir)
     steps = checkpoint.complete_steps(directory)
     if not steps:
@@ -76,13 +77,27 @@ def load_model(workdir: str, step: int | None = None, mesh: Mesh | None = None) 
     items = read_json_items(directory, step)
     if checkpoint.CONFIG not in items:
         raise FileNotFoundError(f"checkpoint {step} in {directory} has no saved config")
-    config = ml_collections.ConfigDict(items[checkpoint.CONFIG])
-    tokenizer = _tokenizer(config, items.get(checkpoint.EXTRA, {}))
-    model_cfg = config_lib.model_config(config, tokenizer.vocab_size)
+    return (directory, step, ml_collections.ConfigDict(items[checkpoint.CONFIG]),
+            items.get(checkpoint.EXTRA, {}))
+
+
+def restore_sharded_params(directory: str, step: int, model_cfg: ModelConfig,
+                           mesh: Mesh | None) -> tuple[Any, Mesh]:
+    """(params of checkpoint `step` laid out over `mesh`, that mesh); with no mesh, every device
+    on the data axis, i.e. params replicated."""
     if mesh is None:
         mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1, "pipeline": 1})
     shapes = nn.meta.unbox(abstract_boxed_params(Transformer(model_cfg), 1))
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             shapes, param_shardings(model_cfg, mesh))
-    params = checkpoint.restore_params(directory, step, abstract)
+    return checkpoint.restore_params(directory, step, abstract), mesh
+
+
+def load_model(workdir: str, step: int | None = None, mesh: Mesh | None = None) -> LoadedModel:
+    """The newest (or `step`) checkpoint of a run: params only, sharded over `mesh` (default:
+    every device on the data axis, i.e. params replicated)."""
+    directory, step, config, extra = read_run(workdir, step)
+    tokenizer = _tokenizer(config, extra)
+    model_cfg = config_lib.model_config(config, tokenizer.vocab_size)
+    params, _ = restore_sharded_params(directory, step, model_cfg, mesh)
     return LoadedModel(config, model_cfg, params, tokenizer, step)

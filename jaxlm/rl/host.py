@@ -140,6 +140,25 @@ class RolloutHost:
         """The rollout key of a step: the same in a resumed run."""
         return jax.random.fold_in(jax.random.key(self.config.seed + 1), step)
 
+    # -- a training step ---------------------------------------------------------------------
+
+    def train_rollout(self, state: Any, host_batch: dict[str, np.ndarray]
+                      ) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray]]:
+        """rl.group_size completions of each training prompt from the policy in `state`, drawn
+        with the step's rollout key, and their rewards [B, G] and named rewards' values [B, G]."""
+        step = int(jax.device_get(state.step))
+        rolled = self.generate(state.params, host_batch, group_size=self.config.rl.group_size,
+                               rng=self.rollout_rng(step))
+        rewards, parts, _, _ = self.rewards(rolled, "train")
+        return rolled, rewards, parts
+
+    def update(self, state: Any, arrays: dict[str, np.ndarray], *reference: Any
+               ) -> tuple[Any, dict[str, float]]:
+        """The Program's jitted train step on host `arrays` placed over the mesh; metrics read
+        back as floats."""
+        state, metrics = self.program.train_step(state, place(arrays, self.mesh), *reference)
+        return state, {k: float(v) for k, v in jax.device_get(metrics).items()}
+
     # -- evaluation ----------------------------------------------------------------------
 
     def eval(self, params: Any, host_batch: dict[str, np.ndarray], reference: Any = None

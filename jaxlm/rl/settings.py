@@ -8,7 +8,7 @@ from __future__ import annotations
 import ml_collections
 
 from jaxlm.data.config import split_list
-from jaxlm.errors import ConfigError
+from jaxlm.errors import check_at_least, check_choice, check_interval, config_error
 
 TASKS = ("arithmetic", "jsonl")
 ADVANTAGE_SCALES = ("std", "none")
@@ -70,12 +70,7 @@ def default_rl_config() -> ml_collections.ConfigDict:
 
 
 def _fail(key: str, msg: str) -> None:
-    raise ConfigError(f"config key {key}: {msg}")
-
-
-def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        _fail(key, f"{value!r} is not one of {choices}")
+    raise config_error(key, msg)
 
 
 def parse_weights(spec: str, key: str = "rl.rewards") -> list[tuple[str, float]]:
@@ -94,14 +89,13 @@ def parse_weights(spec: str, key: str = "rl.rewards") -> list[tuple[str, float]]
 
 def check_rl(config: ml_collections.ConfigDict) -> None:
     r = config.rl
-    _check_choice("rl.task", r.task, TASKS)
-    _check_choice("rl.advantage_scale", r.advantage_scale, ADVANTAGE_SCALES)
-    _check_choice("rl.loss_norm", r.loss_norm, LOSS_NORMS)
+    check_choice("rl.task", r.task, TASKS)
+    check_choice("rl.advantage_scale", r.advantage_scale, ADVANTAGE_SCALES)
+    check_choice("rl.loss_norm", r.loss_norm, LOSS_NORMS)
     if r.task == "jsonl" and not split_list(r.paths):
         _fail("rl.paths", "is empty but rl.task='jsonl'; give jsonl globs of {prompt, answer}")
     if r.task == "arithmetic":
-        if r.max_operand < 1:
-            _fail("rl.max_operand", f"must be >= 1, got {r.max_operand}")
+        check_at_least("rl.max_operand", r.max_operand, 1)
         if not r.operations or set(r.operations) - set("+-*"):
             _fail("rl.operations", f"{r.operations!r} must be made of '+', '-', '*'")
     from jaxlm.rl.rewards import REWARDS  # a registry of plain Python functions
@@ -109,32 +103,24 @@ def check_rl(config: ml_collections.ConfigDict) -> None:
     for name, _ in parse_weights(r.rewards):
         if name not in REWARDS:
             _fail("rl.rewards", f"unknown reward {name!r}; one of {sorted(REWARDS)}")
-    if r.group_size < 1:
-        _fail("rl.group_size", f"must be >= 1, got {r.group_size}")
+    check_at_least("rl.group_size", r.group_size, 1)
     if r.max_new_tokens < 1 or r.max_new_tokens >= config.data.seq_len:
         _fail("rl.max_new_tokens", f"must lie in [1, data.seq_len={config.data.seq_len}) "
               f"(the rest of a row holds the prompt), got {r.max_new_tokens}")
     if r.temperature <= 0:
         _fail("rl.temperature", f"rollouts sample: must be > 0, got {r.temperature}")
-    if not 0 < r.top_p <= 1:
-        _fail("rl.top_p", f"must lie in (0, 1], got {r.top_p}")
-    if r.top_k < 0:
-        _fail("rl.top_k", f"must be >= 0, got {r.top_k}")
-    if not 0 < r.clip_eps < 1:
-        _fail("rl.clip_eps", f"must lie in (0, 1), got {r.clip_eps}")
+    check_interval("rl.top_p", r.top_p, 0, 1, "(]")
+    check_at_least("rl.top_k", r.top_k, 0)
+    check_interval("rl.clip_eps", r.clip_eps, 0, 1, "()")
     if r.clip_eps_high < 0:
         _fail("rl.clip_eps_high", f"must be >= 0 (0 = rl.clip_eps), got {r.clip_eps_high}")
-    if r.num_epochs < 1:
-        _fail("rl.num_epochs", f"must be >= 1, got {r.num_epochs}")
-    if r.kl_coef < 0:
-        _fail("rl.kl_coef", f"must be >= 0, got {r.kl_coef}")
+    check_at_least("rl.num_epochs", r.num_epochs, 1)
+    check_at_least("rl.kl_coef", r.kl_coef, 0)
     if r.kl_coef > 0 and config.stage == "grpo" and not config.init_from.path:
         _fail("init_from.path", f"rl.kl_coef={r.kl_coef} needs a reference model: the "
               "checkpoint the policy starts from (or set rl.kl_coef=0)")
-    if not 0 <= r.gamma <= 1:
-        _fail("rl.gamma", f"must lie in [0, 1], got {r.gamma}")
-    if not 0 <= r.lam <= 1:
-        _fail("rl.lam", f"must lie in [0, 1], got {r.lam}")
+    check_interval("rl.gamma", r.gamma, 0, 1)
+    check_interval("rl.lam", r.lam, 0, 1)
 
 
 def default_ppo_config() -> ml_collections.ConfigDict:
@@ -169,7 +155,5 @@ def check_ppo(config: ml_collections.ConfigDict) -> None:
         _fail("init_from.path", "ppo needs the policy to start from (an SFT run's checkpoints): "
               "it is also the KL reference")
     for key in ("kl_coef", "kl_target", "value_coef", "value_clip"):
-        if p[key] < 0:
-            _fail(f"ppo.{key}", f"must be >= 0, got {p[key]}")
-    if p.kl_horizon < 1:
-        _fail("ppo.kl_horizon", f"must be >= 1, got {p.kl_horizon}")
+        check_at_least(f"ppo.{key}", p[key], 0)
+    check_at_least("ppo.kl_horizon", p.kl_horizon, 1)

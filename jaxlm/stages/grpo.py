@@ -31,13 +31,14 @@ import numpy as np
 import optax
 
 from jaxlm.rl.advantages import group_advantages
-from jaxlm.rl.host import RolloutHost, eval_metrics, place
+from jaxlm.rl.epochs import epoch_updates
+from jaxlm.rl.host import RolloutHost, eval_metrics
 from jaxlm.rl.objectives import clipped_surrogate, k3_kl, token_weights
 from jaxlm.rl.prompts import make_prompt_iterator
 from jaxlm.rl.rollout import sequence_logps, sequences
 from jaxlm.rl.settings import check_rl, default_rl_config
 from jaxlm.stages.stage import BatchFields, Stage
-from jaxlm.train_state import TrainState, gradient_step, lora_step_options
+from jaxlm.train_state import TrainState, lora_step_options
 
 Batch = dict[str, jax.Array]
 
@@ -84,13 +85,10 @@ def grpo_step(state: TrainState, batch: Batch, ref_params: Any = None, *, model:
             ref_params, flat["tokens"], flat["valid"], flat["mask"].shape[-1], model=model))
     micro = functools.partial(loss_fn, model=model, clip_low=clip_low, clip_high=clip_high,
                               kl_coef=kl_coef, total_rows=total)
-    step0, first, clipped = state.step, None, 0.0
-    for _ in range(num_epochs):
-        state, sums, common = gradient_step(
-            state, flat, micro, tx=tx, lr_schedule=lr_schedule,
-            grad_accum_steps=grad_accum_steps, freeze=freeze, dropout_seed=dropout_seed)
-        first = sums if first is None else first
-        clipped = clipped + sums["clipped_sum"]
+    step0 = state.step
+    state, first, clipped, common = epoch_updates(
+        state, flat, micro, num_epochs=num_epochs, tx=tx, lr_schedule=lr_schedule,
+        grad_accum_steps=grad_accum_steps, freeze=freeze, dropout_seed=dropout_seed)
     n_tok = jnp.maximum(first["mask_sum"], 1.0)
     metrics = {**common, "lr": lr_schedule(step0 * num_epochs), "loss": first["loss_sum"],
                "entropy": first["entropy_sum"] / n_tok,
@@ -163,15 +161,11 @@ class GrpoHost(RolloutHost):
               ) -> tuple[TrainState, dict[str, float]]:
         r = self.config.rl
         t0 = time.perf_counter()
-        step = int(jax.device_get(state.step))
-        rolled = self.generate(state.params, host_batch, group_size=r.group_size,
-                               rng=self.rollout_rng(step))
-        rewards, parts, _, _ = self.rewards(rolled, "train")
+        rolled, rewards, parts = self.train_rollout(state, host_batch)
         arrays = update_batch(rolled, rewards, scale=r.advantage_scale, loss_norm=r.loss_norm)
         t1 = time.perf_counter()
         ref = (reference,) if self.program.uses_reference else ()
-        state, metrics = self.program.train_step(state, place(arrays, self.mesh), *ref)
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        state, metrics = self.update(state, arrays, *ref)
         t2 = time.perf_counter()
         rows = int(np.prod(rolled["lengths"].shape))
         passes = r.num_epochs + (self.forward_flops_per_token / self.train_flops_per_token

@@ -37,7 +37,8 @@ import optax
 from jaxlm.loss import token_logps
 from jaxlm.models import Transformer
 from jaxlm.rl.advantages import gae, whiten
-from jaxlm.rl.host import RolloutHost, eval_metrics, place
+from jaxlm.rl.epochs import epoch_updates
+from jaxlm.rl.host import RolloutHost, eval_metrics
 from jaxlm.rl.objectives import clipped_surrogate, token_weights
 from jaxlm.rl.prompts import make_prompt_iterator
 from jaxlm.rl.reward_model import RewardModel
@@ -45,7 +46,7 @@ from jaxlm.rl.rollout import completion_hidden, sequence_logps, sequences
 from jaxlm.rl.settings import check_ppo, default_ppo_config
 from jaxlm.stages.grpo import _flat
 from jaxlm.stages.stage import BatchFields, Stage
-from jaxlm.train_state import TrainState, gradient_step, lora_step_options
+from jaxlm.train_state import TrainState, lora_step_options
 
 Batch = dict[str, jax.Array]
 
@@ -129,13 +130,10 @@ def ppo_step(state: TrainState, batch: Batch, ref_params: Any, *, model: nn.Modu
     flat.update(adv=adv, returns=returns, old_values=old_values)
     micro = functools.partial(loss_fn, lm=lm, clip_low=clip_low, clip_high=clip_high,
                               value_clip=value_clip, value_coef=value_coef, total_rows=total)
-    step0, first, clipped = state.step, None, 0.0
-    for _ in range(num_epochs):
-        state, sums, common = gradient_step(
-            state, flat, micro, tx=tx, lr_schedule=lr_schedule,
-            grad_accum_steps=grad_accum_steps, freeze=freeze, dropout_seed=dropout_seed)
-        first = sums if first is None else first
-        clipped = clipped + sums["clipped_sum"]
+    step0 = state.step
+    state, first, clipped, common = epoch_updates(
+        state, flat, micro, num_epochs=num_epochs, tx=tx, lr_schedule=lr_schedule,
+        grad_accum_steps=grad_accum_steps, freeze=freeze, dropout_seed=dropout_seed)
     n_tok = jnp.maximum(jnp.sum(mask), 1.0)
     kl_N = jnp.sum((flat["old_logps"] - ref) * mask, axis=1)
     metrics = {**common, "lr": lr_schedule(step0 * num_epochs), "loss": first["loss_sum"],
@@ -200,13 +198,10 @@ class PpoHost(RolloutHost):
               ) -> tuple[TrainState, dict[str, float]]:
         r, p = self.config.rl, self.config.ppo
         t0 = time.perf_counter()
-        step = int(jax.device_get(state.step))
-        rolled = self.generate(state.params, host_batch, group_size=r.group_size,
-                               rng=self.rollout_rng(step))
+        rolled, task_rewards, parts = self.train_rollout(state, host_batch)
         seqs = sequences(rolled["prompt"], rolled["prompt_valid"], rolled["completion"],
                          rolled["lengths"])
         b, g, t = seqs["mask"].shape
-        task_rewards, parts, _, _ = self.rewards(rolled, "train")
         t1 = time.perf_counter()  # the update phase: reward model, then the jitted update
         score = self.reward_model.score(seqs, rolled["lengths"])
         weights = np.asarray(token_weights(seqs["mask"].reshape(b * g, t), r.loss_norm))
@@ -214,8 +209,7 @@ class PpoHost(RolloutHost):
                   "weights": weights.reshape(b, g, t).astype(np.float32),
                   "score": score.astype(np.float32),
                   "kl_coef": np.full((b, g), self.kl_coef, np.float32)}
-        state, metrics = self.program.train_step(state, place(arrays, self.mesh), reference)
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        state, metrics = self.update(state, arrays, reference)
         t2 = time.perf_counter()
         metrics.update({"reward_mean": float(score.mean()), "reward_std": float(score.std()),
                         "task_reward_mean": float(task_rewards.mean()),

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxlm.rl.host import RolloutHost, eval_metrics, place
+from jaxlm.rl.host import RolloutHost, eval_metrics
 from jaxlm.rl.prompts import make_prompt_iterator
 from jaxlm.rl.reward_model import RewardModel
 from jaxlm.rl.rollout import sequence_logps, sequences
@@ -112,18 +112,14 @@ class RejectionHost(RolloutHost):
         del reference
         r = self.config.rl
         t0 = time.perf_counter()
-        step = int(jax.device_get(state.step))
-        rolled = self.generate(state.params, host_batch, group_size=r.group_size,
-                               rng=self.rollout_rng(step))
-        rewards, parts, _, _ = self.rewards(rolled, "train")
+        rolled, rewards, parts = self.train_rollout(state, host_batch)
         if self.reward_model is not None:
             rewards = self.reward_model.score(
                 sequences(rolled["prompt"], rolled["prompt_valid"], rolled["completion"],
                           rolled["lengths"]), rolled["lengths"])
         arrays = best_of_group(rolled, rewards, r.keep_min_reward)
         t1 = time.perf_counter()
-        state, metrics = self.program.train_step(state, place(arrays, self.mesh))
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        state, metrics = self.update(state, arrays)
         t2 = time.perf_counter()
         metrics.update(reward_metrics(rewards, parts, rolled["lengths"]))
         metrics["best_reward_mean"] = float(rewards.max(axis=1).mean())

@@ -84,12 +84,7 @@ def default_reward_config() -> ml_collections.ConfigDict:
 
 
 def _fail(key: str, msg: str) -> None:
-    raise errors.config_error(f"{key}", msg)
-
-
-def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        _fail(key, f"{value!r} is not one of {choices}")
+    raise errors.config_error(key, msg)
 
 
 def _check_chat_section(config: ml_collections.ConfigDict, stage: str) -> None:
@@ -99,26 +94,25 @@ def _check_chat_section(config: ml_collections.ConfigDict, stage: str) -> None:
     section = config[stage]
     if not split_list(section.paths):
         _fail(f"{stage}.paths", "is empty; set 'chatterbot' or jsonl globs")
-    if "max_prompt_tokens" in section and section.max_prompt_tokens < 0:
-        _fail(f"{stage}.max_prompt_tokens", f"must be >= 0, got {section.max_prompt_tokens}")
+    if "max_prompt_tokens" in section:
+        errors.check_at_least(f"{stage}.max_prompt_tokens", section.max_prompt_tokens, 0)
 
 
 def check_sft(config: ml_collections.ConfigDict) -> None:
     _check_chat_section(config, "sft")
     s = config.sft
-    _check_choice("sft.loss_on", s.loss_on, LOSS_ON)
-    _check_choice("sft.truncation", s.truncation, TRUNCATION)
+    errors.check_choice("sft.loss_on", s.loss_on, LOSS_ON)
+    errors.check_choice("sft.truncation", s.truncation, TRUNCATION)
 
 
 def check_dpo(config: ml_collections.ConfigDict) -> None:
     _check_chat_section(config, "dpo")
     d = config.dpo
-    _check_choice("dpo.variant", d.variant, DPO_VARIANTS)
-    _check_choice("dpo.reference", d.reference, REFERENCE_MODES)
+    errors.check_choice("dpo.variant", d.variant, DPO_VARIANTS)
+    errors.check_choice("dpo.reference", d.reference, REFERENCE_MODES)
     if d.beta <= 0:
         _fail("dpo.beta", f"must be positive, got {d.beta}")
-    if not 0 <= d.label_smoothing < 0.5:
-        _fail("dpo.label_smoothing", f"must lie in [0, 0.5), got {d.label_smoothing}")
+    errors.check_interval("dpo.label_smoothing", d.label_smoothing, 0, 0.5, "[)")
     if d.label_smoothing and d.variant not in ("sigmoid", "conservative"):
         _fail("dpo.label_smoothing", f"{d.label_smoothing} has no effect on dpo.variant="
               f"{d.variant!r}: it smooths the sigmoid loss (sigmoid, conservative) only; set 0")

@@ -22,6 +22,7 @@ import math
 import os
 import re
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -155,6 +156,18 @@ def _largest_shards(state: Any, top: int = 8) -> list[tuple[str, int, tuple[int,
     return sorted(rows, key=lambda r: -r[1])[:top]
 
 
+def all_eqns(jaxpr: Any) -> Iterator[Any]:
+    """Every equation of a jaxpr, its sub-jaxprs' (scan, remat, custom-VJP, pjit bodies)
+    included, each body's after the equation that holds it."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from all_eqns(inner)
+
+
 def _largest_intermediates(jaxpr: Any, batch: int, dp: int, top: int = 8
                            ) -> list[tuple[str, int, tuple[int, ...]]]:
     """The biggest values the step computes (walking into scan/remat/custom-VJP bodies): (primitive,
@@ -162,24 +175,15 @@ def _largest_intermediates(jaxpr: Any, batch: int, dp: int, top: int = 8
     the global batch (the batch, or batch x length flattened) counts as split over the `dp`
     data-parallel devices; the estimate ignores tensor parallelism and XLA's fusion."""
     found: dict[tuple[str, tuple[int, ...]], int] = {}
-
-    def walk(jx: Any) -> None:
-        for eqn in jx.eqns:
-            for var in eqn.outvars:
-                aval = var.aval
-                if not hasattr(aval, "shape") or not aval.shape:
-                    continue
-                size = math.prod(aval.shape) * aval.dtype.itemsize
-                if any(dim % batch == 0 for dim in aval.shape):
-                    size //= dp
-                found[(eqn.primitive.name, tuple(aval.shape))] = size
-            for param in eqn.params.values():
-                for sub in param if isinstance(param, tuple) else (param,):
-                    inner = getattr(sub, "jaxpr", sub)
-                    if hasattr(inner, "eqns"):
-                        walk(inner)
-
-    walk(jaxpr.jaxpr)
+    for eqn in all_eqns(jaxpr.jaxpr):
+        for var in eqn.outvars:
+            aval = var.aval
+            if not hasattr(aval, "shape") or not aval.shape:
+                continue
+            size = math.prod(aval.shape) * aval.dtype.itemsize
+            if any(dim % batch == 0 for dim in aval.shape):
+                size //= dp
+            found[(eqn.primitive.name, tuple(aval.shape))] = size
     rows = [(name, size, shape) for (name, shape), size in found.items()]
     return sorted(rows, key=lambda r: -r[1])[:top]
 
