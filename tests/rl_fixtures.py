@@ -30,19 +30,12 @@ def grpo_config(stage_: str = "grpo", **rl) -> ml_collections.ConfigDict:
     c.model.vocab_size = CharTokenizer.vocab_size
     c.model.d_model, c.model.num_layers, c.model.num_heads = 32, 2, 4
     c.model.num_kv_heads, c.model.d_ff = 2, 64
-    c.data.seq_len = 14
-    c.data.eval_fraction = 0.2
-    c.train.global_batch_size = 8
-    c.train.steps = 20
-    c.optim.learning_rate = 3e-3
-    c.optim.warmup_steps = 0
-    c.optim.weight_decay = 0.0
+    c.data.update(seq_len=14, eval_fraction=0.2)
+    c.train.update(global_batch_size=8, steps=20)
+    c.optim.update(learning_rate=3e-3, warmup_steps=0, weight_decay=0.0)
     c.log.sample_every = 0
     c.log.peak_flops = 1e11  # MFU against a fixed number: no start-up measurement
-    c.rl.max_operand = 4
-    c.rl.group_size = 4
-    c.rl.max_new_tokens = 6
-    c.rl.kl_coef = 0.0
+    c.rl.update(max_operand=4, group_size=4, max_new_tokens=6, kl_coef=0.0)
     for k, v in rl.items():
         c.rl[k] = v
     return c

@@ -40,16 +40,9 @@ def _check_fit(config, topology):
 
 def _tiny_config(batch: int):
     c = config_lib.base_config()
-    c.model.d_model = 128
-    c.model.num_layers = 2
-    c.model.num_heads = 2
-    c.model.num_kv_heads = 1
-    c.model.d_ff = 256
-    c.model.vocab_size = 256
-    c.model.compute_dtype = "bfloat16"
-    c.data.seq_len = 128
-    c.train.global_batch_size = batch
-    c.mesh.data = -1
+    c.model.update(d_model=128, num_layers=2, num_heads=2, num_kv_heads=1, d_ff=256,
+                   vocab_size=256, compute_dtype="bfloat16")
+    c.data.seq_len, c.train.global_batch_size, c.mesh.data = 128, batch, -1
     return c
 
 

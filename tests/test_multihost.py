@@ -85,21 +85,20 @@ def test_two_processes_train_like_one(runs):
     assert sum('"loss"' in line for line in lines) == STEPS
 
 
-def test_checkpoint_of_two_processes_resumes_on_one(runs):
-    base, cache = runs
-    _resume_copy(base / "two", base / "two_to_one", 3)
-    _one_process(base / "two_to_one", cache)
-    resumed, reference = _losses(base / "two_to_one"), _losses(base / "one")
+def _resumes_equal_the_uninterrupted_run(base, cache, source, target, run_fn):
+    """The checkpoint of `source` at step 3, resumed by `run_fn` in `target`, continues the
+    one-process run's losses (steps 4-6)."""
+    _resume_copy(base / source, base / target, 3)
+    run_fn(base / target, cache)
+    resumed, reference = _losses(base / target), _losses(base / "one")
     assert sorted(resumed) == [4, 5, 6]
     np.testing.assert_allclose([resumed[s] for s in (4, 5, 6)],
                                [reference[s] for s in (4, 5, 6)], rtol=2e-5)
+
+
+def test_checkpoint_of_two_processes_resumes_on_one(runs):
+    _resumes_equal_the_uninterrupted_run(*runs, "two", "two_to_one", _one_process)
 
 
 def test_checkpoint_of_one_process_resumes_on_two(runs):
-    base, cache = runs
-    _resume_copy(base / "one", base / "one_to_two", 3)
-    _two_processes(base / "one_to_two", cache)
-    resumed, reference = _losses(base / "one_to_two"), _losses(base / "one")
-    assert sorted(resumed) == [4, 5, 6]
-    np.testing.assert_allclose([resumed[s] for s in (4, 5, 6)],
-                               [reference[s] for s in (4, 5, 6)], rtol=2e-5)
+    _resumes_equal_the_uninterrupted_run(*runs, "one", "one_to_two", _two_processes)
