@@ -3,6 +3,12 @@ RoPE theta 500000, tied embeddings, vocab 128256, context 2048; FSDP over all de
 
     python -m jaxlm.main --config=configs/llama_1b.py:data=/data/web/*.array_record \
         --workdir=gs://bucket/llama_1b
+
+`stage=` picks another stage for the same model and `init=` the checkpoint directory it starts
+from, e.g. GRPO (its frozen KL reference is that checkpoint too):
+
+    python -m jaxlm.main --config=configs/llama_1b.py:stage=grpo,init=gs://bucket/sft/checkpoints \
+        --workdir=gs://bucket/grpo --config.rl.task=arithmetic
 """
 
 from jaxlm import config as config_lib
@@ -10,8 +16,11 @@ from jaxlm.data.config import use_files
 
 
 def get_config(arg: str | None = None):
-    args = config_lib.parse_arg(arg, data="", tokenizer="", steps=50000)
+    args = config_lib.parse_arg(arg, data="", tokenizer="", steps=50000, stage="pretrain",
+                                init="")
     c = config_lib.base_config()
+    c.stage = args.stage
+    c.init_from.path = args.init
 
     c.model.vocab_size = 128256
     c.model.d_model = 2048
