@@ -30,6 +30,14 @@ def _fail(key: str, msg: str) -> None:
     raise ValueError(f"config.json key {key}: {msg}")
 
 
+def _refuse(hf: dict[str, Any], unsupported: dict[str, str]) -> None:
+    """Fails on the first `config.json` key of `unsupported` that is set (truthy), with its
+    message."""
+    for key, msg in unsupported.items():
+        if hf.get(key):
+            _fail(key, msg)
+
+
 def model_fields(hf: dict[str, Any]) -> dict[str, Any]:
     """The `model.*` values of a jaxlm run config that computes what `hf` (config.json) does."""
     model_type = hf.get("model_type")
@@ -153,11 +161,10 @@ def _llama_fields(hf: dict[str, Any]) -> dict[str, Any]:
     model_type = hf["model_type"]
     if hf.get("hidden_act", "silu") != "silu":
         _fail("hidden_act", f"{hf['hidden_act']!r}: the Llama-family MLP is SwiGLU (silu)")
-    if hf.get("attention_bias"):
-        _fail("attention_bias", "biases on all attention projections (including o_proj) are "
-              "not implemented; Qwen2's q/k/v-only biases are (model_type qwen2)")
-    if hf.get("mlp_bias"):
-        _fail("mlp_bias", "MLP biases in a Llama-family model are not implemented")
+    _refuse(hf, {
+        "attention_bias": "biases on all attention projections (including o_proj) are not "
+                          "implemented; Qwen2's q/k/v-only biases are (model_type qwen2)",
+        "mlp_bias": "MLP biases in a Llama-family model are not implemented"})
     d, heads = hf["hidden_size"], hf["num_attention_heads"]
     return {
         "vocab_size": hf["vocab_size"], "d_model": d, "num_layers": hf["num_hidden_layers"],
@@ -197,9 +204,8 @@ def _gemma_fields(hf: dict[str, Any]) -> dict[str, Any]:
         if hf.get(key) is not None:
             _fail(key, f"{hf[key]}: logit soft-capping is not implemented (Gemma 2 "
                   "checkpoints use it; set it to null only if the model was trained without)")
-    for key in ("attention_bias", "use_bidirectional_attention"):
-        if hf.get(key):
-            _fail(key, "not implemented")
+    _refuse(hf, {"attention_bias": "not implemented",
+                 "use_bidirectional_attention": "not implemented"})
     d, heads = hf["hidden_size"], hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or d // heads
     rope = _gemma_rope(hf) if model_type == "gemma3_text" else _rope(hf)
@@ -224,11 +230,9 @@ def _gpt2_fields(hf: dict[str, Any]) -> dict[str, Any]:
               f"({' / '.join(_TANH_GELUS)})")
     if not hf.get("scale_attn_weights", True):
         _fail("scale_attn_weights", "attention without 1/sqrt(head_dim) is not implemented")
-    if hf.get("scale_attn_by_inverse_layer_idx"):
-        _fail("scale_attn_by_inverse_layer_idx", "per-layer attention scaling is not "
-              "implemented")
-    if hf.get("add_cross_attention"):
-        _fail("add_cross_attention", "cross-attention is not implemented")
+    _refuse(hf, {"scale_attn_by_inverse_layer_idx": "per-layer attention scaling is not "
+                                                    "implemented",
+                 "add_cross_attention": "cross-attention is not implemented"})
     d, heads = hf["n_embd"], hf["n_head"]
     if d % heads:
         _fail("n_head", f"{heads} does not divide n_embd={d}")

@@ -47,6 +47,13 @@ def _slice(x, start, size, axis):
     return jax.lax.dynamic_slice_in_dim(x, start, size, axis)
 
 
+def _key_tile(k, v, seg, seg_i, i, j, block, window):
+    """Keys and values of key block j, and its visibility mask from query block i."""
+    k_j, v_j = _slice(k, j * block, block, 2), _slice(v, j * block, block, 2)
+    mask = _tile_mask(seg_i, _slice(seg, j * block, block, 1), i * block, j * block, window)
+    return k_j, v_j, mask
+
+
 def _first_key_block(i, block, window):
     """The first key block query block i can see: all from 0, or from the window's start."""
     return jnp.where(window > 0, jnp.maximum(0, (i * block - window + 1) // block), 0)
@@ -63,9 +70,7 @@ def _forward(q, k, v, seg, window, block):
 
         def key_block(j, carry):
             m, denom, acc = carry
-            k_j, v_j = _slice(k, j * block, block, 2), _slice(v, j * block, block, 2)
-            mask = _tile_mask(seg_i, _slice(seg, j * block, block, 1), i * block, j * block,
-                              window)
+            k_j, v_j, mask = _key_tile(k, v, seg, seg_i, i, j, block, window)
             s = _tile_scores(q_i, k_j, mask)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             # Rows with no visible key in this tile keep m = -inf; exp must not see inf - inf.
@@ -119,9 +124,7 @@ def _core_bwd(block, res, dout):
 
         def key_block(j, inner):
             dk, dv, dq_i = inner
-            k_j, v_j = _slice(k, j * block, block, 2), _slice(v, j * block, block, 2)
-            mask = _tile_mask(seg_i, _slice(seg, j * block, block, 1), i * block, j * block,
-                              window)
+            k_j, v_j, mask = _key_tile(k, v, seg, seg_i, i, j, block, window)
             p = jnp.exp(_tile_scores(q_i, k_j, mask) - lse_i[..., None])
             dp = jnp.einsum("bngrk,bnck->bngrc", do_i, v_j, preferred_element_type=jnp.float32)
             ds = (p * (dp - delta_i[..., None])).astype(q.dtype)

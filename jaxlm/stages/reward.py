@@ -69,15 +69,14 @@ def means(sums: dict[str, Any], prefix: str = "") -> dict[str, Any]:
             f"{prefix}rejected_reward": sums["rejected_sum"] / n}
 
 
-def reward_step(state: TrainState, batch: Batch, *, model: nn.Module,
-                tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
-                margin: float = 0.0, grad_accum_steps: int = 1, freeze: Any = None,
-                dropout_seed: int | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on the mean Bradley-Terry loss over the pairs of `batch`."""
+def reward_step(state: TrainState, batch: Batch, *, model: nn.Module, margin: float = 0.0,
+                **step_options: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on the mean Bradley-Terry loss over the pairs of `batch`.
+    `step_options`: `gradient_step`'s (tx, lr_schedule, grad_accum_steps, freeze,
+    dropout_seed)."""
     new_state, sums, common = gradient_step(
         state, batch, lambda p, b, rng: loss_fn(p, b, model=model, margin=margin, rng=rng),
-        tx=tx, lr_schedule=lr_schedule, grad_accum_steps=grad_accum_steps, freeze=freeze,
-        dropout_seed=dropout_seed)
+        **step_options)
     n = jnp.maximum(sums["num_pairs"], 1.0)
     metrics = {**means(sums), **common, "num_pairs": sums["num_pairs"],
                **router_metrics(sums, n)}
