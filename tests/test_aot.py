@@ -79,6 +79,14 @@ def test_huge_batch_does_not_fit():
     assert size > 2**30
 
 
+def _stage_config(batch: int):
+    """The tiny config with a wider model and vocabulary, so that the weights and their
+    optimizer state, not the activations, decide the memory (as in any real model)."""
+    c = _tiny_config(batch)
+    c.model.update(d_model=256, d_ff=1024, vocab_size=2048)
+    return c
+
+
 @needs_libtpu
 def test_every_stage_and_lora_compile_for_v5p_with_what_they_hold():
     """The fit check builds the trainer's program: pair stages carry [B, 2, L] batches, DPO's
@@ -87,7 +95,7 @@ def test_every_stage_and_lora_compile_for_v5p_with_what_they_hold():
     reports = {}
     for name, stage, rank in [("sft", "sft", 0), ("reward", "reward", 0), ("dpo", "dpo", 0),
                               ("dpo_lora", "dpo", 8)]:
-        c = _tiny_config(batch=8)
+        c = _stage_config(batch=8)
         c.stage = stage
         c.log.sample_every = 0
         c.model.lora.rank = rank
@@ -95,7 +103,7 @@ def test_every_stage_and_lora_compile_for_v5p_with_what_they_hold():
             c.init_from.path = "/sft/checkpoints"  # only read when training
         reports[name] = _check_fit(c, "v5p-8")
         assert reports[name].fits and not reports[name].compiler_error, name
-    params = scaling.count_params(config_lib.model_config(_tiny_config(batch=8)))["total"]
+    params = scaling.count_params(config_lib.model_config(_stage_config(batch=8)))["total"]
     # Policy, two Adam moments and the frozen reference, float32, on every device.
     assert reports["dpo"].argument_bytes >= 4 * 4 * params > reports["sft"].argument_bytes
     # LoRA drops the base weights' two moments (adapters and their moments add a little back).
