@@ -487,7 +487,7 @@ def driver_main(args) -> int:
               " peak mem = memory_stats peak_bytes_in_use of the case's own process; XLA est ="
               " compiled memory_analysis arguments + outputs - aliased + temp.\n")
     if "error" in info:
-        header += f"\ndevice probe failed: {info['error']}\n"
+        header += f"\ndevice check failed: {info['error']}\n"
     print(header, flush=True)
     with open(md_path, "a") as f:
         f.write(header + "\n" + HEADER + "\n" + RULE + "\n")
@@ -552,7 +552,7 @@ def driver_main(args) -> int:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--budget_s", type=float, default=420.0,
-                   help="Wall-time budget of the whole suite, the device probe and profile too.")
+                   help="Wall-time budget of the whole suite, the device check and profile too.")
     p.add_argument("--grace_s", type=float, default=20.0,
                    help="A running case is killed this long after the budget.")
     p.add_argument("--cases", default="", help="Comma-separated substrings or globs of case "

@@ -83,8 +83,8 @@ class HFTokenizer:
             self.chat_template = _chat_template(config)
         self.special_tokens = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items()
                                if t.special}
-        probe = self._tok.encode("a", add_special_tokens=True).ids
-        self.add_bos = bool(probe) and self.bos_id >= 0 and probe[0] == self.bos_id
+        ids_of_a = self._tok.encode("a", add_special_tokens=True).ids
+        self.add_bos = bool(ids_of_a) and self.bos_id >= 0 and ids_of_a[0] == self.bos_id
 
     def _special_id(self, key: str) -> int:
         token = self.special_token_strings.get(key)
