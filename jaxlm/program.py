@@ -33,7 +33,13 @@ from jaxlm.models.attention import resolve_attention
 from jaxlm.optim import learning_rate_schedule, make_optimizer, train_only
 from jaxlm.stages import get_stage
 from jaxlm.stages.stage import Stage
-from jaxlm.train_state import TrainState, abstract_boxed_params, state_shardings
+from jaxlm.train_state import (
+    TrainState,
+    abstract_state,
+    create_from_params,
+    init_sharded_state,
+    state_shardings,
+)
 
 
 @dataclasses.dataclass
@@ -112,14 +118,8 @@ class Program:
 
     def init_state(self, rng: jax.Array) -> TrainState:
         """Fresh params and optimizer state, each shard written in place (abstract-first)."""
-        model, tx, seq_len = self.model, self.tx, self.config.data.seq_len
-
-        def init(rng_: jax.Array) -> TrainState:
-            params = nn.meta.unbox(model.init(rng_, jnp.zeros((1, seq_len), jnp.int32))["params"])
-            return TrainState.create(params, tx)
-
-        with sharding.activate(self.mesh):
-            return jax.jit(init, out_shardings=self.state_shardings)(rng)
+        return init_sharded_state(self.model, self.tx, self.mesh, rng, self.config.data.seq_len,
+                                  self.state_shardings)[0]
 
     def init_params(self, rng: jax.Array) -> Any:
         """Fresh params only (no optimizer state), sharded like the state's."""
@@ -131,8 +131,7 @@ class Program:
     def state_from_params(self, params: Any) -> TrainState:
         """A fresh TrainState (step 0, new optimizer state) around existing params."""
         with sharding.activate(self.mesh):
-            return jax.jit(lambda p: TrainState.create(p, self.tx),
-                           out_shardings=self.state_shardings)(params)
+            return create_from_params(params, self.tx, self.state_shardings)
 
 
 def make_tx(config: ml_collections.ConfigDict, lr_schedule: optax.Schedule,
@@ -189,10 +188,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, *, vocab_size: int | No
     tx = make_tx(config, lr_schedule, updates)
     seq_len = config.data.seq_len
     shardings = state_shardings(model, tx, mesh, seq_len)
-    params = nn.meta.unbox(abstract_boxed_params(model, seq_len))
-    shapes = jax.eval_shape(lambda p: TrainState.create(p, tx), params)
-    abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                            shapes, shardings)
+    abstract = abstract_state(model, tx, shardings, seq_len)
     batch = abstract_batch(stage, config, mesh)
     batch_sh = {k: v.sharding for k, v in batch.items()}
     uses_reference = stage.reference_mode(config) == "jit"

@@ -178,10 +178,12 @@ def create_from_params(params: Any, tx: optax.GradientTransformation,
 
 
 def init_sharded_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,
-                       rng: jax.Array, seq_len: int) -> tuple[TrainState, TrainState]:
+                       rng: jax.Array, seq_len: int, shardings: TrainState | None = None
+                       ) -> tuple[TrainState, TrainState]:
     """Abstract-first init: shapes -> shardings -> a jitted init that writes each shard in place,
-    so the full state never sits on one device. Returns (state, its shardings)."""
-    shardings = state_shardings(model, tx, mesh, seq_len)
+    so the full state never sits on one device. Returns (state, its shardings); `shardings`:
+    the state's, when the caller already has them."""
+    shardings = shardings or state_shardings(model, tx, mesh, seq_len)
 
     def init(rng_: jax.Array) -> TrainState:
         params = nn.meta.unbox(model.init(rng_, jnp.zeros((1, seq_len), jnp.int32))["params"])
