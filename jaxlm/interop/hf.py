@@ -24,6 +24,7 @@ and frees one HF tensor at a time (peak: about the largest param).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -33,14 +34,13 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
 
 from jaxlm import checkpoint as ckpt_lib
 from jaxlm import config as config_lib
 from jaxlm.data import hf_tokenizer
 from jaxlm.data.tokenizer import load_tokenizer
-from jaxlm.interop import hf_config, hf_weights, safetensors_io
+from jaxlm.interop import hf_config, hf_weights, safetensors_io, streamed_params
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.transformer import Transformer
 from jaxlm.train_state import abstract_boxed_params
@@ -183,43 +183,12 @@ def import_hf(hf_dir: str, out_dir: str, *, param_dtype: str = "float32",
     c = run_config(fields, param_dtype, tokenizer_path)
     cfg = config_lib.model_config(c)
 
-    dtype = np.dtype(cfg.weight_dtype)
-    # np.zeros pages in lazily: memory grows as tensors arrive; vocab padding rows stay 0.
-    params = {path: np.zeros(leaf.shape, dtype)
-              for path, leaf in _flat(abstract_params(cfg)).items()}
-    maps = {m.name: m for m in hf_weights.tensor_maps(cfg)}
-    done, unknown = set(), []
-    for name, load in safetensors_io.iter_tensors(files):
-        canonical = hf_weights.canonical_name(name, cfg)
-        if canonical is None:
-            continue
-        if canonical not in maps:
-            unknown.append(name)
-            continue
-        m = maps[canonical]
-        hf_array = load()
-        if tuple(hf_array.shape) != m.shape:
-            raise ValueError(f"{name}: shape {tuple(hf_array.shape)} in the safetensors file, "
-                             f"but config.json implies {m.shape}")
-        for path, value in zip(m.params, m.to_jaxlm(hf_array)):
-            full, index = hf_weights.param_slot(cfg, path, m.layer)
-            target = params[full] if index is None else params[full][index]
-            target[tuple(slice(0, s) for s in value.shape)] = value  # vocab rows: the first V
-            done.add((full, index))
-        del hf_array, maps[canonical]
-    if unknown:
-        raise ValueError(f"{hf_dir}: tensors that a {hf['model_type']} model with this "
-                         f"config.json does not have: {unknown[:8]}"
-                         f"{' ...' if len(unknown) > 8 else ''}")
-    if maps:
-        raise ValueError(f"{hf_dir}: missing tensors {sorted(maps)[:8]}"
-                         f"{' ...' if len(maps) > 8 else ''}")
-    _check_covered(cfg, params, done)
-
+    sources = _check_tensors(hf_dir, hf["model_type"], cfg, files)
     extra = {"tokenizer_path": tokenizer_path, "tokenizer_sha256": tokenizer_sha,
              "hf_source": hf_dir, "hf_model_type": hf["model_type"]}
-    _save_params(os.path.join(out_dir, CHECKPOINTS), _nest(params), c, extra)
-    del params
+    params = _lazy_params(cfg, sources)
+    streamed_params.save_params(os.path.join(out_dir, CHECKPOINTS), IMPORT_STEP, _nest(params),
+                                json.loads(c.to_json_best_effort()), extra)
     file_config = ml_collections.ConfigDict(c.to_dict())
     file_config.init_from.path = os.path.join(out_dir, CHECKPOINTS)
     _write_config_file(os.path.join(out_dir, CONFIG_FILE), file_config, fields, hf_dir)
@@ -227,40 +196,107 @@ def import_hf(hf_dir: str, out_dir: str, *, param_dtype: str = "float32",
     return c
 
 
-def _save_params(directory: str, params: dict[str, Any], c: ml_collections.ConfigDict,
-                 extra: dict[str, Any]) -> None:
-    """Writes step IMPORT_STEP the way `jaxlm.checkpoint.Checkpointer` lays a checkpoint out
-    (state/ with the params under "params", config/, extra/), but without the copy of every
-    host array that orbax makes by default (for asynchronous saves), which would double the
-    peak memory of the import, and without OCDBT, whose writer holds the compressed data of
-    all arrays until the commit (+0.8x the model, measured); every array gets its own zarr
-    directory instead. `restore_params` reads both layouts."""
-    numpy_no_copy = ocp.type_handlers.create_type_handler_registry(
-        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
-    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
-    registry.add(ckpt_lib.STATE, ocp.args.PyTreeSave,
-                 ocp.PyTreeCheckpointHandler(type_handler_registry=numpy_no_copy, use_ocdbt=False))
-    for name in ckpt_lib.JSON_ITEMS:
-        registry.add(name, ocp.args.JsonSave, ocp.handlers.JsonCheckpointHandler())
-    options = ocp.CheckpointManagerOptions(
-        step_name_format=ocp.path.step.standard_name_format(), create=True,
-        enable_async_checkpointing=False)
-    with ocp.CheckpointManager(directory, options=options, handler_registry=registry) as mngr:
-        mngr.save(IMPORT_STEP, args=ocp.args.Composite(**{
-            ckpt_lib.STATE: ocp.args.PyTreeSave({"params": params}),
-            ckpt_lib.CONFIG: ocp.args.JsonSave(json.loads(c.to_json_best_effort())),
-            ckpt_lib.EXTRA: ocp.args.JsonSave(extra)}))
+def _check_tensors(hf_dir: str, model_type: str, cfg: ModelConfig, files: list[str]
+                   ) -> dict[str, tuple[str, str]]:
+    """(file, name in it) of every HF tensor the model needs, by its `tensor_maps` name; from
+    the safetensors headers alone, so an unknown, missing or misshapen tensor is reported
+    before anything is read or written."""
+    maps = {m.name: m for m in hf_weights.tensor_maps(cfg)}
+    sources, unknown = {}, []
+    for name, path, shape in safetensors_io.tensor_index(files):
+        canonical = hf_weights.canonical_name(name, cfg)
+        if canonical is None:
+            continue
+        if canonical not in maps or canonical in sources:
+            unknown.append(name)
+            continue
+        if shape != maps[canonical].shape:
+            raise ValueError(f"{name}: shape {shape} in the safetensors file, but config.json "
+                             f"implies {maps[canonical].shape}")
+        sources[canonical] = (path, name)
+    if unknown:
+        raise ValueError(f"{hf_dir}: tensors that a {model_type} model with this config.json "
+                         f"does not have: {unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
+    missing = sorted(set(maps) - set(sources))
+    if missing:
+        raise ValueError(f"{hf_dir}: missing tensors {missing[:8]}"
+                         f"{' ...' if len(missing) > 8 else ''}")
+    return sources
 
 
-def _check_covered(cfg: ModelConfig, params: dict, done: set) -> None:
-    """Every jaxlm param (every layer of a stacked one) was written by some HF tensor."""
-    for path, array in params.items():
+Group = tuple[frozenset[tuple[str, ...]], tuple[hf_weights.TensorMap, ...]]
+
+
+def _param_groups(cfg: ModelConfig) -> list[Group]:
+    """The jaxlm params that HF tensors fill together (e.g. GPT-2's q, k, v from c_attn, or
+    every layer of a stacked param), each with those tensors; the groups are disjoint."""
+    groups: list[Group] = []
+    for m in hf_weights.tensor_maps(cfg):
+        leaves = frozenset(hf_weights.param_slot(cfg, p, m.layer)[0] for p in m.params)
+        joined = [g for g in groups if g[0] & leaves]
+        groups = [g for g in groups if not g[0] & leaves]
+        groups.append((leaves.union(*(g[0] for g in joined)),
+                       (*(mm for g in joined for mm in g[1]), m)))
+    return sorted(groups, key=lambda g: sorted(g[0]))
+
+
+def _check_covered(cfg: ModelConfig, abstract: dict[tuple[str, ...], Any],
+                   groups: list[Group]) -> None:
+    """Every jaxlm param (every layer of a stacked one) is filled by some HF tensor."""
+    done = {hf_weights.param_slot(cfg, p, m.layer) for _, maps in groups for m in maps
+            for p in m.params}
+    for path, leaf in abstract.items():
         stacked = cfg.scan_layers and path[0] == "blocks"
-        slots = [(path, i) for i in range(array.shape[0])] if stacked else [(path, None)]
+        slots = [(path, i) for i in range(leaf.shape[0])] if stacked else [(path, None)]
         missing = [s for s in slots if s not in done]
         if missing:
             raise AssertionError(f"jaxlm param {'/'.join(path)} (layers "
                                  f"{[i for _, i in missing]}) has no HF tensor in the mapping")
+
+
+class _GroupAssembler:
+    """Builds the jaxlm params one group at a time from the HF tensors that fill it.
+
+    Each param is handed out once; the group's arrays go when its last param is handed out (and
+    written), and any group still held is dropped before the next one is built."""
+
+    def __init__(self, cfg: ModelConfig, abstract: dict[tuple[str, ...], Any],
+                 sources: dict[str, tuple[str, str]], groups: list[Group]):
+        self._cfg, self._abstract, self._sources, self._groups = cfg, abstract, sources, groups
+        self._dtype = np.dtype(cfg.weight_dtype)
+        self._ready: dict[tuple[str, ...], np.ndarray] = {}
+
+    def make(self, path: tuple[str, ...], group: int) -> np.ndarray:
+        if path not in self._ready:
+            self._ready = {}
+            self._ready = self._assemble(*self._groups[group])
+        return self._ready.pop(path)
+
+    def _assemble(self, leaves: frozenset[tuple[str, ...]],
+                  maps: tuple[hf_weights.TensorMap, ...]) -> dict[tuple[str, ...], np.ndarray]:
+        # Zeroed arrays page in as the tensors arrive; vocab padding rows stay 0.
+        arrays = {p: np.zeros(self._abstract[p].shape, self._dtype) for p in leaves}
+        for m in maps:
+            hf_array = safetensors_io.read_tensor(*self._sources[m.name])
+            for path, value in zip(m.params, m.to_jaxlm(hf_array)):
+                full, index = hf_weights.param_slot(self._cfg, path, m.layer)
+                target = arrays[full] if index is None else arrays[full][index]
+                target[tuple(slice(0, s) for s in value.shape)] = value  # vocab: the first V
+            del hf_array
+        return arrays
+
+
+def _lazy_params(cfg: ModelConfig, sources: dict[str, tuple[str, str]]
+                 ) -> dict[tuple[str, ...], streamed_params.LazyParam]:
+    """Every jaxlm param as a `LazyParam` that reads its HF tensors when it is written."""
+    abstract = _flat(abstract_params(cfg))
+    groups = _param_groups(cfg)
+    _check_covered(cfg, abstract, groups)
+    assembler = _GroupAssembler(cfg, abstract, sources, groups)
+    return {path: streamed_params.LazyParam(
+                abstract[path].shape, np.dtype(cfg.weight_dtype),
+                functools.partial(assembler.make, path, g), group=f"{g:06d}")
+            for g, (leaves, _) in enumerate(groups) for path in sorted(leaves)}
 
 
 def _checkpoint_directory(path: str) -> str:

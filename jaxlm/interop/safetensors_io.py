@@ -1,7 +1,9 @@
 """Reading and writing safetensors one tensor at a time.
 
 Reading goes through `safetensors.safe_open`, which memory-maps a file and copies out only the
-tensor asked for. Writing uses the format directly (an 8-byte little-endian header length, a
+tensor asked for; `tensor_index` lists names and shapes from the headers alone, so a converter
+can check a whole model before reading any data and then read tensors in the order it needs.
+Writing uses the format directly (an 8-byte little-endian header length, a
 JSON header of names, dtypes, shapes and byte ranges, then the raw bytes), because the library
 only writes whole dicts: knowing every shape in advance, the header goes first and each tensor
 is produced, written and freed in turn. A model larger than `max_shard_bytes` is split into
@@ -60,9 +62,11 @@ def _corrupt(path: str, e: Exception) -> DataError:
                      f"{' '.join(str(e).split())}); download or convert it again", path=path)
 
 
-def _read(path: str, name: str) -> np.ndarray:
-    # A fresh safe_open per tensor: the file stays memory-mapped only while one tensor is
-    # copied out, so mapped pages of tensors already converted never count towards the RSS.
+def read_tensor(path: str, name: str) -> np.ndarray:
+    """The tensor `name` of the file `path`, read alone.
+
+    A fresh safe_open per tensor: the file stays memory-mapped only while one tensor is copied
+    out, so mapped pages of tensors already converted never count towards the RSS."""
     try:
         with safe_open(path, framework="numpy") as f:
             return f.get_tensor(name)
@@ -79,7 +83,19 @@ def iter_tensors(paths: Sequence[str]) -> Iterator[tuple[str, Callable[[], np.nd
         except Exception as e:  # noqa: BLE001
             raise _corrupt(path, e) from e
         for name in names:
-            yield name, lambda path=path, name=name: _read(path, name)
+            yield name, lambda path=path, name=name: read_tensor(path, name)
+
+
+def tensor_index(paths: Sequence[str]) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(name, file, shape) of every tensor of the files, from their headers (no data read)."""
+    out = []
+    for path in paths:
+        try:
+            with safe_open(path, framework="numpy") as f:
+                out += [(name, path, tuple(f.get_slice(name).get_shape())) for name in f.keys()]
+        except Exception as e:  # noqa: BLE001
+            raise _corrupt(path, e) from e
+    return out
 
 
 def dtype_code(dtype: np.dtype) -> str:
