@@ -227,7 +227,7 @@ def _check_tensors(hf_dir: str, model_type: str, cfg: ModelConfig, files: list[s
 Group = tuple[frozenset[tuple[str, ...]], tuple[hf_weights.TensorMap, ...]]
 
 
-def _param_groups(cfg: ModelConfig) -> list[Group]:
+def param_groups(cfg: ModelConfig) -> list[Group]:
     """The jaxlm params that HF tensors fill together (e.g. GPT-2's q, k, v from c_attn, or
     every layer of a stacked param), each with those tensors; the groups are disjoint."""
     groups: list[Group] = []
@@ -238,6 +238,15 @@ def _param_groups(cfg: ModelConfig) -> list[Group]:
         groups.append((leaves.union(*(g[0] for g in joined)),
                        (*(mm for g in joined for mm in g[1]), m)))
     return sorted(groups, key=lambda g: sorted(g[0]))
+
+
+def largest_group_bytes(cfg: ModelConfig) -> int:
+    """Bytes of the largest group of params that the import makes at once (its memory bound,
+    docs/hf.md "Memory")."""
+    abstract = _flat(abstract_params(cfg))
+    itemsize = np.dtype(cfg.weight_dtype).itemsize
+    return max(sum(int(np.prod(abstract[p].shape, dtype=np.int64)) for p in leaves)
+               for leaves, _ in param_groups(cfg)) * itemsize
 
 
 def _check_covered(cfg: ModelConfig, abstract: dict[tuple[str, ...], Any],
@@ -290,7 +299,7 @@ def _lazy_params(cfg: ModelConfig, sources: dict[str, tuple[str, str]]
                  ) -> dict[tuple[str, ...], streamed_params.LazyParam]:
     """Every jaxlm param as a `LazyParam` that reads its HF tensors when it is written."""
     abstract = _flat(abstract_params(cfg))
-    groups = _param_groups(cfg)
+    groups = param_groups(cfg)
     _check_covered(cfg, abstract, groups)
     assembler = _GroupAssembler(cfg, abstract, sources, groups)
     return {path: streamed_params.LazyParam(

@@ -10,14 +10,17 @@ when every array and the metadata are on disk (a crash leaves no checkpoint that
 and `jaxlm.checkpoint.restore_params` / `init_from` read the result like any other checkpoint.
 
 Peak host memory: one group of params (those made together because they share an input, e.g.
-GPT-2's q, k and v from one tensor) plus whatever making them needs, plus tensorstore's buffers
-for the one array being written.
+GPT-2's q, k and v from one tensor) plus whatever making them needs, or the param being written
+plus tensorstore's compressed copy of it; the heap freed by each write is handed back to the OS
+before the next param is made.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -62,6 +65,7 @@ class _LazyParamHandler(ocp.type_handlers.NumpyHandler):
         order = sorted(range(len(values)), key=lambda i: (values[i].group, infos[i].name))
         for i in order:
             value, info = values[i], infos[i]
+            _release_freed_memory()  # what the previous write freed, before the next param
             array = await asyncio.to_thread(value.make)
             if array.shape != tuple(value.shape) or array.dtype != np.dtype(value.dtype):
                 raise ValueError(f"param {info.name}: made {array.shape} {array.dtype}, "
@@ -70,6 +74,26 @@ class _LazyParamHandler(ocp.type_handlers.NumpyHandler):
             del array  # the write holds its own reference until it completes
             for write in writes:
                 await asyncio.to_thread(write.result)
+            del writes  # a finished write still refers to its array
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc
+    except (OSError, AttributeError):
+        return None
+
+
+def _release_freed_memory() -> None:
+    """Returns the heap memory freed by the last write to the OS.
+
+    glibc otherwise keeps it in its arenas: tensorstore's compressed copy of each param stays
+    resident while the next one is made, and the RSS climbed by about the largest param plus its
+    compressed copy (0.8 GiB for a 1.2B model) over an import. A no-op without glibc."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def save_params(directory: str, step: int, params: dict[str, Any], config: dict[str, Any],
