@@ -16,10 +16,12 @@
 `max_shard_bytes`) that `transformers.AutoModelForCausalLM.from_pretrained` loads, and the
 tokenizer files back.
 
-Memory: import reads each HF tensor lazily (`safe_open`), writes it into the jaxlm arrays being
-built and frees it, so the peak is about the output params plus one tensor (never the HF model and
-the jaxlm model both whole). Export restores one group of params at a time and produces, writes
-and frees one HF tensor at a time (peak: about the largest param).
+Memory: import checks every tensor from the safetensors headers, then saves the params as lazy
+leaves (`streamed_params`): each group of params is built from its HF tensors (read one at a
+time with `safe_open`) only when orbax writes it, and dropped after, so the peak is about one
+param group plus one HF tensor, never the output model whole. Export restores one group of
+params at a time and produces, writes and frees one HF tensor at a time (peak: about the largest
+param). docs/hf.md "Memory" states both bounds.
 """
 
 from __future__ import annotations

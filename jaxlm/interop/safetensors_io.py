@@ -3,10 +3,10 @@
 Reading goes through `safetensors.safe_open`, which memory-maps a file and copies out only the
 tensor asked for; `tensor_index` lists names and shapes from the headers alone, so a converter
 can check a whole model before reading any data and then read tensors in the order it needs.
-Writing uses the format directly (an 8-byte little-endian header length, a
-JSON header of names, dtypes, shapes and byte ranges, then the raw bytes), because the library
-only writes whole dicts: knowing every shape in advance, the header goes first and each tensor
-is produced, written and freed in turn. A model larger than `max_shard_bytes` is split into
+Writing uses the format directly (an 8-byte little-endian header length, a JSON header of names,
+dtypes, shapes and byte ranges, then the raw bytes), because the library only writes whole
+dicts: knowing every shape in advance, the header goes first and each tensor is produced,
+written and freed in turn. A model larger than `max_shard_bytes` is split into
 `model-0000i-of-0000n.safetensors` files plus the `model.safetensors.index.json` that
 transformers reads.
 """

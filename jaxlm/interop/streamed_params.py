@@ -79,6 +79,7 @@ class _LazyParamHandler(ocp.type_handlers.NumpyHandler):
 
 @functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's `malloc_trim`, or None where the C library has none."""
     try:
         return ctypes.CDLL(None).malloc_trim  # glibc
     except (OSError, AttributeError):
@@ -88,9 +89,9 @@ def _malloc_trim() -> Callable[[int], int] | None:
 def _release_freed_memory() -> None:
     """Returns the heap memory freed by the last write to the OS.
 
-    glibc otherwise keeps it in its arenas: tensorstore's compressed copy of each param stays
-    resident while the next one is made, and the RSS climbed by about the largest param plus its
-    compressed copy (0.8 GiB for a 1.2B model) over an import. A no-op without glibc."""
+    glibc otherwise keeps much of it in its arenas, tensorstore's compressed copies of earlier
+    params stay resident while later ones are made, and the RSS keeps climbing (an import of a
+    1.2B bfloat16 model peaked at 1.88 GiB instead of 1.26). A no-op without glibc."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
