@@ -4,6 +4,7 @@ The HF models are built locally (CPU torch, random weights, save_pretrained); no
 downloaded.
 """
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -64,6 +65,12 @@ CASES = {
                dict(_LLAMA, vocab_size=300, num_key_value_heads=2, head_dim=8,
                     sliding_window=5, attn_logit_softcapping=None,
                     final_logit_softcapping=None), None),
+    # Gemma 2 as released: attention and final logit soft-capping, here with caps low enough
+    # to bend most scores and logits (asserted below); eager attention in transformers.
+    "gemma2_softcap": (transformers.Gemma2Config,
+                       dict(_LLAMA, vocab_size=300, num_key_value_heads=2, head_dim=8,
+                            sliding_window=5, attn_logit_softcapping=1.0,
+                            final_logit_softcapping=1.5, attn_implementation="eager"), None),
     # q/k/v biases, tied.
     "qwen2_bias": (transformers.Qwen2Config,
                    dict(_LLAMA, vocab_size=300, num_key_value_heads=2,
@@ -138,6 +145,11 @@ def test_import_logits_match_transformers_and_export_round_trips(case, tmp_path,
     assert logits.shape[-1] == cfg.padded_vocab_size
     assert np.all(logits[..., vocab:] == -1e9)
     np.testing.assert_allclose(logits[..., :vocab], reference, atol=1e-4, rtol=0)
+    for key in ("attn_logit_softcap", "final_logit_softcap"):  # each cap changes the logits
+        if getattr(cfg, key):
+            uncapped = Transformer(dataclasses.replace(cfg, **{key: 0.0})).apply(
+                {"params": params}, TOKENS)
+            assert np.max(np.abs(np.asarray(uncapped)[..., :vocab] - reference)) > 0.05, key
     embed = np.asarray(params["embed"])
     assert np.all(embed[vocab:] == 0)  # padding rows
 
