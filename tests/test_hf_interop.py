@@ -211,6 +211,7 @@ def _llama_json(**overrides):
     (dict(model_type="gpt2", vocab_size=300, n_positions=32, n_embd=32, n_layer=2, n_head=4,
           activation_function="relu"), "activation_function"),
     (_llama_json(model_type="falcon"), "model_type"),
+    (_llama_json(model_type="gemma2", attn_logit_softcapping=-50.0), "attn_logit_softcapping"),
 ])
 def test_unsupported_hf_features_name_the_config_json_key(hf_json, key):
     with pytest.raises(ValueError, match=f"config.json key {key}:"):
@@ -231,6 +232,9 @@ def test_export_rejects_models_without_a_hf_architecture():
                       head_dim=8, d_ff=64, max_seq_len=16, norm="layernorm")
     with pytest.raises(ValueError, match="model.norm"):
         hf_config.hf_config(cfg, "float32")
+    capped = dataclasses.replace(cfg, norm="rmsnorm", final_logit_softcap=30.0)
+    with pytest.raises(ValueError, match="model.final_logit_softcap"):  # no Llama caps logits
+        hf_config.hf_config(capped, "float32")
 
 
 def test_gpt2_hub_names_buffers_and_tensor_errors(tmp_path):
