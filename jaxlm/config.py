@@ -108,6 +108,10 @@ def base_config() -> ml_collections.ConfigDict:
     m.qk_norm = False
     m.attn_scale_dim = 0.0
     m.embed_scale = False
+    # Logit soft-capping C * tanh(x / C) (Gemma 2; 0 = off): of the attention scores (after
+    # scaling, before masking) and of the vocab logits.
+    m.attn_logit_softcap = 0.0
+    m.final_logit_softcap = 0.0
     # Norm epsilon.
     m.norm_eps = 1e-5
     # Stored parameter dtype.

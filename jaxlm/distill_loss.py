@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from jaxlm import sharding
-from jaxlm.loss import _LOGITS, _chunk_len, _chunk_logits, _head_grads, _HeadSpec
+from jaxlm.loss import _LOGITS, _chunk_len, _chunk_logits, _head_grads, _HeadSpec, _through_softcap
 
 KINDS = ("forward", "reverse", "jsd")
 
@@ -77,7 +77,8 @@ def _ce_BxL(student_BxLxV: jax.Array, targets_BxL: jax.Array) -> tuple[jax.Array
 def distill_sums(spec: DistillSpec, hidden_BxLxD: jax.Array, head_VxD: jax.Array,
                  teacher_hidden_BxLxE: jax.Array, teacher_head_VxE: jax.Array,
                  targets_BxL: jax.Array, mask_BxL: jax.Array, *, vocab_size: int,
-                 alpha: float = 0.5, chunk_tokens: int = 512) -> dict[str, jax.Array]:
+                 alpha: float = 0.5, chunk_tokens: int = 512, logit_softcap: float = 0.0,
+                 teacher_logit_softcap: float = 0.0) -> dict[str, jax.Array]:
     """Masked sums {loss_sum, nll_sum, kd_sum, correct, num_tokens} over [B, L], chunked over
     L, where loss_sum = alpha * nll_sum + (1 - alpha) * kd_sum.
 
@@ -86,7 +87,9 @@ def distill_sums(spec: DistillSpec, hidden_BxLxD: jax.Array, head_VxD: jax.Array
     student's hidden and head only. As in `fused_cross_entropy_sum`, the gradient of loss_sum
     is produced in the forward pass from closed forms (d nll / d s = softmax(s) - onehot;
     d (T^2 D) / d s = T q (g - <q, g>) with g = dD/dq), so each chunk's logits are built once;
-    gradients of nll_sum or kd_sum alone recompute the chunks.
+    gradients of nll_sum or kd_sum alone recompute the chunks. `logit_softcap` and
+    `teacher_logit_softcap` soft-cap each model's logits as its head does
+    (model.final_logit_softcap).
     """
     b, length, _ = hidden_BxLxD.shape
     chunk_len = _chunk_len(length, max(1, chunk_tokens // b))
@@ -96,7 +99,8 @@ def distill_sums(spec: DistillSpec, hidden_BxLxD: jax.Array, head_VxD: jax.Array
         return jnp.swapaxes(a.reshape(b, n, chunk_len, *a.shape[2:]), 0, 1)
 
     mask_BxL = mask_BxL.astype(jnp.float32)
-    fused = _FusedSpec(spec, _HeadSpec(0.0, vocab_size), float(alpha))
+    fused = _FusedSpec(spec, _HeadSpec(0.0, vocab_size, float(logit_softcap)), float(alpha),
+                       _HeadSpec(0.0, vocab_size, float(teacher_logit_softcap)))
     loss_sum, nll_sum, kd_sum, correct = _fused_distill(
         fused, chunked(hidden_BxLxD), head_VxD,
         chunked(jax.lax.stop_gradient(teacher_hidden_BxLxE)),
@@ -111,6 +115,7 @@ class _FusedSpec(NamedTuple):
     distill: DistillSpec
     head: _HeadSpec
     alpha: float
+    teacher_head: _HeadSpec
 
 
 def _log_softmax(x: jax.Array) -> jax.Array:
@@ -123,7 +128,7 @@ def _chunk(fs: _FusedSpec, x_BxCxD, head_DxV, tx_BxCxE, thead_ExV, t_BxC, m_BxC,
     c_nll * nll_sum + c_kd * kd_sum w.r.t. the chunk's float32 student logits."""
     spec, temp = fs.distill, fs.distill.temperature
     s = _chunk_logits(fs.head, x_BxCxD, head_DxV)
-    te = _chunk_logits(fs.head, tx_BxCxE, thead_ExV) / temp
+    te = _chunk_logits(fs.teacher_head, tx_BxCxE, thead_ExV) / temp
     logs = _log_softmax(s)
     nll_BxC = -jnp.take_along_axis(logs, t_BxC[..., None], axis=-1)[..., 0]
     hit_BxC = (jnp.argmax(s, axis=-1) == t_BxC).astype(jnp.float32)
@@ -159,7 +164,7 @@ def _chunk(fs: _FusedSpec, x_BxCxD, head_DxV, tx_BxCxE, thead_ExV, t_BxC, m_BxC,
     d = m_BxC[..., None] * (c_nll * d_ce + (c_kd * temp) * d_a)
     if fs.head.vocab_size != s.shape[-1]:
         d = jnp.where(jnp.arange(s.shape[-1]) < fs.head.vocab_size, d, 0.0)
-    return sums, sharding.constrain(d, _LOGITS)
+    return sums, _through_softcap(fs.head, s, sharding.constrain(d, _LOGITS))
 
 
 def _scan(fs: _FusedSpec, x, head_VxD, tx, thead_VxE, t, m, coefs=None):

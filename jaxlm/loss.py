@@ -12,6 +12,10 @@ Two ways to get the same numbers:
 `token_logps(hidden, head, targets)` gives the per-token log p(target) [B, L] (and optionally the
 entropy) the same chunked way, with a backward pass that recomputes each chunk's logits; the
 sequence-level losses (DPO, scoring, RL) build on it.
+
+Both take `logit_softcap` (`ModelConfig.final_logit_softcap`): the logits they build are then
+C * tanh(logits / C), as the model's head returns them, and their backward passes include the
+factor 1 - tanh^2.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from jaxlm import sharding
+from jaxlm.models.softcap import softcap, softcap_grad
 
 _LOGITS = ("act_batch", "act_length", "act_vocab")
 
@@ -98,14 +103,15 @@ _ce_sums.defvjp(_ce_sums_fwd, _ce_sums_bwd)
 
 def fused_cross_entropy_sum(hidden_BxLxD: jax.Array, head_VxD: jax.Array, targets_BxL: jax.Array,
                             mask_BxL: jax.Array, z_loss: float = 0.0, *,
-                            vocab_size: int | None = None, chunk_tokens: int = 512
+                            vocab_size: int | None = None, chunk_tokens: int = 512,
+                            logit_softcap: float = 0.0
                             ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """`cross_entropy_sum` of the logits `hidden @ head.T`, without materialising them.
 
     Equals `cross_entropy_sum(logits, targets, mask, z_loss)` where logits are what
-    `Transformer` returns: `einsum(hidden, head)` in the compute dtype, cast to float32, entries
-    `>= vocab_size` set to -1e9. The logits exist only for `chunk_tokens` tokens (a slice of the
-    sequence over the whole batch) at a time.
+    `Transformer` returns: `einsum(hidden, head)` in the compute dtype, cast to float32,
+    soft-capped (`logit_softcap` > 0), entries `>= vocab_size` set to -1e9. The logits exist
+    only for `chunk_tokens` tokens (a slice of the sequence over the whole batch) at a time.
 
     Under `jax.grad` the gradient w.r.t. hidden and head is produced in the forward pass (three
     head matmuls per token, like plain autodiff, and no [B*L, V] array is kept); the backward
@@ -118,6 +124,7 @@ def fused_cross_entropy_sum(hidden_BxLxD: jax.Array, head_VxD: jax.Array, target
       targets_BxL, mask_BxL, z_loss: as in `cross_entropy_sum`.
       vocab_size: real vocabulary size (<= V); None means V.
       chunk_tokens: tokens per chunk (B * chunk length); the chunk length divides L.
+      logit_softcap: C > 0: the logits are C * tanh(logits / C) (model.final_logit_softcap).
     """
     b, length, _ = hidden_BxLxD.shape
     vocab = head_VxD.shape[0]
@@ -128,7 +135,7 @@ def fused_cross_entropy_sum(hidden_BxLxD: jax.Array, head_VxD: jax.Array, target
     def chunked(a: jax.Array) -> jax.Array:  # [B, L, ...] -> [L/chunk, B, chunk, ...]
         return jnp.swapaxes(a.reshape(b, n, chunk_len, *a.shape[2:]), 0, 1)
 
-    spec = _HeadSpec(float(z_loss), vocab_size)
+    spec = _HeadSpec(float(z_loss), vocab_size, float(logit_softcap))
     loss_sum, nll_sum, z_sum, correct = _fused_ce(
         spec, chunked(hidden_BxLxD), head_VxD, chunked(targets_BxL),
         chunked(mask_BxL.astype(jnp.float32)))
@@ -151,12 +158,13 @@ class _HeadSpec(NamedTuple):
 
     z_loss: float
     vocab_size: int
+    softcap: float = 0.0  # C * tanh(logits / C) when > 0
 
 
 def _chunk_logits(spec: _HeadSpec, x_BxCxD: jax.Array, head_DxV: jax.Array) -> jax.Array:
     """float32 logits of one chunk, exactly as the model's head computes them."""
     logits = jnp.einsum("bcd,dv->bcv", x_BxCxD, head_DxV).astype(jnp.float32)
-    logits = sharding.constrain(logits, _LOGITS)
+    logits = sharding.constrain(softcap(logits, spec.softcap), _LOGITS)
     if spec.vocab_size != head_DxV.shape[1]:
         real_V = jnp.arange(head_DxV.shape[1]) < spec.vocab_size
         logits = jnp.where(real_V, logits, -1e9)
@@ -175,6 +183,15 @@ def _chunk_dlogits(spec: _HeadSpec, logits_BxCxV, log_z_BxC, t_BxC, m_BxC, coef_
     if spec.vocab_size != logits_BxCxV.shape[-1]:
         d = jnp.where(jnp.arange(logits_BxCxV.shape[-1]) < spec.vocab_size, d, 0.0)
     return sharding.constrain(d, _LOGITS)
+
+
+def _through_softcap(spec: _HeadSpec, logits_BxCxV: jax.Array, d_BxCxV: jax.Array
+                     ) -> jax.Array:
+    """d/d (logits before the soft-cap) from d/d (capped `logits`): times 1 - tanh^2.
+    (Padded entries have d = 0 and a finite factor, so they stay 0.)"""
+    if not spec.softcap:
+        return d_BxCxV
+    return sharding.constrain(d_BxCxV * softcap_grad(logits_BxCxV, spec.softcap), _LOGITS)
 
 
 def _head_grads(x_BxCxD: jax.Array, head_VxD: jax.Array, d_BxCxV: jax.Array
@@ -207,6 +224,7 @@ def _scan_chunks(spec: _HeadSpec, x_NxBxCxD, head_VxD, t_NxBxC, m_NxBxC, coefs=N
         logits = _chunk_logits(spec, x_BxCxD, head_DxV)
         log_z_BxC, chunk_sums = _chunk_stats(logits, t_BxC, m_BxC)
         d = _chunk_dlogits(spec, logits, log_z_BxC, t_BxC, m_BxC, *coefs)
+        d = _through_softcap(spec, logits, d)
         dx_BxCxD, dhead_chunk_DxV = _head_grads(x_BxCxD, head_VxD, d)
         return (sums + chunk_sums, dhead_DxV + dhead_chunk_DxV), dx_BxCxD
 
@@ -253,14 +271,16 @@ _fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd, symbolic_zeros=True)
 
 def token_logps(hidden_BxLxD: jax.Array, head_VxD: jax.Array, targets_BxL: jax.Array, *,
                 vocab_size: int | None = None, chunk_tokens: int = 512,
-                with_entropy: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+                with_entropy: bool = False, logit_softcap: float = 0.0
+                ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """float32 log p(target) per position [B, L] of the logits `hidden @ head.T`, chunked.
 
     Equals `take_along_axis(log_softmax(logits), targets)` on the logits `Transformer` returns
-    (padded vocab entries `>= vocab_size` at -1e9), but the logits exist only for
-    `chunk_tokens` tokens at a time, in the forward and in the backward pass: the gradient
-    w.r.t. hidden and head recomputes each chunk's logits and applies
-    d logits = ct * (onehot(target) - softmax) (plus the entropy term if asked for), so the
+    (soft-capped by `logit_softcap` > 0, padded vocab entries `>= vocab_size` at -1e9), but the
+    logits exist only for `chunk_tokens` tokens at a time, in the forward and in the backward
+    pass: the gradient w.r.t. hidden and head recomputes each chunk's logits and applies
+    d logits = ct * (onehot(target) - softmax) (plus the entropy term if asked for; times
+    1 - tanh^2 under a soft-cap), so the
     sequence losses of DPO, reward-free scoring and RL never hold a [B, L, V] float32 array.
 
     Args:
@@ -272,6 +292,7 @@ def token_logps(hidden_BxLxD: jax.Array, head_VxD: jax.Array, targets_BxL: jax.A
         divide L the last chunk is padded (the padding is cut from the result).
       with_entropy: also return the entropy of each position's distribution [B, L]
         (differentiable too), at the cost of one more pass over each chunk's logits.
+      logit_softcap: C > 0: the logits are C * tanh(logits / C) (model.final_logit_softcap).
     """
     b, length, _ = hidden_BxLxD.shape
     vocab_size = head_VxD.shape[0] if vocab_size is None else vocab_size
@@ -288,8 +309,9 @@ def token_logps(hidden_BxLxD: jax.Array, head_VxD: jax.Array, targets_BxL: jax.A
     def unchunked(a_NxBxC: jax.Array) -> jax.Array:
         return jnp.swapaxes(a_NxBxC, 0, 1).reshape(b, n * chunk_len)[:, :length]
 
-    outs = _fused_logps(_HeadSpec(0.0, vocab_size), with_entropy, chunked(hidden_BxLxD),
-                        head_VxD, chunked(targets_BxL))
+    spec = _HeadSpec(0.0, vocab_size, float(logit_softcap))
+    outs = _fused_logps(spec, with_entropy, chunked(hidden_BxLxD), head_VxD,
+                        chunked(targets_BxL))
     if with_entropy:
         return unchunked(outs[0]), unchunked(outs[1])
     return unchunked(outs[0])
@@ -348,6 +370,7 @@ def _fused_logps_bwd(spec, with_entropy, res, cts):
             probs = jnp.exp(logits - log_z_BxC[..., None])
             d = d - probs * (ct_ent_BxC[..., None] * (logits - mean_BxC[..., None]))
             d = sharding.constrain(d, _LOGITS)
+        d = _through_softcap(spec, logits, d)
         dx_BxCxD, dhead_chunk_DxV = _head_grads(x_BxCxD, head, d)
         return dhead_DxV + dhead_chunk_DxV, dx_BxCxD
 

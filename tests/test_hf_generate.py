@@ -32,10 +32,11 @@ FAMILIES = {
                                                rope_theta=1e6)),
     # A window of 16 tokens on 88-token sequences (ring-buffer KV cache).
     "mistral": (transformers.MistralConfig, dict(_DENSE, sliding_window=16)),
-    # Local (window 16) then global layers; no logit soft-capping (not implemented).
+    # Local (window 16) then global layers; attention and final logit soft-capping, with caps
+    # low enough to bend most scores and logits; eager attention in transformers.
     "gemma2": (transformers.Gemma2Config, dict(
         _DENSE, head_dim=8, query_pre_attn_scalar=16, sliding_window=16,
-        attn_logit_softcapping=None, final_logit_softcapping=None)),
+        attn_logit_softcapping=1.0, final_logit_softcapping=1.5, attn_implementation="eager")),
     # q/k norms; local layers with their own RoPE base, global ones with linear scaling.
     "gemma3": (transformers.Gemma3TextConfig, dict(
         _DENSE, head_dim=8, query_pre_attn_scalar=16, sliding_window=16,

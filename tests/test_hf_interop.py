@@ -4,6 +4,7 @@ The HF models are built locally (CPU torch, random weights, save_pretrained); no
 downloaded.
 """
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -64,6 +65,12 @@ CASES = {
                dict(_LLAMA, vocab_size=300, num_key_value_heads=2, head_dim=8,
                     sliding_window=5, attn_logit_softcapping=None,
                     final_logit_softcapping=None), None),
+    # Gemma 2 as released: attention and final logit soft-capping, here with caps low enough
+    # to bend most scores and logits (asserted below); eager attention in transformers.
+    "gemma2_softcap": (transformers.Gemma2Config,
+                       dict(_LLAMA, vocab_size=300, num_key_value_heads=2, head_dim=8,
+                            sliding_window=5, attn_logit_softcapping=1.0,
+                            final_logit_softcapping=1.5, attn_implementation="eager"), None),
     # q/k/v biases, tied.
     "qwen2_bias": (transformers.Qwen2Config,
                    dict(_LLAMA, vocab_size=300, num_key_value_heads=2,
@@ -138,6 +145,11 @@ def test_import_logits_match_transformers_and_export_round_trips(case, tmp_path,
     assert logits.shape[-1] == cfg.padded_vocab_size
     assert np.all(logits[..., vocab:] == -1e9)
     np.testing.assert_allclose(logits[..., :vocab], reference, atol=1e-4, rtol=0)
+    for key in ("attn_logit_softcap", "final_logit_softcap"):  # each cap changes the logits
+        if getattr(cfg, key):
+            uncapped = Transformer(dataclasses.replace(cfg, **{key: 0.0})).apply(
+                {"params": params}, TOKENS)
+            assert np.max(np.abs(np.asarray(uncapped)[..., :vocab] - reference)) > 0.05, key
     embed = np.asarray(params["embed"])
     assert np.all(embed[vocab:] == 0)  # padding rows
 
@@ -199,6 +211,7 @@ def _llama_json(**overrides):
     (dict(model_type="gpt2", vocab_size=300, n_positions=32, n_embd=32, n_layer=2, n_head=4,
           activation_function="relu"), "activation_function"),
     (_llama_json(model_type="falcon"), "model_type"),
+    (_llama_json(model_type="gemma2", attn_logit_softcapping=-50.0), "attn_logit_softcapping"),
 ])
 def test_unsupported_hf_features_name_the_config_json_key(hf_json, key):
     with pytest.raises(ValueError, match=f"config.json key {key}:"):
@@ -219,6 +232,9 @@ def test_export_rejects_models_without_a_hf_architecture():
                       head_dim=8, d_ff=64, max_seq_len=16, norm="layernorm")
     with pytest.raises(ValueError, match="model.norm"):
         hf_config.hf_config(cfg, "float32")
+    capped = dataclasses.replace(cfg, norm="rmsnorm", final_logit_softcap=30.0)
+    with pytest.raises(ValueError, match="model.final_logit_softcap"):  # no Llama caps logits
+        hf_config.hf_config(capped, "float32")
 
 
 def test_gpt2_hub_names_buffers_and_tensor_errors(tmp_path):

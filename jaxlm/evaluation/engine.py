@@ -28,6 +28,7 @@ from jaxlm.evaluation.target import TextTokenizer
 from jaxlm.inference.sampler import Request, Sampler
 from jaxlm.loss import token_logps
 from jaxlm.models import ModelConfig, Transformer
+from jaxlm.models.softcap import softcap
 
 MIN_BUCKET = 16
 Progress = Callable[[int], None]
@@ -90,12 +91,15 @@ def _score(model: nn.Module, params: Any, inputs_BxL: jax.Array, targets_BxL: ja
     hidden_BxLxD, head_VxD = model.apply({"params": params}, inputs_BxL,
                                          segment_ids_BxL=valid_BxL.astype(jnp.int32),
                                          return_hidden=True)
-    logp_BxL = token_logps(hidden_BxLxD, head_VxD, targets_BxL, vocab_size=model.cfg.vocab_size)
+    logp_BxL = token_logps(hidden_BxLxD, head_VxD, targets_BxL, vocab_size=model.cfg.vocab_size,
+                           logit_softcap=model.cfg.final_logit_softcap)
     logp_BxL = jnp.where(valid_BxL, logp_BxL, 0.0)
     idx_BxK = jnp.clip(last_B[:, None] - greedy_len + 1 + jnp.arange(greedy_len), 0,
                        inputs_BxL.shape[1] - 1)
     h_BxKxD = jnp.take_along_axis(hidden_BxLxD, idx_BxK[..., None], axis=1)
     logits_BxKxV = jnp.einsum("bkd,vd->bkv", h_BxKxD, head_VxD).astype(jnp.float32)
+    # argmax ties where the cap saturates in float32 are broken as the model's own logits do
+    logits_BxKxV = softcap(logits_BxKxV, model.cfg.final_logit_softcap)
     logits_BxKxV = jnp.where(jnp.arange(head_VxD.shape[0]) < model.cfg.vocab_size,
                              logits_BxKxV, -jnp.inf)
     return logp_BxL, jnp.argmax(logits_BxKxV, axis=-1).astype(jnp.int32)

@@ -23,5 +23,6 @@ def token_logprobs(model: nn.Module, params: Any, tokens_BxL: jax.Array,
                                          segment_ids_BxL=valid_BxL.astype(jnp.int32),
                                          return_hidden=True)
     logp_BxL = token_logps(hidden_BxLxD[:, :-1], head_VxD, tokens_BxL[:, 1:],
-                           vocab_size=model.cfg.vocab_size)
+                           vocab_size=model.cfg.vocab_size,
+                           logit_softcap=model.cfg.final_logit_softcap)
     return jnp.where(valid_BxL[:, 1:], logp_BxL, 0.0)

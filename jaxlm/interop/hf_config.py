@@ -4,10 +4,10 @@ Supported: Llama-family decoders (`model_type` llama, mistral, qwen2: RoPE with 
 llama3 or yarn scaling, RMSNorm, SwiGLU, grouped-query attention, Qwen2's q/k/v biases, sliding
 windows), Gemma 2 / Gemma 3 text models (gemma2, gemma3_text: (1 + w) RMSNorms around attention
 and MLP, GeGLU, query pre-attention scaling, alternating local/global layers, embeddings scaled
-by sqrt(d); Gemma 3's q/k norms and local RoPE base) and GPT-2. Anything in a config.json
-that would change the function the model computes and that jaxlm does not implement (partial
-rotary embeddings, longrope, logit soft-capping, biases elsewhere, other activations) is an
-error naming the config.json key, never silently dropped.
+by sqrt(d), attention and final logit soft-capping; Gemma 3's q/k norms and local RoPE base) and
+GPT-2. Anything in a config.json that would change the function the model computes and that
+jaxlm does not implement (partial rotary embeddings, longrope, biases elsewhere, other
+activations) is an error naming the config.json key, never silently dropped.
 """
 
 from __future__ import annotations
@@ -200,10 +200,12 @@ def _gemma_fields(hf: dict[str, Any]) -> dict[str, Any]:
     act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
     if act not in _TANH_GELUS:
         _fail("hidden_activation", f"{act!r}: jaxlm's GeGLU uses the tanh GELU")
+    caps = {}
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):
-        if hf.get(key) is not None:
-            _fail(key, f"{hf[key]}: logit soft-capping is not implemented (Gemma 2 "
-                  "checkpoints use it; set it to null only if the model was trained without)")
+        cap = hf.get(key)
+        if cap is not None and not (isinstance(cap, (int, float)) and cap >= 0):
+            _fail(key, f"{cap!r}: a soft-cap is a number >= 0 (or null: none)")
+        caps[key] = float(cap or 0.0)
     _refuse(hf, {"attention_bias": "not implemented",
                  "use_bidirectional_attention": "not implemented"})
     d, heads = hf["hidden_size"], hf["num_attention_heads"]
@@ -219,7 +221,8 @@ def _gemma_fields(hf: dict[str, Any]) -> dict[str, Any]:
         "norm_eps": float(hf.get("rms_norm_eps", 1e-6)), **rope, **_windows(hf),
         "norm_plus_one": True, "post_norms": True, "qk_norm": model_type == "gemma3_text",
         "attn_scale_dim": float(hf.get("query_pre_attn_scalar") or head_dim),
-        "embed_scale": True,
+        "embed_scale": True, "attn_logit_softcap": caps["attn_logit_softcapping"],
+        "final_logit_softcap": caps["final_logit_softcapping"],
     }
 
 
@@ -255,6 +258,11 @@ def family(cfg: ModelConfig) -> str:
     def fail(key: str, msg: str) -> None:
         raise ConfigError(f"config key model.{key}: {msg}; cannot export to Hugging Face")
 
+    if not cfg.post_norms:  # only the Gemma architectures soft-cap logits
+        for key in ("attn_logit_softcap", "final_logit_softcap"):
+            if getattr(cfg, key):
+                fail(key, "logit soft-capping exists in the Gemma architectures (post_norms) "
+                     "only")
     if cfg.position_embedding == "learned":
         for key, want in (("norm", "layernorm"), ("mlp_activation", "gelu"), ("use_bias", True)):
             if getattr(cfg, key) != want:
@@ -334,7 +342,8 @@ def _hf_gemma_config(cfg: ModelConfig, kind: str, torch_dtype: str) -> dict[str,
         "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
         "query_pre_attn_scalar": _int_if_whole(cfg.attn_scale_dim or cfg.head_dim),
         "sliding_window": cfg.sliding_window or None, "layer_types": layer_types,
-        "attn_logit_softcapping": None, "final_logit_softcapping": None,
+        "attn_logit_softcapping": cfg.attn_logit_softcap or None,
+        "final_logit_softcapping": cfg.final_logit_softcap or None,
         "attention_bias": False, "tie_word_embeddings": cfg.tie_embeddings,
         "torch_dtype": torch_dtype, **_hf_rope(cfg),
     }

@@ -6,10 +6,14 @@ itself), as Mistral and Gemma's local layers do. Every implementation takes `win
 None) = plain causal attention; a Python int is static; a traced int32 scalar (one per layer
 under scan, for models that alternate local and global layers) is supported by the XLA
 reference, blocked and chunked paths.
+
+Every implementation also takes `softcap`: C > 0 replaces the scaled scores s by
+C * tanh(s / C) before masking (Gemma 2's attention-logit soft-capping); 0 = off.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -24,6 +28,8 @@ from jaxlm.models.kernel_attention import cudnn_attention, splash_attention
 from jaxlm.models.mlp import dense
 from jaxlm.models.norms import Norm
 from jaxlm.models.rope import NO_SCALING, apply_rope
+from jaxlm.models.softcap import softcap as apply_softcap
+from jaxlm.models.softcap import softcap_grad
 
 Window = int | jax.Array | None
 
@@ -46,7 +52,8 @@ def attention_mask(segment_ids_BxL: jax.Array, window: Window = None) -> jax.Arr
 
 
 def xla_attention(q_BxLxHxK: jax.Array, k_BxLxNxK: jax.Array, v_BxLxNxK: jax.Array,
-                  segment_ids_BxL: jax.Array, window: Window = None) -> jax.Array:
+                  segment_ids_BxL: jax.Array, window: Window = None, softcap: float = 0.0
+                  ) -> jax.Array:
     """Reference attention in plain XLA ops; softmax in float32.
 
     H query heads share N key/value heads in groups of G = H / N.
@@ -57,6 +64,7 @@ def xla_attention(q_BxLxHxK: jax.Array, k_BxLxNxK: jax.Array, v_BxLxNxK: jax.Arr
                                                                            q_BxLxHxK.dtype)
     scores_BxNxGxLxM = jnp.einsum("blngk,bmnk->bnglm", q_BxLxNxGxK, k_BxLxNxK,
                                   preferred_element_type=jnp.float32)
+    scores_BxNxGxLxM = apply_softcap(scores_BxNxGxLxM, softcap)
     mask_Bx1x1xLxM = attention_mask(segment_ids_BxL, window)[:, None, None]
     scores_BxNxGxLxM = jnp.where(mask_Bx1x1xLxM, scores_BxNxGxLxM, jnp.finfo(jnp.float32).min)
     probs_BxNxGxLxM = jax.nn.softmax(scores_BxNxGxLxM, axis=-1).astype(v_BxLxNxK.dtype)
@@ -108,49 +116,57 @@ def _rows(x_BxNxGxLxK: jax.Array, rows: slice) -> jax.Array:
     return x_BxNxGxLxK[:, :, :, rows].reshape(b, n, g * (rows.stop - rows.start), k)
 
 
-def _block_probs(q_BxNxQxK, kt_BxNxKxM, mask_Bx1x1xRxM, group):
-    """Masked softmax(q k^T) of one query block, float32 [B, N, G*R, M]."""
-    b, n, q_rows, _ = q_BxNxQxK.shape
+def _block_scores(q_BxNxQxK, kt_BxNxKxM, cap):
+    """Soft-capped q k^T of one query block, float32 [B, N, G*R, M]."""
     scores = jnp.einsum("bnqk,bnkm->bnqm", q_BxNxQxK, kt_BxNxKxM,
                         preferred_element_type=jnp.float32)
-    scores = scores.reshape(b, n, group, q_rows // group, -1)
+    return apply_softcap(scores, cap)
+
+
+def _block_probs(q_BxNxQxK, kt_BxNxKxM, mask_Bx1x1xRxM, group, cap):
+    """Masked softmax(softcap(q k^T)) of one query block, float32 [B, N, G*R, M]."""
+    b, n, q_rows, _ = q_BxNxQxK.shape
+    scores = _block_scores(q_BxNxQxK, kt_BxNxKxM, cap).reshape(b, n, group, q_rows // group, -1)
     scores = jnp.where(mask_Bx1x1xRxM, scores, jnp.finfo(jnp.float32).min)
     return jax.nn.softmax(scores, axis=-1).reshape(b, n, q_rows, -1)
 
 
-def _attention_forward(q_BxNxGxLxK, kt_BxNxKxM, v_BxNxMxK, segment_ids_BxL, window):
+def _attention_forward(q_BxNxGxLxK, kt_BxNxKxM, v_BxNxMxK, segment_ids_BxL, window, cap):
     """Output [B, N, G, L, K] and the per-block probabilities (in the value dtype)."""
     b, n, g, length, k = q_BxNxGxLxK.shape
     outs, probs = [], []
     for rows, keys in _blocks(length, _query_blocks(length)):
         p = _block_probs(_rows(q_BxNxGxLxK, rows), kt_BxNxKxM[..., :keys],
                          _block_mask(segment_ids_BxL, rows, keys, window),
-                         g).astype(v_BxNxMxK.dtype)
+                         g, cap).astype(v_BxNxMxK.dtype)
         out = jnp.einsum("bnqm,bnmk->bnqk", p, v_BxNxMxK[:, :, :keys])
         outs.append(out.reshape(b, n, g, -1, k))
         probs.append(p)
     return jnp.concatenate(outs, axis=3), probs
 
 
-@jax.custom_vjp
-def _attention_core(q_BxNxGxLxK, kt_BxNxKxM, v_BxNxMxK, segment_ids_BxL, window):
-    """softmax(q k^T + mask) v for pre-scaled q; kt = k transposed; G query heads per kv head.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attention_core(q_BxNxGxLxK, kt_BxNxKxM, v_BxNxMxK, segment_ids_BxL, window, cap):
+    """softmax(softcap(q k^T) + mask) v for pre-scaled q; kt = k transposed; G query heads per
+    kv head; `cap` (static) is the soft-cap, 0 = none.
 
     The G query heads of a kv head are stacked into one [G*rows, K] operand (one dot per kv
     head instead of G). Queries are split into blocks that skip the keys the causal mask hides
     (`_query_blocks`). The backward pass keeps only the probabilities and never transposes an
     [L, L]-sized array.
     """
-    return _attention_forward(q_BxNxGxLxK, kt_BxNxKxM, v_BxNxMxK, segment_ids_BxL, window)[0]
+    return _attention_forward(q_BxNxGxLxK, kt_BxNxKxM, v_BxNxMxK, segment_ids_BxL, window,
+                              cap)[0]
 
 
-def _attention_core_fwd(q, kt, v, segment_ids, window):
-    out, probs = _attention_forward(q, kt, v, segment_ids, window)
+def _attention_core_fwd(q, kt, v, segment_ids, window, cap):
+    out, probs = _attention_forward(q, kt, v, segment_ids, window, cap)
     return out, (q, kt, v, segment_ids, window, out, probs)
 
 
-def _attention_core_bwd(res, dout_BxNxGxLxK):
-    """d scores = p * (dp - rowsum(dp * p)), with rowsum(dp * p) = rowsum(dout * out).
+def _attention_core_bwd(cap, res, dout_BxNxGxLxK):
+    """d scores = p * (dp - rowsum(dp * p)), with rowsum(dp * p) = rowsum(dout * out); with a
+    soft-cap, times 1 - tanh^2 of the block's scores (recomputed: only p is saved).
 
     d k and d v are produced transposed ([K, M]) so that only [rows, K]-sized operands are
     transposed; each query block adds into the first `keys` columns.
@@ -166,7 +182,10 @@ def _attention_core_bwd(res, dout_BxNxGxLxK):
         dp = jnp.einsum("bnqk,bnkm->bnqm", dout_i, vt_BxNxKxM[..., :keys],
                         preferred_element_type=jnp.float32)
         row_i = row_BxNxGxL[:, :, :, rows].reshape(dp.shape[:3])
-        ds = (p.astype(jnp.float32) * (dp - row_i[..., None])).astype(q.dtype)
+        ds = p.astype(jnp.float32) * (dp - row_i[..., None])
+        if cap:
+            ds = ds * softcap_grad(_block_scores(_rows(q, rows), kt[..., :keys], cap), cap)
+        ds = ds.astype(q.dtype)
         dq_i = jnp.einsum("bnqm,bnmk->bnqk", ds, k_BxNxMxK[:, :, :keys])
         dq_blocks.append(dq_i.reshape(*q.shape[:3], -1, q.shape[4]))
         dkt = dkt.at[..., :keys].add(
@@ -183,7 +202,8 @@ _attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
 
 
 def fused_attention(q_BxLxHxK: jax.Array, k_BxLxNxK: jax.Array, v_BxLxNxK: jax.Array,
-                    segment_ids_BxL: jax.Array, window: Window = None) -> jax.Array:
+                    segment_ids_BxL: jax.Array, window: Window = None, softcap: float = 0.0
+                    ) -> jax.Array:
     """Same function as `xla_attention`, with a hand-written backward pass (`_attention_core`)."""
     b, length, h, k = q_BxLxHxK.shape
     n = k_BxLxNxK.shape[2]
@@ -193,21 +213,24 @@ def fused_attention(q_BxLxHxK: jax.Array, k_BxLxNxK: jax.Array, v_BxLxNxK: jax.A
     kt_BxNxKxM = jnp.transpose(k_BxLxNxK, (0, 2, 3, 1))
     v_BxNxMxK = jnp.transpose(v_BxLxNxK, (0, 2, 1, 3))
     window = jnp.asarray(0 if window is None else window, jnp.int32)  # 0: no window
-    out_BxNxGxLxK = _attention_core(q_BxNxGxLxK, kt_BxNxKxM, v_BxNxMxK, segment_ids_BxL, window)
+    out_BxNxGxLxK = _attention_core(q_BxNxGxLxK, kt_BxNxKxM, v_BxNxMxK, segment_ids_BxL, window,
+                                    float(softcap))
     return jnp.transpose(out_BxNxGxLxK, (0, 3, 1, 2, 4)).reshape(b, length, h, k)
 
 
 AUTO_ATTENTION = {"cpu": "blocked", "gpu": "cudnn", "tpu": "splash"}
 
 
-def resolve_attention(name: str, platform: str | None = None) -> str:
+def resolve_attention(name: str, platform: str | None = None, softcap: float = 0.0) -> str:
     """The implementation `name` selects on `platform` (default: JAX's default backend);
     "auto" picks the fused kernel of the platform: cuDNN on GPU, Splash on TPU, blocked on CPU.
+    With a soft-cap (model.attn_logit_softcap), which cuDNN cannot apply, GPUs get "chunked".
     """
     if name != "auto":
         return name
     platform = platform or jax.default_backend()
-    return AUTO_ATTENTION.get("gpu" if platform in ("cuda", "rocm") else platform, "xla")
+    impl = AUTO_ATTENTION.get("gpu" if platform in ("cuda", "rocm") else platform, "xla")
+    return "chunked" if impl == "cudnn" and softcap else impl
 
 
 ATTENTION_FUNCTIONS = {"xla": xla_attention, "blocked": fused_attention,
@@ -300,9 +323,10 @@ class Attention(nn.Module):
                 self, q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, segment_ids_BxL, positions_BxL,
                 window if cfg.sliding_window else None, ring)
         else:
-            attend = ATTENTION_FUNCTIONS[resolve_attention(cfg.attention)]
-            out_BxLxHxK = attend(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, segment_ids_BxL,
-                                 window if cfg.sliding_window else None)
+            impl = resolve_attention(cfg.attention, softcap=cfg.attn_logit_softcap)
+            out_BxLxHxK = ATTENTION_FUNCTIONS[impl](
+                q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, segment_ids_BxL,
+                window if cfg.sliding_window else None, softcap=cfg.attn_logit_softcap)
         out_BxLxD = project(out_BxLxHxK.reshape(b, length, h * k), wo)
         if cfg.use_bias:
             out_BxLxD += self._bias("bo", (d,), ("norm",))

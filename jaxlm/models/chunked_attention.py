@@ -16,6 +16,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxlm.models.softcap import softcap as apply_softcap
+from jaxlm.models.softcap import softcap_grad
+
 DEFAULT_BLOCK = 512
 
 
@@ -37,10 +40,11 @@ def _tile_mask(seg_q_BxR, seg_k_BxC, q0, k0, window):
     return (causal_RxC[None] & same_BxRxC)[:, None, None]
 
 
-def _tile_scores(q_BxNxGxRxK, k_BxNxCxK, mask):
+def _tile_scores(q_BxNxGxRxK, k_BxNxCxK, cap):
+    """Soft-capped q k^T of one tile, float32, before masking."""
     s = jnp.einsum("bngrk,bnck->bngrc", q_BxNxGxRxK, k_BxNxCxK,
                    preferred_element_type=jnp.float32)
-    return jnp.where(mask, s, -jnp.inf)
+    return apply_softcap(s, cap)
 
 
 def _slice(x, start, size, axis):
@@ -59,7 +63,7 @@ def _first_key_block(i, block, window):
     return jnp.where(window > 0, jnp.maximum(0, (i * block - window + 1) // block), 0)
 
 
-def _forward(q, k, v, seg, window, block):
+def _forward(q, k, v, seg, window, block, cap):
     """Output [B, N, G, L, K] and log-sum-exp [B, N, G, L] (float32)."""
     b, n, g, length, kd = q.shape
     nblocks = length // block
@@ -71,7 +75,7 @@ def _forward(q, k, v, seg, window, block):
         def key_block(j, carry):
             m, denom, acc = carry
             k_j, v_j, mask = _key_tile(k, v, seg, seg_i, i, j, block, window)
-            s = _tile_scores(q_i, k_j, mask)
+            s = jnp.where(mask, _tile_scores(q_i, k_j, cap), -jnp.inf)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             # Rows with no visible key in this tile keep m = -inf; exp must not see inf - inf.
             m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
@@ -97,19 +101,20 @@ def _forward(q, k, v, seg, window, block):
     return out, lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _chunked_core(q, k, v, seg, window, block):
-    return _forward(q, k, v, seg, window, block)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _chunked_core(q, k, v, seg, window, block, cap):
+    return _forward(q, k, v, seg, window, block, cap)[0]
 
 
-def _core_fwd(q, k, v, seg, window, block):
-    out, lse = _forward(q, k, v, seg, window, block)
+def _core_fwd(q, k, v, seg, window, block, cap):
+    out, lse = _forward(q, k, v, seg, window, block, cap)
     return out, (q, k, v, seg, window, out, lse)
 
 
-def _core_bwd(block, res, dout):
+def _core_bwd(block, cap, res, dout):
     """FlashAttention-2 backward: per tile p = exp(s - lse), ds = p * (dout v^T - D), D =
-    rowsum(dout * out); dq accumulates over key tiles, dk/dv over query tiles."""
+    rowsum(dout * out), times 1 - tanh^2 under a soft-cap; dq accumulates over key tiles,
+    dk/dv over query tiles."""
     q, k, v, seg, window, out, lse = res
     length = q.shape[3]
     nblocks = length // block
@@ -125,9 +130,13 @@ def _core_bwd(block, res, dout):
         def key_block(j, inner):
             dk, dv, dq_i = inner
             k_j, v_j, mask = _key_tile(k, v, seg, seg_i, i, j, block, window)
-            p = jnp.exp(_tile_scores(q_i, k_j, mask) - lse_i[..., None])
+            s = _tile_scores(q_i, k_j, cap)
+            p = jnp.exp(jnp.where(mask, s, -jnp.inf) - lse_i[..., None])
             dp = jnp.einsum("bngrk,bnck->bngrc", do_i, v_j, preferred_element_type=jnp.float32)
-            ds = (p * (dp - delta_i[..., None])).astype(q.dtype)
+            ds = p * (dp - delta_i[..., None])
+            if cap:
+                ds = ds * softcap_grad(s, cap)
+            ds = ds.astype(q.dtype)
             dq_i = dq_i + jnp.einsum("bngrc,bnck->bngrk", ds, k_j,
                                      preferred_element_type=jnp.float32)
             dk_j = jnp.einsum("bngrc,bngrk->bnck", ds, q_i, preferred_element_type=jnp.float32)
@@ -156,12 +165,12 @@ _chunked_core.defvjp(_core_fwd, _core_bwd)
 
 def chunked_attention(q_BxLxHxK: jax.Array, k_BxLxNxK: jax.Array, v_BxLxNxK: jax.Array,
                       segment_ids_BxL: jax.Array, window: int | jax.Array | None = None,
-                      block: int = DEFAULT_BLOCK) -> jax.Array:
+                      softcap: float = 0.0, block: int = DEFAULT_BLOCK) -> jax.Array:
     """Causal, segment-masked grouped-query attention; same function as `xla_attention`.
 
     `block` is the target tile size; the one used is the largest divisor of L not above it.
     With a sliding `window` (> 0) only the key blocks that reach into the window are visited,
-    so the work is O(L * window).
+    so the work is O(L * window). `softcap` > 0 soft-caps the scores before masking.
     """
     b, length, h, kd = q_BxLxHxK.shape
     n = k_BxLxNxK.shape[2]
@@ -172,5 +181,5 @@ def chunked_attention(q_BxLxHxK: jax.Array, k_BxLxNxK: jax.Array, v_BxLxNxK: jax
     v_BxNxLxK = jnp.transpose(v_BxLxNxK, (0, 2, 1, 3))
     out_BxNxGxLxK = _chunked_core(q_BxNxGxLxK, k_BxNxLxK, v_BxNxLxK, segment_ids_BxL,
                                   jnp.asarray(0 if window is None else window, jnp.int32),
-                                  block_size(length, block))
+                                  block_size(length, block), float(softcap))
     return jnp.transpose(out_BxNxGxLxK, (0, 3, 1, 2, 4)).reshape(b, length, h, kd)

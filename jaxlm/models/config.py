@@ -98,6 +98,10 @@ class ModelConfig:
       attn_scale_dim: scores are scaled by attn_scale_dim^-1/2 instead of head_dim^-1/2
         (Gemma's query_pre_attn_scalar); 0 = head_dim.
       embed_scale: the input embeddings are multiplied by sqrt(d_model) (Gemma).
+      attn_logit_softcap: C > 0: attention scores (after scaling, before masking) become
+        C * tanh(scores / C) (Gemma 2's attn_logit_softcapping); 0 = off.
+      final_logit_softcap: C > 0: the vocab logits become C * tanh(logits / C) (Gemma 2's
+        final_logit_softcapping), in the head and in the chunked losses; 0 = off.
       norm_eps: epsilon of the norms.
       param_dtype: dtype of the stored parameters ("float32").
       compute_dtype: dtype of matmuls and activations ("float32" on CPU, "bfloat16" on TPU/GPU).
@@ -148,6 +152,8 @@ class ModelConfig:
     qk_norm: bool = False
     attn_scale_dim: float = 0.0
     embed_scale: bool = False
+    attn_logit_softcap: float = 0.0
+    final_logit_softcap: float = 0.0
     norm_eps: float = 1e-5
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
@@ -213,6 +219,9 @@ class ModelConfig:
         self.rope_scaling.check(fail)
         if self.attn_scale_dim < 0 or self.rope_local_theta < 0:
             fail("attn_scale_dim", "attn_scale_dim and rope_local_theta must be >= 0")
+        for key in ("attn_logit_softcap", "final_logit_softcap"):
+            if not getattr(self, key) >= 0:  # also refuses NaN
+                fail(key, f"must be >= 0 (0 = no soft-capping), got {getattr(self, key)}")
         if self.norm_plus_one and self.norm != "rmsnorm":
             fail("norm_plus_one", "the (1 + scale) form is for model.norm='rmsnorm'")
         if self.moe is not None and self.mlp_activation == "geglu":
@@ -238,6 +247,9 @@ class ModelConfig:
                  "(mesh.pipeline > 1); set model.lora.dropout=0")
         if self.attention not in ATTENTION_IMPLS:
             fail("attention", f"{self.attention!r} not in {ATTENTION_IMPLS}")
+        if self.attention == "cudnn" and self.attn_logit_softcap:
+            fail("attention", "cuDNN attention cannot soft-cap the scores "
+                 "(model.attn_logit_softcap); use 'auto', 'chunked' or 'xla'")
         if self.pipeline_stages < 1 or self.pipeline_microbatches < 1:
             fail("pipeline_stages", "pipeline stages and microbatches must be >= 1")
         if self.pipeline_stages > 1 and not self.scan_layers:

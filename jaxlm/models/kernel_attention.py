@@ -18,6 +18,10 @@ grouped-query) without materialising the [L, L] probabilities in HBM:
 Sliding windows: both take a static `window` (a Python int; cuDNN's `local_window_size`,
 Splash's `LocalMask`). A traced per-layer window (models that alternate local and global layers
 under scan_layers) cannot select a kernel mask: that raises, naming model.scan_layers.
+
+Soft-capped scores (model.attn_logit_softcap): Splash applies the cap itself
+(`attn_logits_soft_cap`); jax's cuDNN attention has no soft-cap, so `cudnn_attention` raises,
+naming the key.
 """
 
 from __future__ import annotations
@@ -47,9 +51,14 @@ def static_window(window: int | jax.Array | None, kernel: str) -> int:
 
 def cudnn_attention(q_BxLxHxK: jax.Array, k_BxLxNxK: jax.Array, v_BxLxNxK: jax.Array,
                     segment_ids_BxL: jax.Array, window: int | jax.Array | None = None,
-                    implementation: str = "cudnn") -> jax.Array:
-    """cuDNN flash attention; raises (from jax) off NVIDIA GPUs or for unsupported shapes.
-    (`implementation="xla"` runs jax's reference of the same call, for tests off GPU.)"""
+                    softcap: float = 0.0, implementation: str = "cudnn") -> jax.Array:
+    """cuDNN flash attention; raises (from jax) off NVIDIA GPUs or for unsupported shapes, and
+    for a soft-cap. (`implementation="xla"` runs jax's reference of the same call, for tests
+    off GPU.)"""
+    if softcap:
+        raise ConfigError(f"config key model.attn_logit_softcap: {softcap} soft-caps the "
+                          "attention scores, which jax's cuDNN attention cannot do; set "
+                          "model.attention='chunked' (O(L) memory) or 'xla' on GPU")
     w = static_window(window, "cudnn")
     same_doc_Bx1xLxL = (segment_ids_BxL[:, None, :, None] == segment_ids_BxL[:, None, None, :])
     return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, mask=same_doc_Bx1xLxL,
@@ -57,7 +66,8 @@ def cudnn_attention(q_BxLxHxK: jax.Array, k_BxLxNxK: jax.Array, v_BxLxNxK: jax.A
                                         implementation=implementation)
 
 
-def _splash_local(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, segment_ids_BxL, window, interpret):
+def _splash_local(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, segment_ids_BxL, window, softcap,
+                  interpret):
     """The kernel on one shard: vmapped over the batch, heads-major [H, L, K] per example."""
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
@@ -72,7 +82,7 @@ def _splash_local(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, segment_ids_BxL, window, inte
         one_head = splash.CausalMask((length, length))
     mask = splash.MultiHeadMask([one_head] * h)
     kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                                    interpret=interpret)
+                                    attn_logits_soft_cap=softcap or None, interpret=interpret)
     q_BxHxLxK = jnp.swapaxes(q_BxLxHxK * jnp.asarray(kd**-0.5, q_BxLxHxK.dtype), 1, 2)
     k_BxNxLxK, v_BxNxLxK = jnp.swapaxes(k_BxLxNxK, 1, 2), jnp.swapaxes(v_BxLxNxK, 1, 2)
 
@@ -85,12 +95,14 @@ def _splash_local(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, segment_ids_BxL, window, inte
 
 def splash_attention(q_BxLxHxK: jax.Array, k_BxLxNxK: jax.Array, v_BxLxNxK: jax.Array,
                      segment_ids_BxL: jax.Array, window: int | jax.Array | None = None,
-                     interpret: bool = False) -> jax.Array:
-    """Splash attention, sharded with `shard_map` over the current mesh (if any)."""
-    w = static_window(window, "splash")
+                     softcap: float = 0.0, interpret: bool = False) -> jax.Array:
+    """Splash attention, sharded with `shard_map` over the current mesh (if any); `softcap` > 0
+    soft-caps the scores inside the kernel."""
+    w, cap = static_window(window, "splash"), float(softcap)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        return _splash_local(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, segment_ids_BxL, w, interpret)
+        return _splash_local(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, segment_ids_BxL, w, cap,
+                             interpret)
     shape = dict(zip(mesh.axis_names, mesh.axis_sizes))
     b, n = q_BxLxHxK.shape[0], k_BxLxNxK.shape[2]
     batch_axes = sharding.logical_to_mesh_spec(("act_batch",), (b,), shape)[0]
@@ -98,6 +110,6 @@ def splash_attention(q_BxLxHxK: jax.Array, k_BxLxNxK: jax.Array, v_BxLxNxK: jax.
     heads_axis = sharding.logical_to_mesh_spec(("act_kv_heads",), (n,), shape)[0]
     qkv_spec = P(batch_axes, None, heads_axis, None)
     return jax.shard_map(
-        lambda q, k, v, s: _splash_local(q, k, v, s, w, interpret), mesh=mesh,
+        lambda q, k, v, s: _splash_local(q, k, v, s, w, cap, interpret), mesh=mesh,
         in_specs=(qkv_spec, qkv_spec, qkv_spec, P(batch_axes, None)), out_specs=qkv_spec,
         check_vma=False)(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, segment_ids_BxL)

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm import sharding
+from jaxlm.models.softcap import softcap
 
 CACHE_KV_AXES = ("act_batch", None, "act_kv_heads", None)
 # the batch axis of each entry, from the end
@@ -40,16 +41,18 @@ _BATCH_AXIS_FROM_END = {"k": 4, "v": 4, "valid": 2, "pos": 2}
 
 
 def attend(q_BxLxHxK: jax.Array, k_BxMxNxK: jax.Array, v_BxMxNxK: jax.Array,
-           valid_BxM: jax.Array, start: jax.Array, visible_BxLxM: jax.Array | None = None
-           ) -> jax.Array:
+           valid_BxM: jax.Array, start: jax.Array, visible_BxLxM: jax.Array | None = None,
+           logit_softcap: float = 0.0) -> jax.Array:
     """Attention of L new queries (slots start..start+L-1) over M cached slots; float32 softmax.
-    `visible_BxLxM` replaces the slot-causal mask (ring buffers, sliding windows)."""
+    `visible_BxLxM` replaces the slot-causal mask (ring buffers, sliding windows);
+    `logit_softcap` > 0 soft-caps the scores (`jaxlm.models.softcap`)."""
     b, length, h, k = q_BxLxHxK.shape
     m, n = k_BxMxNxK.shape[1], k_BxMxNxK.shape[2]
     q_BxLxNxGxK = q_BxLxHxK.reshape(b, length, n, h // n, k) * jnp.asarray(k**-0.5,
                                                                            q_BxLxHxK.dtype)
     scores_BxNxGxLxM = jnp.einsum("blngk,bmnk->bnglm", q_BxLxNxGxK, k_BxMxNxK,
                                   preferred_element_type=jnp.float32)
+    scores_BxNxGxLxM = softcap(scores_BxNxGxLxM, logit_softcap)
     if visible_BxLxM is None:
         causal_LxM = jnp.arange(m)[None, :] <= (start + jnp.arange(length))[:, None]
         visible_BxLxM = causal_LxM[None]
@@ -104,7 +107,8 @@ def update_and_attend(module: nn.Module, q_BxLxHxK: jax.Array, k_BxLxNxK: jax.Ar
     if not module.is_initializing():
         k_var.value, v_var.value, valid_var.value = k_BxMxNxK, v_BxMxNxK, valid_BxM
         index_var.value = start + length
-    return attend(q_BxLxHxK, k_BxMxNxK, v_BxMxNxK, valid_BxM, start, visible_BxLxM)
+    return attend(q_BxLxHxK, k_BxMxNxK, v_BxMxNxK, valid_BxM, start, visible_BxLxM,
+                  module.cfg.attn_logit_softcap)
 
 
 def _ring_update_and_attend(module: nn.Module, q_BxLxHxK: jax.Array, k_BxLxNxK: jax.Array,
@@ -133,7 +137,8 @@ def _ring_update_and_attend(module: nn.Module, q_BxLxHxK: jax.Array, k_BxLxNxK: 
     new_causal_LxL = jnp.arange(length)[None, :] <= jnp.arange(length)[:, None]
     order_LxT = jnp.concatenate([jnp.ones((length, size), jnp.bool_), new_causal_LxL], axis=1)
     visible_BxLxT = order_LxT[None] & _in_window(positions_BxL, pos_BxT, window)
-    out = attend(q_BxLxHxK, k_BxTxNxK, v_BxTxNxK, valid_BxT, index_var.value, visible_BxLxT)
+    out = attend(q_BxLxHxK, k_BxTxNxK, v_BxTxNxK, valid_BxT, index_var.value, visible_BxLxT,
+                 module.cfg.attn_logit_softcap)
     if not module.is_initializing():
         keep = min(length, size)
         slots_T = (index_var.value + length - keep + jnp.arange(keep)) % size

@@ -19,6 +19,7 @@ from jaxlm.models.config import ModelConfig
 from jaxlm.models.mlp import Mlp, dense
 from jaxlm.models.moe import MoeMlp
 from jaxlm.models.norms import Norm
+from jaxlm.models.softcap import softcap
 
 _ACT = ("act_batch", "act_length", "act_embed")
 
@@ -122,11 +123,13 @@ class Transformer(nn.Module):
     def __call__(self, inputs_BxL: jax.Array, positions_BxL: jax.Array | None = None,
                  segment_ids_BxL: jax.Array | None = None, *, return_hidden: bool = False
                  ) -> jax.Array | tuple[jax.Array, jax.Array]:
-        """Returns float32 logits [B, L, padded_vocab]; padded vocab entries are -1e9.
+        """Returns float32 logits [B, L, padded_vocab], soft-capped by cfg.final_logit_softcap;
+        padded vocab entries are -1e9.
 
         With return_hidden=True returns (hidden_BxLxD, head_VxD) instead: the final-norm hidden
         states and the output projection (rows = padded vocab) in the compute dtype, for
-        `jaxlm.loss.fused_cross_entropy_sum`, which never materialises the logits.
+        `jaxlm.loss.fused_cross_entropy_sum`, which never materialises the logits (pass it
+        logit_softcap=cfg.final_logit_softcap).
         """
         cfg = self.cfg
         if positions_BxL is None:
@@ -190,8 +193,8 @@ class Transformer(nn.Module):
         if return_hidden:
             return x_BxLxD, head_VxD
         logits_BxLxV = dense(x_BxLxD, head_VxD.T)
-        logits_BxLxV = sharding.constrain(logits_BxLxV.astype(jnp.float32),
-                                          ("act_batch", "act_length", "act_vocab"))
+        logits_BxLxV = softcap(logits_BxLxV.astype(jnp.float32), cfg.final_logit_softcap)
+        logits_BxLxV = sharding.constrain(logits_BxLxV, ("act_batch", "act_length", "act_vocab"))
         if cfg.padded_vocab_size != cfg.vocab_size:
             real_V = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
             logits_BxLxV = jnp.where(real_V, logits_BxLxV, -1e9)

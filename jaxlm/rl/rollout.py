@@ -77,4 +77,5 @@ def sequence_logps(params: Any, tokens_NxS: jax.Array, valid_NxS: jax.Array, num
     hidden_NxTxD, head_VxD = completion_hidden(params, tokens_NxS, valid_NxS, num_new,
                                                model=model, rng=rng)
     return token_logps(hidden_NxTxD, head_VxD, tokens_NxS[:, -num_new:],
-                       vocab_size=model.cfg.vocab_size, with_entropy=with_entropy)
+                       vocab_size=model.cfg.vocab_size, with_entropy=with_entropy,
+                       logit_softcap=model.cfg.final_logit_softcap)

@@ -119,7 +119,8 @@ def loss_fn(params: Any, batch: Batch, teacher_params: Any, *, model: nn.Module,
     (t_hidden_BxLxE, t_head_VxE), _ = _hidden(teacher, teacher_params, batch)
     sums = distill_sums(spec, hidden_BxLxD, head_VxD, t_hidden_BxLxE, t_head_VxE,
                         batch["targets"], batch["loss_mask"], vocab_size=model.cfg.vocab_size,
-                        alpha=alpha)
+                        alpha=alpha, logit_softcap=model.cfg.final_logit_softcap,
+                        teacher_logit_softcap=teacher.cfg.final_logit_softcap)
     return add_router_losses(sums.pop("loss_sum"), sums, variables, model.cfg)
 
 

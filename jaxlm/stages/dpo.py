@@ -68,7 +68,8 @@ def sequence_logps(params: Any, batch: Batch, *, model: nn.Module,
     (hidden_NxLxD, head_VxD), variables = pairs.apply(params, flat, model=model, rng=rng,
                                                       return_hidden=True)
     token_NxL = token_logps(hidden_NxLxD, head_VxD, flat["targets"],
-                            vocab_size=model.cfg.vocab_size)
+                            vocab_size=model.cfg.vocab_size,
+                            logit_softcap=model.cfg.final_logit_softcap)
     mask_NxL = flat["loss_mask"].astype(jnp.float32)
     return ((token_NxL * mask_NxL).sum(-1).reshape(b, two),
             mask_NxL.sum(-1).reshape(b, two), variables)

@@ -63,7 +63,8 @@ def logps_values(params: Any, tokens_NxS: jax.Array, valid_NxS: jax.Array, num_n
     hidden_NxTxD, head_VxD = completion_hidden(params, tokens_NxS, valid_NxS, num_new, model=lm,
                                                rng=rng)
     logp, entropy = token_logps(hidden_NxTxD, head_VxD, tokens_NxS[:, -num_new:],
-                                vocab_size=lm.cfg.vocab_size, with_entropy=True)
+                                vocab_size=lm.cfg.vocab_size, with_entropy=True,
+                                logit_softcap=lm.cfg.final_logit_softcap)
     w_D = params["reward_head"].astype(hidden_NxTxD.dtype)
     values = jnp.einsum("ntd,d->nt", hidden_NxTxD, w_D).astype(jnp.float32)
     return logp, entropy, values

@@ -40,7 +40,8 @@ def loss_fn(params: Any, batch: Batch, *, model: nn.Module, z_loss: float = 0.0,
         rngs=None if rng is None else {"dropout": rng})
     loss_sum, aux = fused_cross_entropy_sum(hidden_BxLxD, head_VxD, batch["targets"],
                                             batch["loss_mask"], z_loss,
-                                            vocab_size=model.cfg.vocab_size)
+                                            vocab_size=model.cfg.vocab_size,
+                                            logit_softcap=model.cfg.final_logit_softcap)
     return add_router_losses(loss_sum, aux, variables, model.cfg)
 
 
