@@ -172,6 +172,35 @@ def initial_state(s: Setup, ckpt: Checkpointer, train_iter: Any,
     return program.init_state(jax.random.key(c.seed))
 
 
+# The key of a host's state (`Stage.make_host`) in each checkpoint's `extra` item.
+HOST_STATE = "host_state"
+
+
+def host_state(host: Any) -> dict[str, Any]:
+    """What the stage's host carries between steps (`host.host_state()`; none if it has no
+    such method), saved with each checkpoint."""
+    get = getattr(host, "host_state", None)
+    return get() if get is not None else {}
+
+
+def restore_host_state(host: Any, ckpt: Checkpointer, step: int) -> None:
+    """Hands a run resumed at `step` the host state saved with that checkpoint (taken after
+    the step), so the host continues as the uninterrupted run's. A checkpoint written before
+    hosts saved their state leaves the host as its config starts it."""
+    load = getattr(host, "load_host_state", None)
+    if step == 0 or load is None:
+        return
+    try:
+        extra = ckpt.read_json(step, "extra")
+    except (FileNotFoundError, ValueError):
+        extra = {}
+    if HOST_STATE in extra:
+        load(extra[HOST_STATE])
+    elif host_state(host):
+        logging.warning("checkpoint %d saved no host state: the host's %s start from the "
+                        "config", step, ", ".join(sorted(host_state(host))))
+
+
 def _reference(s: Setup, start_params: Any) -> Any:
     """The frozen reference params of a stage that has one, sharded like the policy, restored
     from init_from once (shared with the starting params when the run starts from them).
@@ -264,6 +293,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     reference_args = program.extra_args(reference, frozen)
     if s.stage.make_host is not None:  # the stage's Python step around its own jits
         s.host = host = s.stage.make_host(program, s.tokenizer)
+        restore_host_state(host, ckpt, step)
         train_step = lambda st, b: host.train(st, b, reference)
         eval_step = lambda p, b: host.eval(p, b, reference)
         place = lambda b: b
@@ -333,8 +363,10 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             # batches" and a resumed run draws exactly the batches this run would have.
             if ckpt.should_save(step, total_steps) or preemption.requested:
                 health.check(metrics, step)
-                ckpt.save(step, state, data_iterator=train_iter, config=c,
-                          extra={**extra, "tokens_seen": counter.tokens_seen(step)})
+                saved = {**extra, "tokens_seen": counter.tokens_seen(step)}
+                if s.host is not None:  # the host state after this step's update
+                    saved[HOST_STATE] = host_state(s.host)
+                ckpt.save(step, state, data_iterator=train_iter, config=c, extra=saved)
             if preemption.requested:
                 logging.warning("SIGTERM: saved step %d; exiting so the job can be "
                                 "rescheduled", step)

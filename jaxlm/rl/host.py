@@ -4,7 +4,8 @@
 (`jaxlm.rl.rollout.rollout`) with the policy's training shardings, turns completions into text,
 scores them with the configured rewards, evaluates greedy decoding on held-out prompts, counts
 the FLOPs of generation and training separately, and places host arrays back on the mesh.
-Each stage (grpo, rejection, ppo) adds its own `train`.
+Each stage (grpo, rejection, ppo) adds its own `train`, and a stage whose host carries
+values from step to step (ppo's adaptive KL coefficient) its `host_state` / `load_host_state`.
 """
 
 from __future__ import annotations
@@ -80,6 +81,18 @@ class RolloutHost:
         self.forward_flops_per_token = (
             scaling.train_flops_per_token(cfg, s, frozen_base=lora, reference_forwards=1)
             - self.train_flops_per_token)
+
+    # -- state that outlives a step ----------------------------------------------------------
+
+    def host_state(self) -> dict[str, Any]:
+        """What the host carries from step to step, as a JSON-serialisable dict: the trainer
+        saves it with every checkpoint (taken after the checkpointed step) and hands it to
+        `load_host_state` on resume. Stateless hosts keep the default: nothing."""
+        return {}
+
+    def load_host_state(self, state: dict[str, Any]) -> None:
+        """Continues from `host_state()` as a checkpoint saved it."""
+        del state
 
     def example(self, split: str, i: int) -> dict:
         if split not in self.examples:

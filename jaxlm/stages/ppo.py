@@ -18,7 +18,8 @@ with the frozen reference (init_from) and the rollout policy's values V,
 and takes rl.num_epochs steps on the clipped policy loss plus ppo.value_coef times the clipped
 value loss 0.5 max((V' - R)^2, (V + clip(V' - V, +-ppo.value_clip) - R)^2), token weights as
 rl.loss_norm. beta is ppo.kl_coef, fixed or (ppo.kl_target > 0) adapted on the host after
-each step; an adapted beta restarts from ppo.kl_coef when a run resumes.
+each step; an adapted beta is saved with every checkpoint (`PpoHost.host_state`), so a resumed
+run continues from the beta the uninterrupted one would use.
 """
 
 from __future__ import annotations
@@ -194,6 +195,15 @@ class PpoHost(RolloutHost):
             program, p.reward_model, None if p.reward_model_step < 0 else p.reward_model_step,
             params=reward_params)
         self.kl_coef = float(p.kl_coef)
+
+    def host_state(self) -> dict[str, Any]:
+        """The beta of the next step (after the last step's adaptive update)."""
+        return {"kl_coef": self.kl_coef}
+
+    def load_host_state(self, state: dict[str, Any]) -> None:
+        """An adaptive beta continues from the checkpoint's; a fixed one is ppo.kl_coef."""
+        if self.config.ppo.kl_target > 0 and "kl_coef" in state:
+            self.kl_coef = float(state["kl_coef"])
 
     def train(self, state: TrainState, host_batch: dict[str, np.ndarray], reference: Any = None
               ) -> tuple[TrainState, dict[str, float]]:

@@ -78,7 +78,9 @@ class Stage:
         `host.train(state, host_batch, reference) -> (state, metrics)` (float metrics; its own
         tokens_per_sec / mfu win over the trainer's), `host.eval(params, host_batch, reference)
         -> sums` (summed over eval batches, then `eval_metrics`), and `host.samples`, texts
-        written to TensorBoard at each evaluation.
+        written to TensorBoard at each evaluation. A host that carries values from step to
+        step returns them from `host.host_state()` (a JSON-serialisable dict, saved with each
+        checkpoint) and takes them back in `host.load_host_state(dict)` on resume.
       updates_per_step: config -> optimizer updates per trainer step (the learning-rate
         schedule spans train.steps times this many).
       frozen_models: config -> {name: (checkpoint directory, step or None for the newest)} of
