@@ -56,7 +56,9 @@ _KV_ENTRIES = ("k", "v", "k_scale", "v_scale")
 def quantize(x_BxLxNxK: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(int8 values [B, L, N, K], float32 scale [B, L, N]) with x ~= values * scale: symmetric
     absmax over the head dim (qwix: scale = absmax / 127.5, values rounded and clipped to
-    [-128, 127]; an all-zero head gets scale 1)."""
+    [-128, 127]; an all-zero head gets scale 1). Computed in float32 whatever x's dtype: x /
+    scale in bfloat16 would be off by up to a whole step."""
+    x_BxLxNxK = x_BxLxNxK.astype(jnp.float32)
     q = qwix.quantize(x_BxLxNxK, jnp.int8, channelwise_axes=tuple(range(x_BxLxNxK.ndim - 1)),
                       scale_dtype=jnp.float32)
     return q.qvalue, q.scale[..., 0]
