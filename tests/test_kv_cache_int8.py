@@ -297,3 +297,29 @@ def test_kv_cache_dtype_is_validated_and_reaches_the_flags():
 
     with pytest.raises(ValueError, match="--kv_cache='fp8'"):  # refused before loading
         generate.run(generate.Options(workdir="/nonexistent", prompts=("x",), kv_cache="fp8"))
+
+
+def test_generate_kv_cache_flag_decodes_with_the_int8_cache(tmp_path):
+    """`jaxlm.generate --kv_cache=int8` on a checkpoint: the tokens are the int8 Sampler's, and
+    the sampler it built holds the int8 setting (the run's config says nothing about it)."""
+    import io
+    import json
+
+    from jaxlm import generate, trainer
+    from jaxlm.inference.loading import load_model
+    from tests.run_fixtures import tiny_run_config
+
+    trainer.run(tiny_run_config(tmp_path, num_layers=1, seq_len=16), str(tmp_path / "run"))
+    loaded = load_model(str(tmp_path / "run"))
+    assert loaded.model_cfg.kv_cache_dtype == ""
+    prompt = [loaded.tokenizer.bos_id] + loaded.tokenizer.encode("def ")
+    eos = loaded.tokenizer.eos_id
+    sampler = Sampler(with_kv_cache(loaded.model_cfg, "int8"), loaded.params)
+    want = sampler.generate([Request(prompt, 8, (eos,))])[0].tokens
+    out = io.StringIO()
+    opts = generate.Options(workdir=str(tmp_path / "run"), prompts=("def ",), max_new_tokens=8,
+                            kv_cache="int8", json=True)
+    generate.run(opts, stdout=out)
+    assert json.loads(out.getvalue().splitlines()[-1])["token_ids"] == want
+    session = generate._Session(opts)
+    assert session.sampler.cfg.kv_cache_dtype == "int8"

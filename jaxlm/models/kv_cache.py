@@ -29,9 +29,10 @@ the head dim, done once when a slot is written (`quantize`). Reading folds the s
 attention rather than dequantizing the cache: q . (s_m k_m) = s_m (q . k_m), so the key scale
 multiplies each slot's score, and sum_m p_m (s_m v_m) = sum_m (p_m s_m) v_m, so the value scale
 multiplies each slot's probability. The int8 entries enter the einsums only through an exact
-conversion to the compute dtype, which XLA fuses into the dot on accelerators; the extra work is
-two multiplies on the [B, N, G, L, M] scores (K / (G L) times smaller than the cache in a decode
-step), where dequantizing first would multiply and keep a float copy of every cached k and v.
+conversion to the compute dtype, an elementwise operand of the dot that XLA may fuse into it;
+the extra work is two multiplies on the [B, N, G, L, M] scores (K / (G L) times fewer elements
+than the cached keys), where dequantizing first would add a multiply over every cached element
+and, unless fused, write a float copy of the whole cache, the traffic int8 is meant to save.
 """
 
 from __future__ import annotations
@@ -92,7 +93,9 @@ def attend(q_BxLxHxK: jax.Array, k_BxMxNxK: jax.Array, v_BxMxNxK: jax.Array,
                                                                            q_BxLxHxK.dtype)
     scores_BxNxGxLxM = jnp.einsum("blngk,bmnk->bnglm", q_BxLxNxGxK, k_BxMxNxK,
                                   preferred_element_type=jnp.float32)
-    if k_scale_BxMxN is not None:  # int8 keys: the true score is q . k_m times slot m's scale
+    # int8 keys: the true score is q . k_m times slot m's scale, applied before anything else
+    # acts on the scores
+    if k_scale_BxMxN is not None:
         scores_BxNxGxLxM = scores_BxNxGxLxM * _per_slot(k_scale_BxMxN)
     if visible_BxLxM is None:
         causal_LxM = jnp.arange(m)[None, :] <= (start + jnp.arange(length))[:, None]
