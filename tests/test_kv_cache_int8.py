@@ -186,7 +186,8 @@ def greedy():
 def test_greedy_decode_agrees_with_the_float_cache(greedy):
     """Measure: along the float cache's greedy decode, the share of its tokens that the int8
     cache, given the same preceding tokens, picks too (teacher-forced top-1 agreement, so one
-    flip on a near-tie does not count against every later token). At least 95%."""
+    flip on a near-tie does not count against every later token). At least 95%, and all of
+    those the float model does not nearly tie."""
     params, plain, _ = greedy
     width = max(map(len, PROMPTS))
     tokens = np.zeros((len(PROMPTS), width), np.int32)
@@ -194,10 +195,16 @@ def test_greedy_decode_agrees_with_the_float_cache(greedy):
     for i, p in enumerate(PROMPTS):
         tokens[i, width - len(p):], valid[i, width - len(p):] = p, True
     decoded = np.asarray(plain, np.int32)
-    picks = {cfg.kv_cache_dtype: _forced_logits(cfg, params, tokens, valid, decoded)[0][
-        :, :NEW].argmax(-1) for cfg in (CFG, INT8)}
-    np.testing.assert_array_equal(picks[""], decoded)  # the float cache reproduces itself
-    assert np.mean(picks["int8"] == decoded) >= 0.95
+    logits = {cfg.kv_cache_dtype: _forced_logits(cfg, params, tokens, valid, decoded)[0][
+        :, :NEW] for cfg in (CFG, INT8)}
+    np.testing.assert_array_equal(logits[""].argmax(-1), decoded)  # float reproduces itself
+    same = logits["int8"].argmax(-1) == decoded
+    assert np.mean(same) >= 0.95  # measured: 115 of 120
+    # The flips are near-ties: wherever the float top-1 leads by more than 0.01 (1.5% of the
+    # logits' std; int8 moves single logits by up to ~0.025), int8 picks it too.
+    top2 = np.sort(logits[""], axis=-1)[..., -2:]
+    clear = top2[..., 1] - top2[..., 0] > 0.01
+    assert np.mean(clear) > 0.85 and np.all(same[clear])
 
 
 def test_speculative_decoding_with_int8_caches_is_the_int8_greedy_decode(greedy):
