@@ -24,6 +24,7 @@ setuptools.setup(
         "etils[epath]",
         "pyarrow>=15",
         "safetensors>=0.4",  # tools/convert_hf.py (Hugging Face import/export)
+        "qwix>=0.1.8",  # int8 KV cache quantization (jaxlm/models/kv_cache.py)
         # Hugging Face tokenizer.json and its Jinja chat template (jaxlm/data/hf_tokenizer.py).
         "tokenizers>=0.20",
         "jinja2>=3.1",

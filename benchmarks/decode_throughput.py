@@ -9,6 +9,11 @@ full forward pass over the whole [B, prompt + new] buffer for every token, the n
 baseline. Times include the prefill, not the compile. Prints
 markdown table rows for docs/benchmarks.md.
 
+The KV cache's dtype (model.kv_cache_dtype), float vs int8, with the bytes each cache holds:
+
+    python benchmarks/decode_throughput.py --config=configs/tiny.py --kv_cache=compute,int8 \
+        --recompute=false
+
 Speculative decoding of trained models (their weights decide how many drafts are accepted):
 
     python benchmarks/decode_throughput.py --target=/tmp/teacher \
@@ -33,7 +38,8 @@ from ml_collections import config_flags
 
 from jaxlm import config as config_lib
 from jaxlm.inference import Request, Sampler
-from jaxlm.models import Transformer
+from jaxlm.inference.loading import with_kv_cache
+from jaxlm.models import Transformer, kv_cache
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.")
 _BATCHES = flags.DEFINE_list("batches", ["1", "8"], "Batch sizes.")
@@ -44,6 +50,11 @@ _TARGET = flags.DEFINE_string("target", "", "Speculative mode: the target run's 
 _DRAFTS = flags.DEFINE_list("drafts", [], "Speculative mode: label=workdir of each draft.")
 _NUM_DRAFT = flags.DEFINE_integer("num_draft", 4, "Draft tokens proposed per target call.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Speculative mode: 0 = greedy.")
+_KV_CACHE = flags.DEFINE_list("kv_cache", ["compute"], "KV-cache dtypes to time: compute (the "
+                              "model's compute dtype) and/or int8.")
+_RECOMPUTE = flags.DEFINE_bool("recompute", True, "Also time the no-cache baseline; speed-ups "
+                               "are against it, else against the first --kv_cache.")
+_BUCKET = 8  # the Sampler's length bucket here: prompt and new tokens round up to it
 
 
 def _stdlib_prompts(count: int) -> list[str]:
@@ -117,6 +128,12 @@ def _best(fn, repeats: int) -> float:
     return min(times)
 
 
+def _cache_bytes(sampler: Sampler, batch: int, prompt_len: int, new_tokens: int) -> int:
+    """Bytes of k and v (and int8 scales) in the cache `sampler.generate` allocates."""
+    length = sum(-(-n // _BUCKET) * _BUCKET for n in (prompt_len, new_tokens))
+    return kv_cache.kv_bytes(jax.eval_shape(lambda: sampler.lm.init_cache(batch, length)))
+
+
 def main(argv: list[str]) -> None:
     del argv
     if _TARGET.value:
@@ -127,24 +144,33 @@ def main(argv: list[str]) -> None:
     p, n = _PROMPT_LEN.value, _NEW.value
     model = Transformer(cfg)
     params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, p), jnp.int32))["params"])
-    sampler = Sampler(cfg, params, bucket=8)
+    samplers = {kind: Sampler(with_kv_cache(cfg, kind), params, bucket=_BUCKET)
+                for kind in _KV_CACHE.value}
     recompute = recompute_decoder(model, p + n)
     rng = np.random.default_rng(0)
     print(f"# {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}), "
           f"{jax.device_count()} device(s); d_model={cfg.d_model} layers={cfg.num_layers} "
-          f"vocab={cfg.padded_vocab_size}; prompt {p}, {n} new tokens, greedy")
-    print("| batch | decoding | s per batch | tokens/s | speed-up |")
-    print("| ---: | --- | ---: | ---: | ---: |")
+          f"kv_heads={cfg.num_kv_heads} head_dim={cfg.head_dim} vocab={cfg.padded_vocab_size} "
+          f"{cfg.compute_dtype}; prompt {p}, {n} new tokens, greedy")
+    print("| batch | decoding | KV-cache MiB | s per batch | tokens/s | speed-up |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: |")
     for b in map(int, _BATCHES.value):
         prompts = rng.integers(4, cfg.vocab_size, size=(b, p)).astype(np.int32)
         requests = [Request(row.tolist(), n) for row in prompts]
-        cached = _best(lambda: sampler.generate(requests), _REPEATS.value)  # noqa: B023
-        buffer = jnp.zeros((b, p + n), jnp.int32).at[:, :p].set(prompts)
-        slow = _best(lambda: jax.block_until_ready(  # noqa: B023
-            recompute(params, buffer, jnp.asarray(p))), _REPEATS.value)  # noqa: B023
-        for name, t, speedup in (("KV cache", cached, f"{slow / cached:.1f}x"),
-                                 ("full recompute", slow, "1.0x")):
-            print(f"| {b} | {name} | {t:.3f} | {b * n / t:,.0f} | {speedup} |", flush=True)
+        rows = []
+        for kind, sampler in samplers.items():
+            t = _best(lambda s=sampler: s.generate(requests), _REPEATS.value)  # noqa: B023
+            name = f"KV cache ({'int8' if kind == 'int8' else cfg.compute_dtype})"
+            rows.append((name, f"{_cache_bytes(sampler, b, p, n) / 2**20:.2f}", t))
+        if _RECOMPUTE.value:
+            buffer = jnp.zeros((b, p + n), jnp.int32).at[:, :p].set(prompts)
+            slow = _best(lambda: jax.block_until_ready(  # noqa: B023
+                recompute(params, buffer, jnp.asarray(p))), _REPEATS.value)  # noqa: B023
+            rows.append(("full recompute", "", slow))
+        base = rows[-1][2] if _RECOMPUTE.value else rows[0][2]
+        for name, mib, t in rows:
+            print(f"| {b} | {name} | {mib} | {t:.3f} | {b * n / t:,.0f} | {base / t:.2f}x |",
+                  flush=True)
 
 
 if __name__ == "__main__":

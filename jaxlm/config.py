@@ -127,6 +127,9 @@ def base_config() -> ml_collections.ConfigDict:
     m.attention = "auto"
     # Std of the normal initialiser of weight matrices.
     m.init_std = 0.02
+    # KV cache of decoding (generation, RL rollouts, evals): "" = k and v in the compute dtype;
+    # "int8" = int8 with a float32 scale per slot and kv head (docs/inference.md).
+    m.kv_cache_dtype = ""
     # LoRA adapters (docs/post_training.md): only they are trained when rank > 0.
     m.lora = lo = ml_collections.ConfigDict()
     # Adapter rank; 0 = no adapters (full fine-tuning).

@@ -35,6 +35,7 @@ class Options:
     reward_model: str = ""
     reference: str = ""
     max_new_tokens: int = 64
+    kv_cache: str = ""
     progress: bool = True
 
 
@@ -59,6 +60,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("reference", "", "Reference run of --reward_model; default the "
                         "checkpoint's init_from.")
     flags.DEFINE_integer("max_new_tokens", 64, "Tokens generated per prompt for --reward_model.")
+    flags.DEFINE_string("kv_cache", "", "KV cache of generation: int8 or compute (the compute "
+                        "dtype); empty = the run's model.kv_cache_dtype.")
     flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
 
 
@@ -73,12 +76,14 @@ def run(opts: Options, stdout: IO[str] = sys.stdout) -> dict[str, Any]:
     from jaxlm.evaluation import results as results_lib
     from jaxlm.evaluation.engine import Engine
     from jaxlm.evaluation.target import load_target
+    from jaxlm.inference.loading import with_kv_cache
 
     if not opts.tasks and not opts.reward_model:
         raise ValueError("give --tasks and/or --reward_model")
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": opts.tensor, "pipeline": 1})
     target = load_target(opts.workdir, None if opts.step < 0 else opts.step, mesh,
                          opts.hf_tokenizer)
+    target.model_cfg = with_kv_cache(target.model_cfg, opts.kv_cache)
     engine = Engine(target.model_cfg, target.params, target.tokenizer, mesh,
                     batch_size=opts.batch_size, max_length=opts.max_length)
     out: dict[str, Any] = {"results": {}}

@@ -4,6 +4,7 @@
     python -m jaxlm.generate --workdir=DIR --prompt="import " --temperature=0.8 --top_p=0.95
     python -m jaxlm.generate --workdir=DIR --prompt="def " --num_beams=4 --length_penalty=1.0
     python -m jaxlm.generate --workdir=DIR --prompt="def " --draft_workdir=SMALL_RUN
+    python -m jaxlm.generate --workdir=DIR --prompt="def " --kv_cache=int8
     python -m jaxlm.generate --workdir=DIR --score --input=texts.txt   # JSON lines
     python -m jaxlm.generate --workdir=SFT_RUN --chat
 
@@ -56,6 +57,9 @@ _INPUT = flags.DEFINE_string("input", None, "Text file, one text per line, for -
 _CHAT = flags.DEFINE_bool("chat", False, "Interactive chat with the run's chat template "
                           "(chat.*), token ids exactly as SFT rendered them.")
 _SYSTEM = flags.DEFINE_string("system", "", "System message of --chat.")
+_KV_CACHE = flags.DEFINE_string("kv_cache", "", "KV cache of decoding: int8 (k and v as int8 "
+                                "with a scale per slot and kv head), compute (the compute "
+                                "dtype); empty = the run's model.kv_cache_dtype.")
 _TENSOR = flags.DEFINE_integer("tensor", 1, "Tensor-parallel mesh size (heads over devices).")
 _JSON = flags.DEFINE_bool("json", False, "Print generations as JSON lines.")
 
@@ -84,6 +88,7 @@ class Options:
     input: str | None = None
     chat: bool = False
     system: str = ""
+    kv_cache: str = ""
     tensor: int = 1
     json: bool = False
 
@@ -97,7 +102,7 @@ def _options_from_flags() -> Options:
         early_stopping=_EARLY_STOPPING.value, best_of=_BEST_OF.value,
         draft_workdir=_DRAFT.value, draft_step=_DRAFT_STEP.value, num_draft=_NUM_DRAFT.value,
         stop=tuple(_STOP.value), score=_SCORE.value, input=_INPUT.value, chat=_CHAT.value,
-        system=_SYSTEM.value, tensor=_TENSOR.value, json=_JSON.value)
+        system=_SYSTEM.value, kv_cache=_KV_CACHE.value, tensor=_TENSOR.value, json=_JSON.value)
 
 
 class _Session:
@@ -105,7 +110,7 @@ class _Session:
 
     def __init__(self, opts: Options):
         from jaxlm import sharding
-        from jaxlm.inference.loading import load_model
+        from jaxlm.inference.loading import load_model, with_kv_cache
         from jaxlm.inference.sampler import Sampler
 
         self.opts = opts
@@ -113,8 +118,8 @@ class _Session:
                                         "pipeline": 1})
         self.loaded = load_model(opts.workdir, None if opts.step < 0 else opts.step, self.mesh)
         self.tok = self.loaded.tokenizer
-        self.sampler = Sampler(self.loaded.model_cfg, self.loaded.params, mesh=self.mesh,
-                               pad_id=self.tok.pad_id)
+        self.sampler = Sampler(with_kv_cache(self.loaded.model_cfg, opts.kv_cache),
+                               self.loaded.params, mesh=self.mesh, pad_id=self.tok.pad_id)
         self.add_bos = bool(self.loaded.config.data.add_bos) and self.tok.bos_id >= 0
         self.stop_ids = tuple(i for i in [self.tok.eos_id] if i >= 0) + tuple(
             self._piece_id(s) for s in opts.stop)
@@ -161,11 +166,11 @@ class _Session:
         sampling = SamplingParams(o.temperature, o.top_k, o.top_p, o.min_p, o.repetition_penalty)
         self.acceptance_rate = None
         if o.draft_workdir:
-            from jaxlm.inference.loading import load_model
+            from jaxlm.inference.loading import load_model, with_kv_cache
             draft = load_model(o.draft_workdir, None if o.draft_step < 0 else o.draft_step,
                                self.mesh)
-            out = self.sampler.speculative(requests, draft.model_cfg, draft.params, o.num_draft,
-                                           sampling, o.seed)
+            out = self.sampler.speculative(requests, with_kv_cache(draft.model_cfg, o.kv_cache),
+                                           draft.params, o.num_draft, sampling, o.seed)
             self.acceptance_rate = self.sampler.last_acceptance_rate
         elif o.num_beams > 1:
             out = [beams[0] for beams in self.sampler.beam_search(
@@ -247,7 +252,11 @@ def check_combination(opts: Options) -> None:
 
 
 def run(opts: Options, stdin: IO[str] = sys.stdin, stdout: IO[str] = sys.stdout) -> None:
+    from jaxlm.inference.loading import KV_CACHE_FLAG
+
     check_combination(opts)
+    if opts.kv_cache and opts.kv_cache not in KV_CACHE_FLAG:
+        raise ValueError(f"--kv_cache={opts.kv_cache!r} is not one of {list(KV_CACHE_FLAG)}")
     modes = sum([bool(opts.prompts), opts.score, opts.chat])
     if modes != 1:
         raise ValueError("give exactly one of --prompt, --score (with --input) or --chat")

@@ -20,6 +20,20 @@ from jaxlm.inference.sampler import param_shardings
 from jaxlm.models import ModelConfig, Transformer
 from jaxlm.train_state import abstract_boxed_params
 
+# --kv_cache values of generate and eval -> ModelConfig.kv_cache_dtype ("" keeps the run's)
+KV_CACHE_FLAG = {"compute": "", "int8": "int8"}
+
+
+def with_kv_cache(model_cfg: ModelConfig, kv_cache: str) -> ModelConfig:
+    """The model config with the KV cache a `--kv_cache` flag asks for: "" keeps the run's
+    model.kv_cache_dtype, "compute" stores k and v in the compute dtype, "int8" as int8."""
+    if kv_cache and kv_cache not in KV_CACHE_FLAG:
+        raise ValueError(f"--kv_cache={kv_cache!r} is not one of {list(KV_CACHE_FLAG)} (or "
+                         "empty: the run's model.kv_cache_dtype)")
+    if not kv_cache:
+        return model_cfg
+    return dataclasses.replace(model_cfg, kv_cache_dtype=KV_CACHE_FLAG[kv_cache])
+
 
 @dataclasses.dataclass
 class LoadedModel:

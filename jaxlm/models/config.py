@@ -23,6 +23,7 @@ MLP_ACTIVATIONS = ("swiglu", "geglu", "gelu")
 GATED_ACTIVATIONS = ("swiglu", "geglu")  # act(x @ w_gate) * (x @ w_in)
 REMAT_POLICIES = ("none", "full", "save_dots")
 ATTENTION_IMPLS = ("auto", "xla", "blocked", "chunked", "cudnn", "splash")
+KV_CACHE_DTYPES = ("", "int8")  # "": the compute dtype
 VOCAB_MULTIPLE = 128
 
 
@@ -126,6 +127,8 @@ class ModelConfig:
       lora_targets: names of the adapted weights (attention wq/wk/wv/wo, mlp w_in/w_gate/w_out).
       reward_head: return a scalar per position, final hidden state . reward_head, instead of
         logits (reward models; the vocab head params still exist, so LM checkpoints load).
+      kv_cache_dtype: what the KV cache of decoding stores: "" = k and v in the compute dtype,
+        "int8" = int8 with a float32 scale per (row, slot, kv head) (models/kv_cache.py).
     """
 
     vocab_size: int
@@ -171,6 +174,7 @@ class ModelConfig:
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ("wq", "wk", "wv", "wo")
     reward_head: bool = False
+    kv_cache_dtype: str = ""
 
     @property
     def padded_vocab_size(self) -> int:
@@ -262,6 +266,9 @@ class ModelConfig:
                                                             * self.pipeline_repeats):
             fail("pipeline_repeats", f"{self.num_layers} layers cannot be split evenly into "
                  f"{self.pipeline_stages} stages x {self.pipeline_repeats} repeats")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            fail("kv_cache_dtype", f"{self.kv_cache_dtype!r} not in {KV_CACHE_DTYPES} ('' = the "
+                 "compute dtype)")
         for key in ("param_dtype", "compute_dtype"):
             try:
                 jnp.dtype(getattr(self, key))
