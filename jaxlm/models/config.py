@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from jaxlm.errors import ConfigError
 from jaxlm.models.rope import NO_SCALING, RopeScaling
+from jaxlm.quant.spec import NO_QUANT, QuantSpec
 
 POSITION_EMBEDDINGS = ("rope", "learned")
 NORMS = ("rmsnorm", "layernorm")
@@ -122,6 +123,7 @@ class ModelConfig:
       lora_targets: names of the adapted weights (attention wq/wk/wv/wo, mlp w_in/w_gate/w_out).
       reward_head: return a scalar per position, final hidden state . reward_head, instead of
         logits (reward models; the vocab head params still exist, so LM checkpoints load).
+      quant: quantization of the matmul weights (the `quant` config section; jaxlm/quant/).
     """
 
     vocab_size: int
@@ -165,6 +167,7 @@ class ModelConfig:
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ("wq", "wk", "wv", "wo")
     reward_head: bool = False
+    quant: QuantSpec = NO_QUANT
 
     @property
     def padded_vocab_size(self) -> int:
@@ -255,6 +258,7 @@ class ModelConfig:
                 jnp.dtype(getattr(self, key))
             except TypeError:
                 fail(key, f"{getattr(self, key)!r} is not a dtype name")
+        self._check_quant()
         if self.moe is not None:
             self._check_moe(fail)
             mlp_targets = {"w_in", "w_gate", "w_out"} & set(self.lora_targets)
@@ -265,6 +269,22 @@ class ModelConfig:
             if self.pipeline_stages > 1:
                 fail("moe.num_experts", "mixture-of-experts blocks cannot run in the pipeline "
                      "schedule yet: use mesh.pipeline=1 with model.moe")
+
+    def _check_quant(self) -> None:
+        """The `quant.*` keys, and that a tile size divides every quantized input axis."""
+
+        def fail(key: str, msg: str) -> None:
+            raise ConfigError(f"config key quant.{key}: {msg}")
+
+        self.quant.check(fail)
+        tile = self.quant.tile_size
+        if tile and self.quant.mode != "none":
+            sizes = {"model.d_model": self.d_model, "model.head_dim": self.head_dim,
+                     "model.d_ff": self.d_ff}
+            for key, size in sizes.items():
+                if size % tile:
+                    fail("tile_size", f"{tile} does not divide {key}={size} (tiles run along "
+                         "each weight's last input axis)")
 
     def _check_moe(self, fail: Any) -> None:
         moe = self.moe
