@@ -36,6 +36,8 @@ class Options:
     reference: str = ""
     max_new_tokens: int = 64
     progress: bool = True
+    quantize: str = ""
+    quant_tile_size: int = 0
 
 
 def _define_flags() -> None:
@@ -60,6 +62,10 @@ def _define_flags() -> None:
                         "checkpoint's init_from.")
     flags.DEFINE_integer("max_new_tokens", 64, "Tokens generated per prompt for --reward_model.")
     flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
+    flags.DEFINE_string("quantize", "", "Quantize the weights after loading: int8, int4, nf4 "
+                        "or int8_dynamic (docs/quantization.md); '' = as stored.")
+    flags.DEFINE_integer("quant_tile_size", 0, "--quantize: inputs per scale (0 = per "
+                         "output channel).")
 
 
 def _options_from_flags() -> Options:
@@ -79,6 +85,10 @@ def run(opts: Options, stdout: IO[str] = sys.stdout) -> dict[str, Any]:
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": opts.tensor, "pipeline": 1})
     target = load_target(opts.workdir, None if opts.step < 0 else opts.step, mesh,
                          opts.hf_tokenizer)
+    if opts.quantize:
+        from jaxlm.quant.convert import quantize_loaded
+
+        target = quantize_loaded(target, opts.quantize, opts.quant_tile_size, mesh)
     engine = Engine(target.model_cfg, target.params, target.tokenizer, mesh,
                     batch_size=opts.batch_size, max_length=opts.max_length)
     out: dict[str, Any] = {"results": {}}

@@ -58,6 +58,11 @@ _CHAT = flags.DEFINE_bool("chat", False, "Interactive chat with the run's chat t
 _SYSTEM = flags.DEFINE_string("system", "", "System message of --chat.")
 _TENSOR = flags.DEFINE_integer("tensor", 1, "Tensor-parallel mesh size (heads over devices).")
 _JSON = flags.DEFINE_bool("json", False, "Print generations as JSON lines.")
+_QUANTIZE = flags.DEFINE_string("quantize", "", "Quantize the weights after loading: int8, "
+                                "int4, nf4 or int8_dynamic (docs/quantization.md); '' = as "
+                                "stored.")
+_QUANT_TILE = flags.DEFINE_integer("quant_tile_size", 0, "--quantize: inputs per scale (0 = "
+                                   "one scale per output channel).")
 
 
 @dataclasses.dataclass
@@ -86,6 +91,8 @@ class Options:
     system: str = ""
     tensor: int = 1
     json: bool = False
+    quantize: str = ""
+    quant_tile_size: int = 0
 
 
 def _options_from_flags() -> Options:
@@ -97,7 +104,8 @@ def _options_from_flags() -> Options:
         early_stopping=_EARLY_STOPPING.value, best_of=_BEST_OF.value,
         draft_workdir=_DRAFT.value, draft_step=_DRAFT_STEP.value, num_draft=_NUM_DRAFT.value,
         stop=tuple(_STOP.value), score=_SCORE.value, input=_INPUT.value, chat=_CHAT.value,
-        system=_SYSTEM.value, tensor=_TENSOR.value, json=_JSON.value)
+        system=_SYSTEM.value, tensor=_TENSOR.value, json=_JSON.value,
+        quantize=_QUANTIZE.value, quant_tile_size=_QUANT_TILE.value)
 
 
 class _Session:
@@ -112,6 +120,11 @@ class _Session:
         self.mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": opts.tensor,
                                         "pipeline": 1})
         self.loaded = load_model(opts.workdir, None if opts.step < 0 else opts.step, self.mesh)
+        if opts.quantize:
+            from jaxlm.quant.convert import quantize_loaded
+
+            self.loaded = quantize_loaded(self.loaded, opts.quantize, opts.quant_tile_size,
+                                          self.mesh)
         self.tok = self.loaded.tokenizer
         self.sampler = Sampler(self.loaded.model_cfg, self.loaded.params, mesh=self.mesh,
                                pad_id=self.tok.pad_id)
