@@ -74,7 +74,7 @@ def microbatched_grads(loss_fn: LossFn, params: Any, batch: dict[str, jax.Array]
             loss_sum, aux = loss_fn(p, micro, jax.random.fold_in(rng, index))
         return loss_sum, {**aux, "objective_sum": loss_sum}
 
-    grad_fn = jax.grad(objective, has_aux=True)
+    grad_fn = float_leaf_grad(objective)
     if grad_accum_steps == 1:
         grads, aux = grad_fn(params, batch, jnp.zeros((), jnp.int32))
     else:
@@ -98,6 +98,31 @@ def microbatched_grads(loss_fn: LossFn, params: Any, batch: dict[str, jax.Array]
     denom = jnp.maximum(aux["num_tokens"], 1.0)
     grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
     return grads, aux
+
+
+def float_leaf_grad(fn: Callable[..., Any]) -> Callable[..., tuple[Any, Any]]:
+    """jax.grad(fn, has_aux=True) with respect to the floating-point leaves of fn's first
+    argument. Integer leaves (QLoRA's quantized frozen base) are passed in undifferentiated
+    and get zero gradients of their own dtype; an all-float tree is plain jax.grad."""
+    plain = jax.grad(fn, has_aux=True)
+
+    def grad_fn(params: Any, *args: Any) -> tuple[Any, Any]:
+        leaves, treedef = jax.tree.flatten(params)
+        floats = [jnp.issubdtype(x.dtype, jnp.inexact) for x in leaves]
+        if all(floats):
+            return plain(params, *args)
+
+        def merged(values: list[jax.Array]) -> Any:
+            it = iter(values)
+            return treedef.unflatten([next(it) if f else x for x, f in zip(leaves, floats)])
+
+        grads, aux = jax.grad(lambda v, *a: fn(merged(v), *a), has_aux=True)(
+            [x for x, f in zip(leaves, floats) if f], *args)
+        it = iter(grads)
+        return treedef.unflatten([next(it) if f else jnp.zeros_like(x)
+                                  for x, f in zip(leaves, floats)]), aux
+
+    return grad_fn
 
 
 def gradient_step(state: TrainState, batch: dict[str, jax.Array], loss_fn: LossFn, *,

@@ -12,7 +12,8 @@ so no weight gradient of a frozen matrix is computed at all (the adapter path co
 2 T r (in + out) per weight instead).
 
 `merge` folds trained adapters into the base weights: a plain model then gives the same
-logits (tools/merge_lora.py).
+logits (tools/merge_lora.py). With `quant.mode="ptq"` the frozen base is held quantized
+(QLoRA, docs/quantization.md): the adapters stay float and `merge` dequantizes the base.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import qwix
 from flax import traverse_util
 
 ATTENTION_TARGETS = ("wq", "wk", "wv", "wo")
@@ -125,6 +127,8 @@ def merge(params: dict, rank: int, alpha: float) -> dict:
         name = key[-1][:-len(SUFFIX_A)]
         w_key = (*key[:-1], name)
         a, b, w = flat[key], flat[(*key[:-1], name + SUFFIX_B)], flat[w_key]
+        if isinstance(w, qwix.QArray):  # QLoRA: the merged weight is float
+            w = qwix.dequantize(w)
         stacked = a.ndim - _INPUT_AXES[name] - 1  # 1 for params stacked over scanned layers
         a2 = a.reshape(*a.shape[:stacked], -1, rank)
         b2 = b.reshape(*b.shape[:stacked], rank, -1)

@@ -15,6 +15,7 @@ call `quantize_weight`, so a QAT model converts to PTQ with no jump.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -57,11 +58,24 @@ def quantize_weight(w: jax.Array, spec: QuantSpec, name: str) -> qwix.QArray:
     return q
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def fake_quantize(w: jax.Array, spec: QuantSpec, name: str) -> jax.Array:
-    """dequantize(quantize(w)) in the forward pass, identity in the backward pass (the
-    straight-through estimator): quantization-aware training."""
-    wq = qwix.dequantize(quantize_weight(w, spec, name))
-    return w + jax.lax.stop_gradient(wq - w)
+    """dequantize(quantize(w)) in the forward pass (exactly the weight PTQ computes with),
+    identity in the backward pass (the straight-through estimator): quantization-aware
+    training."""
+    return qwix.dequantize(quantize_weight(w, spec, name))
+
+
+def _fake_quantize_fwd(w: jax.Array, spec: QuantSpec, name: str) -> tuple[jax.Array, None]:
+    return fake_quantize(w, spec, name), None
+
+
+def _fake_quantize_bwd(spec: QuantSpec, name: str, _: None, g: jax.Array
+                       ) -> tuple[jax.Array]:
+    return (g,)
+
+
+fake_quantize.defvjp(_fake_quantize_fwd, _fake_quantize_bwd)
 
 
 def is_weight_path(path: tuple[str, ...]) -> bool:
