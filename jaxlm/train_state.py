@@ -37,13 +37,23 @@ class TrainState:
         not finite (a NaN learning rate, an overflow), the params and optimizer state are kept
         as they were (the step still counts, so the data and schedule move on)."""
         updates, opt_state = tx.update(grads, self.opt_state, self.params)
-        params = optax.apply_updates(self.params, updates)
+        # Integer leaves (QLoRA's quantized frozen base) are never updated.
+        params = jax.tree.map(lambda p, u: optax.apply_updates(p, u)
+                              if jnp.issubdtype(p.dtype, jnp.inexact) else p,
+                              self.params, updates)
         finite = (finite & jnp.isfinite(optax.global_norm(updates))
-                  & jnp.isfinite(optax.global_norm(params)))
+                  & jnp.isfinite(float_norm(params)))
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         return self.replace(step=self.step + 1, params=keep(params, self.params),
                             opt_state=keep(opt_state, self.opt_state),
                             nonfinite=jnp.where(finite, 0, self.nonfinite + 1))
+
+
+def float_norm(tree: Any) -> jax.Array:
+    """Global L2 norm of the floating-point leaves (a quantized base's integers are codes,
+    not values)."""
+    return optax.global_norm([x for x in jax.tree.leaves(tree)
+                              if jnp.issubdtype(x.dtype, jnp.inexact)])
 
 
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
@@ -148,7 +158,7 @@ def gradient_step(state: TrainState, batch: dict[str, jax.Array], loss_fn: LossF
     objective = aux.pop("objective_sum") / jnp.maximum(aux["num_tokens"], 1.0)
     finite = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
     new_state = state.apply_gradients(grads, tx, finite=finite)
-    common = {"grad_norm": grad_norm, "param_norm": optax.global_norm(state.params),
+    common = {"grad_norm": grad_norm, "param_norm": float_norm(state.params),
               "lr": lr_schedule(state.step), "nonfinite": new_state.nonfinite}
     return new_state, aux, common
 
