@@ -93,3 +93,26 @@ def test_the_program_builds_a_qlora_state_and_steps_it():
                            before, new.params)
     assert not any(jax.tree.leaves(_base(changed)))
     assert all(jax.tree.leaves(lora.split(changed)[1]))
+
+
+def test_qlora_from_a_float_run_quantizes_its_weights_and_checkpoints_them(tmp_path):
+    """init_from a float checkpoint: its weights are read as float and quantized; the QLoRA
+    run's checkpoint holds that quantized base, unchanged by training."""
+    from jaxlm import trainer
+    from jaxlm.inference.loading import load_model
+    from tests.run_fixtures import tiny_run_config
+
+    trainer.run(tiny_run_config(tmp_path, seq_len=16), str(tmp_path / "run"))
+    c = tiny_run_config(tmp_path, seq_len=16, steps=3)
+    c.init_from.path = str(tmp_path / "run" / "checkpoints")
+    c.model.lora.rank, c.model.lora.mlp = 4, True
+    c.quant.update(mode="ptq", weight="nf4", tile_size=16)
+    trainer.run(c, str(tmp_path / "qlora"))
+    qlora = load_model(str(tmp_path / "qlora"))
+    float_params = load_model(str(tmp_path / "run")).params
+    want = quantizer.quantize_params(float_params, qlora.model_cfg.quant)
+    got = _base(qlora.params)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 got, want)
+    assert quantizer.is_qarray(got["blocks"]["mlp"]["w_out"])
