@@ -116,3 +116,17 @@ def test_qlora_from_a_float_run_quantizes_its_weights_and_checkpoints_them(tmp_p
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                  got, want)
     assert quantizer.is_qarray(got["blocks"]["mlp"]["w_out"])
+    # tools/merge_lora.py folds the adapters into the dequantized base: a float model with the
+    # QLoRA model's logits
+    from tools.merge_lora import merge_checkpoint
+
+    merge_checkpoint(str(tmp_path / "qlora" / "checkpoints"), str(tmp_path / "merged"))
+    merged = load_model(str(tmp_path / "merged"))
+    assert merged.model_cfg.quant.mode == "none" and merged.model_cfg.lora_rank == 0
+    assert not any(quantizer.is_qarray(x) for x in jax.tree.leaves(
+        merged.params, is_leaf=quantizer.is_qarray))
+    tokens = jnp.arange(1, 17, dtype=jnp.int32)[None]
+    np.testing.assert_allclose(
+        Transformer(merged.model_cfg).apply({"params": merged.params}, tokens),
+        Transformer(qlora.model_cfg).apply({"params": qlora.params}, tokens),
+        rtol=1e-4, atol=1e-4)

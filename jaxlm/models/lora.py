@@ -120,14 +120,16 @@ def split(params: dict) -> tuple[dict, dict]:
 def merge(params: dict, rank: int, alpha: float) -> dict:
     """Base params with every adapter folded in: W + (alpha / r) A B (scanned layers too)."""
     flat = traverse_util.flatten_dict(params)
-    out = {k: v for k, v in flat.items() if not k[-1].endswith((SUFFIX_A, SUFFIX_B))}
+    # QLoRA: every quantized base weight comes out float, adapted or not
+    out = {k: qwix.dequantize(v) if isinstance(v, qwix.QArray) else v
+           for k, v in flat.items() if not k[-1].endswith((SUFFIX_A, SUFFIX_B))}
     for key in flat:
         if not key[-1].endswith(SUFFIX_A):
             continue
         name = key[-1][:-len(SUFFIX_A)]
         w_key = (*key[:-1], name)
         a, b, w = flat[key], flat[(*key[:-1], name + SUFFIX_B)], flat[w_key]
-        if isinstance(w, qwix.QArray):  # QLoRA: the merged weight is float
+        if isinstance(w, qwix.QArray):
             w = qwix.dequantize(w)
         stacked = a.ndim - _INPUT_AXES[name] - 1  # 1 for params stacked over scanned layers
         a2 = a.reshape(*a.shape[:stacked], -1, rank)
