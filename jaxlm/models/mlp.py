@@ -62,6 +62,7 @@ def linear(cfg: ModelConfig, x_BxLxI: jax.Array, w_IxO: matmul.Weight) -> jax.Ar
         return matmul.quantized_dense(x_BxLxI, w_IxO, cfg.quant.activation)
     return dense(x_BxLxI, w_IxO)
 
+
 _HIDDEN = ("act_batch", "act_length", "act_mlp")
 
 
