@@ -31,6 +31,7 @@ setuptools.setup(
         # Scaling-law fits (jaxlm/scaling_fit.py) and their plots (tools/fit_scaling_law.py).
         "scipy>=1.11",
         "matplotlib>=3.8",
+        "qwix>=0.1.8",  # weight quantization: PTQ, QAT, QLoRA (jaxlm/quant/)
     ],
     extras_require={
         # torch pinned: this version resolves to a CPU wheel; unpinned pulls GBs of CUDA wheels.

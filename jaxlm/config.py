@@ -28,6 +28,7 @@ from jaxlm.models.config import ModelConfig, MoeConfig
 from jaxlm.models.lora import ATTENTION_TARGETS, MLP_TARGETS
 from jaxlm.models.pipeline import bubble_fraction
 from jaxlm.models.rope import RopeScaling
+from jaxlm.quant.spec import NO_QUANT, QuantSpec
 from jaxlm.sharding import MESH_AXES, resolve_mesh_shape
 from jaxlm.stages import STAGE_MODULES, all_stages, get_stage
 
@@ -186,6 +187,19 @@ def base_config() -> ml_collections.ConfigDict:
     o.z_loss = 0.0
     # Gradient accumulation: each step's batch is split into this many sequential microbatches.
     o.grad_accum_steps = 1
+
+    # Weight quantization through qwix (docs/quantization.md).
+    c.quant = qu = ml_collections.ConfigDict()
+    # "none"; "qat": train with fake-quantized matmul weights (straight-through gradients);
+    # "ptq": the matmul weights are held quantized: with model.lora.rank > 0 the frozen base of
+    # QLoRA, otherwise what `jaxlm.tools.quantize` / --quantize write for inference.
+    qu.mode = "none"
+    # Weight type: "int8", "int4" or "nf4" (4-bit NormalFloat).
+    qu.weight = "int8"
+    # "int8": activations quantized per token at run time, int8 x int8 matmuls (ptq, int8).
+    qu.activation = "none"
+    # 0 = one scale per output channel; T = one per T inputs of each output channel.
+    qu.tile_size = 0
 
     c.mesh = me = ml_collections.ConfigDict()
     # Device-mesh axis sizes; one of them may be -1 ("the rest of the devices").
@@ -395,11 +409,32 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = Non
         moe=MoeConfig(**m.moe.to_dict()) if m.moe.num_experts else None,
         lora_rank=m.lora.rank, lora_alpha=m.lora.alpha, lora_dropout=m.lora.dropout,
         lora_targets=ATTENTION_TARGETS + (MLP_TARGETS if m.lora.mlp else ()),
-        reward_head=get_stage(config.stage).reward_head,
+        reward_head=get_stage(config.stage).reward_head, quant=quant_spec(config),
         rope_scaling=RopeScaling(**m.rope_scaling.to_dict()) if "rope_scaling" in m
         else RopeScaling())
     cfg.check()
     return cfg
+
+
+def quant_spec(config: ml_collections.ConfigDict) -> QuantSpec:
+    """The `quant` section as a QuantSpec (a saved config without the section: no quant)."""
+    q = config.get("quant")
+    if q is None:
+        return NO_QUANT
+    return QuantSpec(mode=q.mode, weight=q.weight, activation=q.activation,
+                     tile_size=q.tile_size)
+
+
+def _check_quant_training(config: ml_collections.ConfigDict) -> None:
+    """A run that trains holds quantized weights only as QLoRA's frozen base."""
+    q = config.quant
+    if q.mode == "ptq" and not config.model.lora.rank:
+        _fail("quant.mode", "'ptq' weights cannot be trained: quantize a trained checkpoint "
+              "with `python -m jaxlm.tools.quantize` (or --quantize), use 'qat' to train with "
+              "fake quantization, or set model.lora.rank > 0 for QLoRA's quantized frozen base")
+    if q.mode == "ptq" and q.activation != "none":
+        _fail("quant.activation", "activation quantization is for inference only; QLoRA "
+              "trains with quant.activation='none'")
 
 
 def _check_pipeline(config: ml_collections.ConfigDict) -> None:
@@ -464,6 +499,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check_eval_config(config.eval)
     _check_pipeline(config)
     model_config(config, vocab_size=config.model.vocab_size or 1)
+    _check_quant_training(config)
     if config.model.max_seq_len and config.model.max_seq_len < config.data.seq_len:
         _fail("model.max_seq_len", f"{config.model.max_seq_len} is shorter than "
               f"data.seq_len={config.data.seq_len}")

@@ -37,6 +37,8 @@ class Options:
     max_new_tokens: int = 64
     kv_cache: str = ""
     progress: bool = True
+    quantize: str = ""
+    quant_tile_size: int = 0
 
 
 def _define_flags() -> None:
@@ -63,6 +65,10 @@ def _define_flags() -> None:
     flags.DEFINE_string("kv_cache", "", "KV cache of generation: int8 or compute (the compute "
                         "dtype); empty = the run's model.kv_cache_dtype.")
     flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
+    flags.DEFINE_string("quantize", "", "Quantize the weights after loading: int8, int4, nf4 "
+                        "or int8_dynamic (docs/quantization.md); '' = as stored.")
+    flags.DEFINE_integer("quant_tile_size", 0, "--quantize: inputs per scale (0 = per "
+                         "output channel).")
 
 
 def _options_from_flags() -> Options:
@@ -84,6 +90,10 @@ def run(opts: Options, stdout: IO[str] = sys.stdout) -> dict[str, Any]:
     target = load_target(opts.workdir, None if opts.step < 0 else opts.step, mesh,
                          opts.hf_tokenizer)
     target.model_cfg = with_kv_cache(target.model_cfg, opts.kv_cache)
+    if opts.quantize:
+        from jaxlm.quant.convert import quantize_loaded
+
+        target = quantize_loaded(target, opts.quantize, opts.quant_tile_size, mesh)
     engine = Engine(target.model_cfg, target.params, target.tokenizer, mesh,
                     batch_size=opts.batch_size, max_length=opts.max_length)
     out: dict[str, Any] = {"results": {}}

@@ -62,6 +62,11 @@ _KV_CACHE = flags.DEFINE_string("kv_cache", "", "KV cache of decoding: int8 (k a
                                 "dtype); empty = the run's model.kv_cache_dtype.")
 _TENSOR = flags.DEFINE_integer("tensor", 1, "Tensor-parallel mesh size (heads over devices).")
 _JSON = flags.DEFINE_bool("json", False, "Print generations as JSON lines.")
+_QUANTIZE = flags.DEFINE_string("quantize", "", "Quantize the weights after loading: int8, "
+                                "int4, nf4 or int8_dynamic (docs/quantization.md); '' = as "
+                                "stored.")
+_QUANT_TILE = flags.DEFINE_integer("quant_tile_size", 0, "--quantize: inputs per scale (0 = "
+                                   "one scale per output channel).")
 
 
 @dataclasses.dataclass
@@ -91,6 +96,8 @@ class Options:
     kv_cache: str = ""
     tensor: int = 1
     json: bool = False
+    quantize: str = ""
+    quant_tile_size: int = 0
 
 
 def _options_from_flags() -> Options:
@@ -102,7 +109,8 @@ def _options_from_flags() -> Options:
         early_stopping=_EARLY_STOPPING.value, best_of=_BEST_OF.value,
         draft_workdir=_DRAFT.value, draft_step=_DRAFT_STEP.value, num_draft=_NUM_DRAFT.value,
         stop=tuple(_STOP.value), score=_SCORE.value, input=_INPUT.value, chat=_CHAT.value,
-        system=_SYSTEM.value, kv_cache=_KV_CACHE.value, tensor=_TENSOR.value, json=_JSON.value)
+        system=_SYSTEM.value, kv_cache=_KV_CACHE.value, tensor=_TENSOR.value, json=_JSON.value,
+        quantize=_QUANTIZE.value, quant_tile_size=_QUANT_TILE.value)
 
 
 class _Session:
@@ -117,6 +125,11 @@ class _Session:
         self.mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": opts.tensor,
                                         "pipeline": 1})
         self.loaded = load_model(opts.workdir, None if opts.step < 0 else opts.step, self.mesh)
+        if opts.quantize:
+            from jaxlm.quant.convert import quantize_loaded
+
+            self.loaded = quantize_loaded(self.loaded, opts.quantize, opts.quant_tile_size,
+                                          self.mesh)
         self.tok = self.loaded.tokenizer
         self.sampler = Sampler(with_kv_cache(self.loaded.model_cfg, opts.kv_cache),
                                self.loaded.params, mesh=self.mesh, pad_id=self.tok.pad_id)

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import qwix
 from absl import logging
 from flax import traverse_util
 
@@ -23,6 +24,7 @@ from jaxlm import sharding
 from jaxlm.checkpoint import read_saved_json, restore_params, saved_param_names
 from jaxlm.data.tokenizer import load_tokenizer
 from jaxlm.models import Transformer, lora
+from jaxlm.quant import quantizer
 from jaxlm.train_state import abstract_boxed_params
 
 
@@ -55,10 +57,14 @@ def init_from_params(program: Any) -> Any:
     saved = saved_param_names(path, step)
     saved_adapters = {name for name in saved if name.endswith((lora.SUFFIX_A, lora.SUFFIX_B))}
     base = {k: v for k, v in flat.items() if k in saved and k not in saved_adapters}
+    # QLoRA: the checkpoint's float weights are read as such and quantized on device.
+    float_base = {k: _float_abstract(v, program.model_cfg.weight_dtype) for k, v in base.items()}
     if saved_adapters:
-        restored = _merged_lora_params(program, step, saved_adapters, base)
+        restored = _merged_lora_params(program, step, saved_adapters, float_base)
     else:
-        restored = restore_params(path, step, traverse_util.unflatten_dict(base, sep="/"))
+        restored = restore_params(path, step, traverse_util.unflatten_dict(float_base, sep="/"))
+    if float_base != base:
+        restored = _quantized_like(program, restored, traverse_util.unflatten_dict(base, sep="/"))
     logging.info("params from %s (step %s)", path, "newest" if step is None else step)
     fresh_names = sorted(name for name in flat if name not in base)
     if not fresh_names:
@@ -67,6 +73,21 @@ def init_from_params(program: Any) -> Any:
     out = traverse_util.flatten_dict(program.init_params(jax.random.key(c.seed)), sep="/")
     out.update(traverse_util.flatten_dict(restored, sep="/"))
     return traverse_util.unflatten_dict(out, sep="/")
+
+
+def _float_abstract(leaf: Any, dtype: Any) -> jax.ShapeDtypeStruct:
+    """The float weight a quantized (QArray) abstract param is made from; others as they are."""
+    if not isinstance(leaf, qwix.QArray):
+        return leaf
+    return jax.ShapeDtypeStruct(leaf.qvalue.shape, dtype, sharding=leaf.qvalue.sharding)
+
+
+def _quantized_like(program: Any, params: Any, abstract: Any) -> Any:
+    """`params` (float) quantized with the run's `quant` spec, laid out as `abstract`."""
+    out_shardings = jax.tree.map(lambda x: x.sharding, abstract)
+    with sharding.activate(program.mesh):
+        return jax.jit(functools.partial(quantizer.quantize_params, spec=program.model_cfg.quant),
+                       out_shardings=out_shardings)(params)
 
 
 def frozen_copy(program: Any, params: Any) -> Any:

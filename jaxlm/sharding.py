@@ -44,6 +44,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+import qwix
 from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -272,6 +273,11 @@ def logical_shardings(boxed_tree: Any, mesh: Mesh,
     mesh_shape = _mesh_shape(mesh)
 
     def one(path: tuple[Any, ...], leaf: Any) -> NamedSharding:
+        if isinstance(leaf, nn.LogicallyPartitioned) and isinstance(leaf.value, qwix.QArray):
+            # A quantized weight: values as the float weight, scales by their own shape.
+            spec = lambda x: NamedSharding(mesh, _spec_and_dropped(leaf.names, x.shape,
+                                                                   mesh_shape, rules)[0])
+            return jax.tree.map(spec, leaf.value)
         if isinstance(leaf, nn.LogicallyPartitioned):
             spec, dropped = _spec_and_dropped(leaf.names, leaf.value.shape, mesh_shape, rules)
             if dropped:

@@ -37,13 +37,23 @@ class TrainState:
         not finite (a NaN learning rate, an overflow), the params and optimizer state are kept
         as they were (the step still counts, so the data and schedule move on)."""
         updates, opt_state = tx.update(grads, self.opt_state, self.params)
-        params = optax.apply_updates(self.params, updates)
+        # Integer leaves (QLoRA's quantized frozen base) are never updated.
+        params = jax.tree.map(lambda p, u: optax.apply_updates(p, u)
+                              if jnp.issubdtype(p.dtype, jnp.inexact) else p,
+                              self.params, updates)
         finite = (finite & jnp.isfinite(optax.global_norm(updates))
-                  & jnp.isfinite(optax.global_norm(params)))
+                  & jnp.isfinite(float_norm(params)))
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         return self.replace(step=self.step + 1, params=keep(params, self.params),
                             opt_state=keep(opt_state, self.opt_state),
                             nonfinite=jnp.where(finite, 0, self.nonfinite + 1))
+
+
+def float_norm(tree: Any) -> jax.Array:
+    """Global L2 norm of the floating-point leaves (a quantized base's integers are codes,
+    not values)."""
+    return optax.global_norm([x for x in jax.tree.leaves(tree)
+                              if jnp.issubdtype(x.dtype, jnp.inexact)])
 
 
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
@@ -74,7 +84,7 @@ def microbatched_grads(loss_fn: LossFn, params: Any, batch: dict[str, jax.Array]
             loss_sum, aux = loss_fn(p, micro, jax.random.fold_in(rng, index))
         return loss_sum, {**aux, "objective_sum": loss_sum}
 
-    grad_fn = jax.grad(objective, has_aux=True)
+    grad_fn = float_leaf_grad(objective)
     if grad_accum_steps == 1:
         grads, aux = grad_fn(params, batch, jnp.zeros((), jnp.int32))
     else:
@@ -100,6 +110,31 @@ def microbatched_grads(loss_fn: LossFn, params: Any, batch: dict[str, jax.Array]
     return grads, aux
 
 
+def float_leaf_grad(fn: Callable[..., Any]) -> Callable[..., tuple[Any, Any]]:
+    """jax.grad(fn, has_aux=True) with respect to the floating-point leaves of fn's first
+    argument. Integer leaves (QLoRA's quantized frozen base) are passed in undifferentiated
+    and get zero gradients of their own dtype; an all-float tree is plain jax.grad."""
+    plain = jax.grad(fn, has_aux=True)
+
+    def grad_fn(params: Any, *args: Any) -> tuple[Any, Any]:
+        leaves, treedef = jax.tree.flatten(params)
+        floats = [jnp.issubdtype(x.dtype, jnp.inexact) for x in leaves]
+        if all(floats):
+            return plain(params, *args)
+
+        def merged(values: list[jax.Array]) -> Any:
+            it = iter(values)
+            return treedef.unflatten([next(it) if f else x for x, f in zip(leaves, floats)])
+
+        grads, aux = jax.grad(lambda v, *a: fn(merged(v), *a), has_aux=True)(
+            [x for x, f in zip(leaves, floats) if f], *args)
+        it = iter(grads)
+        return treedef.unflatten([next(it) if f else jnp.zeros_like(x)
+                                  for x, f in zip(leaves, floats)]), aux
+
+    return grad_fn
+
+
 def gradient_step(state: TrainState, batch: dict[str, jax.Array], loss_fn: LossFn, *,
                   tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
                   grad_accum_steps: int = 1, freeze: Freeze | None = None,
@@ -123,7 +158,7 @@ def gradient_step(state: TrainState, batch: dict[str, jax.Array], loss_fn: LossF
     objective = aux.pop("objective_sum") / jnp.maximum(aux["num_tokens"], 1.0)
     finite = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
     new_state = state.apply_gradients(grads, tx, finite=finite)
-    common = {"grad_norm": grad_norm, "param_norm": optax.global_norm(state.params),
+    common = {"grad_norm": grad_norm, "param_norm": float_norm(state.params),
               "lr": lr_schedule(state.step), "nonfinite": new_state.nonfinite}
     return new_state, aux, common
 

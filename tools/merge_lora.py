@@ -50,6 +50,8 @@ def merge_checkpoint(checkpoints: str, output: str, step: int | None = None) -> 
     params = restore_params(checkpoints, step, abstract)
     merged = lora.merge(params, rank, alpha)
     config.model.lora.rank = 0
+    if "quant" in config and config.quant.mode == "ptq":  # QLoRA: the merged weights are float
+        config.quant.mode = "none"
     if step is None:
         step = complete_steps(os.path.abspath(checkpoints))[-1]
     with Checkpointer(output, save_every=0, keep_last=1, async_save=False) as ckpt:

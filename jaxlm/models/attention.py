@@ -14,7 +14,6 @@ C * tanh(s / C) before masking (Gemma 2's attention-logit soft-capping); 0 = off
 from __future__ import annotations
 
 import functools
-import math
 
 import flax.linen as nn
 import jax
@@ -25,11 +24,12 @@ from jaxlm.models import kv_cache, lora
 from jaxlm.models.chunked_attention import chunked_attention
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.kernel_attention import cudnn_attention, splash_attention
-from jaxlm.models.mlp import dense
+from jaxlm.models.mlp import linear
 from jaxlm.models.norms import Norm
 from jaxlm.models.rope import NO_SCALING, apply_rope
 from jaxlm.models.softcap import softcap as apply_softcap
 from jaxlm.models.softcap import softcap_grad
+from jaxlm.quant import matmul
 
 Window = int | jax.Array | None
 
@@ -250,13 +250,15 @@ class Attention(nn.Module):
     window: int = 0
 
     def _proj(self, name: str, shape: tuple[int, ...], axes: tuple[str, ...]
-              ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """Weight `name` flattened to [in, out] in the compute dtype, and its LoRA adapter."""
-        init = nn.initializers.normal(self.cfg.init_std)
-        w = self.param(name, nn.with_logical_partitioning(init, axes), shape,
-                       self.cfg.weight_dtype).astype(self.cfg.dtype)
-        n_out = shape[-1] if name == "wo" else math.prod(shape[1:])
-        return w.reshape(-1, n_out), lora.adapter(self, name, shape, axes)
+              ) -> tuple[matmul.Weight, tuple[jax.Array, jax.Array] | None]:
+        """Weight `name` flattened to [in, out] as its matmul takes it
+        (`jaxlm.quant.matmul.weight`: the compute dtype, or still quantized), and its LoRA
+        adapter."""
+        cfg = self.cfg
+        init = matmul.initializer(nn.initializers.normal(cfg.init_std), cfg.quant, name)
+        w = self.param(name, nn.with_logical_partitioning(init, axes), shape, cfg.weight_dtype)
+        w = matmul.weight(w, cfg.quant, name, cfg.dtype)
+        return matmul.flatten(w, 2 if name == "wo" else 1), lora.adapter(self, name, shape, axes)
 
     def _bias(self, name: str, shape: tuple[int, ...], axes: tuple[str, ...]) -> jax.Array:
         return self.param(name, nn.with_logical_partitioning(nn.initializers.zeros, axes), shape,
@@ -294,7 +296,8 @@ class Attention(nn.Module):
         wk = self._proj("wk", (d, n, k), ("embed", "kv_heads", "head_dim"))
         wv = self._proj("wv", (d, n, k), ("embed", "kv_heads", "head_dim"))
         wo = self._proj("wo", (h, k, d), ("heads", "head_dim", "embed"))
-        project = lambda x, w_and_adapter: lora.project(self, dense, x, *w_and_adapter)
+        project = lambda x, w_and_adapter: lora.project(
+            self, functools.partial(linear, cfg), x, *w_and_adapter)
 
         b, length = x_BxLxD.shape[:2]
         q_BxLxHxK = project(x_BxLxD, wq).reshape(b, length, h, k)

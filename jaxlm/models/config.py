@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from jaxlm.errors import ConfigError
 from jaxlm.models.rope import NO_SCALING, RopeScaling
+from jaxlm.quant.spec import NO_QUANT, QuantSpec
 
 POSITION_EMBEDDINGS = ("rope", "learned")
 NORMS = ("rmsnorm", "layernorm")
@@ -129,6 +130,7 @@ class ModelConfig:
         logits (reward models; the vocab head params still exist, so LM checkpoints load).
       kv_cache_dtype: what the KV cache of decoding stores: "" = k and v in the compute dtype,
         "int8" = int8 with a float32 scale per (row, slot, kv head) (models/kv_cache.py).
+      quant: quantization of the matmul weights (the `quant` config section; jaxlm/quant/).
     """
 
     vocab_size: int
@@ -175,6 +177,7 @@ class ModelConfig:
     lora_targets: tuple[str, ...] = ("wq", "wk", "wv", "wo")
     reward_head: bool = False
     kv_cache_dtype: str = ""
+    quant: QuantSpec = NO_QUANT
 
     @property
     def padded_vocab_size(self) -> int:
@@ -274,6 +277,7 @@ class ModelConfig:
                 jnp.dtype(getattr(self, key))
             except TypeError:
                 fail(key, f"{getattr(self, key)!r} is not a dtype name")
+        self._check_quant()
         if self.moe is not None:
             self._check_moe(fail)
             mlp_targets = {"w_in", "w_gate", "w_out"} & set(self.lora_targets)
@@ -284,6 +288,22 @@ class ModelConfig:
             if self.pipeline_stages > 1:
                 fail("moe.num_experts", "mixture-of-experts blocks cannot run in the pipeline "
                      "schedule yet: use mesh.pipeline=1 with model.moe")
+
+    def _check_quant(self) -> None:
+        """The `quant.*` keys, and that a tile size divides every quantized input axis."""
+
+        def fail(key: str, msg: str) -> None:
+            raise ConfigError(f"config key quant.{key}: {msg}")
+
+        self.quant.check(fail)
+        tile = self.quant.tile_size
+        if tile and self.quant.mode != "none":
+            sizes = {"model.d_model": self.d_model, "model.head_dim": self.head_dim,
+                     "model.d_ff": self.d_ff}
+            for key, size in sizes.items():
+                if size % tile:
+                    fail("tile_size", f"{tile} does not divide {key}={size} (tiles run along "
+                         "each weight's last input axis)")
 
     def _check_moe(self, fail: Any) -> None:
         moe = self.moe

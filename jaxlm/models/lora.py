@@ -12,7 +12,8 @@ so no weight gradient of a frozen matrix is computed at all (the adapter path co
 2 T r (in + out) per weight instead).
 
 `merge` folds trained adapters into the base weights: a plain model then gives the same
-logits (tools/merge_lora.py).
+logits (tools/merge_lora.py). With `quant.mode="ptq"` the frozen base is held quantized
+(QLoRA, docs/quantization.md): the adapters stay float and `merge` dequantizes the base.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import qwix
 from flax import traverse_util
 
 ATTENTION_TARGETS = ("wq", "wk", "wv", "wo")
@@ -118,13 +120,17 @@ def split(params: dict) -> tuple[dict, dict]:
 def merge(params: dict, rank: int, alpha: float) -> dict:
     """Base params with every adapter folded in: W + (alpha / r) A B (scanned layers too)."""
     flat = traverse_util.flatten_dict(params)
-    out = {k: v for k, v in flat.items() if not k[-1].endswith((SUFFIX_A, SUFFIX_B))}
+    # QLoRA: every quantized base weight comes out float, adapted or not
+    out = {k: qwix.dequantize(v) if isinstance(v, qwix.QArray) else v
+           for k, v in flat.items() if not k[-1].endswith((SUFFIX_A, SUFFIX_B))}
     for key in flat:
         if not key[-1].endswith(SUFFIX_A):
             continue
         name = key[-1][:-len(SUFFIX_A)]
         w_key = (*key[:-1], name)
         a, b, w = flat[key], flat[(*key[:-1], name + SUFFIX_B)], flat[w_key]
+        if isinstance(w, qwix.QArray):
+            w = qwix.dequantize(w)
         stacked = a.ndim - _INPUT_AXES[name] - 1  # 1 for params stacked over scanned layers
         a2 = a.reshape(*a.shape[:stacked], -1, rank)
         b2 = b.reshape(*b.shape[:stacked], rank, -1)

@@ -8,10 +8,12 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import qwix
 
 from jaxlm import sharding
 from jaxlm.models import lora
 from jaxlm.models.config import GATED_ACTIVATIONS, ModelConfig
+from jaxlm.quant import matmul
 
 
 def weight_grad(x_BxLxI: jax.Array, dy_BxLxO: jax.Array) -> jax.Array:
@@ -51,6 +53,15 @@ def _dense_bwd(res, dy_BxLxO):
 
 
 dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+def linear(cfg: ModelConfig, x_BxLxI: jax.Array, w_IxO: matmul.Weight) -> jax.Array:
+    """x @ w for every projection of the model: a quantized w through qwix
+    (`jaxlm.quant.matmul.quantized_dense`), a float one through `dense`."""
+    if isinstance(w_IxO, qwix.QArray):
+        return matmul.quantized_dense(x_BxLxI, w_IxO, cfg.quant.activation)
+    return dense(x_BxLxI, w_IxO)
+
 
 _HIDDEN = ("act_batch", "act_length", "act_mlp")
 
@@ -118,12 +129,14 @@ class Mlp(nn.Module):
     cfg: ModelConfig
 
     def _weight(self, name: str, shape: tuple[int, ...], axes: tuple[str, ...]
-                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """Weight `name` in the compute dtype, and its LoRA adapter (None when not adapted)."""
-        init = nn.initializers.normal(self.cfg.init_std)
-        w = self.param(name, nn.with_logical_partitioning(init, axes), shape,
-                       self.cfg.weight_dtype).astype(self.cfg.dtype)
-        return w, lora.adapter(self, name, shape, axes)
+                ) -> tuple[matmul.Weight, tuple[jax.Array, jax.Array] | None]:
+        """Weight `name` as its matmul takes it (`jaxlm.quant.matmul.weight`: the compute
+        dtype, or still quantized), and its LoRA adapter (None when not adapted)."""
+        cfg = self.cfg
+        init = matmul.initializer(nn.initializers.normal(cfg.init_std), cfg.quant, name)
+        w = self.param(name, nn.with_logical_partitioning(init, axes), shape, cfg.weight_dtype)
+        return (matmul.weight(w, cfg.quant, name, cfg.dtype),
+                lora.adapter(self, name, shape, axes))
 
     def _bias(self, name: str, size: int, axis: str) -> jax.Array:
         return self.param(name, nn.with_logical_partitioning(nn.initializers.zeros, (axis,)),
@@ -139,19 +152,22 @@ class Mlp(nn.Module):
         w_gate_DxF, a_gate = None, None
         if cfg.mlp_activation in GATED_ACTIVATIONS:
             w_gate_DxF, a_gate = self._weight("w_gate", (d, f), ("embed", "mlp"))
-        if a_in is None and a_out is None and a_gate is None:
+        quantized = isinstance(w_in_DxF, qwix.QArray)
+        if a_in is None and a_out is None and a_gate is None and not quantized:
             out_BxLxD = mlp_core(cfg.mlp_activation, x_BxLxD, w_in_DxF, b_in_F, w_gate_DxF,
                                  w_out_FxD)
-        else:  # LoRA on the MLP: the adapter paths sit between the fused kernel's matmuls
-            h_BxLxF = lora.project(self, dense, x_BxLxD, w_in_DxF, a_in)
+        else:  # LoRA on the MLP (the adapter paths sit between the fused kernel's matmuls), or
+            # quantized weights, which the fused kernel does not take
+            dense_fn = functools.partial(linear, cfg)
+            h_BxLxF = lora.project(self, dense_fn, x_BxLxD, w_in_DxF, a_in)
             if b_in_F is not None:
                 h_BxLxF += b_in_F
             gate_BxLxF = None
             if w_gate_DxF is not None:
-                gate_BxLxF = lora.project(self, dense, x_BxLxD, w_gate_DxF, a_gate)
+                gate_BxLxF = lora.project(self, dense_fn, x_BxLxD, w_gate_DxF, a_gate)
             a_BxLxF = sharding.constrain(_activate(cfg.mlp_activation, h_BxLxF, gate_BxLxF),
                                          _HIDDEN)
-            out_BxLxD = lora.project(self, dense, a_BxLxF, w_out_FxD, a_out)
+            out_BxLxD = lora.project(self, dense_fn, a_BxLxF, w_out_FxD, a_out)
         if cfg.use_bias:
             out_BxLxD += self._bias("b_out", d, "norm")
         return out_BxLxD

@@ -16,10 +16,11 @@ from jaxlm import sharding
 from jaxlm.models import pipeline
 from jaxlm.models.attention import Attention
 from jaxlm.models.config import ModelConfig
-from jaxlm.models.mlp import Mlp, dense
+from jaxlm.models.mlp import Mlp, linear
 from jaxlm.models.moe import MoeMlp
 from jaxlm.models.norms import Norm
 from jaxlm.models.softcap import softcap
+from jaxlm.quant import matmul
 
 _ACT = ("act_batch", "act_length", "act_embed")
 
@@ -181,18 +182,20 @@ class Transformer(nn.Module):
 
         x_BxLxD = Norm(cfg, name="final_norm")(x_BxLxD)
         if cfg.tie_embeddings:
-            head_VxD = embed_VxD.astype(cfg.dtype)
+            head_DxV = embed_VxD.astype(cfg.dtype).T
         else:
-            head_DxV = self.param("head", nn.with_logical_partitioning(init, ("embed", "vocab")),
-                                  (cfg.d_model, cfg.padded_vocab_size), cfg.weight_dtype)
-            head_VxD = head_DxV.astype(cfg.dtype).T
+            head_init = matmul.initializer(init, cfg.quant, "head")
+            head_DxV = self.param("head", nn.with_logical_partitioning(
+                head_init, ("embed", "vocab")), (cfg.d_model, cfg.padded_vocab_size),
+                cfg.weight_dtype)
+            head_DxV = matmul.weight(head_DxV, cfg.quant, "head", cfg.dtype)
         if cfg.reward_head:  # a reward model: one float32 score per position [B, L]
             w_D = self.param("reward_head", nn.with_logical_partitioning(
                 nn.initializers.zeros, ("embed",)), (cfg.d_model,), cfg.weight_dtype)
             return jnp.einsum("bld,d->bl", x_BxLxD, w_D.astype(cfg.dtype)).astype(jnp.float32)
-        if return_hidden:
-            return x_BxLxD, head_VxD
-        logits_BxLxV = dense(x_BxLxD, head_VxD.T)
+        if return_hidden:  # the chunked loss takes a plain head (a quantized one dequantized)
+            return x_BxLxD, matmul.as_array(head_DxV).T
+        logits_BxLxV = linear(cfg, x_BxLxD, head_DxV)
         logits_BxLxV = softcap(logits_BxLxV.astype(jnp.float32), cfg.final_logit_softcap)
         logits_BxLxV = sharding.constrain(logits_BxLxV, ("act_batch", "act_length", "act_vocab"))
         if cfg.padded_vocab_size != cfg.vocab_size:

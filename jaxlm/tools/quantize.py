@@ -1,0 +1,64 @@
+"""Writes a post-training-quantized copy of a run's checkpoint.
+
+    python -m jaxlm.tools.quantize --workdir=/tmp/jaxlm_tiny --quantize=int8 --out=/tmp/tiny_int8
+    python -m jaxlm.tools.quantize --workdir=RUN --quantize=int4 --tile_size=32 --out=DIR
+    python -m jaxlm.generate --workdir=/tmp/tiny_int8 --prompt="def "
+
+--quantize: int8, int4, nf4 (weights only) or int8_dynamic (int8 weights; activations are
+quantized per token when the model runs). --tile_size: 0 = one scale per output channel,
+T = one per T inputs (sub-channel). The output is a checkpoint directory holding the quantized
+params (the QArray tree), the run's config with its `quant` section set and the run's extras
+(tokenizer), at the same step; `jaxlm.generate` and `jaxlm.eval` load it like any run
+(docs/quantization.md).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+from jaxlm import errors
+
+
+def _define_flags() -> None:
+    """Defined only when run as a program, so importing `quantize_checkpoint` next to another
+    absl program (jaxlm.generate also has --workdir) does not clash."""
+    flags.DEFINE_string("workdir", None, "Run directory (or its checkpoints/ directory).")
+    flags.DEFINE_integer("step", -1, "Checkpoint step; -1 = the newest.")
+    flags.DEFINE_string("quantize", "int8", "int8, int4, nf4 or int8_dynamic.")
+    flags.DEFINE_integer("tile_size", 0, "Inputs per scale (0 = per output channel).")
+    flags.DEFINE_string("out", None, "Output checkpoint directory.")
+
+
+def quantize_checkpoint(workdir: str, out: str, preset: str, tile_size: int = 0,
+                        step: int | None = None) -> int:
+    """Writes the `preset`-quantized params of `workdir`'s checkpoint (step None: newest) to
+    `out`; returns the step written."""
+    from jaxlm.checkpoint import Checkpointer
+    from jaxlm.inference.loading import load_model, read_run
+    from jaxlm.quant.convert import quantize_loaded
+
+    loaded = quantize_loaded(load_model(workdir, step), preset, tile_size)
+    extra = read_run(workdir, loaded.step)[3]
+    with Checkpointer(out, save_every=0, keep_last=1, async_save=False) as ckpt:
+        ckpt.save(loaded.step, {"params": loaded.params}, config=loaded.config, extra=extra)
+    return loaded.step
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        f = flags.FLAGS
+        step = quantize_checkpoint(f.workdir, f.out, f.quantize, f.tile_size,
+                                   None if f.step < 0 else f.step)
+    except (ValueError, FileNotFoundError, errors.ConfigError) as e:
+        sys.exit(f"error: {e}")
+    print(f"{flags.FLAGS.quantize} params of step {step} -> {flags.FLAGS.out}")
+
+
+if __name__ == "__main__":
+    _define_flags()
+    flags.mark_flags_as_required(["workdir", "out"])
+    app.run(main)
