@@ -274,8 +274,9 @@ def base_config() -> ml_collections.ConfigDict:
     lg.every_steps = 10
     # Print a greedy continuation of log.sample_prompt every this many steps (0: never).
     lg.sample_every = 200
-    # The fixed prompt of logged samples.
-    lg.sample_prompt = "def "
+    # The fixed prompt of logged samples. No trailing space: BPE pieces carry their leading
+    # space (" foo"), so "def " ends in a lone-space piece the model has rarely seen.
+    lg.sample_prompt = "def"
     # Tokens generated per sample.
     lg.sample_tokens = 32
     # Peak FLOP/s per device for MFU; 0 = from the device table, measured on CPU.

@@ -1,10 +1,10 @@
 """Generate from, score with, or chat with a trained checkpoint.
 
-    python -m jaxlm.generate --workdir=/tmp/jaxlm_tiny --prompt="def " --max_new_tokens=64
+    python -m jaxlm.generate --workdir=/tmp/jaxlm_tiny --prompt="def" --max_new_tokens=64
     python -m jaxlm.generate --workdir=DIR --prompt="import " --temperature=0.8 --top_p=0.95
-    python -m jaxlm.generate --workdir=DIR --prompt="def " --num_beams=4 --length_penalty=1.0
-    python -m jaxlm.generate --workdir=DIR --prompt="def " --draft_workdir=SMALL_RUN
-    python -m jaxlm.generate --workdir=DIR --prompt="def " --kv_cache=int8
+    python -m jaxlm.generate --workdir=DIR --prompt="def" --num_beams=4 --length_penalty=1.0
+    python -m jaxlm.generate --workdir=DIR --prompt="def" --draft_workdir=SMALL_RUN
+    python -m jaxlm.generate --workdir=DIR --prompt="def" --kv_cache=int8
     python -m jaxlm.generate --workdir=DIR --score --input=texts.txt   # JSON lines
     python -m jaxlm.generate --workdir=SFT_RUN --chat
 

@@ -75,6 +75,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     d.seed = 0
     # Shuffle training documents globally (eval is never shuffled).
     d.shuffle = True
+    # Shuffle packed training rows within windows of this many rows (0 = off). Packing cuts a
+    # long document into consecutive rows; without this, one long file fills whole batches.
+    d.shuffle_rows = 1024
     # Start every document with BOS / end it with EOS.
     d.add_bos = True
     d.add_eos = True
@@ -207,6 +210,7 @@ def check_data_config(data: ml_collections.ConfigDict) -> None:
         _fail("max_documents", f"must be >= 0 (0 = all), got {data.max_documents}")
     if not 0 <= data.seed < 2**32:
         _fail("seed", f"must lie in [0, 2**32), got {data.seed}")
+    errors.check_at_least("data.shuffle_rows", data.shuffle_rows, 0)
     errors.check_choice("data.process_sharding", data.process_sharding, PROCESS_SHARDING)
     for key in ("num_workers", "prefetch_buffer_size", "read_threads"):
         errors.check_at_least(f"data.{key}", data[key], 0)

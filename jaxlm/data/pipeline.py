@@ -211,9 +211,14 @@ def _packed_rows(ds: DocumentSet, data: ml_collections.ConfigDict, tokenizer: To
     tokens = stream.map(ToTokens(tokenizer, data.add_bos, data.add_eos))
     read = grain.ReadOptions(num_threads=data.read_threads,
                              prefetch_buffer_size=max(8, 4 * data.read_threads))
-    return PackedRowsIterDataset(tokens.to_iter_dataset(read), seq_len=data.seq_len,
+    rows = PackedRowsIterDataset(tokens.to_iter_dataset(read), seq_len=data.seq_len,
                                  pad_id=tokenizer.pad_id, max_empty_run=4 * len(ds.docs) + 16,
                                  name=f"{ds.name} ({split})")
+    if split == "train" and data.shuffle and data.shuffle_rows > 0:
+        # Disjoint windows, each reshuffled from the seed: resumable from the window's start.
+        rows = grain.experimental.WindowShuffleIterDataset(rows, window_size=data.shuffle_rows,
+                                                           seed=seed)
+    return rows
 
 
 def _check_special_ids(data: ml_collections.ConfigDict, tokenizer: Tokenizer) -> None:
