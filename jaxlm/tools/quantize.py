@@ -2,7 +2,7 @@
 
     python -m jaxlm.tools.quantize --workdir=/tmp/jaxlm_tiny --quantize=int8 --out=/tmp/tiny_int8
     python -m jaxlm.tools.quantize --workdir=RUN --quantize=int4 --tile_size=32 --out=DIR
-    python -m jaxlm.generate --workdir=/tmp/tiny_int8 --prompt="def "
+    python -m jaxlm.generate --workdir=/tmp/tiny_int8 --prompt="def"
 
 --quantize: int8, int4, nf4 (weights only) or int8_dynamic (int8 weights; activations are
 quantized per token when the model runs). --tile_size: 0 = one scale per output channel,
