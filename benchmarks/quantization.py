@@ -12,7 +12,8 @@ embeddings (configs/tiny.py ties the head to them) stay float. Decode: greedy
 prompt, best of --repeats, compile excluded. Perplexity: the run's own held-out batches
 (data split "eval", train.eval_steps batches) through the pretrain stage's eval step
 (`jaxlm.trainer.evaluate`). "KV bytes" is the KV cache of one row at prompt + new tokens in
-the model's cache dtype (the compute dtype, or ModelConfig.kv_cache_dtype where it exists).
+the variant's cache dtype: the compute dtype, or int8 with its float32 scales for the "+kv8"
+variants (`model.kv_cache_dtype=int8`, `--kv_cache=int8`), counted by `kv_cache.kv_bytes`.
 Prints a markdown table for docs/benchmarks.md.
 """
 
@@ -26,7 +27,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
@@ -35,17 +35,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jaxlm import trainer  # noqa: E402
 from jaxlm.inference import Request, Sampler  # noqa: E402
 from jaxlm.inference.loading import load_model, read_run  # noqa: E402
-from jaxlm.models import ModelConfig, Transformer  # noqa: E402
+from jaxlm.models import ModelConfig, Transformer, kv_cache  # noqa: E402
 from jaxlm.quant import quantizer  # noqa: E402
 from jaxlm.quant.convert import quantize_model  # noqa: E402
 from jaxlm.quant.spec import from_preset  # noqa: E402
 from jaxlm.stages.pretrain import eval_step  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trained pretraining run.")
-# label -> (--quantize preset or a float dtype, tile size)
-VARIANTS = {"fp32": ("float32", 0), "bf16": ("bfloat16", 0), "int8": ("int8", 0),
-            "int8_dynamic": ("int8_dynamic", 0), "int4": ("int4", 0), "int4_t32": ("int4", 32),
-            "nf4_t32": ("nf4", 32)}
+# label -> (--quantize preset or a float dtype, tile size, KV cache dtype)
+VARIANTS = {"fp32": ("float32", 0, ""), "bf16": ("bfloat16", 0, ""), "int8": ("int8", 0, ""),
+            "int8_dynamic": ("int8_dynamic", 0, ""), "int4": ("int4", 0, ""),
+            "int4_t32": ("int4", 32, ""), "nf4_t32": ("nf4", 32, ""),
+            "fp32+kv8": ("float32", 0, "int8"), "int8+kv8": ("int8", 0, "int8")}
 _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), "Which of " + ", ".join(VARIANTS))
 _BATCH = flags.DEFINE_integer("batch", 8, "Rows decoded at once.")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 16, "Prompt tokens per row.")
@@ -56,17 +57,18 @@ _OUT = flags.DEFINE_string("out", "", "Also write the table to this file.")
 
 def variant(model_cfg: ModelConfig, params, name: str) -> tuple[ModelConfig, object]:
     """(model config, params) of variant `name` of a float32 checkpoint."""
-    kind, tile = VARIANTS[name]
+    kind, tile, kv_dtype = VARIANTS[name]
+    model_cfg = dataclasses.replace(model_cfg, kv_cache_dtype=kv_dtype)
     if kind in ("float32", "bfloat16"):
         cfg = dataclasses.replace(model_cfg, compute_dtype=kind, param_dtype=kind)
         return cfg, jax.tree.map(lambda x: x.astype(kind), params)
     return quantize_model(model_cfg, params, from_preset(kind, tile), None)
 
 
-def kv_cache_bytes(cfg: ModelConfig, tokens: int) -> int:
-    """Bytes of one row's KV cache over `tokens` positions."""
-    dtype = jnp.dtype(getattr(cfg, "kv_cache_dtype", "") or cfg.compute_dtype)
-    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * tokens * dtype.itemsize
+def kv_cache_bytes(cfg: ModelConfig, params, tokens: int) -> int:
+    """Bytes of one row's KV cache over `tokens` positions (values and any int8 scales)."""
+    lm = Sampler(cfg, params).lm
+    return kv_cache.kv_bytes(jax.eval_shape(lambda: lm.init_cache(1, tokens)))
 
 
 def decode_tokens_per_s(cfg: ModelConfig, params, prompt: list[int]) -> float:
@@ -96,7 +98,7 @@ def main(argv: list[str]) -> None:
         eval_fn = jax.jit(functools.partial(eval_step, model=Transformer(cfg)))
         metrics = trainer.evaluate(s, eval_fn, params)
         rows.append((name, quantizer.param_bytes(params), kv_cache_bytes(
-            cfg, _PROMPT_LEN.value + _NEW.value), decode_tokens_per_s(cfg, params, prompt),
+            cfg, params, _PROMPT_LEN.value + _NEW.value), decode_tokens_per_s(cfg, params, prompt),
             metrics["eval_perplexity"]))
         print(f"{name}: {rows[-1]}", flush=True)
     fp32 = rows[0][1] if rows[0][0] == "fp32" else None
