@@ -4,7 +4,7 @@
 
 The first run builds the corpus from this Python's standard library and trains an 8192-piece
 sentencepiece tokenizer on it (cached in <workdir>/cache); later runs reuse both.
-Argument: `configs/tiny.py:steps=N` sets the number of steps (default 400, about 3 minutes on
+Argument: `configs/tiny.py:steps=N` sets the number of steps (default 600, about 4 minutes on
 a 2-core laptop CPU including the corpus and tokenizer build; see docs/benchmarks.md "The first
 run" for how batch, learning rate and steps were chosen).
 """
@@ -13,7 +13,7 @@ from jaxlm import config as config_lib
 
 
 def get_config(arg: str | None = None):
-    args = config_lib.parse_arg(arg, steps=400)
+    args = config_lib.parse_arg(arg, steps=600)
     c = config_lib.base_config()
 
     c.model.d_model = 256
@@ -34,12 +34,12 @@ def get_config(arg: str | None = None):
 
     c.train.global_batch_size = 16
     c.train.steps = args.steps
-    c.train.eval_every = 100
+    c.train.eval_every = 150
     c.train.eval_steps = 16  # 32k held-out tokens (4 batches are only a few modules)
 
     c.log.every_steps = 10
-    c.checkpoint.every_steps = 200
-    c.log.sample_every = 100
+    c.checkpoint.every_steps = 300
+    c.log.sample_every = 150
     c.log.sample_prompt = "def"
     config_lib.validate(c)
     return c
