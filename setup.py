@@ -24,14 +24,14 @@ setuptools.setup(
         "etils[epath]",
         "pyarrow>=15",
         "safetensors>=0.4",  # tools/convert_hf.py (Hugging Face import/export)
-        "qwix>=0.1.8",  # int8 KV cache quantization (jaxlm/models/kv_cache.py)
+        # Quantization: weights (PTQ, QAT, QLoRA; jaxlm/quant/) and the int8 KV cache.
+        "qwix>=0.1.8",
         # Hugging Face tokenizer.json and its Jinja chat template (jaxlm/data/hf_tokenizer.py).
         "tokenizers>=0.20",
         "jinja2>=3.1",
         # Scaling-law fits (jaxlm/scaling_fit.py) and their plots (tools/fit_scaling_law.py).
         "scipy>=1.11",
         "matplotlib>=3.8",
-        "qwix>=0.1.8",  # weight quantization: PTQ, QAT, QLoRA (jaxlm/quant/)
     ],
     extras_require={
         # torch pinned: this version resolves to a CPU wheel; unpinned pulls GBs of CUDA wheels.
