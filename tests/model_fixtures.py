@@ -7,6 +7,7 @@ import functools
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -66,3 +67,18 @@ def one_pretrain_step(mesh: jax.sharding.Mesh, batch: dict[str, np.ndarray], mic
                          out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
         new_state, metrics = jitted(state, sharding.global_batch(batch, mesh))
     return jax.device_get(new_state.params), jax.device_get(metrics), new_state
+
+
+def attention_inputs(b: int, length: int, heads: int, kv_heads: int, k: int, seed: int = 0,
+                     q_scale: float = 1.0):
+    """((q, k, v), segment_ids, cotangent) for attention kernels: random [B, L, *, K] arrays
+    (queries times `q_scale`, to make scores large), sorted segments with trailing padding."""
+    keys = jax.random.split(jax.random.key(seed), 4)
+    q = q_scale * jax.random.normal(keys[0], (b, length, heads, k))
+    kk = jax.random.normal(keys[1], (b, length, kv_heads, k))
+    v = jax.random.normal(keys[2], (b, length, kv_heads, k))
+    ct = jax.random.normal(keys[3], (b, length, heads, k))
+    rng = np.random.default_rng(seed)
+    seg = np.sort(rng.integers(1, 4, size=(b, length)), axis=1).astype(np.int32)
+    seg[-1, -3:] = 0  # trailing padding: its own "document"
+    return (q, kk, v), jnp.asarray(seg), ct

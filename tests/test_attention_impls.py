@@ -23,19 +23,7 @@ from jaxlm.models.chunked_attention import block_size, chunked_attention
 from jaxlm.models.kernel_attention import cudnn_attention, splash_attention
 from jaxlm.stages import pretrain
 from jaxlm.tools.aot import all_eqns
-from tests.model_fixtures import LLAMA_TINY, packed_batch
-
-
-def _inputs(b, length, heads, kv_heads, k, seed=0):
-    keys = jax.random.split(jax.random.key(seed), 4)
-    q = jax.random.normal(keys[0], (b, length, heads, k))
-    kk = jax.random.normal(keys[1], (b, length, kv_heads, k))
-    v = jax.random.normal(keys[2], (b, length, kv_heads, k))
-    ct = jax.random.normal(keys[3], (b, length, heads, k))
-    rng = np.random.default_rng(seed)
-    seg = np.sort(rng.integers(1, 4, size=(b, length)), axis=1).astype(np.int32)
-    seg[-1, -3:] = 0  # trailing padding: its own "document"
-    return (q, kk, v), jnp.asarray(seg), ct
+from tests.model_fixtures import LLAMA_TINY, attention_inputs, packed_batch
 
 
 def _value_and_grads(attend, args, seg, ct):
@@ -58,7 +46,7 @@ def _assert_close(got, ref, tol):
 def test_chunked_matches_xla_values_and_grads(length, heads, kv_heads, block):
     """GQA/MHA/MQA, packed documents with padding, several query and key tiles (and a block
     target that does not divide L: 24 -> 12)."""
-    args, seg, ct = _inputs(2, length, heads, kv_heads, 8, seed=length)
+    args, seg, ct = attention_inputs(2, length, heads, kv_heads, 8, seed=length)
     ref = _jit_value_and_grads(xla_attention, args, seg, ct)
     got = _jit_value_and_grads(functools.partial(chunked_attention, block=block), args, seg, ct)
     _assert_close(got, ref, 1e-5)
@@ -68,7 +56,7 @@ def test_chunked_never_materialises_the_score_matrix():
     """At L = 1024 with 128-row tiles, no value of the forward or backward pass has two
     sequence-sized dimensions (the [L, L] scores of xla_attention do)."""
     length = 1024
-    args, seg, ct = _inputs(1, length, 2, 1, 8)
+    args, seg, ct = attention_inputs(1, length, 2, 1, 8)
 
     def shapes(fn):
         jaxpr = jax.make_jaxpr(lambda *a: _value_and_grads(fn, a, seg, ct))(*args)
@@ -104,7 +92,7 @@ def test_model_with_chunked_attention_matches_xla_loss_and_grads():
 def test_splash_matches_xla_in_interpret_mode():
     """The Pallas TPU kernel, run by the Pallas interpreter on CPU: values and gradients, GQA,
     packed segments; under an 8-device mesh (shard_map over batch and heads) too."""
-    args, seg, ct = _inputs(2, 128, 4, 2, 128, seed=1)
+    args, seg, ct = attention_inputs(2, 128, 4, 2, 128, seed=1)
     splash = functools.partial(splash_attention, interpret=True)
     ref = _jit_value_and_grads(xla_attention, args, seg, ct)
     _assert_close(_jit_value_and_grads(splash, args, seg, ct), ref, 2e-5)
@@ -120,7 +108,7 @@ def test_splash_matches_xla_in_interpret_mode():
 @pytest.mark.skipif(jax.default_backend() != "gpu",
                     reason="cuDNN flash attention needs an NVIDIA GPU (JAX_PLATFORMS=cpu here)")
 def test_cudnn_matches_xla_on_gpu():
-    args, seg, ct = _inputs(2, 256, 8, 2, 64, seed=2)
+    args, seg, ct = attention_inputs(2, 256, 8, 2, 64, seed=2)
     args = jax.tree.map(lambda x: x.astype(jnp.bfloat16), args)
     ref = _jit_value_and_grads(xla_attention, args, seg, ct.astype(jnp.bfloat16))
     got = _jit_value_and_grads(cudnn_attention, args, seg, ct.astype(jnp.bfloat16))

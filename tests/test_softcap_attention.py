@@ -22,21 +22,13 @@ from jaxlm.models.kernel_attention import cudnn_attention, splash_attention
 from jaxlm.models.kv_cache import attend
 from jaxlm.stages import pretrain
 from jaxlm.tools.aot import all_eqns
-from tests.model_fixtures import LLAMA_TINY, packed_batch
+from tests.model_fixtures import LLAMA_TINY, attention_inputs, packed_batch
 
 CAP = 2.0  # scores are ~N(0, 9) below, so the cap bends most of them
 
 
 def _inputs(b, length, heads, kv_heads, k, seed=0):
-    keys = jax.random.split(jax.random.key(seed), 4)
-    q = 3.0 * jax.random.normal(keys[0], (b, length, heads, k))
-    kk = jax.random.normal(keys[1], (b, length, kv_heads, k))
-    v = jax.random.normal(keys[2], (b, length, kv_heads, k))
-    ct = jax.random.normal(keys[3], (b, length, heads, k))
-    rng = np.random.default_rng(seed)
-    seg = np.sort(rng.integers(1, 4, size=(b, length)), axis=1).astype(np.int32)
-    seg[-1, -3:] = 0  # trailing padding: its own "document"
-    return (q, kk, v), jnp.asarray(seg), ct
+    return attention_inputs(b, length, heads, kv_heads, k, seed, q_scale=3.0)
 
 
 def _reference(q, kk, v, seg, window=None, cap=CAP):
