@@ -17,8 +17,8 @@ from jaxlm.models.attention import fused_attention, xla_attention
 from jaxlm.models.chunked_attention import chunked_attention
 from jaxlm.models.kernel_attention import cudnn_attention, splash_attention
 from tests.greedy_reference import make_greedy_sampler
-from tests.model_fixtures import LLAMA_TINY
-from tests.test_attention_impls import _assert_close, _inputs, _jit_value_and_grads
+from tests.model_fixtures import LLAMA_TINY, attention_inputs
+from tests.test_attention_impls import _assert_close, _jit_value_and_grads
 
 WINDOW = 5
 
@@ -41,7 +41,7 @@ def _numpy_reference(q, k, v, seg, window):
 
 
 def test_xla_window_is_the_definition():
-    args, seg, _ = _inputs(2, 12, 4, 2, 8, seed=3)
+    args, seg, _ = attention_inputs(2, 12, 4, 2, 8, seed=3)
     got = xla_attention(*args, seg, WINDOW)
     np.testing.assert_allclose(got, _numpy_reference(*args, np.asarray(seg), WINDOW), atol=1e-5)
 
@@ -50,7 +50,7 @@ def test_xla_window_is_the_definition():
 def test_implementations_match_xla_with_a_window(name):
     """Values and gradients; chunked with tiles (8) smaller and larger than the window."""
     length = 128 if name == "splash" else 64
-    args, seg, ct = _inputs(2, length, 4, 2, 128 if name == "splash" else 8, seed=5)
+    args, seg, ct = attention_inputs(2, length, 4, 2, 128 if name == "splash" else 8, seed=5)
     attend = {"blocked": fused_attention,
               "chunked": functools.partial(chunked_attention, block=8),
               # jax's own reference of the cuDNN call (local_window_size); cuDNN needs a GPU.
@@ -63,7 +63,7 @@ def test_implementations_match_xla_with_a_window(name):
 
 
 def test_traced_windows_in_xla_blocked_chunked_and_a_clear_kernel_error():
-    args, seg, ct = _inputs(1, 32, 4, 2, 8, seed=7)
+    args, seg, ct = attention_inputs(1, 32, 4, 2, 8, seed=7)
     for attend in (xla_attention, fused_attention, functools.partial(chunked_attention, block=8)):
         for window in (0, WINDOW):  # 0: a global layer
             got = jax.jit(lambda w, a=attend: a(*args, seg, w))(jnp.int32(window))
