@@ -23,13 +23,13 @@ setuptools.setup(
         "numpy",
         "etils[epath]",
         "pyarrow>=15",
-        "safetensors>=0.4",  # tools/convert_hf.py (Hugging Face import/export)
-        # Quantization: weights (PTQ, QAT, QLoRA; jaxlm/quant/) and the int8 KV cache.
+        "safetensors>=0.4",  # jaxlm/tools/convert_hf.py (Hugging Face import/export)
+        # Quantization: weights (PTQ, QAT, QLoRA; jaxlm/models/quant/) and the int8 KV cache.
         "qwix>=0.1.8",
         # Hugging Face tokenizer.json and its Jinja chat template (jaxlm/data/hf_tokenizer.py).
         "tokenizers>=0.20",
         "jinja2>=3.1",
-        # Scaling-law fits (jaxlm/scaling_fit.py) and their plots (tools/fit_scaling_law.py).
+        # Scaling-law fits (jaxlm/scaling/fit.py) and their plots (jaxlm/tools/fit_scaling_law.py).
         "scipy>=1.11",
         "matplotlib>=3.8",
     ],
@@ -39,7 +39,7 @@ setuptools.setup(
         "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "torch==2.13.0",
                  "transformers>=5.0", "safetensors>=0.4", "jax[tpu]", "chatterbot-corpus==1.3.3",
                  "pyyaml>=6", "lm-eval>=0.4.5", "accelerate>=0.26"],
-        # lm-evaluation-harness tasks through `python -m jaxlm.eval` (jaxlm/evaluation/harness.py);
+        # lm-evaluation-harness tasks through `python -m jaxlm.tools.eval` (jaxlm/evaluation/harness.py);
         # accelerate is what the harness's own Hugging Face backend needs, for parity checks.
         "eval": ["lm-eval>=0.4.5", "accelerate>=0.26"],
         # The chatterbot dialogs of configs/sft_tiny.py and configs/dpo_tiny.py (YAML files

@@ -36,10 +36,10 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxlm import config as config_lib
 from jaxlm.inference import Request, Sampler
-from jaxlm.inference.loading import with_kv_cache
 from jaxlm.models import Transformer, kv_cache
+from jaxlm.run import config as config_lib
+from jaxlm.weights.loading import with_kv_cache
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.")
 _BATCHES = flags.DEFINE_list("batches", ["1", "8"], "Batch sizes.")
@@ -74,7 +74,7 @@ def _stdlib_prompts(count: int) -> list[str]:
 def speculative_rows() -> None:
     """Plain vs speculative decoding of a trained target with each draft."""
     from jaxlm.inference import SamplingParams
-    from jaxlm.inference.loading import load_model
+    from jaxlm.weights.loading import load_model
 
     target = load_model(_TARGET.value)
     sampler = Sampler(target.model_cfg, target.params, bucket=8, pad_id=target.tokenizer.pad_id)

@@ -122,7 +122,7 @@ CASE_SETS = {"gpu": GPU_CASES, "gpu_followup": GPU_FOLLOWUP_CASES, "cpu": CPU_CA
 
 
 def _load_config(case: Case, remat: str):
-    from jaxlm import config as config_lib
+    from jaxlm.run import config as config_lib
 
     config = config_lib.load_config_file(os.path.join(REPO, "configs", f"{case.config}.py"))
     config.train.global_batch_size = case.batch
@@ -191,10 +191,11 @@ def run_case(case: Case, remat: str, warmup: int, steps: int, repeats: int,
     """
     import jax
 
-    from jaxlm import config as config_lib
-    from jaxlm import hardware, scaling, sharding
     from jaxlm.models.attention import resolve_attention
-    from jaxlm.program import build
+    from jaxlm.parallel import hardware, sharding
+    from jaxlm.run import config as config_lib
+    from jaxlm.run.program import build
+    from jaxlm.scaling import flops as scaling
 
     synthetic_batch = _train_throughput().synthetic_batch
     row = {} if row is None else row

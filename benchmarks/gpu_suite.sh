@@ -5,7 +5,7 @@
 #
 # 1. installs the wheels in .whl/, if any (packages jaxlm needs that the image lacks), into
 #    /tmp/site, without touching the image's jax/numpy;
-# 2. prints nvidia-smi, versions and jax.devices(), and imports jaxlm.trainer;
+# 2. prints nvidia-smi, versions and jax.devices(), and imports jaxlm.run.trainer;
 # 3. runs tests/test_attention_impls.py -k cudnn on the GPU (tests/conftest.py only
 #    setdefaults JAX_PLATFORMS=cpu, so JAX_PLATFORMS=cuda here wins) -> $OUT/pytest_cudnn.txt;
 # 4. runs benchmarks/gpu_suite.py with BUDGET_S (default 400) -> $OUT/gpu_suite.{md,jsonl},
@@ -47,9 +47,9 @@ main() {
 import sys, jax
 print('python', sys.version.split()[0], '| jax', jax.__version__, '| backend',
       jax.default_backend(), '| devices', jax.devices())
-import ml_collections, jaxlm.stages, jaxlm.train_state
+import ml_collections, jaxlm.stages, jaxlm.run.train_state
 print('imports the suite needs: ok')
-import grain, tensorboardX, jaxlm.trainer, jaxlm.main
+import grain, tensorboardX, jaxlm.run.trainer, jaxlm.main
 print('imports of the trainer (grain, array_record, tensorboardX): ok')
 " || echo "WARNING: device / import check failed (see above)"
 

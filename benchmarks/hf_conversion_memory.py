@@ -1,4 +1,4 @@
-"""Peak host memory of tools/convert_hf.py on a ~1.2B-parameter random Llama (3.2-1B shapes).
+"""Peak host memory of jaxlm/tools/convert_hf.py on a ~1.2B-parameter random Llama (3.2-1B shapes).
 
     python benchmarks/hf_conversion_memory.py --work_dir=/tmp/hf_bench [--dtype=bfloat16]
 
@@ -25,8 +25,11 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jaxlm.config import model_config  # noqa: E402
-from jaxlm.interop import hf, hf_config, hf_weights, safetensors_io  # noqa: E402
+from jaxlm.run.config import model_config  # noqa: E402
+from jaxlm.weights.hf import config as hf_config
+from jaxlm.weights.hf import convert as hf  # noqa: E402
+from jaxlm.weights.hf import safetensors_io
+from jaxlm.weights.hf import tensors as hf_weights
 
 _WORK_DIR = flags.DEFINE_string("work_dir", "/tmp/hf_bench", "Scratch directory (~3 model sizes).")
 _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "dtype of the HF weights and jaxlm params.")
@@ -95,16 +98,17 @@ def main(argv: list[str]) -> None:
     print(f"random model: {params / 1e9:.3f}B params, {nbytes / gib:.2f} GiB of {dtype}, "
           f"largest HF tensor {largest / gib:.2f} GiB, largest jaxlm param group "
           f"{group / gib:.2f} GiB")
-    base, _ = peak_rss(["-c", "import jaxlm.interop.hf, orbax.checkpoint"])
+    base, _ = peak_rss(["-c", "import jaxlm.weights.hf.convert, orbax.checkpoint"])
     imp_load = cpu_pressure()
-    imp, imp_s = peak_rss(["tools/convert_hf.py", "import", f"--hf_dir={hf_dir}",
+    imp, imp_s = peak_rss(["-m", "jaxlm.tools.convert_hf", "import", f"--hf_dir={hf_dir}",
                            f"--out_dir={jx_dir}", f"--param_dtype={_DTYPE.value}"])
     exp_load = cpu_pressure()
-    exp, exp_s = peak_rss(["tools/convert_hf.py", "export", f"--checkpoint_dir={jx_dir}",
+    exp, exp_s = peak_rss(["-m", "jaxlm.tools.convert_hf", "export", f"--checkpoint_dir={jx_dir}",
                            f"--out_dir={out_dir}"])
     print("| step | peak RSS GiB | wall s | CPU pressure avg60 before |\n"
           "| --- | ---: | ---: | ---: |")
-    print(f"| libraries only (python -c 'import jaxlm.interop.hf, orbax') | {base:.2f} | | |")
+    print("| libraries only (python -c 'import jaxlm.weights.hf.convert, orbax') | "
+          f"{base:.2f} | | |")
     print(f"| import (HF safetensors -> jaxlm checkpoint) | {imp:.2f} | {imp_s:.0f} | "
           f"{imp_load} |")
     print(f"| export (jaxlm checkpoint -> HF safetensors) | {exp:.2f} | {exp_s:.0f} | "

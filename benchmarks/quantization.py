@@ -5,13 +5,13 @@ perplexity for fp32, bf16, int8, int4 (per channel and sub-channel) and int8 dyn
     python benchmarks/quantization.py --workdir=/tmp/jaxlm_tiny [--out=table.md]
 
 Every variant is the same checkpoint: fp32 as trained; bf16 = params and compute in bfloat16;
-the others quantized after loading (`jaxlm.quant.convert.quantize_model`, the path of
+the others quantized after loading (`jaxlm.models.quant.convert.quantize_model`, the path of
 `--quantize`). Param bytes count int4/nf4 values at half a byte and include the scales; tied
 embeddings (configs/tiny.py ties the head to them) stay float. Decode: greedy
 `jaxlm.inference.Sampler.generate` of --batch rows x --new_tokens tokens after a --prompt_len
 prompt, best of --repeats, compile excluded. Perplexity: the run's own held-out batches
 (data split "eval", train.eval_steps batches) through the pretrain stage's eval step
-(`jaxlm.trainer.evaluate`). "KV bytes" is the KV cache of one row at prompt + new tokens in
+(`jaxlm.run.trainer.evaluate`). "KV bytes" is the KV cache of one row at prompt + new tokens in
 the variant's cache dtype: the compute dtype, or int8 with its float32 scales for the "+kv8"
 variants (`model.kv_cache_dtype=int8`, `--kv_cache=int8`), counted by `kv_cache.kv_bytes`.
 Prints a markdown table for docs/benchmarks.md.
@@ -32,14 +32,14 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jaxlm import trainer  # noqa: E402
 from jaxlm.inference import Request, Sampler  # noqa: E402
-from jaxlm.inference.loading import load_model, read_run  # noqa: E402
 from jaxlm.models import ModelConfig, Transformer, kv_cache  # noqa: E402
-from jaxlm.quant import quantizer  # noqa: E402
-from jaxlm.quant.convert import quantize_model  # noqa: E402
-from jaxlm.quant.spec import from_preset  # noqa: E402
+from jaxlm.models.quant import quantizer  # noqa: E402
+from jaxlm.models.quant.convert import quantize_model  # noqa: E402
+from jaxlm.models.quant.spec import from_preset  # noqa: E402
+from jaxlm.run import trainer  # noqa: E402
 from jaxlm.stages.pretrain import eval_step  # noqa: E402
+from jaxlm.weights.loading import load_model, read_run  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trained pretraining run.")
 # label -> (--quantize preset or a float dtype, tile size, KV cache dtype)

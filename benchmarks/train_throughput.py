@@ -3,11 +3,11 @@ device) and MFU.
 
     python benchmarks/train_throughput.py --config=configs/bench_cpu.py [--steps=20]
 
-Runs the stage's real jitted train step, built by `jaxlm.program.build` exactly as jaxlm.trainer
-builds it (shardings, donation, LoRA's frozen base, a DPO reference), on synthetic full-length
-batches of the stage's layout, so the figure is the model and optimizer, not the input pipeline
+Runs the stage's real jitted train step, built by `jaxlm.run.program.build` exactly as
+jaxlm.run.trainer builds it (shardings, donation, LoRA's frozen base, a DPO reference), on
+synthetic full-length batches of the stage's layout, so the figure is the model and optimizer, not the input pipeline
 (benchmarks/data_throughput.py measures that). MFU counts the stage's own work
-(`jaxlm.scaling.train_flops_per_token`). Prints one markdown table row for docs/benchmarks.md.
+(`jaxlm.scaling.flops.train_flops_per_token`). Prints one markdown table row for docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -20,10 +20,13 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxlm import config as config_lib
-from jaxlm import frozen_models, hardware, params_from, scaling, sharding
 from jaxlm.models.attention import resolve_attention
-from jaxlm.program import Program, build
+from jaxlm.parallel import hardware, sharding
+from jaxlm.run import config as config_lib
+from jaxlm.run.program import Program, build
+from jaxlm.scaling import flops as scaling
+from jaxlm.weights import frozen as frozen_models
+from jaxlm.weights import init_from as params_from
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_cpu.py", "Config file.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps after two warm-up steps.")

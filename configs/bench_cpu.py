@@ -6,7 +6,7 @@ batch 16, vocab 8192, float32.
 Also trainable (`python -m jaxlm.main --config=configs/bench_cpu.py --workdir=/tmp/bench`).
 """
 
-from jaxlm import config as config_lib
+from jaxlm.run import config as config_lib
 
 
 def get_config(arg: str | None = None):

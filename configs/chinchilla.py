@@ -4,19 +4,20 @@
         --workdir=gs://bucket/chinchilla_1018m
 
 `size` is a Table A9 row in millions of parameters as the paper reports them (44 ... 16183; see
-jaxlm/chinchilla.py). The number of steps is not set: it follows from `train.tokens_per_param`
+jaxlm/scaling/chinchilla.py). The number of steps is not set: it follows from
+`train.tokens_per_param`
 (20, the paper's compute-optimal ratio) x the model's parameter count / tokens per step; pass
 `tokens=<T>` for a fixed token budget instead (or `--config.train.steps=<S>` with
 `--config.train.tokens_per_param=0`). Parameters are counted as the paper counts them
 (`train.param_convention="chinchilla"`: one vocabulary matrix and a relative-position projection
 per layer; within 0.8% of every Table A9 row), not as built: the family uses RoPE and an untied
-head (why: jaxlm/chinchilla.py). Sequence 2048, batch 256 x 2048 = 0.5M tokens per step.
+head (why: jaxlm/scaling/chinchilla.py). Sequence 2048, batch 256 x 2048 = 0.5M tokens per step.
 Counts: `python -m jaxlm.tools.scaling count --config=configs/chinchilla.py:size=1018`.
 """
 
-from jaxlm import chinchilla
-from jaxlm import config as config_lib
 from jaxlm.data.config import use_files
+from jaxlm.run import config as config_lib
+from jaxlm.scaling import chinchilla
 
 
 def get_config(arg: str | None = None):

@@ -5,7 +5,8 @@
         --workdir=gs://bucket/chinchilla_1b
 
 RMSNorm, a GELU MLP of width ffw_size; RoPE replaces the paper's relative position encoding and
-the head is untied (why: jaxlm/chinchilla.py). Batch 256 x 2048 = 0.5M tokens per step (the paper
+the head is untied (why: jaxlm/scaling/chinchilla.py). Batch 256 x 2048 = 0.5M tokens per step (the
+paper
 uses 0.5M-1M for models of this size); 20 x 1017.5M params (the paper's convention; 1001.1M as
 built) = 20.35B tokens = 38,815 steps.
 It is `configs/chinchilla.py:size=1018` (docs/scaling.md) with this step count fixed instead of
@@ -14,8 +15,8 @@ derived from 20 tokens per parameter.
 
 from pathlib import Path
 
-from jaxlm import config as config_lib
 from jaxlm.data.config import use_files
+from jaxlm.run import config as config_lib
 
 
 def get_config(arg: str | None = None):

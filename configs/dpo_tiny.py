@@ -14,7 +14,7 @@ the frozen reference. Arguments: `configs/dpo_tiny.py:sft=/tmp/run,steps=N,varia
 import os
 from pathlib import Path
 
-from jaxlm import config as config_lib
+from jaxlm.run import config as config_lib
 
 
 def get_config(arg: str | None = None):

@@ -4,12 +4,12 @@ tied embeddings, vocab 50257 padded to 50304, context 1024.
     python -m jaxlm.main --config=configs/gpt2_124m.py:data=/data/fineweb/train-*.array_record \
         --workdir=/tmp/gpt2_124m
 
-`data=` takes comma-free globs of tokenized shards (tools/prepare_data.py) or raw .jsonl /
+`data=` takes comma-free globs of tokenized shards (jaxlm/tools/prepare_data.py) or raw .jsonl /
 .parquet / .txt files; without it the run uses the embedded stdlib corpus (a smoke test).
 """
 
-from jaxlm import config as config_lib
 from jaxlm.data.config import use_files
+from jaxlm.run import config as config_lib
 
 
 def get_config(arg: str | None = None):

@@ -5,14 +5,15 @@
         --workdir=runs/grpo
 
 Prompts are "a+b=" / "a-b=" with operands in [0, 9]; the reward is 1 for the exact answer plus
-0.1 for a completion that is one integer (jaxlm/rl/rewards.py); a fifth of the prompts are held
+0.1 for a completion that is one integer (jaxlm/stages/rl/rewards.py); a fifth of the prompts are
+held
 out and decoded greedily every train.eval_every steps (eval_reward_mean, eval_accuracy). From a
 random init only the format reward moves; start from a policy that has seen the task (init=: a
 rejection-sampling or SFT run of this model, see docs/rl.md), which also turns on the KL penalty
 to it. Arguments: `configs/grpo_tiny.py:init=DIR,steps=N`.
 """
 
-from jaxlm import config as config_lib
+from jaxlm.run import config as config_lib
 
 
 def get_config(arg: str | None = None):

@@ -11,8 +11,8 @@ from, e.g. GRPO (its frozen KL reference is that checkpoint too):
         --workdir=gs://bucket/grpo --config.rl.task=arithmetic
 """
 
-from jaxlm import config as config_lib
 from jaxlm.data.config import use_files
+from jaxlm.run import config as config_lib
 
 
 def get_config(arg: str | None = None):

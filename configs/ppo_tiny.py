@@ -11,7 +11,7 @@ Arguments: `configs/ppo_tiny.py:init=DIR,reward_model=DIR,steps=N`.
 
 from pathlib import Path
 
-from jaxlm import config as config_lib
+from jaxlm.run import config as config_lib
 
 
 def get_config(arg: str | None = None):

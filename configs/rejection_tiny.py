@@ -12,7 +12,7 @@ other. Arguments: `configs/rejection_tiny.py:init=DIR,steps=N` (init: a checkpoi
 
 from pathlib import Path
 
-from jaxlm import config as config_lib
+from jaxlm.run import config as config_lib
 
 
 def get_config(arg: str | None = None):

@@ -13,8 +13,8 @@ only the assistant turns are trained. Arguments: `configs/sft_tiny.py:pretrained
 import os
 from pathlib import Path
 
-from jaxlm import config as config_lib
 from jaxlm.data.chat import render_messages
+from jaxlm.run import config as config_lib
 
 
 def get_config(arg: str | None = None):

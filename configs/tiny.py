@@ -9,7 +9,7 @@ a 2-core laptop CPU including the corpus and tokenizer build; see docs/benchmark
 run" for how batch, learning rate and steps were chosen).
 """
 
-from jaxlm import config as config_lib
+from jaxlm.run import config as config_lib
 
 
 def get_config(arg: str | None = None):

@@ -10,7 +10,7 @@ the batch of 16), `dropless=True`. See docs/moe.md.
 
 from pathlib import Path
 
-from jaxlm import config as config_lib
+from jaxlm.run import config as config_lib
 
 
 def get_config(arg: str | None = None):

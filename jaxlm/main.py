@@ -1,6 +1,6 @@
 """Entry point: `python -m jaxlm.main --config=configs/tiny.py --workdir=/tmp/jaxlm_tiny`.
 
-Flags only; everything else lives in importable library code (jaxlm.trainer.run).
+Flags only; everything else lives in importable library code (jaxlm.run.trainer.run).
 Override any config key on the command line: `--config.train.steps=100`, or pass the config
 file an argument: `--config=configs/chinchilla.py:size=1018`.
 
@@ -14,8 +14,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxlm import config as config_lib
-from jaxlm import console, distributed, errors, trainer
+from jaxlm.parallel import distributed
+from jaxlm.run import config as config_lib
+from jaxlm.run import console, errors, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
                                           lock_config=True)

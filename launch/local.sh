@@ -5,7 +5,7 @@
 #   launch/local.sh 2 --config=configs/tiny.py --workdir=/tmp/jaxlm_2proc --config.train.steps=20
 #
 # Every process gets JAXLM_COORDINATOR_ADDRESS=127.0.0.1:<free port>, JAXLM_NUM_PROCESSES=N and
-# its own JAXLM_PROCESS_ID (0..N-1), which jaxlm.distributed.initialize reads; process 0 hosts
+# its own JAXLM_PROCESS_ID (0..N-1), which jaxlm.parallel.distributed.initialize reads; process 0 hosts
 # the coordinator. Each process sees DEVICES_PER_PROCESS emulated CPU devices, so the job has
 # N * DEVICES_PER_PROCESS devices. Output lines are prefixed with the rank ("[1] ..."). If one
 # process fails, the others are stopped and the script exits with the failed process's status.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Trains jaxlm on a Cloud TPU VM pod slice: creates the slice (or reuses it), puts this code on
 # every worker, installs it, and runs the same `python -m jaxlm.main` on all workers at once.
-# Each worker is one JAX process; jaxlm.distributed.initialize finds the others by itself.
+# Each worker is one JAX process; jaxlm.parallel.distributed.initialize finds the others by itself.
 #
 #   launch/tpu_vm.sh --workdir=gs://my-bucket/runs/llama_1b --config=configs/llama_1b.py \
 #       --accelerator-type=v5litepod-16 --zone=us-west4-a -- --config.train.steps=2000

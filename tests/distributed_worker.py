@@ -4,7 +4,8 @@
     JAXLM_COORDINATOR_ADDRESS=127.0.0.1:PORT JAXLM_NUM_PROCESSES=2 JAXLM_PROCESS_ID=I \
     python -m tests.distributed_worker OUT_PREFIX [--task=step|gather] [--fail-process=K]
 
-joins the job through `jaxlm.distributed.initialize` (topology from the JAXLM_* variables, as
+joins the job through `jaxlm.parallel.distributed.initialize` (topology from the JAXLM_* variables,
+as
 launch/local.sh sets them) and writes `OUT_PREFIX.<process index>.json`:
 
 * `--task=step`: one jitted pretrain step of a tiny model on a (data=2, fsdp=2, tensor=2) mesh
@@ -39,7 +40,7 @@ def global_batch_np() -> dict[str, np.ndarray]:
 
 def process_rows(mesh) -> list[int]:
     """The global batch rows this process's devices hold (what its data pipeline would read)."""
-    from jaxlm import sharding
+    from jaxlm.parallel import sharding
     index_map = sharding.batch_sharding(mesh).addressable_devices_indices_map((BATCH, LENGTH))
     return sorted({r for idx in index_map.values() for r in range(*idx[0].indices(BATCH))})
 
@@ -49,11 +50,11 @@ def train_step_metrics(mesh, local_batch: dict[str, np.ndarray]) -> dict[str, fl
     import jax
     import optax
 
-    from jaxlm import sharding
     from jaxlm.models import Transformer
-    from jaxlm.optim import learning_rate_schedule, make_optimizer
+    from jaxlm.parallel import sharding
+    from jaxlm.run.optim import learning_rate_schedule, make_optimizer
+    from jaxlm.run.train_state import init_sharded_state
     from jaxlm.stages.pretrain import pretrain_step
-    from jaxlm.train_state import init_sharded_state
     from tests.model_fixtures import LLAMA_TINY
 
     optim = ml_collections.ConfigDict(dict(
@@ -85,7 +86,7 @@ def main(argv: list[str]) -> int:
         print("failing on purpose before joining", flush=True)
         return 3
 
-    from jaxlm import distributed
+    from jaxlm.parallel import distributed
     cfg = distributed.default_distributed_config()
     cfg.initialization_timeout = 60
     distributed.initialize(cfg)  # before anything below touches devices
@@ -93,7 +94,7 @@ def main(argv: list[str]) -> int:
     import jax
     from jax.experimental import multihost_utils
 
-    from jaxlm import sharding
+    from jaxlm.parallel import sharding
 
     result: dict = {"process_index": jax.process_index(), "process_count": jax.process_count(),
                     "local_devices": jax.local_device_count(), "devices": jax.device_count(),

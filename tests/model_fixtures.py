@@ -11,11 +11,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxlm import sharding
 from jaxlm.models import ModelConfig, Transformer
-from jaxlm.optim import learning_rate_schedule, make_optimizer
+from jaxlm.parallel import sharding
+from jaxlm.run.optim import learning_rate_schedule, make_optimizer
+from jaxlm.run.train_state import TrainState, init_sharded_state
 from jaxlm.stages import pretrain
-from jaxlm.train_state import TrainState, init_sharded_state
 
 LLAMA_TINY = ModelConfig(vocab_size=250, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
                          head_dim=8, d_ff=64, max_seq_len=16)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from jaxlm import config as config_lib
+from jaxlm.run import config as config_lib
 
 _CHARS = "0123456789+-*= \n"
 

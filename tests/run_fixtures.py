@@ -7,7 +7,7 @@ from pathlib import Path
 
 import ml_collections
 
-from jaxlm.config import base_config
+from jaxlm.run.config import base_config
 
 
 def tiny_run_config(tmp: Path, *, num_layers: int = 2, seq_len: int = 32, steps: int = 2,

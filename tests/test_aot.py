@@ -7,8 +7,8 @@ import importlib.util
 import jax
 import pytest
 
-from jaxlm import config as config_lib
-from jaxlm import scaling
+from jaxlm.run import config as config_lib
+from jaxlm.scaling import flops as scaling
 from jaxlm.tools import aot
 
 needs_libtpu = pytest.mark.skipif(

@@ -16,11 +16,11 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxlm import sharding
 from jaxlm.models import Transformer
 from jaxlm.models.attention import resolve_attention, xla_attention
 from jaxlm.models.chunked_attention import block_size, chunked_attention
 from jaxlm.models.kernel_attention import cudnn_attention, splash_attention
+from jaxlm.parallel import sharding
 from jaxlm.stages import pretrain
 from jaxlm.tools.aot import all_eqns
 from tests.model_fixtures import LLAMA_TINY, attention_inputs, packed_batch

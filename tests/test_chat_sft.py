@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from jaxlm.config import base_config
 from jaxlm.data import chat, conversations
 from jaxlm.data.sft import make_sft_iterator, tokenize_conversations
 from jaxlm.data.tokenizer import train_sentencepiece
+from jaxlm.run.config import base_config
 from tests.data_fixtures import synthetic_documents
 
 CONVERSATION = [
@@ -75,7 +75,7 @@ def test_missing_special_tokens_name_the_config_key(tokenizer, tmp_path):
         chat.render_tokens(other, CONVERSATION)
     c = base_config()
     c.stage, c.data.special_tokens = "sft", "<|user|>"
-    from jaxlm.config import validate
+    from jaxlm.run.config import validate
     with pytest.raises(ValueError, match="config key data.special_tokens"):
         validate(c)
 

@@ -14,13 +14,13 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxlm import sharding
-from jaxlm.checkpoint import Checkpointer, complete_steps, restore_params
-from jaxlm.config import base_config
 from jaxlm.data import pipeline
 from jaxlm.models import Transformer
-from jaxlm.optim import make_optimizer
-from jaxlm.train_state import init_sharded_state, state_shardings
+from jaxlm.parallel import sharding
+from jaxlm.run.checkpoint import Checkpointer, complete_steps, restore_params
+from jaxlm.run.config import base_config
+from jaxlm.run.optim import make_optimizer
+from jaxlm.run.train_state import init_sharded_state, state_shardings
 from tests import data_fixtures as F
 from tests.model_fixtures import LLAMA_TINY
 
@@ -202,7 +202,7 @@ _CRASHING_SAVE = textwrap.dedent("""
     import os, signal, sys
     import orbax.checkpoint as ocp
     from tests.test_checkpoint import _small_state
-    from jaxlm.checkpoint import Checkpointer
+    from jaxlm.run.checkpoint import Checkpointer
 
     def crash(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
@@ -252,8 +252,8 @@ _TWO_PROCESS_RUN = textwrap.dedent("""
     import grain
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from jaxlm import sharding
-    from jaxlm.checkpoint import Checkpointer
+    from jaxlm.parallel import sharding
+    from jaxlm.run.checkpoint import Checkpointer
 
     def mesh(**sizes):
         return sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1, "pipeline": 1, **sizes})

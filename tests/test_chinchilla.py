@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from jaxlm import chinchilla, scaling
-from jaxlm import config as config_lib
+from jaxlm.run import config as config_lib
+from jaxlm.scaling import chinchilla
+from jaxlm.scaling import flops as scaling
 
 ROOT = Path(__file__).resolve().parents[1]
 # The published table, kept in shared/ beside the repository (read-only in CI).
@@ -144,7 +145,7 @@ def test_token_budget_and_steps():
 
 
 def test_trainer_schedule_follows_the_token_budget(tmp_path):
-    from jaxlm import trainer
+    from jaxlm.run import trainer
 
     c = config_lib.base_config()
     c.model.num_layers, c.model.d_model, c.model.d_ff, c.model.vocab_size = 1, 32, 64, 400

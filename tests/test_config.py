@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxlm import config as config_lib
+from jaxlm.run import config as config_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,11 +1,11 @@
-"""jaxlm.errors' shared config-value checks: which values pass at each bound, and the message
+"""jaxlm.run.errors' shared config-value checks: which values pass at each bound, and the message
 and key of the ConfigError the others raise."""
 
 import math
 
 import pytest
 
-from jaxlm import errors
+from jaxlm.run import errors
 
 
 @pytest.mark.parametrize("bounds,ok,bad", [

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxlm import config as config_lib
+from jaxlm.run import config as config_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 BEFORE = json.loads((ROOT / "tests" / "data" / "configs_before_dedup.json").read_text())

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from jaxlm import config as config_lib
-from jaxlm import scaling
+from jaxlm.run import config as config_lib
+from jaxlm.scaling import flops as scaling
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
 

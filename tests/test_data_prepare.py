@@ -91,7 +91,7 @@ def test_worker_processes_write_the_same_shards(prepared, tmp_path):
 def test_command_line_tool(prepared, tmp_path):
     out = str(tmp_path / "cli")
     result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "tools", "prepare_data.py"),
+        [sys.executable, "-m", "jaxlm.tools.prepare_data",
          f"--input={prepared['inputs'][1]}", f"--output_dir={out}",
          f"--tokenizer={prepared['tok'].path}", "--num_workers=0"],
         capture_output=True, text=True, timeout=120)

@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from jaxlm.config import base_config
 from jaxlm.data.pipeline import load_or_train_tokenizer, make_pretrain_iterator
+from jaxlm.run.config import base_config
 
 
 def _batches(data, tok, cache, *, batch_size, index, count, n=3):

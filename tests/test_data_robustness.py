@@ -14,7 +14,7 @@ from jaxlm.data import pipeline, shards
 from jaxlm.data.packing import pipeline_counters
 from jaxlm.data.prepare import prepare_shards
 from jaxlm.data.sources import RawFilesSource
-from jaxlm.errors import DataError
+from jaxlm.run.errors import DataError
 from tests import data_fixtures as F
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,13 +77,13 @@ def test_verify_shards_and_prepare_data_verify_only_find_the_bad_record(prepared
     out, path, bad = _corrupted_copy(prepared, tmp_path)
     with pytest.raises(DataError, match=rf"data.verify_shards: .*{path}:record {bad}"):
         _iterator(out, prepared, verify_shards=True)
-    proc = subprocess.run([sys.executable, "tools/prepare_data.py", f"--output_dir={out}",
+    proc = subprocess.run([sys.executable, "-m", "jaxlm.tools.prepare_data", f"--output_dir={out}",
                            "--verify_only"], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert f"{path}:record {bad}" in proc.stderr
-    good = subprocess.run([sys.executable, "tools/prepare_data.py",
+    good = subprocess.run([sys.executable, "jaxlm/tools/prepare_data.py",
                            f"--output_dir={prepared['out']}", "--verify_only"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert good.returncode == 0 and "verified" in good.stdout

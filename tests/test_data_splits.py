@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from jaxlm import config as config_lib
 from jaxlm.data import conversations, preference
+from jaxlm.run import config as config_lib
 
 
 def _write_jsonl(path, records):

@@ -80,7 +80,7 @@ def test_train_tokenizer_tool_on_jsonl_and_parquet(tmp_path):
     parquet = F.write_parquet(str(tmp_path / "b.parquet"), docs[100:], field="content")
     out = str(tmp_path / "out" / "t.model")
     result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "tools", "train_tokenizer.py"),
+        [sys.executable, "-m", "jaxlm.tools.train_tokenizer",
          f"--input={jsonl},{parquet}", "--text_field=content", f"--output={out}",
          "--vocab_size=340", "--model_type=unigram", "--num_threads=1",
          "--special_tokens=<|im_start|>,<|im_end|>", "--bos_piece=<|begin|>"],

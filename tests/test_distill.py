@@ -10,9 +10,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxlm import frozen_models, sharding, trainer
-from jaxlm import program as program_lib
-from jaxlm.config import base_config
+from jaxlm.parallel import sharding
+from jaxlm.run import program as program_lib
+from jaxlm.run import trainer
+from jaxlm.run.config import base_config
+from jaxlm.weights import frozen as frozen_models
 from tests.model_fixtures import packed_batch
 
 STEPS, STOP = 4, 2
@@ -124,8 +126,8 @@ def test_distill_after_sft_trains_on_the_sft_batches(tmp_path):
     counts, assistant tokens only) from the SFT teacher's tokenizer."""
     import json
 
-    from jaxlm.config import load_config_file
     from jaxlm.data import conversations
+    from jaxlm.run.config import load_config_file
 
     dialogs = tmp_path / "dialogs.jsonl"
     dialogs.write_text("".join(json.dumps({"messages": m}) + "\n"

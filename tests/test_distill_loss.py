@@ -1,4 +1,4 @@
-"""jaxlm/distill_loss.py: the divergences against numpy, their zero, the large-T limit of the
+"""jaxlm/losses/distill.py: the divergences against numpy, their zero, the large-T limit of the
 gradient, and the chunked sums (values and gradients) against the materialised logits."""
 
 import functools
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm.distill_loss import DistillSpec, distill_sums, divergence_BxL
+from jaxlm.losses.distill import DistillSpec, distill_sums, divergence_BxL
 
 B, L, V, D, E = 2, 12, 11, 8, 6  # E: the teacher's width
 

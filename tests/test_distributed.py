@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import yaml
 
-from jaxlm import distributed, sharding
+from jaxlm.parallel import distributed, sharding
 from tests import distributed_worker
 
 ROOT = Path(__file__).resolve().parents[1]

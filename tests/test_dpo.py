@@ -11,8 +11,8 @@ import optax
 import pytest
 
 from jaxlm.models import Transformer
+from jaxlm.run.train_state import TrainState
 from jaxlm.stages import dpo
-from jaxlm.train_state import TrainState
 from tests.model_fixtures import LLAMA_TINY
 
 

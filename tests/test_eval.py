@@ -14,13 +14,14 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm import eval as eval_cli
-from jaxlm import sharding, trainer
 from jaxlm.evaluation import builtin, results
 from jaxlm.evaluation.engine import Engine, bits_per_byte, cut_at_stop, rolling_windows
 from jaxlm.evaluation.target import load_target
 from jaxlm.inference.sampler import Request, Sampler
 from jaxlm.models import Transformer
+from jaxlm.parallel import sharding
+from jaxlm.run import trainer
+from jaxlm.tools import eval as eval_cli
 from tests.harness_tasks import write_jsonl, write_task
 from tests.run_fixtures import tiny_run_config
 
@@ -224,7 +225,7 @@ def test_local_harness_task_runs_through_the_cli(run_dir, target, tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
                HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
                HF_DATASETS_CACHE=str(tmp_path / "hf_cache"), HF_HOME=str(tmp_path / "hf"))
-    cmd = [sys.executable, "-m", "jaxlm.eval", f"--workdir={run_dir}",
+    cmd = [sys.executable, "-m", "jaxlm.tools.eval", f"--workdir={run_dir}",
            "--tasks=jaxlm_local_choice,jaxlm_local_gen", f"--include_path={tasks}",
            f"--output={tmp_path / 'out.json'}", "--batch_size=4", "--noprogress"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -15,11 +15,11 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from jaxlm import sharding  # noqa: E402
 from jaxlm.evaluation import harness  # noqa: E402
 from jaxlm.evaluation.engine import Engine  # noqa: E402
 from jaxlm.evaluation.target import load_target  # noqa: E402
-from jaxlm.interop import hf  # noqa: E402
+from jaxlm.parallel import sharding  # noqa: E402
+from jaxlm.weights.hf import convert as hf  # noqa: E402
 from tests.harness_tasks import write_jsonl, write_task  # noqa: E402
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "import os\nimport sys\n",

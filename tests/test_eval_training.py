@@ -6,12 +6,13 @@ import json
 import jax
 import pytest
 
-from jaxlm import sharding, trainer
-from jaxlm.config import base_config, validate
 from jaxlm.evaluation import results
 from jaxlm.evaluation.engine import Engine
 from jaxlm.evaluation.live import LiveEval
 from jaxlm.evaluation.target import load_target
+from jaxlm.parallel import sharding
+from jaxlm.run import trainer
+from jaxlm.run.config import base_config, validate
 from tests.run_fixtures import tiny_run_config
 
 

@@ -6,12 +6,12 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm import eval as eval_cli
-from jaxlm import trainer
 from jaxlm.evaluation import winrate
 from jaxlm.evaluation.target import load_target
 from jaxlm.inference.sampler import Request, Sampler
 from jaxlm.models import Transformer
+from jaxlm.run import trainer
+from jaxlm.tools import eval as eval_cli
 from tests.run_fixtures import tiny_run_config
 
 pytest.importorskip("chatterbot_corpus")

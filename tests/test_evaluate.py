@@ -9,7 +9,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxlm import sharding, trainer
+from jaxlm.parallel import sharding
+from jaxlm.run import trainer
 from jaxlm.stages.stage import token_eval_metrics
 
 

@@ -1,4 +1,4 @@
-"""`python -m jaxlm.generate` end to end on a tiny checkpoint trained here."""
+"""`python -m jaxlm.tools.generate` end to end on a tiny checkpoint trained here."""
 
 import io
 import json
@@ -13,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm import generate, trainer
-from jaxlm.inference.loading import load_model
 from jaxlm.models import Transformer
+from jaxlm.run import trainer
+from jaxlm.tools import generate
+from jaxlm.weights.loading import load_model
 from tests.greedy_reference import make_greedy_sampler
 from tests.run_fixtures import tiny_run_config
 
@@ -34,7 +35,7 @@ def test_cli_prints_the_greedy_continuation(run_dir):
     prompt = [loaded.tokenizer.bos_id] + loaded.tokenizer.encode("def ")
     expected = make_greedy_sampler(Transformer(loaded.model_cfg), len(prompt) + 6)(
         loaded.params, prompt)
-    cmd = [sys.executable, "-m", "jaxlm.generate", f"--workdir={run_dir}", "--prompt=def ",
+    cmd = [sys.executable, "-m", "jaxlm.tools.generate", f"--workdir={run_dir}", "--prompt=def ",
            "--max_new_tokens=6", "--json"]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -67,7 +68,8 @@ def test_score_prints_per_token_logprobs_and_perplexity(run_dir, tmp_path):
 
 def _chat(run_dir, monkeypatch, stdin, chat_overrides=None, **options):
     """Runs --chat; returns (printed replies, the loaded run, prompts sent as token ids)."""
-    from jaxlm.inference import loading, sampler
+    from jaxlm.inference import sampler
+    from jaxlm.weights import loading
 
     loaded = load_model(str(run_dir))
     for key, value in (chat_overrides or {}).items():

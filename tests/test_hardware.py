@@ -7,7 +7,7 @@ import dataclasses
 import jax
 import pytest
 
-from jaxlm import hardware
+from jaxlm.parallel import hardware
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +104,7 @@ def test_measured_peak_is_cached_per_cpu_model_keeping_the_best(
 
 
 def test_mfu_over_100_percent_says_the_peak_is_suspect() -> None:
-    from jaxlm.metrics import mfu_text
+    from jaxlm.run.metrics import mfu_text
 
     assert mfu_text(0.425) == "42.5%"
     assert mfu_text(1.1).startswith("110.0% (") and "suspect" in mfu_text(1.1)

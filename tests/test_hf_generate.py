@@ -1,6 +1,6 @@
 """Imported Hugging Face models of each supported family against transformers: per-token
 log-probs on a sequence longer than any sliding window, the KV-cache greedy decode of 64 new
-tokens token for token, and `jaxlm.generate` (text and --chat) on a tokenizer.json model.
+tokens token for token, and `jaxlm.tools.generate` (text and --chat) on a tokenizer.json model.
 
 The HF models are tiny, random and built locally (nothing is downloaded)."""
 
@@ -12,10 +12,10 @@ import pytest
 import torch
 import transformers
 
-from jaxlm import generate
-from jaxlm.inference.loading import load_model
 from jaxlm.inference.sampler import Request, Sampler
-from jaxlm.interop import hf
+from jaxlm.tools import generate
+from jaxlm.weights.hf import convert as hf
+from jaxlm.weights.loading import load_model
 from tests.hf_tokenizer_fixtures import write_hf_tokenizer
 
 NEW_TOKENS = 64

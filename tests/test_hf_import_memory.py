@@ -1,4 +1,4 @@
-"""tools/convert_hf.py import: one jaxlm param group in memory at a time, written atomically.
+"""jaxlm/tools/convert_hf.py import: one jaxlm param group in memory at a time, written atomically.
 
 The HF directories are written tensor by tensor with `safetensors_io.write_model` from seeded
 random arrays (no torch, nothing downloaded).
@@ -12,9 +12,12 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm import checkpoint as ckpt_lib
-from jaxlm import config as config_lib
-from jaxlm.interop import hf, hf_config, hf_weights, safetensors_io
+from jaxlm.run import checkpoint as ckpt_lib
+from jaxlm.run import config as config_lib
+from jaxlm.weights.hf import config as hf_config
+from jaxlm.weights.hf import convert as hf
+from jaxlm.weights.hf import safetensors_io
+from jaxlm.weights.hf import tensors as hf_weights
 
 # 8 stacked layers and an untied head: 11.5 MiB of float32 params, while the largest HF tensor
 # and the largest param group (the 2 MiB embedding / head / stacked w_*) are 2 MiB each.

@@ -1,4 +1,5 @@
-"""tools/convert_hf.py: tiny random transformers models -> jaxlm -> transformers, logits equal.
+"""jaxlm/tools/convert_hf.py: tiny random transformers models -> jaxlm -> transformers, logits
+equal.
 
 The HF models are built locally (CPU torch, random weights, save_pretrained); nothing is
 downloaded.
@@ -16,11 +17,13 @@ import pytest
 import torch
 import transformers
 
-from jaxlm import config as config_lib
-from jaxlm.checkpoint import restore_params
-from jaxlm.interop import hf, hf_config, safetensors_io
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.transformer import Transformer
+from jaxlm.run import config as config_lib
+from jaxlm.run.checkpoint import restore_params
+from jaxlm.weights.hf import config as hf_config
+from jaxlm.weights.hf import convert as hf
+from jaxlm.weights.hf import safetensors_io
 from tests.data_fixtures import train_tiny_tokenizer
 
 _LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

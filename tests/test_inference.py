@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm import sharding
 from jaxlm.inference import Request, Sampler, SamplingParams, decode, processing, shard_params
 from jaxlm.models import Transformer
+from jaxlm.parallel import sharding
 from tests.greedy_reference import make_greedy_sampler
 from tests.model_fixtures import GPT2_TINY, LLAMA_TINY
 

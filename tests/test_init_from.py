@@ -4,8 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm import trainer
-from jaxlm.config import base_config
+from jaxlm.run import trainer
+from jaxlm.run.config import base_config
 
 
 def _config(tmp_path, steps):

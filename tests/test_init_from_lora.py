@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from jaxlm import trainer
-from jaxlm.checkpoint import restore_params
-from jaxlm.config import base_config
 from jaxlm.models import Transformer, lora
-from jaxlm.train_state import abstract_boxed_params
+from jaxlm.run import trainer
+from jaxlm.run.checkpoint import restore_params
+from jaxlm.run.config import base_config
+from jaxlm.run.train_state import abstract_boxed_params
 
 SEQ = 16
 

@@ -11,12 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm import config as config_lib
-from jaxlm import sharding
-from jaxlm.errors import ConfigError
 from jaxlm.inference import Request, Sampler, decode, shard_params
-from jaxlm.inference.loading import with_kv_cache
 from jaxlm.models import ModelConfig, Transformer, kv_cache
+from jaxlm.parallel import sharding
+from jaxlm.run import config as config_lib
+from jaxlm.run.errors import ConfigError
+from jaxlm.weights.loading import with_kv_cache
 
 # head_dim 32: the int8 cache's float32 scale costs 4 bytes per 32 int8 values.
 CFG = ModelConfig(vocab_size=250, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -300,20 +300,22 @@ def test_kv_cache_dtype_is_validated_and_reaches_the_flags():
     assert with_kv_cache(INT8, "") is INT8  # no flag: the run's setting
     with pytest.raises(ValueError, match="--kv_cache='fp8'"):
         with_kv_cache(CFG, "fp8")
-    from jaxlm import generate
+    from jaxlm.tools import generate
 
     with pytest.raises(ValueError, match="--kv_cache='fp8'"):  # refused before loading
         generate.run(generate.Options(workdir="/nonexistent", prompts=("x",), kv_cache="fp8"))
 
 
 def test_generate_kv_cache_flag_decodes_with_the_int8_cache(tmp_path):
-    """`jaxlm.generate --kv_cache=int8` on a checkpoint: the tokens are the int8 Sampler's, and
+    """`jaxlm.tools.generate --kv_cache=int8` on a checkpoint: the tokens are the int8 Sampler's,
+    and
     the sampler it built holds the int8 setting (the run's config says nothing about it)."""
     import io
     import json
 
-    from jaxlm import generate, trainer
-    from jaxlm.inference.loading import load_model
+    from jaxlm.run import trainer
+    from jaxlm.tools import generate
+    from jaxlm.weights.loading import load_model
     from tests.run_fixtures import tiny_run_config
 
     trainer.run(tiny_run_config(tmp_path, num_layers=1, seq_len=16), str(tmp_path / "run"))

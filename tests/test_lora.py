@@ -14,10 +14,10 @@ import pytest
 from flax import traverse_util
 
 from jaxlm.models import Transformer, lora
-from jaxlm.optim import state_bytes, train_only
+from jaxlm.run.optim import state_bytes, train_only
+from jaxlm.run.train_state import TrainState, microbatched_grads
 from jaxlm.stages.pretrain import loss_fn
 from jaxlm.stages.sft import sft_step
-from jaxlm.train_state import TrainState, microbatched_grads
 from tests.model_fixtures import LLAMA_TINY, packed_batch
 
 LORA_CFG = dataclasses.replace(LLAMA_TINY, lora_rank=4, lora_alpha=8.0,
@@ -159,7 +159,7 @@ def test_reward_head_trains_with_adapters():
 
 def test_mlp_adapters_on_a_mixture_of_experts_are_refused_by_name():
     """The experts take no adapters: model.lora.mlp on an MoE model is an error, not a no-op."""
-    from jaxlm import config as config_lib
+    from jaxlm.run import config as config_lib
 
     c = config_lib.base_config()
     c.model.lora.rank, c.model.moe.num_experts, c.model.vocab_size = 4, 4, 256

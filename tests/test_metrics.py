@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from jaxlm.metrics import MetricsWriter, format_duration, is_remote
+from jaxlm.run.metrics import MetricsWriter, format_duration, is_remote
 
 
 @pytest.mark.parametrize("append", [True, False])

@@ -14,14 +14,14 @@ import pytest
 from flax.linen import meta
 from jax.sharding import PartitionSpec as P
 
-from jaxlm import config as config_lib
-from jaxlm import sharding
 from jaxlm.models import MoeConfig, Transformer
 from jaxlm.models.mlp import Mlp
 from jaxlm.models.moe import MoeMlp, route
-from jaxlm.optim import learning_rate_schedule, make_optimizer
+from jaxlm.parallel import sharding
+from jaxlm.run import config as config_lib
+from jaxlm.run.optim import learning_rate_schedule, make_optimizer
+from jaxlm.run.train_state import init_sharded_state
 from jaxlm.stages import pretrain
-from jaxlm.train_state import init_sharded_state
 from tests.model_fixtures import GPT2_TINY, LLAMA_TINY, packed_batch
 
 MOE_TINY = dataclasses.replace(LLAMA_TINY, moe=MoeConfig(num_experts=4, top_k=2,

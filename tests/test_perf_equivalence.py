@@ -14,12 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm import sharding
-from jaxlm.loss import cross_entropy_sum, fused_cross_entropy_sum
+from jaxlm.losses.cross_entropy import cross_entropy_sum, fused_cross_entropy_sum
 from jaxlm.models import Transformer
 from jaxlm.models.attention import fused_attention, xla_attention
 from jaxlm.models.mlp import dense, mlp_core, weight_grad
 from jaxlm.models.norms import normalize
+from jaxlm.parallel import sharding
 from jaxlm.stages import pretrain
 from tests.model_fixtures import GPT2_TINY, LLAMA_TINY, one_pretrain_step, packed_batch
 

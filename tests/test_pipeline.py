@@ -10,13 +10,13 @@ import numpy as np
 import optax
 import pytest
 
-from jaxlm import config as config_lib
-from jaxlm import sharding
-from jaxlm.checkpoint import Checkpointer
 from jaxlm.models import Transformer, pipeline
-from jaxlm.optim import make_optimizer
+from jaxlm.parallel import sharding
+from jaxlm.run import config as config_lib
+from jaxlm.run.checkpoint import Checkpointer
+from jaxlm.run.optim import make_optimizer
+from jaxlm.run.train_state import init_sharded_state, microbatched_grads
 from jaxlm.stages.pretrain import loss_fn
-from jaxlm.train_state import init_sharded_state, microbatched_grads
 from tests.model_fixtures import LLAMA_TINY, packed_batch
 
 SEQ_LEN = 16

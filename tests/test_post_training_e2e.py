@@ -73,7 +73,7 @@ def test_lora_dpo_trains_only_adapters_and_merges(runs, tmp_path):
     assert "LoRA rank 4" in dpo_log and "params not in" in dpo_log
     # The SFT checkpoint is restored once: it starts the policy and is the frozen reference.
     assert dpo_log.count("params from ") == 1, dpo_log
-    from tools.merge_lora import merge_checkpoint
+    from jaxlm.tools.merge_lora import merge_checkpoint
 
     step = merge_checkpoint(str(dpo / "checkpoints"), str(tmp_path / "merged"))
     config = json.loads((tmp_path / "merged" / str(step) / "config" / "metadata").read_text())

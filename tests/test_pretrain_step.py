@@ -5,12 +5,12 @@ import functools
 import jax
 import numpy as np
 
-from jaxlm import sharding
-from jaxlm.config import base_config
 from jaxlm.models import Transformer
-from jaxlm.optim import learning_rate_schedule, make_optimizer
+from jaxlm.parallel import sharding
+from jaxlm.run.config import base_config
+from jaxlm.run.optim import learning_rate_schedule, make_optimizer
+from jaxlm.run.train_state import init_sharded_state
 from jaxlm.stages.pretrain import pretrain_step
-from jaxlm.train_state import init_sharded_state
 from tests.model_fixtures import LLAMA_TINY, packed_batch
 
 

@@ -7,9 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm import config as config_lib
-from jaxlm import scaling, sharding
-from jaxlm.program import build
+from jaxlm.parallel import sharding
+from jaxlm.run import config as config_lib
+from jaxlm.run.program import build
+from jaxlm.scaling import flops as scaling
 from jaxlm.stages import STAGE_MODULES, all_stages, get_stage
 
 # A small model whose every term differs: d 64, 4 query heads of 16, 2 kv heads, SwiGLU 128,

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import qwix
 
-from jaxlm import config as config_lib
-from jaxlm.errors import ConfigError
 from jaxlm.models import ModelConfig, Transformer
-from jaxlm.quant import quantizer
-from jaxlm.quant.spec import QuantSpec, from_preset
+from jaxlm.models.quant import quantizer
+from jaxlm.models.quant.spec import QuantSpec, from_preset
+from jaxlm.run import config as config_lib
+from jaxlm.run.errors import ConfigError
 from jaxlm.stages.pretrain import loss_fn
 from tests.model_fixtures import packed_batch
 

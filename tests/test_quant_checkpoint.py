@@ -13,13 +13,14 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm import generate, trainer
-from jaxlm.inference.loading import load_model
 from jaxlm.inference.sampler import Request, Sampler
 from jaxlm.models import Transformer
-from jaxlm.quant import quantizer
-from jaxlm.quant.convert import quantize_loaded
+from jaxlm.models.quant import quantizer
+from jaxlm.models.quant.convert import quantize_loaded
+from jaxlm.run import trainer
+from jaxlm.tools import generate
 from jaxlm.tools.quantize import quantize_checkpoint
+from jaxlm.weights.loading import load_model
 from tests.greedy_reference import make_greedy_sampler
 from tests.run_fixtures import tiny_run_config
 

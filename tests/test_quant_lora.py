@@ -12,15 +12,15 @@ import numpy as np
 import optax
 import pytest
 
-from jaxlm import config as config_lib
-from jaxlm import sharding
 from jaxlm.models import Transformer, lora
-from jaxlm.optim import state_bytes, train_only
-from jaxlm.program import build
-from jaxlm.quant import quantizer
-from jaxlm.quant.spec import QuantSpec
+from jaxlm.models.quant import quantizer
+from jaxlm.models.quant.spec import QuantSpec
+from jaxlm.parallel import sharding
+from jaxlm.run import config as config_lib
+from jaxlm.run.optim import state_bytes, train_only
+from jaxlm.run.program import build
+from jaxlm.run.train_state import TrainState
 from jaxlm.stages.pretrain import pretrain_step
-from jaxlm.train_state import TrainState
 from tests.model_fixtures import LLAMA_TINY, packed_batch
 
 QLORA_CFG = dataclasses.replace(LLAMA_TINY, lora_rank=4, lora_alpha=8.0,
@@ -98,8 +98,8 @@ def test_the_program_builds_a_qlora_state_and_steps_it():
 def test_qlora_from_a_float_run_quantizes_its_weights_and_checkpoints_them(tmp_path):
     """init_from a float checkpoint: its weights are read as float and quantized; the QLoRA
     run's checkpoint holds that quantized base, unchanged by training."""
-    from jaxlm import trainer
-    from jaxlm.inference.loading import load_model
+    from jaxlm.run import trainer
+    from jaxlm.weights.loading import load_model
     from tests.run_fixtures import tiny_run_config
 
     trainer.run(tiny_run_config(tmp_path, seq_len=16), str(tmp_path / "run"))
@@ -116,9 +116,9 @@ def test_qlora_from_a_float_run_quantizes_its_weights_and_checkpoints_them(tmp_p
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                  got, want)
     assert quantizer.is_qarray(got["blocks"]["mlp"]["w_out"])
-    # tools/merge_lora.py folds the adapters into the dequantized base: a float model with the
+    # jaxlm/tools/merge_lora.py folds the adapters into the dequantized base: a float model with the
     # QLoRA model's logits
-    from tools.merge_lora import merge_checkpoint
+    from jaxlm.tools.merge_lora import merge_checkpoint
 
     merge_checkpoint(str(tmp_path / "qlora" / "checkpoints"), str(tmp_path / "merged"))
     merged = load_model(str(tmp_path / "merged"))

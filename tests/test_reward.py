@@ -11,8 +11,8 @@ import numpy as np
 import optax
 
 from jaxlm.models import Transformer
+from jaxlm.run.train_state import TrainState
 from jaxlm.stages import reward
-from jaxlm.train_state import TrainState
 from tests.model_fixtures import LLAMA_TINY
 
 CFG = dataclasses.replace(LLAMA_TINY, reward_head=True)

@@ -8,14 +8,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm import config as config_lib
-from jaxlm import program as program_lib
-from jaxlm import scaling, sharding
-from jaxlm.rl import advantages, objectives, rewards, tasks
-from jaxlm.rl.host import place
-from jaxlm.rl.prompts import make_prompt_iterator
-from jaxlm.rl.rollout import sequence_logps
+from jaxlm.losses import policy as objectives
+from jaxlm.parallel import sharding
+from jaxlm.run import config as config_lib
+from jaxlm.run import program as program_lib
+from jaxlm.scaling import flops as scaling
 from jaxlm.stages import grpo
+from jaxlm.stages.rl import advantages, rewards, tasks
+from jaxlm.stages.rl.host import place
+from jaxlm.stages.rl.prompts import make_prompt_iterator
+from jaxlm.stages.rl.rollout import sequence_logps
 from tests.rl_fixtures import CharTokenizer, grpo_config
 from tests.rl_warmup import rewards_after_warm_up, warm_up
 

@@ -6,13 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm import config as config_lib
-from jaxlm import program as program_lib
-from jaxlm import sharding
-from jaxlm.checkpoint import Checkpointer
-from jaxlm.rl.prompts import make_prompt_iterator
-from jaxlm.rl.reward_model import sequence_scores
+from jaxlm.parallel import sharding
+from jaxlm.run import config as config_lib
+from jaxlm.run import program as program_lib
+from jaxlm.run.checkpoint import Checkpointer
 from jaxlm.stages import ppo
+from jaxlm.stages.rl.prompts import make_prompt_iterator
+from jaxlm.stages.rl.reward_model import sequence_scores
 from tests.rl_fixtures import CharTokenizer, grpo_config
 
 

@@ -7,8 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm import trainer
-from jaxlm.checkpoint import Checkpointer, read_saved_json
+from jaxlm.run import trainer
+from jaxlm.run.checkpoint import Checkpointer, read_saved_json
 from jaxlm.stages import ppo
 from tests.data_fixtures import train_tiny_tokenizer
 from tests.rl_fixtures import grpo_config

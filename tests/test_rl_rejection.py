@@ -6,12 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm import config as config_lib
-from jaxlm import program as program_lib
-from jaxlm import sharding
-from jaxlm.rl.prompts import make_prompt_iterator
-from jaxlm.rl.rollout import sequence_logps
+from jaxlm.parallel import sharding
+from jaxlm.run import config as config_lib
+from jaxlm.run import program as program_lib
 from jaxlm.stages import rejection
+from jaxlm.stages.rl.prompts import make_prompt_iterator
+from jaxlm.stages.rl.rollout import sequence_logps
 from tests.rl_fixtures import CharTokenizer, grpo_config
 from tests.rl_warmup import rewards_after_warm_up
 

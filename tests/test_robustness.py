@@ -13,11 +13,11 @@ import numpy as np
 import optax
 import pytest
 
-from jaxlm import errors, trainer, workdir_lock
-from jaxlm.config import base_config, validate
-from jaxlm.metrics import MetricsWriter
-from jaxlm.step_health import StepHealth
-from jaxlm.train_state import TrainState
+from jaxlm.run import errors, trainer, workdir_lock
+from jaxlm.run.config import base_config, validate
+from jaxlm.run.metrics import MetricsWriter
+from jaxlm.run.step_health import StepHealth
+from jaxlm.run.train_state import TrainState
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -205,7 +205,7 @@ def test_unknown_key_and_missing_config_file_print_one_line(tmp_path):
 def test_console_shows_own_info_and_warnings_and_the_file_gets_everything(tmp_path):
     import logging
 
-    from jaxlm import console
+    from jaxlm.run import console
 
     def record(path: str, level: int, msg: str) -> logging.LogRecord:
         return logging.LogRecord("absl", level, path, 1, msg, None, None)
@@ -223,7 +223,7 @@ def test_console_shows_own_info_and_warnings_and_the_file_gets_everything(tmp_pa
 
 
 def test_corrupt_safetensors_file_is_named(tmp_path):
-    from jaxlm.interop.safetensors_io import iter_tensors
+    from jaxlm.weights.hf.safetensors_io import iter_tensors
 
     path = tmp_path / "model.safetensors"
     path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")  # header cut short
@@ -232,7 +232,7 @@ def test_corrupt_safetensors_file_is_named(tmp_path):
 
 
 def test_memory_and_network_errors_never_move_a_checkpoint_aside():
-    from jaxlm.checkpoint import _transient
+    from jaxlm.run.checkpoint import _transient
 
     assert _transient(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate"))
     assert _transient(ConnectionError("reset by peer")) and _transient(TimeoutError())

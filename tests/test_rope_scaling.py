@@ -8,8 +8,8 @@ import torch
 import transformers
 from transformers.models.llama import modeling_llama
 
-from jaxlm.interop import hf_config
 from jaxlm.models.rope import RopeScaling, apply_rope, inv_frequencies
+from jaxlm.weights.hf import config as hf_config
 
 HEAD_DIM, THETA, MAX_LEN = 64, 500000.0, 2048
 # name: (transformers rope parameters, jaxlm RopeScaling)

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from flax.linen import meta
 
-from jaxlm import config as config_lib
-from jaxlm import scaling
 from jaxlm.models import ModelConfig, MoeConfig, Transformer
+from jaxlm.run import config as config_lib
+from jaxlm.scaling import flops as scaling
 from jaxlm.tools import scaling as scaling_tool
 
 LLAMA = ModelConfig(vocab_size=250, d_model=32, num_layers=3, num_heads=4, num_kv_heads=2,

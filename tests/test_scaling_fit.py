@@ -1,6 +1,5 @@
 """Scaling-law fits: Approach 3 on Chinchilla's published points, Approach 2 on a known law."""
 
-import functools
 import importlib.util
 import json
 from pathlib import Path
@@ -8,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxlm import scaling_fit
+from jaxlm.scaling import fit as scaling_fit
 
 ROOT = Path(__file__).resolve().parents[1]
 # 245 (N, C, loss) points read off Chinchilla's Figure 4 by Besiroglu et al. (2024),
@@ -17,13 +16,8 @@ FIG4 = ROOT / "tests" / "data" / "chinchilla_fig4_points.csv"
 KNOWN = scaling_fit.LossLaw(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
 
 
-@functools.cache  # loaded once: the tool defines absl flags at import
 def _tool():
-    spec = importlib.util.spec_from_file_location("fit_scaling_law",
-                                                  ROOT / "tools" / "fit_scaling_law.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("jaxlm.tools.fit_scaling_law")
 
 
 def test_objective_gradient_matches_finite_differences():

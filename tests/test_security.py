@@ -1,6 +1,6 @@
 """Inputs that try to escape: a directory name that would end the generated config's docstring,
 a safetensors index that points outside the model directory, and file modes of what
-tools/prepare_data.py writes."""
+jaxlm/tools/prepare_data.py writes."""
 
 import importlib.util
 import json
@@ -10,9 +10,9 @@ import stat
 import pytest
 
 from jaxlm.data import cache
-from jaxlm.errors import DataError
-from jaxlm.interop import hf as hf_interop
-from jaxlm.interop import safetensors_io
+from jaxlm.run.errors import DataError
+from jaxlm.weights.hf import convert as hf_interop
+from jaxlm.weights.hf import safetensors_io
 
 
 def test_generated_config_escapes_the_directory_name(tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jaxlm import sharding
+from jaxlm.parallel import sharding
 from tests.model_fixtures import one_pretrain_step, packed_batch
 
 MESH_SIZES = ["data", "fsdp", "tensor", "pipeline"]

@@ -14,12 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm.errors import ConfigError
 from jaxlm.models import Transformer
 from jaxlm.models.attention import attention_mask, fused_attention, resolve_attention, xla_attention
 from jaxlm.models.chunked_attention import chunked_attention
 from jaxlm.models.kernel_attention import cudnn_attention, splash_attention
 from jaxlm.models.kv_cache import attend
+from jaxlm.run.errors import ConfigError
 from jaxlm.stages import pretrain
 from jaxlm.tools.aot import all_eqns
 from tests.model_fixtures import LLAMA_TINY, attention_inputs, packed_batch

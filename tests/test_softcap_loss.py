@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm.distill_loss import DistillSpec, distill_sums, divergence_BxL
-from jaxlm.loss import cross_entropy_sum, fused_cross_entropy_sum, token_logps
+from jaxlm.losses.cross_entropy import cross_entropy_sum, fused_cross_entropy_sum, token_logps
+from jaxlm.losses.distill import DistillSpec, distill_sums, divergence_BxL
 from jaxlm.models import Transformer
 from jaxlm.stages import pretrain
 from jaxlm.tools.aot import all_eqns

@@ -99,7 +99,7 @@ def test_greedy_with_repetition_penalty_equals_plain_greedy():
 
 
 def test_generate_refuses_options_that_cannot_be_combined():
-    from jaxlm import generate
+    from jaxlm.tools import generate
 
     base = dict(workdir="/nonexistent", prompts=("def ",))
     clashes = [({"num_beams": 2, "temperature": 0.7}, "--num_beams with --temperature"),

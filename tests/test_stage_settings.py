@@ -2,7 +2,7 @@
 
 import pytest
 
-from jaxlm import config as config_lib
+from jaxlm.run import config as config_lib
 
 
 def _config(stage, **overrides):

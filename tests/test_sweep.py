@@ -1,4 +1,5 @@
-"""jaxlm.sweep end to end: a 2-point IsoFLOP sweep trains, tabulates, and skips finished points."""
+"""jaxlm.tools.sweep end to end: a 2-point IsoFLOP sweep trains, tabulates, and skips finished
+points."""
 
 import csv
 import json
@@ -10,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxlm import config as config_lib
-from jaxlm import scaling, sweep
+from jaxlm.run import config as config_lib
+from jaxlm.scaling import flops as scaling
+from jaxlm.tools import sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = f"{ROOT / 'configs/sweeps/isoflop_tiny.py'}:budgets=2e8,shapes=16x1/32x1,smoke=True"
@@ -19,7 +21,7 @@ SPEC = f"{ROOT / 'configs/sweeps/isoflop_tiny.py'}:budgets=2e8,shapes=16x1/32x1,
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
-    from jaxlm import trainer
+    from jaxlm.run import trainer
 
     workdir = str(tmp_path_factory.mktemp("sweep"))
     trained = []
@@ -113,7 +115,7 @@ def test_only_unfinished_points_run_and_the_last_row_of_a_step_counts(tmp_path):
 
 
 def test_print_commands_and_bad_overrides(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "jaxlm.sweep", f"--config={SPEC}",
+    out = subprocess.run([sys.executable, "-m", "jaxlm.tools.sweep", f"--config={SPEC}",
                           f"--workdir={tmp_path}", "--print_commands"], capture_output=True,
                          text=True, check=True).stdout.splitlines()
     assert len(out) == 2

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jaxlm.inference import scoring
-from jaxlm.loss import token_logps
+from jaxlm.losses.cross_entropy import token_logps
 from jaxlm.models import Transformer
 from jaxlm.stages import dpo
 from tests.model_fixtures import LLAMA_TINY

@@ -1,8 +1,8 @@
 """A tiny IsoFLOP sweep on CPU: for each compute budget C, models of ~0.02-0.23M parameters
 trained on D = C / (6 N) tokens (Chinchilla's Approach 2 grid), on the embedded stdlib corpus.
 
-    python -m jaxlm.sweep --config=configs/sweeps/isoflop_tiny.py --workdir=/tmp/isoflop_tiny
-    python tools/fit_scaling_law.py --results=/tmp/isoflop_tiny/results.csv \
+    python -m jaxlm.tools.sweep --config=configs/sweeps/isoflop_tiny.py --workdir=/tmp/isoflop_tiny
+    python -m jaxlm.tools.fit_scaling_law --results=/tmp/isoflop_tiny/results.csv \
         --out_dir=/tmp/isoflop_tiny/fit --grid=small --bootstrap=20 --target_flops=1e12,1e13
 
 The default grid (3 budgets 3e11/1e12/3e12 x 5 shapes, batch 8 x 64 tokens, 1024-piece
@@ -19,8 +19,8 @@ Run a single point with `python -m jaxlm.main --config=configs/sweeps/isoflop_ti
 --workdir=...` plus its overrides (see `--print_commands`).
 """
 
-from jaxlm import config as config_lib
-from jaxlm import scaling
+from jaxlm.run import config as config_lib
+from jaxlm.scaling import flops as scaling
 
 
 def get_config(arg: str | None = None):

@@ -28,7 +28,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from jaxlm.errors import ConfigError
+from jaxlm.run.errors import ConfigError
 
 ROLES = ("system", "user", "assistant")
 LOSS_ON = ("assistant", "all")

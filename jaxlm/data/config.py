@@ -16,8 +16,8 @@ import dataclasses
 
 import ml_collections
 
-from jaxlm import errors
-from jaxlm.errors import ConfigError
+from jaxlm.run import errors
+from jaxlm.run.errors import ConfigError
 
 SOURCES = ("stdlib", "files", "arrayrecord", "mixture")
 PROCESS_SHARDING = ("documents", "rows")
@@ -35,7 +35,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     d = ml_collections.ConfigDict()
     # Where documents come from: "stdlib" (this Python's standard library, built into the cache
     # on first use, no download), "files" (raw .txt/.jsonl/.parquet tokenized on the fly),
-    # "arrayrecord" (shards written by tools/prepare_data.py) or "mixture" (data.mixture).
+    # "arrayrecord" (shards written by python -m jaxlm.tools.prepare_data) or "mixture"
+    # (data.mixture).
     d.source = "stdlib"
     # Tokens per packed row; every batch array is [batch, seq_len].
     d.seq_len = 256
@@ -116,8 +117,8 @@ class MixtureComponent:
 
 
 def use_files(data: ml_collections.ConfigDict, paths: str, tokenizer_path: str = "") -> None:
-    """Points `data` at comma-separated globs: ArrayRecord shards (tools/prepare_data.py) or raw
-    .txt/.jsonl/.parquet files by their suffix; "" keeps the current source. The `data=` and
+    """Points `data` at comma-separated globs: ArrayRecord shards (`jaxlm.tools.prepare_data`) or
+    raw .txt/.jsonl/.parquet files by their suffix; "" keeps the current source. The `data=` and
     `tokenizer=` arguments of the shipped configs go through here."""
     if tokenizer_path:
         data.tokenizer_path = tokenizer_path
@@ -197,7 +198,7 @@ def check_data_config(data: ml_collections.ConfigDict) -> None:
             if not pattern.endswith(ARRAYRECORD_SUFFIXES):
                 _fail("paths" if pattern in data.paths else "eval_paths",
                       f"{pattern!r} does not end in {ARRAYRECORD_SUFFIXES}; source=arrayrecord "
-                      "reads shards written by tools/prepare_data.py")
+                      "reads shards written by python -m jaxlm.tools.prepare_data")
     if data.source == "mixture":
         components = parse_mixture(data.mixture)
         if not components:

@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 
 from jaxlm.data.chat import Message, check_messages
-from jaxlm.errors import ConfigError
+from jaxlm.run.errors import ConfigError
 
 CHATTERBOT = "chatterbot"
 # Fixed seed of the holdout permutation: changing data.seed never moves eval examples.

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxlm.errors import ConfigError
+from jaxlm.run.errors import ConfigError
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"

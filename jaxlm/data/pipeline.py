@@ -40,7 +40,7 @@ from jaxlm.data import cache, corpus, sources
 from jaxlm.data import config as config_lib
 from jaxlm.data.packing import PackedRowsIterDataset
 from jaxlm.data.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
-from jaxlm.errors import ConfigError
+from jaxlm.run.errors import ConfigError
 
 SPLITS = ("train", "eval")
 # Seed of the eval holdout permutation; fixed so that changing data.seed never moves held-out

@@ -31,7 +31,7 @@ from absl import logging
 
 from jaxlm.data import chat, conversations
 from jaxlm.data.sft import example_stream
-from jaxlm.errors import ConfigError
+from jaxlm.run.errors import ConfigError
 
 
 @dataclasses.dataclass

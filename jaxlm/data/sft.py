@@ -29,7 +29,7 @@ import numpy as np
 from absl import logging
 
 from jaxlm.data import chat, conversations
-from jaxlm.errors import ConfigError
+from jaxlm.run.errors import ConfigError
 
 TRUNCATION = ("truncate", "drop")
 

@@ -1,6 +1,7 @@
 """The on-disk format of prepared data: tokenized ArrayRecord shards plus a manifest.
 
-A directory written by tools/prepare_data.py holds `shard-XXXXX-of-YYYYY.array_record` files,
+A directory written by python -m jaxlm.tools.prepare_data holds `shard-XXXXX-of-YYYYY.array_record`
+files,
 one record per document (its token ids as little-endian uint16, or uint32 for vocabularies over
 65536, without BOS/EOS so the pipeline can choose), and `manifest.json`:
 
@@ -71,7 +72,7 @@ def read_manifest(directory: str) -> dict[str, Any]:
     path = manifest_path(directory)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist: shards must come with the manifest "
-                                "written by tools/prepare_data.py")
+                                "written by python -m jaxlm.tools.prepare_data")
     try:
         with open(path) as f:
             manifest = json.load(f)
@@ -139,4 +140,4 @@ def count_records(path: str) -> int:
             reader.close()
     except RuntimeError as e:
         raise ValueError(f"shard {path} cannot be read as ArrayRecord ({e}); re-run "
-                         "tools/prepare_data.py") from None
+                         "python -m jaxlm.tools.prepare_data") from None

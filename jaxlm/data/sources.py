@@ -9,7 +9,7 @@ Raw files are indexed when the source is built (byte offsets of jsonl lines and 
 documents, cached on disk by file size and mtime; row-group sizes of parquet files) and read
 with `os.pread`, so reader threads share no file position. Parquet rows are read a row group at
 a time with a small per-process cache, so globally shuffled reads of large parquet files are
-slow: prepare those into shards with tools/prepare_data.py. Open files and caches are per
+slow: prepare those into shards with jaxlm/tools/prepare_data.py. Open files and caches are per
 process: they are dropped when grain pickles a source into its worker processes.
 """
 
@@ -32,7 +32,7 @@ from absl import logging
 from jaxlm.data import cache
 from jaxlm.data import config as config_lib
 from jaxlm.data import shards as shards_lib
-from jaxlm.errors import DataError
+from jaxlm.run.errors import DataError
 
 _INDEX_CHUNK_BYTES = 64 << 20
 # Warnings about skipped records logged per source and process, before going quiet.
@@ -336,7 +336,7 @@ class TextRecordSource:
 
 
 class TokenShardSource:
-    """Token ids of the documents in shards written by tools/prepare_data.py.
+    """Token ids of the documents in shards written by python -m jaxlm.tools.prepare_data.
 
     Checks, before anything is read: each shard directory has a manifest listing the shard, the
     manifest's tokenizer is `tokenizer` (same SHA-256), and every shard opens with the number of
@@ -365,12 +365,12 @@ class TokenShardSource:
             if entry is None:
                 raise ValueError(f"shard {path} is not listed in "
                                  f"{shards_lib.manifest_path(directory)}; remove stray files or "
-                                 "re-run tools/prepare_data.py")
+                                 "re-run python -m jaxlm.tools.prepare_data")
             records = shards_lib.count_records(path)
             if records != entry["documents"]:
                 raise ValueError(f"shard {path} holds {records} documents but its manifest "
                                  f"says {entry['documents']}; the shard is truncated or stale, "
-                                 "re-run tools/prepare_data.py")
+                                 "re-run python -m jaxlm.tools.prepare_data")
             if records == 0:
                 if not skip_bad_records:
                     raise ValueError(f"shard {path} is empty (0 documents); remove it from "
@@ -382,7 +382,8 @@ class TokenShardSource:
                 _, problems = shards_lib.verify_shard(path, manifest["dtype"], self.vocab_size)
                 if problems:
                     raise DataError(f"data.verify_shards: {len(problems)}+ bad records, first "
-                                    f"{problems[0]}; re-run tools/prepare_data.py (or set "
+                                    f"{problems[0]}; re-run python -m jaxlm.tools.prepare_data "
+                                    "(or set "
                                     "data.skip_bad_records=True and data.verify_shards=False to "
                                     "skip and count them)", path=path)
             self.paths.append(path)
@@ -408,7 +409,8 @@ class TokenShardSource:
             record = self._records[int(index)]
         except RuntimeError as e:  # a corrupted chunk: name the shard and record
             return self._bad(self.where(int(index)), f"unreadable ({' '.join(str(e).split())}); "
-                             "find every bad record with tools/prepare_data.py --verify_only or "
+                             "find every bad record with python -m "
+                             "jaxlm.tools.prepare_data --verify_only or "
                              "data.verify_shards=True")
         if len(record) % self.dtype.itemsize:
             return self._bad(self.where(int(index)), f"{len(record)} bytes is not a whole number "
@@ -451,7 +453,8 @@ def _checked_manifest(directory: str, tokenizer: Any) -> dict[str, Any]:
             f"{recorded.get('path')} (vocab {recorded.get('vocab_size')}, sha256 "
             f"{recorded['sha256'][:12]}) but the run uses {tokenizer.path} (vocab "
             f"{tokenizer.vocab_size}, sha256 {tokenizer.sha256[:12]}); set "
-            "data.tokenizer_path to the shards' tokenizer or re-run tools/prepare_data.py")
+            "data.tokenizer_path to the shards' tokenizer or re-run "
+            "python -m jaxlm.tools.prepare_data")
     return manifest
 
 

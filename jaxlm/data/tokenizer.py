@@ -20,7 +20,7 @@ import numpy as np
 import sentencepiece as spm
 
 from jaxlm.data import cache
-from jaxlm.errors import ConfigError
+from jaxlm.run.errors import ConfigError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 # Sentencepiece skips longer sentences; longer lines are cut into pieces of this many chars.
@@ -116,7 +116,7 @@ def load_tokenizer(path: str) -> Tokenizer:
     same interface); raises FileNotFoundError/ValueError naming the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"tokenizer {path} does not exist (check data.tokenizer_path "
-                                "or train one with tools/train_tokenizer.py)")
+                                "or train one with jaxlm/tools/train_tokenizer.py)")
     if path.endswith(".json"):
         from jaxlm.data.hf_tokenizer import HFTokenizer
         return HFTokenizer(path)  # type: ignore[return-value]

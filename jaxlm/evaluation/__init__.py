@@ -1,2 +1,3 @@
 """Evaluation of jaxlm models: the scoring engine, built-in offline tasks, the lm-evaluation-harness
-backend, reward-model win rates and result files. `python -m jaxlm.eval` is the command line."""
+backend, reward-model win rates and result files.
+`python -m jaxlm.tools.eval` is the command line."""

@@ -4,7 +4,8 @@ token-level requests, batched on the model's mesh.
 Requests are sorted by length and cut into batches of exactly `batch_size` rows (short batches
 are filled with one-token rows), each padded to a power-of-two length (capped at the model's
 `max_length`), so a whole evaluation compiles a handful of programs. Log-probabilities come from
-the one chunked per-token path (`jaxlm.loss.token_logps`), so no [B, L, V] array is built;
+the one chunked per-token path (`jaxlm.losses.cross_entropy.token_logps`), so no [B, L, V] array is
+built;
 greedy generation is `jaxlm.inference.Sampler`'s KV-cache decoder.
 """
 
@@ -23,12 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from jaxlm import sharding
 from jaxlm.evaluation.target import TextTokenizer
 from jaxlm.inference.sampler import Request, Sampler
-from jaxlm.loss import token_logps
+from jaxlm.losses.cross_entropy import token_logps
 from jaxlm.models import ModelConfig, Transformer
 from jaxlm.models.softcap import softcap
+from jaxlm.parallel import sharding
 
 MIN_BUCKET = 16
 Progress = Callable[[int], None]

@@ -2,8 +2,8 @@
 jaxlm's sharded forward pass and KV-cache decoder.
 
     pip install -e '.[eval]'
-    python -m jaxlm.eval --workdir=RUN --tasks=hellaswag,arc_easy --batch_size=64
-    python -m jaxlm.eval --workdir=RUN --tasks=my_task --include_path=tasks/   # local YAML
+    python -m jaxlm.tools.eval --workdir=RUN --tasks=hellaswag,arc_easy --batch_size=64
+    python -m jaxlm.tools.eval --workdir=RUN --tasks=my_task --include_path=tasks/   # local YAML
 
 `JaxLM` is a `TemplateLM`: the harness splits each (context, continuation) pair into token ids
 with `tok_encode` exactly as for its Hugging Face backend, and jaxlm's `Engine` scores them in

@@ -16,7 +16,7 @@ from typing import IO, Any
 
 from jaxlm.evaluation import builtin
 from jaxlm.evaluation.engine import Engine, Throughput
-from jaxlm.metrics import format_duration
+from jaxlm.run.metrics import format_duration
 
 BUILTIN = "builtin"
 

@@ -9,7 +9,7 @@ import importlib.util
 
 import ml_collections
 
-from jaxlm.errors import ConfigError
+from jaxlm.run.errors import ConfigError
 
 BUILTIN_TASKS = ("builtin", "corpus_bpb", "next_line", "line_completion")
 

@@ -15,10 +15,10 @@ import ml_collections
 from etils import epath
 from jax.sharding import Mesh
 
-from jaxlm import config as config_lib
 from jaxlm.data.tokenizer import load_tokenizer
-from jaxlm.inference import loading
 from jaxlm.models import ModelConfig
+from jaxlm.run import config as config_lib
+from jaxlm.weights import loading
 
 
 class TextTokenizer:

@@ -1,7 +1,8 @@
 """Win rate of a post-trained policy (SFT, DPO, RL) against its reference, judged by a reward
 model checkpoint on held-out prompts.
 
-    python -m jaxlm.eval --workdir=DPO_RUN --tasks= --reward_model=RM_RUN [--reference=SFT_RUN]
+    python -m jaxlm.tools.eval --workdir=DPO_RUN --tasks= --reward_model=RM_RUN
+    [--reference=SFT_RUN]
 
 The prompts are the held-out pairs of the policy run's `dpo` data section (dpo.paths with its
 holdout, or dpo.eval_paths), rendered with its chat template. Policy and reference each answer
@@ -19,12 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import sharding
 from jaxlm.data import chat, preference
 from jaxlm.evaluation.engine import Engine, length_bucket
 from jaxlm.evaluation.target import Target, load_target
 from jaxlm.inference.sampler import Request
 from jaxlm.models import Transformer
+from jaxlm.parallel import sharding
 
 
 def _rewards_fn(model: Transformer):

@@ -19,11 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxlm import sharding
 from jaxlm.inference import decode, scoring, speculative
 from jaxlm.inference.processing import SamplingParams, as_arrays
 from jaxlm.models import ModelConfig, Transformer
-from jaxlm.train_state import abstract_boxed_params
+from jaxlm.parallel import sharding
+from jaxlm.run.train_state import abstract_boxed_params
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlm.loss import token_logps
+from jaxlm.losses.cross_entropy import token_logps
 
 
 def token_logprobs(model: nn.Module, params: Any, tokens_BxL: jax.Array,

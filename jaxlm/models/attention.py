@@ -19,17 +19,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlm import sharding
 from jaxlm.models import kv_cache, lora
 from jaxlm.models.chunked_attention import chunked_attention
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.kernel_attention import cudnn_attention, splash_attention
 from jaxlm.models.mlp import linear
 from jaxlm.models.norms import Norm
+from jaxlm.models.quant import matmul
 from jaxlm.models.rope import NO_SCALING, apply_rope
 from jaxlm.models.softcap import softcap as apply_softcap
 from jaxlm.models.softcap import softcap_grad
-from jaxlm.quant import matmul
+from jaxlm.parallel import sharding
 
 Window = int | jax.Array | None
 
@@ -252,7 +252,7 @@ class Attention(nn.Module):
     def _proj(self, name: str, shape: tuple[int, ...], axes: tuple[str, ...]
               ) -> tuple[matmul.Weight, tuple[jax.Array, jax.Array] | None]:
         """Weight `name` flattened to [in, out] as its matmul takes it
-        (`jaxlm.quant.matmul.weight`: the compute dtype, or still quantized), and its LoRA
+        (`jaxlm.models.quant.matmul.weight`: the compute dtype, or still quantized), and its LoRA
         adapter."""
         cfg = self.cfg
         init = matmul.initializer(nn.initializers.normal(cfg.init_std), cfg.quant, name)

@@ -1,6 +1,7 @@
 """The typed model configuration that everything under `jaxlm/models/` receives.
 
-`jaxlm/config.py` builds a `ModelConfig` from the `model` section of a run config; model code never
+`jaxlm/run/config.py` builds a `ModelConfig` from the `model` section of a run config; model code
+never
 reads a ConfigDict. Two families are expressed by field values, not by subclasses:
 
 * Llama style: rope, rmsnorm, swiglu, no biases, grouped-query attention, tied or untied embeddings.
@@ -14,9 +15,9 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from jaxlm.errors import ConfigError
+from jaxlm.models.quant.spec import NO_QUANT, QuantSpec
 from jaxlm.models.rope import NO_SCALING, RopeScaling
-from jaxlm.quant.spec import NO_QUANT, QuantSpec
+from jaxlm.run.errors import ConfigError
 
 POSITION_EMBEDDINGS = ("rope", "learned")
 NORMS = ("rmsnorm", "layernorm")
@@ -130,7 +131,7 @@ class ModelConfig:
         logits (reward models; the vocab head params still exist, so LM checkpoints load).
       kv_cache_dtype: what the KV cache of decoding stores: "" = k and v in the compute dtype,
         "int8" = int8 with a float32 scale per (row, slot, kv head) (models/kv_cache.py).
-      quant: quantization of the matmul weights (the `quant` config section; jaxlm/quant/).
+      quant: quantization of the matmul weights (the `quant` config section; jaxlm/models/quant/).
     """
 
     vocab_size: int

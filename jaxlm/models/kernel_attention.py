@@ -30,9 +30,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from jaxlm import sharding
-from jaxlm.errors import ConfigError
 from jaxlm.models.chunked_attention import block_size
+from jaxlm.parallel import sharding
+from jaxlm.run.errors import ConfigError
 
 SPLASH_BLOCK = 512
 

@@ -44,8 +44,8 @@ import jax
 import jax.numpy as jnp
 import qwix
 
-from jaxlm import sharding
 from jaxlm.models.softcap import softcap
+from jaxlm.parallel import sharding
 
 CACHE_KV_AXES = ("act_batch", None, "act_kv_heads", None)
 CACHE_SCALE_AXES = ("act_batch", None, "act_kv_heads")  # k_scale, v_scale of an int8 cache

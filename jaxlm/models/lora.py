@@ -6,13 +6,13 @@ layer computes x W + (alpha / r) dropout(x) A B: the adapter is its own low-rank
 frozen weight, with dropout (`lora_dropout`, the "dropout" rng) on the adapter's input only, as
 in the LoRA paper. With B = 0 the model computes exactly the base model.
 
-Only the adapters (and a reward model's head) train: `trainable_mask` marks them, `jaxlm.optim.
+Only the adapters (and a reward model's head) train: `trainable_mask` marks them, `jaxlm.run.optim.
 train_only` gives the rest no optimizer state, and `freeze` stops gradients at the frozen leaves,
 so no weight gradient of a frozen matrix is computed at all (the adapter path costs
 2 T r (in + out) per weight instead).
 
 `merge` folds trained adapters into the base weights: a plain model then gives the same
-logits (tools/merge_lora.py). With `quant.mode="ptq"` the frozen base is held quantized
+logits (jaxlm/tools/merge_lora.py). With `quant.mode="ptq"` the frozen base is held quantized
 (QLoRA, docs/quantization.md): the adapters stay float and `merge` dequantizes the base.
 """
 

@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 import qwix
 
-from jaxlm import sharding
 from jaxlm.models import lora
 from jaxlm.models.config import GATED_ACTIVATIONS, ModelConfig
-from jaxlm.quant import matmul
+from jaxlm.models.quant import matmul
+from jaxlm.parallel import sharding
 
 
 def weight_grad(x_BxLxI: jax.Array, dy_BxLxO: jax.Array) -> jax.Array:
@@ -57,7 +57,7 @@ dense.defvjp(_dense_fwd, _dense_bwd)
 
 def linear(cfg: ModelConfig, x_BxLxI: jax.Array, w_IxO: matmul.Weight) -> jax.Array:
     """x @ w for every projection of the model: a quantized w through qwix
-    (`jaxlm.quant.matmul.quantized_dense`), a float one through `dense`."""
+    (`jaxlm.models.quant.matmul.quantized_dense`), a float one through `dense`."""
     if isinstance(w_IxO, qwix.QArray):
         return matmul.quantized_dense(x_BxLxI, w_IxO, cfg.quant.activation)
     return dense(x_BxLxI, w_IxO)
@@ -130,7 +130,7 @@ class Mlp(nn.Module):
 
     def _weight(self, name: str, shape: tuple[int, ...], axes: tuple[str, ...]
                 ) -> tuple[matmul.Weight, tuple[jax.Array, jax.Array] | None]:
-        """Weight `name` as its matmul takes it (`jaxlm.quant.matmul.weight`: the compute
+        """Weight `name` as its matmul takes it (`jaxlm.models.quant.matmul.weight`: the compute
         dtype, or still quantized), and its LoRA adapter (None when not adapted)."""
         cfg = self.cfg
         init = matmul.initializer(nn.initializers.normal(cfg.init_std), cfg.quant, name)

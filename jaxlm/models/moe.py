@@ -35,9 +35,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlm import sharding
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.mlp import _activate
+from jaxlm.parallel import sharding
 
 _BUFFER_B = ("act_batch", "act_expert", None, "act_embed")
 _BUFFER_E = ("act_expert", "act_batch", None, "act_embed")

@@ -37,7 +37,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxlm import sharding
+from jaxlm.parallel import sharding
 
 
 def lap_slots(stages: int, microbatches: int, repeats: int) -> int:

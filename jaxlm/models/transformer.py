@@ -1,7 +1,8 @@
 """A decoder-only transformer: embeddings, a stack of pre-norm blocks, final norm, vocab head.
 
 Used as a pure function: `logits = Transformer(cfg).apply({"params": params}, inputs, ...)`.
-Every parameter is created through `nn.with_logical_partitioning` so that `jaxlm.sharding` can
+Every parameter is created through `nn.with_logical_partitioning` so that `jaxlm.parallel.sharding`
+can
 place it; blocks are stacked on a leading `layers` axis and run with `nn.scan` so compile time
 does not grow with depth.
 """
@@ -12,15 +13,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlm import sharding
 from jaxlm.models import pipeline
 from jaxlm.models.attention import Attention
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.mlp import Mlp, linear
 from jaxlm.models.moe import MoeMlp
 from jaxlm.models.norms import Norm
+from jaxlm.models.quant import matmul
 from jaxlm.models.softcap import softcap
-from jaxlm.quant import matmul
+from jaxlm.parallel import sharding
 
 _ACT = ("act_batch", "act_length", "act_embed")
 
@@ -128,9 +129,9 @@ class Transformer(nn.Module):
         padded vocab entries are -1e9.
 
         With return_hidden=True returns (hidden_BxLxD, head_VxD) instead: the final-norm hidden
-        states and the output projection (rows = padded vocab) in the compute dtype, for
-        `jaxlm.loss.fused_cross_entropy_sum`, which never materialises the logits (pass it
-        logit_softcap=cfg.final_logit_softcap).
+        states and the output projection (rows = padded vocab) in the compute dtype,
+        for `jaxlm.losses.cross_entropy.fused_cross_entropy_sum`, which never materialises
+        the logits (pass it logit_softcap=cfg.final_logit_softcap).
         """
         cfg = self.cfg
         if positions_BxL is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from jaxlm.errors import ConfigError
+from jaxlm.run.errors import ConfigError
 
 if TYPE_CHECKING:
     from jaxlm.stages.stage import Stage

@@ -4,13 +4,13 @@
         --config.stage=distill --config.distill.teacher=/tmp/teacher/checkpoints
 
 The student is the run config's model; the teacher is a jaxlm checkpoint (or a Hugging Face
-model imported with tools/convert_hf.py), of the shape its own saved config gives, restored
-frozen and sharded on the run's mesh (`Stage.frozen_models`, jaxlm/frozen_models.py). Both models
+model imported with jaxlm/tools/convert_hf.py), of the shape its own saved config gives, restored
+frozen and sharded on the run's mesh (`Stage.frozen_models`, jaxlm/weights/frozen.py). Both models
 run inside the step; the loss is
 
     alpha * cross-entropy(targets) + (1 - alpha) * T^2 * D(teacher_T, student_T)
 
-summed over the loss-masked tokens (jaxlm/distill_loss.py: D is forward KL, reverse KL or the
+summed over the loss-masked tokens (jaxlm/losses/distill.py: D is forward KL, reverse KL or the
 generalised JSD; both models' logits exist a chunk of tokens at a time). `distill.data` picks
 the data: the pretraining corpus (continued pretraining) or the SFT conversations with the
 `sft` section's settings (the assistant-only loss mask). The held-out metrics are the student's
@@ -28,13 +28,13 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from jaxlm.distill_loss import KINDS, DistillSpec, distill_sums
-from jaxlm.errors import ConfigError
+from jaxlm.losses.distill import KINDS, DistillSpec, distill_sums
 from jaxlm.models.moe import add_router_losses, router_metrics
+from jaxlm.run.errors import ConfigError
+from jaxlm.run.train_state import TrainState, gradient_step, lora_step_options
 from jaxlm.stages import pretrain, sft
 from jaxlm.stages.settings import check_sft
 from jaxlm.stages.stage import Stage, token_eval_metrics, token_fields
-from jaxlm.train_state import TrainState, gradient_step, lora_step_options
 
 Batch = dict[str, jax.Array]
 DATA = ("corpus", "chat")
@@ -44,7 +44,7 @@ TEACHER = "teacher"
 def default_section() -> ml_collections.ConfigDict:
     d = ml_collections.ConfigDict()
     # The teacher: a jaxlm checkpoint directory (<workdir>/checkpoints, or the workdir) or the
-    # <out_dir>/checkpoints of a Hugging Face model imported with tools/convert_hf.py. It must
+    # <out_dir>/checkpoints of a Hugging Face model imported with jaxlm/tools/convert_hf.py. It must
     # use this run's tokenizer (left empty, data.tokenizer_path becomes the teacher's).
     d.teacher = ""
     # Step of the teacher's checkpoint; -1 = its newest.

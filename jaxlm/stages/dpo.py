@@ -44,14 +44,14 @@ import numpy as np
 import optax
 from absl import logging
 
-from jaxlm import sharding
-from jaxlm.errors import ConfigError
-from jaxlm.loss import token_logps
+from jaxlm.losses.cross_entropy import token_logps
 from jaxlm.models.moe import add_router_losses, router_metrics
+from jaxlm.parallel import sharding
+from jaxlm.run.errors import ConfigError
+from jaxlm.run.train_state import TrainState, gradient_step, lora_step_options
 from jaxlm.stages import pairs
 from jaxlm.stages.settings import check_dpo, default_dpo_config
 from jaxlm.stages.stage import BatchFields, Stage
-from jaxlm.train_state import TrainState, gradient_step, lora_step_options
 
 Batch = dict[str, jax.Array]
 _FIELDS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")

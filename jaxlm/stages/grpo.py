@@ -30,15 +30,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxlm.rl.advantages import group_advantages
-from jaxlm.rl.epochs import epoch_updates
-from jaxlm.rl.host import RolloutHost, eval_metrics
-from jaxlm.rl.objectives import clipped_surrogate, k3_kl, token_weights
-from jaxlm.rl.prompts import make_prompt_iterator
-from jaxlm.rl.rollout import sequence_logps, sequences
-from jaxlm.rl.settings import check_rl, default_rl_config
+from jaxlm.run.train_state import TrainState, lora_step_options
+from jaxlm.stages.rl.advantages import group_advantages
+from jaxlm.stages.rl.epochs import epoch_updates
+from jaxlm.stages.rl.host import RolloutHost, eval_metrics
+from jaxlm.losses.policy import clipped_surrogate, k3_kl, token_weights
+from jaxlm.stages.rl.prompts import make_prompt_iterator
+from jaxlm.stages.rl.rollout import sequence_logps, sequences
+from jaxlm.stages.rl.settings import check_rl, default_rl_config
 from jaxlm.stages.stage import BatchFields, Stage
-from jaxlm.train_state import TrainState, lora_step_options
 
 Batch = dict[str, jax.Array]
 

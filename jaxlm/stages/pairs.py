@@ -26,7 +26,7 @@ def apply(params: Any, flat: dict[str, jax.Array], *, model: nn.Module,
           rng: jax.Array | None = None, return_hidden: bool = False) -> tuple[Any, Any]:
     """The model on flattened pair rows: (its output, its sown intermediates (MoE router
     stats)). `rng` feeds dropout (LoRA) in training steps; return_hidden as in `Transformer`
-    (the output is then (hidden, head), for `jaxlm.loss.token_logps`)."""
+    (the output is then (hidden, head), for `jaxlm.losses.cross_entropy.token_logps`)."""
     return model.apply(
         {"params": params}, flat["inputs"], positions_BxL=flat["positions"],
         segment_ids_BxL=flat["segment_ids"], return_hidden=return_hidden,

@@ -35,19 +35,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxlm.loss import token_logps
+from jaxlm.losses.cross_entropy import token_logps
 from jaxlm.models import Transformer
-from jaxlm.rl.advantages import gae, whiten
-from jaxlm.rl.epochs import epoch_updates
-from jaxlm.rl.host import RolloutHost, eval_metrics
-from jaxlm.rl.objectives import clipped_surrogate, token_weights
-from jaxlm.rl.prompts import make_prompt_iterator
-from jaxlm.rl.reward_model import RewardModel
-from jaxlm.rl.rollout import completion_hidden, sequence_logps, sequences
-from jaxlm.rl.settings import check_ppo, default_ppo_config
+from jaxlm.run.train_state import TrainState, lora_step_options
 from jaxlm.stages.grpo import _flat
+from jaxlm.stages.rl.advantages import gae, whiten
+from jaxlm.stages.rl.epochs import epoch_updates
+from jaxlm.stages.rl.host import RolloutHost, eval_metrics
+from jaxlm.losses.policy import clipped_surrogate, token_weights
+from jaxlm.stages.rl.prompts import make_prompt_iterator
+from jaxlm.stages.rl.reward_model import RewardModel
+from jaxlm.stages.rl.rollout import completion_hidden, sequence_logps, sequences
+from jaxlm.stages.rl.settings import check_ppo, default_ppo_config
 from jaxlm.stages.stage import BatchFields, Stage
-from jaxlm.train_state import TrainState, lora_step_options
 
 Batch = dict[str, jax.Array]
 

@@ -2,7 +2,7 @@
 
 `pretrain_step(state, batch) -> (state, metrics)` is pure; `make_steps` binds the static settings
 (model, optimizer, z-loss, gradient accumulation, LoRA) with functools.partial and the program
-builder (jaxlm/program.py) jits it with explicit shardings. The batch layout is the data
+builder (jaxlm/run/program.py) jits it with explicit shardings. The batch layout is the data
 pipeline's: inputs, targets, segment_ids, positions and loss_mask, each [B, L]; loss_mask is 0 on
 padding and where a target crosses a document boundary.
 """
@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxlm.loss import fused_cross_entropy_sum
+from jaxlm.losses.cross_entropy import fused_cross_entropy_sum
 from jaxlm.models.moe import add_router_losses, router_metrics
+from jaxlm.run.train_state import TrainState, gradient_step, lora_step_options
 from jaxlm.stages.stage import Stage, token_fields
-from jaxlm.train_state import TrainState, gradient_step, lora_step_options
 
 Batch = dict[str, jax.Array]
 

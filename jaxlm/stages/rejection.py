@@ -21,14 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxlm.rl.host import RolloutHost, eval_metrics
-from jaxlm.rl.prompts import make_prompt_iterator
-from jaxlm.rl.reward_model import RewardModel
-from jaxlm.rl.rollout import sequence_logps, sequences
-from jaxlm.rl.settings import check_rl, default_rl_config
+from jaxlm.run.train_state import TrainState, gradient_step, lora_step_options
 from jaxlm.stages.grpo import reward_metrics
+from jaxlm.stages.rl.host import RolloutHost, eval_metrics
+from jaxlm.stages.rl.prompts import make_prompt_iterator
+from jaxlm.stages.rl.reward_model import RewardModel
+from jaxlm.stages.rl.rollout import sequence_logps, sequences
+from jaxlm.stages.rl.settings import check_rl, default_rl_config
 from jaxlm.stages.stage import BatchFields, Stage
-from jaxlm.train_state import TrainState, gradient_step, lora_step_options
 
 Batch = dict[str, jax.Array]
 

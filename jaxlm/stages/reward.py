@@ -21,10 +21,10 @@ import jax.numpy as jnp
 import optax
 
 from jaxlm.models.moe import add_router_losses, router_metrics
+from jaxlm.run.train_state import TrainState, gradient_step, lora_step_options
 from jaxlm.stages import pairs
 from jaxlm.stages.settings import check_reward, default_reward_config
 from jaxlm.stages.stage import Stage
-from jaxlm.train_state import TrainState, gradient_step, lora_step_options
 
 Batch = dict[str, jax.Array]
 _FIELDS = ("inputs", "segment_ids", "positions")

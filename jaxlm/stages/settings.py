@@ -1,7 +1,8 @@
 """The config sections of the post-training stages (`sft`, `dpo`, `reward`): defaults, checks.
 
 Each section is read only by its own stage, whose `Stage` names its default and its check
-(`check_sft`, `check_dpo`, `check_reward`); `jaxlm.config.validate` runs the check of the stage a
+(`check_sft`, `check_dpo`, `check_reward`); `jaxlm.run.config.validate` runs the check of the stage
+a
 run selects. Importing this module pulls in neither grain nor JAX.
 """
 
@@ -9,9 +10,9 @@ from __future__ import annotations
 
 import ml_collections
 
-from jaxlm import errors
 from jaxlm.data.chat import check_chat_config
 from jaxlm.data.config import split_list
+from jaxlm.run import errors
 
 LOSS_ON = ("assistant", "all")
 TRUNCATION = ("truncate", "drop")

@@ -14,11 +14,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxlm.run.train_state import TrainState
 from jaxlm.stages import pretrain
 from jaxlm.stages.pretrain import batch_fields, pretrain_step
 from jaxlm.stages.settings import check_sft, default_sft_config
 from jaxlm.stages.stage import Stage
-from jaxlm.train_state import TrainState
 
 Batch = dict[str, jax.Array]
 

@@ -85,7 +85,7 @@ class Stage:
         schedule spans train.steps times this many).
       frozen_models: config -> {name: (checkpoint directory, step or None for the newest)} of
         models the steps read but never train (a distillation teacher), each of the shape its
-        checkpoint's saved config gives (jaxlm/frozen_models.py). When there are any,
+        checkpoint's saved config gives (jaxlm/weights/frozen.py). When there are any,
         make_steps also gets `frozen={name: FrozenModel}` and both steps take one more
         argument after the batch (and reference): {name: params}, sharded on the run's mesh.
     """

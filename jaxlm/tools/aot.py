@@ -5,13 +5,14 @@ machine without TPUs, and says whether it fits in each chip's HBM.
     python -m jaxlm.tools.aot --config=configs/chinchilla_1b.py --topology=v5p-64
 
 `--topology` takes a Cloud TPU accelerator type (`v4-32`, `v5p-64`, `v5litepod-16` or `v5e-16`,
-`v6e-8`) or a libtpu topology name (`v5p:2x4x4`). The step is the one `jaxlm.trainer` runs, built
-by the same `jaxlm.program.build` on the config's mesh over the topology's devices: every stage
+`v6e-8`) or a libtpu topology name (`v5p:2x4x4`). The step is the one `jaxlm.run.trainer` runs,
+built
+by the same `jaxlm.run.program.build` on the config's mesh over the topology's devices: every stage
 (pretrain, sft, dpo with its frozen reference, reward), LoRA's adapter-only optimizer state, the
 stage's batch layout, the state donated. Nothing is allocated: the state and batch are
 abstract. Prints per-device memory from
 `Compiled.memory_analysis()` against the HBM, the compiled FLOPs from `cost_analysis()` against
-`jaxlm.scaling`'s model FLOPs, and exits with status 1 when the step does not fit.
+`jaxlm.scaling.flops`'s model FLOPs, and exits with status 1 when the step does not fit.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxlm import config as config_lib
-from jaxlm import errors, hardware, sharding
-from jaxlm.program import build
+from jaxlm.parallel import hardware, sharding
+from jaxlm.run import config as config_lib
+from jaxlm.run import errors
+from jaxlm.run.program import build
 
 GiB = 2**30
 
@@ -264,7 +266,7 @@ def format_report(r: FitReport) -> str:
             lines.append(f"step time at 100% / 50% MFU ({peak.name}, {per_device / 1e12:.0f} "
                          f"TFLOP/s bf16 per device): {1e3 * ideal_s:.1f} / "
                          f"{2e3 * ideal_s:.1f} ms")
-        lines.append(f"FLOPs per step: model {r.model_flops_per_step:.3e} (jaxlm.scaling); "
+        lines.append(f"FLOPs per step: model {r.model_flops_per_step:.3e} (jaxlm.scaling.flops); "
                      f"compiled {compiled_total:.3e} = {r.num_devices} x "
                      f"{r.compiled_flops_per_device:.3e} (XLA cost analysis counts a loop body "
                      "once: scanned layers, loss chunks and microbatches are under-counted)")

@@ -2,13 +2,13 @@
 
     python -m jaxlm.tools.quantize --workdir=/tmp/jaxlm_tiny --quantize=int8 --out=/tmp/tiny_int8
     python -m jaxlm.tools.quantize --workdir=RUN --quantize=int4 --tile_size=32 --out=DIR
-    python -m jaxlm.generate --workdir=/tmp/tiny_int8 --prompt="def"
+    python -m jaxlm.tools.generate --workdir=/tmp/tiny_int8 --prompt="def"
 
 --quantize: int8, int4, nf4 (weights only) or int8_dynamic (int8 weights; activations are
 quantized per token when the model runs). --tile_size: 0 = one scale per output channel,
 T = one per T inputs (sub-channel). The output is a checkpoint directory holding the quantized
 params (the QArray tree), the run's config with its `quant` section set and the run's extras
-(tokenizer), at the same step; `jaxlm.generate` and `jaxlm.eval` load it like any run
+(tokenizer), at the same step; `jaxlm.tools.generate` and `jaxlm.tools.eval` load it like any run
 (docs/quantization.md).
 """
 
@@ -18,12 +18,12 @@ import sys
 
 from absl import app, flags
 
-from jaxlm import errors
+from jaxlm.run import errors
 
 
 def _define_flags() -> None:
     """Defined only when run as a program, so importing `quantize_checkpoint` next to another
-    absl program (jaxlm.generate also has --workdir) does not clash."""
+    absl program (jaxlm.tools.generate also has --workdir) does not clash."""
     flags.DEFINE_string("workdir", None, "Run directory (or its checkpoints/ directory).")
     flags.DEFINE_integer("step", -1, "Checkpoint step; -1 = the newest.")
     flags.DEFINE_string("quantize", "int8", "int8, int4, nf4 or int8_dynamic.")
@@ -35,9 +35,9 @@ def quantize_checkpoint(workdir: str, out: str, preset: str, tile_size: int = 0,
                         step: int | None = None) -> int:
     """Writes the `preset`-quantized params of `workdir`'s checkpoint (step None: newest) to
     `out`; returns the step written."""
-    from jaxlm.checkpoint import Checkpointer
-    from jaxlm.inference.loading import load_model, read_run
-    from jaxlm.quant.convert import quantize_loaded
+    from jaxlm.models.quant.convert import quantize_loaded
+    from jaxlm.run.checkpoint import Checkpointer
+    from jaxlm.weights.loading import load_model, read_run
 
     loaded = quantize_loaded(load_model(workdir, step), preset, tile_size)
     extra = read_run(workdir, loaded.step)[3]

@@ -10,7 +10,7 @@ run's `train.param_convention` is marked), per-component counts as built, FLOPs 
 the run's budget: steps (resolved from train.tokens / train.tokens_per_param when train.steps is
 0, parameters counted under `train.param_convention`), tokens and training FLOPs. The
 vocabulary is `model.vocab_size`, else `data.vocab_size` (the size of the tokenizer the run
-would train). Conventions: jaxlm/scaling.py, docs/scaling.md.
+would train). Conventions: jaxlm/scaling/flops.py, docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxlm import config as config_lib
-from jaxlm import errors, scaling
+from jaxlm.run import config as config_lib
+from jaxlm.run import errors
+from jaxlm.scaling import flops as scaling
 
 PARAM_KEYS = ("total", "embedding", "token_embedding", "position_embedding", "non_embedding",
               "attention", "mlp", "norms", "head")

@@ -1,1 +1,0 @@
-"""Conversion between jaxlm checkpoints and other formats (Hugging Face: `jaxlm.interop.hf`)."""

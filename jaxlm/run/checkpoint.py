@@ -1,0 +1,460 @@
+"""Checkpoints of a run: the train state, the data position, the config and extras, as one step.
+
+Each checkpoint is one orbax step directory, written whole or not at all:
+
+    <directory>/<step>/state/   the train state (orbax StandardSave; each process writes its shards)
+    <directory>/<step>/data/    the grain iterator state, one process_<i>-of-<n>.json per process
+    <directory>/<step>/config/  the resolved run config (JSON, written by process 0)
+    <directory>/<step>/extra/   anything else the run records, e.g. the tokenizer path and hash
+
+orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it when every item is complete,
+so a run killed mid-save leaves only a temporary directory that `latest_step` never returns (and
+the next save of that step replaces). Saves are asynchronous: `save` returns once the arrays are
+copied to host memory (so the caller may donate or update the state) and the files are written in
+the background; `wait` blocks until they are.
+
+A state restores onto any mesh: `restore` takes the NEW run's abstract state (ShapeDtypeStructs
+with shardings) and each process reads only the slices its devices hold.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+from jaxlm.run.errors import CheckpointError
+
+# The items of one checkpoint step.
+STATE, DATA, CONFIG, EXTRA = "state", "data", "config", "extra"
+JSON_ITEMS = (CONFIG, EXTRA)
+
+
+def _name_format() -> Any:
+    """Step directories are named by the bare step number; temporary ones are skipped."""
+    return ocp.path.step.standard_name_format()
+
+
+def _absolute(directory: str) -> str:
+    """Local paths made absolute; URLs (gs://...) kept as they are."""
+    return directory if "://" in directory else os.path.abspath(directory)
+
+
+def _listdir(directory: str) -> list[str]:
+    return [p.name for p in epath.Path(directory).iterdir()]
+
+
+def complete_steps(directory: str) -> list[int]:
+    """Steps of the complete (renamed, not temporary) checkpoints in `directory`, ascending."""
+    if not epath.Path(directory).is_dir():
+        return []
+    return sorted(m.step for m in _name_format().find_all(directory))
+
+
+def _step_dir(directory: str, step: int) -> str:
+    """The directory of the complete checkpoint `step`; a clear error when there is none."""
+    steps = complete_steps(directory)
+    if step not in steps:
+        where = (f"the checkpoint directory {directory} does not exist"
+                 if not epath.Path(directory).is_dir() else
+                 f"complete checkpoints in {directory}: {steps or 'none'}")
+        raise FileNotFoundError(f"no complete checkpoint for step {step} ({where})")
+    return str(_name_format().find_step(directory, step).path)
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+    """Leaves by their '/'-joined path, named the way orbax names them on disk."""
+    return ocp.tree.to_flat_dict(tree, sep="/")
+
+
+class IncompatibleCheckpointError(CheckpointError):
+    """A readable checkpoint that does not fit the run (model, optimizer, process count)."""
+
+
+# Error texts of failures that are not the checkpoint's fault: never a reason to move it aside.
+_TRANSIENT_MARKS = ("RESOURCE_EXHAUSTED", "out of memory", "UNAVAILABLE", "DEADLINE_EXCEEDED",
+                    "Connection", "timed out")
+
+
+def _transient(e: BaseException) -> bool:
+    """True for out-of-memory, network and timeout errors (the files may be fine)."""
+    if isinstance(e, (MemoryError, ConnectionError, TimeoutError)):
+        return True
+    return any(mark.lower() in str(e).lower() for mark in _TRANSIENT_MARKS)
+
+
+def _missing_state(step_dir: str) -> CheckpointError:
+    """The error for a step without readable state metadata, saying which file is missing."""
+    state_dir = epath.Path(step_dir) / STATE
+    if not state_dir.is_dir():
+        return CheckpointError(f"checkpoint {step_dir} has no train state ({STATE}/)",
+                               path=step_dir)
+    return CheckpointError(f"checkpoint {state_dir} has no readable _METADATA: the save was cut "
+                           "short or the file was removed", path=str(state_dir))
+
+
+def _check_abstract(abstract: Any, what: str) -> None:
+    for name, leaf in _flat(abstract).items():
+        if getattr(leaf, "sharding", None) is None:
+            raise ValueError(f"{what}: leaf {name} has no sharding; pass "
+                             "jax.ShapeDtypeStruct(shape, dtype, sharding=...) leaves, e.g. from "
+                             "jaxlm.run.train_state.state_shardings")
+
+
+def _check_shapes(stored: Any, abstract: Any, path: str, *, prefix: str = "",
+                  subset: bool = False) -> None:
+    """Raises naming the parameter when the checkpoint and the model disagree on names or shapes.
+
+    `stored` is the orbax metadata tree of the saved item and `abstract` the tree to restore,
+    which lives under `prefix` of the saved tree (e.g. "params" for a params-only restore).
+    """
+    saved = {name: getattr(leaf, "shape", None) for name, leaf in _flat(stored).items()
+             if not prefix or name.startswith(prefix + "/")}
+    wanted = {(f"{prefix}/{name}" if prefix else name): leaf.shape
+              for name, leaf in _flat(abstract).items()}
+    missing = sorted(wanted.keys() - saved.keys())
+    if missing:
+        raise IncompatibleCheckpointError(f"checkpoint {path} has no {', '.join(missing[:5])}"
+                         f"{' ...' if len(missing) > 5 else ''} ({len(missing)} entries that the "
+                         "model/optimizer expects): it was saved by a different model or "
+                         "optimizer")
+    unexpected = sorted(saved.keys() - wanted.keys())
+    if unexpected and not subset:
+        raise IncompatibleCheckpointError(f"checkpoint {path} holds {', '.join(unexpected[:5])}"
+                         f"{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)} entries) "
+                         "that the model/optimizer does not have: it was saved by a different "
+                         "model or optimizer")
+    for name in sorted(wanted):
+        if saved[name] is not None and tuple(saved[name]) != tuple(wanted[name]):
+            raise IncompatibleCheckpointError(f"checkpoint {path}: parameter {name} has shape "
+                             f"{tuple(saved[name])} but the model expects {tuple(wanted[name])}")
+
+
+def _json_dict(value: Any, what: str) -> dict[str, Any]:
+    """A JSON-safe deep copy (so later changes by the caller never reach an async save)."""
+    if hasattr(value, "to_json_best_effort"):  # ml_collections.ConfigDict
+        return json.loads(value.to_json_best_effort())
+    if hasattr(value, "to_dict"):
+        value = value.to_dict()
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"checkpoint item {what!r} must be JSON-serialisable: {e}") from None
+
+
+def _handler_registry(state_handler: type = ocp.handlers.StandardCheckpointHandler,
+                      state_args: tuple[type, ...] = (ocp.args.StandardSave,
+                                                      ocp.args.StandardRestore)) -> Any:
+    """One handler per item, for both save and restore, so restore works before any save."""
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    items = [(STATE, state_handler(), state_args),
+             (DATA, grain.checkpoint.CheckpointHandler(),
+              (grain.checkpoint.CheckpointSave, grain.checkpoint.CheckpointRestore))]
+    items += [(name, ocp.handlers.JsonCheckpointHandler(),
+               (ocp.args.JsonSave, ocp.args.JsonRestore)) for name in JSON_ITEMS]
+    for name, handler, args in items:
+        for arg in args:
+            registry.add(name, arg, handler)
+    return registry
+
+
+class Checkpointer:
+    """Saves and restores the checkpoints of one run under `directory`.
+
+    Every process of a multi-process run must construct it and call `save`, `restore`, `wait`
+    and `close` at the same steps (orbax synchronises the processes inside these calls); each
+    process saves and restores its own shards and its own data iterator position.
+
+    Retention: the newest `keep_last` checkpoints are kept, plus every checkpoint whose step is a
+    multiple of `keep_every` (when > 0), e.g. keep_last=2, keep_every=1000 keeps the two newest
+    and steps 1000, 2000, ... An old checkpoint is deleted when a newer save completes.
+    """
+
+    def __init__(self, directory: str, *, save_every: int, keep_last: int, keep_every: int = 0,
+                 async_save: bool = True, is_primary: bool | None = None):
+        """`save_every`: `should_save` is true every this many steps (0: only the final step).
+
+        `is_primary` (default: jax.process_index() == 0, read here rather than at import so
+        that jax.distributed can be initialised first) decides which process logs saves.
+        """
+        if save_every < 0:
+            raise ValueError(f"save_every must be >= 0, got {save_every}")
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        if keep_every < 0:
+            raise ValueError(f"keep_every must be >= 0, got {keep_every}")
+        self.directory = _absolute(directory)
+        self.save_every = save_every
+        self.is_primary = jax.process_index() == 0 if is_primary is None else is_primary
+        policies = ocp.checkpoint_managers
+        preserve = policies.LatestN(n=keep_last)
+        if keep_every:
+            preserve = policies.AnyPreservationPolicy(
+                [preserve, policies.EveryNSteps(interval_steps=keep_every)])
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=preserve, enable_async_checkpointing=async_save,
+            step_name_format=_name_format(), cleanup_tmp_directories=True, create=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                              handler_registry=_handler_registry())
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint on disk (a save still being written does not count).
+
+        Read from the directory, so call it on every process before the first save (at start-up)
+        for all processes to agree.
+        """
+        steps = complete_steps(self.directory)
+        return steps[-1] if steps else None
+
+    def all_steps(self) -> list[int]:
+        """Steps of the complete checkpoints on disk, ascending."""
+        return complete_steps(self.directory)
+
+    def should_save(self, step: int, total_steps: int) -> bool:
+        """Every `save_every` steps, and always at the final step."""
+        return step == total_steps or (self.save_every > 0 and step % self.save_every == 0)
+
+    def save(self, step: int, state: Any, *, data_iterator: Any = None, config: Any = None,
+             extra: dict[str, Any] | None = None, force: bool = False) -> bool:
+        """Starts writing checkpoint `step`; returns True if it did (False: skipped, logged).
+
+        `state` is a pytree of jax.Arrays (a TrainState); `data_iterator` a grain
+        DatasetIterator whose position is the one after the batches consumed so far; `config` a
+        ConfigDict or dict; `extra` a JSON-serialisable dict. They are saved as one atomic
+        step. Returns when the arrays are on host: the state may then be donated or updated.
+
+        A step that already has a checkpoint is skipped. So is a step older than the newest
+        checkpoint, unless `force` (then the older step is written, e.g. after deliberately
+        restoring an earlier checkpoint; note the newer one still counts as the latest).
+        """
+        known = self._manager.all_steps()
+        if step in known:
+            logging.warning("checkpoint for step %d already exists in %s; not saving again",
+                            step, self.directory)
+            return False
+        if known and step < max(known) and not force:
+            logging.warning("not saving step %d: %s already holds the newer step %d (pass "
+                            "force=True to save it anyway)", step, self.directory, max(known))
+            return False
+        items = {STATE: ocp.args.StandardSave(state)}
+        if data_iterator is not None:
+            if not isinstance(data_iterator, grain.DatasetIterator):
+                raise TypeError("data_iterator must be a grain DatasetIterator (with get_state/"
+                                f"set_state), got {type(data_iterator).__name__}")
+            items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
+        if config is not None:
+            items[CONFIG] = ocp.args.JsonSave(_json_dict(config, CONFIG))
+        if extra is not None:
+            items[EXTRA] = ocp.args.JsonSave(_json_dict(extra, EXTRA))
+        saved = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        if saved and self.is_primary:
+            logging.info("checkpoint: step %d -> %s (%s)", step, self.directory,
+                         ", ".join(items))
+        return bool(saved)
+
+    def restore(self, step: int, abstract_state: Any, *, data_iterator: Any = None,
+                shared_data_position: bool = False) -> Any:
+        """The state of checkpoint `step`, laid out as `abstract_state` says.
+
+        `abstract_state`: the pytree to restore, of jax.ShapeDtypeStruct with the NEW run's
+        shardings (any mesh). If `data_iterator` is given, its position is set (in place) to the
+        one saved by this process.
+        """
+        step_dir = _step_dir(self.directory, step)
+        _check_abstract(abstract_state, "abstract_state")
+        state_dir = os.path.join(step_dir, STATE)
+        metadata = self._manager.item_metadata(step)[STATE]
+        if metadata is None:
+            raise _missing_state(step_dir)
+        _check_shapes(metadata.tree, abstract_state, state_dir)
+        items = {STATE: ocp.args.StandardRestore(abstract_state)}
+        position_file = None
+        if data_iterator is not None:
+            if shared_data_position:
+                # Every process saved the same position (data.process_sharding="rows"), so any
+                # saved file serves, whatever number of processes wrote the checkpoint.
+                position_file = _any_data_state(step_dir)
+            else:
+                _check_data_state(step_dir)
+                items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        if position_file is not None:
+            data_iterator.set_state(json.loads(epath.Path(position_file).read_text()))
+        if self.is_primary:
+            logging.info("checkpoint: restored step %d from %s", step, step_dir)
+        return restored[STATE]
+
+    def restore_newest(self, abstract_state: Any, *, data_iterator: Any = None,
+                       shared_data_position: bool = False) -> tuple[int, Any] | None:
+        """(step, state) of the newest checkpoint that restores, or None when none does.
+
+        A checkpoint that cannot be read (a truncated or missing file, a missing iterator
+        position) is logged in one line and moved aside to `<directory>.unreadable/` (never
+        deleted), and the next older one is tried. A checkpoint that does not fit the run (a
+        different model or optimizer, another process count) is an error: it is fine on disk.
+        """
+        for step in reversed(self.all_steps()):
+            try:
+                return step, self.restore(step, abstract_state, data_iterator=data_iterator,
+                                          shared_data_position=shared_data_position)
+            except IncompatibleCheckpointError:
+                raise
+            except Exception as e:  # noqa: BLE001  (any read failure: the files are broken)
+                if _transient(e):  # memory or network trouble says nothing about the files
+                    raise
+                reason = " ".join(str(e).split())[:300] or type(e).__name__
+                self.move_aside(step, f"{type(e).__name__}: {reason}")
+        return None
+
+    def move_aside(self, step: int, reason: str) -> str:
+        """Moves checkpoint `step` to `<directory>.unreadable/<step>` and logs why."""
+        source = epath.Path(_step_dir(self.directory, step))
+        target_dir = epath.Path(self.directory.rstrip("/") + ".unreadable")
+        target = target_dir / f"{step}-{int(time.time())}"
+        if self.is_primary:
+            target_dir.mkdir(parents=True, exist_ok=True)
+            source.rename(target)
+            logging.warning("checkpoint step %d cannot be restored (%s); moved it to %s and "
+                            "resuming from an older one", step, reason, target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"jaxlm_move_aside_{step}")
+        self._manager.reload()
+        return str(target)
+
+    def read_json(self, step: int, name: str) -> dict[str, Any]:
+        """The `config` or `extra` dict saved with checkpoint `step`."""
+        if name not in JSON_ITEMS:
+            raise ValueError(f"read_json reads one of {JSON_ITEMS}, got {name!r}")
+        step_dir = _step_dir(self.directory, step)
+        if not epath.Path(os.path.join(step_dir, name)).is_dir():
+            raise FileNotFoundError(f"checkpoint {step_dir} has no {name!r} item (it was saved "
+                                    f"without {name}=...)")
+        return self._manager.restore(step, args=ocp.args.Composite(
+            **{name: ocp.args.JsonRestore()}))[name]
+
+    def wait(self) -> None:
+        """Blocks until the asynchronous save in flight (if any) is complete on disk."""
+        self._manager.wait_until_finished()
+        self._manager.check_for_errors()
+
+    def close(self) -> None:
+        """Waits for the save in flight, then releases orbax's threads."""
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _any_data_state(step_dir: str) -> str:
+    """The saved iterator position of process 0 (or this process's, if it exists)."""
+    data_dir = os.path.join(step_dir, DATA)
+    own = os.path.join(data_dir, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+    if epath.Path(own).is_file():
+        return own
+    files = sorted(f for f in _listdir(data_dir) if f.startswith("process_0-of-")) \
+        if epath.Path(data_dir).is_dir() else []
+    if not files:
+        raise FileNotFoundError(f"checkpoint {step_dir} has no data iterator state ({DATA}/)")
+    return os.path.join(data_dir, files[0])
+
+
+def _check_data_state(step_dir: str) -> None:
+    """The checkpoint must hold this process's iterator state (same process count)."""
+    data_dir = os.path.join(step_dir, DATA)
+    if not epath.Path(data_dir).is_dir():
+        raise FileNotFoundError(f"checkpoint {step_dir} has no data iterator state ({DATA}/): "
+                                "it was saved without data_iterator=...")
+    index, count = jax.process_index(), jax.process_count()
+    name = f"process_{index}-of-{count}.json"
+    if not epath.Path(os.path.join(data_dir, name)).is_file():
+        found = sorted(_listdir(data_dir))
+        counts = {f.split("-of-")[-1].removesuffix(".json") for f in found if "-of-" in f}
+        if counts and str(count) not in counts:
+            raise IncompatibleCheckpointError(
+                f"checkpoint {data_dir} has no {name}: the data position was saved by "
+                f"{'/'.join(sorted(counts))} processes ({found}); resume with that process count")
+        raise CheckpointError(f"checkpoint {data_dir} has no {name}: the data position file is "
+                              f"missing (found {found or 'nothing'})", path=data_dir)
+
+
+def _step_or_newest(directory: str, step: int | None) -> int:
+    """`step`, or the newest complete step of `directory` when it is None."""
+    if step is not None:
+        return step
+    steps = complete_steps(directory)
+    if not steps:
+        where = ("does not exist" if not epath.Path(directory).is_dir()
+                 else "holds no complete checkpoint")
+        raise FileNotFoundError(f"cannot read a checkpoint from {directory}: it {where}")
+    return steps[-1]
+
+
+def _params_reader(directory: str) -> ocp.CheckpointManager:
+    """A read-only manager of `directory` that restores (parts of) the state as a pytree."""
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                           step_name_format=_name_format())
+    registry = _handler_registry(ocp.handlers.PyTreeCheckpointHandler,
+                                 (ocp.args.PyTreeRestore,))
+    return ocp.CheckpointManager(directory, options=options, handler_registry=registry)
+
+
+def restore_params(directory: str, step: int | None, abstract_params: Any, *,
+                   subset: bool = False) -> Any:
+    """Only the params of checkpoint `step` (None: the latest) in `directory`.
+
+    For a run that starts from an earlier run's weights with a fresh optimizer
+    (`config.init_from`). `abstract_params`: jax.ShapeDtypeStruct leaves with the new run's
+    shardings. Every process calls it. `subset=True` allows `abstract_params` to name only some
+    of the saved params (e.g. one at a time, to bound host memory).
+    """
+    directory = _absolute(directory)
+    step = _step_or_newest(directory, step)
+    step_dir = _step_dir(directory, step)
+    _check_abstract(abstract_params, "abstract_params")
+    with _params_reader(directory) as mngr:
+        metadata = mngr.item_metadata(step)[STATE]
+        if metadata is None:
+            raise _missing_state(step_dir)
+        _check_shapes(metadata.tree, abstract_params, os.path.join(step_dir, STATE),
+                      prefix="params", subset=subset)
+        target = {"params": abstract_params}
+        restored = mngr.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True)}))
+    logging.info("params restored from step %d of %s", step, directory)
+    return restored[STATE]["params"]
+
+
+def read_saved_json(directory: str, step: int | None, name: str) -> dict[str, Any]:
+    """The `config` or `extra` dict of checkpoint `step` (None: the newest) in `directory`,
+    read without opening a checkpoint manager (for a run that starts from another's)."""
+    if name not in JSON_ITEMS:
+        raise ValueError(f"read_saved_json reads one of {JSON_ITEMS}, got {name!r}")
+    directory = _absolute(directory)
+    step = _step_or_newest(directory, step)
+    path = epath.Path(_step_dir(directory, step)) / name / "metadata"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path.parent.parent} has no {name!r} item")
+    return json.loads(path.read_text())
+
+
+def saved_param_names(directory: str, step: int | None) -> set[str]:
+    """'/'-joined names of the params stored in checkpoint `step` (None: the newest), e.g. to
+    start a model with extra parameters (LoRA adapters, a reward head) from a plain one."""
+    directory = _absolute(directory)
+    step = _step_or_newest(directory, step)
+    with _params_reader(directory) as mngr:
+        metadata = mngr.item_metadata(step)[STATE]
+    return {name[len("params/"):] for name in _flat(metadata.tree) if name.startswith("params/")}

@@ -1,0 +1,426 @@
+"""The training loop shared by every stage: set up, init, step, evaluate, sample, log.
+
+It knows a stage only through its `jaxlm.stages.stage.Stage` and the `jaxlm.run.program.Program`
+built for it (the jitted steps, the state and batch layouts, the FLOP count). Each piece
+(setup, initial state, evaluation) is a function of its own so tests can use them alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from jaxlm.data.pipeline import load_or_train_tokenizer
+from jaxlm.evaluation.live import LiveEval
+from jaxlm.inference.sampler import Request, Sampler
+from jaxlm.models import lora
+from jaxlm.parallel import hardware, sharding
+from jaxlm.run import config as config_lib
+from jaxlm.run import console, workdir_lock
+from jaxlm.run import counters as run_counters
+from jaxlm.run import program as program_lib
+from jaxlm.run.checkpoint import Checkpointer
+from jaxlm.run.errors import ConfigError
+from jaxlm.run.metrics import MetricsWriter, is_remote, progress_line
+from jaxlm.run.optim import make_optimizer, state_bytes
+from jaxlm.run.step_health import StepHealth
+from jaxlm.run.train_state import TrainState, abstract_boxed_params
+from jaxlm.scaling import flops as scaling
+from jaxlm.stages.stage import Stage
+from jaxlm.weights import frozen as frozen_models
+from jaxlm.weights import init_from as params_from
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything a run needs before its first step."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    mesh: jax.sharding.Mesh
+    tokenizer: Any
+    stage: Stage
+    cache_dir: str
+    program: program_lib.Program | None = None
+    # Extra keyword arguments of the stage's make_data (from the stage's `prepare`).
+    data_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # The eval batches (host arrays), kept by the first `evaluate` when they fit in
+    # EVAL_CACHE_BYTES: later evaluations reuse them instead of rebuilding the eval iterator.
+    eval_batches: list[dict[str, np.ndarray]] | None = None
+    # The stage's host loop (`Stage.make_host`): it takes host batches and runs its own jits.
+    host: Any = None
+
+
+# Eval batches are the same at every evaluation; up to this many bytes of them stay on the host
+# after the first one, so later evaluations skip re-reading (and, for the chat stages,
+# re-tokenising) the held-out data and restarting the iterator's workers.
+EVAL_CACHE_BYTES = 256 * 2**20
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str, *, validated: bool = False) -> Setup:
+    """Validates the config (unless the caller just did), builds the mesh, the tokenizer and
+    the program (no params yet)."""
+    if not validated:
+        config_lib.validate(config)
+    mesh_shape = config_lib.check_devices(config, jax.device_count(), jax.process_count())
+    mesh = sharding.make_mesh(mesh_shape)
+    # Corpus and tokenizer cache: next to the run, or a local directory when the workdir is
+    # an object store (sentencepiece and the corpus builder need local files).
+    cache_dir = config.data.cache_dir or (
+        os.path.join(os.path.expanduser("~"), ".cache", "jaxlm") if is_remote(workdir)
+        else os.path.join(workdir, "cache"))
+    tokenizer = (params_from.init_from_tokenizer(config) or frozen_models.tokenizer(config)
+                 or load_or_train_tokenizer(config.data, cache_dir))
+    if config.model.vocab_size and tokenizer.vocab_size > config.model.vocab_size:
+        raise ConfigError(f"config key model.vocab_size: {config.model.vocab_size} is smaller than "
+                         f"the tokenizer's {tokenizer.vocab_size} ids ({tokenizer.path})")
+    program = program_lib.build(config, mesh, vocab_size=tokenizer.vocab_size)
+    model_cfg = program.model_cfg
+    if model_cfg.padded_vocab_size != model_cfg.vocab_size:
+        logging.info("vocab %d padded to %d (a multiple of %d) for TPU/GPU-friendly matmuls; "
+                     "padded logits are masked", model_cfg.vocab_size,
+                     model_cfg.padded_vocab_size, model_cfg.vocab_multiple)
+    logging.info("mesh %s on %d %s devices", dict(mesh.shape), jax.device_count(),
+                 jax.devices()[0].platform)
+    if (pipeline_line := config_lib.pipeline_summary(config)) is not None:
+        logging.info(pipeline_line)
+    return Setup(config=program.config, workdir=workdir, mesh=mesh, tokenizer=tokenizer,
+                 stage=program.stage, cache_dir=cache_dir, program=program)
+
+
+def _iterator(s: Setup, split: str) -> Any:
+    return s.stage.make_data(
+        s.config, s.tokenizer, split=split,
+        batch_size=s.config.train.global_batch_size // jax.process_count(),
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        cache_dir=s.cache_dir, **s.data_kwargs)
+
+
+def _close(iterator: Any) -> None:
+    """Stops an iterator's prefetch threads / worker processes now rather than at exit."""
+    close = getattr(iterator, "close", None)
+    if close is not None:
+        close()
+
+
+def evaluate(s: Setup, eval_fn: Any, params: Any) -> dict[str, float]:
+    """The stage's eval metrics over train.eval_steps batches (the same batches every time)."""
+    cached = s.eval_batches
+    it = iter(cached) if cached is not None else _iterator(s, "eval")
+    keep: list[dict[str, np.ndarray]] | None = [] if cached is None else None
+    kept_bytes = 0
+    totals: dict[str, float] = {}
+    try:
+        for _ in range(s.config.train.eval_steps):
+            batch = next(it)
+            if keep is not None:
+                batch = {k: np.array(v) for k, v in batch.items()}  # own copies
+                kept_bytes += sum(v.nbytes for v in batch.values())
+                if kept_bytes <= EVAL_CACHE_BYTES:
+                    keep.append(batch)
+                else:
+                    keep = None
+            placed = batch if s.host is not None else sharding.global_batch(batch, s.mesh)
+            sums = jax.device_get(eval_fn(params, placed))
+            for k, v in sums.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+    finally:
+        if cached is None:
+            _close(it)
+    if keep is not None:
+        s.eval_batches = keep
+    return s.stage.eval_metrics(totals)
+
+
+def _checkpointer(c: ml_collections.ConfigDict, workdir: str) -> Checkpointer:
+    directory = workdir.rstrip("/") + "/checkpoints" if is_remote(workdir) else \
+        os.path.join(workdir, "checkpoints")
+    return Checkpointer(directory, save_every=c.checkpoint.every_steps,
+                        keep_last=c.checkpoint.keep_last, keep_every=c.checkpoint.keep_every,
+                        async_save=c.checkpoint.async_save)
+
+
+def initial_state(s: Setup, ckpt: Checkpointer, train_iter: Any,
+                  start_params: Any = None) -> TrainState:
+    """Resumes from the newest checkpoint (state + data position) when there is one, else
+    starts from the `init_from` params (`start_params` if already restored) or a fresh init."""
+    c, program = s.config, s.program
+    restored = ckpt.restore_newest(program.abstract_state, data_iterator=train_iter,
+                                   shared_data_position=c.data.process_sharding == "rows")
+    if restored is not None:
+        logging.info("resumed from %s at step %d", ckpt.directory, restored[0])
+        return restored[1]
+    if c.init_from.path:
+        params = start_params if start_params is not None else \
+            params_from.init_from_params(program)
+        logging.info("optimizer starts fresh")
+        return program.state_from_params(params)
+    return program.init_state(jax.random.key(c.seed))
+
+
+# The key of a host's state (`Stage.make_host`) in each checkpoint's `extra` item.
+HOST_STATE = "host_state"
+
+
+def host_state(host: Any) -> dict[str, Any]:
+    """What the stage's host carries between steps (`host.host_state()`; none if it has no
+    such method), saved with each checkpoint."""
+    get = getattr(host, "host_state", None)
+    return get() if get is not None else {}
+
+
+def restore_host_state(host: Any, ckpt: Checkpointer, step: int) -> None:
+    """Hands a run resumed at `step` the host state saved with that checkpoint (taken after
+    the step), so the host continues as the uninterrupted run's. A checkpoint written before
+    hosts saved their state leaves the host as its config starts it."""
+    load = getattr(host, "load_host_state", None)
+    if step == 0 or load is None:
+        return
+    try:
+        extra = ckpt.read_json(step, "extra")
+    except (FileNotFoundError, ValueError):
+        extra = {}
+    if HOST_STATE in extra:
+        load(extra[HOST_STATE])
+    elif host_state(host):
+        logging.warning("checkpoint %d saved no host state: the host's %s start from the "
+                        "config", step, ", ".join(sorted(host_state(host))))
+
+
+def _reference(s: Setup, start_params: Any) -> Any:
+    """The frozen reference params of a stage that has one, sharded like the policy, restored
+    from init_from once (shared with the starting params when the run starts from them).
+    A "precompute" stage turns them into data (s.data_kwargs) here and None is returned."""
+    mode = s.stage.reference_mode(s.config)
+    if mode == "none":
+        return None
+    if not s.config.init_from.path:
+        raise ConfigError(f"config key init_from.path: stage {s.config.stage} with a reference "
+                         "model needs the checkpoint to start from (its params are the "
+                         "reference)")
+    params = start_params if start_params is not None else \
+        params_from.init_from_params(s.program)
+    if mode == "precompute":
+        s.data_kwargs.update(s.stage.prepare(s.program, s.tokenizer, params))
+        return None
+    # The train step donates the state; the reference must not share its buffers.
+    return params_from.frozen_copy(s.program, params) if start_params is not None else params
+
+
+def _log_lora(s: Setup) -> None:
+    c, program = s.config, s.program
+    params = nn.meta.unbox(abstract_boxed_params(program.model, c.data.seq_len))
+    n = lora.count(params)
+    full_tx = make_optimizer(c.optim, c.train.steps, schedule=program.lr_schedule)
+    used, full = state_bytes(program.tx, params), state_bytes(full_tx, params)
+    logging.info("LoRA rank %d: %s of %s params trainable (%.3f%%); optimizer state %.2f MB "
+                 "instead of %.2f MB (%.2f MB saved)", c.model.lora.rank,
+                 f"{n['trainable']:,}", f"{n['total']:,}", 100 * n["trainable"] / n["total"],
+                 used / 2**20, full / 2**20, (full - used) / 2**20)
+
+
+class _Preemption:
+    """Turns SIGTERM (what Cloud TPU, SLURM and Kubernetes send before stopping a job) into a
+    flag the loop checks after each step: finish the step, save, exit 0."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        del signum, frame
+        self.requested = True
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains `config` in `workdir` (resuming from its checkpoints); returns the last logged
+    metrics. The run owns the workdir meanwhile: a second run on it refuses to start."""
+    config_lib.validate(config)
+    with workdir_lock.hold(workdir, enabled=jax.process_index() == 0), \
+            console.quiet(workdir if jax.process_index() == 0 else None):
+        return _run(config, workdir)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    s = setup(config, workdir, validated=True)  # `run` validated it before taking the lock
+    c, program = s.config, s.program
+    is_main = jax.process_index() == 0
+    writer = MetricsWriter(workdir, enabled=is_main, tensorboard=c.log.tensorboard)
+    total_steps = c.train.steps
+    if c.model.lora.rank:
+        _log_lora(s)
+    ckpt = _checkpointer(c, workdir)
+    # The init_from params are restored once: they start the state (unless resuming) and are
+    # the frozen reference of a stage that has one (its steps' third argument, or data).
+    start_params = None
+    if ckpt.latest_step() is None and c.init_from.path:
+        start_params = params_from.init_from_params(program)
+    reference = _reference(s, start_params)
+    # The stage's frozen models (a distillation teacher): restored once, never donated.
+    frozen = frozen_models.restore(program.frozen, s.tokenizer) if program.frozen else None
+    train_iter = _iterator(s, "train")
+    state = initial_state(s, ckpt, train_iter, start_params)
+    del start_params
+    params_count = scaling.count_params(program.model_cfg)
+    logging.info("%s | params %s (non-embedding %s)", config_lib.describe(c),
+                 f"{params_count['total']:,}", f"{params_count['non_embedding']:,}")
+
+    step = int(jax.device_get(state.step))
+    dropped = writer.truncate_after(step)
+    if dropped:
+        logging.info("metrics.jsonl: dropped %d rows after the resumed step %d", dropped, step)
+    config_lib.warn_schedule(c, total_steps)
+    reference_args = program.extra_args(reference, frozen)
+    if s.stage.make_host is not None:  # the stage's Python step around its own jits
+        s.host = host = s.stage.make_host(program, s.tokenizer)
+        restore_host_state(host, ckpt, step)
+        train_step = lambda st, b: host.train(st, b, reference)
+        eval_step = lambda p, b: host.eval(p, b, reference)
+        place = lambda b: b
+    else:
+        compiled = program.compile_train() if step < total_steps else program.train_step
+        train_step = lambda st, b: compiled(st, b, *reference_args)
+        eval_step = lambda p, b: program.eval_step(p, b, *reference_args)
+        place = lambda b: sharding.global_batch(b, s.mesh)
+    batch = place(next(train_iter)) if step < total_steps else None
+
+    tokens_per_step, flops_per_step = program.tokens_per_step, program.flops_per_step
+    counter = run_counters.resumed_counter(ckpt, step, tokens_per_step, c)
+    health = StepHealth(c.train.max_nonfinite)
+    peak, peak_note = (c.log.peak_flops, "from log.peak_flops") if c.log.peak_flops else \
+        hardware.peak_flops_per_device(jax.devices()[0], c.model.compute_dtype,
+                                       cache_dir=s.cache_dir)
+    logging.info("MFU against %.3g FLOP/s per device (%s) x %d devices; %.3g FLOPs per step",
+                 peak, peak_note, jax.device_count(), flops_per_step)
+    sampler = Sampler(program.model_cfg, None, mesh=s.mesh,
+                      pad_id=max(getattr(s.tokenizer, "pad_id", 0), 0))
+    live_eval = LiveEval.maybe(s)  # config.eval.tasks on the live params
+    extra = {"tokenizer_path": s.tokenizer.path,
+             "tokenizer_sha256": getattr(s.tokenizer, "sha256", "")}
+
+    pending: tuple[int, Any] | None = None
+    # Throughput is measured over completed steps: from window_step0 (done at window_start) to
+    # the step being reported, whose metrics the host has just waited for.
+    window_start, window_step0 = time.perf_counter(), step
+    last: dict[str, float] = {}
+
+    def report(step_done: int, metrics: dict[str, Any]) -> None:
+        nonlocal window_start, window_step0, last
+        row = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
+        now = time.perf_counter()
+        elapsed = max(now - window_start, 1e-9)
+        window_steps = max(step_done - window_step0, 1)
+        row["steps_per_sec"] = window_steps / elapsed
+        # A host loop measures its own (generation and training counted apart).
+        row.setdefault("tokens_per_sec", row["steps_per_sec"] * tokens_per_step)
+        row.setdefault("mfu", hardware.mfu(flops_per_step, elapsed / window_steps,
+                                           jax.device_count(), peak))
+        row["tokens_seen"] = counter.tokens_seen(step_done)
+        eta = (total_steps - step_done) / max(row["steps_per_sec"], 1e-9)
+        if is_main:
+            logging.info(progress_line(step_done, total_steps, row, eta))
+        writer.write(step_done, row)
+        last = row
+        window_start, window_step0 = now, step_done
+
+    preemption = _Preemption()
+    previous = None
+    try:
+        while step < total_steps:
+            state, metrics = train_step(state, batch)
+            step += 1
+            # Read back the previous step's metrics only after dispatching this one, so the
+            # device never waits on the host.
+            if previous is not None:
+                health.check(previous, step - 1)
+            previous = metrics
+            if pending is not None:
+                report(*pending)
+                pending = None
+            if step % c.log.every_steps == 0 or step == total_steps:
+                pending = (step, metrics)
+            # Save before the iterator moves on, so the saved position is "after `step`
+            # batches" and a resumed run draws exactly the batches this run would have.
+            if ckpt.should_save(step, total_steps) or preemption.requested:
+                health.check(metrics, step)
+                saved = {**extra, "tokens_seen": counter.tokens_seen(step)}
+                if s.host is not None:  # the host state after this step's update
+                    saved[HOST_STATE] = host_state(s.host)
+                ckpt.save(step, state, data_iterator=train_iter, config=c, extra=saved)
+            if preemption.requested:
+                logging.warning("SIGTERM: saved step %d; exiting so the job can be "
+                                "rescheduled", step)
+                break
+            if step < total_steps:
+                batch = place(next(train_iter))
+            end_or_eval = step == total_steps or (c.train.eval_every and
+                                                  step % c.train.eval_every == 0)
+            tasks_due = live_eval is not None and live_eval.due(step, total_steps)
+            if (end_or_eval or tasks_due
+                    or (c.log.sample_every and step % c.log.sample_every == 0)):
+                if pending is not None:
+                    report(*pending)
+                    pending = None
+                _eval_and_sample(s, state, step, eval_step, sampler, writer, end_or_eval)
+                if tasks_due:
+                    writer.write(step, live_eval.metrics(live_eval.run(state.params, step)))
+                window_start, window_step0 = time.perf_counter(), step
+        if previous is not None:
+            health.check(previous, step)
+        if pending is not None:
+            report(*pending)
+    finally:
+        preemption.restore()
+        ckpt.close()  # waits for the last asynchronous save
+        _close(train_iter)
+        writer.close()
+    return last
+
+
+def _eval_and_sample(s: Setup, state: TrainState, step: int, eval_step: Any, sampler: Sampler,
+                     writer: MetricsWriter, do_eval: bool) -> None:
+    c = s.config
+    with sharding.activate(s.mesh):
+        if do_eval and c.train.eval_steps:
+            row = evaluate(s, eval_step, state.params)
+            logging.info("eval at step %d | %s", step, " | ".join(
+                f"{k.removeprefix('eval_')} {v:.4g}" for k, v in row.items()))
+            writer.write(step, row)
+            if s.host is not None and s.host.samples:
+                writer.write_text(step, "samples", "\n\n".join(s.host.samples))
+    if (s.stage.generates_text and c.log.sample_every
+            and (step % c.log.sample_every == 0 or step == c.train.steps)):
+        text = sample_text(s, sampler, state.params)
+        logging.info("sample at step %d: %r", step, text)
+        writer.write_text(step, "sample", text)
+
+
+def sample_text(s: Setup, sampler: Sampler, params: Any) -> str:
+    """log.sample_prompt and its greedy continuation of up to log.sample_tokens tokens, from
+    the KV-cache decoder on the training mesh (the params as they are sharded for training)."""
+    c = s.config
+    prompt = s.tokenizer.encode(c.log.sample_prompt) or [0]
+    prompt = prompt[: s.program.model_cfg.max_seq_len - 1]
+    new = min(c.log.sample_tokens, s.program.model_cfg.max_seq_len - len(prompt))
+    sampler.params = params
+    try:
+        completion = sampler.generate([Request(prompt, max_new_tokens=new)])[0]
+    finally:
+        sampler.params = None
+    return c.log.sample_prompt + s.tokenizer.decode(completion.tokens)

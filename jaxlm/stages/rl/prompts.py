@@ -1,0 +1,66 @@
+"""The prompt pipeline of the RL stages: task examples -> left-padded prompt rows -> batches.
+
+Like every other stage's data it is a grain pipeline (shuffled per epoch from data.seed on the
+train split, repeated, sliced by process), so its position is saved with each checkpoint and a
+resumed run draws exactly the prompts it would have. A batch holds
+
+    prompt [b, P] int32   BOS + the prompt's tokens, left-padded with pad_id to P
+    prompt_valid [b, P]   1 on the real tokens
+    example_id [b]        the example's index in its split (rewards look the answer up)
+
+with P = data.seq_len - rl.max_new_tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+
+from jaxlm.data.sft import example_stream
+from jaxlm.run.errors import ConfigError
+from jaxlm.stages.rl.tasks import Example, split_examples
+
+
+def prompt_length(config: ml_collections.ConfigDict) -> int:
+    return config.data.seq_len - config.rl.max_new_tokens
+
+
+def prompt_ids(tokenizer: Any, text: str) -> list[int]:
+    bos = getattr(tokenizer, "bos_id", -1)
+    return ([bos] if bos is not None and bos >= 0 else []) + list(tokenizer.encode(text))
+
+
+def tokenize_prompts(examples: list[Example], tokenizer: Any, length: int
+                     ) -> list[dict[str, np.ndarray]]:
+    """One left-padded row per example; raises naming data.seq_len if a prompt is too long."""
+    pad = max(getattr(tokenizer, "pad_id", 0), 0)
+    rows = []
+    for i, ex in enumerate(examples):
+        ids = prompt_ids(tokenizer, ex["prompt"])
+        if len(ids) > length:
+            raise ConfigError(f"config key data.seq_len: prompt {ex['prompt']!r} has {len(ids)} "
+                             f"tokens, more than data.seq_len - rl.max_new_tokens = {length}")
+        tokens = np.full(length, pad, np.int32)
+        valid = np.zeros(length, np.int32)
+        tokens[length - len(ids):], valid[length - len(ids):] = ids, 1
+        rows.append({"prompt": tokens, "prompt_valid": valid, "example_id": np.int32(i)})
+    return rows
+
+
+def make_prompt_iterator(config: ml_collections.ConfigDict, tokenizer: Any, *, split: str,
+                         batch_size: int, process_index: int = 0, process_count: int = 1
+                         ) -> grain.DatasetIterator:
+    """Endless iterator of this process's prompt batches of `split` (see the module doc)."""
+    rows = tokenize_prompts(split_examples(config, split), tokenizer, prompt_length(config))
+    ds = example_stream(rows, split=split, shuffle=config.data.shuffle, seed=config.data.seed,
+                        process_index=process_index, process_count=process_count)
+    return iter(ds.to_iter_dataset().batch(batch_size, drop_remainder=True))
+
+
+def prompt_fields(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...], Any]]:
+    p = prompt_length(config)
+    return {"prompt": ((p,), np.int32), "prompt_valid": ((p,), np.int32),
+            "example_id": ((), np.int32)}

@@ -1,0 +1,159 @@
+"""The `rl` (grpo, rejection, ppo) and `ppo` config sections: defaults and checks.
+
+Importing this module pulls in neither grain nor JAX.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from jaxlm.data.config import split_list
+from jaxlm.run.errors import check_at_least, check_choice, check_interval, config_error
+
+TASKS = ("arithmetic", "jsonl")
+ADVANTAGE_SCALES = ("std", "none")
+LOSS_NORMS = ("sequence", "token", "constant")
+
+
+def default_rl_config() -> ml_collections.ConfigDict:
+    r = ml_collections.ConfigDict()
+    # Prompts and their checked answers: "arithmetic" (generated procedurally, no download) or
+    # "jsonl" (rl.paths: one {"prompt": str, "answer": str} record a line).
+    r.task = "arithmetic"
+    # jsonl task: comma-separated globs; held-out prompts from rl.eval_paths, or (empty)
+    # data.eval_fraction of rl.paths under a fixed permutation.
+    r.paths = ""
+    r.eval_paths = ""
+    # arithmetic task: operands are integers in [0, max_operand]; ops from this string of
+    # "+-*". Every (a, op, b) is one example; data.eval_fraction of them are held out.
+    r.max_operand = 9
+    r.operations = "+-"
+    # Reward functions and weights, "name:weight,..." (jaxlm/stages/rl/rewards.py); the reward is
+    # their weighted sum.
+    r.rewards = "correct:1.0,format:0.1"
+    # Completions sampled per prompt (G); the batch holds train.global_batch_size prompts.
+    r.group_size = 8
+    # Tokens generated per completion at most; prompts get data.seq_len - max_new_tokens.
+    r.max_new_tokens = 8
+    # Sampling of the rollouts (the held-out evaluation decodes greedily).
+    r.temperature = 1.0
+    r.top_p = 1.0
+    r.top_k = 0
+    # Stop pieces besides the tokenizer's EOS, comma-separated (e.g. "\n"); kept in the output.
+    r.stop = ""
+    # Group-relative advantages: (r - group mean) / group std ("std"), or r - group mean
+    # ("none", Dr. GRPO).
+    r.advantage_scale = "std"
+    # How token terms are averaged: "sequence" (mean over each completion's tokens, then over
+    # completions: DeepSeekMath), "token" (mean over all completion tokens of the batch) or
+    # "constant" (sum over tokens / (completions * max_new_tokens): Dr. GRPO).
+    r.loss_norm = "sequence"
+    # Clipped ratio objective: ratio clipped to [1 - clip_eps, 1 + clip_eps_high]
+    # (clip_eps_high 0 = clip_eps).
+    r.clip_eps = 0.2
+    r.clip_eps_high = 0.0
+    # Gradient steps on each rollout batch (the old policy's log-probs stay fixed).
+    r.num_epochs = 1
+    # rejection: a prompt's best completion is trained on when its reward reaches this.
+    r.keep_min_reward = 1.0
+    # rejection: rank completions by this reward-stage checkpoint's score (its newest step)
+    # instead of rl.rewards; "" = rl.rewards.
+    r.reward_model = ""
+    # KL(policy || reference) penalty with the k3 estimator; 0 builds no reference model.
+    r.kl_coef = 0.04
+    # ppo: generalised advantage estimation's discount and lambda over completion tokens.
+    r.gamma = 1.0
+    r.lam = 0.95
+    # Completions (prompt, completion, reward) logged to the console and TensorBoard per eval.
+    r.log_samples = 4
+    return r
+
+
+def _fail(key: str, msg: str) -> None:
+    raise config_error(key, msg)
+
+
+def parse_weights(spec: str, key: str = "rl.rewards") -> list[tuple[str, float]]:
+    """"name:weight,..." -> [(name, weight)]; a name without weight counts 1."""
+    out = []
+    for item in split_list(spec):
+        name, _, weight = item.partition(":")
+        try:
+            out.append((name.strip(), float(weight) if weight.strip() else 1.0))
+        except ValueError:
+            _fail(key, f"{item!r}: the weight is not a number")
+    if not out:
+        _fail(key, "is empty; name at least one reward, e.g. 'correct:1.0'")
+    return out
+
+
+def check_rl(config: ml_collections.ConfigDict) -> None:
+    r = config.rl
+    check_choice("rl.task", r.task, TASKS)
+    check_choice("rl.advantage_scale", r.advantage_scale, ADVANTAGE_SCALES)
+    check_choice("rl.loss_norm", r.loss_norm, LOSS_NORMS)
+    if r.task == "jsonl" and not split_list(r.paths):
+        _fail("rl.paths", "is empty but rl.task='jsonl'; give jsonl globs of {prompt, answer}")
+    if r.task == "arithmetic":
+        check_at_least("rl.max_operand", r.max_operand, 1)
+        if not r.operations or set(r.operations) - set("+-*"):
+            _fail("rl.operations", f"{r.operations!r} must be made of '+', '-', '*'")
+    from jaxlm.stages.rl.rewards import REWARDS  # a registry of plain Python functions
+
+    for name, _ in parse_weights(r.rewards):
+        if name not in REWARDS:
+            _fail("rl.rewards", f"unknown reward {name!r}; one of {sorted(REWARDS)}")
+    check_at_least("rl.group_size", r.group_size, 1)
+    if r.max_new_tokens < 1 or r.max_new_tokens >= config.data.seq_len:
+        _fail("rl.max_new_tokens", f"must lie in [1, data.seq_len={config.data.seq_len}) "
+              f"(the rest of a row holds the prompt), got {r.max_new_tokens}")
+    if r.temperature <= 0:
+        _fail("rl.temperature", f"rollouts sample: must be > 0, got {r.temperature}")
+    check_interval("rl.top_p", r.top_p, 0, 1, "(]")
+    check_at_least("rl.top_k", r.top_k, 0)
+    check_interval("rl.clip_eps", r.clip_eps, 0, 1, "()")
+    if r.clip_eps_high < 0:
+        _fail("rl.clip_eps_high", f"must be >= 0 (0 = rl.clip_eps), got {r.clip_eps_high}")
+    check_at_least("rl.num_epochs", r.num_epochs, 1)
+    check_at_least("rl.kl_coef", r.kl_coef, 0)
+    if r.kl_coef > 0 and config.stage == "grpo" and not config.init_from.path:
+        _fail("init_from.path", f"rl.kl_coef={r.kl_coef} needs a reference model: the "
+              "checkpoint the policy starts from (or set rl.kl_coef=0)")
+    check_interval("rl.gamma", r.gamma, 0, 1)
+    check_interval("rl.lam", r.lam, 0, 1)
+
+
+def default_ppo_config() -> ml_collections.ConfigDict:
+    p = ml_collections.ConfigDict()
+    # Checkpoints directory of a reward-stage run (same architecture and tokenizer as the
+    # policy); restored frozen, sharded like the policy. Its score at a completion's last token
+    # is the completion's reward.
+    p.reward_model = ""
+    # Its step; -1 = the newest.
+    p.reward_model_step = -1
+    # Per-token KL penalty -kl_coef * (logp_old - logp_ref) in the rewards.
+    p.kl_coef = 0.05
+    # Adaptive coefficient (Ziegler et al. 2019): 0 keeps kl_coef fixed; > 0 moves it towards
+    # this mean per-completion KL, by at most 20% of (kl / target - 1) * B / kl_horizon a step.
+    p.kl_target = 0.0
+    p.kl_horizon = 10000
+    # Weight of the clipped value loss 0.5 max((V - R)^2, (V_clipped - R)^2) in the objective.
+    p.value_coef = 0.1
+    # Value predictions move at most this far from the rollout's per update.
+    p.value_clip = 0.2
+    # Whiten the advantages over the batch's completion tokens.
+    p.whiten = True
+    return p
+
+
+def check_ppo(config: ml_collections.ConfigDict) -> None:
+    check_rl(config)
+    p = config.ppo
+    if not p.reward_model:
+        _fail("ppo.reward_model", "is empty; give the checkpoints directory of a reward run")
+    if not config.init_from.path:
+        _fail("init_from.path", "ppo needs the policy to start from (an SFT run's checkpoints): "
+              "it is also the KL reference")
+    for key in ("kl_coef", "kl_target", "value_coef", "value_clip"):
+        check_at_least(f"ppo.{key}", p[key], 0)
+    check_at_least("ppo.kl_horizon", p.kl_horizon, 1)

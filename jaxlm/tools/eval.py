@@ -1,0 +1,134 @@
+"""Evaluate a checkpoint: built-in offline evals, any lm-evaluation-harness task, win rates.
+
+    python -m jaxlm.tools.eval --workdir=/tmp/jaxlm_tiny --tasks=builtin          # offline, CPU
+    python -m jaxlm.tools.eval --workdir=/ckpt/llama2 --tasks=hellaswag,arc_easy --batch_size=64
+    python -m jaxlm.tools.eval --workdir=RUN --tasks=my_task --include_path=my_tasks/  # local YAML
+    python -m jaxlm.tools.eval --workdir=DPO_RUN --reward_model=RM_RUN               # win rate
+
+The checkpoint is picked as by `python -m jaxlm.tools.generate` (--workdir, --step). A table goes to
+stdout and the results (harness layout, plus the run config, checkpoint step and throughput) to
+<workdir>/eval/results_step<N>.json (or --output). Flags only; `run(options)` does the work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import IO, Any
+
+from absl import app, flags
+
+
+@dataclasses.dataclass
+class Options:
+    workdir: str
+    step: int = -1
+    tasks: str = "builtin"
+    batch_size: int = 16
+    limit: int = 0
+    include_path: str = ""
+    num_fewshot: int = -1
+    max_length: int = 0
+    tensor: int = 1
+    hf_tokenizer: str = ""
+    output: str = ""
+    reward_model: str = ""
+    reference: str = ""
+    max_new_tokens: int = 64
+    kv_cache: str = ""
+    progress: bool = True
+    quantize: str = ""
+    quant_tile_size: int = 0
+
+
+def _define_flags() -> None:
+    d = Options.__dataclass_fields__
+    flags.DEFINE_string("workdir", None, "Run directory (or its checkpoints/ directory).")
+    flags.DEFINE_integer("step", d["step"].default, "Checkpoint step; -1 = the newest.")
+    flags.DEFINE_string("tasks", d["tasks"].default, "Comma-separated tasks: builtin (every "
+                        "built-in eval), corpus_bpb, next_line, line_completion, or harness "
+                        "task names; empty with --reward_model.")
+    flags.DEFINE_integer("batch_size", d["batch_size"].default, "Requests per batch.")
+    flags.DEFINE_integer("limit", 0, "Examples per task at most (0 = built-in defaults / all).")
+    flags.DEFINE_string("include_path", "", "Folder of harness task YAML files.")
+    flags.DEFINE_integer("num_fewshot", -1, "Harness few-shot examples; -1 = the task's.")
+    flags.DEFINE_integer("max_length", 0, "Context length; 0 = the model's max_seq_len.")
+    flags.DEFINE_integer("tensor", 1, "Tensor-parallel mesh size (heads over devices).")
+    flags.DEFINE_string("hf_tokenizer", "", "A Hugging Face tokenizer directory to use instead "
+                        "of the checkpoint's (default for imports without tokenizer.model).")
+    flags.DEFINE_string("output", "", "Results JSON; default <workdir>/eval/results_step<N>.json")
+    flags.DEFINE_string("reward_model", "", "Reward-model run: report the win rate of this "
+                        "checkpoint against its reference on held-out prompts.")
+    flags.DEFINE_string("reference", "", "Reference run of --reward_model; default the "
+                        "checkpoint's init_from.")
+    flags.DEFINE_integer("max_new_tokens", 64, "Tokens generated per prompt for --reward_model.")
+    flags.DEFINE_string("kv_cache", "", "KV cache of generation: int8 or compute (the compute "
+                        "dtype); empty = the run's model.kv_cache_dtype.")
+    flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
+    flags.DEFINE_string("quantize", "", "Quantize the weights after loading: int8, int4, nf4 "
+                        "or int8_dynamic (docs/quantization.md); '' = as stored.")
+    flags.DEFINE_integer("quant_tile_size", 0, "--quantize: inputs per scale (0 = per "
+                         "output channel).")
+
+
+def _options_from_flags() -> Options:
+    return Options(**{f.name: flags.FLAGS[f.name].value
+                      for f in dataclasses.fields(Options)})
+
+
+def run(opts: Options, stdout: IO[str] = sys.stdout) -> dict[str, Any]:
+    """Evaluates the checkpoint; prints a table, writes the results JSON, returns the results."""
+    from jaxlm.evaluation import results as results_lib
+    from jaxlm.evaluation.engine import Engine
+    from jaxlm.evaluation.target import load_target
+    from jaxlm.parallel import sharding
+    from jaxlm.weights.loading import with_kv_cache
+
+    if not opts.tasks and not opts.reward_model:
+        raise ValueError("give --tasks and/or --reward_model")
+    mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": opts.tensor, "pipeline": 1})
+    target = load_target(opts.workdir, None if opts.step < 0 else opts.step, mesh,
+                         opts.hf_tokenizer)
+    target.model_cfg = with_kv_cache(target.model_cfg, opts.kv_cache)
+    if opts.quantize:
+        from jaxlm.models.quant.convert import quantize_loaded
+
+        target = quantize_loaded(target, opts.quantize, opts.quant_tile_size, mesh)
+    engine = Engine(target.model_cfg, target.params, target.tokenizer, mesh,
+                    batch_size=opts.batch_size, max_length=opts.max_length)
+    out: dict[str, Any] = {"results": {}}
+    if opts.tasks:
+        out = results_lib.run_tasks(
+            engine, opts.tasks, limit=opts.limit, include_path=opts.include_path,
+            num_fewshot=None if opts.num_fewshot < 0 else opts.num_fewshot,
+            progress=opts.progress)
+    if opts.reward_model:
+        from jaxlm.evaluation import winrate
+
+        out["results"]["winrate"] = winrate.evaluate(
+            target, engine, opts.reward_model, reference=opts.reference,
+            limit=opts.limit, max_new_tokens=opts.max_new_tokens)
+    out["config"] = target.config.to_dict()
+    out["checkpoint"] = {"directory": target.directory, "step": target.step,
+                         "tokenizer": target.tokenizer.name}
+    out["model_name"] = opts.workdir
+    path = opts.output or results_lib.default_path(opts.workdir, target.step)
+    results_lib.write_results(out, path)
+    print(results_lib.format_table(out), file=stdout)
+    print(f"results: {path}", file=stdout)
+    return out
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        run(_options_from_flags())
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    _define_flags()
+    flags.mark_flags_as_required(["workdir"])
+    app.run(main)

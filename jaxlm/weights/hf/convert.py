@@ -1,0 +1,403 @@
+"""Hugging Face model directory <-> jaxlm checkpoint, one tensor at a time.
+
+`import_hf(hf_dir, out_dir)` writes
+
+    <out_dir>/checkpoints/0/       a jaxlm checkpoint (params only, the resolved run config, and
+                                   the tokenizer reference) that
+                                   `jaxlm.run.checkpoint.restore_params`
+                                   and `init_from` load
+    <out_dir>/config.py            a run config (`get_config`) with this model and
+                                   init_from.path = <out_dir>/checkpoints
+    <out_dir>/tokenizer.json       the Hugging Face tokenizer (with tokenizer_config.json, its
+                                   special tokens and chat template), when the HF directory has
+                                   one; else
+    <out_dir>/tokenizer.model      the sentencepiece tokenizer, when the HF directory has one
+
+`export_hf(checkpoint_dir, out_dir)` writes config.json + safetensors (sharded above
+`max_shard_bytes`) that `transformers.AutoModelForCausalLM.from_pretrained` loads, and the
+tokenizer files back.
+
+Memory: import checks every tensor from the safetensors headers, then saves the params as lazy
+leaves (`streamed_params`): each group of params is built from its HF tensors (read one at a
+time with `safe_open`) only when orbax writes it, and dropped after, so the peak is about one
+param group plus one HF tensor, never the output model whole. Export restores one group of
+params at a time and produces, writes and frees one HF tensor at a time (peak: about the largest
+param). docs/hf.md "Memory" states both bounds.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from jaxlm.data import hf_tokenizer
+from jaxlm.data.tokenizer import load_tokenizer
+from jaxlm.models.config import ModelConfig
+from jaxlm.models.transformer import Transformer
+from jaxlm.run import checkpoint as ckpt_lib
+from jaxlm.run import config as config_lib
+from jaxlm.run.train_state import abstract_boxed_params
+from jaxlm.weights.hf import config as hf_config
+from jaxlm.weights.hf import safetensors_io, streamed_params
+from jaxlm.weights.hf import tensors as hf_weights
+
+CHECKPOINTS = "checkpoints"
+CONFIG_FILE = "config.py"
+TOKENIZER_FILE = "tokenizer.model"
+IMPORT_STEP = 0
+
+
+def run_config(model_fields: dict[str, Any], param_dtype: str,
+               tokenizer_path: str = "") -> ml_collections.ConfigDict:
+    """base_config() with the imported model (and its tokenizer) filled in; validated."""
+    c = config_lib.base_config()
+    for key, value in model_fields.items():
+        if isinstance(value, dict):  # a sub-section such as rope_scaling: only the keys given
+            for sub, v in value.items():
+                c.model[key][sub] = v
+        else:
+            c.model[key] = value
+    c.model.param_dtype = param_dtype
+    c.data.tokenizer_path = tokenizer_path
+    if tokenizer_path.endswith(".json"):  # a HF tokenizer: its own BOS rule and chat template
+        tokenizer = load_tokenizer(tokenizer_path)
+        c.data.add_bos = tokenizer.add_bos
+        c.data.add_eos = tokenizer.eos_id >= 0
+        if tokenizer.chat_template:
+            c.chat.template = "tokenizer"
+    c.data.seq_len = min(c.data.seq_len, c.model.max_seq_len)
+    config_lib.validate(c)
+    return c
+
+
+def abstract_params(cfg: ModelConfig) -> Any:
+    """jax.ShapeDtypeStruct leaves of the params of `cfg` (no FLOPs, no memory)."""
+    return nn.meta.unbox(abstract_boxed_params(Transformer(cfg), 1))
+
+
+def _flat(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            out.update(_flat(value, (*prefix, key)))
+        return out
+    return {prefix: tree}
+
+
+def _nest(flat: dict[tuple[str, ...], Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return out
+
+
+def _prepare_out_dir(out_dir: str, overwrite: bool) -> None:
+    if os.path.exists(out_dir) and os.listdir(out_dir):
+        if not overwrite:
+            raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True / "
+                                  "--overwrite to replace it)")
+        shutil.rmtree(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+
+
+def _copy_tokenizer(hf_dir: str, out_dir: str, vocab_size: int) -> tuple[str, str]:
+    """Copies the tokenizer: a Hugging Face tokenizer.json (with tokenizer_config.json, its
+    chat template and special tokens), else a sentencepiece tokenizer.model; returns (path,
+    sha256), or ("", "") if the directory has neither."""
+    if os.path.isfile(os.path.join(hf_dir, hf_tokenizer.TOKENIZER_JSON)):
+        for name in hf_tokenizer.TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(hf_dir, name)):
+                shutil.copyfile(os.path.join(hf_dir, name), os.path.join(out_dir, name))
+        target = os.path.join(out_dir, hf_tokenizer.TOKENIZER_JSON)
+    elif os.path.isfile(os.path.join(hf_dir, TOKENIZER_FILE)):
+        target = os.path.join(out_dir, TOKENIZER_FILE)
+        shutil.copyfile(os.path.join(hf_dir, TOKENIZER_FILE), target)
+    else:
+        logging.warning("%s has neither %s nor %s; the import carries no tokenizer: set "
+                        "data.tokenizer_path yourself", hf_dir, hf_tokenizer.TOKENIZER_JSON,
+                        TOKENIZER_FILE)
+        return "", ""
+    tokenizer = load_tokenizer(target)
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"{target} has {tokenizer.vocab_size} ids but config.json "
+                         f"vocab_size is {vocab_size}")
+    return target, tokenizer.sha256
+
+
+def _write_config_file(path: str, c: ml_collections.ConfigDict, fields: dict[str, Any],
+                       hf_dir: str) -> None:
+    # Everything embedded is escaped: the docstring holds the directory only as a repr with
+    # its quotes and backslashes escaped, so no directory name can end the string.
+    where = repr(hf_dir).replace("\\", "\\\\").replace('"', '\\"')
+    lines = [f'"""The model imported from {where} by jaxlm/tools/convert_hf.py.',
+             "",
+             "Starts a run from the imported weights (init_from); set data.* and train.* for",
+             'the run, e.g. --config.data.paths=... on the command line."""',
+             "",
+             "from jaxlm.run.config import base_config",
+             "",
+             "",
+             "def get_config(arg=None):",
+             "    del arg",
+             "    c = base_config()"]
+    for key in (*fields, "param_dtype"):  # every architecture key, default or not
+        if isinstance(fields.get(key), dict):
+            lines += [f"    c.model.{key}.{sub} = {c.model[key][sub]!r}" for sub in c.model[key]]
+        else:
+            lines.append(f"    c.model.{key} = {c.model[key]!r}")
+    if c.data.tokenizer_path:
+        lines.append(f"    c.data.tokenizer_path = {c.data.tokenizer_path!r}")
+    defaults = config_lib.base_config()
+    for section, key in (("data", "add_bos"), ("data", "add_eos"), ("data", "special_tokens"),
+                         ("chat", "template")):
+        if c[section][key] != defaults[section][key]:
+            lines.append(f"    c.{section}.{key} = {c[section][key]!r}")
+    if c.data.seq_len != config_lib.base_config().data.seq_len:
+        lines.append(f"    c.data.seq_len = {c.data.seq_len!r}")
+    lines += [f"    c.init_from.path = {c.init_from.path!r}", "    return c", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+def import_hf(hf_dir: str, out_dir: str, *, param_dtype: str = "float32",
+              overwrite: bool = False) -> ml_collections.ConfigDict:
+    """Converts a HF model directory into a jaxlm checkpoint + config; returns the run config
+    (the one saved with the checkpoint, init_from unset)."""
+    hf_dir, out_dir = os.path.abspath(hf_dir), os.path.abspath(out_dir)
+    config_path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{hf_dir} has no config.json")
+    with open(config_path) as f:
+        hf = json.load(f)
+    fields = hf_config.model_fields(hf)
+    files = safetensors_io.weight_files(hf_dir)
+    _prepare_out_dir(out_dir, overwrite)
+    tokenizer_path, tokenizer_sha = _copy_tokenizer(hf_dir, out_dir, fields["vocab_size"])
+    c = run_config(fields, param_dtype, tokenizer_path)
+    cfg = config_lib.model_config(c)
+
+    sources = _check_tensors(hf_dir, hf["model_type"], cfg, files)
+    extra = {"tokenizer_path": tokenizer_path, "tokenizer_sha256": tokenizer_sha,
+             "hf_source": hf_dir, "hf_model_type": hf["model_type"]}
+    params = _lazy_params(cfg, sources)
+    streamed_params.save_params(os.path.join(out_dir, CHECKPOINTS), IMPORT_STEP, _nest(params),
+                                json.loads(c.to_json_best_effort()), extra)
+    file_config = ml_collections.ConfigDict(c.to_dict())
+    file_config.init_from.path = os.path.join(out_dir, CHECKPOINTS)
+    _write_config_file(os.path.join(out_dir, CONFIG_FILE), file_config, fields, hf_dir)
+    logging.info("imported %s (%s) -> %s", hf_dir, hf["model_type"], out_dir)
+    return c
+
+
+def _check_tensors(hf_dir: str, model_type: str, cfg: ModelConfig, files: list[str]
+                   ) -> dict[str, tuple[str, str]]:
+    """(file, name in it) of every HF tensor the model needs, by its `tensor_maps` name; from
+    the safetensors headers alone, so an unknown, missing or misshapen tensor is reported
+    before anything is read or written."""
+    maps = {m.name: m for m in hf_weights.tensor_maps(cfg)}
+    sources, unknown = {}, []
+    for name, path, shape in safetensors_io.tensor_index(files):
+        canonical = hf_weights.canonical_name(name, cfg)
+        if canonical is None:
+            continue
+        if canonical not in maps or canonical in sources:
+            unknown.append(name)
+            continue
+        if shape != maps[canonical].shape:
+            raise ValueError(f"{name}: shape {shape} in the safetensors file, but config.json "
+                             f"implies {maps[canonical].shape}")
+        sources[canonical] = (path, name)
+    if unknown:
+        raise ValueError(f"{hf_dir}: tensors that a {model_type} model with this config.json "
+                         f"does not have: {unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
+    missing = sorted(set(maps) - set(sources))
+    if missing:
+        raise ValueError(f"{hf_dir}: missing tensors {missing[:8]}"
+                         f"{' ...' if len(missing) > 8 else ''}")
+    return sources
+
+
+Group = tuple[frozenset[tuple[str, ...]], tuple[hf_weights.TensorMap, ...]]
+
+
+def param_groups(cfg: ModelConfig) -> list[Group]:
+    """The jaxlm params that HF tensors fill together (e.g. GPT-2's q, k, v from c_attn, or
+    every layer of a stacked param), each with those tensors; the groups are disjoint."""
+    groups: list[Group] = []
+    for m in hf_weights.tensor_maps(cfg):
+        leaves = frozenset(hf_weights.param_slot(cfg, p, m.layer)[0] for p in m.params)
+        joined = [g for g in groups if g[0] & leaves]
+        groups = [g for g in groups if not g[0] & leaves]
+        groups.append((leaves.union(*(g[0] for g in joined)),
+                       (*(mm for g in joined for mm in g[1]), m)))
+    return sorted(groups, key=lambda g: sorted(g[0]))
+
+
+def largest_group_bytes(cfg: ModelConfig) -> int:
+    """Bytes of the largest group of params that the import makes at once (its memory bound,
+    docs/hf.md "Memory")."""
+    abstract = _flat(abstract_params(cfg))
+    itemsize = np.dtype(cfg.weight_dtype).itemsize
+    return max(sum(int(np.prod(abstract[p].shape, dtype=np.int64)) for p in leaves)
+               for leaves, _ in param_groups(cfg)) * itemsize
+
+
+def _check_covered(cfg: ModelConfig, abstract: dict[tuple[str, ...], Any],
+                   groups: list[Group]) -> None:
+    """Every jaxlm param (every layer of a stacked one) is filled by some HF tensor."""
+    done = {hf_weights.param_slot(cfg, p, m.layer) for _, maps in groups for m in maps
+            for p in m.params}
+    for path, leaf in abstract.items():
+        stacked = cfg.scan_layers and path[0] == "blocks"
+        slots = [(path, i) for i in range(leaf.shape[0])] if stacked else [(path, None)]
+        missing = [s for s in slots if s not in done]
+        if missing:
+            raise AssertionError(f"jaxlm param {'/'.join(path)} (layers "
+                                 f"{[i for _, i in missing]}) has no HF tensor in the mapping")
+
+
+class _GroupAssembler:
+    """Builds the jaxlm params one group at a time from the HF tensors that fill it.
+
+    Each param is handed out once; the group's arrays go when its last param is handed out (and
+    written), and any group still held is dropped before the next one is built."""
+
+    def __init__(self, cfg: ModelConfig, abstract: dict[tuple[str, ...], Any],
+                 sources: dict[str, tuple[str, str]], groups: list[Group]):
+        self._cfg, self._abstract, self._sources, self._groups = cfg, abstract, sources, groups
+        self._dtype = np.dtype(cfg.weight_dtype)
+        self._ready: dict[tuple[str, ...], np.ndarray] = {}
+
+    def make(self, path: tuple[str, ...], group: int) -> np.ndarray:
+        if path not in self._ready:
+            self._ready = {}
+            self._ready = self._assemble(*self._groups[group])
+        return self._ready.pop(path)
+
+    def _assemble(self, leaves: frozenset[tuple[str, ...]],
+                  maps: tuple[hf_weights.TensorMap, ...]) -> dict[tuple[str, ...], np.ndarray]:
+        # Zeroed arrays page in as the tensors arrive; vocab padding rows stay 0.
+        arrays = {p: np.zeros(self._abstract[p].shape, self._dtype) for p in leaves}
+        for m in maps:
+            hf_array = safetensors_io.read_tensor(*self._sources[m.name])
+            for path, value in zip(m.params, m.to_jaxlm(hf_array)):
+                full, index = hf_weights.param_slot(self._cfg, path, m.layer)
+                target = arrays[full] if index is None else arrays[full][index]
+                target[tuple(slice(0, s) for s in value.shape)] = value  # vocab: the first V
+            del hf_array
+        return arrays
+
+
+def _lazy_params(cfg: ModelConfig, sources: dict[str, tuple[str, str]]
+                 ) -> dict[tuple[str, ...], streamed_params.LazyParam]:
+    """Every jaxlm param as a `LazyParam` that reads its HF tensors when it is written."""
+    abstract = _flat(abstract_params(cfg))
+    groups = param_groups(cfg)
+    _check_covered(cfg, abstract, groups)
+    assembler = _GroupAssembler(cfg, abstract, sources, groups)
+    return {path: streamed_params.LazyParam(
+                abstract[path].shape, np.dtype(cfg.weight_dtype),
+                functools.partial(assembler.make, path, g), group=f"{g:06d}")
+            for g, (leaves, _) in enumerate(groups) for path in sorted(leaves)}
+
+
+def _checkpoint_directory(path: str) -> str:
+    """A directory of step checkpoints; a run's workdir (holding checkpoints/) also works."""
+    if not ckpt_lib.complete_steps(path) and ckpt_lib.complete_steps(
+            os.path.join(path, CHECKPOINTS)):
+        return os.path.join(path, CHECKPOINTS)
+    return path
+
+
+def _read_checkpoint(checkpoint_dir: str, step: int | None
+                     ) -> tuple[str, int, ml_collections.ConfigDict, dict[str, Any]]:
+    """(directory, step, run config, extra) of a jaxlm checkpoint; no arrays are read."""
+    directory = os.path.abspath(_checkpoint_directory(checkpoint_dir))
+    steps = ckpt_lib.complete_steps(directory)
+    if not steps:
+        raise FileNotFoundError(f"{checkpoint_dir} holds no complete jaxlm checkpoint")
+    step = steps[-1] if step is None else step
+    ckpt = ckpt_lib.Checkpointer(directory, save_every=0, keep_last=1, async_save=False)
+    with ckpt:
+        c = ml_collections.ConfigDict(ckpt.read_json(step, ckpt_lib.CONFIG))
+        try:
+            extra = ckpt.read_json(step, ckpt_lib.EXTRA)
+        except FileNotFoundError:
+            extra = {}
+    return directory, step, c, extra
+
+
+def _abstract_on_one_device(cfg: ModelConfig) -> dict[tuple[str, ...], Any]:
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return {path: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device)
+            for path, x in _flat(abstract_params(cfg)).items()}
+
+
+def export_hf(checkpoint_dir: str, out_dir: str, *, step: int | None = None,
+              dtype: str = "", max_shard_bytes: int = 5 * 2**30,
+              overwrite: bool = False) -> list[str]:
+    """Writes the jaxlm checkpoint as a HF model directory; returns the weight files written.
+
+    `dtype`: of the HF weights ("" = the checkpoint's param dtype). The HF tensors are written
+    grouped by the jaxlm params they come from, and those params are restored one group at a
+    time (a stacked `blocks/...` param serves every layer's tensor), so the peak memory is
+    about the largest param, not the model.
+    """
+    directory, step, c, extra = _read_checkpoint(checkpoint_dir, step)
+    cfg = config_lib.model_config(c)
+    out_dtype = np.dtype(dtype or cfg.param_dtype)
+    safetensors_io.dtype_code(out_dtype)  # fail early on an unsupported dtype
+    config = hf_config.hf_config(cfg, torch_dtype=str(out_dtype))
+    abstract = _abstract_on_one_device(cfg)
+    groups: dict[tuple[tuple[str, ...], ...], list[hf_weights.TensorMap]] = {}
+    for m in hf_weights.tensor_maps(cfg):
+        leaves = tuple(sorted({hf_weights.param_slot(cfg, p, m.layer)[0] for p in m.params}))
+        groups.setdefault(leaves, []).append(m)
+    by_name = {m.name: (leaves, m) for leaves, ms in groups.items() for m in ms}
+    loaded: dict[tuple[str, ...], np.ndarray] = {}
+
+    def produce(name: str) -> np.ndarray:
+        leaves, m = by_name[name]
+        if set(loaded) != set(leaves):
+            loaded.clear()  # the previous group is written: free it before reading the next
+            restored = ckpt_lib.restore_params(
+                directory, step, _nest({p: abstract[p] for p in leaves}), subset=True)
+            loaded.update({p: np.asarray(x) for p, x in _flat(restored).items()})
+            del restored
+        arrays = []
+        for path in m.params:
+            full, index = hf_weights.param_slot(cfg, path, m.layer)
+            arrays.append(loaded[full] if index is None else loaded[full][index])
+        return m.to_hf(*arrays).astype(out_dtype, copy=False)
+
+    _prepare_out_dir(out_dir, overwrite)
+    entries = [(m.name, m.shape) for ms in groups.values() for m in ms]
+    files = safetensors_io.write_model(out_dir, entries, produce, out_dtype, max_shard_bytes)
+    loaded.clear()
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    tokenizer = extra.get("tokenizer_path", "")
+    if tokenizer.endswith(".json") and os.path.isfile(tokenizer):
+        source_dir = os.path.dirname(tokenizer)
+        for name in hf_tokenizer.TOKENIZER_FILES:
+            source = tokenizer if name == hf_tokenizer.TOKENIZER_JSON else os.path.join(
+                source_dir, name)
+            if os.path.isfile(source):
+                shutil.copyfile(source, os.path.join(out_dir, name))
+    elif tokenizer and os.path.isfile(tokenizer):
+        shutil.copyfile(tokenizer, os.path.join(out_dir, TOKENIZER_FILE))
+    logging.info("exported step %d of %s (%s) -> %s: %s", step, checkpoint_dir,
+                 config["model_type"], out_dir, files)
+    return files
