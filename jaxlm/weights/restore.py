@@ -142,14 +142,15 @@ def source_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer | None:
 
     if config.data.tokenizer_path:
         return None
-    sources = list(get_stage(config.stage).frozen_models(config).values())
+    sources = [(f"frozen model {name!r}", path, step)
+               for name, (path, step) in get_stage(config.stage).frozen_models(config).items()]
     if config.init_from.path:
         step = None if config.init_from.step < 0 else config.init_from.step
-        sources.insert(0, (config.init_from.path, step))
-    for path, step in sources:
+        sources.insert(0, ("the init_from run", config.init_from.path, step))
+    for what, path, step in sources:
         tokenizer = saved_tokenizer(read_checkpoint(path, step))
         if tokenizer is not None:
-            logging.info("tokenizer of %s: %s", path, tokenizer.path)
+            logging.info("tokenizer of %s: %s", what, tokenizer.path)
             return tokenizer
     return None
 
