@@ -38,8 +38,8 @@ from ml_collections import config_flags
 
 from jaxlm.inference import Request, Sampler
 from jaxlm.models import Transformer, kv_cache
+from jaxlm.models.kv_cache import with_kv_cache
 from jaxlm.run import config as config_lib
-from jaxlm.weights.loading import with_kv_cache
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.")
 _BATCHES = flags.DEFINE_list("batches", ["1", "8"], "Batch sizes.")
@@ -74,9 +74,9 @@ def _stdlib_prompts(count: int) -> list[str]:
 def speculative_rows() -> None:
     """Plain vs speculative decoding of a trained target with each draft."""
     from jaxlm.inference import SamplingParams
-    from jaxlm.weights.loading import load_model
+    from jaxlm.weights.restore import restore
 
-    target = load_model(_TARGET.value)
+    target = restore(_TARGET.value)
     sampler = Sampler(target.model_cfg, target.params, bucket=8, pad_id=target.tokenizer.pad_id)
     sampling = SamplingParams(temperature=_TEMPERATURE.value)
     n = _NEW.value
@@ -86,7 +86,7 @@ def speculative_rows() -> None:
           f"{_TEMPERATURE.value}")
     print("| batch | decoding | s per batch | tokens/s | speed-up | acceptance |")
     print("| ---: | --- | ---: | ---: | ---: | ---: |")
-    drafts = [(spec.split("=", 1)[0], load_model(spec.split("=", 1)[1]))
+    drafts = [(spec.split("=", 1)[0], restore(spec.split("=", 1)[1]))
               for spec in _DRAFTS.value]
     for b in map(int, _BATCHES.value):
         requests = [Request(target.tokenizer.encode(text)[:_PROMPT_LEN.value], n)

@@ -39,7 +39,7 @@ from jaxlm.models.quant.convert import quantize_model  # noqa: E402
 from jaxlm.models.quant.spec import from_preset  # noqa: E402
 from jaxlm.run import trainer  # noqa: E402
 from jaxlm.stages.pretrain import eval_step  # noqa: E402
-from jaxlm.weights.loading import load_model, read_run  # noqa: E402
+from jaxlm.weights.restore import restore  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trained pretraining run.")
 # label -> (--quantize preset or a float dtype, tile size, KV cache dtype)
@@ -86,8 +86,8 @@ def decode_tokens_per_s(cfg: ModelConfig, params, prompt: list[int]) -> float:
 def main(argv: list[str]) -> None:
     del argv
     workdir = _WORKDIR.value
-    loaded = load_model(workdir)
-    config = read_run(workdir)[2]
+    loaded = restore(workdir)
+    config = loaded.config
     config.data.cache_dir = config.data.cache_dir or os.path.join(workdir, "cache")
     s = trainer.setup(config, workdir)
     rng = np.random.default_rng(0)

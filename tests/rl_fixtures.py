@@ -39,3 +39,11 @@ def grpo_config(stage_: str = "grpo", **rl) -> ml_collections.ConfigDict:
     for k, v in rl.items():
         c.rl[k] = v
     return c
+
+
+def reward_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The run config a reward-stage run of `config`'s model saves with its checkpoints (the
+    model of the reward stage: the scalar head, no vocabulary head)."""
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.stage = "reward"
+    return c

@@ -16,7 +16,7 @@ import pytest
 from jaxlm.models import Transformer
 from jaxlm.run import trainer
 from jaxlm.tools import generate
-from jaxlm.weights.loading import load_model
+from jaxlm.weights.restore import restore
 from tests.greedy_reference import make_greedy_sampler
 from tests.run_fixtures import tiny_run_config
 
@@ -31,7 +31,7 @@ def run_dir(tmp_path_factory):
 
 
 def test_cli_prints_the_greedy_continuation(run_dir):
-    loaded = load_model(str(run_dir))
+    loaded = restore(str(run_dir))
     prompt = [loaded.tokenizer.bos_id] + loaded.tokenizer.encode("def ")
     expected = make_greedy_sampler(Transformer(loaded.model_cfg), len(prompt) + 6)(
         loaded.params, prompt)
@@ -54,7 +54,7 @@ def test_score_prints_per_token_logprobs_and_perplexity(run_dir, tmp_path):
     generate.run(generate.Options(workdir=str(run_dir), score=True,
                                   input=str(tmp_path / "in.txt")), stdout=out)
     rows = [json.loads(line) for line in out.getvalue().splitlines()]
-    loaded = load_model(str(run_dir))
+    loaded = restore(str(run_dir))
     tok = loaded.tokenizer
     for text, row in zip(texts, rows):
         ids = [tok.bos_id] + tok.encode(text)
@@ -69,12 +69,12 @@ def test_score_prints_per_token_logprobs_and_perplexity(run_dir, tmp_path):
 def _chat(run_dir, monkeypatch, stdin, chat_overrides=None, **options):
     """Runs --chat; returns (printed replies, the loaded run, prompts sent as token ids)."""
     from jaxlm.inference import sampler
-    from jaxlm.weights import loading
+    from jaxlm.weights import restore as restore_lib
 
-    loaded = load_model(str(run_dir))
+    loaded = restore(str(run_dir))
     for key, value in (chat_overrides or {}).items():
         loaded.config.chat[key] = value
-    monkeypatch.setattr(loading, "load_model", lambda *args, **kwargs: loaded)
+    monkeypatch.setattr(restore_lib, "restore", lambda *args, **kwargs: loaded)
     sent = []
     original = sampler.Sampler.generate
 
@@ -131,7 +131,7 @@ def test_beam_flags_reach_the_beam_search(run_dir):
     `Sampler.beam_search` under the same settings (defaults: transformers')."""
     from jaxlm.inference import Request, Sampler
 
-    loaded = load_model(str(run_dir))
+    loaded = restore(str(run_dir))
     tok = loaded.tokenizer
     sampler = Sampler(loaded.model_cfg, loaded.params, pad_id=tok.pad_id)
     prompt = [tok.bos_id] + tok.encode("def ")

@@ -15,7 +15,7 @@ import transformers
 from jaxlm.inference.sampler import Request, Sampler
 from jaxlm.tools import generate
 from jaxlm.weights.hf import convert as hf
-from jaxlm.weights.loading import load_model
+from jaxlm.weights.restore import restore
 from tests.hf_tokenizer_fixtures import write_hf_tokenizer
 
 NEW_TOKENS = 64
@@ -64,7 +64,7 @@ def _import(family, tmp_path):
     model.save_pretrained(str(tmp_path / "hf"))
     write_hf_tokenizer(str(tmp_path / "hf"), "llama3")
     hf.import_hf(str(tmp_path / "hf"), str(tmp_path / "jx"))
-    return model, load_model(str(tmp_path / "jx"))
+    return model, restore(str(tmp_path / "jx"))
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

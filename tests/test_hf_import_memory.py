@@ -14,6 +14,7 @@ import pytest
 
 from jaxlm.run import checkpoint as ckpt_lib
 from jaxlm.run import config as config_lib
+from jaxlm.weights import restore
 from jaxlm.weights.hf import config as hf_config
 from jaxlm.weights.hf import convert as hf
 from jaxlm.weights.hf import safetensors_io
@@ -76,8 +77,8 @@ def test_import_holds_one_param_group_not_the_model(llama_dir, tmp_path):
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                             hf.abstract_params(cfg))
-    params = jax.device_get(ckpt_lib.restore_params(str(tmp_path / "jx" / hf.CHECKPOINTS), None,
-                                                    abstract))
+    params = jax.device_get(restore.restore(str(tmp_path / "jx"), model_cfg=cfg,
+                                            abstract_params=abstract).params)
     w_in = tensors["model.layers.5.mlp.up_proj.weight"]
     np.testing.assert_array_equal(params["blocks"]["mlp"]["w_in"][5], w_in.T)
     np.testing.assert_array_equal(params["embed"], tensors["model.embed_tokens.weight"])

@@ -20,7 +20,7 @@ import transformers
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.transformer import Transformer
 from jaxlm.run import config as config_lib
-from jaxlm.run.checkpoint import restore_params
+from jaxlm.weights import restore
 from jaxlm.weights.hf import config as hf_config
 from jaxlm.weights.hf import convert as hf
 from jaxlm.weights.hf import safetensors_io
@@ -112,7 +112,8 @@ def _restore_like_init_from(config):
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                             hf.abstract_params(cfg))
-    return cfg, restore_params(config.init_from.path, None, abstract)
+    return cfg, restore.restore(config.init_from.path, model_cfg=cfg,
+                                abstract_params=abstract).params
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ from flax import traverse_util
 
 from jaxlm.models import Transformer, lora
 from jaxlm.run import trainer
-from jaxlm.run.checkpoint import restore_params
 from jaxlm.run.config import base_config
 from jaxlm.run.train_state import abstract_boxed_params
+from jaxlm.weights import restore
 
 SEQ = 16
 
@@ -56,7 +56,8 @@ def lora_run(tmp_path_factory):
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                             nn.meta.unbox(abstract_boxed_params(s.program.model, SEQ)))
     checkpoints = str(base / "lora" / "checkpoints")
-    saved = jax.device_get(restore_params(checkpoints, None, abstract))
+    saved = jax.device_get(restore.restore(checkpoints, model_cfg=s.program.model_cfg,
+                                           abstract_params=abstract).params)
     return base, checkpoints, saved
 
 

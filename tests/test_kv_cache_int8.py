@@ -13,10 +13,10 @@ import pytest
 
 from jaxlm.inference import Request, Sampler, decode, shard_params
 from jaxlm.models import ModelConfig, Transformer, kv_cache
+from jaxlm.models.kv_cache import with_kv_cache
 from jaxlm.parallel import sharding
 from jaxlm.run import config as config_lib
 from jaxlm.run.errors import ConfigError
-from jaxlm.weights.loading import with_kv_cache
 
 # head_dim 32: the int8 cache's float32 scale costs 4 bytes per 32 int8 values.
 CFG = ModelConfig(vocab_size=250, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -315,11 +315,11 @@ def test_generate_kv_cache_flag_decodes_with_the_int8_cache(tmp_path):
 
     from jaxlm.run import trainer
     from jaxlm.tools import generate
-    from jaxlm.weights.loading import load_model
+    from jaxlm.weights.restore import restore
     from tests.run_fixtures import tiny_run_config
 
     trainer.run(tiny_run_config(tmp_path, num_layers=1, seq_len=16), str(tmp_path / "run"))
-    loaded = load_model(str(tmp_path / "run"))
+    loaded = restore(str(tmp_path / "run"))
     assert loaded.model_cfg.kv_cache_dtype == ""
     prompt = [loaded.tokenizer.bos_id] + loaded.tokenizer.encode("def ")
     eos = loaded.tokenizer.eos_id

@@ -20,7 +20,7 @@ from jaxlm.models.quant.convert import quantize_loaded
 from jaxlm.run import trainer
 from jaxlm.tools import generate
 from jaxlm.tools.quantize import quantize_checkpoint
-from jaxlm.weights.loading import load_model
+from jaxlm.weights.restore import restore
 from tests.greedy_reference import make_greedy_sampler
 from tests.run_fixtures import tiny_run_config
 
@@ -44,8 +44,8 @@ def test_saved_tree_restores_bitwise_and_decodes_with_the_kv_cache(run_dir, tmp_
                                                                      tile, value_dtype):
     out = tmp_path / preset
     quantize_checkpoint(str(run_dir), str(out), preset, tile)
-    restored = load_model(str(out))
-    written = quantize_loaded(load_model(str(run_dir)), preset, tile)
+    restored = restore(str(out))
+    written = quantize_loaded(restore(str(run_dir)), preset, tile)
     assert restored.model_cfg.quant == written.model_cfg.quant
     assert restored.model_cfg.quant.mode == "ptq" and restored.step == written.step
     got, want = _leaves(restored.params), _leaves(written.params)
@@ -69,7 +69,7 @@ def test_saved_tree_restores_bitwise_and_decodes_with_the_kv_cache(run_dir, tmp_
     assert completion.tokens == expected[:len(completion.tokens)]
     assert len(completion.tokens) == 6 or completion.stopped
     assert quantizer.param_bytes(restored.params) < quantizer.param_bytes(
-        load_model(str(run_dir)).params)
+        restore(str(run_dir)).params)
 
 
 def test_cli_writes_a_checkpoint_generate_loads(run_dir, tmp_path):
@@ -95,4 +95,4 @@ def test_an_already_quantized_checkpoint_is_not_quantized_again(run_dir, tmp_pat
     out = tmp_path / "int8"
     quantize_checkpoint(str(run_dir), str(out), "int8")
     with pytest.raises(ValueError, match="already quantized"):
-        quantize_loaded(load_model(str(out)), "int4")
+        quantize_loaded(restore(str(out)), "int4")

@@ -99,7 +99,7 @@ def test_qlora_from_a_float_run_quantizes_its_weights_and_checkpoints_them(tmp_p
     """init_from a float checkpoint: its weights are read as float and quantized; the QLoRA
     run's checkpoint holds that quantized base, unchanged by training."""
     from jaxlm.run import trainer
-    from jaxlm.weights.loading import load_model
+    from jaxlm.weights.restore import restore
     from tests.run_fixtures import tiny_run_config
 
     trainer.run(tiny_run_config(tmp_path, seq_len=16), str(tmp_path / "run"))
@@ -108,8 +108,8 @@ def test_qlora_from_a_float_run_quantizes_its_weights_and_checkpoints_them(tmp_p
     c.model.lora.rank, c.model.lora.mlp = 4, True
     c.quant.update(mode="ptq", weight="nf4", tile_size=16)
     trainer.run(c, str(tmp_path / "qlora"))
-    qlora = load_model(str(tmp_path / "qlora"))
-    float_params = load_model(str(tmp_path / "run")).params
+    qlora = restore(str(tmp_path / "qlora"))
+    float_params = restore(str(tmp_path / "run")).params
     want = quantizer.quantize_params(float_params, qlora.model_cfg.quant)
     got = _base(qlora.params)
     assert jax.tree.structure(got) == jax.tree.structure(want)
@@ -121,7 +121,7 @@ def test_qlora_from_a_float_run_quantizes_its_weights_and_checkpoints_them(tmp_p
     from jaxlm.tools.merge_lora import merge_checkpoint
 
     merge_checkpoint(str(tmp_path / "qlora" / "checkpoints"), str(tmp_path / "merged"))
-    merged = load_model(str(tmp_path / "merged"))
+    merged = restore(str(tmp_path / "merged"))
     assert merged.model_cfg.quant.mode == "none" and merged.model_cfg.lora_rank == 0
     assert not any(quantizer.is_qarray(x) for x in jax.tree.leaves(
         merged.params, is_leaf=quantizer.is_qarray))

@@ -13,7 +13,7 @@ from jaxlm.run.checkpoint import Checkpointer
 from jaxlm.stages import ppo
 from jaxlm.stages.rl.prompts import make_prompt_iterator
 from jaxlm.stages.rl.reward_model import sequence_scores
-from tests.rl_fixtures import CharTokenizer, grpo_config
+from tests.rl_fixtures import CharTokenizer, grpo_config, reward_config
 
 
 def test_token_rewards_match_a_direct_computation():
@@ -49,11 +49,12 @@ def _setup(tmp_path, num_epochs=1):
     config_lib.validate(config)
     mesh = sharding.make_mesh(config_lib.check_devices(config, 1, 1), devices=jax.devices()[:1])
     program = program_lib.build(config, mesh)
-    # A "reward model": random weights with a random score head, saved as a reward run saves.
+    # A "reward model": random weights with a random score head, saved as a reward run saves
+    # (its config names the reward stage, whose model has the scalar head).
     rm = program.init_params(jax.random.key(7))
     rm["reward_head"] = jax.random.normal(jax.random.key(8), rm["reward_head"].shape) * 0.5
     ckpt = Checkpointer(str(tmp_path / "rm"), save_every=1, keep_last=1, async_save=False)
-    ckpt.save(1, program.state_from_params(rm))
+    ckpt.save(1, program.state_from_params(rm), config=reward_config(config))
     ckpt.close()
     return program, rm
 

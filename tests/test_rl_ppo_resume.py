@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from jaxlm.run import trainer
-from jaxlm.run.checkpoint import Checkpointer, read_saved_json
+from jaxlm.run.checkpoint import Checkpointer, read_json_items
 from jaxlm.stages import ppo
 from tests.data_fixtures import train_tiny_tokenizer
-from tests.rl_fixtures import grpo_config
+from tests.rl_fixtures import grpo_config, reward_config
 from tests.test_rl_resume import TIMING
 from tests.test_stage_resume import _by_step, _cut_back, _state
 
@@ -32,9 +32,9 @@ def _config(base, tokenizer: str):
     return c
 
 
-def _save(directory, program, params) -> None:
+def _save(directory, program, params, config=None) -> None:
     ckpt = Checkpointer(str(directory), save_every=1, keep_last=1, async_save=False)
-    ckpt.save(1, program.state_from_params(params))
+    ckpt.save(1, program.state_from_params(params), config=config)
     ckpt.close()
 
 
@@ -47,7 +47,7 @@ def full(tmp_path_factory):
     _save(base / "init", program, program.init_params(jax.random.key(0)))
     rm = program.init_params(jax.random.key(7))
     rm["reward_head"] = jax.random.normal(jax.random.key(8), rm["reward_head"].shape)
-    _save(base / "rm", program, rm)
+    _save(base / "rm", program, rm, reward_config(config))
     trainer.run(config, str(base / "full"))
     return base, config
 
@@ -72,7 +72,7 @@ def test_ppo_adaptive_kl_stopped_and_resumed_equals_uninterrupted(full):
     for name, value in b.items():
         np.testing.assert_array_equal(a[name], value, err_msg=name)
     # The checkpoint holds the beta after its step's update: the next step's.
-    saved = read_saved_json(str(base / "full" / "checkpoints"), STOP, "extra")
+    saved = read_json_items(str(base / "full" / "checkpoints"), STOP)["extra"]
     assert saved["host_state"] == {"kl_coef": rows[STOP + 1]["kl_coef"]}
 
 

@@ -15,10 +15,8 @@ import ml_collections
 from etils import epath
 from jax.sharding import Mesh
 
-from jaxlm.data.tokenizer import load_tokenizer
 from jaxlm.models import ModelConfig
-from jaxlm.run import config as config_lib
-from jaxlm.weights import loading
+from jaxlm.weights import restore
 
 
 class TextTokenizer:
@@ -93,8 +91,8 @@ class Target:
     directory: str = ""
 
 
-def _tokenizer(config: ml_collections.ConfigDict, extra: dict[str, Any],
-               hf_tokenizer: str) -> TextTokenizer:
+def _tokenizer(saved: restore.SavedRun, hf_tokenizer: str) -> TextTokenizer:
+    config, extra = saved.run_config(), saved.extra
     add_bos = bool(config.data.add_bos)
     hf_dir = hf_tokenizer or ""
     path = extra.get("tokenizer_path") or config.data.tokenizer_path
@@ -103,11 +101,7 @@ def _tokenizer(config: ml_collections.ConfigDict, extra: dict[str, Any],
         # evaluated through transformers' own tokenizer, as the harness's HF backend is.
         hf_dir = os.path.dirname(path)
     if not hf_dir and path and epath.Path(path).exists():
-        tok = load_tokenizer(path)
-        want = extra.get("tokenizer_sha256")
-        if want and tok.sha256 != want:
-            raise ValueError(f"tokenizer {path} has changed since the checkpoint was written")
-        return TextTokenizer(tok, add_bos=add_bos, name=path)
+        return TextTokenizer(restore.saved_tokenizer(saved), add_bos=add_bos, name=path)
     hf_dir = hf_dir or extra.get("hf_source", "")
     if not hf_dir or not os.path.isdir(hf_dir):
         raise FileNotFoundError(f"the checkpoint's tokenizer {path!r} does not exist and it "
@@ -121,8 +115,9 @@ def _tokenizer(config: ml_collections.ConfigDict, extra: dict[str, Any],
 def load_target(workdir: str, step: int | None = None, mesh: Mesh | None = None,
                 hf_tokenizer: str = "") -> Target:
     """The newest (or `step`) checkpoint of a run or an imported model, params over `mesh`."""
-    directory, step, config, extra = loading.read_run(workdir, step)
-    tokenizer = _tokenizer(config, extra, hf_tokenizer)
-    model_cfg = config_lib.model_config(config, tokenizer.vocab_size)
-    params, mesh = loading.restore_sharded_params(directory, step, model_cfg, mesh)
-    return Target(config, model_cfg, params, tokenizer, mesh, step, directory)
+    saved = restore.read_checkpoint(workdir, step)
+    tokenizer = _tokenizer(saved, hf_tokenizer)
+    model_cfg = restore.model_config(saved, tokenizer.vocab_size)
+    r = restore.restore(saved.directory, saved.step, mesh, model_cfg=model_cfg)
+    return Target(saved.run_config(), model_cfg, r.params, tokenizer, r.mesh, r.step,
+                  r.directory)

@@ -37,6 +37,7 @@ and, unless fused, write a float copy of the whole cache, the traffic int8 is me
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -301,3 +302,19 @@ def kv_bytes(cache: Any) -> int:
     return sum(x.size * jnp.dtype(x.dtype).itemsize
                for path, x in jax.tree_util.tree_flatten_with_path(cache)[0]
                if _leaf_name(path) in _KV_ENTRIES)
+
+
+# --kv_cache values of generate and eval -> ModelConfig.kv_cache_dtype ("" keeps the run's)
+KV_CACHE_FLAG = {"compute": "", "int8": "int8"}
+
+
+def with_kv_cache(model_cfg: Any, kv_cache: str) -> Any:
+    """The model config (a `ModelConfig`) with the KV cache a `--kv_cache` flag asks for: ""
+    keeps the run's model.kv_cache_dtype, "compute" stores k and v in the compute dtype, "int8"
+    as int8."""
+    if kv_cache and kv_cache not in KV_CACHE_FLAG:
+        raise ValueError(f"--kv_cache={kv_cache!r} is not one of {list(KV_CACHE_FLAG)} (or "
+                         "empty: the run's model.kv_cache_dtype)")
+    if not kv_cache:
+        return model_cfg
+    return dataclasses.replace(model_cfg, kv_cache_dtype=KV_CACHE_FLAG[kv_cache])

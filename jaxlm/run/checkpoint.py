@@ -15,6 +15,11 @@ the background; `wait` blocks until they are.
 
 A state restores onto any mesh: `restore` takes the NEW run's abstract state (ShapeDtypeStructs
 with shardings) and each process reads only the slices its devices hold.
+
+`Checkpointer` writes (and cleans up) only its own run's directory. Every reader of another
+run's checkpoints (`jaxlm.weights.restore`) goes through the read-only functions at the end of
+this module, `restore_params`, `read_json_items` and `saved_param_shapes`: they neither create,
+write nor tidy anything, so they may read a run while its trainer is still saving.
 """
 
 from __future__ import annotations
@@ -37,12 +42,12 @@ STATE, DATA, CONFIG, EXTRA = "state", "data", "config", "extra"
 JSON_ITEMS = (CONFIG, EXTRA)
 
 
-def _name_format() -> Any:
+def step_name_format() -> Any:
     """Step directories are named by the bare step number; temporary ones are skipped."""
     return ocp.path.step.standard_name_format()
 
 
-def _absolute(directory: str) -> str:
+def absolute(directory: str) -> str:
     """Local paths made absolute; URLs (gs://...) kept as they are."""
     return directory if "://" in directory else os.path.abspath(directory)
 
@@ -55,7 +60,7 @@ def complete_steps(directory: str) -> list[int]:
     """Steps of the complete (renamed, not temporary) checkpoints in `directory`, ascending."""
     if not epath.Path(directory).is_dir():
         return []
-    return sorted(m.step for m in _name_format().find_all(directory))
+    return sorted(m.step for m in step_name_format().find_all(directory))
 
 
 def _step_dir(directory: str, step: int) -> str:
@@ -66,7 +71,7 @@ def _step_dir(directory: str, step: int) -> str:
                  if not epath.Path(directory).is_dir() else
                  f"complete checkpoints in {directory}: {steps or 'none'}")
         raise FileNotFoundError(f"no complete checkpoint for step {step} ({where})")
-    return str(_name_format().find_step(directory, step).path)
+    return str(step_name_format().find_step(directory, step).path)
 
 
 def _flat(tree: Any) -> dict[str, Any]:
@@ -137,7 +142,7 @@ def _check_shapes(stored: Any, abstract: Any, path: str, *, prefix: str = "",
                              f"{tuple(saved[name])} but the model expects {tuple(wanted[name])}")
 
 
-def _json_dict(value: Any, what: str) -> dict[str, Any]:
+def json_item(value: Any, what: str) -> dict[str, Any]:
     """A JSON-safe deep copy (so later changes by the caller never reach an async save)."""
     if hasattr(value, "to_json_best_effort"):  # ml_collections.ConfigDict
         return json.loads(value.to_json_best_effort())
@@ -190,7 +195,7 @@ class Checkpointer:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         if keep_every < 0:
             raise ValueError(f"keep_every must be >= 0, got {keep_every}")
-        self.directory = _absolute(directory)
+        self.directory = absolute(directory)
         self.save_every = save_every
         self.is_primary = jax.process_index() == 0 if is_primary is None else is_primary
         policies = ocp.checkpoint_managers
@@ -200,7 +205,7 @@ class Checkpointer:
                 [preserve, policies.EveryNSteps(interval_steps=keep_every)])
         options = ocp.CheckpointManagerOptions(
             preservation_policy=preserve, enable_async_checkpointing=async_save,
-            step_name_format=_name_format(), cleanup_tmp_directories=True, create=True)
+            step_name_format=step_name_format(), cleanup_tmp_directories=True, create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               handler_registry=_handler_registry())
 
@@ -250,9 +255,9 @@ class Checkpointer:
                                 f"set_state), got {type(data_iterator).__name__}")
             items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
         if config is not None:
-            items[CONFIG] = ocp.args.JsonSave(_json_dict(config, CONFIG))
+            items[CONFIG] = ocp.args.JsonSave(json_item(config, CONFIG))
         if extra is not None:
-            items[EXTRA] = ocp.args.JsonSave(_json_dict(extra, EXTRA))
+            items[EXTRA] = ocp.args.JsonSave(json_item(extra, EXTRA))
         saved = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
         if saved and self.is_primary:
             logging.info("checkpoint: step %d -> %s (%s)", step, self.directory,
@@ -404,7 +409,7 @@ def _step_or_newest(directory: str, step: int | None) -> int:
 def _params_reader(directory: str) -> ocp.CheckpointManager:
     """A read-only manager of `directory` that restores (parts of) the state as a pytree."""
     options = ocp.CheckpointManagerOptions(read_only=True, create=False,
-                                           step_name_format=_name_format())
+                                           step_name_format=step_name_format())
     registry = _handler_registry(ocp.handlers.PyTreeCheckpointHandler,
                                  (ocp.args.PyTreeRestore,))
     return ocp.CheckpointManager(directory, options=options, handler_registry=registry)
@@ -419,7 +424,7 @@ def restore_params(directory: str, step: int | None, abstract_params: Any, *,
     shardings. Every process calls it. `subset=True` allows `abstract_params` to name only some
     of the saved params (e.g. one at a time, to bound host memory).
     """
-    directory = _absolute(directory)
+    directory = absolute(directory)
     step = _step_or_newest(directory, step)
     step_dir = _step_dir(directory, step)
     _check_abstract(abstract_params, "abstract_params")
@@ -437,24 +442,23 @@ def restore_params(directory: str, step: int | None, abstract_params: Any, *,
     return restored[STATE]["params"]
 
 
-def read_saved_json(directory: str, step: int | None, name: str) -> dict[str, Any]:
-    """The `config` or `extra` dict of checkpoint `step` (None: the newest) in `directory`,
-    read without opening a checkpoint manager (for a run that starts from another's)."""
-    if name not in JSON_ITEMS:
-        raise ValueError(f"read_saved_json reads one of {JSON_ITEMS}, got {name!r}")
-    directory = _absolute(directory)
-    step = _step_or_newest(directory, step)
-    path = epath.Path(_step_dir(directory, step)) / name / "metadata"
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path.parent.parent} has no {name!r} item")
-    return json.loads(path.read_text())
+def read_json_items(directory: str, step: int | None) -> dict[str, dict[str, Any]]:
+    """{name: dict} of the `config` and `extra` items that checkpoint `step` (None: the newest)
+    in `directory` holds, read as files: no checkpoint manager, nothing written."""
+    directory = absolute(directory)
+    step_dir = epath.Path(_step_dir(directory, _step_or_newest(directory, step)))
+    return {name: json.loads((step_dir / name / "metadata").read_text()) for name in JSON_ITEMS
+            if (step_dir / name / "metadata").is_file()}
 
 
-def saved_param_names(directory: str, step: int | None) -> set[str]:
-    """'/'-joined names of the params stored in checkpoint `step` (None: the newest), e.g. to
-    start a model with extra parameters (LoRA adapters, a reward head) from a plain one."""
-    directory = _absolute(directory)
+def saved_param_shapes(directory: str, step: int | None) -> dict[str, tuple[int, ...]]:
+    """{'/'-joined name: shape} of the params stored in checkpoint `step` (None: the newest),
+    from the checkpoint's metadata (no array is read)."""
+    directory = absolute(directory)
     step = _step_or_newest(directory, step)
     with _params_reader(directory) as mngr:
         metadata = mngr.item_metadata(step)[STATE]
-    return {name[len("params/"):] for name in _flat(metadata.tree) if name.startswith("params/")}
+    if metadata is None:
+        raise _missing_state(_step_dir(directory, step))
+    return {name[len("params/"):]: tuple(getattr(leaf, "shape", ()) or ())
+            for name, leaf in _flat(metadata.tree).items() if name.startswith("params/")}

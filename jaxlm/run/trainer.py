@@ -39,6 +39,7 @@ from jaxlm.scaling import flops as scaling
 from jaxlm.stages.stage import Stage
 from jaxlm.weights import frozen as frozen_models
 from jaxlm.weights import init_from as params_from
+from jaxlm.weights import restore
 
 
 @dataclasses.dataclass
@@ -79,7 +80,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, validated: bool = 
     cache_dir = config.data.cache_dir or (
         os.path.join(os.path.expanduser("~"), ".cache", "jaxlm") if is_remote(workdir)
         else os.path.join(workdir, "cache"))
-    tokenizer = (params_from.init_from_tokenizer(config) or frozen_models.tokenizer(config)
+    tokenizer = (restore.source_tokenizer(config)
                  or load_or_train_tokenizer(config.data, cache_dir))
     if config.model.vocab_size and tokenizer.vocab_size > config.model.vocab_size:
         raise ConfigError(f"config key model.vocab_size: {config.model.vocab_size} is smaller than "

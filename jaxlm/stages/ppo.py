@@ -193,7 +193,7 @@ class PpoHost(RolloutHost):
         p = self.config.ppo
         self.reward_model = RewardModel(
             program, p.reward_model, None if p.reward_model_step < 0 else p.reward_model_step,
-            params=reward_params)
+            params=reward_params, tokenizer=tokenizer)
         self.kl_coef = float(p.kl_coef)
 
     def host_state(self) -> dict[str, Any]:

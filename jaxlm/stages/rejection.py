@@ -104,7 +104,7 @@ class RejectionHost(RolloutHost):
     def __init__(self, program: Any, tokenizer: Any, reward_params: Any = None):
         super().__init__(program, tokenizer)
         path = self.config.rl.reward_model
-        self.reward_model = (RewardModel(program, path, params=reward_params)
+        self.reward_model = (RewardModel(program, path, params=reward_params, tokenizer=tokenizer)
                              if path or reward_params is not None else None)
 
     def train(self, state: TrainState, host_batch: dict[str, np.ndarray], reference: Any = None

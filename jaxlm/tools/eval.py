@@ -81,8 +81,8 @@ def run(opts: Options, stdout: IO[str] = sys.stdout) -> dict[str, Any]:
     from jaxlm.evaluation import results as results_lib
     from jaxlm.evaluation.engine import Engine
     from jaxlm.evaluation.target import load_target
+    from jaxlm.models.kv_cache import with_kv_cache
     from jaxlm.parallel import sharding
-    from jaxlm.weights.loading import with_kv_cache
 
     if not opts.tasks and not opts.reward_model:
         raise ValueError("give --tasks and/or --reward_model")

@@ -118,13 +118,14 @@ class _Session:
 
     def __init__(self, opts: Options):
         from jaxlm.inference.sampler import Sampler
+        from jaxlm.models.kv_cache import with_kv_cache
         from jaxlm.parallel import sharding
-        from jaxlm.weights.loading import load_model, with_kv_cache
+        from jaxlm.weights.restore import restore
 
         self.opts = opts
         self.mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": opts.tensor,
                                         "pipeline": 1})
-        self.loaded = load_model(opts.workdir, None if opts.step < 0 else opts.step, self.mesh)
+        self.loaded = restore(opts.workdir, None if opts.step < 0 else opts.step, self.mesh)
         if opts.quantize:
             from jaxlm.models.quant.convert import quantize_loaded
 
@@ -179,9 +180,10 @@ class _Session:
         sampling = SamplingParams(o.temperature, o.top_k, o.top_p, o.min_p, o.repetition_penalty)
         self.acceptance_rate = None
         if o.draft_workdir:
-            from jaxlm.weights.loading import load_model, with_kv_cache
-            draft = load_model(o.draft_workdir, None if o.draft_step < 0 else o.draft_step,
-                               self.mesh)
+            from jaxlm.models.kv_cache import with_kv_cache
+            from jaxlm.weights.restore import restore
+            draft = restore(o.draft_workdir, None if o.draft_step < 0 else o.draft_step,
+                            self.mesh)
             out = self.sampler.speculative(requests, with_kv_cache(draft.model_cfg, o.kv_cache),
                                            draft.params, o.num_draft, sampling, o.seed)
             self.acceptance_rate = self.sampler.last_acceptance_rate
@@ -265,7 +267,7 @@ def check_combination(opts: Options) -> None:
 
 
 def run(opts: Options, stdin: IO[str] = sys.stdin, stdout: IO[str] = sys.stdout) -> None:
-    from jaxlm.weights.loading import KV_CACHE_FLAG
+    from jaxlm.models.kv_cache import KV_CACHE_FLAG
 
     check_combination(opts)
     if opts.kv_cache and opts.kv_cache not in KV_CACHE_FLAG:

@@ -10,45 +10,26 @@ or for sampling, like any plain checkpoint; the merged model gives the logits of
 adapters.
 """
 
-import os
-
-import flax.linen as nn
 import jax
-import ml_collections
 from absl import app, flags
 
-from jaxlm.data.tokenizer import load_tokenizer
-from jaxlm.models import Transformer, lora
-from jaxlm.run import config as config_lib
+from jaxlm.parallel import sharding
 from jaxlm.run import errors
-from jaxlm.run.checkpoint import Checkpointer, complete_steps, read_saved_json, restore_params
-from jaxlm.run.train_state import abstract_boxed_params
+from jaxlm.weights import restore
+from jaxlm.weights.write import write_params_checkpoint
 
 
 def merge_checkpoint(checkpoints: str, output: str, step: int | None = None) -> int:
-    """Writes the merged params of `checkpoints` (step None: newest) to `output`; returns the
-    step written."""
-    config = ml_collections.ConfigDict(read_saved_json(checkpoints, step, "config"))
-    extra = read_saved_json(checkpoints, step, "extra")
-    rank, alpha = config.model.lora.rank, config.model.lora.alpha
-    if not rank:
+    """Writes the merged params of `checkpoints` (a run's workdir or its checkpoint directory;
+    step None: newest) to `output`; returns the step written."""
+    saved = restore.read_checkpoint(checkpoints, step)
+    if not saved.has_lora:
         raise ValueError(f"{checkpoints}: the run has no LoRA adapters (model.lora.rank = 0)")
-    vocab = load_tokenizer(extra["tokenizer_path"]).vocab_size if extra.get(
-        "tokenizer_path") else None
-    model = Transformer(config_lib.model_config(config, vocab))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                            nn.meta.unbox(abstract_boxed_params(model, config.data.seq_len)))
-    params = restore_params(checkpoints, step, abstract)
-    merged = lora.merge(params, rank, alpha)
-    config.model.lora.rank = 0
-    if "quant" in config and config.quant.mode == "ptq":  # QLoRA: the merged weights are float
-        config.quant.mode = "none"
-    if step is None:
-        step = complete_steps(os.path.abspath(checkpoints))[-1]
-    with Checkpointer(output, save_every=0, keep_last=1, async_save=False) as ckpt:
-        ckpt.save(step, {"params": merged}, config=config, extra=extra)
-    return step
+    one_device = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1, "pipeline": 1},
+                                    devices=jax.devices()[:1])
+    merged = restore.restore(saved.directory, saved.step, one_device, merge_lora=True)
+    write_params_checkpoint(output, merged.step, merged.params, merged.config, merged.extra)
+    return merged.step
 
 
 def main(argv: list[str]) -> None:

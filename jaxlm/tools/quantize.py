@@ -36,14 +36,13 @@ def quantize_checkpoint(workdir: str, out: str, preset: str, tile_size: int = 0,
     """Writes the `preset`-quantized params of `workdir`'s checkpoint (step None: newest) to
     `out`; returns the step written."""
     from jaxlm.models.quant.convert import quantize_loaded
-    from jaxlm.run.checkpoint import Checkpointer
-    from jaxlm.weights.loading import load_model, read_run
+    from jaxlm.weights.restore import restore
+    from jaxlm.weights.write import write_params_checkpoint
 
-    loaded = quantize_loaded(load_model(workdir, step), preset, tile_size)
-    extra = read_run(workdir, loaded.step)[3]
-    with Checkpointer(out, save_every=0, keep_last=1, async_save=False) as ckpt:
-        ckpt.save(loaded.step, {"params": loaded.params}, config=loaded.config, extra=extra)
-    return loaded.step
+    quantized = quantize_loaded(restore(workdir, step), preset, tile_size)
+    write_params_checkpoint(out, quantized.step, quantized.params, quantized.config,
+                            quantized.extra)
+    return quantized.step
 
 
 def main(argv: list[str]) -> None:

@@ -1,2 +1,4 @@
-"""Model weights from and to checkpoints: restoring a trained model (`loading`), `init_from`
-params (`init_from`), frozen models a stage reads (`frozen`) and Hugging Face interop (`hf`)."""
+"""Model weights from and to checkpoints: `restore` (the one way to restore a model, its config
+and tokenizer from a run's checkpoint, read-only), `write` (params-only checkpoints of the tools
+that make one), `init_from` (a run started from another's params), `frozen` (the models a
+stage reads but never trains) and `hf` (Hugging Face import and export)."""

@@ -44,8 +44,9 @@ def quantize_model(model_cfg: ModelConfig, params: Any, spec: QuantSpec, mesh: M
 
 def quantize_loaded(loaded: Any, preset: str, tile_size: int = 0, mesh: Mesh | None = None
                     ) -> Any:
-    """A loaded model (`LoadedModel`, evaluation `Target`: anything with model_cfg, params and
-    config) with its weights quantized as `--quantize=preset` says; unchanged for ""."""
+    """A restored model (`jaxlm.weights.restore.Restored`, evaluation `Target`: anything with
+    model_cfg, params and config) with its weights quantized as `--quantize=preset` says;
+    unchanged for ""."""
     if not preset:
         return loaded
     spec = from_preset(preset, tile_size)

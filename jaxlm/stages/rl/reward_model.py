@@ -1,8 +1,10 @@
 """A reward-stage checkpoint as a frozen scorer of rollouts (ppo, and rejection sampling).
 
-The reward model has the policy's architecture with the scalar head of the reward stage; it is
-restored once, frozen, with the policy's logical shardings (heads and MLP over `tensor`, ...),
-and scores each rollout row at its last token in one jitted forward pass.
+The reward model is the model its checkpoint's saved config describes (its own width and depth,
+the scalar head of the reward stage, a LoRA run's adapters merged), restored once through
+`jaxlm.weights.restore`, frozen, laid out by its logical axis names on the policy's mesh (heads
+and MLP over `tensor`, ...), and scores each rollout row at its last token in one jitted
+forward pass.
 """
 
 from __future__ import annotations
@@ -17,12 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxlm.inference.sampler import param_shardings
-from jaxlm.models import Transformer
+from jaxlm.models import ModelConfig, Transformer
 from jaxlm.parallel import sharding
-from jaxlm.run.checkpoint import restore_params
-from jaxlm.run.train_state import abstract_boxed_params
 from jaxlm.stages.rl.host import place
+from jaxlm.weights import restore
 
 
 def sequence_scores(params: Any, tokens_NxS: jax.Array, valid_NxS: jax.Array,
@@ -38,18 +38,25 @@ def sequence_scores(params: Any, tokens_NxS: jax.Array, valid_NxS: jax.Array,
 
 
 class RewardModel:
-    """Frozen reward-model params (restored from `path`, or given) and their scoring jit."""
+    """Frozen reward-model params (restored from the reward run's checkpoint `path`, or given)
+    and their scoring jit. `tokenizer`: the policy's, which the reward run must share (checked
+    against its checkpoint; it also gives the vocabulary)."""
 
-    def __init__(self, program: Any, path: str, step: int | None = None, params: Any = None):
-        cfg = dataclasses.replace(program.model_cfg, reward_head=True, lora_rank=0)
-        self.model, self.mesh = Transformer(cfg), program.mesh
+    def __init__(self, program: Any, path: str, step: int | None = None, params: Any = None,
+                 tokenizer: Any = None):
+        self.mesh = program.mesh
         if params is None:
-            shapes = nn.meta.unbox(abstract_boxed_params(self.model, 1))
-            abstract = jax.tree.map(
-                lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), shapes,
-                param_shardings(cfg, self.mesh))
-            params = restore_params(path, step, abstract)
-            logging.info("reward model from %s", path)
+            restored = restore.restore(path, step, self.mesh, tokenizer=tokenizer,
+                                       merge_lora=True)
+            cfg, params = restored.model_cfg, restored.params
+            logging.info("reward model from %s (step %d): d_model=%d layers=%d",
+                         restored.directory, restored.step, cfg.d_model, cfg.num_layers)
+        else:
+            cfg = _given_params_model(program, path, step, tokenizer)
+        if not cfg.reward_head:
+            raise ValueError(f"reward model {path}: its run's stage has no scalar reward head "
+                             "(give the checkpoints of a reward-stage run)")
+        self.model = Transformer(cfg)
         self.params = params
         self.num_new = program.config.rl.max_new_tokens
         self._score = jax.jit(functools.partial(sequence_scores, num_new=self.num_new,
@@ -65,3 +72,15 @@ class RewardModel:
         with sharding.activate(self.mesh):
             out = self._score(self.params, flat["tokens"], flat["valid"], flat["lengths"])
         return np.asarray(jax.device_get(out)).reshape(b, g).astype(np.float32)
+
+
+def _given_params_model(program: Any, path: str, step: int | None, tokenizer: Any
+                        ) -> ModelConfig:
+    """The model of reward params given by the caller: the one `path`'s checkpoint describes,
+    or without a path the policy's architecture with the scalar head."""
+    if not path:
+        return dataclasses.replace(program.model_cfg, reward_head=True, lora_rank=0)
+    saved = restore.read_checkpoint(path, step)
+    if tokenizer is not None:
+        restore.check_tokenizer(saved, tokenizer)
+    return restore.model_config(saved, getattr(tokenizer, "vocab_size", None), merge_lora=True)

@@ -3,9 +3,8 @@
 `import_hf(hf_dir, out_dir)` writes
 
     <out_dir>/checkpoints/0/       a jaxlm checkpoint (params only, the resolved run config, and
-                                   the tokenizer reference) that
-                                   `jaxlm.run.checkpoint.restore_params`
-                                   and `init_from` load
+                                   the tokenizer reference), written by `jaxlm.weights.write`,
+                                   that `jaxlm.weights.restore` and `init_from` load
     <out_dir>/config.py            a run config (`get_config`) with this model and
                                    init_from.path = <out_dir>/checkpoints
     <out_dir>/tokenizer.json       the Hugging Face tokenizer (with tokenizer_config.json, its
@@ -15,7 +14,8 @@
 
 `export_hf(checkpoint_dir, out_dir)` writes config.json + safetensors (sharded above
 `max_shard_bytes`) that `transformers.AutoModelForCausalLM.from_pretrained` loads, and the
-tokenizer files back.
+tokenizer files back. It reads the run through `jaxlm.weights.restore` and so only reads it: a
+run can be exported while its trainer is still writing checkpoints.
 
 Memory: import checks every tensor from the safetensors headers, then saves the params as lazy
 leaves (`streamed_params`): each group of params is built from its HF tensors (read one at a
@@ -43,9 +43,9 @@ from jaxlm.data import hf_tokenizer
 from jaxlm.data.tokenizer import load_tokenizer
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.transformer import Transformer
-from jaxlm.run import checkpoint as ckpt_lib
 from jaxlm.run import config as config_lib
 from jaxlm.run.train_state import abstract_boxed_params
+from jaxlm.weights import restore
 from jaxlm.weights.hf import config as hf_config
 from jaxlm.weights.hf import safetensors_io, streamed_params
 from jaxlm.weights.hf import tensors as hf_weights
@@ -313,32 +313,6 @@ def _lazy_params(cfg: ModelConfig, sources: dict[str, tuple[str, str]]
             for g, (leaves, _) in enumerate(groups) for path in sorted(leaves)}
 
 
-def _checkpoint_directory(path: str) -> str:
-    """A directory of step checkpoints; a run's workdir (holding checkpoints/) also works."""
-    if not ckpt_lib.complete_steps(path) and ckpt_lib.complete_steps(
-            os.path.join(path, CHECKPOINTS)):
-        return os.path.join(path, CHECKPOINTS)
-    return path
-
-
-def _read_checkpoint(checkpoint_dir: str, step: int | None
-                     ) -> tuple[str, int, ml_collections.ConfigDict, dict[str, Any]]:
-    """(directory, step, run config, extra) of a jaxlm checkpoint; no arrays are read."""
-    directory = os.path.abspath(_checkpoint_directory(checkpoint_dir))
-    steps = ckpt_lib.complete_steps(directory)
-    if not steps:
-        raise FileNotFoundError(f"{checkpoint_dir} holds no complete jaxlm checkpoint")
-    step = steps[-1] if step is None else step
-    ckpt = ckpt_lib.Checkpointer(directory, save_every=0, keep_last=1, async_save=False)
-    with ckpt:
-        c = ml_collections.ConfigDict(ckpt.read_json(step, ckpt_lib.CONFIG))
-        try:
-            extra = ckpt.read_json(step, ckpt_lib.EXTRA)
-        except FileNotFoundError:
-            extra = {}
-    return directory, step, c, extra
-
-
 def _abstract_on_one_device(cfg: ModelConfig) -> dict[tuple[str, ...], Any]:
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return {path: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device)
@@ -355,8 +329,10 @@ def export_hf(checkpoint_dir: str, out_dir: str, *, step: int | None = None,
     time (a stacked `blocks/...` param serves every layer's tensor), so the peak memory is
     about the largest param, not the model.
     """
-    directory, step, c, extra = _read_checkpoint(checkpoint_dir, step)
-    cfg = config_lib.model_config(c)
+    saved = restore.read_checkpoint(checkpoint_dir, step)
+    # The model of the saved config, on the vocabulary of the run's tokenizer; a LoRA run's
+    # adapters are folded into the weights they adapt as each group is read.
+    cfg = restore.model_config(saved, merge_lora=True)
     out_dtype = np.dtype(dtype or cfg.param_dtype)
     safetensors_io.dtype_code(out_dtype)  # fail early on an unsupported dtype
     config = hf_config.hf_config(cfg, torch_dtype=str(out_dtype))
@@ -372,8 +348,10 @@ def export_hf(checkpoint_dir: str, out_dir: str, *, step: int | None = None,
         leaves, m = by_name[name]
         if set(loaded) != set(leaves):
             loaded.clear()  # the previous group is written: free it before reading the next
-            restored = ckpt_lib.restore_params(
-                directory, step, _nest({p: abstract[p] for p in leaves}), subset=True)
+            restored = restore.restore(
+                saved.directory, saved.step, model_cfg=cfg,
+                abstract_params=_nest({p: abstract[p] for p in leaves}), merge_lora=True,
+                subset=True).params
             loaded.update({p: np.asarray(x) for p, x in _flat(restored).items()})
             del restored
         arrays = []
@@ -388,7 +366,7 @@ def export_hf(checkpoint_dir: str, out_dir: str, *, step: int | None = None,
     loaded.clear()
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
-    tokenizer = extra.get("tokenizer_path", "")
+    tokenizer = saved.extra.get("tokenizer_path", "")
     if tokenizer.endswith(".json") and os.path.isfile(tokenizer):
         source_dir = os.path.dirname(tokenizer)
         for name in hf_tokenizer.TOKENIZER_FILES:
@@ -398,6 +376,6 @@ def export_hf(checkpoint_dir: str, out_dir: str, *, step: int | None = None,
                 shutil.copyfile(source, os.path.join(out_dir, name))
     elif tokenizer and os.path.isfile(tokenizer):
         shutil.copyfile(tokenizer, os.path.join(out_dir, TOKENIZER_FILE))
-    logging.info("exported step %d of %s (%s) -> %s: %s", step, checkpoint_dir,
+    logging.info("exported step %d of %s (%s) -> %s: %s", saved.step, saved.directory,
                  config["model_type"], out_dir, files)
     return files

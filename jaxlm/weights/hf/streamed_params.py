@@ -7,7 +7,7 @@ the way orbax writes a numpy array (its own zarr directory under `state/`, recor
 `np.ndarray` in the tree metadata), waits for the write and drops it before making the next.
 Everything else is orbax's: the step is written into a temporary directory that is renamed only
 when every array and the metadata are on disk (a crash leaves no checkpoint that looks complete),
-and `jaxlm.run.checkpoint.restore_params` / `init_from` read the result like any other checkpoint.
+and `jaxlm.weights.restore` (and so `init_from`) reads the result like any other checkpoint.
 
 Peak host memory: one group of params (those made together because they share an input, e.g.
 GPT-2's q, k and v from one tensor) plus whatever making them needs, or the param being written
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxlm.run import checkpoint as ckpt_lib
+from jaxlm.weights import write
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -72,8 +72,8 @@ class _LazyParamHandler(ocp.type_handlers.NumpyHandler):
                                  f"declared {tuple(value.shape)} {np.dtype(value.dtype)}")
             writes = await super().serialize([array], [info], [args[i]])
             del array  # the write holds its own reference until it completes
-            for write in writes:
-                await asyncio.to_thread(write.result)
+            for pending in writes:
+                await asyncio.to_thread(pending.result)
             del writes  # a finished write still refers to its array
 
 
@@ -99,23 +99,10 @@ def _release_freed_memory() -> None:
 
 def save_params(directory: str, step: int, params: dict[str, Any], config: dict[str, Any],
                 extra: dict[str, Any]) -> None:
-    """Writes checkpoint `step` under `directory` the way `jaxlm.run.checkpoint.Checkpointer` lays
-    one out (state/ holding {"params": ...}, config/, extra/), making each `LazyParam` of the
-    nested dict `params` only when it is written.
+    """Writes checkpoint `step` under `directory` with `jaxlm.weights.write`, making each
+    `LazyParam` of the nested dict `params` only when it is written.
 
     Without OCDBT (each param is its own zarr array): OCDBT's writer would keep the compressed
     data of every array until its commit, i.e. about the model again."""
-    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
-    lazy = ocp.type_handlers.create_type_handler_registry((LazyParam, _LazyParamHandler()))
-    registry.add(ckpt_lib.STATE, ocp.args.PyTreeSave,
-                 ocp.PyTreeCheckpointHandler(type_handler_registry=lazy, use_ocdbt=False))
-    for name in ckpt_lib.JSON_ITEMS:
-        registry.add(name, ocp.args.JsonSave, ocp.handlers.JsonCheckpointHandler())
-    options = ocp.CheckpointManagerOptions(
-        step_name_format=ocp.path.step.standard_name_format(), create=True,
-        enable_async_checkpointing=False)
-    with ocp.CheckpointManager(directory, options=options, handler_registry=registry) as mngr:
-        mngr.save(step, args=ocp.args.Composite(**{
-            ckpt_lib.STATE: ocp.args.PyTreeSave({"params": params}),
-            ckpt_lib.CONFIG: ocp.args.JsonSave(config),
-            ckpt_lib.EXTRA: ocp.args.JsonSave(extra)}))
+    write.write_params_checkpoint(directory, step, params, config, extra,
+                                  type_handlers=[(LazyParam, _LazyParamHandler())], ocdbt=False)
