@@ -2,14 +2,16 @@
 
 The reward model has the policy's architecture with the scalar head of the reward stage; it is
 restored once, frozen, with the policy's logical shardings (heads and MLP over `tensor`, ...),
-and scores each rollout row at its last token in one jitted forward pass.
+and scores each rollout row at its last token in one forward pass: the Program's
+"reward_score" program (`score_program`, built by `program.build`, so the fit check compiles it
+and the step's FLOPs count it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
 import jax
@@ -18,11 +20,20 @@ import numpy as np
 from absl import logging
 
 from jaxlm.inference.sampler import param_shardings
-from jaxlm.models import Transformer
+from jaxlm.models import ModelConfig, Transformer
 from jaxlm.parallel import sharding
 from jaxlm.run.checkpoint import restore_params
 from jaxlm.run.train_state import abstract_boxed_params
-from jaxlm.stages.rl.host import place
+from jaxlm.scaling import flops as scaling
+from jaxlm.stages.rl.loop import place
+from jaxlm.stages.stage import JitProgram
+
+if TYPE_CHECKING:
+    from jaxlm.run.program import Program
+
+# The Program's scoring program (`Program.programs` name), and the run-long params it holds.
+SCORE = "reward_score"
+PARAMS = "reward_model"
 
 
 def sequence_scores(params: Any, tokens_NxS: jax.Array, valid_NxS: jax.Array,
@@ -37,24 +48,42 @@ def sequence_scores(params: Any, tokens_NxS: jax.Array, valid_NxS: jax.Array,
     return jnp.take_along_axis(scores_NxS, last_N[:, None], axis=1)[:, 0]
 
 
-class RewardModel:
-    """Frozen reward-model params (restored from `path`, or given) and their scoring jit."""
+def model_config(program: Program) -> ModelConfig:
+    """The reward model's shape: the policy's architecture with the reward stage's score head."""
+    return dataclasses.replace(program.model_cfg, reward_head=True, lora_rank=0)
 
-    def __init__(self, program: Any, path: str, step: int | None = None, params: Any = None):
-        cfg = dataclasses.replace(program.model_cfg, reward_head=True, lora_rank=0)
-        self.model, self.mesh = Transformer(cfg), program.mesh
+
+def score_program(program: Program) -> JitProgram:
+    """The jitted scoring of one step's B * G rollout rows: the reward model's params sharded
+    by their logical axes on the run's mesh, rows over the data axes. Its FLOPs are one forward
+    pass (score head, no vocabulary head) over every row's data.seq_len tokens."""
+    c, mesh = program.config, program.mesh
+    cfg = model_config(program)
+    model = Transformer(cfg)
+    params_sh = param_shardings(cfg, mesh)
+    abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                            nn.meta.unbox(abstract_boxed_params(model, 1)), params_sh)
+    n, s = c.train.global_batch_size * c.rl.group_size, c.data.seq_len
+    rows_sh, row_sh = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
+    fn = jax.jit(functools.partial(sequence_scores, num_new=c.rl.max_new_tokens, model=model),
+                 in_shardings=(params_sh, rows_sh, rows_sh, row_sh), out_shardings=row_sh)
+    args = (abstract, jax.ShapeDtypeStruct((n, s), jnp.int32, sharding=rows_sh),
+            jax.ShapeDtypeStruct((n, s), jnp.int32, sharding=rows_sh),
+            jax.ShapeDtypeStruct((n,), jnp.int32, sharding=row_sh))
+    return JitProgram(fn, args, flops=n * s * scaling.forward_flops_per_token(
+        cfg, s, vocab_head=False), per_step=True, reads=(PARAMS,), holds={PARAMS: abstract})
+
+
+class RewardModel:
+    """Frozen reward-model params (restored from `path`, or given) and the Program's scoring
+    program."""
+
+    def __init__(self, program: Program, path: str, step: int | None = None, params: Any = None):
+        self.scorer, self.mesh = program.programs[SCORE], program.mesh
         if params is None:
-            shapes = nn.meta.unbox(abstract_boxed_params(self.model, 1))
-            abstract = jax.tree.map(
-                lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), shapes,
-                param_shardings(cfg, self.mesh))
-            params = restore_params(path, step, abstract)
+            params = restore_params(path, step, self.scorer.abstract_args[0])
             logging.info("reward model from %s", path)
         self.params = params
-        self.num_new = program.config.rl.max_new_tokens
-        self._score = jax.jit(functools.partial(sequence_scores, num_new=self.num_new,
-                                                model=self.model),
-                              out_shardings=sharding.batch_sharding(self.mesh, 1))
 
     def score(self, seqs: dict[str, np.ndarray], lengths_BxG: np.ndarray) -> np.ndarray:
         """Scores [B, G] of rollout rows (`jaxlm.stages.rl.rollout.sequences`), as host values."""
@@ -63,5 +92,5 @@ class RewardModel:
                       "valid": seqs["valid"].reshape(b * g, -1),
                       "lengths": lengths_BxG.reshape(-1).astype(np.int32)}, self.mesh)
         with sharding.activate(self.mesh):
-            out = self._score(self.params, flat["tokens"], flat["valid"], flat["lengths"])
+            out = self.scorer(self.params, flat["tokens"], flat["valid"], flat["lengths"])
         return np.asarray(jax.device_get(out)).reshape(b, g).astype(np.float32)
