@@ -355,7 +355,7 @@ def format_report(r: FitReport) -> str:
                          f"{p.compiled_flops_per_device * r.num_devices:.3e} = {r.num_devices} x "
                          f"{p.compiled_flops_per_device:.3e}")
     lines.append("  (XLA's cost analysis counts a loop body once: scanned layers, loss chunks, "
-                 "microbatches and decode steps are under-counted)")
+                 "microbatches and decode steps count once)")
     worst = max(r.programs, key=lambda p: p.peak_bytes)
     if r.fits:
         lines.append(f"FITS: {_gib(worst.peak_bytes)} of {_gib(r.hbm_per_device)} per device "
