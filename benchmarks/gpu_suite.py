@@ -242,7 +242,7 @@ def run_case(case: Case, remat: str, warmup: int, steps: int, repeats: int,
                 state, metrics = step(state, batch)
             jax.block_until_ready((state, metrics))
     device = jax.devices()[0]
-    flops = program.flops_per_step
+    flops = program.train_step_flops  # the train step alone is timed
     peak, note = hardware.peak_flops_per_device(device, m.compute_dtype)
     tokens = program.tokens_per_step
     row.update(

@@ -37,6 +37,7 @@ from jaxlm.models import ModelConfig, Transformer, kv_cache  # noqa: E402
 from jaxlm.models.quant import quantizer  # noqa: E402
 from jaxlm.models.quant.convert import quantize_model  # noqa: E402
 from jaxlm.models.quant.spec import from_preset  # noqa: E402
+from jaxlm.parallel import sharding  # noqa: E402
 from jaxlm.run import trainer  # noqa: E402
 from jaxlm.stages.pretrain import eval_step  # noqa: E402
 from jaxlm.weights.restore import restore  # noqa: E402
@@ -95,8 +96,9 @@ def main(argv: list[str]) -> None:
     rows = []
     for name in _VARIANTS.value:
         cfg, params = variant(loaded.model_cfg, loaded.params, name)
-        eval_fn = jax.jit(functools.partial(eval_step, model=Transformer(cfg)))
-        metrics = trainer.evaluate(s, eval_fn, params)
+        jitted = jax.jit(functools.partial(eval_step, model=Transformer(cfg)))
+        metrics = trainer.evaluate(
+            s, lambda p, b, f=jitted: f(p, sharding.global_batch(b, s.mesh)), params)
         rows.append((name, quantizer.param_bytes(params), kv_cache_bytes(
             cfg, params, _PROMPT_LEN.value + _NEW.value), decode_tokens_per_s(cfg, params, prompt),
             metrics["eval_perplexity"]))

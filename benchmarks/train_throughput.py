@@ -5,9 +5,10 @@ device) and MFU.
 
 Runs the stage's real jitted train step, built by `jaxlm.run.program.build` exactly as
 jaxlm.run.trainer builds it (shardings, donation, LoRA's frozen base, a DPO reference), on
-synthetic full-length batches of the stage's layout, so the figure is the model and optimizer, not the input pipeline
-(benchmarks/data_throughput.py measures that). MFU counts the stage's own work
-(`jaxlm.scaling.flops.train_flops_per_token`). Prints one markdown table row for docs/benchmarks.md.
+synthetic full-length batches of the stage's layout, so the figure is the model and optimizer,
+not the input pipeline (benchmarks/data_throughput.py measures that). MFU counts the train
+step's own work (`Program.train_step_flops`; an RL stage's rollout is not timed here). Prints
+one markdown table row for docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def measure(config) -> dict[str, float]:
             state, metrics = step(state, batch, *reference)
         jax.block_until_ready((state, metrics))
         best = min(best, (time.perf_counter() - t0) / _STEPS.value)
-    flops = program.flops_per_step
+    flops = program.train_step_flops  # the train step alone is timed
     peak, note = hardware.peak_flops_per_device(jax.devices()[0], config.model.compute_dtype)
     tokens = program.tokens_per_step
     return {"compile_s": compile_s, "step_s": best,

@@ -5,14 +5,21 @@ RoPE theta 500000, tied embeddings, vocab 128256, context 2048; FSDP over all de
         --workdir=gs://bucket/llama_1b
 
 `stage=` picks another stage for the same model and `init=` the checkpoint directory it starts
-from, e.g. GRPO (its frozen KL reference is that checkpoint too):
+from, e.g. GRPO (its frozen KL reference is that checkpoint too; without `init=` there is no
+reference and rl.kl_coef is 0):
 
     python -m jaxlm.main --config=configs/llama_1b.py:stage=grpo,init=gs://bucket/sft/checkpoints \
         --workdir=gs://bucket/grpo --config.rl.task=arithmetic
+
+Whether a stage's programs (for GRPO: the update and the rollout with its KV cache) fit a slice:
+
+    python -m jaxlm.tools.aot --config=configs/llama_1b.py:stage=grpo --topology=v5p:2x2x1
 """
 
 from jaxlm.data.config import use_files
 from jaxlm.run import config as config_lib
+
+RL_STAGES = ("grpo", "ppo", "rejection")
 
 
 def get_config(arg: str | None = None):
@@ -52,5 +59,14 @@ def get_config(arg: str | None = None):
 
     c.log.every_steps = 50
     c.log.sample_every = 1000
+
+    if c.stage in RL_STAGES:
+        # 32 prompts x 8 completions of up to 512 tokens a step (prompts get the other 1536);
+        # the update's 256 rows in 4 microbatches (one would need ~105 GiB a v5p chip).
+        c.train.global_batch_size = 32
+        c.rl.group_size = 8
+        c.rl.max_new_tokens = 512
+        c.optim.grad_accum_steps = 4
+        c.rl.kl_coef = 0.04 if args.init else 0.0
     config_lib.validate(c)
     return c

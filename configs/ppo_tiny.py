@@ -1,7 +1,7 @@
 """PPO from a reward model (RLHF) on configs/grpo_tiny.py's model, task and tokenizer.
 
     python -m jaxlm.main --config=configs/ppo_tiny.py --workdir=runs/ppo \
-        --config.init_from.path=runs/sft/checkpoints --config.ppo.reward_model=runs/rm/checkpoints
+        --config.init_from.path=runs/sft/checkpoints --config.rl.reward_model=runs/rm/checkpoints
 
 The policy starts from init_from (also the KL reference) and gets a value head on its trunk
 (zero at the start); the reward model is a reward-stage checkpoint of the same architecture and
@@ -20,8 +20,8 @@ def get_config(arg: str | None = None):
     c = config_lib.load_config_file(Path(__file__).with_name("grpo_tiny.py"),
                                     f"init={args.init},steps={args.steps}")
     c.stage = "ppo"
-    c.ppo.reward_model = args.reward_model
-    c.ppo.kl_coef = 0.05
+    c.rl.reward_model = args.reward_model
+    c.rl.kl_coef = 0.05
     c.ppo.kl_target = 0.0
     c.ppo.value_coef = 0.1
     c.ppo.value_clip = 0.2

@@ -1,4 +1,5 @@
-"""The TPU ahead-of-time fit check compiles the real train step for a TPU topology on CPU."""
+"""The TPU ahead-of-time fit check compiles the real train step, and a stage's other programs
+(an RL rollout with its KV cache), for a TPU topology on CPU."""
 
 from __future__ import annotations
 
@@ -50,15 +51,17 @@ def _tiny_config(batch: int):
 def test_tiny_config_fits_on_v5p_and_memory_reflects_the_state():
     config = _tiny_config(batch=8)
     report = _check_fit(config, "v5p-8")
-    assert report.fits and not report.compiler_error
+    assert report.fits and [p.name for p in report.programs] == ["train step"]
     assert report.num_devices == 4 and report.device_kind == "TPU v5"
     assert report.attention == "splash"  # "auto" resolved for TPU: the Pallas kernel compiled
     assert report.hbm_per_device == 95 * 2**30
     # Pure data parallelism: every device holds the float32 params and two Adam moments.
     params = scaling.count_params(config_lib.model_config(config))["total"]
-    assert report.argument_bytes >= 3 * 4 * params
-    assert 0 < report.total_bytes < report.hbm_per_device
-    assert report.compiled_flops_per_device > 0
+    train = report.train
+    assert not train.compiler_error and train.resident_bytes == 0  # the state is its argument
+    assert train.argument_bytes >= 3 * 4 * params
+    assert 0 < train.total_bytes < report.hbm_per_device
+    assert train.compiled_flops_per_device > 0
     assert "FITS" in aot.format_report(report)
 
 
@@ -102,14 +105,48 @@ def test_every_stage_and_lora_compile_for_v5p_with_what_they_hold():
         if stage == "dpo":
             c.init_from.path = "/sft/checkpoints"  # only read when training
         reports[name] = _check_fit(c, "v5p-8")
-        assert reports[name].fits and not reports[name].compiler_error, name
+        assert reports[name].fits and not reports[name].train.compiler_error, name
+    train = {name: r.train for name, r in reports.items()}
     params = scaling.count_params(config_lib.model_config(_stage_config(batch=8)))["total"]
     # Policy, two Adam moments and the frozen reference, float32, on every device.
-    assert reports["dpo"].argument_bytes >= 4 * 4 * params > reports["sft"].argument_bytes
+    assert train["dpo"].argument_bytes >= 4 * 4 * params > train["sft"].argument_bytes
     # LoRA drops the base weights' two moments (adapters and their moments add a little back).
-    saved = reports["dpo"].argument_bytes - reports["dpo_lora"].argument_bytes
+    saved = train["dpo"].argument_bytes - train["dpo_lora"].argument_bytes
     assert saved > 0.8 * 2 * 4 * params
-    assert reports["dpo_lora"].total_bytes < reports["dpo"].total_bytes
+    assert train["dpo_lora"].total_bytes < train["dpo"].total_bytes
     # MFU's count: pairs run two sequences per row, DPO a reference forward on top.
     assert reports["dpo"].model_flops_per_step == pytest.approx(
         reports["sft"].model_flops_per_step * 2 * 4 / 3, rel=1e-9)
+
+
+@needs_libtpu
+def test_grpo_fit_check_compiles_the_rollout_and_counts_its_kv_cache():
+    """An RL config's report has the rollout as a row of its own: its temporaries hold the KV
+    cache of the B x G rows it decodes (4x the group, 4x the cache), the optimizer state stays
+    resident beside it, and the step's model FLOPs add the rollout's to the update's."""
+    reports = {}
+    for group in (2, 8):
+        c = _stage_config(batch=8)
+        c.stage, c.log.sample_every = "grpo", 0
+        c.rl.update(group_size=group, max_new_tokens=32, kl_coef=0.0)
+        reports[group] = _check_fit(c, "v5p-8")
+    small, large = reports[2], reports[8]
+    params = scaling.count_params(config_lib.model_config(_stage_config(batch=8)))["total"]
+    for r in reports.values():
+        assert r.fits, aot.format_report(r)
+        assert [p.name for p in r.programs] == ["train step", "rollout", "eval_rollout"]
+        rollout = r.program("rollout")
+        assert rollout.temp_bytes >= rollout.temporaries["KV cache"] > 0
+        assert rollout.resident_bytes >= 2 * 4 * params  # Adam's two moments, float32
+        assert r.model_flops_per_step == pytest.approx(
+            r.train.model_flops + rollout.model_flops, rel=1e-12)
+        text = aot.format_report(r)
+        assert "\n  rollout " in text and "rollout: KV cache" in text
+    kv_small = small.program("rollout").temporaries["KV cache"]
+    kv_large = large.program("rollout").temporaries["KV cache"]
+    assert kv_large == pytest.approx(4 * kv_small, rel=1e-3)  # + the cache's write index
+    grown = large.program("rollout").temp_bytes - small.program("rollout").temp_bytes
+    assert grown >= kv_large - kv_small
+    # The held-out rollout decodes one greedy completion per prompt, whatever the group.
+    assert (large.program("eval_rollout").temporaries
+            == small.program("eval_rollout").temporaries)

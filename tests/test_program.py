@@ -114,8 +114,8 @@ def test_registry_is_the_one_list_of_stages():
     assert [s.name for s in all_stages()] == list(STAGE_MODULES)
     base = config_lib.base_config()
     for stage in all_stages():
-        if stage.section is not None:
-            assert stage.section in base  # its defaults are part of the schema
+        for section in stage.sections:
+            assert section.name in base  # its defaults are part of the schema
     with pytest.raises(ValueError, match="config key stage"):
         get_stage("ppo_typo")
 

@@ -13,9 +13,9 @@ from jaxlm.parallel import sharding
 from jaxlm.run import config as config_lib
 from jaxlm.run import program as program_lib
 from jaxlm.scaling import flops as scaling
-from jaxlm.stages import grpo
+from jaxlm.stages import get_stage, grpo
 from jaxlm.stages.rl import advantages, rewards, tasks
-from jaxlm.stages.rl.host import place
+from jaxlm.stages.rl.loop import place
 from jaxlm.stages.rl.prompts import make_prompt_iterator
 from jaxlm.stages.rl.rollout import sequence_logps
 from tests.rl_fixtures import CharTokenizer, grpo_config
@@ -111,16 +111,44 @@ def test_check_rl_names_the_key():
         config_lib.validate(grpo_config(kl_coef=0.1))
 
 
-def test_program_counts_every_group_member_and_epoch():
+def test_rl_keys_have_one_home_and_the_old_names_say_the_new_one():
+    """One `rl` section, declared once and read by the three RL stages; PPO-only keys in `ppo`;
+    a config setting a key by its old name fails with one line naming the new one."""
+    rl = get_stage("grpo").sections[0]
+    assert rl.name == "rl" and get_stage("rejection").sections == (rl,)
+    assert [s.name for s in get_stage("ppo").sections] == ["rl", "ppo"]
+    assert get_stage("ppo").sections[0] is rl
+    for old, new, value in [("ppo.kl_coef", "rl.kl_coef", 0.1),
+                            ("ppo.reward_model", "rl.reward_model", "/rm"),
+                            ("rl.gamma", "ppo.gamma", 0.9), ("rl.lam", "ppo.lam", 0.9)]:
+        c = grpo_config("ppo")
+        section, key = old.split(".")
+        c[section][key] = value
+        with pytest.raises(ValueError, match=f"^config key {old}: renamed to {new}$"):
+            config_lib.validate(c)
+
+
+def test_program_counts_every_group_member_epoch_and_the_rollout():
+    """The Program holds the jitted rollouts with their FLOPs; a step's FLOPs (what MFU divides
+    by) are the update's (3 epochs + the reference's forward) plus the training rollout's."""
     config = grpo_config(num_epochs=3, kl_coef=0.1)
     config.init_from.path = "/unused/checkpoints"
     program = _program(config, 1)
-    assert program.uses_reference
+    assert program.uses_reference and program.eval_step is None
     count = functools.partial(scaling.train_flops_per_token, program.model_cfg, 14)
     forward = count(reference_forwards=1) - count()
     rows = 8 * 4  # prompts x group
-    assert program.flops_per_step == pytest.approx((3 * count() + forward) * 14 * rows)
+    assert program.train_step_flops == pytest.approx((3 * count() + forward) * 14 * rows)
+    # The rollout: 8 prompt + 6 decode tokens for each of the B x G rows, forward only.
+    rollout, held_out = program.programs["rollout"], program.programs["eval_rollout"]
+    assert rollout.per_step and not held_out.per_step
+    assert rollout.flops == pytest.approx(forward * 14 * rows)
+    assert held_out.flops == pytest.approx(forward * 14 * 8)  # one greedy completion a prompt
+    assert program.flops_per_step == pytest.approx(program.train_step_flops + rollout.flops)
     assert program.tokens_per_step == 14 * rows
+    # Its abstract inputs are one global batch of prompts; it lowers without any data.
+    assert rollout.abstract_args[1].shape == (8, 8)
+    assert "while" in program.lower("rollout").as_text()
     # The schedule spans every optimizer update: 20 steps x 3 epochs.
     assert float(program.lr_schedule(60)) == pytest.approx(
         config.optim.learning_rate * config.optim.min_lr_ratio, rel=1e-5)
@@ -134,10 +162,11 @@ def rolled_out():
     tok = CharTokenizer()
     config = grpo_config(num_epochs=2)
     program = _program(config, 1)
-    host = grpo.GrpoHost(program, tok)
+    host = program.make_loop(tok)
+    assert isinstance(host, grpo.GrpoLoop)
     params = warm_up(program, program.init_params(jax.random.key(0)), tok, steps=30)
     batch = next(make_prompt_iterator(config, tok, split="train", batch_size=8))
-    rolled = host.generate(params, batch, group_size=4, rng=jax.random.key(3))
+    rolled = host.generate(params, batch, rng=jax.random.key(3))
     rew, _, _, _ = host.rewards(rolled, "train")
     arrays = grpo.update_batch(rolled, rew, scale="std", loss_norm="sequence")
     return program, host, params, rolled, arrays
@@ -203,7 +232,7 @@ def test_reward_goes_up_on_arithmetic_from_a_warmed_up_policy():
     config.train.global_batch_size, config.rl.group_size = 16, 8
     config.optim.learning_rate = 5e-4
     program = _program(config, 1)
-    history = rewards_after_warm_up(program, grpo.GrpoHost(program, tok), tok, rounds=40)
+    history = rewards_after_warm_up(program, program.make_loop(tok), tok, rounds=40)
     for metrics in history:
         assert metrics["rollout_tokens_per_sec"] > 0 and 0 < metrics["rollout_fraction"] < 1
     correct = [m["reward_correct"] for m in history]

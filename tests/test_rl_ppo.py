@@ -1,6 +1,8 @@
 """PPO from a reward model: per-token rewards, the clipped value loss, the adaptive KL
 coefficient, reward-model scores of padded rows, and one update on a tiny model."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,7 @@ from jaxlm.parallel import sharding
 from jaxlm.run import config as config_lib
 from jaxlm.run import program as program_lib
 from jaxlm.run.checkpoint import Checkpointer
+from jaxlm.scaling import flops as scaling
 from jaxlm.stages import ppo
 from jaxlm.stages.rl.prompts import make_prompt_iterator
 from jaxlm.stages.rl.reward_model import sequence_scores
@@ -43,9 +46,9 @@ def test_clipped_value_loss_and_adaptive_kl_against_hand_values():
 
 
 def _setup(tmp_path, num_epochs=1):
-    config = grpo_config("ppo", num_epochs=num_epochs, kl_coef=0.0)
+    config = grpo_config("ppo", num_epochs=num_epochs, kl_coef=0.05,
+                         reward_model=str(tmp_path / "rm"))
     config.init_from.path = "/unused/checkpoints"
-    config.ppo.reward_model = str(tmp_path / "rm")
     config_lib.validate(config)
     mesh = sharding.make_mesh(config_lib.check_devices(config, 1, 1), devices=jax.devices()[:1])
     program = program_lib.build(config, mesh)
@@ -62,7 +65,22 @@ def _setup(tmp_path, num_epochs=1):
 @pytest.fixture(scope="module")
 def ppo_host(tmp_path_factory):
     program, rm = _setup(tmp_path_factory.mktemp("ppo"), num_epochs=2)
-    return program, rm, ppo.PpoHost(program, CharTokenizer())  # restores ppo.reward_model
+    return program, rm, program.make_loop(CharTokenizer())  # restores rl.reward_model
+
+
+def test_ppo_program_holds_the_rollout_and_the_reward_models_scoring(ppo_host):
+    """A step's FLOPs: two epochs of updates, the reference's and the rollout values' forwards,
+    the rollout, and the reward model's forward over every row (score head, no vocab head)."""
+    program, _, _ = ppo_host
+    assert sorted(program.programs) == ["eval_rollout", "reward_score", "rollout"]
+    rows, s = 8 * 4, 14
+    count = functools.partial(scaling.train_flops_per_token, program.model_cfg, s)
+    forward = functools.partial(scaling.forward_flops_per_token, program.model_cfg, s)
+    assert program.train_step_flops == pytest.approx((2 * count() + 2 * forward()) * s * rows)
+    score = program.programs["reward_score"]
+    assert score.flops == pytest.approx(forward(vocab_head=False) * s * rows)
+    assert program.flops_per_step == pytest.approx(
+        program.train_step_flops + program.programs["rollout"].flops + score.flops)
 
 
 def test_reward_model_is_restored_and_scores_padded_rows_like_unpadded(ppo_host):
@@ -71,7 +89,7 @@ def test_reward_model_is_restored_and_scores_padded_rows_like_unpadded(ppo_host)
     for a, b in zip(jax.tree.leaves(host.reward_model.params), jax.tree.leaves(rm)):
         np.testing.assert_array_equal(a, b)
     batch = next(make_prompt_iterator(program.config, tok, split="train", batch_size=8))
-    rolled = host.generate(rm, batch, group_size=1, rng=jax.random.key(0))
+    rolled = host.generate(rm, batch, rng=jax.random.key(0), greedy=True)
     tokens = np.concatenate([rolled["prompt"], rolled["completion"][:, 0]], axis=1)
     lengths = rolled["lengths"][:, 0]
     valid = np.concatenate([rolled["prompt_valid"],
@@ -85,22 +103,25 @@ def test_reward_model_is_restored_and_scores_padded_rows_like_unpadded(ppo_host)
 
 
 def test_ppo_step_trains_policy_and_value_head(ppo_host):
-    program, _, host = ppo_host
+    program, rm, _ = ppo_host
     tok = CharTokenizer()
     params = program.init_params(jax.random.key(0))
     reference = jax.tree.map(jnp.copy, params)
     state = program.state_from_params(params)
+    host = ppo.PpoLoop(program, tok, program.extra_args(reference, None), reward_params=rm)
     it = make_prompt_iterator(program.config, tok, split="train", batch_size=8)
-    state, m1 = host.train(state, next(it), reference)
+    state, m1 = host.train(state, next(it))
     assert m1["value_mean"] == 0.0  # the value head starts at zero
     assert m1["kl"] == pytest.approx(0.0, abs=1e-5)  # the policy is the reference
     assert m1["clip_fraction"] > 0  # the second epoch's ratios moved
     assert np.abs(np.asarray(state.params["reward_head"])).max() > 0
-    state, m2 = host.train(state, next(it), reference)
+    state, m2 = host.train(state, next(it))
     assert m2["value_mean"] != 0.0 and m2["kl"] != 0.0
     for k in ("loss", "value_loss", "entropy", "reward_mean", "rollout_tokens_per_sec",
-              "tokens_per_sec", "mfu"):
+              "rollout_fraction"):
         assert np.isfinite(m2[k]), k
+    # Throughput and MFU are the trainer's, from the Program's counts, for every stage.
+    assert "tokens_per_sec" not in m2 and "mfu" not in m2
 
 
 def test_rejection_ranks_by_the_reward_model_when_given(ppo_host):
@@ -108,15 +129,15 @@ def test_rejection_ranks_by_the_reward_model_when_given(ppo_host):
     from jaxlm.stages import rejection
 
     program, rm, ppo_host_ = ppo_host
-    config = grpo_config("rejection", reward_model=program.config.ppo.reward_model,
+    config = grpo_config("rejection", reward_model=program.config.rl.reward_model,
                          keep_min_reward=-1e9)
     config_lib.validate(config)
     rs_program = program_lib.build(config, program.mesh)
-    host = rejection.RejectionHost(rs_program, CharTokenizer())
+    host = rs_program.make_loop(CharTokenizer())
     for a, b in zip(jax.tree.leaves(host.reward_model.params), jax.tree.leaves(rm)):
         np.testing.assert_array_equal(a, b)
     batch = next(make_prompt_iterator(config, CharTokenizer(), split="train", batch_size=8))
-    rolled = host.generate(rm, batch, group_size=4, rng=jax.random.key(1))
+    rolled = host.generate(rs_program.init_params(jax.random.key(2)), batch, rng=jax.random.key(1))
     seqs = rejection.sequences(rolled["prompt"], rolled["prompt_valid"], rolled["completion"],
                                rolled["lengths"])
     scores = host.reward_model.score(seqs, rolled["lengths"])

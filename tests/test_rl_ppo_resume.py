@@ -1,7 +1,7 @@
 """Exact resume of a PPO run with an adaptive KL coefficient (ppo.kl_target > 0): a run cut back
 to its step-2 checkpoint and restarted logs, step by step, the kl_coef and every other metric of
 the run never stopped, and ends with bitwise its params (the host's beta is restored from the
-checkpoint, not restarted from ppo.kl_coef)."""
+checkpoint, not restarted from rl.kl_coef)."""
 
 import jax
 import numpy as np
@@ -28,7 +28,8 @@ def _config(base, tokenizer: str):
     c.checkpoint.update(every_steps=STOP, keep_last=4, async_save=False)
     c.log.update(every_steps=1, tensorboard=False)
     c.init_from.path = str(base / "init")
-    c.ppo.update(reward_model=str(base / "rm"), kl_coef=KL_COEF, kl_target=0.5, kl_horizon=64)
+    c.rl.update(reward_model=str(base / "rm"), kl_coef=KL_COEF)
+    c.ppo.update(kl_target=0.5, kl_horizon=64)
     return c
 
 
@@ -90,15 +91,15 @@ class _Extra:
 
 
 def test_host_state_restore_and_checkpoints_from_before_it():
-    host = ppo.PpoHost.__new__(ppo.PpoHost)  # only its config and beta are used here
+    host = ppo.PpoLoop.__new__(ppo.PpoLoop)  # only its config and beta are used here
     host.config = grpo_config("ppo")
     host.config.ppo.kl_target = 0.5
     host.kl_coef = KL_COEF
     trainer.restore_host_state(host, _Extra({"host_state": {"kl_coef": 0.25}}), 3)
-    assert host.kl_coef == 0.25 and trainer.host_state(host) == {"kl_coef": 0.25}
+    assert host.kl_coef == 0.25 and host.host_state() == {"kl_coef": 0.25}
     for old in ({"tokens_seen": 10}, None):  # saved before host state: beta stays as it is
         trainer.restore_host_state(host, _Extra(old), 3)
         assert host.kl_coef == 0.25
-    host.config.ppo.kl_target = 0.0  # a fixed beta is ppo.kl_coef whatever was saved
+    host.config.ppo.kl_target = 0.0  # a fixed beta is rl.kl_coef whatever was saved
     trainer.restore_host_state(host, _Extra({"host_state": {"kl_coef": 0.5}}), 3)
     assert host.kl_coef == 0.25

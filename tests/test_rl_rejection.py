@@ -44,7 +44,7 @@ def rejection_host():
     config.train.global_batch_size, config.rl.group_size = 16, 8
     config.optim.learning_rate = 1e-3
     program = _program(config)
-    return program, rejection.RejectionHost(program, CharTokenizer())
+    return program, program.make_loop(CharTokenizer())
 
 
 def test_rejection_loss_is_the_mean_nll_of_kept_tokens_only(rejection_host):
@@ -52,7 +52,7 @@ def test_rejection_loss_is_the_mean_nll_of_kept_tokens_only(rejection_host):
     program, host = rejection_host
     params = program.init_params(jax.random.key(1))
     batch = next(make_prompt_iterator(program.config, tok, split="train", batch_size=16))
-    rolled = host.generate(params, batch, group_size=8, rng=jax.random.key(2))
+    rolled = host.generate(params, batch, rng=jax.random.key(2))
     rewards = np.random.default_rng(3).random((16, 8))
     rows = rejection.best_of_group(rolled, rewards, min_reward=0.9)
     assert 0 < rows["keep"].sum() < 16

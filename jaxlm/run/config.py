@@ -31,7 +31,7 @@ from jaxlm.parallel.sharding import MESH_AXES, resolve_mesh_shape
 from jaxlm.run import errors
 from jaxlm.run.errors import ConfigError
 from jaxlm.scaling import flops as scaling
-from jaxlm.stages import STAGE_MODULES, all_stages, get_stage
+from jaxlm.stages import STAGE_MODULES, all_sections, get_stage
 
 STAGES = tuple(STAGE_MODULES)
 
@@ -162,10 +162,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = default_data_config()
     # Chat template of the sft, dpo and reward stages (jaxlm/data/chat.py).
     c.chat = default_chat_config()
-    # Each stage's own section (sft, dpo, reward, ...), defaults from its Stage.
-    for stage in all_stages():
-        if stage.section is not None:
-            c[stage.section] = stage.default_section()
+    # The stages' sections (sft, dpo, reward, rl, ppo, ...), each from the module that owns it.
+    for section in all_sections():
+        c[section.name] = section.defaults()
 
     c.optim = o = ml_collections.ConfigDict()
     # Peak learning rate, reached at the end of warmup.
@@ -337,6 +336,13 @@ def load_config_file(path: str | os.PathLike, arg: str | None = None) -> ml_coll
 # file or as a --config.* override) is an error naming the new key, never silently ignored.
 RENAMED_KEYS: dict[str, str] = {
     "train.num_microbatches": "train.pipeline_microbatches",
+    # One name per idea: the KL coefficient and the reward model are the RL stages' shared keys,
+    # GAE's discount and lambda PPO's own.
+    "ppo.kl_coef": "rl.kl_coef",
+    "ppo.reward_model": "rl.reward_model",
+    "ppo.reward_model_step": "rl.reward_model_step",
+    "rl.gamma": "ppo.gamma",
+    "rl.lam": "ppo.lam",
 }
 
 
@@ -495,8 +501,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_finite_floats(config)
     stage = get_stage(config.stage)  # raises naming the key for an unknown stage
     check_data_config(config.data)
-    if stage.check_config is not None:
-        stage.check_config(config)
+    for section in stage.sections:
+        if section.check is not None:
+            section.check(config)
     check_distributed_config(config.distributed)
     check_eval_config(config.eval)
     _check_pipeline(config)

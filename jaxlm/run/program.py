@@ -2,13 +2,16 @@
 
     program = build(config, mesh, vocab_size=tokenizer.vocab_size)
     state = ...                      # restored, from init_from, or program.init_state(rng)
-    state, metrics = program.train_step(state, batch, *reference)
+    loop = program.make_loop(tokenizer, reference, frozen)
+    state, metrics = loop.train(state, host_batch)
 
 The trainer, the ahead-of-time TPU fit check (`jaxlm.tools.aot`) and the throughput benchmark
 (`benchmarks/train_throughput.py`) all call `build`, so what is fit-checked and benchmarked is
 exactly what trains: the stage's step functions, LoRA's frozen base (no optimizer state, no
 weight gradients), a frozen reference model as the steps' third argument, the stage's batch
-layout, the state's logical shardings and its donation.
+layout, the state's logical shardings and its donation, and the stage's other jitted programs
+(`Stage.make_programs`: an RL rollout with its KV cache, a reward model's scoring, DPO's
+reference precompute), each with explicit shardings and abstract inputs.
 """
 
 from __future__ import annotations
@@ -40,29 +43,42 @@ from jaxlm.run.train_state import (
 )
 from jaxlm.scaling import flops as scaling
 from jaxlm.stages import get_stage
-from jaxlm.stages.stage import Stage
+from jaxlm.stages.loop import StepLoop
+from jaxlm.stages.stage import JitProgram, Stage
 from jaxlm.weights import frozen as frozen_models
 
 
 @dataclasses.dataclass
 class Program:
-    """A run's model, optimizer, state layout, batch layout and jitted steps.
+    """A run's model, optimizer, state layout, batch layout and jitted programs.
 
     Attributes:
       config: the run config with `train.steps` resolved from its token budget.
       stage: the `Stage` of config.stage.
       tx, lr_schedule: the optimizer (LoRA: adapters only) and its schedule, built once.
       state_shardings / abstract_state: the TrainState's NamedShardings and ShapeDtypeStructs.
-      abstract_batch / batch_shardings: one global batch of the stage's layout.
+      abstract_batch / batch_shardings: one global batch of the train step's layout.
       uses_reference: the steps take the frozen reference params as a third argument, sharded
         like the policy's params (`reference_shardings`).
       frozen: the stage's frozen models (`Stage.frozen_models`), by name; when there are any,
         the steps take {name: params} as their last argument (`frozen_shardings`).
       train_step: jit(state, batch[, reference][, frozen]) -> (state, metrics), state donated.
-      eval_step: jit(params, batch[, reference][, frozen]) -> summed eval values.
-      flops_per_step / tokens_per_step: model FLOPs and tokens of one train step (all its
-        optimizer updates, `Stage.updates_per_step`), counting every sequence of a row and only
-        the work done (`scaling.train_flops_per_token`).
+      eval_step: jit(params, batch[, reference][, frozen]) -> summed eval values; None for a
+        stage whose loop evaluates otherwise (RL decodes held-out prompts).
+      programs: the stage's other jitted programs by name (`Stage.make_programs`: "rollout",
+        "eval_rollout", "reward_score", "reference_logps"), each with its abstract arguments
+        and FLOPs.
+      train_step_flops: model FLOPs of one call of the train step: every sequence of every row,
+        the backward work of what trains in each of its optimizer updates
+        (`Stage.updates_per_step`), the reference's and frozen models' forwards and the
+        policy's other forwards (`Stage.policy_forwards`), only the work done
+        (`scaling.train_flops_per_token`).
+      flops_per_step: model FLOPs of one trainer step, what MFU divides by: the train step
+        plus every program that runs once per step (an RL rollout's prefill and decode at its
+        full rl.max_new_tokens length, an upper bound when every completion stops early; a
+        reward model's scoring). Programs run at evaluations or once before training are not
+        counted.
+      tokens_per_step: the tokens the train step trains on (every sequence of every row).
     """
 
     config: ml_collections.ConfigDict
@@ -79,9 +95,11 @@ class Program:
     uses_reference: bool
     train_step: Any
     eval_step: Any
+    train_step_flops: float
     flops_per_step: float
     tokens_per_step: int
     frozen: dict[str, frozen_models.FrozenModel] = dataclasses.field(default_factory=dict)
+    programs: dict[str, JitProgram] = dataclasses.field(default_factory=dict)
 
     @property
     def frozen_shardings(self) -> dict[str, Any]:
@@ -110,6 +128,38 @@ class Program:
     def lower_train(self) -> Any:
         with sharding.activate(self.mesh):
             return self.train_step.trace(*self.abstract_args()).lower()
+
+    def lower(self, name: str) -> Any:
+        """One of `programs` lowered for its abstract arguments (no data, nothing allocated)."""
+        jitted = self.programs[name]
+        with sharding.activate(self.mesh):
+            return jitted.fn.trace(*jitted.abstract_args).lower()
+
+    def resident(self) -> dict[str, Any]:
+        """The device arrays that live for the whole run, abstract, by name: the policy's
+        params, the rest of the train state (optimizer), the reference and frozen models'
+        params, and what the programs hold (a reward model's params)."""
+        out = {"params": self.abstract_state.params,
+               "optimizer": self.abstract_state.replace(params=None)}
+        if self.uses_reference:
+            out["reference"] = self.abstract_params
+        if self.frozen:
+            out["frozen"] = {name: f.abstract_params for name, f in self.frozen.items()}
+        for jitted in self.programs.values():
+            out.update(jitted.holds)
+        return out
+
+    @property
+    def train_reads(self) -> tuple[str, ...]:
+        """The `resident` arrays among the train step's arguments."""
+        return tuple(k for k in ("params", "optimizer", "reference", "frozen")
+                     if k in self.resident())
+
+    def make_loop(self, tokenizer: Any, reference: Any = None,
+                  frozen: dict[str, Any] | None = None) -> StepLoop:
+        """The stage's step loop (`Stage.make_loop`) around this program, with the steps' extra
+        arguments (reference params, frozen models' params) bound."""
+        return self.stage.make_loop(self, tokenizer, self.extra_args(reference, frozen))
 
     def compile_train(self) -> Any:
         """The train step compiled ahead of any data; logs the compile time."""
@@ -157,17 +207,19 @@ def abstract_batch(stage: Stage, config: ml_collections.ConfigDict, mesh: Mesh
 
 def step_flops(stage: Stage, config: ml_collections.ConfigDict, model_cfg: ModelConfig,
                uses_reference: bool, frozen: dict[str, Any] | None = None) -> float:
-    """Model FLOPs of one train step of `stage`: every sequence of every row, the backward work
-    of what trains in each of its optimizer updates, the reference's forward once, the
-    vocabulary head only where the stage runs it, and one forward of each frozen model (a third
-    of its training FLOPs)."""
+    """Model FLOPs of one call of `stage`'s train step: every sequence of every row, the
+    backward work of what trains in each of its optimizer updates, the reference's forward and
+    the policy's other forwards (`Stage.policy_forwards`) once, the vocabulary head only where
+    the stage runs it, and one forward of each frozen model (a third of its training FLOPs)."""
     seq_len = config.data.seq_len
     per_token = functools.partial(
         scaling.train_flops_per_token, model_cfg, seq_len,
         frozen_base=bool(config.model.lora.rank), vocab_head=stage.vocab_head)
-    train, with_reference = per_token(), per_token(reference_forwards=int(uses_reference))
-    # Every optimizer update trains; the reference and the frozen models run once per step.
-    per_step = train * stage.updates_per_step(config) + (with_reference - train)
+    train, forward = per_token(), per_token(reference_forwards=1) - per_token()
+    # Every optimizer update trains; the reference, the policy's other forwards and the frozen
+    # models run once per step.
+    per_step = (train * stage.updates_per_step(config)
+                + forward * (int(uses_reference) + stage.policy_forwards(config)))
     per_step += sum(scaling.train_flops_per_token(f.model_cfg, seq_len) / 3
                     for f in (frozen or {}).values())
     return per_step * seq_len * config.train.global_batch_size * stage.sequences(config)
@@ -203,13 +255,20 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, *, vocab_size: int | No
     replicated = sharding.replicated(mesh)
     train_step = jax.jit(train_fn, in_shardings=(shardings, batch_sh, *reference_sh),
                          out_shardings=(shardings, replicated), donate_argnums=0)
-    eval_step = jax.jit(eval_fn, in_shardings=(shardings.params, batch_sh, *reference_sh),
-                        out_shardings=replicated)
-    return Program(
+    eval_step = None if eval_fn is None else jax.jit(
+        eval_fn, in_shardings=(shardings.params, batch_sh, *reference_sh),
+        out_shardings=replicated)
+    train_flops = step_flops(stage, config, model_cfg, uses_reference, frozen)
+    program = Program(
         config=config, mesh=mesh, stage=stage, model_cfg=model_cfg, model=model, tx=tx,
         lr_schedule=lr_schedule, state_shardings=shardings, abstract_state=abstract,
         abstract_batch=batch, batch_shardings=batch_sh, uses_reference=uses_reference,
-        train_step=train_step, eval_step=eval_step,
-        flops_per_step=step_flops(stage, config, model_cfg, uses_reference, frozen),
+        train_step=train_step, eval_step=eval_step, train_step_flops=train_flops,
+        flops_per_step=train_flops,
         tokens_per_step=(config_lib.tokens_per_step(config) * stage.sequences(config)),
         frozen=frozen)
+    # The stage's other programs see the finished layout (params shardings, mesh, model).
+    programs = stage.make_programs(program)
+    return dataclasses.replace(
+        program, programs=programs,
+        flops_per_step=train_flops + sum(p.flops for p in programs.values() if p.per_step))

@@ -1,8 +1,11 @@
 """The training loop shared by every stage: set up, init, step, evaluate, sample, log.
 
-It knows a stage only through its `jaxlm.stages.stage.Stage` and the `jaxlm.run.program.Program`
-built for it (the jitted steps, the state and batch layouts, the FLOP count). Each piece
-(setup, initial state, evaluation) is a function of its own so tests can use them alone.
+It knows a stage only through its `jaxlm.stages.stage.Stage`, the `jaxlm.run.program.Program`
+built for it (the state layout, the FLOP count) and the Program's step loop
+(`jaxlm.stages.loop.StepLoop`): every stage, supervised, pair, distillation or RL, runs the same
+loop below, which hands the step loop host batches and never asks what kind of stage it runs.
+Each piece (setup, initial state, evaluation) is a function of its own so tests can use them
+alone.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from jaxlm.run.optim import make_optimizer, state_bytes
 from jaxlm.run.step_health import StepHealth
 from jaxlm.run.train_state import TrainState, abstract_boxed_params
 from jaxlm.scaling import flops as scaling
+from jaxlm.stages.loop import StepLoop
 from jaxlm.stages.stage import Stage
 from jaxlm.weights import frozen as frozen_models
 from jaxlm.weights import init_from as params_from
@@ -58,8 +62,6 @@ class Setup:
     # The eval batches (host arrays), kept by the first `evaluate` when they fit in
     # EVAL_CACHE_BYTES: later evaluations reuse them instead of rebuilding the eval iterator.
     eval_batches: list[dict[str, np.ndarray]] | None = None
-    # The stage's host loop (`Stage.make_host`): it takes host batches and runs its own jits.
-    host: Any = None
 
 
 # Eval batches are the same at every evaluation; up to this many bytes of them stay on the host
@@ -115,7 +117,8 @@ def _close(iterator: Any) -> None:
 
 
 def evaluate(s: Setup, eval_fn: Any, params: Any) -> dict[str, float]:
-    """The stage's eval metrics over train.eval_steps batches (the same batches every time)."""
+    """The stage's eval metrics over train.eval_steps batches (the same batches every time).
+    eval_fn(params, host_batch) -> sums: the step loop's `eval`."""
     cached = s.eval_batches
     it = iter(cached) if cached is not None else _iterator(s, "eval")
     keep: list[dict[str, np.ndarray]] | None = [] if cached is None else None
@@ -131,8 +134,7 @@ def evaluate(s: Setup, eval_fn: Any, params: Any) -> dict[str, float]:
                     keep.append(batch)
                 else:
                     keep = None
-            placed = batch if s.host is not None else sharding.global_batch(batch, s.mesh)
-            sums = jax.device_get(eval_fn(params, placed))
+            sums = jax.device_get(eval_fn(params, batch))
             for k, v in sums.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
     finally:
@@ -169,33 +171,25 @@ def initial_state(s: Setup, ckpt: Checkpointer, train_iter: Any,
     return program.init_state(jax.random.key(c.seed))
 
 
-# The key of a host's state (`Stage.make_host`) in each checkpoint's `extra` item.
+# The key of the step loop's host state (`StepLoop.host_state`) in each checkpoint's `extra`.
 HOST_STATE = "host_state"
 
 
-def host_state(host: Any) -> dict[str, Any]:
-    """What the stage's host carries between steps (`host.host_state()`; none if it has no
-    such method), saved with each checkpoint."""
-    get = getattr(host, "host_state", None)
-    return get() if get is not None else {}
-
-
-def restore_host_state(host: Any, ckpt: Checkpointer, step: int) -> None:
+def restore_host_state(loop: StepLoop, ckpt: Checkpointer, step: int) -> None:
     """Hands a run resumed at `step` the host state saved with that checkpoint (taken after
-    the step), so the host continues as the uninterrupted run's. A checkpoint written before
-    hosts saved their state leaves the host as its config starts it."""
-    load = getattr(host, "load_host_state", None)
-    if step == 0 or load is None:
+    the step), so the loop continues as the uninterrupted run's. A checkpoint written before
+    loops saved their state leaves the loop as its config starts it."""
+    if step == 0:
         return
     try:
         extra = ckpt.read_json(step, "extra")
     except (FileNotFoundError, ValueError):
         extra = {}
     if HOST_STATE in extra:
-        load(extra[HOST_STATE])
-    elif host_state(host):
-        logging.warning("checkpoint %d saved no host state: the host's %s start from the "
-                        "config", step, ", ".join(sorted(host_state(host))))
+        loop.load_host_state(extra[HOST_STATE])
+    elif loop.host_state():
+        logging.warning("checkpoint %d saved no host state: the loop's %s start from the "
+                        "config", step, ", ".join(sorted(loop.host_state())))
 
 
 def _reference(s: Setup, start_params: Any) -> Any:
@@ -287,19 +281,11 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     if dropped:
         logging.info("metrics.jsonl: dropped %d rows after the resumed step %d", dropped, step)
     config_lib.warn_schedule(c, total_steps)
-    reference_args = program.extra_args(reference, frozen)
-    if s.stage.make_host is not None:  # the stage's Python step around its own jits
-        s.host = host = s.stage.make_host(program, s.tokenizer)
-        restore_host_state(host, ckpt, step)
-        train_step = lambda st, b: host.train(st, b, reference)
-        eval_step = lambda p, b: host.eval(p, b, reference)
-        place = lambda b: b
-    else:
-        compiled = program.compile_train() if step < total_steps else program.train_step
-        train_step = lambda st, b: compiled(st, b, *reference_args)
-        eval_step = lambda p, b: program.eval_step(p, b, *reference_args)
-        place = lambda b: sharding.global_batch(b, s.mesh)
-    batch = place(next(train_iter)) if step < total_steps else None
+    loop = program.make_loop(s.tokenizer, reference, frozen)  # every stage's step
+    restore_host_state(loop, ckpt, step)
+    if step < total_steps:
+        loop.compile()
+    host_batch = next(train_iter) if step < total_steps else None
 
     tokens_per_step, flops_per_step = program.tokens_per_step, program.flops_per_step
     counter = run_counters.resumed_counter(ckpt, step, tokens_per_step, c)
@@ -328,10 +314,10 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         elapsed = max(now - window_start, 1e-9)
         window_steps = max(step_done - window_step0, 1)
         row["steps_per_sec"] = window_steps / elapsed
-        # A host loop measures its own (generation and training counted apart).
-        row.setdefault("tokens_per_sec", row["steps_per_sec"] * tokens_per_step)
-        row.setdefault("mfu", hardware.mfu(flops_per_step, elapsed / window_steps,
-                                           jax.device_count(), peak))
+        # The same for every stage: the Program's tokens and FLOPs of a whole step.
+        row["tokens_per_sec"] = row["steps_per_sec"] * tokens_per_step
+        row["mfu"] = hardware.mfu(flops_per_step, elapsed / window_steps, jax.device_count(),
+                                  peak)
         row["tokens_seen"] = counter.tokens_seen(step_done)
         eta = (total_steps - step_done) / max(row["steps_per_sec"], 1e-9)
         if is_main:
@@ -344,7 +330,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     previous = None
     try:
         while step < total_steps:
-            state, metrics = train_step(state, batch)
+            state, metrics = loop.train(state, host_batch)
             step += 1
             # Read back the previous step's metrics only after dispatching this one, so the
             # device never waits on the host.
@@ -360,16 +346,16 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             # batches" and a resumed run draws exactly the batches this run would have.
             if ckpt.should_save(step, total_steps) or preemption.requested:
                 health.check(metrics, step)
-                saved = {**extra, "tokens_seen": counter.tokens_seen(step)}
-                if s.host is not None:  # the host state after this step's update
-                    saved[HOST_STATE] = host_state(s.host)
+                # The loop's host state after this step's update.
+                saved = {**extra, "tokens_seen": counter.tokens_seen(step),
+                         HOST_STATE: loop.host_state()}
                 ckpt.save(step, state, data_iterator=train_iter, config=c, extra=saved)
             if preemption.requested:
                 logging.warning("SIGTERM: saved step %d; exiting so the job can be "
                                 "rescheduled", step)
                 break
             if step < total_steps:
-                batch = place(next(train_iter))
+                host_batch = next(train_iter)
             end_or_eval = step == total_steps or (c.train.eval_every and
                                                   step % c.train.eval_every == 0)
             tasks_due = live_eval is not None and live_eval.due(step, total_steps)
@@ -378,7 +364,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 if pending is not None:
                     report(*pending)
                     pending = None
-                _eval_and_sample(s, state, step, eval_step, sampler, writer, end_or_eval)
+                _eval_and_sample(s, state, step, loop, sampler, writer, end_or_eval)
                 if tasks_due:
                     writer.write(step, live_eval.metrics(live_eval.run(state.params, step)))
                 window_start, window_step0 = time.perf_counter(), step
@@ -394,17 +380,17 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     return last
 
 
-def _eval_and_sample(s: Setup, state: TrainState, step: int, eval_step: Any, sampler: Sampler,
+def _eval_and_sample(s: Setup, state: TrainState, step: int, loop: StepLoop, sampler: Sampler,
                      writer: MetricsWriter, do_eval: bool) -> None:
     c = s.config
     with sharding.activate(s.mesh):
         if do_eval and c.train.eval_steps:
-            row = evaluate(s, eval_step, state.params)
+            row = evaluate(s, loop.eval, state.params)
             logging.info("eval at step %d | %s", step, " | ".join(
                 f"{k.removeprefix('eval_')} {v:.4g}" for k, v in row.items()))
             writer.write(step, row)
-            if s.host is not None and s.host.samples:
-                writer.write_text(step, "samples", "\n\n".join(s.host.samples))
+            if samples := loop.samples():
+                writer.write_text(step, "samples", "\n\n".join(samples))
     if (s.stage.generates_text and c.log.sample_every
             and (step % c.log.sample_every == 0 or step == c.train.steps)):
         text = sample_text(s, sampler, state.params)

@@ -221,6 +221,22 @@ def _lora_flops_per_token(cfg: ModelConfig) -> float:
     return total
 
 
+def _forward_parts(cfg: ModelConfig, seq_len: int, vocab_head: bool
+                   ) -> tuple[float, float, float]:
+    """Forward FLOPs per token of (the weight matmuls, attention, LoRA adapters)."""
+    f = flops_per_token(cfg, seq_len)
+    head = f["head"] if vocab_head else 2.0 * cfg.d_model
+    weights = f["qkv_projections"] + f["output_projection"] + f["mlp"] + head
+    return weights, f["attention_logits"] + f["attention_values"], _lora_flops_per_token(cfg)
+
+
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int, *, vocab_head: bool = True
+                            ) -> float:
+    """FLOPs of one forward pass per token at `seq_len` context (a frozen reference, a
+    rollout's prefill and decode tokens, a reward model's scoring with vocab_head=False)."""
+    return sum(_forward_parts(cfg, seq_len, vocab_head))
+
+
 def train_flops_per_token(cfg: ModelConfig, seq_len: int, *, frozen_base: bool = False,
                           vocab_head: bool = True, reference_forwards: int = 0) -> float:
     """FLOPs per trained token of one training step, counting what is actually computed.
@@ -231,11 +247,7 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int, *, frozen_base: bool =
       reference evaluated inside the step). With the defaults this is `flops_per_token`'s
       `train` (3 x forward).
     """
-    f = flops_per_token(cfg, seq_len)
-    head = f["head"] if vocab_head else 2.0 * cfg.d_model
-    weights = f["qkv_projections"] + f["output_projection"] + f["mlp"] + head
-    attention = f["attention_logits"] + f["attention_values"]
-    adapters = _lora_flops_per_token(cfg)
+    weights, attention, adapters = _forward_parts(cfg, seq_len, vocab_head)
     forward = weights + attention + adapters
     backward = 2.0 * attention + 2.0 * adapters + (1.0 if frozen_base else 2.0) * weights
-    return forward + backward + reference_forwards * (weights + attention + adapters)
+    return forward + backward + reference_forwards * forward

@@ -1,7 +1,8 @@
 """The registry of training stages: `config.stage` -> the module that defines its `STAGE`.
 
 A stage is one module defining `STAGE = jaxlm.stages.stage.Stage(...)` plus one line here; the
-program builder, the trainer and the config schema find everything else through it.
+program builder, the trainer and the config schema find everything else through it (the config
+sections the stages read through `all_sections`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING
 from jaxlm.run.errors import ConfigError
 
 if TYPE_CHECKING:
-    from jaxlm.stages.stage import Stage
+    from jaxlm.stages.stage import Section, Stage
 
 STAGE_MODULES = {
     "pretrain": "jaxlm.stages.pretrain",
@@ -34,3 +35,15 @@ def get_stage(name: str) -> Stage:
 
 def all_stages() -> list[Stage]:
     return [get_stage(name) for name in STAGE_MODULES]
+
+
+def all_sections() -> list[Section]:
+    """Every config section a stage reads, once each (several stages may read one section, e.g.
+    `rl`). Two different `Section`s under one name are an error: a section has one owner."""
+    found: dict[str, Section] = {}
+    for stage in all_stages():
+        for section in stage.sections:
+            if found.setdefault(section.name, section) is not section:
+                raise ValueError(f"config section {section.name!r} is declared twice (stage "
+                                 f"{stage.name}); declare it once and list that Section")
+    return list(found.values())

@@ -34,7 +34,7 @@ from jaxlm.run.errors import ConfigError
 from jaxlm.run.train_state import TrainState, gradient_step, lora_step_options
 from jaxlm.stages import pretrain, sft
 from jaxlm.stages.settings import check_sft
-from jaxlm.stages.stage import Stage, token_eval_metrics, token_fields
+from jaxlm.stages.stage import Section, Stage, token_eval_metrics, token_fields
 
 Batch = dict[str, jax.Array]
 DATA = ("corpus", "chat")
@@ -92,6 +92,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
               f"{d.loss!r}; set 0")
     if d.data == "chat":
         check_sft(config)
+
+
+SECTION = Section("distill", default_section, check_config)
 
 
 def spec(config: ml_collections.ConfigDict) -> DistillSpec:
@@ -182,5 +185,5 @@ def batch_fields(config: Any) -> dict[str, Any]:
 
 
 STAGE = Stage(name="distill", make_steps=make_steps, make_data=make_data,
-              batch_fields=batch_fields, section="distill", default_section=default_section,
-              check_config=check_config, eval_metrics=eval_metrics, frozen_models=frozen_models)
+              batch_fields=batch_fields, sections=(SECTION,), eval_metrics=eval_metrics,
+              frozen_models=frozen_models)

@@ -28,8 +28,9 @@ of pairs whose chosen reward is higher) and the mean policy log-probs.
 
 The reference log-probs come from the frozen initial params (the init_from checkpoint), either
 computed inside the jitted step (dpo.reference="jit"; the frozen params are the step's third
-argument, sharded like the policy) or once before training by `prepare`
-(dpo.reference="precompute"; the batch then carries them as ref_logps [B, 2]).
+argument, sharded like the policy) or once before training by `prepare` with the Program's
+"reference_logps" program (dpo.reference="precompute"; the batch then carries them as
+ref_logps [B, 2]).
 """
 
 from __future__ import annotations
@@ -49,9 +50,10 @@ from jaxlm.models.moe import add_router_losses, router_metrics
 from jaxlm.parallel import sharding
 from jaxlm.run.errors import ConfigError
 from jaxlm.run.train_state import TrainState, gradient_step, lora_step_options
+from jaxlm.scaling import flops as scaling
 from jaxlm.stages import pairs
-from jaxlm.stages.settings import check_dpo, default_dpo_config
-from jaxlm.stages.stage import BatchFields, Stage
+from jaxlm.stages.settings import DPO
+from jaxlm.stages.stage import BatchFields, JitProgram, Stage
 
 Batch = dict[str, jax.Array]
 _FIELDS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
@@ -236,17 +238,46 @@ def batch_fields(config: Any) -> BatchFields:
     return fields
 
 
+# The Program's reference precompute (`Program.programs` name).
+REFERENCE_LOGPS = "reference_logps"
+
+
+def _reference_with_ids(params: Any, batch: Batch, *, model: nn.Module
+                        ) -> tuple[jax.Array, jax.Array]:
+    return reference_step(params, batch, model=model), batch["pair_id"]
+
+
+def make_programs(program: Any) -> dict[str, JitProgram]:
+    """dpo.reference="precompute": the jitted reference pass over one global batch of pairs
+    (params sharded like the policy, rows over the data axes), whose values and pair ids come
+    back replicated on every process. It runs before training, not in the steps."""
+    c, mesh = program.config, program.mesh
+    if reference_mode(c) != "precompute":
+        return {}
+    fields = pairs.batch_fields(c)
+    batch_sh = {k: sharding.batch_sharding(mesh, 1 + len(shape))
+                for k, (shape, _) in fields.items()}
+    fn = jax.jit(functools.partial(_reference_with_ids, model=program.model),
+                 in_shardings=(program.reference_shardings, batch_sh),
+                 out_shardings=sharding.replicated(mesh))
+    rows = c.train.global_batch_size
+    batch = {k: jax.ShapeDtypeStruct((rows, *shape), dtype, sharding=batch_sh[k])
+             for k, (shape, dtype) in fields.items()}
+    seq_len = c.data.seq_len
+    flops = (rows * pairs.SEQUENCES_PER_ROW * seq_len
+             * scaling.forward_flops_per_token(program.model_cfg, seq_len))
+    return {REFERENCE_LOGPS: JitProgram(fn, (program.abstract_params, batch), flops=flops,
+                                        per_step=False, reads=("params",))}
+
+
 def prepare(program: Any, tokenizer: Any, reference_params: Any) -> dict[str, Any]:
     """dpo.reference="precompute": the reference log-probs of every pair of each split, one
-    pass of `reference_step` over `reference_batches`, as make_data's `reference` tables
-    (split -> [N, 2], row = pair_id). The reference params can be dropped afterwards."""
+    pass of the Program's "reference_logps" over `reference_batches`, as make_data's `reference`
+    tables (split -> [N, 2], row = pair_id). The reference params can be dropped afterwards."""
     c, mesh = program.config, program.mesh
-    step_fn = functools.partial(reference_step, model=program.model)
+    jitted = program.programs[REFERENCE_LOGPS]
     tables = {}
     with sharding.activate(mesh):
-        # Values and pair ids of the whole global batch, on every process.
-        jitted = jax.jit(lambda p, b: (step_fn(p, b), b["pair_id"]),
-                         out_shardings=sharding.replicated(mesh))
         for split in ("train", "eval"):
             if split == "eval" and not (c.train.eval_every and c.train.eval_steps):
                 continue
@@ -263,6 +294,6 @@ def prepare(program: Any, tokenizer: Any, reference_params: Any) -> dict[str, An
 
 
 STAGE = Stage(name="dpo", make_steps=make_steps, make_data=make_data, batch_fields=batch_fields,
-              section="dpo", default_section=default_dpo_config, check_config=check_dpo,
-              sequences_per_row=pairs.SEQUENCES_PER_ROW, eval_metrics=eval_metrics,
-              reference_mode=reference_mode, prepare=prepare)
+              sections=(DPO,), sequences_per_row=pairs.SEQUENCES_PER_ROW,
+              eval_metrics=eval_metrics, reference_mode=reference_mode,
+              make_programs=make_programs, prepare=prepare)

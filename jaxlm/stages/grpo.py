@@ -1,9 +1,10 @@
 """GRPO: group-relative policy optimisation with verifiable rewards (Shao et al. 2024).
 
-One step (`GrpoHost.train`, called by the trainer through `Stage.make_host`):
+One step (`GrpoLoop.train`, the stage's `StepLoop`):
 
-1. rollout (jit): G completions of each of the batch's prompts from the KV-cache decoder, with
-   the policy's params as sharded for training, and their per-token log-probs pi_old;
+1. rollout (jit, the Program's "rollout"): G completions of each of the batch's prompts from
+   the KV-cache decoder, with the policy's params as sharded for training, and their
+   per-token log-probs pi_old;
 2. host: decode, score with the configured rewards, group advantages
    A_i = (r_i - mean_G r) / std_G r (rl.advantage_scale="none": no division, Dr. GRPO) and each
    token's weight in the loss (rl.loss_norm);
@@ -30,22 +31,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxlm.losses.policy import clipped_surrogate, k3_kl, token_weights
 from jaxlm.run.train_state import TrainState, lora_step_options
 from jaxlm.stages.rl.advantages import group_advantages
 from jaxlm.stages.rl.epochs import epoch_updates
-from jaxlm.stages.rl.host import RolloutHost, eval_metrics
-from jaxlm.losses.policy import clipped_surrogate, k3_kl, token_weights
-from jaxlm.stages.rl.prompts import make_prompt_iterator
-from jaxlm.stages.rl.rollout import sequence_logps, sequences
-from jaxlm.stages.rl.settings import check_rl, default_rl_config
+from jaxlm.stages.rl.loop import RolloutLoop, eval_metrics, reward_metrics
+from jaxlm.stages.rl.prompts import make_data
+from jaxlm.stages.rl.rollout import flat_groups, rollout_programs, sequence_logps, sequences
+from jaxlm.stages.rl.settings import RL
 from jaxlm.stages.stage import BatchFields, Stage
 
 Batch = dict[str, jax.Array]
-
-
-def _flat(batch: Batch) -> Batch:
-    """[B, G, ...] -> [B * G, ...]."""
-    return {k: v.reshape(-1, *v.shape[2:]) for k, v in batch.items()}
 
 
 def loss_fn(params: Any, batch: Batch, rng: jax.Array | None = None, *, model: nn.Module,
@@ -78,7 +74,7 @@ def grpo_step(state: TrainState, batch: Batch, ref_params: Any = None, *, model:
               ) -> tuple[TrainState, dict[str, jax.Array]]:
     """rl.num_epochs optimizer updates on one rollout batch [B, G, ...]; the state's step moves
     by one (a trainer step), the optimizer's count by num_epochs."""
-    flat = _flat(batch)
+    flat = flat_groups(batch)
     total = flat["tokens"].shape[0]
     if ref_params is not None:
         flat["ref_logps"] = jax.lax.stop_gradient(sequence_logps(
@@ -98,17 +94,6 @@ def grpo_step(state: TrainState, batch: Batch, ref_params: Any = None, *, model:
     return state.replace(step=step0 + 1), metrics
 
 
-def eval_step(params: Any, batch: Batch, ref_params: Any = None, *, model: nn.Module
-              ) -> dict[str, jax.Array]:
-    """Mean completion log-prob of a rollout batch (the held-out evaluation itself decodes on
-    the host, `RolloutHost.eval`)."""
-    del ref_params
-    flat = _flat(batch)
-    logp_NxT = sequence_logps(params, flat["tokens"], flat["valid"], flat["mask"].shape[-1],
-                              model=model)
-    return {"logp_sum": jnp.sum(logp_NxT * flat["mask"]), "num_tokens": jnp.sum(flat["mask"])}
-
-
 def make_steps(config: Any, model: nn.Module, tx: optax.GradientTransformation,
                lr_schedule: optax.Schedule) -> tuple[Any, Any]:
     r = config.rl
@@ -116,7 +101,7 @@ def make_steps(config: Any, model: nn.Module, tx: optax.GradientTransformation,
         grpo_step, model=model, tx=tx, lr_schedule=lr_schedule, clip_low=r.clip_eps,
         clip_high=r.clip_eps_high or r.clip_eps, kl_coef=r.kl_coef, num_epochs=r.num_epochs,
         grad_accum_steps=config.optim.grad_accum_steps, **lora_step_options(config))
-    return train, functools.partial(eval_step, model=model)
+    return train, None  # the loop evaluates by decoding held-out prompts
 
 
 def batch_fields(config: Any) -> BatchFields:
@@ -125,13 +110,6 @@ def batch_fields(config: Any) -> BatchFields:
     return {"tokens": ((g, s), np.int32), "valid": ((g, s), np.int32),
             "mask": ((g, t), np.float32), "old_logps": ((g, t), np.float32),
             "advantages": ((g,), np.float32), "weights": ((g, t), np.float32)}
-
-
-def make_data(config: Any, tokenizer: Any, *, split: str, batch_size: int, process_index: int,
-              process_count: int, cache_dir: str) -> Any:
-    del cache_dir
-    return make_prompt_iterator(config, tokenizer, split=split, batch_size=batch_size,
-                                process_index=process_index, process_count=process_count)
 
 
 def update_batch(rolled: dict[str, np.ndarray], rewards_BxG: np.ndarray, *, scale: str,
@@ -147,32 +125,18 @@ def update_batch(rolled: dict[str, np.ndarray], rewards_BxG: np.ndarray, *, scal
             "weights": weights.reshape(b, g, t).astype(np.float32)}
 
 
-def reward_metrics(rewards_BxG: np.ndarray, parts: dict[str, np.ndarray],
-                   lengths_BxG: np.ndarray) -> dict[str, float]:
-    return {"reward_mean": float(rewards_BxG.mean()), "reward_std": float(rewards_BxG.std()),
-            **{f"reward_{k}": float(v.mean()) for k, v in parts.items()},
-            "response_length": float(lengths_BxG.mean())}
-
-
-class GrpoHost(RolloutHost):
+class GrpoLoop(RolloutLoop):
     """The GRPO step as the trainer calls it: rollout, rewards, advantages, update."""
 
-    def train(self, state: TrainState, host_batch: dict[str, np.ndarray], reference: Any = None
+    def train(self, state: TrainState, host_batch: dict[str, np.ndarray]
               ) -> tuple[TrainState, dict[str, float]]:
         r = self.config.rl
         t0 = time.perf_counter()
         rolled, rewards, parts = self.train_rollout(state, host_batch)
         arrays = update_batch(rolled, rewards, scale=r.advantage_scale, loss_norm=r.loss_norm)
-        t1 = time.perf_counter()
-        ref = (reference,) if self.program.uses_reference else ()
-        state, metrics = self.update(state, arrays, *ref)
-        t2 = time.perf_counter()
-        rows = int(np.prod(rolled["lengths"].shape))
-        passes = r.num_epochs + (self.forward_flops_per_token / self.train_flops_per_token
-                                  if ref else 0.0)
+        state, metrics = self.update(state, arrays)
         metrics.update(reward_metrics(rewards, parts, rolled["lengths"]))
-        metrics.update(self.throughput(rolled, rows, passes, rolled["seconds"], t2 - t1,
-                                       t2 - t0))
+        metrics.update(self.rollout_metrics(rolled, time.perf_counter() - t0))
         return state, metrics
 
 
@@ -181,8 +145,8 @@ def reference_mode(config: Any) -> str:
 
 
 STAGE = Stage(name="grpo", make_steps=make_steps, make_data=make_data, batch_fields=batch_fields,
-              section="rl", default_section=default_rl_config, check_config=check_rl,
-              eval_metrics=eval_metrics, reference_mode=reference_mode, make_host=GrpoHost,
-              generates_text=False,  # samples are logged by the host at each evaluation
+              sections=(RL,), eval_metrics=eval_metrics, reference_mode=reference_mode,
+              make_programs=rollout_programs, make_loop=GrpoLoop,
+              generates_text=False,  # samples are logged by the loop at each evaluation
               updates_per_step=lambda config: config.rl.num_epochs,
               sequences_per_row=lambda config: config.rl.group_size)

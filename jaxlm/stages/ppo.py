@@ -7,18 +7,19 @@ trained with the policy in one objective. Sharing the trunk costs no second mode
 optimizer state or forward pass, and the value sees exactly the features the policy acts on;
 `ppo.value_coef` bounds how much the value loss moves the shared weights.
 
-One step (`PpoHost.train`): G completions per prompt from the KV-cache decoder (pi_old per
-token kept); the frozen reward model (a reward-stage checkpoint, `ppo.reward_model`, sharded
-like the policy) scores each completion at its last token; then the jitted update computes,
-with the frozen reference (init_from) and the rollout policy's values V,
+One step (`PpoLoop.train`, the stage's `StepLoop`): G completions per prompt from the
+Program's rollout (pi_old per token kept); the frozen reward model (a reward-stage checkpoint,
+`rl.reward_model`, sharded like the policy) scores each completion at its last token with the
+Program's "reward_score" program; then the jitted update computes, with the frozen reference
+(init_from) and the rollout policy's values V,
 
     r_t = -beta (log pi_old(o_t) - log ref(o_t))  (+ score at the last token)
-    A = GAE(r, V; rl.gamma, rl.lam), R = A + V, A whitened over the batch (ppo.whiten)
+    A = GAE(r, V; ppo.gamma, ppo.lam), R = A + V, A whitened over the batch (ppo.whiten)
 
 and takes rl.num_epochs steps on the clipped policy loss plus ppo.value_coef times the clipped
 value loss 0.5 max((V' - R)^2, (V + clip(V' - V, +-ppo.value_clip) - R)^2), token weights as
-rl.loss_norm. beta is ppo.kl_coef, fixed or (ppo.kl_target > 0) adapted on the host after
-each step; an adapted beta is saved with every checkpoint (`PpoHost.host_state`), so a resumed
+rl.loss_norm. beta is rl.kl_coef, fixed or (ppo.kl_target > 0) adapted on the host after
+each step; an adapted beta is saved with every checkpoint (`PpoLoop.host_state`), so a resumed
 run continues from the beta the uninterrupted one would use.
 """
 
@@ -36,18 +37,23 @@ import numpy as np
 import optax
 
 from jaxlm.losses.cross_entropy import token_logps
+from jaxlm.losses.policy import clipped_surrogate, token_weights
 from jaxlm.models import Transformer
 from jaxlm.run.train_state import TrainState, lora_step_options
-from jaxlm.stages.grpo import _flat
 from jaxlm.stages.rl.advantages import gae, whiten
 from jaxlm.stages.rl.epochs import epoch_updates
-from jaxlm.stages.rl.host import RolloutHost, eval_metrics
-from jaxlm.losses.policy import clipped_surrogate, token_weights
-from jaxlm.stages.rl.prompts import make_prompt_iterator
-from jaxlm.stages.rl.reward_model import RewardModel
-from jaxlm.stages.rl.rollout import completion_hidden, sequence_logps, sequences
-from jaxlm.stages.rl.settings import check_ppo, default_ppo_config
-from jaxlm.stages.stage import BatchFields, Stage
+from jaxlm.stages.rl.loop import RolloutLoop, eval_metrics
+from jaxlm.stages.rl.prompts import make_data
+from jaxlm.stages.rl.reward_model import SCORE, RewardModel, score_program
+from jaxlm.stages.rl.rollout import (
+    completion_hidden,
+    flat_groups,
+    rollout_programs,
+    sequence_logps,
+    sequences,
+)
+from jaxlm.stages.rl.settings import PPO, RL
+from jaxlm.stages.stage import BatchFields, JitProgram, Stage
 
 Batch = dict[str, jax.Array]
 
@@ -119,7 +125,7 @@ def ppo_step(state: TrainState, batch: Batch, ref_params: Any, *, model: nn.Modu
              ) -> tuple[TrainState, dict[str, jax.Array]]:
     """Rewards, GAE and rl.num_epochs updates on one rollout batch [B, G, ...]."""
     lm = language_model(model)
-    flat = _flat(batch)
+    flat = flat_groups(batch)
     num_new, total = flat["mask"].shape[-1], flat["mask"].shape[0]
     mask = flat["mask"]
     ref = sequence_logps(ref_params, flat["tokens"], flat["valid"], num_new, model=lm)
@@ -147,26 +153,16 @@ def ppo_step(state: TrainState, batch: Batch, ref_params: Any, *, model: nn.Modu
     return state.replace(step=step0 + 1), metrics
 
 
-def eval_step(params: Any, batch: Batch, ref_params: Any = None, *, model: nn.Module
-              ) -> dict[str, jax.Array]:
-    """Mean completion log-prob of a rollout batch (held-out evaluation decodes on the host)."""
-    del ref_params
-    flat = _flat(batch)
-    logp = sequence_logps(params, flat["tokens"], flat["valid"], flat["mask"].shape[-1],
-                          model=language_model(model))
-    return {"logp_sum": jnp.sum(logp * flat["mask"]), "num_tokens": jnp.sum(flat["mask"])}
-
-
 def make_steps(config: Any, model: nn.Module, tx: optax.GradientTransformation,
                lr_schedule: optax.Schedule) -> tuple[Any, Any]:
     r, p = config.rl, config.ppo
     train = functools.partial(
         ppo_step, model=model, tx=tx, lr_schedule=lr_schedule, clip_low=r.clip_eps,
         clip_high=r.clip_eps_high or r.clip_eps, value_clip=p.value_clip,
-        value_coef=p.value_coef, gamma=r.gamma, lam=r.lam, whiten_advantages=p.whiten,
+        value_coef=p.value_coef, gamma=p.gamma, lam=p.lam, whiten_advantages=p.whiten,
         num_epochs=r.num_epochs, grad_accum_steps=config.optim.grad_accum_steps,
         **lora_step_options(config))
-    return train, functools.partial(eval_step, model=model)
+    return train, None  # the loop evaluates by decoding held-out prompts
 
 
 def batch_fields(config: Any) -> BatchFields:
@@ -177,35 +173,34 @@ def batch_fields(config: Any) -> BatchFields:
             "kl_coef": ((g,), np.float32)}
 
 
-def make_data(config: Any, tokenizer: Any, *, split: str, batch_size: int, process_index: int,
-              process_count: int, cache_dir: str) -> Any:
-    del cache_dir
-    return make_prompt_iterator(config, tokenizer, split=split, batch_size=batch_size,
-                                process_index=process_index, process_count=process_count)
+def make_programs(program: Any) -> dict[str, JitProgram]:
+    """The rollouts and the reward model's scoring."""
+    return {**rollout_programs(program), SCORE: score_program(program)}
 
 
-class PpoHost(RolloutHost):
+class PpoLoop(RolloutLoop):
     """The PPO step as the trainer calls it: rollout, reward-model scores, update, KL control.
-    `reward_params`: the reward model's params (default: restored from ppo.reward_model)."""
+    `reward_params`: the reward model's params (default: restored from rl.reward_model)."""
 
-    def __init__(self, program: Any, tokenizer: Any, reward_params: Any = None):
-        super().__init__(program, tokenizer)
-        p = self.config.ppo
+    def __init__(self, program: Any, tokenizer: Any, step_args: tuple[Any, ...] = (),
+                 reward_params: Any = None):
+        super().__init__(program, tokenizer, step_args)
+        r = self.config.rl
         self.reward_model = RewardModel(
-            program, p.reward_model, None if p.reward_model_step < 0 else p.reward_model_step,
+            program, r.reward_model, None if r.reward_model_step < 0 else r.reward_model_step,
             params=reward_params, tokenizer=tokenizer)
-        self.kl_coef = float(p.kl_coef)
+        self.kl_coef = float(r.kl_coef)
 
     def host_state(self) -> dict[str, Any]:
         """The beta of the next step (after the last step's adaptive update)."""
         return {"kl_coef": self.kl_coef}
 
     def load_host_state(self, state: dict[str, Any]) -> None:
-        """An adaptive beta continues from the checkpoint's; a fixed one is ppo.kl_coef."""
+        """An adaptive beta continues from the checkpoint's; a fixed one is rl.kl_coef."""
         if self.config.ppo.kl_target > 0 and "kl_coef" in state:
             self.kl_coef = float(state["kl_coef"])
 
-    def train(self, state: TrainState, host_batch: dict[str, np.ndarray], reference: Any = None
+    def train(self, state: TrainState, host_batch: dict[str, np.ndarray]
               ) -> tuple[TrainState, dict[str, float]]:
         r, p = self.config.rl, self.config.ppo
         t0 = time.perf_counter()
@@ -213,15 +208,13 @@ class PpoHost(RolloutHost):
         seqs = sequences(rolled["prompt"], rolled["prompt_valid"], rolled["completion"],
                          rolled["lengths"])
         b, g, t = seqs["mask"].shape
-        t1 = time.perf_counter()  # the update phase: reward model, then the jitted update
         score = self.reward_model.score(seqs, rolled["lengths"])
         weights = np.asarray(token_weights(seqs["mask"].reshape(b * g, t), r.loss_norm))
         arrays = {**seqs, "old_logps": rolled["logps"].astype(np.float32),
                   "weights": weights.reshape(b, g, t).astype(np.float32),
                   "score": score.astype(np.float32),
                   "kl_coef": np.full((b, g), self.kl_coef, np.float32)}
-        state, metrics = self.update(state, arrays, reference)
-        t2 = time.perf_counter()
+        state, metrics = self.update(state, arrays)
         metrics.update({"reward_mean": float(score.mean()), "reward_std": float(score.std()),
                         "task_reward_mean": float(task_rewards.mean()),
                         **{f"reward_{k}": float(v.mean()) for k, v in parts.items()},
@@ -230,16 +223,15 @@ class PpoHost(RolloutHost):
         if p.kl_target > 0:
             self.kl_coef = adaptive_kl(self.kl_coef, metrics["sequence_kl"], target=p.kl_target,
                                        horizon=p.kl_horizon, batch=b * g)
-        # Forwards besides the epochs: reward model, reference, rollout values.
-        passes = r.num_epochs + 3 * self.forward_flops_per_token / self.train_flops_per_token
-        metrics.update(self.throughput(rolled, b * g, passes, rolled["seconds"], t2 - t1,
-                                       t2 - t0))
+        metrics.update(self.rollout_metrics(rolled, time.perf_counter() - t0))
         return state, metrics
 
 
 STAGE = Stage(name="ppo", make_steps=make_steps, make_data=make_data, batch_fields=batch_fields,
-              section="ppo", default_section=default_ppo_config, check_config=check_ppo,
-              reward_head=True, eval_metrics=eval_metrics, reference_mode=lambda config: "jit",
-              generates_text=False, make_host=PpoHost,
+              sections=(RL, PPO), reward_head=True, eval_metrics=eval_metrics,
+              reference_mode=lambda config: "jit", generates_text=False,
+              make_programs=make_programs, make_loop=PpoLoop,
               updates_per_step=lambda config: config.rl.num_epochs,
+              # The rollout policy's values, before the epochs.
+              policy_forwards=lambda config: 1,
               sequences_per_row=lambda config: config.rl.group_size)

@@ -1,9 +1,8 @@
 """The config sections of the post-training stages (`sft`, `dpo`, `reward`): defaults, checks.
 
-Each section is read only by its own stage, whose `Stage` names its default and its check
-(`check_sft`, `check_dpo`, `check_reward`); `jaxlm.run.config.validate` runs the check of the stage
-a
-run selects. Importing this module pulls in neither grain nor JAX.
+Each is declared once here as a `Section` (`SFT`, `DPO`, `REWARD`) and listed in the
+`Stage.sections` of the stages that read it; `jaxlm.run.config.validate` runs the checks of the
+stage a run selects. Importing this module pulls in neither grain nor JAX.
 """
 
 from __future__ import annotations
@@ -13,6 +12,7 @@ import ml_collections
 from jaxlm.data.chat import check_chat_config
 from jaxlm.data.config import split_list
 from jaxlm.run import errors
+from jaxlm.stages.stage import Section
 
 LOSS_ON = ("assistant", "all")
 TRUNCATION = ("truncate", "drop")
@@ -129,3 +129,8 @@ def check_reward(config: ml_collections.ConfigDict) -> None:
     _check_chat_section(config, "reward")
     if config.log.sample_every:
         _fail("log.sample_every", "a reward model does not generate text; set it to 0")
+
+
+SFT = Section("sft", default_sft_config, check_sft)
+DPO = Section("dpo", default_dpo_config, check_dpo)
+REWARD = Section("reward", default_reward_config, check_reward)

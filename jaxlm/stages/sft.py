@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jaxlm.run.train_state import TrainState
 from jaxlm.stages import pretrain
 from jaxlm.stages.pretrain import batch_fields, pretrain_step
-from jaxlm.stages.settings import check_sft, default_sft_config
+from jaxlm.stages.settings import SFT
 from jaxlm.stages.stage import Stage
 
 Batch = dict[str, jax.Array]
@@ -52,4 +52,4 @@ def make_data(config: Any, tokenizer: Any, *, split: str, batch_size: int, proce
 
 
 STAGE = Stage(name="sft", make_steps=make_steps, make_data=make_data, batch_fields=batch_fields,
-              section="sft", default_section=default_sft_config, check_config=check_sft)
+              sections=(SFT,))

@@ -1,18 +1,24 @@
 """What a training stage is: the one interface the program builder and the trainer know.
 
-A stage module (pretrain, sft, dpo, reward, ...) defines `STAGE = Stage(...)` and is listed once in
-`jaxlm.stages.STAGE_MODULES`. Everything stage-specific is reached through these fields; the
-trainer never names a stage or reads a stage's batch keys.
+A stage module (pretrain, sft, dpo, reward, grpo, ...) defines `STAGE = Stage(...)` and is listed
+once in `jaxlm.stages.STAGE_MODULES`. Everything stage-specific is reached through these fields;
+the trainer never names a stage, reads a stage's batch keys or asks what kind of stage it runs.
+
+Importing this module pulls in neither grain nor JAX (the config schema reads `Section`s).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ml_collections
 import numpy as np
+
+if TYPE_CHECKING:
+    from jaxlm.run.program import Program
+    from jaxlm.stages.loop import StepLoop
 
 Config = ml_collections.ConfigDict
 # Field name -> (shape of one batch row, dtype); the batch holds [global_batch, *shape] arrays.
@@ -46,6 +52,67 @@ def no_frozen_models(config: Config) -> dict[str, tuple[str, int | None]]:
     return {}
 
 
+def no_programs(program: Program) -> dict[str, JitProgram]:
+    del program
+    return {}
+
+
+def jit_step_loop(program: Program, tokenizer: Any, step_args: tuple[Any, ...]) -> StepLoop:
+    """The default loop: the Program's jitted train and eval steps on global batches."""
+    del tokenizer
+    from jaxlm.stages.loop import JitStepLoop  # JAX only once a run is built
+
+    return JitStepLoop(program, step_args)
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+    """A config section, declared once by the module that owns its concept and listed by every
+    stage that reads it (`Stage.sections`): `base_config` adds its defaults, and `validate`
+    runs its check for a run of a stage that lists it.
+
+    Attributes:
+      name: the section's key in the run config (`rl`, `dpo`, ...).
+      defaults: () -> the section's ConfigDict of defaults, one commented line per key.
+      check: config -> None, raising ValueError that names the key that is wrong.
+    """
+
+    name: str
+    defaults: Callable[[], Config]
+    check: Callable[[Config], None] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class JitProgram:
+    """A jitted program of a run beside its train and eval steps (an RL rollout, a reward
+    model's scoring, DPO's reference precompute). `program.build` makes them through
+    `Stage.make_programs`, so the ahead-of-time fit check compiles them and the Program's
+    FLOP count includes the ones that run in every step.
+
+    Attributes:
+      fn: the `jax.jit`-ed function, with explicit in and out shardings.
+      abstract_args: its positional arguments as ShapeDtypeStructs carrying their shardings
+        (what `Program.lower` traces it with).
+      flops: model FLOPs of one call on arguments of these shapes.
+      per_step: it runs once in every train step; False: at evaluations or once before training.
+      reads: the run-long device arrays among its arguments, by their `Program.resident` names
+        (`params`, `reference`, ...); the fit check adds the others to its memory.
+      holds: run-long arrays it brings itself, by name (a reward model's params), abstract.
+      temporaries: named large values one call creates (the rollout's KV cache), global bytes.
+    """
+
+    fn: Callable[..., Any]
+    abstract_args: tuple[Any, ...]
+    flops: float
+    per_step: bool
+    reads: tuple[str, ...] = ()
+    holds: dict[str, Any] = dataclasses.field(default_factory=dict)
+    temporaries: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def __call__(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+
 @dataclasses.dataclass(frozen=True)
 class Stage:
     """One way of training the model.
@@ -54,14 +121,15 @@ class Stage:
       name: the value of `config.stage` that selects it.
       make_steps: (config, model, tx, lr_schedule) -> (train_step, eval_step), pure and un-jitted:
         train_step(state, batch[, reference_params]) -> (state, metrics) and
-        eval_step(params, batch[, reference_params]) -> sums; the reference params are passed
+        eval_step(params, batch[, reference_params]) -> sums, or None for a stage whose loop
+        evaluates otherwise (RL decodes held-out prompts); the reference params are passed
         only when `reference_mode(config) == "jit"`.
       make_data: (config, tokenizer, *, split, batch_size, process_index, process_count,
-        cache_dir, **prepared) -> iterator of host batches with exactly `batch_fields`.
-      batch_fields: config -> the per-row shape and dtype of every batch array.
-      section: the config section the stage owns (None: none), with its defaults and checks
-        (`default_section() -> ConfigDict`, `check_config(config)` raising ValueError that names
-        the key).
+        cache_dir, **prepared) -> iterator of host batches (this process's rows).
+      batch_fields: config -> the per-row shape and dtype of every array of the train step's
+        batch.
+      sections: the config sections the stage reads (`Section`s, each declared once by its
+        owning module): their defaults are part of the schema, their checks run for the stage.
       sequences_per_row: model sequences per batch row (2 for chosen/rejected pairs; a function
         of the config for RL groups): tokens/s and FLOPs count every one.
       vocab_head: whether the step runs the [D, V] output head (a reward model does not).
@@ -70,19 +138,20 @@ class Stage:
       reference_mode: config -> "none", "jit" (a frozen copy of the init_from params is the
         steps' third argument) or "precompute" (`prepare` turns it into data before training).
       prepare: (program, tokenizer, reference_params) -> keyword arguments of make_data, run once
-        before training when reference_mode is "precompute".
+        before training when reference_mode is "precompute" (with a program of
+        `make_programs`).
       generates_text: whether logged samples make sense for the model.
-      make_host: (program, tokenizer) -> a host loop, for stages whose step needs Python between
-        jitted pieces (RL: generate, score text on the host, update). The trainer then hands it
-        the host-local batches instead of calling the jitted steps itself:
-        `host.train(state, host_batch, reference) -> (state, metrics)` (float metrics; its own
-        tokens_per_sec / mfu win over the trainer's), `host.eval(params, host_batch, reference)
-        -> sums` (summed over eval batches, then `eval_metrics`), and `host.samples`, texts
-        written to TensorBoard at each evaluation. A host that carries values from step to
-        step returns them from `host.host_state()` (a JSON-serialisable dict, saved with each
-        checkpoint) and takes them back in `host.load_host_state(dict)` on resume.
+      make_programs: program -> {name: JitProgram}, the stage's jitted programs besides its
+        steps (an RL rollout, a reward model's scoring, a reference precompute), built by
+        `program.build` with the steps and held by the Program.
+      make_loop: (program, tokenizer, step_args) -> the `StepLoop` the trainer calls every step
+        (step_args: the steps' arguments after the batch, `Program.extra_args`). The default
+        runs the jitted steps on global batches; an RL stage's generates, scores on the host
+        and updates.
       updates_per_step: config -> optimizer updates per trainer step (the learning-rate
         schedule spans train.steps times this many).
+      policy_forwards: config -> forward passes of the policy per step besides its updates'
+        (PPO's values of the rollout policy); FLOPs count them.
       frozen_models: config -> {name: (checkpoint directory, step or None for the newest)} of
         models the steps read but never train (a distillation teacher), each of the shape its
         checkpoint's saved config gives (jaxlm/weights/frozen.py). When there are any,
@@ -91,12 +160,10 @@ class Stage:
     """
 
     name: str
-    make_steps: Callable[..., tuple[Callable[..., Any], Callable[..., Any]]]
+    make_steps: Callable[..., tuple[Callable[..., Any], Callable[..., Any] | None]]
     make_data: Callable[..., Iterator[dict[str, np.ndarray]]]
     batch_fields: Callable[[Config], BatchFields]
-    section: str | None = None
-    default_section: Callable[[], Config] | None = None
-    check_config: Callable[[Config], None] | None = None
+    sections: tuple[Section, ...] = ()
     sequences_per_row: int | Callable[[Config], int] = 1
     vocab_head: bool = True
     reward_head: bool = False
@@ -104,9 +171,10 @@ class Stage:
     reference_mode: Callable[[Config], str] = no_reference
     prepare: Callable[..., dict[str, Any]] | None = None
     generates_text: bool = True
-    make_host: Callable[[Any, Any], Any] | None = None
+    make_programs: Callable[[Program], dict[str, JitProgram]] = no_programs
+    make_loop: Callable[[Program, Any, tuple[Any, ...]], StepLoop] = jit_step_loop
     updates_per_step: Callable[[Config], int] = lambda config: 1
-
+    policy_forwards: Callable[[Config], int] = lambda config: 0
     frozen_models: Callable[[Config], dict[str, tuple[str, int | None]]] = no_frozen_models
 
     def sequences(self, config: Config) -> int:

@@ -1,18 +1,21 @@
-"""Ahead-of-time fit check: compiles a config's real train step for a Cloud TPU topology on a
-machine without TPUs, and says whether it fits in each chip's HBM.
+"""Ahead-of-time fit check: compiles a config's real programs for a Cloud TPU topology on a
+machine without TPUs, and says whether they fit in each chip's HBM.
 
     pip install -e '.[tpu]'    # libtpu: the TPU compiler and its topology descriptions
     python -m jaxlm.tools.aot --config=configs/chinchilla_1b.py --topology=v5p-64
+    python -m jaxlm.tools.aot --config=configs/llama_1b.py:stage=grpo --topology=v5p:2x2x1
 
 `--topology` takes a Cloud TPU accelerator type (`v4-32`, `v5p-64`, `v5litepod-16` or `v5e-16`,
-`v6e-8`) or a libtpu topology name (`v5p:2x4x4`). The step is the one `jaxlm.run.trainer` runs,
-built
-by the same `jaxlm.run.program.build` on the config's mesh over the topology's devices: every stage
-(pretrain, sft, dpo with its frozen reference, reward), LoRA's adapter-only optimizer state, the
-stage's batch layout, the state donated. Nothing is allocated: the state and batch are
-abstract. Prints per-device memory from
-`Compiled.memory_analysis()` against the HBM, the compiled FLOPs from `cost_analysis()` against
-`jaxlm.scaling.flops`'s model FLOPs, and exits with status 1 when the step does not fit.
+`v6e-8`) or a libtpu topology name (`v5p:2x4x4`). The programs are the ones `jaxlm.run.trainer`
+runs, built by the same `jaxlm.run.program.build` on the config's mesh over the topology's
+devices: the train step of every stage (pretrain, sft, dpo with its frozen reference, reward,
+distill, the RL updates), LoRA's adapter-only optimizer state, the stage's batch layout, the state
+donated, and the stage's other programs (`Program.programs`: an RL rollout with its KV cache, a
+reward model's scoring, DPO's reference precompute). Nothing is allocated: every input is
+abstract. Prints each program's per-device memory from `Compiled.memory_analysis()`, plus the
+run-long arrays it does not take (the optimizer state while the rollout runs), against the HBM;
+the compiled FLOPs from `cost_analysis()` against `jaxlm.scaling.flops`'s model FLOPs; and exits
+with status 1 when a program does not fit.
 """
 
 from __future__ import annotations
@@ -117,8 +120,47 @@ def topology_devices(topology: str) -> list[Any]:
 
 
 @dataclasses.dataclass
+class ProgramMemory:
+    """What the compiler says about one program on one topology (bytes are per device).
+
+    Attributes:
+      name: "train step", or the `Program.programs` name ("rollout", "reward_score", ...).
+      resident_bytes: the run's long-lived arrays that are not its arguments but stay in HBM
+        while it runs (`Program.resident`: the optimizer state during a rollout, ...).
+      temporaries: named large values of one call, per-device estimate (global bytes split
+        over the data-parallel devices): the rollout's KV cache.
+      model_flops: `jaxlm.scaling.flops`'s FLOPs of one call.
+    """
+
+    name: str
+    argument_bytes: int = 0
+    output_bytes: int = 0
+    alias_bytes: int = 0
+    temp_bytes: int = 0
+    code_bytes: int = 0
+    resident_bytes: int = 0
+    temporaries: dict[str, int] = dataclasses.field(default_factory=dict)
+    compiled_flops_per_device: float = 0.0
+    model_flops: float = 0.0
+    compiler_error: str = ""
+
+    @property
+    def total_bytes(self) -> int:
+        """Peak HBM of the program itself: live arguments and outputs (donated ones counted
+        once) plus temporaries and the program's code."""
+        return (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+                + self.code_bytes)
+
+    @property
+    def peak_bytes(self) -> int:
+        """HBM in use while it runs: its own total and the run-long arrays beside it."""
+        return self.total_bytes + self.resident_bytes
+
+
+@dataclasses.dataclass
 class FitReport:
-    """What the compiler says about one train step on one topology (bytes are per device)."""
+    """What the compiler says about a run's programs on one topology: `programs[0]` is the
+    train step, then the stage's other programs. `fits`: every program's peak fits the HBM."""
 
     topology: str
     device_kind: str
@@ -128,25 +170,26 @@ class FitReport:
     attention: str
     hbm_per_device: int
     fits: bool
-    argument_bytes: int = 0
-    output_bytes: int = 0
-    alias_bytes: int = 0
-    temp_bytes: int = 0
-    code_bytes: int = 0
-    compiled_flops_per_device: float = 0.0
+    programs: list[ProgramMemory] = dataclasses.field(default_factory=list)
     model_flops_per_step: float = 0.0
     largest_state_shards: list[tuple[str, int, tuple[int, ...]]] = dataclasses.field(
         default_factory=list)
+    # Of the first program that does not fit, when it is the train step.
     largest_intermediates: list[tuple[str, int, tuple[int, ...]]] = dataclasses.field(
         default_factory=list)
-    compiler_error: str = ""
 
     @property
-    def total_bytes(self) -> int:
-        """Peak HBM of the step: live arguments and outputs (donated ones counted once) plus
-        temporaries and the program itself."""
-        return (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
-                + self.code_bytes)
+    def train(self) -> ProgramMemory:
+        return self.programs[0]
+
+    def program(self, name: str) -> ProgramMemory:
+        return next(p for p in self.programs if p.name == name)
+
+
+def device_bytes(tree: Any) -> int:
+    """Bytes of one device's shards of abstract arrays (ShapeDtypeStructs with shardings)."""
+    return sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+               for leaf in jax.tree.leaves(tree))
 
 
 def _largest_shards(state: Any, top: int = 8) -> list[tuple[str, int, tuple[int, ...]]]:
@@ -190,8 +233,30 @@ def _largest_intermediates(jaxpr: Any, batch: int, dp: int, top: int = 8
     return sorted(rows, key=lambda r: -r[1])[:top]
 
 
+def _measure(memory: ProgramMemory, lowered: Any) -> bool:
+    """Compiles `lowered` into `memory`'s fields; False when the compiler ran out of HBM."""
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        memory.compiler_error = str(e)
+        return False
+    mem = compiled.memory_analysis()
+    memory.argument_bytes = mem.argument_size_in_bytes
+    memory.output_bytes = mem.output_size_in_bytes
+    memory.alias_bytes = mem.alias_size_in_bytes
+    memory.temp_bytes = mem.temp_size_in_bytes
+    memory.code_bytes = mem.generated_code_size_in_bytes
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    memory.compiled_flops_per_device = float(cost.get("flops", 0.0))
+    return True
+
+
 def check_fit(config: ml_collections.ConfigDict, topology: str) -> FitReport:
-    """Compiles the config's train step for `topology` and measures it against the HBM."""
+    """Compiles the config's train step and the stage's other programs for `topology` and
+    measures each against the HBM."""
     config_lib.validate(config)
     libtpu_name, gen = parse_topology(topology)
     devices = topology_devices(libtpu_name)
@@ -202,43 +267,70 @@ def check_fit(config: ml_collections.ConfigDict, topology: str) -> FitReport:
     # platform="tpu": attention="auto" must pick the TPU kernel (Splash), not the one of the
     # machine compiling.
     program = build(config, mesh, vocab_size=config.data.vocab_size, platform="tpu")
-    state = program.abstract_state
     report = FitReport(
         topology=libtpu_name, device_kind=devices[0].device_kind, num_devices=len(devices),
         devices_per_chip=per_chip, mesh_shape=mesh_shape,
         attention=program.model_cfg.attention, hbm_per_device=gen.hbm_bytes // per_chip,
         fits=False, model_flops_per_step=program.flops_per_step,
-        largest_state_shards=_largest_shards(state))
+        largest_state_shards=_largest_shards(program.abstract_state))
+    resident = {name: device_bytes(tree) for name, tree in program.resident().items()}
+    dp = sharding.data_parallel_size(mesh)
+
+    def beside(reads: tuple[str, ...]) -> int:
+        return sum(size for name, size in resident.items() if name not in reads)
+
+    train = ProgramMemory("train step", resident_bytes=beside(program.train_reads),
+                          model_flops=program.train_step_flops)
+    report.programs.append(train)
     with sharding.activate(mesh):
         traced = program.train_step.trace(*program.abstract_args())
         lowered = traced.lower()
-    try:
-        compiled = lowered.compile()
-    except jax.errors.JaxRuntimeError as e:
-        if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
-        report.compiler_error = str(e)
+    compiled = _measure(train, lowered)
+    for name, jitted in program.programs.items():
+        memory = ProgramMemory(name, resident_bytes=beside(jitted.reads),
+                               temporaries={k: v // dp for k, v in jitted.temporaries.items()},
+                               model_flops=jitted.flops)
+        report.programs.append(memory)
+        _measure(memory, program.lower(name))
+    report.fits = all(not p.compiler_error and p.peak_bytes <= report.hbm_per_device
+                      for p in report.programs)
+    if not compiled or train.peak_bytes > report.hbm_per_device:
         report.largest_intermediates = _largest_intermediates(
-            traced.jaxpr, config.train.global_batch_size, sharding.data_parallel_size(mesh))
-        return report
-    mem = compiled.memory_analysis()
-    report.argument_bytes = mem.argument_size_in_bytes
-    report.output_bytes = mem.output_size_in_bytes
-    report.alias_bytes = mem.alias_size_in_bytes
-    report.temp_bytes = mem.temp_size_in_bytes
-    report.code_bytes = mem.generated_code_size_in_bytes
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    report.compiled_flops_per_device = float(cost.get("flops", 0.0))
-    report.fits = report.total_bytes <= report.hbm_per_device
-    if not report.fits:
-        report.largest_intermediates = _largest_intermediates(
-            traced.jaxpr, config.train.global_batch_size, sharding.data_parallel_size(mesh))
+            traced.jaxpr, config.train.global_batch_size, dp)
     return report
 
 
 def _gib(n: float) -> str:
     return f"{n / GiB:.2f} GiB"
+
+
+def _size(n: float) -> str:
+    """GiB, or MiB below a tenth of one (a small model's KV cache)."""
+    return _gib(n) if n >= GiB / 10 or n == 0 else f"{n / 2**20:.2f} MiB"
+
+
+def _memory_rows(r: FitReport) -> list[str]:
+    width = max(len(p.name) for p in r.programs)
+    cols = ("arguments", "outputs", "donated", "temporaries", "code", "total", "+resident",
+            "=peak")
+    lines = [f"per-device memory of each program, against {_gib(r.hbm_per_device)} of HBM "
+             "(total = arguments + outputs - donated + temporaries + code; +resident: the "
+             "run's long-lived arrays it does not take, e.g. the optimizer state during the "
+             "rollout):",
+             "  " + "program".ljust(width) + "".join(f"{c:>12}" for c in cols)]
+    for p in r.programs:
+        if p.compiler_error:
+            lines.append(f"  {p.name.ljust(width)}  compiler: out of memory (below)")
+            continue
+        values = (p.argument_bytes, p.output_bytes, p.alias_bytes, p.temp_bytes, p.code_bytes,
+                  p.total_bytes, p.resident_bytes, p.peak_bytes)
+        lines.append(f"  {p.name.ljust(width)}" + "".join(f"{_size(v):>12}" for v in values)
+                     + f"  {100 * p.peak_bytes / r.hbm_per_device:.0f}%")
+    for p in r.programs:
+        for what, size in p.temporaries.items():
+            lines.append(f"  {p.name}: {what} {_size(size)} per device (estimate: its rows "
+                         f"split over data parallelism), part of its temporaries")
+    return lines
 
 
 def format_report(r: FitReport) -> str:
@@ -248,40 +340,39 @@ def format_report(r: FitReport) -> str:
     lines = [f"topology {r.topology}: {r.num_devices} x {r.device_kind}{chip_note}",
              "mesh " + ", ".join(f"{k}={v}" for k, v in r.mesh_shape.items())
              + f"; attention {r.attention}"]
-    if not r.compiler_error:
-        lines += [
-            "per-device memory of one train step:",
-            f"  arguments    {_gib(r.argument_bytes):>12}  (state and batch shards)",
-            f"  outputs      {_gib(r.output_bytes):>12}  ({_gib(r.alias_bytes)} of them reuse "
-            "donated arguments)",
-            f"  temporaries  {_gib(r.temp_bytes):>12}  (activations, gradients, workspace)",
-            f"  program      {_gib(r.code_bytes):>12}",
-            f"  total        {_gib(r.total_bytes):>12}  of {_gib(r.hbm_per_device)} HBM "
-            f"({100 * r.total_bytes / r.hbm_per_device:.0f}%)"]
-        compiled_total = r.compiled_flops_per_device * r.num_devices
-        peak = hardware.lookup_peak(r.device_kind)
-        if peak is not None:
-            per_device = peak.bfloat16 / r.devices_per_chip
-            ideal_s = r.model_flops_per_step / (r.num_devices * per_device)
-            lines.append(f"step time at 100% / 50% MFU ({peak.name}, {per_device / 1e12:.0f} "
-                         f"TFLOP/s bf16 per device): {1e3 * ideal_s:.1f} / "
-                         f"{2e3 * ideal_s:.1f} ms")
-        lines.append(f"FLOPs per step: model {r.model_flops_per_step:.3e} (jaxlm.scaling.flops); "
-                     f"compiled {compiled_total:.3e} = {r.num_devices} x "
-                     f"{r.compiled_flops_per_device:.3e} (XLA cost analysis counts a loop body "
-                     "once: scanned layers, loss chunks and microbatches are under-counted)")
+    lines += _memory_rows(r)
+    peak = hardware.lookup_peak(r.device_kind)
+    if peak is not None:
+        per_device = peak.bfloat16 / r.devices_per_chip
+        ideal_s = r.model_flops_per_step / (r.num_devices * per_device)
+        lines.append(f"step time at 100% / 50% MFU ({peak.name}, {per_device / 1e12:.0f} "
+                     f"TFLOP/s bf16 per device): {1e3 * ideal_s:.1f} / {2e3 * ideal_s:.1f} ms")
+    lines.append(f"model FLOPs per step (jaxlm.scaling.flops, what MFU counts): "
+                 f"{r.model_flops_per_step:.3e}")
+    for p in r.programs:
+        if not p.compiler_error:
+            lines.append(f"  {p.name}: model {p.model_flops:.3e}; compiled "
+                         f"{p.compiled_flops_per_device * r.num_devices:.3e} = {r.num_devices} x "
+                         f"{p.compiled_flops_per_device:.3e}")
+    lines.append("  (XLA's cost analysis counts a loop body once: scanned layers, loss chunks, "
+                 "microbatches and decode steps count once)")
+    worst = max(r.programs, key=lambda p: p.peak_bytes)
     if r.fits:
-        lines.append(f"FITS: {_gib(r.total_bytes)} of {_gib(r.hbm_per_device)} per device")
+        lines.append(f"FITS: {_gib(worst.peak_bytes)} of {_gib(r.hbm_per_device)} per device "
+                     f"at the peak ({worst.name})")
         return "\n".join(lines)
-    lines.append(f"DOES NOT FIT in {_gib(r.hbm_per_device)} of HBM per device")
-    if r.compiler_error:
-        allocations = r.compiler_error.split("Largest program allocations", 1)
-        lines.append("compiler: " + r.compiler_error.split("\n", 1)[0][:400])
-        if len(allocations) == 2:
-            lines.append("largest program allocations" + allocations[1].rstrip())
+    lines.append(f"DOES NOT FIT in {_gib(r.hbm_per_device)} of HBM per device: "
+                 + ", ".join(p.name for p in r.programs
+                             if p.compiler_error or p.peak_bytes > r.hbm_per_device))
+    for p in r.programs:
+        if p.compiler_error:
+            allocations = p.compiler_error.split("Largest program allocations", 1)
+            lines.append(f"compiler ({p.name}): " + p.compiler_error.split("\n", 1)[0][:400])
+            if len(allocations) == 2:
+                lines.append("largest program allocations" + allocations[1].rstrip())
     if r.largest_intermediates:
-        lines.append("largest values the step computes (per device, batch split over data "
-                     "parallelism; global shape):")
+        lines.append("largest values the train step computes (per device, batch split over "
+                     "data parallelism; global shape):")
         lines += [f"  {_gib(size):>12}  {name} {shape}"
                   for name, size, shape in r.largest_intermediates]
     lines.append("largest train-state shards per device:")

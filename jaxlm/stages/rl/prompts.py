@@ -64,3 +64,11 @@ def prompt_fields(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[in
     p = prompt_length(config)
     return {"prompt": ((p,), np.int32), "prompt_valid": ((p,), np.int32),
             "example_id": ((), np.int32)}
+
+
+def make_data(config: ml_collections.ConfigDict, tokenizer: Any, *, split: str, batch_size: int,
+              process_index: int, process_count: int, cache_dir: str) -> grain.DatasetIterator:
+    """`Stage.make_data` of the RL stages: the prompt batches of `split`."""
+    del cache_dir
+    return make_prompt_iterator(config, tokenizer, split=split, batch_size=batch_size,
+                                process_index=process_index, process_count=process_count)

@@ -2,16 +2,17 @@
 
 The reward model is the model its checkpoint's saved config describes (its own width and depth,
 the scalar head of the reward stage, a LoRA run's adapters merged), restored once through
-`jaxlm.weights.restore`, frozen, laid out by its logical axis names on the policy's mesh (heads
-and MLP over `tensor`, ...), and scores each rollout row at its last token in one jitted
-forward pass.
+`jaxlm.weights.restore`, frozen, laid out by its logical axis names on the policy's mesh, and
+scores each rollout row at its last token in one forward pass: the Program's
+"reward_score" program (`score_program`, built by `program.build`, so the fit check compiles it
+and the step's FLOPs count it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
 import jax
@@ -19,10 +20,21 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from jaxlm.inference.sampler import param_shardings
 from jaxlm.models import ModelConfig, Transformer
 from jaxlm.parallel import sharding
-from jaxlm.stages.rl.host import place
+from jaxlm.run.train_state import abstract_boxed_params
+from jaxlm.scaling import flops as scaling
+from jaxlm.stages.rl.loop import place
+from jaxlm.stages.stage import JitProgram
 from jaxlm.weights import restore
+
+if TYPE_CHECKING:
+    from jaxlm.run.program import Program
+
+# The Program's scoring program (`Program.programs` name), and the run-long params it holds.
+SCORE = "reward_score"
+PARAMS = "reward_model"
 
 
 def sequence_scores(params: Any, tokens_NxS: jax.Array, valid_NxS: jax.Array,
@@ -37,31 +49,57 @@ def sequence_scores(params: Any, tokens_NxS: jax.Array, valid_NxS: jax.Array,
     return jnp.take_along_axis(scores_NxS, last_N[:, None], axis=1)[:, 0]
 
 
-class RewardModel:
-    """Frozen reward-model params (restored from the reward run's checkpoint `path`, or given)
-    and their scoring jit. `tokenizer`: the policy's, which the reward run must share (checked
-    against its checkpoint; it also gives the vocabulary)."""
+def model_config(program: Program) -> ModelConfig:
+    """The reward model's shape: the one its checkpoint's saved config describes (rl.reward_model,
+    on the policy's vocabulary), or without a checkpoint the policy's architecture with the reward
+    stage's score head."""
+    r = program.config.rl
+    if not r.reward_model:
+        return dataclasses.replace(program.model_cfg, reward_head=True, lora_rank=0)
+    saved = restore.read_checkpoint(r.reward_model,
+                                    None if r.reward_model_step < 0 else r.reward_model_step)
+    cfg = restore.model_config(saved, program.model_cfg.vocab_size, merge_lora=True)
+    if not cfg.reward_head:
+        raise ValueError(f"config key rl.reward_model: {r.reward_model} is not a reward-stage "
+                         "run (its model has no scalar reward head)")
+    return cfg
 
-    def __init__(self, program: Any, path: str, step: int | None = None, params: Any = None,
+
+def score_program(program: Program) -> JitProgram:
+    """The jitted scoring of one step's B * G rollout rows: the reward model's params sharded
+    by their logical axes on the run's mesh, rows over the data axes. Its FLOPs are one forward
+    pass (score head, no vocabulary head) over every row's data.seq_len tokens."""
+    c, mesh = program.config, program.mesh
+    cfg = model_config(program)
+    model = Transformer(cfg)
+    params_sh = param_shardings(cfg, mesh)
+    abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                            nn.meta.unbox(abstract_boxed_params(model, 1)), params_sh)
+    n, s = c.train.global_batch_size * c.rl.group_size, c.data.seq_len
+    rows_sh, row_sh = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
+    fn = jax.jit(functools.partial(sequence_scores, num_new=c.rl.max_new_tokens, model=model),
+                 in_shardings=(params_sh, rows_sh, rows_sh, row_sh), out_shardings=row_sh)
+    args = (abstract, jax.ShapeDtypeStruct((n, s), jnp.int32, sharding=rows_sh),
+            jax.ShapeDtypeStruct((n, s), jnp.int32, sharding=rows_sh),
+            jax.ShapeDtypeStruct((n,), jnp.int32, sharding=row_sh))
+    return JitProgram(fn, args, flops=n * s * scaling.forward_flops_per_token(
+        cfg, s, vocab_head=False), per_step=True, reads=(PARAMS,), holds={PARAMS: abstract})
+
+
+class RewardModel:
+    """Frozen reward-model params (restored from `path`, or given) and the Program's scoring
+    program."""
+
+    def __init__(self, program: Program, path: str, step: int | None = None, params: Any = None,
                  tokenizer: Any = None):
-        self.mesh = program.mesh
+        self.scorer, self.mesh = program.programs[SCORE], program.mesh
         if params is None:
             restored = restore.restore(path, step, self.mesh, tokenizer=tokenizer,
+                                       abstract_params=self.scorer.abstract_args[0],
                                        merge_lora=True)
-            cfg, params = restored.model_cfg, restored.params
-            logging.info("reward model from %s (step %d): d_model=%d layers=%d",
-                         restored.directory, restored.step, cfg.d_model, cfg.num_layers)
-        else:
-            cfg = _given_params_model(program, path, step, tokenizer)
-        if not cfg.reward_head:
-            raise ValueError(f"reward model {path}: its run's stage has no scalar reward head "
-                             "(give the checkpoints of a reward-stage run)")
-        self.model = Transformer(cfg)
+            params = restored.params
+            logging.info("reward model from %s (step %d)", restored.directory, restored.step)
         self.params = params
-        self.num_new = program.config.rl.max_new_tokens
-        self._score = jax.jit(functools.partial(sequence_scores, num_new=self.num_new,
-                                                model=self.model),
-                              out_shardings=sharding.batch_sharding(self.mesh, 1))
 
     def score(self, seqs: dict[str, np.ndarray], lengths_BxG: np.ndarray) -> np.ndarray:
         """Scores [B, G] of rollout rows (`jaxlm.stages.rl.rollout.sequences`), as host values."""
@@ -70,17 +108,5 @@ class RewardModel:
                       "valid": seqs["valid"].reshape(b * g, -1),
                       "lengths": lengths_BxG.reshape(-1).astype(np.int32)}, self.mesh)
         with sharding.activate(self.mesh):
-            out = self._score(self.params, flat["tokens"], flat["valid"], flat["lengths"])
+            out = self.scorer(self.params, flat["tokens"], flat["valid"], flat["lengths"])
         return np.asarray(jax.device_get(out)).reshape(b, g).astype(np.float32)
-
-
-def _given_params_model(program: Any, path: str, step: int | None, tokenizer: Any
-                        ) -> ModelConfig:
-    """The model of reward params given by the caller: the one `path`'s checkpoint describes,
-    or without a path the policy's architecture with the scalar head."""
-    if not path:
-        return dataclasses.replace(program.model_cfg, reward_head=True, lora_rank=0)
-    saved = restore.read_checkpoint(path, step)
-    if tokenizer is not None:
-        restore.check_tokenizer(saved, tokenizer)
-    return restore.model_config(saved, getattr(tokenizer, "vocab_size", None), merge_lora=True)

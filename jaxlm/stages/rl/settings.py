@@ -1,6 +1,9 @@
-"""The `rl` (grpo, rejection, ppo) and `ppo` config sections: defaults and checks.
+"""The `rl` and `ppo` config sections: defaults and checks, each key declared once.
 
-Importing this module pulls in neither grain nor JAX.
+`RL` holds what the RL stages share (task, rewards, sampling, the clipped objective, the KL
+coefficient, the reward model) and is listed by grpo, rejection and ppo; `PPO` holds what only
+PPO reads (value head, GAE, adaptive KL) and is listed by ppo alone. Importing this module pulls
+in neither grain nor JAX.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ import ml_collections
 
 from jaxlm.data.config import split_list
 from jaxlm.run.errors import check_at_least, check_choice, check_interval, config_error
+from jaxlm.stages.stage import Section
 
 TASKS = ("arithmetic", "jsonl")
 ADVANTAGE_SCALES = ("std", "none")
@@ -56,14 +60,17 @@ def default_rl_config() -> ml_collections.ConfigDict:
     r.num_epochs = 1
     # rejection: a prompt's best completion is trained on when its reward reaches this.
     r.keep_min_reward = 1.0
-    # rejection: rank completions by this reward-stage checkpoint's score (its newest step)
-    # instead of rl.rewards; "" = rl.rewards.
+    # A reward-stage run's checkpoints (same architecture and tokenizer as the policy),
+    # restored frozen and sharded like the policy; its score at a completion's last token is
+    # the completion's reward. ppo: required; rejection: ranks completions by it instead of
+    # rl.rewards ("" = rl.rewards); grpo: unused.
     r.reward_model = ""
-    # KL(policy || reference) penalty with the k3 estimator; 0 builds no reference model.
+    # Its step; -1 = the newest.
+    r.reward_model_step = -1
+    # Weight beta of the KL(policy || reference) penalty against the frozen init_from params:
+    # grpo's k3 term in the loss (0 builds no reference model), ppo's per-token reward
+    # -beta (log pi_old - log ref) (its start value when ppo.kl_target > 0); rejection: unused.
     r.kl_coef = 0.04
-    # ppo: generalised advantage estimation's discount and lambda over completion tokens.
-    r.gamma = 1.0
-    r.lam = 0.95
     # Completions (prompt, completion, reward) logged to the console and TensorBoard per eval.
     r.log_samples = 4
     return r
@@ -119,22 +126,13 @@ def check_rl(config: ml_collections.ConfigDict) -> None:
     if r.kl_coef > 0 and config.stage == "grpo" and not config.init_from.path:
         _fail("init_from.path", f"rl.kl_coef={r.kl_coef} needs a reference model: the "
               "checkpoint the policy starts from (or set rl.kl_coef=0)")
-    check_interval("rl.gamma", r.gamma, 0, 1)
-    check_interval("rl.lam", r.lam, 0, 1)
 
 
 def default_ppo_config() -> ml_collections.ConfigDict:
     p = ml_collections.ConfigDict()
-    # Checkpoints directory of a reward-stage run (same architecture and tokenizer as the
-    # policy); restored frozen, sharded like the policy. Its score at a completion's last token
-    # is the completion's reward.
-    p.reward_model = ""
-    # Its step; -1 = the newest.
-    p.reward_model_step = -1
-    # Per-token KL penalty -kl_coef * (logp_old - logp_ref) in the rewards.
-    p.kl_coef = 0.05
-    # Adaptive coefficient (Ziegler et al. 2019): 0 keeps kl_coef fixed; > 0 moves it towards
-    # this mean per-completion KL, by at most 20% of (kl / target - 1) * B / kl_horizon a step.
+    # Adaptive KL coefficient (Ziegler et al. 2019), starting at rl.kl_coef: 0 keeps it fixed;
+    # > 0 moves it towards this mean per-completion KL, by at most 20% of
+    # (kl / target - 1) * B / kl_horizon a step.
     p.kl_target = 0.0
     p.kl_horizon = 10000
     # Weight of the clipped value loss 0.5 max((V - R)^2, (V_clipped - R)^2) in the objective.
@@ -143,17 +141,25 @@ def default_ppo_config() -> ml_collections.ConfigDict:
     p.value_clip = 0.2
     # Whiten the advantages over the batch's completion tokens.
     p.whiten = True
+    # Generalised advantage estimation's discount and lambda over completion tokens.
+    p.gamma = 1.0
+    p.lam = 0.95
     return p
 
 
 def check_ppo(config: ml_collections.ConfigDict) -> None:
-    check_rl(config)
     p = config.ppo
-    if not p.reward_model:
-        _fail("ppo.reward_model", "is empty; give the checkpoints directory of a reward run")
+    if not config.rl.reward_model:
+        _fail("rl.reward_model", "is empty; ppo needs the checkpoints directory of a reward run")
     if not config.init_from.path:
         _fail("init_from.path", "ppo needs the policy to start from (an SFT run's checkpoints): "
               "it is also the KL reference")
-    for key in ("kl_coef", "kl_target", "value_coef", "value_clip"):
+    for key in ("kl_target", "value_coef", "value_clip"):
         check_at_least(f"ppo.{key}", p[key], 0)
     check_at_least("ppo.kl_horizon", p.kl_horizon, 1)
+    check_interval("ppo.gamma", p.gamma, 0, 1)
+    check_interval("ppo.lam", p.lam, 0, 1)
+
+
+RL = Section("rl", default_rl_config, check_rl)
+PPO = Section("ppo", default_ppo_config, check_ppo)
