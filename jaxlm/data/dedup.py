@@ -5,7 +5,7 @@ with a near copy in training measures memory, not generalisation, and repeated d
 more in training than the data meant. `data.dedup` picks what is removed:
 
   "off"    nothing.
-  "exact"  documents whose normalised text (NFKC, lower case, runs of whitespace as one space)
+  "exact"  documents whose normalised text (NFKC, case-folded, whitespace runs as one space)
            has the SHA-256 of an earlier document.
   "near"   also documents whose estimated Jaccard similarity with an earlier kept document is
            at least `data.dedup_threshold`, over shingles of 5 consecutive normalised words
@@ -87,8 +87,9 @@ class Settings:
 
 
 def normalize(text: str) -> str:
-    """NFKC, lower case, whitespace runs as one space, no leading or trailing space."""
-    return " ".join(unicodedata.normalize("NFKC", text).lower().split())
+    """NFKC, case-folded ("Straße" and "STRASSE" agree), whitespace runs as one space, no
+    leading or trailing space."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
 
 
 def shingles(normalized: str, size: int = SHINGLE_SIZE) -> list[bytes]:

@@ -77,6 +77,9 @@ class DocumentSet:
     text_source: Any = None
     # Index into `docs` -> the file that document comes from (to describe eval samples).
     file_of: Callable[[int], str] | None = None
+    # What deduplication removed and what its contamination check found (None: no dedup ran,
+    # e.g. prepared shards, whose manifest holds the report of python -m jaxlm.tools.prepare_data).
+    dedup: dedup_lib.Report | None = None
 
 
 class ToTokens(grain.transforms.Map):
@@ -162,11 +165,12 @@ def _named_texts(source: sources.RawFilesSource) -> Iterator[tuple[str, Any]]:
 
 
 def _dedup_raw_files(paths: list[str], eval_paths: list[str], data: ml_collections.ConfigDict,
-                     cache_dir: str, what: str) -> dict[str, np.ndarray] | None:
+                     cache_dir: str,
+                     what: str) -> tuple[dict[str, np.ndarray], dedup_lib.Report] | None:
     """Indices of the raw documents kept by data.dedup (None when off): {"all": ...} of `paths`,
     split afterwards by the holdout; or, with data.eval_paths, {"eval": ..., "train": ...}, the
-    held-out files read first so training copies of them are dropped. One pass on first use,
-    cached under `cache_dir` with the report (counts and the contamination check)."""
+    held-out files read first so training copies of them are dropped; and the report. One pass
+    on first use, cached under `cache_dir` with the report (counts, contamination check)."""
     settings = config_lib.dedup_settings(data)
     if not settings.enabled:
         return None
@@ -209,7 +213,7 @@ def _dedup_raw_files(paths: list[str], eval_paths: list[str], data: ml_collectio
         report = dedup_lib.Report.from_json(json.load(f))
     dedup_lib.log_once(f"{report.summary(what)} ({directory})")
     return {name: np.load(os.path.join(directory, f"{name}.npy"))
-            for name in (("eval", "train") if eval_paths else ("all",))}
+            for name in (("eval", "train") if eval_paths else ("all",))}, report
 
 
 def _spec_documents(spec: str, name: str, weight: float, data: ml_collections.ConfigDict,
@@ -225,7 +229,7 @@ def _spec_documents(spec: str, name: str, weight: float, data: ml_collections.Co
                              "documents; raise data.eval_fraction or data.max_documents")
         source = sources.TextRecordSource([built.path(split)])
         return DocumentSet(name, weight, grain.MapDataset.source(source), ["stdlib", built.key],
-                           source, file_of=built.file_of(split))
+                           source, file_of=built.file_of(split), dedup=built.dedup)
     use_eval_files = split == "eval" and eval_spec
     train_paths = sources.expand_globs(config_lib.split_list(spec), key)
     eval_paths = (sources.expand_globs(config_lib.split_list(eval_spec), "data.eval_paths")
@@ -233,7 +237,7 @@ def _spec_documents(spec: str, name: str, weight: float, data: ml_collections.Co
     paths = eval_paths if use_eval_files else train_paths
     patterns = config_lib.split_list(eval_spec if use_eval_files else spec)
     kinds = {sources.file_kind(p) for p in paths}
-    kept = None
+    deduplicated = None
     if "arrayrecord" in kinds:
         if kinds != {"arrayrecord"}:
             raise ConfigError(f"config key {key}: {patterns} mixes ArrayRecord shards with raw "
@@ -247,13 +251,16 @@ def _spec_documents(spec: str, name: str, weight: float, data: ml_collections.Co
     else:
         source = _raw_source(paths, data, cache_dir)
         if len(source):
-            kept = _dedup_raw_files(train_paths, eval_paths, data, cache_dir, f"{key}={spec!r}")
+            deduplicated = _dedup_raw_files(train_paths, eval_paths, data, cache_dir,
+                                            f"{key}={spec!r}")
     if len(source) == 0:
         raise ConfigError(f"config key {key}: the files {paths} hold no documents")
     identity = ["files", _files_key(paths), data.text_field, data.text_delimiter]
     base: Any = source
     positions = grain.MapDataset.range(len(source))  # docs position -> source index
-    if kept is not None:
+    report = None
+    if deduplicated is not None:
+        kept, report = deduplicated
         indices = kept["all"] if not eval_spec else kept[split]
         base = sources.SubsetSource(source, indices)
         positions = grain.MapDataset.source(indices)
@@ -263,7 +270,7 @@ def _spec_documents(spec: str, name: str, weight: float, data: ml_collections.Co
         positions = _holdout(positions, split, data.eval_fraction, f"{key}={spec!r}")
         identity.append(data.eval_fraction)
     return DocumentSet(name, weight, docs, identity, source,
-                       file_of=lambda i: source.path_of(int(positions[int(i)])))
+                       file_of=lambda i: source.path_of(int(positions[int(i)])), dedup=report)
 
 
 def document_sets(data: ml_collections.ConfigDict, tokenizer: Tokenizer | None, split: str,
