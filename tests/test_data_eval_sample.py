@@ -108,3 +108,20 @@ def test_eval_iterator_reads_the_split_in_one_fixed_random_order(env):
 def test_bad_budget_is_rejected(env):
     with pytest.raises(ValueError, match="eval token budget"):
         _sample(env, 0)
+
+
+def test_pretrain_stage_evaluates_on_the_sample(env):
+    from jaxlm.run.config import base_config
+    from jaxlm.stages import pretrain
+
+    c = base_config()
+    c.data = env["data"]
+    c.train.eval_steps, c.train.global_batch_size = 3, 8
+    budget = 3 * 8 * SEQ
+    assert pretrain.eval_tokens(c) == budget
+    it = pretrain.make_data(c, env["tok"], split="eval", batch_size=8, process_index=0,
+                            process_count=1, cache_dir=env["cache"])
+    F.assert_batches_equal(F.take(it, 3), _sample(env, budget, batch_size=8).batches)
+    with c.unlocked():
+        c.eval.tokens = 1000
+    assert pretrain.eval_tokens(c) == 1000
