@@ -82,7 +82,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     d.dedup_threshold = 0.8
     # Seed of the global document shuffle; each epoch is reshuffled from it.
     d.seed = 0
-    # Shuffle training documents globally (eval is never shuffled).
+    # Shuffle training documents globally (held-out documents are always read in one fixed
+    # random order).
     d.shuffle = True
     # Shuffle packed training rows within windows of this many rows (0 = off). Packing cuts a
     # long document into consecutive rows; without this, one long file fills whole batches.
