@@ -23,6 +23,8 @@ setuptools.setup(
         "numpy",
         "etils[epath]",
         "pyarrow>=15",
+        # MinHash near-duplicate removal before the train/eval split (jaxlm/data/dedup.py).
+        "datasketch>=2.0",
         "safetensors>=0.4",  # jaxlm/tools/convert_hf.py (Hugging Face import/export)
         # Quantization: weights (PTQ, QAT, QLoRA; jaxlm/models/quant/) and the int8 KV cache.
         "qwix>=0.1.8",

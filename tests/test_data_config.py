@@ -21,6 +21,8 @@ def test_defaults_are_valid_and_overridable():
     ("tokenizer_model_type", "wordpiece", "data.tokenizer_model_type"),
     ("eval_fraction", 1.0, r"data.eval_fraction: must lie in \[0, 1\)"),
     ("max_documents", -1, "data.max_documents"),
+    ("dedup", "fuzzy", "data.dedup: 'fuzzy' is not one of"),
+    ("dedup_threshold", 0.0, r"data.dedup_threshold: must lie in \(0, 1\]"),
     ("seed", -1, "data.seed"),
     ("num_workers", -2, "data.num_workers"),
     ("prefetch_buffer_size", -1, "data.prefetch_buffer_size"),

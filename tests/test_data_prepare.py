@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from jaxlm.data import pipeline, shards
+from jaxlm.data import dedup, pipeline, shards
 from jaxlm.data.prepare import prepare_shards
 from jaxlm.data.sources import TokenShardSource, expand_globs
 from tests import data_fixtures as F
@@ -86,6 +86,29 @@ def test_worker_processes_write_the_same_shards(prepared, tmp_path):
         with open(os.path.join(out, s["name"]), "rb") as a, \
                 open(os.path.join(prepared["out"], s["name"]), "rb") as b:
             assert a.read() == b.read()
+
+
+def test_duplicates_are_removed_before_tokenizing_and_counted(prepared, tmp_path):
+    tok = prepared["tok"]
+    docs = F.synthetic_documents(30, seed=8, min_words=150, max_words=200)
+    words = docs[4].split(" ")
+    words[-3] += "x"
+    copies = [docs[2].upper(), " ".join(words)]  # an exact copy (case) and a near copy
+    path = F.write_jsonl(str(tmp_path / "dup.jsonl"), docs[:10] + copies + docs[10:])
+    manifests = {}
+    for workers in (0, 2):
+        out = str(tmp_path / f"w{workers}")
+        manifests[workers] = prepare_shards([path], out, tok.path, num_shards=2,
+                                            num_workers=workers, progress=lambda _: None)
+        source = TokenShardSource(expand_globs([os.path.join(out, "*.array_record")], "p"), tok)
+        assert [source[i].tolist() for i in range(len(source))] == [tok.encode(d) for d in docs]
+    m = manifests[0]
+    assert m["num_documents"] == 30 and m["shards"] == manifests[2]["shards"]
+    assert (m["dedup"]["exact_documents"], m["dedup"]["near_documents"]) == (1, 1)
+    assert m["dedup"] == manifests[2]["dedup"]
+    off = prepare_shards([path], str(tmp_path / "off"), tok.path, progress=lambda _: None,
+                         dedup=dedup.Settings("off"))
+    assert off["num_documents"] == 32 and off["dedup"]["mode"] == "off"
 
 
 def test_command_line_tool(prepared, tmp_path):

@@ -214,6 +214,8 @@ def test_console_shows_own_info_and_warnings_and_the_file_gets_everything(tmp_pa
     lib = "/site-packages/orbax/checkpoint/checkpoint_manager.py"
     flt = console.OwnInfoOnly()
     assert flt.filter(record(own, logging.INFO, "checkpoint: step 5"))
+    data_layer = str(Path(console.__file__).parents[1] / "data" / "eval_sample.py")
+    assert flt.filter(record(data_layer, logging.INFO, "eval sample: 72 documents"))
     assert not flt.filter(record(lib, logging.INFO, "Saving item state"))
     assert flt.filter(record(lib, logging.WARNING, "disk nearly full"))
     assert not flt.filter(record(lib, logging.WARNING, "Given directory is read only=/x"))

@@ -16,6 +16,7 @@ import dataclasses
 
 import ml_collections
 
+from jaxlm.data import dedup as dedup_lib
 from jaxlm.run import errors
 from jaxlm.run.errors import ConfigError
 
@@ -72,9 +73,17 @@ def default_data_config() -> ml_collections.ConfigDict:
     d.eval_fraction = 0.02
     # Cap on the documents of the stdlib corpus (train split; eval keeps its fraction); 0 = all.
     d.max_documents = 0
+    # Deduplication of text documents before the train/eval split (jaxlm/data/dedup.py):
+    # "off", "exact" (same normalised text) or "near" (also MinHash near duplicates). Applies to
+    # the stdlib corpus and raw files (one pass over the corpus on first use, cached under
+    # cache_dir); prepared shards are deduplicated by python -m jaxlm.tools.prepare_data --dedup.
+    d.dedup = "near"
+    # Estimated Jaccard similarity of 5-word shingles at which two documents are near duplicates.
+    d.dedup_threshold = 0.8
     # Seed of the global document shuffle; each epoch is reshuffled from it.
     d.seed = 0
-    # Shuffle training documents globally (eval is never shuffled).
+    # Shuffle training documents globally (held-out documents are always read in one fixed
+    # random order).
     d.shuffle = True
     # Shuffle packed training rows within windows of this many rows (0 = off). Packing cuts a
     # long document into consecutive rows; without this, one long file fills whole batches.
@@ -166,6 +175,11 @@ def text_delimiter(data: ml_collections.ConfigDict) -> str:
     return data.text_delimiter.replace("\\n", "\n")
 
 
+def dedup_settings(data: ml_collections.ConfigDict) -> dedup_lib.Settings:
+    """data.dedup and data.dedup_threshold as dedup settings."""
+    return dedup_lib.Settings(data.dedup, float(data.dedup_threshold))
+
+
 def special_tokens(data: ml_collections.ConfigDict) -> list[str]:
     return split_list(data.special_tokens)
 
@@ -207,6 +221,8 @@ def check_data_config(data: ml_collections.ConfigDict) -> None:
     elif data.mixture:
         parse_mixture(data.mixture)
     errors.check_interval("data.eval_fraction", data.eval_fraction, 0, 1, "[)")
+    errors.check_choice("data.dedup", data.dedup, dedup_lib.MODES)
+    errors.check_interval("data.dedup_threshold", data.dedup_threshold, 0, 1, "(]")
     if data.max_documents < 0:
         _fail("max_documents", f"must be >= 0 (0 = all), got {data.max_documents}")
     if not 0 <= data.seed < 2**32:

@@ -8,13 +8,19 @@ documents, so a shuffled batch mixes many modules instead of a few long files.
 
 The split is by file, so held-out documents come from modules never seen in training: files are
 ordered by the SHA-1 of their relative path and the first `eval_fraction` of them (at least one)
-form the eval split. The corpus is written once into the cache as two ArrayRecord files of UTF-8
-documents, in a directory named by a hash of the Python version, the file list with sizes and
-the split settings, so a different Python or setting never reuses a stale corpus.
+form the eval split. Documents are deduplicated (`jaxlm/data/dedup.py`, "near" by default: the
+`encodings/` charmap tables and codec boilerplate repeat across dozens of files) in one pass
+that reads the held-out files first, so a training document that copies a held-out one is
+dropped from training and no near duplicate straddles the split. The corpus is written once
+into the cache as two ArrayRecord files of UTF-8 documents plus `meta.json` (counts, the files
+each split's documents come from, the dedup report), in a directory named by a hash of the
+Python version, the file list with sizes, the split and the dedup settings, so a different
+Python or setting never reuses a stale corpus.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
 import json
@@ -23,13 +29,16 @@ import os
 import re
 import sys
 import sysconfig
+from collections.abc import Callable
 
+import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from jaxlm.data import cache
+from jaxlm.data import dedup as dedup_lib
 
-# Bump when the document cutting changes, so caches rebuild.
-CORPUS_VERSION = 1
+# Bump when the document cutting or the meta layout changes, so caches rebuild.
+CORPUS_VERSION = 2
 _MIN_DOC_CHARS = 400
 _EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages",
                             "__pycache__"})
@@ -46,9 +55,18 @@ class StdlibCorpus:
     key: str
     num_documents: dict[str, int]
     num_chars: dict[str, int]
+    # Per split, [relative path, documents] of each file in record order.
+    files: dict[str, list[list]]
+    dedup: dedup_lib.Report
 
     def path(self, split: str) -> str:
         return os.path.join(self.directory, f"{split}.array_record")
+
+    def file_of(self, split: str) -> Callable[[int], str]:
+        """Record number of `split` -> the relative path of the file it was cut from."""
+        names = [name for name, _ in self.files[split]]
+        ends = np.cumsum([count for _, count in self.files[split]]).tolist()
+        return lambda index: names[bisect.bisect_right(ends, int(index))]
 
 
 def stdlib_root() -> str:
@@ -97,10 +115,11 @@ def _path_order(relpath: str) -> str:
     return hashlib.sha1(relpath.encode()).hexdigest()
 
 
-def corpus_key(root: str, files: list[str], eval_fraction: float, max_documents: int) -> str:
+def corpus_key(root: str, files: list[str], eval_fraction: float, max_documents: int,
+               dedup: dedup_lib.Settings) -> str:
     sizes = [(f, os.path.getsize(os.path.join(root, f))) for f in files]
     return cache.content_key(CORPUS_VERSION, sys.version, root, sizes, eval_fraction,
-                             max_documents, _MIN_DOC_CHARS)
+                             max_documents, _MIN_DOC_CHARS, dedup.key())
 
 
 def _read_text(path: str) -> str:
@@ -116,44 +135,75 @@ def split_files(files: list[str], eval_fraction: float) -> dict[str, list[str]]:
 
 
 def build_stdlib_corpus(cache_dir: str, *, eval_fraction: float = 0.02,
-                        max_documents: int = 0, root: str | None = None) -> StdlibCorpus:
-    """Returns the cached corpus, building it (about a second) on first use."""
+                        max_documents: int = 0, root: str | None = None,
+                        dedup: dedup_lib.Settings | None = None) -> StdlibCorpus:
+    """Returns the cached corpus, building it (a few seconds) on first use.
+
+    `dedup` defaults to near-duplicate removal. `max_documents` caps the kept training
+    documents (the eval split keeps its fraction of the cap); reading stops there.
+    """
     root = root or stdlib_root()
+    dedup = dedup or dedup_lib.Settings()
     files = stdlib_files(root)
     if not files:
         raise FileNotFoundError(f"no .py files under the standard library {root}; use "
                                 "data.source=files with your own text instead")
-    key = corpus_key(root, files, eval_fraction, max_documents)
+    key = corpus_key(root, files, eval_fraction, max_documents, dedup)
     directory = os.path.join(cache_dir, f"stdlib-corpus-{key}")
 
     def build(tmp: str) -> None:
         caps = {"train": max_documents,
                 "eval": max(1, math.ceil(max_documents * eval_fraction)) if max_documents else 0}
+        fingerprint = dedup_lib.Fingerprinter()
+        deduplicator = dedup_lib.Deduplicator(dedup) if dedup.enabled else None
+        signatures: dict[str, list] = {"eval": [], "train": []}
         meta = {"root": root, "python": sys.version, "key": key, "num_documents": {},
-                "num_chars": {}, "num_files": {}}
-        for split, split_list in split_files(files, eval_fraction).items():
-            writer = ArrayRecordWriter(os.path.join(tmp, f"{split}.array_record"),
+                "num_chars": {}, "num_files": {}, "files": {}}
+        split = split_files(files, eval_fraction)
+        for name in ("eval", "train"):  # held-out files first: training copies of them go
+            writer = ArrayRecordWriter(os.path.join(tmp, f"{name}.array_record"),
                                        _WRITER_OPTIONS)
-            count = chars = used_files = 0
-            for rel in split_list:
-                if caps[split] and count >= caps[split]:
+            count = chars = 0
+            file_docs = []
+            for rel in split[name]:
+                if caps[name] and count >= caps[name]:
                     break
-                used_files += 1
-                for doc in split_documents(_read_text(os.path.join(root, rel))):
-                    if caps[split] and count >= caps[split]:
+                used = 0
+                for k, doc in enumerate(split_documents(_read_text(os.path.join(root, rel)))):
+                    if caps[name] and count >= caps[name]:
                         break
+                    if deduplicator is not None:
+                        fp = fingerprint(doc)
+                        if not deduplicator.add(fp, f"{rel}#{k}"):
+                            continue
+                        if fp is not None:
+                            signatures[name].append((fp.signature_P, f"{rel}#{k}"))
                     writer.write(doc.encode("utf-8"))
                     count += 1
+                    used += 1
                     chars += len(doc)
+                if used:
+                    file_docs.append([rel, used])
             writer.close()
-            meta["num_documents"][split] = count
-            meta["num_chars"][split] = chars
-            meta["num_files"][split] = used_files
+            meta["num_documents"][name] = count
+            meta["num_chars"][name] = chars
+            meta["num_files"][name] = len(file_docs)
+            meta["files"][name] = file_docs
+        if deduplicator is None:
+            report = dedup_lib.Report(dedup.mode, dedup.threshold)
+        else:
+            report = deduplicator.report
+            report.contamination = dedup_lib.find_contamination(
+                signatures["eval"], signatures["train"], dedup.threshold)
+        meta["dedup"] = report.to_json()
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=2, sort_keys=True)
 
     cache.build_dir_once(directory, build)
     with open(os.path.join(directory, "meta.json")) as f:
         meta = json.load(f)
-    return StdlibCorpus(directory=directory, key=key, num_documents=meta["num_documents"],
-                        num_chars=meta["num_chars"])
+    built = StdlibCorpus(directory=directory, key=key, num_documents=meta["num_documents"],
+                         num_chars=meta["num_chars"], files=meta["files"],
+                         dedup=dedup_lib.Report.from_json(meta["dedup"]))
+    dedup_lib.log_once(f"{built.dedup.summary('the stdlib corpus')} ({directory})")
+    return built

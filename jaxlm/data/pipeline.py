@@ -3,9 +3,14 @@
 For each source (each component of a mixture):
 
     documents (random access)
+      -> dedup (data.dedup, jaxlm/data/dedup.py): exact and near duplicates removed, the first
+         copy kept (held-out files are read first when they are separate files)
       -> eval holdout: a fixed permutation, independent of data.seed, puts eval_fraction of the
-         documents in "eval" (stdlib holds out whole files instead; data.eval_paths replaces it)
-      -> train: a global shuffle, reseeded every epoch from data.seed; eval: fixed order
+         kept documents in "eval" (stdlib holds out whole files instead; data.eval_paths
+         replaces it)
+      -> train: a global shuffle, reseeded every epoch from data.seed; eval: one fixed
+         permutation (EVAL_ORDER_SEED), so any number of eval batches is a uniform sample of
+         the held-out documents, the same at every evaluation
       -> repeat forever
       -> slice [process_index::process_count] of that global stream: each JAX process reads a
          disjoint slice and together they read every document once per epoch
@@ -20,15 +25,17 @@ For each source (each component of a mixture):
 The result is a grain DatasetIterator: `get_state()` returns a JSON-serialisable dict and
 `set_state(state)` restores it, after which the next batch is the one an uninterrupted run
 would have produced. A state restores only into the same data config and num_workers.
-Eval iterators never use worker processes (the held-out set is small and rebuilt per eval).
+Eval iterators never use worker processes (the held-out set is small and rebuilt per eval);
+`jaxlm/data/eval_sample.py` packs a fixed token budget of held-out documents instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grain
@@ -38,6 +45,7 @@ from absl import flags, logging
 
 from jaxlm.data import cache, corpus, sources
 from jaxlm.data import config as config_lib
+from jaxlm.data import dedup as dedup_lib
 from jaxlm.data.packing import PackedRowsIterDataset
 from jaxlm.data.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
 from jaxlm.run.errors import ConfigError
@@ -46,6 +54,9 @@ SPLITS = ("train", "eval")
 # Seed of the eval holdout permutation; fixed so that changing data.seed never moves held-out
 # documents into training.
 _HOLDOUT_SEED = 20_240_611
+# Seed of the one fixed order in which held-out documents are read: a uniform sample of the
+# whole split in any prefix, the same at every evaluation and independent of data.seed.
+EVAL_ORDER_SEED = 20_250_101
 # Bump when tokenizer training changes, so cached tokenizers are retrained.
 _TOKENIZER_VERSION = 1
 # Thread count of on-the-fly tokenizer training: fixed, since it changes the merges.
@@ -64,6 +75,11 @@ class DocumentSet:
     # The source read in file order to sample tokenizer training text (for raw files this
     # includes the held-out documents: reading them shuffled would be slow for parquet).
     text_source: Any = None
+    # Index into `docs` -> the file that document comes from (to describe eval samples).
+    file_of: Callable[[int], str] | None = None
+    # What deduplication removed and what its contamination check found (None: no dedup ran,
+    # e.g. prepared shards, whose manifest holds the report of python -m jaxlm.tools.prepare_data).
+    dedup: dedup_lib.Report | None = None
 
 
 class ToTokens(grain.transforms.Map):
@@ -107,11 +123,15 @@ def _files_key(paths: list[str]) -> list[Any]:
     return [(os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns) for p in paths]
 
 
+def _num_eval(eval_fraction: float, n: int) -> int:
+    return math.ceil(eval_fraction * n) if eval_fraction > 0 else 0
+
+
 def _holdout(docs: grain.MapDataset, split: str, eval_fraction: float,
              what: str) -> grain.MapDataset:
     """`split`'s part of `docs` under the fixed holdout permutation."""
     n = len(docs)
-    num_eval = math.ceil(eval_fraction * n) if eval_fraction > 0 else 0
+    num_eval = _num_eval(eval_fraction, n)
     if split == "eval" and num_eval == 0:
         raise ConfigError(f"config key data.eval_fraction: is 0, so {what} has no eval "
                          "documents; set it > 0 or set data.eval_paths")
@@ -125,23 +145,99 @@ def _holdout(docs: grain.MapDataset, split: str, eval_fraction: float,
     return permuted[:num_eval] if split == "eval" else permuted[num_eval:]
 
 
+def _raw_source(paths: list[str], data: ml_collections.ConfigDict,
+                cache_dir: str, **overrides: Any) -> sources.RawFilesSource:
+    kwargs = dict(text_field=data.text_field, delimiter=config_lib.text_delimiter(data),
+                  skip_bad_records=data.skip_bad_records, index_cache_dir=cache_dir,
+                  max_bad_text_fraction=data.max_bad_text_fraction)
+    return sources.RawFilesSource(paths, **{**kwargs, **overrides})
+
+
+def _named_texts(source: sources.RawFilesSource) -> Iterator[tuple[str, Any]]:
+    """(name, text) of every document in order; None for one that cannot be read as text (it
+    is kept, and raises or is skipped when the pipeline reads it, as without dedup)."""
+    for i in range(len(source)):
+        try:
+            item = source[i]
+        except ValueError:
+            item = None
+        yield source.name(i), item
+
+
+def _dedup_raw_files(paths: list[str], eval_paths: list[str], data: ml_collections.ConfigDict,
+                     cache_dir: str,
+                     what: str) -> tuple[dict[str, np.ndarray], dedup_lib.Report] | None:
+    """Indices of the raw documents kept by data.dedup (None when off): {"all": ...} of `paths`,
+    split afterwards by the holdout; or, with data.eval_paths, {"eval": ..., "train": ...}, the
+    held-out files read first so training copies of them are dropped; and the report. One pass
+    on first use, cached under `cache_dir` with the report (counts, contamination check)."""
+    settings = config_lib.dedup_settings(data)
+    if not settings.enabled:
+        return None
+    holdout = None if eval_paths else [data.eval_fraction, _HOLDOUT_SEED]
+    key = cache.content_key("dedup", _files_key(paths), _files_key(eval_paths), data.text_field,
+                            data.text_delimiter, settings.key(), holdout)
+    directory = os.path.join(cache_dir, f"dedup-{key}")
+
+    def build(tmp: str) -> None:
+        # A private reader: the pass must neither raise on bad records nor count them.
+        def read(p: list[str]) -> sources.RawFilesSource:
+            return _raw_source(p, data, cache_dir, skip_bad_records=True,
+                               max_bad_text_fraction=1.0)
+
+        logging.info("deduplicating the documents of %s (data.dedup=%s); cached in %s", what,
+                     settings.mode, directory)
+        if eval_paths:
+            result = dedup_lib.deduplicate([_named_texts(read(eval_paths)),
+                                            _named_texts(read(paths))], settings)
+            kept = {"eval": result.kept[0], "train": result.kept[1]}
+            held, train = result.signatures
+        else:
+            result = dedup_lib.deduplicate([_named_texts(read(paths))], settings)
+            kept = {"all": result.kept[0]}
+            n = len(kept["all"])
+            eval_positions = set(grain.MapDataset.range(n).shuffle(seed=_HOLDOUT_SEED)[
+                :_num_eval(data.eval_fraction, n)])
+            sigs = result.signatures[0]
+            held = [s for i, s in enumerate(sigs) if i in eval_positions]
+            train = [s for i, s in enumerate(sigs) if i not in eval_positions]
+        result.report.contamination = dedup_lib.find_contamination(
+            [s for s in held if s is not None], (s for s in train if s is not None),
+            settings.threshold)
+        for name, indices in kept.items():
+            np.save(os.path.join(tmp, f"{name}.npy"), indices)
+        cache.write_json_atomic(os.path.join(tmp, "report.json"), result.report.to_json())
+
+    cache.build_dir_once(directory, build)
+    with open(os.path.join(directory, "report.json")) as f:
+        report = dedup_lib.Report.from_json(json.load(f))
+    dedup_lib.log_once(f"{report.summary(what)} ({directory})")
+    return {name: np.load(os.path.join(directory, f"{name}.npy"))
+            for name in (("eval", "train") if eval_paths else ("all",))}, report
+
+
 def _spec_documents(spec: str, name: str, weight: float, data: ml_collections.ConfigDict,
                     tokenizer: Tokenizer | None, split: str, cache_dir: str,
                     key: str, eval_spec: str = "") -> DocumentSet:
     """The documents of one spec ("stdlib" or globs) for `split`."""
     if spec == "stdlib":
         built = corpus.build_stdlib_corpus(cache_dir, eval_fraction=data.eval_fraction,
-                                           max_documents=data.max_documents)
+                                           max_documents=data.max_documents,
+                                           dedup=config_lib.dedup_settings(data))
         if built.num_documents[split] == 0:
             raise ConfigError(f"config key data.eval_fraction: the stdlib corpus has no {split} "
                              "documents; raise data.eval_fraction or data.max_documents")
         source = sources.TextRecordSource([built.path(split)])
         return DocumentSet(name, weight, grain.MapDataset.source(source), ["stdlib", built.key],
-                           source)
+                           source, file_of=built.file_of(split), dedup=built.dedup)
     use_eval_files = split == "eval" and eval_spec
+    train_paths = sources.expand_globs(config_lib.split_list(spec), key)
+    eval_paths = (sources.expand_globs(config_lib.split_list(eval_spec), "data.eval_paths")
+                  if eval_spec else [])
+    paths = eval_paths if use_eval_files else train_paths
     patterns = config_lib.split_list(eval_spec if use_eval_files else spec)
-    paths = sources.expand_globs(patterns, "data.eval_paths" if use_eval_files else key)
     kinds = {sources.file_kind(p) for p in paths}
+    deduplicated = None
     if "arrayrecord" in kinds:
         if kinds != {"arrayrecord"}:
             raise ConfigError(f"config key {key}: {patterns} mixes ArrayRecord shards with raw "
@@ -153,19 +249,28 @@ def _spec_documents(spec: str, name: str, weight: float, data: ml_collections.Co
                                           skip_bad_records=data.skip_bad_records,
                                           verify=data.verify_shards)
     else:
-        source = sources.RawFilesSource(paths, text_field=data.text_field,
-                                        delimiter=config_lib.text_delimiter(data),
-                                        skip_bad_records=data.skip_bad_records,
-                                        index_cache_dir=cache_dir,
-                                        max_bad_text_fraction=data.max_bad_text_fraction)
+        source = _raw_source(paths, data, cache_dir)
+        if len(source):
+            deduplicated = _dedup_raw_files(train_paths, eval_paths, data, cache_dir,
+                                            f"{key}={spec!r}")
     if len(source) == 0:
         raise ConfigError(f"config key {key}: the files {paths} hold no documents")
-    docs = grain.MapDataset.source(source)
     identity = ["files", _files_key(paths), data.text_field, data.text_delimiter]
+    base: Any = source
+    positions = grain.MapDataset.range(len(source))  # docs position -> source index
+    report = None
+    if deduplicated is not None:
+        kept, report = deduplicated
+        indices = kept["all"] if not eval_spec else kept[split]
+        base = sources.SubsetSource(source, indices)
+        positions = grain.MapDataset.source(indices)
+    docs = grain.MapDataset.source(base)
     if not eval_spec:  # with data.eval_paths, every training file trains
         docs = _holdout(docs, split, data.eval_fraction, f"{key}={spec!r}")
+        positions = _holdout(positions, split, data.eval_fraction, f"{key}={spec!r}")
         identity.append(data.eval_fraction)
-    return DocumentSet(name, weight, docs, identity, source)
+    return DocumentSet(name, weight, docs, identity, source,
+                       file_of=lambda i: source.path_of(int(positions[int(i)])), dedup=report)
 
 
 def document_sets(data: ml_collections.ConfigDict, tokenizer: Tokenizer | None, split: str,
@@ -185,7 +290,8 @@ def document_sets(data: ml_collections.ConfigDict, tokenizer: Tokenizer | None, 
 
 def document_stream(docs: grain.MapDataset, *, split: str, shuffle: bool, seed: int,
                     process_index: int, process_count: int) -> grain.MapDataset:
-    """The endless per-process stream of documents: shuffled per epoch (train), repeated, sliced.
+    """The endless per-process stream of documents: shuffled per epoch (train) or in the one
+    fixed eval order, repeated, sliced.
 
     Process p reads items p, p + process_count, ... of one global stream, so the processes
     together read each document exactly once per epoch.
@@ -194,6 +300,8 @@ def document_stream(docs: grain.MapDataset, *, split: str, shuffle: bool, seed: 
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     if split == "train" and shuffle:
         docs = docs.shuffle(seed=seed)
+    elif split == "eval":
+        docs = docs.shuffle(seed=EVAL_ORDER_SEED)
     return docs.repeat(None)[process_index::process_count]
 
 

@@ -4,6 +4,11 @@ The documents of the inputs (indexed as in `sources.RawFilesSource`, in file ord
 into `num_shards` contiguous ranges; each worker process tokenizes one range at a time and writes
 its shard under a temporary name, renamed when complete. The manifest is written last, so a
 directory with a manifest is complete. Documents keep their input order; the pipeline shuffles.
+
+With `dedup` ("near" by default, see jaxlm/data/dedup.py) the documents are deduplicated first:
+the worker processes fingerprint ranges of documents, this process keeps the first copy of each
+in input order, and only kept documents are tokenized. The counts go into the manifest under
+"dedup". The pipeline's eval holdout of shards is drawn from the kept documents.
 """
 
 from __future__ import annotations
@@ -14,11 +19,16 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
+
 from jaxlm.data import cache, shards, sources
+from jaxlm.data import dedup as dedup_lib
 from jaxlm.data.tokenizer import Tokenizer, load_tokenizer
 
 # Documents tokenized per sentencepiece call, and between progress counter updates.
 _ENCODE_BATCH = 256
+# Documents fingerprinted per task of the dedup pass.
+_FINGERPRINT_CHUNK = 2048
 
 # Set in each worker process by `_init_worker`.
 _worker: dict[str, Any] = {}
@@ -28,17 +38,30 @@ def _init_worker(source: sources.RawFilesSource, tokenizer: Tokenizer, counters:
     _worker.update(source=source, tokenizer=tokenizer, counters=counters)
 
 
-def _write_shard(task: tuple[int, int, int, int, str]) -> dict[str, Any]:
-    """Tokenizes documents [start, stop) into shard `index`; returns its manifest entry."""
-    index, count, start, stop, output_dir = task
+def _fingerprints(task: tuple[int, int]) -> list[dedup_lib.Fingerprint | None]:
+    """Fingerprints of documents [start, stop); None for a record that is not text."""
+    start, stop = task
+    source = _worker["source"]
+    fingerprint = _worker.setdefault("fingerprinter", dedup_lib.Fingerprinter())
+    out = []
+    for i in range(start, stop):
+        item = source[i]
+        out.append(fingerprint(item) if isinstance(item, str) else None)
+    return out
+
+
+def _write_shard(task: tuple[int, int, np.ndarray, str]) -> dict[str, Any]:
+    """Tokenizes the documents at `indices` into shard `index`; returns its manifest entry."""
+    index, count, indices, output_dir = task
     source, tokenizer, counters = _worker["source"], _worker["tokenizer"], _worker["counters"]
     name = shards.shard_name(index, count)
     tmp_path = os.path.join(output_dir, f".tmp-{name}")
     writer = shards.ShardWriter(tmp_path, shards.token_dtype(tokenizer.vocab_size))
     skipped = empty = 0
-    for lo in range(start, stop, _ENCODE_BATCH):
+    stop = len(indices)
+    for lo in range(0, stop, _ENCODE_BATCH):
         texts = []
-        for i in range(lo, min(stop, lo + _ENCODE_BATCH)):
+        for i in indices[lo:lo + _ENCODE_BATCH].tolist():
             item = source[i]
             if isinstance(item, sources.Skipped):
                 skipped += 1
@@ -66,13 +89,15 @@ def prepare_shards(inputs: Sequence[str], output_dir: str, tokenizer_path: str, 
                    text_field: str = "text", text_delimiter: str = "", num_shards: int = 0,
                    docs_per_shard: int = 100_000, num_workers: int = 0,
                    skip_bad_records: bool = False, overwrite: bool = False,
+                   dedup: dedup_lib.Settings | None = None,
                    progress: Callable[[str], None] = print,
                    progress_every_s: float = 10.0) -> dict[str, Any]:
     """Writes the shards and manifest of `inputs` (globs) into `output_dir`; returns the manifest.
 
-    num_shards=0 picks ceil(documents / docs_per_shard), at least num_workers. num_workers=0
-    tokenizes in this process.
+    num_shards=0 picks ceil(kept documents / docs_per_shard), at least num_workers.
+    num_workers=0 tokenizes in this process. `dedup` defaults to near-duplicate removal.
     """
+    dedup = dedup or dedup_lib.Settings()
     t0 = time.perf_counter()
     paths = sources.expand_globs(inputs, "--input")
     if os.path.exists(shards.manifest_path(output_dir)) and not overwrite:
@@ -85,12 +110,19 @@ def prepare_shards(inputs: Sequence[str], output_dir: str, tokenizer_path: str, 
     tokenizer = load_tokenizer(tokenizer_path)
     source = sources.RawFilesSource(paths, text_field=text_field, delimiter=text_delimiter,
                                     skip_bad_records=skip_bad_records)
-    n = len(source)
-    if n == 0:
+    total = len(source)
+    if total == 0:
         raise ValueError(f"the inputs {paths} hold no documents")
+    report = dedup_lib.Report(dedup.mode, dedup.threshold)
+    kept = np.arange(total, dtype=np.int64)
+    if dedup.enabled:
+        kept, report = _deduplicate(source, tokenizer, dedup, num_workers, progress, t0)
+        progress(report.summary(f"{len(paths)} files"))
+    n = len(kept)
     count = num_shards or max(num_workers, 1, -(-n // docs_per_shard))
     count = min(count, n)
-    tasks = [(i, count, n * i // count, n * (i + 1) // count, output_dir) for i in range(count)]
+    tasks = [(i, count, kept[n * i // count:n * (i + 1) // count], output_dir)
+             for i in range(count)]
     progress(f"{n:,} documents in {len(paths)} files -> {count} shards with "
              f"{max(num_workers, 1)} process(es)")
     try:
@@ -124,6 +156,7 @@ def prepare_shards(inputs: Sequence[str], output_dir: str, tokenizer_path: str, 
         "inputs": [os.path.abspath(p) for p in paths],
         "text_field": text_field,
         "text_delimiter": text_delimiter,
+        "dedup": report.to_json(),
         "seconds": round(seconds, 3),
     }
     cache.write_json_atomic(shards.manifest_path(output_dir), manifest)
@@ -132,6 +165,40 @@ def prepare_shards(inputs: Sequence[str], output_dir: str, tokenizer_path: str, 
              f"{manifest['skipped_records']} malformed records, {manifest['empty_documents']} "
              f"empty documents -> {output_dir}")
     return manifest
+
+
+def _deduplicate(source: sources.RawFilesSource, tokenizer: Tokenizer,
+                 settings: dedup_lib.Settings, num_workers: int,
+                 progress: Callable[[str], None],
+                 t0: float) -> tuple[np.ndarray, dedup_lib.Report]:
+    """Indices of the documents kept by the greedy pass (in input order) and its report; the
+    fingerprints come from `num_workers` processes (or this one), in order."""
+    n = len(source)
+    chunks = [(lo, min(n, lo + _FINGERPRINT_CHUNK)) for lo in range(0, n, _FINGERPRINT_CHUNK)]
+    deduplicator = dedup_lib.Deduplicator(settings)
+    kept: list[int] = []
+    last = time.perf_counter()
+
+    def consume(start: int, fingerprints: list[dedup_lib.Fingerprint | None]) -> None:
+        nonlocal last
+        for i, fp in enumerate(fingerprints, start):
+            if deduplicator.add(fp, source.name(i)):
+                kept.append(i)
+        if time.perf_counter() - last > 10:
+            last = time.perf_counter()
+            progress(f"  dedup: {start + len(fingerprints):,}/{n:,} documents, "
+                     f"{len(kept):,} kept, {last - t0:.1f}s")
+
+    if num_workers == 0:
+        _init_worker(source, tokenizer, None)
+        for chunk in chunks:
+            consume(chunk[0], _fingerprints(chunk))
+    else:
+        with mp.get_context("spawn").Pool(num_workers, initializer=_init_worker,
+                                          initargs=(source, tokenizer, None)) as pool:
+            for chunk, fingerprints in zip(chunks, pool.imap(_fingerprints, chunks)):
+                consume(chunk[0], fingerprints)
+    return np.asarray(kept, np.int64), deduplicator.report
 
 
 def _report(progress: Callable[[str], None], entries: list[dict[str, Any]], n: int,

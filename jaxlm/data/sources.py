@@ -260,6 +260,14 @@ class RawFilesSource:
         f = bisect.bisect_right(self._offsets, index) - 1
         return f, index - int(self._offsets[f])
 
+    def name(self, index: int) -> str:
+        """`path#k`: document k (from 0) of its file, for reports."""
+        f, k = self.locate(index)
+        return f"{self.paths[f]}#{k}"
+
+    def path_of(self, index: int) -> str:
+        return self.paths[self.locate(index)[0]]
+
     def _pread(self, f: int, start: int, end: int) -> bytes:
         with self._lock:
             fd = self._fds.get(f)
@@ -317,6 +325,20 @@ class RawFilesSource:
             return self._bad(f"{path}:row {k}", f"column {self.text_field!r} is "
                              f"{type(text).__name__}, not a string")
         return text
+
+
+class SubsetSource:
+    """The documents of `source` at `indices` (those kept by deduplication), in that order."""
+
+    def __init__(self, source: Any, indices: np.ndarray):
+        self.source = source
+        self.indices = np.asarray(indices, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.source[int(self.indices[int(index)])]
 
 
 class TextRecordSource:
@@ -403,6 +425,9 @@ class TokenShardSource:
     def where(self, index: int) -> str:
         f = bisect.bisect_right(self._offsets, index) - 1
         return f"{self.paths[f]}:record {index - int(self._offsets[f])}"
+
+    def path_of(self, index: int) -> str:
+        return self.paths[bisect.bisect_right(self._offsets, index) - 1]
 
     def __getitem__(self, index: int) -> np.ndarray | Skipped:
         try:

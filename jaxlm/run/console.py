@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from absl import logging as absl_logging
 
 LOG_FILE = "log.txt"
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+# The jaxlm package (this file is jaxlm/run/console.py): every subpackage's lines are its own.
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 
 def is_own(record: logging.LogRecord) -> bool:

@@ -5,15 +5,18 @@
         --output_dir=/data/fineweb-edu-tok --num_workers=8
 
 then train with `--config.data.source=arrayrecord
---config.data.paths='/data/fineweb-edu-tok/*.array_record'`. Worker processes tokenize
-contiguous ranges of documents, one shard each at a time; progress and throughput are printed.
-The format is described in jaxlm/data/shards.py.
+--config.data.paths='/data/fineweb-edu-tok/*.array_record'`. Documents are first deduplicated
+(--dedup=near by default: exact and MinHash near duplicates, the first copy kept; --dedup=off for
+a corpus deduplicated upstream), the counts printed and stored in the manifest. Worker processes
+tokenize contiguous ranges of documents, one shard each at a time; progress and throughput are
+printed. The format is described in jaxlm/data/shards.py.
 """
 
 import os
 
 from absl import app, flags
 
+from jaxlm.data import dedup
 from jaxlm.data.config import split_list
 from jaxlm.data.prepare import prepare_shards
 from jaxlm.data.shards import verify_directory
@@ -33,6 +36,10 @@ _NUM_WORKERS = flags.DEFINE_integer("num_workers", os.cpu_count() or 1,
                                     "Tokenizer processes; 0 = this process.")
 _SKIP_BAD = flags.DEFINE_bool("skip_bad_records", False,
                               "Skip and count malformed records instead of failing on them.")
+_DEDUP = flags.DEFINE_enum("dedup", "near", list(dedup.MODES),
+                           "Remove duplicate documents before tokenizing (jaxlm/data/dedup.py).")
+_DEDUP_THRESHOLD = flags.DEFINE_float("dedup_threshold", 0.8, "Jaccard similarity of near "
+                                      "duplicates (with --dedup=near).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing output directory.")
 _VERIFY = flags.DEFINE_bool("verify", True, "Read back every record of the written shards.")
 _VERIFY_ONLY = flags.DEFINE_bool("verify_only", False, "Only check every record of the shards "
@@ -63,7 +70,9 @@ def main(argv: list[str]) -> None:
                    text_delimiter=_TEXT_DELIMITER.value.replace("\\n", "\n"),
                    num_shards=_NUM_SHARDS.value, docs_per_shard=_DOCS_PER_SHARD.value,
                    num_workers=_NUM_WORKERS.value, skip_bad_records=_SKIP_BAD.value,
-                   overwrite=_OVERWRITE.value, progress=lambda line: print(line, flush=True))
+                   overwrite=_OVERWRITE.value,
+                   dedup=dedup.Settings(_DEDUP.value, _DEDUP_THRESHOLD.value),
+                   progress=lambda line: print(line, flush=True))
     if _VERIFY.value:
         _verify(_OUTPUT_DIR.value)
 
