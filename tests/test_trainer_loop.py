@@ -13,7 +13,7 @@ import pytest
 from jaxlm.run import config as config_lib
 from jaxlm.run import program as program_lib
 from jaxlm.run import trainer
-from jaxlm.run.checkpoint import read_saved_json
+from jaxlm.run.checkpoint import read_json_items
 from jaxlm.stages import STAGE_MODULES, pretrain
 from jaxlm.stages.stage import Stage, token_fields
 from tests.data_fixtures import train_tiny_tokenizer
@@ -83,7 +83,7 @@ def test_a_new_stage_runs_on_the_default_step_loop(tmp_path, tokenizer, monkeypa
     _check_throughput(tmp_path, program, 3)
     assert np.isfinite(last["loss"])
     assert np.isfinite(_by_step(tmp_path, "eval_loss")[3]["eval_perplexity"])
-    extra = read_saved_json(str(tmp_path / "checkpoints"), 3, "extra")
+    extra = read_json_items(str(tmp_path / "checkpoints"), 3)["extra"]
     assert extra["host_state"] == {}  # the default loop carries nothing between steps
 
 
