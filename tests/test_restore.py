@@ -23,6 +23,7 @@ from jaxlm.parallel import sharding
 from jaxlm.run import checkpoint, trainer
 from jaxlm.run import config as config_lib
 from jaxlm.run import program as program_lib
+from jaxlm.stages.rl import reward_model as reward_model_lib
 from jaxlm.stages.rl.reward_model import RewardModel
 from jaxlm.weights import restore
 from jaxlm.weights.hf import convert as hf
@@ -93,19 +94,20 @@ def _saved_run(directory, config, seed):
 def test_a_reward_model_of_its_own_width_and_depth_loads_and_scores(tmp_path):
     policy = grpo_config("ppo", kl_coef=0.0)
     policy.init_from.path = "/unused/checkpoints"
-    policy.ppo.reward_model = str(tmp_path / "rm")
-    config_lib.validate(policy)
-    mesh = sharding.make_mesh(config_lib.check_devices(policy, 1, 1), devices=jax.devices()[:1])
-    program = program_lib.build(policy, mesh)
+    policy.rl.reward_model = str(tmp_path / "rm")
     rm_config = reward_config(policy)
     rm_config.model.update(d_model=48, num_layers=3, num_heads=6, num_kv_heads=3, d_ff=96)
     rm_cfg, rm_params = _saved_run(tmp_path / "rm", rm_config, seed=3)
     assert rm_cfg.reward_head
+    config_lib.validate(policy)
+    mesh = sharding.make_mesh(config_lib.check_devices(policy, 1, 1), devices=jax.devices()[:1])
+    program = program_lib.build(policy, mesh)
     assert (rm_cfg.d_model, rm_cfg.num_layers) != (program.model_cfg.d_model,
                                                    program.model_cfg.num_layers)
+    built = reward_model_lib.model_config(program)
+    assert (built.d_model, built.num_layers) == (48, 3)
 
     reward = RewardModel(program, str(tmp_path / "rm"), tokenizer=CharTokenizer())
-    assert (reward.model.cfg.d_model, reward.model.cfg.num_layers) == (48, 3)
     for a, b in zip(jax.tree.leaves(reward.params), jax.tree.leaves(rm_params)):
         np.testing.assert_array_equal(np.asarray(a), b)
     # Rows of a left-padded prompt (5) and a completion (6 slots), scored at their last token.
@@ -130,8 +132,9 @@ def test_a_reward_model_of_its_own_width_and_depth_loads_and_scores(tmp_path):
     lm_config = reward_config(policy)
     lm_config.stage = "pretrain"
     _saved_run(tmp_path / "lm", lm_config, seed=5)
+    policy.rl.reward_model = str(tmp_path / "lm")
     with pytest.raises(ValueError, match="no scalar reward head"):
-        RewardModel(program, str(tmp_path / "lm"), tokenizer=CharTokenizer())
+        program_lib.build(policy, mesh)
 
 
 def test_lora_adapters_merge_into_the_weights_they_adapt(tmp_path):
