@@ -51,15 +51,17 @@ def _setup(tmp_path, num_epochs=1):
     config.init_from.path = "/unused/checkpoints"
     config_lib.validate(config)
     mesh = sharding.make_mesh(config_lib.check_devices(config, 1, 1), devices=jax.devices()[:1])
-    program = program_lib.build(config, mesh)
     # A "reward model": random weights with a random score head, saved as a reward run saves
-    # (its config names the reward stage, whose model has the scalar head).
-    rm = program.init_params(jax.random.key(7))
+    # (its config names the reward stage, whose model has the scalar head). It is saved before
+    # the PPO Program is built: the Program reads the reward model's architecture from it.
+    rm_config = reward_config(config)
+    rm_program = program_lib.build(rm_config, mesh)
+    rm = rm_program.init_params(jax.random.key(7))
     rm["reward_head"] = jax.random.normal(jax.random.key(8), rm["reward_head"].shape) * 0.5
     ckpt = Checkpointer(str(tmp_path / "rm"), save_every=1, keep_last=1, async_save=False)
-    ckpt.save(1, program.state_from_params(rm), config=reward_config(config))
+    ckpt.save(1, rm_program.state_from_params(rm), config=rm_config)
     ckpt.close()
-    return program, rm
+    return program_lib.build(config, mesh), rm
 
 
 @pytest.fixture(scope="module")

@@ -44,11 +44,14 @@ def full(tmp_path_factory):
     """The uninterrupted run, from random init_from params and a random reward model."""
     base = tmp_path_factory.mktemp("ppo_resume")
     config = _config(base, train_tiny_tokenizer(str(base / "tok")).path)
+    # The reward model is saved first: the PPO Program reads its architecture from it.
+    rm_config = reward_config(config)
+    rm_program = trainer.setup(rm_config, str(base / "rm_setup")).program
+    rm = rm_program.init_params(jax.random.key(7))
+    rm["reward_head"] = jax.random.normal(jax.random.key(8), rm["reward_head"].shape)
+    _save(base / "rm", rm_program, rm, rm_config)
     program = trainer.setup(config, str(base / "full")).program
     _save(base / "init", program, program.init_params(jax.random.key(0)))
-    rm = program.init_params(jax.random.key(7))
-    rm["reward_head"] = jax.random.normal(jax.random.key(8), rm["reward_head"].shape)
-    _save(base / "rm", program, rm, reward_config(config))
     trainer.run(config, str(base / "full"))
     return base, config
 
