@@ -86,7 +86,7 @@ def main(argv: list[str]) -> None:
     os.makedirs(work_dir, exist_ok=True)
     # Build the corpus and tokenizer once, untimed: every variant then starts alike.
     warm_cmd = [sys.executable, "-m", "jaxlm.main", "--config=configs/tiny.py:steps=1",
-                f"--workdir={os.path.join(work_dir, 'warm')}", "--config.train.eval_every=0",
+                f"--workdir={os.path.join(work_dir, 'warm')}", "--config.eval.every_steps=0",
                 f"--config.data.cache_dir={cache_dir}"]
     subprocess.run(warm_cmd, cwd=ROOT, check=True, capture_output=True)
     results = []

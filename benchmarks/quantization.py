@@ -10,7 +10,7 @@ the others quantized after loading (`jaxlm.models.quant.convert.quantize_model`,
 embeddings (configs/tiny.py ties the head to them) stay float. Decode: greedy
 `jaxlm.inference.Sampler.generate` of --batch rows x --new_tokens tokens after a --prompt_len
 prompt, best of --repeats, compile excluded. Perplexity: the run's own held-out batches
-(data split "eval", train.eval_steps batches) through the pretrain stage's eval step
+(data split "eval", eval.tokens held-out tokens) through the pretrain stage's eval step
 (`jaxlm.run.trainer.evaluate`). "KV bytes" is the KV cache of one row at prompt + new tokens in
 the variant's cache dtype: the compute dtype, or int8 with its float32 scales for the "+kv8"
 variants (`model.kv_cache_dtype=int8`, `--kv_cache=int8`), counted by `kv_cache.kv_bytes`.
@@ -107,8 +107,8 @@ def main(argv: list[str]) -> None:
     lines = [f"{loaded.model_cfg.num_layers} layers, d_model {loaded.model_cfg.d_model}, "
              f"step {loaded.step} of {workdir}; {platform.processor() or platform.machine()}, "
              f"{os.cpu_count()} CPUs; decode: batch {_BATCH.value}, {_PROMPT_LEN.value} prompt "
-             f"+ {_NEW.value} new tokens; perplexity over {config.train.eval_steps} held-out "
-             "batches", "",
+             f"+ {_NEW.value} new tokens; perplexity over {config.eval.tokens} held-out "
+             "tokens", "",
              "| variant | param MiB | vs fp32 | KV bytes / row | decode tok/s | held-out ppl |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, nbytes, kv, tps, ppl in rows:

@@ -42,8 +42,8 @@ def get_config(arg: str | None = None):
     c.train.steps = args.steps
     c.train.tokens = args.tokens
     c.train.tokens_per_param = 0.0 if (args.steps or args.tokens) else args.tokens_per_param
-    c.train.eval_every = 1000
-    c.train.eval_steps = 20
+    c.eval.every_steps = 1000
+    c.eval.tokens = 10_485_760
     c.mesh.data = 1
     c.mesh.fsdp = -1
 

@@ -36,9 +36,10 @@ def get_config(arg: str | None = None):
     c.optim.warmup_steps = 10
     c.optim.weight_decay = 0.0
 
-    # Batch size, eval steps and checkpoint interval: configs/tiny.py's.
+    # Batch size and checkpoint interval: configs/tiny.py's.
     c.train.steps = args.steps
-    c.train.eval_every = 100
+    c.eval.every_steps = 100
+    c.eval.examples = 256  # held-out pairs
 
     c.log.sample_every = 0
     config_lib.validate(c)

@@ -41,8 +41,8 @@ def get_config(arg: str | None = None):
 
     c.train.global_batch_size = 512
     c.train.steps = args.steps
-    c.train.eval_every = 1000
-    c.train.eval_steps = 20
+    c.eval.every_steps = 1000
+    c.eval.tokens = 10_485_760
     c.mesh.data = -1
 
     c.log.every_steps = 50

@@ -7,7 +7,7 @@
 Prompts are "a+b=" / "a-b=" with operands in [0, 9]; the reward is 1 for the exact answer plus
 0.1 for a completion that is one integer (jaxlm/stages/rl/rewards.py); a fifth of the prompts are
 held
-out and decoded greedily every train.eval_every steps (eval_reward_mean, eval_accuracy). From a
+out and decoded greedily every eval.every_steps steps (eval_reward_mean, eval_accuracy). From a
 random init only the format reward moves; start from a policy that has seen the task (init=: a
 rejection-sampling or SFT run of this model, see docs/rl.md), which also turns on the KL penalty
 to it. Arguments: `configs/grpo_tiny.py:init=DIR,steps=N`.
@@ -52,8 +52,8 @@ def get_config(arg: str | None = None):
 
     c.train.global_batch_size = 16
     c.train.steps = args.steps
-    c.train.eval_every = 25
-    c.train.eval_steps = 2
+    c.eval.every_steps = 25
+    c.eval.examples = 32  # held-out prompts
 
     c.log.every_steps = 5
     c.log.sample_every = 0

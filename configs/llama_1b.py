@@ -52,8 +52,8 @@ def get_config(arg: str | None = None):
 
     c.train.global_batch_size = 512
     c.train.steps = args.steps
-    c.train.eval_every = 1000
-    c.train.eval_steps = 20
+    c.eval.every_steps = 1000
+    c.eval.tokens = 20_971_520
     c.mesh.data = 1
     c.mesh.fsdp = -1
 

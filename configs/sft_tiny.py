@@ -32,9 +32,9 @@ def get_config(arg: str | None = None):
     c.optim.learning_rate = 1e-3
     c.optim.weight_decay = 0.0
 
-    # Batch size, warmup, eval steps and checkpoint interval: configs/tiny.py's.
+    # Batch size, warmup and checkpoint interval: configs/tiny.py's.
     c.train.steps = args.steps
-    c.train.eval_every = 100
+    c.eval.every_steps = 100
 
     c.log.sample_every = 100
     c.log.sample_prompt = render_messages([{"role": "user", "content": "Hello, how are you?"}],

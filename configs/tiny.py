@@ -34,8 +34,8 @@ def get_config(arg: str | None = None):
 
     c.train.global_batch_size = 16
     c.train.steps = args.steps
-    c.train.eval_every = 150
-    c.train.eval_steps = 16  # 32k held-out tokens (4 batches are only a few modules)
+    c.eval.every_steps = 150
+    c.eval.tokens = 32768
 
     c.log.every_steps = 10
     c.checkpoint.every_steps = 300

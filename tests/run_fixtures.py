@@ -19,7 +19,7 @@ def tiny_run_config(tmp: Path, *, num_layers: int = 2, seq_len: int = 32, steps:
     c.model.num_heads, c.model.num_kv_heads = 2, 1
     c.data.seq_len, c.data.vocab_size, c.data.max_documents = seq_len, 400, 60
     c.data.cache_dir = str(tmp / "cache")
-    c.train.global_batch_size, c.train.steps, c.train.eval_every = 8, steps, 0
+    c.train.global_batch_size, c.train.steps, c.eval.every_steps = 8, steps, 0
     c.optim.warmup_steps = 1
     c.log.sample_every, c.log.tensorboard, c.log.every_steps = 0, tensorboard, 1
     c.checkpoint.every_steps = steps

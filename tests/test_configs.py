@@ -24,7 +24,26 @@ def test_config_validates_and_builds_a_model(path):
     c = _load(path)
     config_lib.validate(c)
     cfg = config_lib.model_config(c, vocab_size=c.data.vocab_size)
-    assert scaling.count_params(cfg)["total"] > 0
+    counts = scaling.count_params(cfg)
+    assert counts["total"] == counts["embedding"] + counts["non_embedding"]
+    assert counts["non_embedding"] == sum(counts[k] for k in ("attention", "mlp", "norms", "head",
+                                                              "reward_head"))
+
+
+@pytest.mark.parametrize("name,published", [
+    # Hugging Face's parameter counts of the models these configs reproduce: GPT-2 small
+    # (gpt2, tied embeddings) and Llama 3.2 1B (meta-llama/Llama-3.2-1B, tied embeddings).
+    ("gpt2_124m", 124_439_808),
+    ("llama_1b", 1_235_814_400),
+])
+def test_named_configs_have_the_published_parameter_count(name, published):
+    c = _load(next(p for p in CONFIGS if p.stem == name))
+    cfg = config_lib.model_config(c, vocab_size=c.data.vocab_size)
+    counts = scaling.count_params(cfg)
+    # jaxlm pads the embedding rows to a multiple of 128; the published count has vocab_size.
+    rows = counts["token_embedding"] // cfg.d_model
+    assert rows % 128 == 0 and 0 <= rows - cfg.vocab_size < 128
+    assert counts["total"] - (rows - cfg.vocab_size) * cfg.d_model == published
 
 
 def test_chinchilla_1b_is_table_a9_row_1018m():

@@ -116,12 +116,8 @@ def test_pretrain_stage_evaluates_on_the_sample(env):
 
     c = base_config()
     c.data = env["data"]
-    c.train.eval_steps, c.train.global_batch_size = 3, 8
-    budget = 3 * 8 * SEQ
-    assert pretrain.eval_tokens(c) == budget
+    c.eval.tokens, c.train.global_batch_size = 3 * 8 * SEQ - 5, 8
+    assert pretrain.STAGE.eval_batches(c) == 3  # whole batches covering eval.tokens
     it = pretrain.make_data(c, env["tok"], split="eval", batch_size=8, process_index=0,
                             process_count=1, cache_dir=env["cache"])
-    F.assert_batches_equal(F.take(it, 3), _sample(env, budget, batch_size=8).batches)
-    with c.unlocked():
-        c.eval.tokens = 1000
-    assert pretrain.eval_tokens(c) == 1000
+    F.assert_batches_equal(F.take(it, 3), _sample(env, c.eval.tokens, batch_size=8).batches)

@@ -83,7 +83,7 @@ def test_verify_shards_and_prepare_data_verify_only_find_the_bad_record(prepared
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert f"{path}:record {bad}" in proc.stderr
-    good = subprocess.run([sys.executable, "jaxlm/tools/prepare_data.py",
+    good = subprocess.run([sys.executable, "-m", "jaxlm.tools.prepare_data",
                            f"--output_dir={prepared['out']}", "--verify_only"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert good.returncode == 0 and "verified" in good.stdout

@@ -28,8 +28,8 @@ def _config(cache, steps, **model):
         c.model[k] = v
     c.data.seq_len, c.data.vocab_size, c.data.max_documents = 16, 400, 60
     c.data.cache_dir = str(cache)
-    c.train.global_batch_size, c.train.steps, c.train.eval_every = 8, steps, STOP
-    c.train.eval_steps = 1
+    c.train.global_batch_size, c.train.steps, c.eval.every_steps = 8, steps, STOP
+    c.eval.tokens = 8 * c.data.seq_len
     c.optim.warmup_steps, c.optim.learning_rate = 1, 1e-2
     c.log.sample_every, c.log.tensorboard, c.log.every_steps = 0, False, 1
     c.checkpoint.every_steps, c.checkpoint.keep_last, c.checkpoint.async_save = STOP, 4, False
@@ -49,7 +49,7 @@ def teacher(tmp_path_factory):
     """A 2-layer d_model=48 teacher trained for 3 steps; the students are 1-layer d_model=32."""
     base = tmp_path_factory.mktemp("distill")
     c = _config(base / "cache", 3, num_layers=2, d_model=48, d_ff=96)
-    c.train.eval_every = 0
+    c.eval.every_steps = 0
     trainer.run(c, str(base / "teacher"))
     return base
 
@@ -140,7 +140,7 @@ def test_distill_after_sft_trains_on_the_sft_batches(tmp_path):
                         "num_kv_heads": 1, **model})
         c.data.seq_len, c.data.vocab_size = 32, 400
         c.data.cache_dir = str(tmp_path / "cache")
-        c.train.global_batch_size, c.train.eval_every = 8, 0
+        c.train.global_batch_size, c.eval.every_steps = 8, 0
         c.log.sample_every, c.log.tensorboard, c.log.every_steps = 0, False, 1
         c.checkpoint.async_save = False
         return c

@@ -11,13 +11,14 @@ import pytest
 
 from jaxlm.parallel import sharding
 from jaxlm.run import trainer
-from jaxlm.stages.stage import token_eval_metrics
+from jaxlm.stages.stage import token_eval_batches, token_eval_metrics
 
 
 class _CountingStage(types.SimpleNamespace):
     """A stage whose eval data is 3 fixed batches of token sums; counts make_data calls."""
 
     eval_metrics = staticmethod(token_eval_metrics)
+    eval_batches = staticmethod(token_eval_batches)
 
     def make_data(self, config, tokenizer, *, split, batch_size, **kwargs):
         del config, tokenizer, kwargs
@@ -28,7 +29,8 @@ class _CountingStage(types.SimpleNamespace):
 
 
 def _setup(stage):
-    config = ml_collections.ConfigDict({"train": {"eval_steps": 3, "global_batch_size": 8}})
+    config = ml_collections.ConfigDict({"train": {"global_batch_size": 8},
+                                        "data": {"seq_len": 8}, "eval": {"tokens": 3 * 8 * 8}})
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1, "pipeline": 1},
                               devices=jax.devices()[:1])
     return trainer.Setup(config=config, workdir="", mesh=mesh, tokenizer=None, stage=stage,

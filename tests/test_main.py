@@ -30,7 +30,7 @@ def quickstart_run(tmp_path_factory):
     cmd = [a if not a.startswith("--workdir=") else f"--workdir={workdir}" for a in cmd]
     cmd[0] = sys.executable
     cmd += ["--config.train.steps=4", "--config.log.every_steps=2",
-            "--config.train.eval_every=4", "--config.train.eval_steps=1",
+            "--config.eval.every_steps=4", "--config.eval.tokens=2048",
             "--config.log.sample_every=4", "--config.log.sample_tokens=4"]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -27,7 +27,7 @@ def _args(workdir: Path, cache: Path) -> list[str]:
             "--config.data.max_documents=200", f"--config.data.cache_dir={cache}",
             "--config.data.process_sharding=rows", "--config.mesh.data=2",
             "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
-            "--config.log.every_steps=1", "--config.train.eval_every=0",
+            "--config.log.every_steps=1", "--config.eval.every_steps=0",
             "--config.log.sample_every=0", "--config.checkpoint.every_steps=3",
             "--config.optim.warmup_steps=2", "--config.log.tensorboard=False"]
 

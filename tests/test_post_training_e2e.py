@@ -17,7 +17,8 @@ TINY = ["--config.model.d_model=32", "--config.model.num_layers=1",
         "--config.model.num_heads=2", "--config.model.num_kv_heads=1",
         "--config.model.d_ff=64", "--config.data.seq_len=32", "--config.data.vocab_size=400",
         "--config.data.max_documents=60", "--config.train.global_batch_size=8",
-        "--config.train.steps=2", "--config.train.eval_every=2", "--config.train.eval_steps=1",
+        "--config.train.steps=2", "--config.eval.every_steps=2", "--config.eval.tokens=256",
+        "--config.eval.examples=8",
         "--config.log.sample_every=0", "--config.log.tensorboard=False",
         "--config.log.every_steps=1", "--config.checkpoint.async_save=False"]
 

@@ -196,7 +196,7 @@ def test_an_export_reads_a_run_whose_trainer_is_still_saving(tmp_path):
            "--config.model.num_heads=2", "--config.model.num_kv_heads=1",
            "--config.model.d_ff=64", "--config.data.seq_len=16", "--config.data.vocab_size=400",
            "--config.data.max_documents=60", "--config.train.global_batch_size=8",
-           f"--config.train.steps={steps}", "--config.train.eval_every=0",
+           f"--config.train.steps={steps}", "--config.eval.every_steps=0",
            "--config.log.sample_every=0", "--config.checkpoint.every_steps=1",
            f"--config.checkpoint.keep_last={steps}"]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")

@@ -23,7 +23,7 @@ def _command(workdir: Path, cache: Path) -> list[str]:
             "--config.model.d_ff=128", "--config.data.seq_len=32",
             "--config.train.global_batch_size=4", "--config.data.vocab_size=512",
             "--config.data.max_documents=200", f"--config.data.cache_dir={cache}",
-            "--config.log.every_steps=1", "--config.train.eval_every=0",
+            "--config.log.every_steps=1", "--config.eval.every_steps=0",
             "--config.log.sample_every=0", "--config.checkpoint.every_steps=4",
             "--config.optim.warmup_steps=2", "--config.log.tensorboard=False"]
 

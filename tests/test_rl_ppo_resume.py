@@ -23,7 +23,8 @@ def _config(base, tokenizer: str):
     c = grpo_config("ppo", num_epochs=2, max_new_tokens=6)
     c.model.vocab_size = 0  # the tokenizer's
     c.data.tokenizer_path = tokenizer
-    c.train.update(steps=STEPS, eval_every=0)
+    c.train.steps = STEPS
+    c.eval.every_steps = 0
     c.optim.learning_rate = 1e-2
     c.checkpoint.update(every_steps=STOP, keep_last=4, async_save=False)
     c.log.update(every_steps=1, tensorboard=False)

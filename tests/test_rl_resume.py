@@ -26,7 +26,7 @@ def _main(workdir: Path, tokenizer: str) -> None:
              "--config.rl.max_operand=4", "--config.rl.rewards=format:1,brevity:1",
              "--config.rl.num_epochs=2", "--config.optim.learning_rate=1e-2",
              f"--config.train.steps={STEPS}", f"--config.checkpoint.every_steps={STOP}",
-             f"--config.train.eval_every={STOP}", "--config.train.eval_steps=1",
+             f"--config.eval.every_steps={STOP}", "--config.eval.examples=4",
              "--config.checkpoint.keep_last=4", "--config.checkpoint.async_save=False",
              "--config.log.every_steps=1", "--config.log.tensorboard=False"]
     cmd = [sys.executable, "-m", "jaxlm.main", "--config=configs/grpo_tiny.py",

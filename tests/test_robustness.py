@@ -27,7 +27,7 @@ def _config(cache: Path, steps: int):
     c.model.num_layers, c.model.d_model, c.model.d_ff = 1, 32, 64
     c.data.seq_len, c.data.vocab_size, c.data.max_documents = 16, 400, 60
     c.data.cache_dir = str(cache)
-    c.train.global_batch_size, c.train.steps, c.train.eval_every = 8, steps, 0
+    c.train.global_batch_size, c.train.steps, c.eval.every_steps = 8, steps, 0
     c.optim.warmup_steps = 1
     c.log.sample_every, c.log.tensorboard, c.log.every_steps = 0, False, 1
     c.checkpoint.every_steps, c.checkpoint.keep_last = 2, 5

@@ -34,7 +34,8 @@ TINY = ["--config.model.d_model=32", "--config.model.num_layers=1",
         "--config.log.every_steps=1", "--config.checkpoint.async_save=False"]
 # Checkpoints at STOP and STEPS, both kept; evals at the same steps.
 RESUMABLE = [f"--config.train.steps={STEPS}", f"--config.checkpoint.every_steps={STOP}",
-             f"--config.train.eval_every={STOP}", "--config.train.eval_steps=1",
+             f"--config.eval.every_steps={STOP}", "--config.eval.tokens=256",
+             "--config.eval.examples=8",
              "--config.checkpoint.keep_last=4", "--config.optim.warmup_steps=2"]
 
 

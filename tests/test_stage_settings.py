@@ -50,7 +50,14 @@ def test_bad_setting_is_named(stage, overrides, message):
 
 
 def test_other_stages_sections_are_not_checked():
-    # A pretraining run ignores the post-training sections, so their values do not matter.
-    config_lib.validate(_config("pretrain", dpo__variant="kto", sft__paths=""))
+    """A section is checked for the stages that read it, and only for them."""
+    wrong = {"dpo__variant": "kto", "sft__paths": ""}
+    config_lib.validate(_config("pretrain", **wrong))  # pretraining reads neither section
+    with pytest.raises(ValueError, match="config key dpo.variant"):
+        config_lib.validate(_config("dpo", **wrong))
+    with pytest.raises(ValueError, match="config key sft.paths"):
+        config_lib.validate(_config("sft", **wrong))
     c = _config("dpo", dpo__variant="simpo", init_from__path="", sft__loss_on="user")
     config_lib.validate(c)  # simpo needs no reference model; the sft section is not read
+    with pytest.raises(ValueError, match="config key sft.loss_on"):
+        config_lib.validate(_config("sft", sft__loss_on="user"))

@@ -52,7 +52,8 @@ def tokenizer(tmp_path_factory):
 def _common(c, tokenizer: str, steps: int):
     c.model.vocab_size = 0  # the tokenizer's
     c.data.tokenizer_path = tokenizer
-    c.train.update(steps=steps, eval_every=steps, eval_steps=1)
+    c.train.steps = steps
+    c.eval.update(every_steps=steps, tokens=c.train.global_batch_size * c.data.seq_len)
     c.checkpoint.update(every_steps=steps, async_save=False)
     c.log.update(every_steps=1, tensorboard=False, peak_flops=PEAK, sample_every=0)
     return c

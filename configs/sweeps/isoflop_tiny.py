@@ -6,11 +6,11 @@ trained on D = C / (6 N) tokens (Chinchilla's Approach 2 grid), on the embedded 
         --out_dir=/tmp/isoflop_tiny/fit --grid=small --bootstrap=20 --target_flops=1e12,1e13
 
 The default grid (3 budgets 3e11/1e12/3e12 x 5 shapes, batch 8 x 64 tokens, 1024-piece
-tokenizer, eval on 400 batches of a 10% held-out split) runs in ~20 minutes on 2 cores and
+tokenizer, eval on 204,800 tokens of a 10% held-out split) runs in ~20 minutes on 2 cores and
 brackets the optimum at every budget (docs/scaling.md has the measured run and its fit).
 Arguments (`configs/sweeps/isoflop_tiny.py:budgets=1e12/3e12,shapes=64x2/96x3`): `budgets` are
 training FLOPs (6 N D) separated by '/'; `shapes` are `<d_model>x<layers>` separated by '/';
-`batch` (rows of 64 tokens), `eval_steps`, `vocab`; `smoke=True` shrinks data, vocabulary and
+`batch` (rows of 64 tokens), `eval_tokens`, `vocab`; `smoke=True` shrinks data, vocabulary and
 batch for a seconds-long test. N counts every parameter as built (`train.param_convention=
 "total"`: embeddings included; the tied embedding is also the output head, so 6N per token counts
 it right): these RoPE models have no relative-position weights, which the Chinchilla convention
@@ -46,8 +46,8 @@ def get_config(arg: str | None = None):
     c.train.steps = 0
     c.train.tokens_per_param = 0.0  # 20 tokens per parameter unless a point sets train.tokens
     c.train.param_convention = "total"  # N as built (see the docstring)
-    c.train.eval_every = 1_000_000  # only at the end
-    c.train.eval_steps = 2 if args.smoke else args.eval_steps
+    c.eval.every_steps = 0  # only at the end
+    c.eval.tokens = 2 * 8 * 16 if args.smoke else args.eval_tokens
 
     c.checkpoint.every_steps = 0  # at the end (and on SIGTERM)
     c.checkpoint.keep_last = 1
@@ -82,7 +82,7 @@ def get_sweep(arg: str | None = None):
 
 def _args(arg):
     return config_lib.parse_arg(arg, budgets="3e11/1e12/3e12",
-                                shapes="16x2/24x2/32x2/48x2/64x3", batch=8, eval_steps=400,
+                                shapes="16x2/24x2/32x2/48x2/64x3", batch=8, eval_tokens=204_800,
                                 vocab=1024, smoke=False)
 
 

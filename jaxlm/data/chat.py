@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 
 from jaxlm.run.errors import ConfigError
+from jaxlm.run.section import Section
 
 ROLES = ("system", "user", "assistant")
 LOSS_ON = ("assistant", "all")
@@ -275,3 +276,8 @@ def response_ids(tokenizer: Any, content: str, *, template: ChatTemplate = CHATM
         return np.asarray(tokenizer.encode(full[len(head):]), np.int32)
     _, end_id = special_ids(tokenizer, template)
     return np.asarray(tokenizer.encode(content) + [end_id], np.int32)
+
+
+# The chat template of the sft, dpo, reward and distill stages; the stages that read it check it
+# against data.special_tokens (check_chat_config).
+CHAT = Section("chat", default_chat_config)

@@ -19,6 +19,7 @@ import ml_collections
 from jaxlm.data import dedup as dedup_lib
 from jaxlm.run import errors
 from jaxlm.run.errors import ConfigError
+from jaxlm.run.section import Section
 
 SOURCES = ("stdlib", "files", "arrayrecord", "mixture")
 PROCESS_SHARDING = ("documents", "rows")
@@ -233,3 +234,10 @@ def check_data_config(data: ml_collections.ConfigDict) -> None:
         errors.check_at_least(f"data.{key}", data[key], 0)
     if not data.text_field:
         _fail("text_field", "must name the field that holds the text, e.g. 'text'")
+
+
+def check_data(config: ml_collections.ConfigDict) -> None:
+    check_data_config(config.data)
+
+
+DATA = Section("data", default_data_config, check_data)

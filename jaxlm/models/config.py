@@ -81,7 +81,7 @@ class ModelConfig:
       max_seq_len: longest sequence the model is built for (size of learned position table).
       position_embedding: "rope" or "learned".
       norm: "rmsnorm" or "layernorm".
-      mlp_activation: "swiglu" or "gelu".
+      mlp_activation: "swiglu", "geglu" or "gelu" (MLP_ACTIVATIONS).
       use_bias: biases on the dense layers (GPT-2 style).
       qkv_bias: biases on the query/key/value projections only (Qwen2 style); implied by use_bias.
       tie_embeddings: share the input embedding with the output projection.

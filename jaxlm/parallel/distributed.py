@@ -30,6 +30,7 @@ from absl import logging
 
 from jaxlm.run import errors
 from jaxlm.run.errors import ConfigError
+from jaxlm.run.section import Section
 
 ENV_PREFIX = "JAXLM_"
 # "off" never initialises (one process); "auto" (or unset) decides as described above.
@@ -282,3 +283,12 @@ def is_primary() -> bool:
 
 __all__ = ["default_distributed_config", "check_distributed_config", "with_env_overrides",
            "detect_cluster", "resolve_plan", "initialize", "is_primary", "Plan"]
+
+
+def check_distributed(config: ml_collections.ConfigDict) -> None:
+    check_distributed_config(config.distributed)
+
+
+# How this process joins a multi-host job (docs/multihost.md); auto-detected on Cloud TPU and
+# SLURM, a no-op on one machine.
+DISTRIBUTED = Section("distributed", default_distributed_config, check_distributed)

@@ -49,9 +49,8 @@ from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxlm.parallel.settings import MESH_AXES
 from jaxlm.run.errors import ConfigError
-
-MESH_AXES = ("data", "fsdp", "tensor", "pipeline", "expert")
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None for replicated). One entry per name.
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (

@@ -9,6 +9,9 @@ import jax
 import ml_collections
 import optax
 
+from jaxlm.run import errors
+from jaxlm.run.section import Section
+
 # Leaf names of parameters that are embedding tables (decayed only if optim.decay_embeddings).
 EMBEDDING_NAMES = ("embed", "pos_embed")
 # Leaf names that are never decayed: norm scales/biases and dense biases.
@@ -63,3 +66,51 @@ def state_bytes(tx: optax.GradientTransformation, params: Any) -> int:
     shapes = jax.eval_shape(tx.init, params)
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)
                if hasattr(x, "dtype"))
+
+
+def default_optim_config() -> ml_collections.ConfigDict:
+    """The `optim` section with its defaults."""
+    o = ml_collections.ConfigDict()
+    # Peak learning rate, reached at the end of warmup.
+    o.learning_rate = 3e-4
+    # Linear warmup from 0 to learning_rate over this many steps.
+    o.warmup_steps = 100
+    # Cosine decay ends at learning_rate * min_lr_ratio on the last step.
+    o.min_lr_ratio = 0.1
+    # AdamW moments and epsilon.
+    o.b1 = 0.9
+    o.b2 = 0.95
+    o.eps = 1e-8
+    # Decoupled weight decay; never applied to norms and biases.
+    o.weight_decay = 0.1
+    # Whether weight decay applies to the embedding table (and position table).
+    o.decay_embeddings = False
+    # Global-norm gradient clipping; 0 disables.
+    o.clip_norm = 1.0
+    # Coefficient of the z-loss (log Z)^2 that keeps the softmax normaliser near 1; 0 disables.
+    o.z_loss = 0.0
+    # Gradient accumulation: each step's batch is split into this many sequential microbatches.
+    o.grad_accum_steps = 1
+    return o
+
+
+def check_optim(config: ml_collections.ConfigDict) -> None:
+    """Raises naming the `optim.*` key whose value AdamW or the schedule cannot use."""
+    o = config.optim
+    if o.learning_rate <= 0:
+        _fail("optim.learning_rate", f"must be positive, got {o.learning_rate}")
+    if not 0 <= o.min_lr_ratio <= 1:
+        _fail("optim.min_lr_ratio", f"must lie in [0, 1], got {o.min_lr_ratio}")
+    if o.warmup_steps < 0:
+        _fail("optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    if o.grad_accum_steps < 1:
+        _fail("optim.grad_accum_steps", f"must be >= 1, got {o.grad_accum_steps}")
+    if o.clip_norm < 0:
+        _fail("optim.clip_norm", f"must be >= 0 (0 disables clipping), got {o.clip_norm}")
+
+
+def _fail(key: str, msg: str) -> None:
+    raise errors.config_error(key, msg)
+
+
+OPTIM = Section("optim", default_optim_config, check_optim)

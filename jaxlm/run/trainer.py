@@ -117,7 +117,8 @@ def _close(iterator: Any) -> None:
 
 
 def evaluate(s: Setup, eval_fn: Any, params: Any) -> dict[str, float]:
-    """The stage's eval metrics over train.eval_steps batches (the same batches every time).
+    """The stage's eval metrics over its `eval_batches` held-out batches (the same batches every
+    time).
     eval_fn(params, host_batch) -> sums: the step loop's `eval`."""
     cached = s.eval_batches
     it = iter(cached) if cached is not None else _iterator(s, "eval")
@@ -125,7 +126,7 @@ def evaluate(s: Setup, eval_fn: Any, params: Any) -> dict[str, float]:
     kept_bytes = 0
     totals: dict[str, float] = {}
     try:
-        for _ in range(s.config.train.eval_steps):
+        for _ in range(s.stage.eval_batches(s.config)):
             batch = next(it)
             if keep is not None:
                 batch = {k: np.array(v) for k, v in batch.items()}  # own copies
@@ -356,8 +357,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 break
             if step < total_steps:
                 host_batch = next(train_iter)
-            end_or_eval = step == total_steps or (c.train.eval_every and
-                                                  step % c.train.eval_every == 0)
+            end_or_eval = step == total_steps or (c.eval.every_steps and
+                                                  step % c.eval.every_steps == 0)
             tasks_due = live_eval is not None and live_eval.due(step, total_steps)
             if (end_or_eval or tasks_due
                     or (c.log.sample_every and step % c.log.sample_every == 0)):
@@ -384,7 +385,7 @@ def _eval_and_sample(s: Setup, state: TrainState, step: int, loop: StepLoop, sam
                      writer: MetricsWriter, do_eval: bool) -> None:
     c = s.config
     with sharding.activate(s.mesh):
-        if do_eval and c.train.eval_steps:
+        if do_eval and s.stage.eval_batches(c):
             row = evaluate(s, loop.eval, state.params)
             logging.info("eval at step %d | %s", step, " | ".join(
                 f"{k.removeprefix('eval_')} {v:.4g}" for k, v in row.items()))

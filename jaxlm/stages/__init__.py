@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 from jaxlm.run.errors import ConfigError
 
 if TYPE_CHECKING:
-    from jaxlm.stages.stage import Section, Stage
+    from jaxlm.run.section import Section
+    from jaxlm.stages.stage import Stage
 
 STAGE_MODULES = {
     "pretrain": "jaxlm.stages.pretrain",

@@ -28,73 +28,17 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from jaxlm.losses.distill import KINDS, DistillSpec, distill_sums
+from jaxlm.losses.distill import DistillSpec, distill_sums
 from jaxlm.models.moe import add_router_losses, router_metrics
-from jaxlm.run.errors import ConfigError
 from jaxlm.run.train_state import TrainState, gradient_step, lora_step_options
 from jaxlm.stages import pretrain, sft
-from jaxlm.stages.settings import check_sft
-from jaxlm.stages.stage import Section, Stage, token_eval_metrics, token_fields
+from jaxlm.stages.settings import DISTILL
+from jaxlm.stages.stage import Stage, token_eval_metrics, token_fields
 
 Batch = dict[str, jax.Array]
-DATA = ("corpus", "chat")
 TEACHER = "teacher"
 
 
-def default_section() -> ml_collections.ConfigDict:
-    d = ml_collections.ConfigDict()
-    # The teacher: a jaxlm checkpoint directory (<workdir>/checkpoints, or the workdir) or the
-    # <out_dir>/checkpoints of a Hugging Face model imported with jaxlm/tools/convert_hf.py. It must
-    # use this run's tokenizer (left empty, data.tokenizer_path becomes the teacher's).
-    d.teacher = ""
-    # Step of the teacher's checkpoint; -1 = its newest.
-    d.teacher_step = -1
-    # Divergence D(teacher, student): "forward" KL(p || q) (Hinton et al.), "reverse" KL(q || p)
-    # or "jsd" (generalised Jensen-Shannon of GKD, weight distill.beta on the teacher).
-    d.loss = "forward"
-    # Softmax temperature T of both distributions; the divergence is scaled by T^2.
-    d.temperature = 2.0
-    # Weight of the hard-label cross-entropy; 1 - alpha weighs the divergence.
-    d.alpha = 0.5
-    # jsd only: the teacher's weight in the mixture m = beta p + (1 - beta) q, in (0, 1).
-    d.beta = 0.5
-    # forward only: keep the teacher's top_k logits (renormalised) for large vocabularies; 0 =
-    # all.
-    d.top_k = 0
-    # "corpus": the pretraining data (continued pretraining); "chat": the sft section's
-    # conversations and loss mask (distillation after SFT).
-    d.data = "corpus"
-    return d
-
-
-def _fail(key: str, msg: str) -> None:
-    raise ConfigError(f"config key {key}: {msg}")
-
-
-def check_config(config: ml_collections.ConfigDict) -> None:
-    d = config.distill
-    if not d.teacher:
-        _fail("distill.teacher", "is empty; give the teacher's checkpoint directory")
-    if d.loss not in KINDS:
-        _fail("distill.loss", f"{d.loss!r} is not one of {KINDS}")
-    if d.data not in DATA:
-        _fail("distill.data", f"{d.data!r} is not one of {DATA}")
-    if d.temperature <= 0:
-        _fail("distill.temperature", f"must be positive, got {d.temperature}")
-    if not 0 <= d.alpha <= 1:
-        _fail("distill.alpha", f"must lie in [0, 1], got {d.alpha}")
-    if not 0 < d.beta < 1:
-        _fail("distill.beta", f"must lie in (0, 1), got {d.beta}")
-    if d.top_k < 0:
-        _fail("distill.top_k", f"must be >= 0, got {d.top_k}")
-    if d.top_k and d.loss != "forward":
-        _fail("distill.top_k", f"keeps the teacher's top logits for loss='forward' only, not "
-              f"{d.loss!r}; set 0")
-    if d.data == "chat":
-        check_sft(config)
-
-
-SECTION = Section("distill", default_section, check_config)
 
 
 def spec(config: ml_collections.ConfigDict) -> DistillSpec:
@@ -185,5 +129,5 @@ def batch_fields(config: Any) -> dict[str, Any]:
 
 
 STAGE = Stage(name="distill", make_steps=make_steps, make_data=make_data,
-              batch_fields=batch_fields, sections=(SECTION,), eval_metrics=eval_metrics,
+              batch_fields=batch_fields, sections=(DISTILL,), eval_metrics=eval_metrics,
               frozen_models=frozen_models)

@@ -44,7 +44,7 @@ class StepLoop(Protocol):
         ...
 
     def eval(self, params: Any, host_batch: HostBatch) -> dict[str, Any]:
-        """Summed eval values of one held-out batch (added up over train.eval_steps)."""
+        """Summed eval values of one held-out batch (added up over the stage's eval_batches)."""
         ...
 
     def samples(self) -> list[str]:

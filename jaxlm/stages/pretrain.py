@@ -90,23 +90,15 @@ def make_steps(config: Any, model: nn.Module, tx: optax.GradientTransformation,
     return train, functools.partial(eval_step, model=model)
 
 
-def eval_tokens(config: Any) -> int:
-    """Held-out tokens per evaluation: eval.tokens where the config has it, else the tokens of
-    train.eval_steps global batches."""
-    if "tokens" in config.eval:
-        return int(config.eval.tokens)
-    return config.train.eval_steps * config.train.global_batch_size * config.data.seq_len
-
-
 def make_data(config: Any, tokenizer: Any, *, split: str, batch_size: int, process_index: int,
               process_count: int, cache_dir: str) -> Any:
     """The packed next-token iterator of the data pipeline; for "eval", the batches of the
-    held-out sample (jaxlm/data/eval_sample.py) of `eval_tokens(config)` tokens, repeating."""
+    held-out sample (jaxlm/data/eval_sample.py) of eval.tokens tokens, repeating."""
     # grain only when data is needed
     from jaxlm.data.eval_sample import make_eval_sample
     from jaxlm.data.pipeline import make_pretrain_iterator
     if split == "eval":
-        sample = make_eval_sample(config.data, tokenizer, tokens=max(1, eval_tokens(config)),
+        sample = make_eval_sample(config.data, tokenizer, tokens=max(1, config.eval.tokens),
                                   batch_size=batch_size, process_index=process_index,
                                   process_count=process_count, cache_dir=cache_dir)
         return itertools.cycle(sample.batches)

@@ -1,8 +1,9 @@
-"""The config sections of the post-training stages (`sft`, `dpo`, `reward`): defaults, checks.
+"""The config sections of the post-training stages (`sft`, `dpo`, `reward`, `distill`):
+defaults, checks.
 
-Each is declared once here as a `Section` (`SFT`, `DPO`, `REWARD`) and listed in the
+Each is declared once here as a `Section` (`SFT`, `DPO`, `REWARD`, `DISTILL`) and listed in the
 `Stage.sections` of the stages that read it; `jaxlm.run.config.validate` runs the checks of the
-stage a run selects. Importing this module pulls in neither grain nor JAX.
+stage a run selects. Importing this module pulls in no stage module and no grain.
 """
 
 from __future__ import annotations
@@ -11,13 +12,15 @@ import ml_collections
 
 from jaxlm.data.chat import check_chat_config
 from jaxlm.data.config import split_list
+from jaxlm.losses.distill import KINDS as DIVERGENCES
 from jaxlm.run import errors
-from jaxlm.stages.stage import Section
+from jaxlm.run.section import Section
 
 LOSS_ON = ("assistant", "all")
 TRUNCATION = ("truncate", "drop")
 DPO_VARIANTS = ("sigmoid", "ipo", "conservative", "simpo")
 REFERENCE_MODES = ("jit", "precompute")
+DISTILL_DATA = ("corpus", "chat")
 
 
 def default_sft_config() -> ml_collections.ConfigDict:
@@ -131,6 +134,56 @@ def check_reward(config: ml_collections.ConfigDict) -> None:
         _fail("log.sample_every", "a reward model does not generate text; set it to 0")
 
 
+def default_distill_config() -> ml_collections.ConfigDict:
+    d = ml_collections.ConfigDict()
+    # The teacher: a jaxlm checkpoint directory (<workdir>/checkpoints, or the workdir) or the
+    # <out_dir>/checkpoints of a Hugging Face model imported with jaxlm/tools/convert_hf.py. It must
+    # use this run's tokenizer (left empty, data.tokenizer_path becomes the teacher's).
+    d.teacher = ""
+    # Step of the teacher's checkpoint; -1 = its newest.
+    d.teacher_step = -1
+    # Divergence D(teacher, student): "forward" KL(p || q) (Hinton et al.), "reverse" KL(q || p)
+    # or "jsd" (generalised Jensen-Shannon of GKD, weight distill.beta on the teacher).
+    d.loss = "forward"
+    # Softmax temperature T of both distributions; the divergence is scaled by T^2.
+    d.temperature = 2.0
+    # Weight of the hard-label cross-entropy; 1 - alpha weighs the divergence.
+    d.alpha = 0.5
+    # jsd only: the teacher's weight in the mixture m = beta p + (1 - beta) q, in (0, 1).
+    d.beta = 0.5
+    # forward only: keep the teacher's top_k logits (renormalised) for large vocabularies; 0 =
+    # all.
+    d.top_k = 0
+    # "corpus": the pretraining data (continued pretraining); "chat": the sft section's
+    # conversations and loss mask (distillation after SFT).
+    d.data = "corpus"
+    return d
+
+
+def check_distill(config: ml_collections.ConfigDict) -> None:
+    d = config.distill
+    if not d.teacher:
+        _fail("distill.teacher", "is empty; give the teacher's checkpoint directory")
+    if d.loss not in DIVERGENCES:
+        _fail("distill.loss", f"{d.loss!r} is not one of {DIVERGENCES}")
+    if d.data not in DISTILL_DATA:
+        _fail("distill.data", f"{d.data!r} is not one of {DISTILL_DATA}")
+    if d.temperature <= 0:
+        _fail("distill.temperature", f"must be positive, got {d.temperature}")
+    if not 0 <= d.alpha <= 1:
+        _fail("distill.alpha", f"must lie in [0, 1], got {d.alpha}")
+    if not 0 < d.beta < 1:
+        _fail("distill.beta", f"must lie in (0, 1), got {d.beta}")
+    if d.top_k < 0:
+        _fail("distill.top_k", f"must be >= 0, got {d.top_k}")
+    if d.top_k and d.loss != "forward":
+        _fail("distill.top_k", f"keeps the teacher's top logits for loss='forward' only, not "
+              f"{d.loss!r}; set 0")
+    if d.data == "chat":
+        check_sft(config)
+
+
 SFT = Section("sft", default_sft_config, check_sft)
 DPO = Section("dpo", default_dpo_config, check_dpo)
 REWARD = Section("reward", default_reward_config, check_reward)
+DISTILL = Section("distill", default_distill_config, check_distill)

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 import ml_collections
 import numpy as np
 
+from jaxlm.run.section import Section
+
 if TYPE_CHECKING:
     from jaxlm.run.program import Program
     from jaxlm.stages.loop import StepLoop
@@ -42,6 +44,19 @@ def token_eval_metrics(totals: dict[str, float]) -> dict[str, float]:
             "eval_accuracy": totals.get("correct", 0.0) / n}
 
 
+def token_eval_batches(config: Config) -> int:
+    """Global batches per evaluation of a token stage: eval.tokens held-out tokens in rows of
+    data.seq_len (0: the stage does not evaluate)."""
+    tokens_per_batch = config.train.global_batch_size * config.data.seq_len
+    return -(-config.eval.tokens // tokens_per_batch)
+
+
+def example_eval_batches(config: Config) -> int:
+    """Global batches per evaluation of a pair or RL stage: eval.examples held-out pairs or
+    prompts, train.global_batch_size a batch (0: the stage does not evaluate)."""
+    return -(-config.eval.examples // config.train.global_batch_size)
+
+
 def no_reference(config: Config) -> str:
     del config
     return "none"
@@ -63,23 +78,6 @@ def jit_step_loop(program: Program, tokenizer: Any, step_args: tuple[Any, ...]) 
     from jaxlm.stages.loop import JitStepLoop  # JAX only once a run is built
 
     return JitStepLoop(program, step_args)
-
-
-@dataclasses.dataclass(frozen=True)
-class Section:
-    """A config section, declared once by the module that owns its concept and listed by every
-    stage that reads it (`Stage.sections`): `base_config` adds its defaults, and `validate`
-    runs its check for a run of a stage that lists it.
-
-    Attributes:
-      name: the section's key in the run config (`rl`, `dpo`, ...).
-      defaults: () -> the section's ConfigDict of defaults, one commented line per key.
-      check: config -> None, raising ValueError that names the key that is wrong.
-    """
-
-    name: str
-    defaults: Callable[[], Config]
-    check: Callable[[Config], None] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +133,8 @@ class Stage:
       vocab_head: whether the step runs the [D, V] output head (a reward model does not).
       reward_head: the model is built with a scalar score head.
       eval_metrics: summed eval sums over batches -> logged metrics.
+      eval_batches: config -> held-out global batches per evaluation, from eval.tokens (token
+        stages) or eval.examples (pair and RL stages).
       reference_mode: config -> "none", "jit" (a frozen copy of the init_from params is the
         steps' third argument) or "precompute" (`prepare` turns it into data before training).
       prepare: (program, tokenizer, reference_params) -> keyword arguments of make_data, run once
@@ -168,6 +168,7 @@ class Stage:
     vocab_head: bool = True
     reward_head: bool = False
     eval_metrics: Callable[[dict[str, float]], dict[str, float]] = token_eval_metrics
+    eval_batches: Callable[[Config], int] = token_eval_batches
     reference_mode: Callable[[Config], str] = no_reference
     prepare: Callable[..., dict[str, Any]] | None = None
     generates_text: bool = True

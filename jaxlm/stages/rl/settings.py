@@ -12,7 +12,7 @@ import ml_collections
 
 from jaxlm.data.config import split_list
 from jaxlm.run.errors import check_at_least, check_choice, check_interval, config_error
-from jaxlm.stages.stage import Section
+from jaxlm.run.section import Section
 
 TASKS = ("arithmetic", "jsonl")
 ADVANTAGE_SCALES = ("std", "none")
