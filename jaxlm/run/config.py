@@ -518,6 +518,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _fail("optim.learning_rate", f"must be positive, got {o.learning_rate}")
     if not 0 <= o.min_lr_ratio <= 1:
         _fail("optim.min_lr_ratio", f"must lie in [0, 1], got {o.min_lr_ratio}")
+    # AdamW: a moment decay of 1 never forgets (b2 = 1 divides by a zero bias correction), eps
+    # <= 0 can divide by zero, and a negative decay pushes weights away from 0.
+    errors.check_interval("optim.b1", o.b1, 0, 1, "[)")
+    errors.check_interval("optim.b2", o.b2, 0, 1, "[)")
+    if o.eps <= 0:
+        _fail("optim.eps", f"must be positive, got {o.eps}")
+    errors.check_at_least("optim.weight_decay", o.weight_decay, 0)
     if o.warmup_steps < 0:
         _fail("optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
     if o.grad_accum_steps < 1:
@@ -526,6 +533,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _fail("train.global_batch_size", f"must be >= 1, got {t.global_batch_size}")
     if t.eval_every < 0 or t.eval_steps < 0:
         _fail("train.eval_every" if t.eval_every < 0 else "train.eval_steps", "must be >= 0")
+    _check_heldout(config, stage)
     ck = config.checkpoint
     for key in ("every_steps", "keep_every"):
         if ck[key] < 0:
@@ -540,6 +548,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
         size = config.mesh[axis]
         if size == 0 or size < -1:
             _fail(f"mesh.{axis}", f"size must be positive or -1, got {size}")
+
+
+def _check_heldout(config: ml_collections.ConfigDict, stage: Any) -> None:
+    """A run that evaluates has held-out data: data.eval_fraction > 0, or the held-out files
+    of the stage's data (`Stage.heldout_key`); otherwise it would fail at its first
+    evaluation, after training."""
+    if not config.train.eval_steps or config.data.eval_fraction > 0:
+        return
+    key = stage.heldout_key(config)
+    if key is not None and config[key.split(".")[0]][key.split(".")[1]]:
+        return
+    _fail("data.eval_fraction", f"is 0{f' and {key} is empty' if key else ''}, so the "
+          f"evaluation (train.eval_steps={config.train.eval_steps}) has no held-out data; set "
+          f"it > 0{f', set {key}' if key else ''}, or set train.eval_steps=0")
 
 
 def _check_finite_floats(config: Any, prefix: str = "") -> None:

@@ -53,6 +53,7 @@ from jaxlm.stages.rl.rollout import (
     sequences,
 )
 from jaxlm.stages.rl.settings import PPO, RL
+from jaxlm.stages.rl.tasks import heldout_key
 from jaxlm.stages.stage import BatchFields, JitProgram, Stage
 
 Batch = dict[str, jax.Array]
@@ -234,4 +235,5 @@ STAGE = Stage(name="ppo", make_steps=make_steps, make_data=make_data, batch_fiel
               updates_per_step=lambda config: config.rl.num_epochs,
               # The rollout policy's values, before the epochs.
               policy_forwards=lambda config: 1,
-              sequences_per_row=lambda config: config.rl.group_size)
+              sequences_per_row=lambda config: config.rl.group_size,
+              heldout_key=heldout_key)
