@@ -218,6 +218,11 @@ def test_console_shows_own_info_and_warnings_and_the_file_gets_everything(tmp_pa
     assert flt.filter(record(data_layer, logging.INFO, "eval sample: 72 documents"))
     assert not flt.filter(record(lib, logging.INFO, "Saving item state"))
     assert flt.filter(record(lib, logging.WARNING, "disk nearly full"))
+    # A traceback orbax logs for a failure jaxlm re-raises in one line stays off the console.
+    failed = record(lib, logging.ERROR, "_SignalingThread.run() raised an exception")
+    failed.exc_info = (OSError, OSError(28, "No space left on device"), None)
+    assert not flt.filter(failed) and not console.NoReraisedTracebacks().filter(failed)
+    assert console.NoReraisedTracebacks().filter(record(lib, logging.ERROR, "no traceback"))
     assert not flt.filter(record(lib, logging.WARNING, "Given directory is read only=/x"))
     with console.quiet(str(tmp_path)):
         logging.getLogger("orbax.test").warning("library line %d", 7)

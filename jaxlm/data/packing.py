@@ -30,6 +30,7 @@ import grain
 import numpy as np
 
 from jaxlm.data.sources import Skipped
+from jaxlm.run.errors import DataError
 
 Row = dict[str, np.ndarray]
 _COUNTERS = ("documents", "skipped_records", "empty_documents", "rows")
@@ -89,7 +90,7 @@ class PackedRowsIterator(grain.DatasetIterator):
                 return item, state
             run += 1
             if run > self._max_empty_run:
-                raise ValueError(
+                raise DataError(
                     f"{self._name}: {run} documents in a row had no tokens "
                     f"({self._counts['skipped_records']} malformed records skipped, "
                     f"{self._counts['empty_documents']} empty documents so far); every document "

@@ -262,6 +262,11 @@ def _spec_documents(spec: str, name: str, weight: float, data: ml_collections.Co
     if deduplicated is not None:
         kept, report = deduplicated
         indices = kept["all"] if not eval_spec else kept[split]
+        if len(indices) == 0:
+            raise ConfigError(f"config key {key}: no {split} document of {paths} is left after "
+                              f"data.dedup={data.dedup!r} (every one duplicates a held-out "
+                              "document of data.eval_paths or another one); give other files, "
+                              "or set data.dedup='off'")
         base = sources.SubsetSource(source, indices)
         positions = grain.MapDataset.source(indices)
     docs = grain.MapDataset.source(base)

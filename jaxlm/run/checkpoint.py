@@ -24,9 +24,12 @@ write nor tidy anything, so they may read a run while its trainer is still savin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import time
+import warnings
 from typing import Any
 
 import grain
@@ -35,6 +38,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from jaxlm.run import console
 from jaxlm.run.errors import CheckpointError
 
 # The items of one checkpoint step.
@@ -83,6 +87,21 @@ class IncompatibleCheckpointError(CheckpointError):
     """A readable checkpoint that does not fit the run (model, optimizer, process count)."""
 
 
+class DataPositionError(IncompatibleCheckpointError):
+    """A readable data iterator position that the run's data pipeline cannot take (its
+    `set_state` refused it): the data config changed since the save, not the files."""
+
+    def __init__(self, message: str, *, step: int, path: str, cause: str):
+        super().__init__(message, path=path)
+        self.step = step
+        self.cause = cause
+
+
+class SaveError(CheckpointError):
+    """A checkpoint that could not be written (a full disk, a lost mount); the older ones are
+    kept."""
+
+
 # Error texts of failures that are not the checkpoint's fault: never a reason to move it aside.
 _TRANSIENT_MARKS = ("RESOURCE_EXHAUSTED", "out of memory", "UNAVAILABLE", "DEADLINE_EXCEEDED",
                     "Connection", "timed out")
@@ -103,6 +122,34 @@ def _missing_state(step_dir: str) -> CheckpointError:
                                path=step_dir)
     return CheckpointError(f"checkpoint {state_dir} has no readable _METADATA: the save was cut "
                            "short or the file was removed", path=str(state_dir))
+
+
+def _damaged(step_dir: str, e: BaseException) -> CheckpointError:
+    """The one-line error of a checkpoint whose files cannot be read."""
+    _quiet_closed_loop_callbacks()
+    reason = " ".join(str(e).split())[:300] or type(e).__name__
+    return CheckpointError(f"checkpoint {step_dir} cannot be read: its files are damaged (cut "
+                           f"short or partly deleted): {type(e).__name__}: {reason}",
+                           path=step_dir)
+
+
+def _quiet_closed_loop_callbacks() -> None:
+    """Drops, from now on, the 'Event loop is closed' errors of tensorstore reads or writes
+    that were still in flight when orbax's operation failed: they finish on the event loop
+    orbax has already closed, and each would print a traceback through sys.unraisablehook
+    (~70 lines after one unreadable checkpoint). Every other unraisable error still prints."""
+    previous = sys.unraisablehook
+    if getattr(previous, "jaxlm_closed_loop", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        e = unraisable.exc_value
+        if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook.jaxlm_closed_loop = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 def _check_abstract(abstract: Any, what: str) -> None:
@@ -197,6 +244,12 @@ class Checkpointer:
             raise ValueError(f"keep_every must be >= 0, got {keep_every}")
         self.directory = absolute(directory)
         self.save_every = save_every
+        self.async_save = async_save
+        # The save being written in the background: (step, item names), logged once complete.
+        self._in_flight: tuple[int, tuple[str, ...]] | None = None
+        self._failed = False  # a save failed (and was reported): closing stays quiet
+        # Where restore_newest moved the checkpoints that could not be read, this run.
+        self.moved_aside: list[str] = []
         self.is_primary = jax.process_index() == 0 if is_primary is None else is_primary
         policies = ocp.checkpoint_managers
         preserve = policies.LatestN(n=keep_last)
@@ -239,6 +292,7 @@ class Checkpointer:
         checkpoint, unless `force` (then the older step is written, e.g. after deliberately
         restoring an earlier checkpoint; note the newer one still counts as the latest).
         """
+        self._settle()  # the previous save: logged once complete, or its failure raised
         known = self._manager.all_steps()
         if step in known:
             logging.warning("checkpoint for step %d already exists in %s; not saving again",
@@ -258,11 +312,55 @@ class Checkpointer:
             items[CONFIG] = ocp.args.JsonSave(json_item(config, CONFIG))
         if extra is not None:
             items[EXTRA] = ocp.args.JsonSave(json_item(extra, EXTRA))
-        saved = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
-        if saved and self.is_primary:
-            logging.info("checkpoint: step %d -> %s (%s)", step, self.directory,
-                         ", ".join(items))
+        try:
+            saved = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as e:  # noqa: BLE001  (a write that failed: disk full, lost mount)
+            raise self._save_failed(step, e) from e
+        if saved:
+            self._in_flight = (step, tuple(items))
+            if not self.async_save:
+                self._settle()
         return bool(saved)
+
+    def poll(self) -> None:
+        """Settles the asynchronous save in flight once it has finished: logs
+        `checkpoint: step N -> ...` when it is complete on disk, or raises its failure
+        (SaveError). Returns at once while it is still being written."""
+        if self._in_flight is not None and not self._manager.is_saving_in_progress():
+            self._settle()
+
+    def _settle(self) -> None:
+        """Waits for the save in flight (if any); logs it complete or raises SaveError."""
+        if self._in_flight is None:
+            return
+        step, names = self._in_flight
+        self._in_flight = None
+        try:
+            self._manager.wait_until_finished()
+            self._manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001  (the background write failed)
+            raise self._save_failed(step, e) from e
+        if self.is_primary:
+            if step not in complete_steps(self.directory):
+                raise self._save_failed(step, RuntimeError(
+                    f"{step}.orbax-checkpoint-tmp was never renamed to {step}"))
+            logging.info("checkpoint: step %d -> %s (%s)", step, self.directory,
+                         ", ".join(names))
+
+    def _save_failed(self, step: int, e: BaseException) -> SaveError:
+        """The one-line error of a save that failed, naming what is kept."""
+        self._failed = True
+        _quiet_closed_loop_callbacks()
+        console.drop_reraised_tracebacks()  # the save's other threads fail after this line
+        # The save's own coroutines, abandoned half-way, would warn at exit.
+        warnings.filterwarnings("ignore", message=r"coroutine '\w+\.\w+' was never awaited",
+                                category=RuntimeWarning)
+        older = [s for s in complete_steps(self.directory) if s != step]
+        kept = (f"the newest complete checkpoint is still step {older[-1]}, and a rerun "
+                "resumes from it" if older else "no earlier checkpoint exists")
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        return SaveError(f"checkpoint step {step} could not be written to {self.directory} "
+                         f"({type(e).__name__}: {reason}); {kept}", path=self.directory)
 
     def restore(self, step: int, abstract_state: Any, *, data_iterator: Any = None,
                 shared_data_position: bool = False) -> Any:
@@ -270,7 +368,9 @@ class Checkpointer:
 
         `abstract_state`: the pytree to restore, of jax.ShapeDtypeStruct with the NEW run's
         shardings (any mesh). If `data_iterator` is given, its position is set (in place) to the
-        one saved by this process.
+        one saved by this process (with `shared_data_position`, to any process's: every process
+        saved the same). A position file that is missing or not JSON is damage (CheckpointError);
+        one the iterator refuses does not fit the data config (DataPositionError).
         """
         step_dir = _step_dir(self.directory, step)
         _check_abstract(abstract_state, "abstract_state")
@@ -279,19 +379,15 @@ class Checkpointer:
         if metadata is None:
             raise _missing_state(step_dir)
         _check_shapes(metadata.tree, abstract_state, state_dir)
-        items = {STATE: ocp.args.StandardRestore(abstract_state)}
-        position_file = None
+        position = None
         if data_iterator is not None:
-            if shared_data_position:
-                # Every process saved the same position (data.process_sharding="rows"), so any
-                # saved file serves, whatever number of processes wrote the checkpoint.
-                position_file = _any_data_state(step_dir)
-            else:
-                _check_data_state(step_dir)
-                items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
-        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        if position_file is not None:
-            data_iterator.set_state(json.loads(epath.Path(position_file).read_text()))
+            position_file = (_any_data_state(step_dir) if shared_data_position
+                             else _check_data_state(step_dir))
+            position = (position_file, _read_position(position_file))
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            **{STATE: ocp.args.StandardRestore(abstract_state)}))
+        if position is not None:
+            _set_position(data_iterator, step, *position)
         if self.is_primary:
             logging.info("checkpoint: restored step %d from %s", step, step_dir)
         return restored[STATE]
@@ -300,12 +396,16 @@ class Checkpointer:
                        shared_data_position: bool = False) -> tuple[int, Any] | None:
         """(step, state) of the newest checkpoint that restores, or None when none does.
 
-        A checkpoint that cannot be read (a truncated or missing file, a missing iterator
-        position) is logged in one line and moved aside to `<directory>.unreadable/` (never
-        deleted), and the next older one is tried. A checkpoint that does not fit the run (a
-        different model or optimizer, another process count) is an error: it is fine on disk.
+        Only a checkpoint whose files are damaged (truncated or missing files, a data position
+        that is not JSON) is logged in one line and moved aside to `<directory>.unreadable/`
+        (never deleted), and the next older one is tried; when none is left, one warning says
+        the run starts over from step 0 (`moved_aside` lists what was moved). A checkpoint
+        that does not fit the run (a different model or optimizer, another process count, a
+        data position the data config cannot take) is an error: it is fine on disk.
         """
-        for step in reversed(self.all_steps()):
+        steps = self.all_steps()
+        for i in range(len(steps) - 1, -1, -1):
+            step = steps[i]
             try:
                 return step, self.restore(step, abstract_state, data_iterator=data_iterator,
                                           shared_data_position=shared_data_position)
@@ -314,25 +414,30 @@ class Checkpointer:
             except Exception as e:  # noqa: BLE001  (any read failure: the files are broken)
                 if _transient(e):  # memory or network trouble says nothing about the files
                     raise
+                _quiet_closed_loop_callbacks()
                 reason = " ".join(str(e).split())[:300] or type(e).__name__
-                self.move_aside(step, f"{type(e).__name__}: {reason}")
+                then = (f"trying step {steps[i - 1]}" if i else
+                        "no older checkpoint is left: the run starts over from step 0")
+                self.move_aside(step, f"{type(e).__name__}: {reason}", then=then)
         return None
 
-    def move_aside(self, step: int, reason: str) -> str:
-        """Moves checkpoint `step` to `<directory>.unreadable/<step>` and logs why."""
+    def move_aside(self, step: int, reason: str, *, then: str = "") -> str:
+        """Moves checkpoint `step` to `<directory>.unreadable/<step>-<time>` and logs why (and
+        `then`, what happens next)."""
         source = epath.Path(_step_dir(self.directory, step))
         target_dir = epath.Path(self.directory.rstrip("/") + ".unreadable")
         target = target_dir / f"{step}-{int(time.time())}"
         if self.is_primary:
             target_dir.mkdir(parents=True, exist_ok=True)
             source.rename(target)
-            logging.warning("checkpoint step %d cannot be restored (%s); moved it to %s and "
-                            "resuming from an older one", step, reason, target)
+            logging.warning("checkpoint step %d cannot be restored (%s); moved it to %s%s",
+                            step, reason, target, f"; {then}" if then else "")
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices(f"jaxlm_move_aside_{step}")
         self._manager.reload()
+        self.moved_aside.append(str(target))
         return str(target)
 
     def read_json(self, step: int, name: str) -> dict[str, Any]:
@@ -347,19 +452,30 @@ class Checkpointer:
             **{name: ocp.args.JsonRestore()}))[name]
 
     def wait(self) -> None:
-        """Blocks until the asynchronous save in flight (if any) is complete on disk."""
-        self._manager.wait_until_finished()
-        self._manager.check_for_errors()
+        """Blocks until the asynchronous save in flight (if any) is complete on disk; raises
+        SaveError if it failed."""
+        self._settle()
 
-    def close(self) -> None:
-        """Waits for the save in flight, then releases orbax's threads."""
-        self._manager.close()
+    def close(self, *, raise_errors: bool = True) -> None:
+        """Waits for the save in flight (logged, or its failure raised as SaveError; only logged
+        with `raise_errors=False`, when another error is on its way out), then releases
+        orbax's threads."""
+        try:
+            self._settle()
+        except SaveError as e:
+            if raise_errors:
+                raise
+            logging.warning("%s", e)
+        finally:
+            # After a failed save orbax re-raises it on every wait: already reported.
+            with contextlib.suppress(Exception) if self._failed else contextlib.nullcontext():
+                self._manager.close()
 
     def __enter__(self) -> Checkpointer:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        self.close(raise_errors=exc_type is None)
 
 
 def _any_data_state(step_dir: str) -> str:
@@ -375,8 +491,9 @@ def _any_data_state(step_dir: str) -> str:
     return os.path.join(data_dir, files[0])
 
 
-def _check_data_state(step_dir: str) -> None:
-    """The checkpoint must hold this process's iterator state (same process count)."""
+def _check_data_state(step_dir: str) -> str:
+    """The file of this process's iterator state (the checkpoint must hold one: the same
+    process count)."""
     data_dir = os.path.join(step_dir, DATA)
     if not epath.Path(data_dir).is_dir():
         raise FileNotFoundError(f"checkpoint {step_dir} has no data iterator state ({DATA}/): "
@@ -392,6 +509,47 @@ def _check_data_state(step_dir: str) -> None:
                 f"{'/'.join(sorted(counts))} processes ({found}); resume with that process count")
         raise CheckpointError(f"checkpoint {data_dir} has no {name}: the data position file is "
                               f"missing (found {found or 'nothing'})", path=data_dir)
+    return os.path.join(data_dir, name)
+
+
+def _read_position(path: str) -> Any:
+    """The saved iterator position in `path` (grain's JSON); a file that does not parse is
+    damaged."""
+    text = epath.Path(path).read_text()
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {path}: the data position is not valid JSON ({e}); "
+                              "the file is damaged", path=path) from None
+
+
+def _set_position(iterator: Any, step: int, path: str, position: Any) -> None:
+    """Sets `iterator` to the saved `position` (as grain's checkpoint handler does). The
+    iterator refusing it means the pipeline differs from the one that saved it."""
+    try:
+        iterator.set_state(position)
+    except Exception as e:  # noqa: BLE001  (grain raises KeyError, TypeError, ValueError, ...)
+        cause = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        raise DataPositionError(f"checkpoint {path}: the saved data position does not fit this "
+                                f"run's data pipeline ({cause})", step=step, path=path,
+                                cause=cause) from e
+    start = getattr(iterator, "start_prefetch", None)
+    if start is not None:
+        start()
+
+
+def _state_metadata(mngr: ocp.CheckpointManager, step: int, step_dir: str) -> Any:
+    """The orbax metadata of the state item of checkpoint `step` (its tree of shapes); a
+    missing or damaged file is a one-line CheckpointError naming the step directory."""
+    try:
+        metadata = mngr.item_metadata(step)[STATE]
+    except Exception as e:  # noqa: BLE001  (the metadata files cannot be read)
+        if _transient(e):
+            raise
+        raise _damaged(step_dir, e) from e
+    if metadata is None:
+        raise _missing_state(step_dir)
+    return metadata
 
 
 def _step_or_newest(directory: str, step: int | None) -> int:
@@ -429,15 +587,19 @@ def restore_params(directory: str, step: int | None, abstract_params: Any, *,
     step_dir = _step_dir(directory, step)
     _check_abstract(abstract_params, "abstract_params")
     with _params_reader(directory) as mngr:
-        metadata = mngr.item_metadata(step)[STATE]
-        if metadata is None:
-            raise _missing_state(step_dir)
+        metadata = _state_metadata(mngr, step, step_dir)
         _check_shapes(metadata.tree, abstract_params, os.path.join(step_dir, STATE),
                       prefix="params", subset=subset)
         target = {"params": abstract_params}
-        restored = mngr.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True)}))
+        try:
+            restored = mngr.restore(step, args=ocp.args.Composite(**{
+                STATE: ocp.args.PyTreeRestore(
+                    item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                    partial_restore=True)}))
+        except Exception as e:  # noqa: BLE001  (the arrays' files cannot be read)
+            if _transient(e):
+                raise
+            raise _damaged(step_dir, e) from e
     logging.info("params restored from step %d of %s", step, directory)
     return restored[STATE]["params"]
 
@@ -457,8 +619,6 @@ def saved_param_shapes(directory: str, step: int | None) -> dict[str, tuple[int,
     directory = absolute(directory)
     step = _step_or_newest(directory, step)
     with _params_reader(directory) as mngr:
-        metadata = mngr.item_metadata(step)[STATE]
-    if metadata is None:
-        raise _missing_state(_step_dir(directory, step))
+        metadata = _state_metadata(mngr, step, _step_dir(directory, step))
     return {name[len("params/"):]: tuple(getattr(leaf, "shape", ()) or ())
             for name, leaf in _flat(metadata.tree).items() if name.startswith("params/")}

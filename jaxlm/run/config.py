@@ -34,6 +34,7 @@ from jaxlm.scaling import flops as scaling
 from jaxlm.stages import STAGE_MODULES, get_stage
 from jaxlm.stages.rl.settings import PPO, RL
 from jaxlm.stages.settings import DISTILL, DPO, REWARD, SFT
+from jaxlm.stages.stage import token_eval_batches
 from jaxlm.weights.settings import INIT_FROM
 
 STAGES = tuple(STAGE_MODULES)
@@ -179,6 +180,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for section in CORE_SECTIONS + tuple(stage.sections):
         if section.check is not None:
             section.check(config)
+    _check_heldout(config, stage)
+
+
+def _check_heldout(config: ml_collections.ConfigDict, stage: Any) -> None:
+    """A run that evaluates has held-out data: data.eval_fraction > 0, or the held-out files
+    of the stage's data (`Stage.heldout_key`); otherwise it would fail at its first
+    evaluation, after training."""
+    if not stage.eval_batches(config) or config.data.eval_fraction > 0:
+        return
+    key = stage.heldout_key(config)
+    if key is not None and config[key.split(".")[0]][key.split(".")[1]]:
+        return
+    size = "eval.tokens" if stage.eval_batches is token_eval_batches else "eval.examples"
+    _fail("data.eval_fraction", f"is 0{f' and {key} is empty' if key else ''}, so the "
+          f"evaluation ({size}={config.eval[size.split('.')[1]]}) has no held-out data; set "
+          f"it > 0{f', set {key}' if key else ''}, or set {size}=0")
 
 
 def _check_finite_floats(config: Any, prefix: str = "") -> None:

@@ -13,6 +13,8 @@ from typing import Any
 
 from absl import logging
 
+from jaxlm.run import config_changes
+
 # Keys whose change on resume changes how many tokens a step sees.
 SHAPE_KEYS = ("train.global_batch_size", "data.seq_len")
 
@@ -52,8 +54,7 @@ def resumed_counter(ckpt: Any, step: int, tokens_per_step: int,
     except (FileNotFoundError, ValueError):
         saved_config = {}
     now = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    changed = [f"{key} {_get(saved_config, key)} -> {_get(now, key)}" for key in SHAPE_KEYS
-               if _get(saved_config, key) is not None and _get(saved_config, key) != _get(now, key)]
+    changed = config_changes.changes(saved_config, now, SHAPE_KEYS)
     if "tokens_seen" in extra:
         tokens = int(extra["tokens_seen"])
     else:  # a checkpoint from before tokens_seen was saved: its own shape tells
@@ -65,6 +66,6 @@ def resumed_counter(ckpt: Any, step: int, tokens_per_step: int,
         tokens = step * saved_tps
     if changed:
         logging.warning("resuming at step %d with %s; tokens_seen continues from %s at %s "
-                        "tokens per step", step, ", ".join(changed), f"{tokens:,}",
+                        "tokens per step", step, config_changes.describe(changed), f"{tokens:,}",
                         f"{tokens_per_step:,}")
     return TokenCounter(step, tokens, tokens_per_step)

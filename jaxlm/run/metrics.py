@@ -86,6 +86,27 @@ class MetricsWriter:
             self._path.write_text(text)
         return dropped
 
+    def set_aside(self, name: str) -> int:
+        """Moves the rows written so far to `name` beside metrics.jsonl and starts the file
+        afresh (a run that starts over keeps the old run's rows); returns how many rows were
+        moved (0: none, nothing moved)."""
+        if not self.enabled or not self._path.exists():
+            return 0
+        text = self._path.read_text() if self._append else self._text
+        rows = sum(1 for line in text.splitlines() if line.strip())
+        if not rows:
+            return 0
+        target = self._path.parent / name
+        if self._append:
+            self._jsonl.close()
+            self._path.rename(target)
+            self._jsonl = self._path.open("a")
+        else:
+            target.write_text(text)
+            self._text = ""
+            self._path.write_text("")
+        return rows
+
     def write_text(self, step: int, tag: str, text: str) -> None:
         if self._tb is not None:
             self._tb.add_text(tag, text, step)

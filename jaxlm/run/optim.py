@@ -101,6 +101,13 @@ def check_optim(config: ml_collections.ConfigDict) -> None:
         _fail("optim.learning_rate", f"must be positive, got {o.learning_rate}")
     if not 0 <= o.min_lr_ratio <= 1:
         _fail("optim.min_lr_ratio", f"must lie in [0, 1], got {o.min_lr_ratio}")
+    # AdamW: a moment decay of 1 never forgets (b2 = 1 divides by a zero bias correction), eps
+    # <= 0 can divide by zero, and a negative decay pushes weights away from 0.
+    errors.check_interval("optim.b1", o.b1, 0, 1, "[)")
+    errors.check_interval("optim.b2", o.b2, 0, 1, "[)")
+    if o.eps <= 0:
+        _fail("optim.eps", f"must be positive, got {o.eps}")
+    errors.check_at_least("optim.weight_decay", o.weight_decay, 0)
     if o.warmup_steps < 0:
         _fail("optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
     if o.grad_accum_steps < 1:

@@ -29,11 +29,11 @@ from jaxlm.inference.sampler import Request, Sampler
 from jaxlm.models import lora
 from jaxlm.parallel import hardware, sharding
 from jaxlm.run import config as config_lib
-from jaxlm.run import console, workdir_lock
+from jaxlm.run import config_changes, console, workdir_lock
 from jaxlm.run import counters as run_counters
 from jaxlm.run import program as program_lib
-from jaxlm.run.checkpoint import Checkpointer
-from jaxlm.run.errors import ConfigError
+from jaxlm.run.checkpoint import Checkpointer, DataPositionError
+from jaxlm.run.errors import ConfigError, DataError
 from jaxlm.run.metrics import MetricsWriter, is_remote, progress_line
 from jaxlm.run.optim import make_optimizer, state_bytes
 from jaxlm.run.step_health import StepHealth
@@ -159,8 +159,16 @@ def initial_state(s: Setup, ckpt: Checkpointer, train_iter: Any,
     """Resumes from the newest checkpoint (state + data position) when there is one, else
     starts from the `init_from` params (`start_params` if already restored) or a fresh init."""
     c, program = s.config, s.program
-    restored = ckpt.restore_newest(program.abstract_state, data_iterator=train_iter,
-                                   shared_data_position=c.data.process_sharding == "rows")
+    try:
+        restored = ckpt.restore_newest(program.abstract_state, data_iterator=train_iter,
+                                       shared_data_position=c.data.process_sharding == "rows")
+    except DataPositionError as e:  # the data config changed: name what, move nothing
+        try:
+            saved = ckpt.read_json(e.step, "config")
+        except (FileNotFoundError, ValueError):
+            saved = {}
+        raise config_changes.data_position_error(saved, c, step=e.step,
+                                                 directory=ckpt.directory, cause=e.cause) from e
     if restored is not None:
         logging.info("resumed from %s at step %d", ckpt.directory, restored[0])
         return restored[1]
@@ -225,59 +233,135 @@ def _log_lora(s: Setup) -> None:
                  used / 2**20, full / 2**20, (full - used) / 2**20)
 
 
+class _Terminated(BaseException):
+    """SIGTERM during start-up. A BaseException, so that no `except Exception` on the way
+    (e.g. the one that tells a damaged checkpoint) takes it for a failure of its own."""
+
+
 class _Preemption:
     """Turns SIGTERM (what Cloud TPU, SLURM and Kubernetes send before stopping a job) into a
-    flag the loop checks after each step: finish the step, save, exit 0."""
+    flag the loop checks after each step: finish the step, save, exit 0. During start-up
+    (`raising`), when there is nothing to save yet, it raises `_Terminated` instead, so the run
+    unwinds at once, releasing the workdir lock."""
 
     def __init__(self) -> None:
         self.requested = False
+        self.raising = False
         self._previous = None
+
+    def __enter__(self) -> _Preemption:
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def start_up(self) -> None:
+        """From now until `training`, SIGTERM raises _Terminated (at once if it came already)."""
+        self.raising = True
+        if self.requested:
+            raise _Terminated
+
+    def training(self) -> None:
+        """From now on SIGTERM only sets the flag (a request during start-up is kept)."""
+        self.raising = False
 
     def _handle(self, signum: int, frame: Any) -> None:
         del signum, frame
         self.requested = True
-
-    def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        if self.raising:
+            self.raising = False
+            raise _Terminated
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains `config` in `workdir` (resuming from its checkpoints); returns the last logged
-    metrics. The run owns the workdir meanwhile: a second run on it refuses to start."""
+    metrics. The run owns the workdir meanwhile: a second run on it refuses to start.
+    SIGTERM before the first step ends it at once (no metrics, lock released)."""
     config_lib.validate(config)
-    with workdir_lock.hold(workdir, enabled=jax.process_index() == 0), \
-            console.quiet(workdir if jax.process_index() == 0 else None):
-        return _run(config, workdir)
+    is_main = jax.process_index() == 0
+    with _Preemption() as preemption, workdir_lock.hold(workdir, enabled=is_main), \
+            console.quiet(workdir if is_main else None):
+        try:
+            preemption.start_up()
+            return _run(config, workdir, preemption)
+        except _Terminated:
+            preemption.training()
+            logging.warning("SIGTERM during start-up: exiting before the first step (nothing "
+                            "to save)")
+            return {}
 
 
-def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def _next_batch(train_iter: Any, step: int) -> dict[str, np.ndarray]:
+    """The batch of step `step + 1`; a data pipeline that ends (every pipeline repeats its
+    data forever, so only an empty one does) is a one-line error."""
+    try:
+        return next(train_iter)
+    except StopIteration:
+        raise DataError(f"the training data yields no batch for step {step + 1}: no training "
+                        "documents are left (all empty, all held out, or all duplicates of "
+                        "the held-out files); check data.paths, data.eval_paths or the stage's "
+                        "paths") from None
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str,
+         preemption: _Preemption) -> dict[str, float]:
     s = setup(config, workdir, validated=True)  # `run` validated it before taking the lock
     c, program = s.config, s.program
     is_main = jax.process_index() == 0
     writer = MetricsWriter(workdir, enabled=is_main, tensorboard=c.log.tensorboard)
-    total_steps = c.train.steps
     if c.model.lora.rank:
         _log_lora(s)
     ckpt = _checkpointer(c, workdir)
-    # The init_from params are restored once: they start the state (unless resuming) and are
-    # the frozen reference of a stage that has one (its steps' third argument, or data).
-    start_params = None
-    if ckpt.latest_step() is None and c.init_from.path:
-        start_params = params_from.init_from_params(program)
-    reference = _reference(s, start_params)
-    # The stage's frozen models (a distillation teacher): restored once, never donated.
-    frozen = frozen_models.restore(program.frozen, s.tokenizer) if program.frozen else None
-    train_iter = _iterator(s, "train")
-    state = initial_state(s, ckpt, train_iter, start_params)
-    del start_params
+    train_iter = None
+    finished = False
+    try:
+        # The init_from params are restored once: they start the state (unless resuming) and
+        # are the frozen reference of a stage that has one (its steps' third argument, or data).
+        start_params = None
+        if ckpt.latest_step() is None and c.init_from.path:
+            start_params = params_from.init_from_params(program)
+        reference = _reference(s, start_params)
+        # The stage's frozen models (a distillation teacher): restored once, never donated.
+        frozen = frozen_models.restore(program.frozen, s.tokenizer) if program.frozen else None
+        train_iter = _iterator(s, "train")
+        state = initial_state(s, ckpt, train_iter, start_params)
+        del start_params
+        last = _train(s, writer, ckpt, preemption, train_iter, state, reference, frozen)
+        finished = True
+        return last
+    finally:
+        # Waits for the last asynchronous save; a failed one is raised unless another error
+        # is already on its way out.
+        try:
+            ckpt.close(raise_errors=finished)
+        finally:
+            if train_iter is not None:
+                _close(train_iter)
+            writer.close()
+
+
+def _train(s: Setup, writer: MetricsWriter, ckpt: Checkpointer, preemption: _Preemption,
+           train_iter: Any, state: TrainState, reference: Any, frozen: Any) -> dict[str, float]:
+    """The step loop, from the restored (or fresh) `state` to train.steps."""
+    c, program = s.config, s.program
+    is_main = jax.process_index() == 0
+    total_steps = c.train.steps
     params_count = scaling.count_params(program.model_cfg)
     logging.info("%s | params %s (non-embedding %s)", config_lib.describe(c),
                  f"{params_count['total']:,}", f"{params_count['non_embedding']:,}")
 
     step = int(jax.device_get(state.step))
+    if step == 0 and ckpt.moved_aside:
+        # Starting over because no checkpoint could be read: the old rows stay, in a file of
+        # their own.
+        kept = f"metrics.before-restart-{int(time.time())}.jsonl"
+        moved = writer.set_aside(kept)
+        if moved:
+            logging.warning("metrics.jsonl: its %d rows, of the run whose checkpoints cannot "
+                            "be restored, are kept in %s", moved, kept)
     dropped = writer.truncate_after(step)
     if dropped:
         logging.info("metrics.jsonl: dropped %d rows after the resumed step %d", dropped, step)
@@ -286,7 +370,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     restore_host_state(loop, ckpt, step)
     if step < total_steps:
         loop.compile()
-    host_batch = next(train_iter) if step < total_steps else None
+    host_batch = _next_batch(train_iter, step) if step < total_steps else None
 
     tokens_per_step, flops_per_step = program.tokens_per_step, program.flops_per_step
     counter = run_counters.resumed_counter(ckpt, step, tokens_per_step, c)
@@ -327,57 +411,52 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         last = row
         window_start, window_step0 = now, step_done
 
-    preemption = _Preemption()
+    preemption.training()  # from here SIGTERM finishes the step and saves
     previous = None
-    try:
-        while step < total_steps:
-            state, metrics = loop.train(state, host_batch)
-            step += 1
-            # Read back the previous step's metrics only after dispatching this one, so the
-            # device never waits on the host.
-            if previous is not None:
-                health.check(previous, step - 1)
-            previous = metrics
+    while step < total_steps:
+        state, metrics = loop.train(state, host_batch)
+        step += 1
+        # Read back the previous step's metrics only after dispatching this one, so the
+        # device never waits on the host.
+        if previous is not None:
+            health.check(previous, step - 1)
+        previous = metrics
+        if pending is not None:
+            report(*pending)
+            pending = None
+        ckpt.poll()  # logs a finished background save, or raises its failure
+        if step % c.log.every_steps == 0 or step == total_steps:
+            pending = (step, metrics)
+        # Save before the iterator moves on, so the saved position is "after `step`
+        # batches" and a resumed run draws exactly the batches this run would have.
+        if ckpt.should_save(step, total_steps) or preemption.requested:
+            health.check(metrics, step)
+            # The loop's host state after this step's update.
+            saved = {**extra, "tokens_seen": counter.tokens_seen(step),
+                     HOST_STATE: loop.host_state()}
+            ckpt.save(step, state, data_iterator=train_iter, config=c, extra=saved)
+        if preemption.requested:
+            logging.warning("SIGTERM: saved step %d; exiting so the job can be "
+                            "rescheduled", step)
+            break
+        if step < total_steps:
+            host_batch = _next_batch(train_iter, step)
+        end_or_eval = step == total_steps or (c.eval.every_steps and
+                                              step % c.eval.every_steps == 0)
+        tasks_due = live_eval is not None and live_eval.due(step, total_steps)
+        if (end_or_eval or tasks_due
+                or (c.log.sample_every and step % c.log.sample_every == 0)):
             if pending is not None:
                 report(*pending)
                 pending = None
-            if step % c.log.every_steps == 0 or step == total_steps:
-                pending = (step, metrics)
-            # Save before the iterator moves on, so the saved position is "after `step`
-            # batches" and a resumed run draws exactly the batches this run would have.
-            if ckpt.should_save(step, total_steps) or preemption.requested:
-                health.check(metrics, step)
-                # The loop's host state after this step's update.
-                saved = {**extra, "tokens_seen": counter.tokens_seen(step),
-                         HOST_STATE: loop.host_state()}
-                ckpt.save(step, state, data_iterator=train_iter, config=c, extra=saved)
-            if preemption.requested:
-                logging.warning("SIGTERM: saved step %d; exiting so the job can be "
-                                "rescheduled", step)
-                break
-            if step < total_steps:
-                host_batch = next(train_iter)
-            end_or_eval = step == total_steps or (c.eval.every_steps and
-                                                  step % c.eval.every_steps == 0)
-            tasks_due = live_eval is not None and live_eval.due(step, total_steps)
-            if (end_or_eval or tasks_due
-                    or (c.log.sample_every and step % c.log.sample_every == 0)):
-                if pending is not None:
-                    report(*pending)
-                    pending = None
-                _eval_and_sample(s, state, step, loop, sampler, writer, end_or_eval)
-                if tasks_due:
-                    writer.write(step, live_eval.metrics(live_eval.run(state.params, step)))
-                window_start, window_step0 = time.perf_counter(), step
-        if previous is not None:
-            health.check(previous, step)
-        if pending is not None:
-            report(*pending)
-    finally:
-        preemption.restore()
-        ckpt.close()  # waits for the last asynchronous save
-        _close(train_iter)
-        writer.close()
+            _eval_and_sample(s, state, step, loop, sampler, writer, end_or_eval)
+            if tasks_due:
+                writer.write(step, live_eval.metrics(live_eval.run(state.params, step)))
+            window_start, window_step0 = time.perf_counter(), step
+    if previous is not None:
+        health.check(previous, step)
+    if pending is not None:
+        report(*pending)
     return last
 
 

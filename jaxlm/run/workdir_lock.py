@@ -5,7 +5,9 @@ steps twice into metrics.jsonl. `hold(workdir)` writes `<workdir>/LOCK` (JSON: h
 start time, heartbeat) with an exclusive create, refreshes its heartbeat from a daemon thread
 and removes it on exit. A second run refuses with one line naming the owner. A lock is stale,
 and is taken over with a warning, when its process is gone (same host) or its heartbeat is
-older than STALE_AFTER_S (another host, or a machine that died).
+older than STALE_AFTER_S (another host, or a machine that died). A lock that is not the JSON
+this module writes (cut short, edited by hand) is judged by its file's age instead: refused while
+it is younger than STALE_AFTER_S, taken over with a warning after.
 
 On an object store (gs://...) the lock object is created with the precondition "does not
 exist yet" (`if_generation_match=0`) when google-cloud-storage is installed; without it the
@@ -27,7 +29,7 @@ from typing import Any
 from absl import logging
 from etils import epath
 
-from jaxlm.run.errors import WorkdirLockedError
+from jaxlm.run.errors import UserError, WorkdirLockedError
 
 LOCK_NAME = "LOCK"
 HEARTBEAT_S = 30.0
@@ -46,6 +48,39 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# The fields of a lock and their types.
+_FIELDS = {"host": (str,), "pid": (int,), "started": (int, float), "heartbeat": (int, float)}
+
+
+def parse_owner(text: str) -> tuple[dict[str, Any] | None, str]:
+    """(owner, "") of a well-formed lock's text; (None, what is wrong) otherwise."""
+    try:
+        owner = json.loads(text)
+    except ValueError:
+        return None, "not JSON" if text.strip() else "empty"
+    if not isinstance(owner, dict):
+        return None, f"not a JSON object but {type(owner).__name__}"
+    for key, kinds in _FIELDS.items():
+        value = owner.get(key)
+        if not isinstance(value, kinds) or isinstance(value, bool):
+            return None, f"its {key!r} is {value!r}"
+    return owner, ""
+
+
+def check_workdir(workdir: str) -> None:
+    """A local workdir must be a directory or become one: an existing file there, or above it,
+    is a one-line error (instead of a FileExistsError traceback from makedirs)."""
+    if _is_remote(workdir):
+        return
+    path = os.path.abspath(workdir)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        where = "is a file" if path == os.path.abspath(workdir) else f"lies under the file {path}"
+        raise UserError(f"--workdir {workdir} {where}, not a directory; give a directory (it "
+                        "is created when missing)", path=path)
 
 
 def _describe(owner: dict[str, Any]) -> str:
@@ -87,13 +122,29 @@ class WorkdirLock:
             return True
         return _create_remote(str(self.path), text)
 
-    def _read(self) -> dict[str, Any] | None:
+    def _read(self) -> tuple[dict[str, Any] | None, str] | None:
+        """(owner, "") of the lock, (None, what is wrong) when malformed, None when absent."""
         try:
-            return json.loads(self.path.read_text())
+            return parse_owner(self.path.read_text())
         except FileNotFoundError:
             return None
-        except ValueError:  # half-written by a run that died while creating it
-            return {"host": "?", "pid": -1, "started": 0, "heartbeat": 0}
+
+    def _age(self) -> float:
+        """Seconds since the lock file was last written (inf when that cannot be told)."""
+        try:
+            return time.time() - self.path.stat().mtime
+        except (OSError, AttributeError):
+            return float("inf")
+
+    def _write(self, text: str) -> None:
+        """Rewrites the lock whole (a reader never sees it half-written)."""
+        if _is_remote(self.workdir):
+            self.path.write_text(text)
+            return
+        tmp = f"{os.fspath(self.path)}.{self.owner['token']}.tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, os.fspath(self.path))
 
     def acquire(self) -> None:
         """Takes the lock, or raises WorkdirLockedError naming the live owner."""
@@ -102,17 +153,28 @@ class WorkdirLock:
             if self._create(json.dumps(self.owner)):
                 self._start_heartbeat()
                 return
-            owner = self._read()
-            if owner is None:
+            read = self._read()
+            if read is None:
                 continue  # released meanwhile
-            reason = stale_reason(owner)
-            if reason is None:
-                raise WorkdirLockedError(
-                    f"workdir {self.workdir} is in use by another run ({_describe(owner)}); "
-                    f"wait for it, use another --workdir, or delete {self.path} if that run "
-                    "is gone", path=str(self.path))
-            logging.warning("taking over the stale lock %s of %s: %s", self.path,
-                            _describe(owner), reason)
+            owner, malformed = read
+            if owner is not None:
+                reason = stale_reason(owner)
+                if reason is None:
+                    raise WorkdirLockedError(
+                        f"workdir {self.workdir} is in use by another run ({_describe(owner)}); "
+                        f"wait for it, use another --workdir, or delete {self.path} if that run "
+                        "is gone", path=str(self.path))
+                whose = _describe(owner)
+            else:
+                age = self._age()
+                if age <= STALE_AFTER_S:
+                    raise WorkdirLockedError(
+                        f"workdir lock {self.path} is malformed ({malformed}) and was written "
+                        f"{age:.0f}s ago, maybe by a run starting now; if no run trains in "
+                        f"{self.workdir}, delete it", path=str(self.path))
+                reason, whose = f"it is malformed ({malformed}) and {age:.0f}s old", "no run"
+            logging.warning("taking over the stale lock %s of %s: %s", self.path, whose,
+                            reason)
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
         raise WorkdirLockedError(f"could not take the lock {self.path}; another run keeps "
@@ -124,18 +186,18 @@ class WorkdirLock:
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
-            owner = self._read()
+            owner = (self._read() or (None, ""))[0]
             if owner is None or owner.get("token") != self.owner["token"]:
                 logging.warning("the workdir lock %s was taken by another run", self.path)
                 return
             self.owner["heartbeat"] = time.time()
-            self.path.write_text(json.dumps(self.owner))
+            self._write(json.dumps(self.owner))
 
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        owner = self._read()
+        owner = (self._read() or (None, ""))[0]
         if owner is not None and owner.get("token") == self.owner["token"]:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
@@ -175,7 +237,9 @@ def _create_remote(url: str, text: str) -> bool:
 @contextlib.contextmanager
 def hold(workdir: str, *, enabled: bool = True) -> Iterator[WorkdirLock | None]:
     """Holds the workdir's lock for the duration of the block (a no-op when not `enabled`,
-    e.g. on processes other than 0 of a multi-host run)."""
+    e.g. on processes other than 0 of a multi-host run). A workdir that is a file is refused
+    either way."""
+    check_workdir(workdir)
     if not enabled:
         yield None
         return

@@ -33,7 +33,7 @@ from jaxlm.models.moe import add_router_losses, router_metrics
 from jaxlm.run.train_state import TrainState, gradient_step, lora_step_options
 from jaxlm.stages import pretrain, sft
 from jaxlm.stages.settings import DISTILL
-from jaxlm.stages.stage import Stage, token_eval_metrics, token_fields
+from jaxlm.stages.stage import Stage, corpus_heldout_key, token_eval_metrics, token_fields
 
 Batch = dict[str, jax.Array]
 TEACHER = "teacher"
@@ -128,6 +128,11 @@ def batch_fields(config: Any) -> dict[str, Any]:
     return token_fields(config.data.seq_len)
 
 
+def heldout_key(config: ml_collections.ConfigDict) -> str | None:
+    """The held-out files of the data distill.data picks: the corpus's or the chat's."""
+    return "sft.eval_paths" if config.distill.data == "chat" else corpus_heldout_key(config)
+
+
 STAGE = Stage(name="distill", make_steps=make_steps, make_data=make_data,
               batch_fields=batch_fields, sections=(DISTILL,), eval_metrics=eval_metrics,
-              frozen_models=frozen_models)
+              frozen_models=frozen_models, heldout_key=heldout_key)

@@ -53,7 +53,13 @@ from jaxlm.run.train_state import TrainState, gradient_step, lora_step_options
 from jaxlm.scaling import flops as scaling
 from jaxlm.stages import pairs
 from jaxlm.stages.settings import DPO
-from jaxlm.stages.stage import BatchFields, JitProgram, Stage, example_eval_batches
+from jaxlm.stages.stage import (
+    BatchFields,
+    JitProgram,
+    Stage,
+    example_eval_batches,
+    section_heldout_key,
+)
 
 Batch = dict[str, jax.Array]
 _FIELDS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
@@ -294,7 +300,8 @@ def prepare(program: Any, tokenizer: Any, reference_params: Any) -> dict[str, An
 
 
 STAGE = Stage(name="dpo", make_steps=make_steps, make_data=make_data, batch_fields=batch_fields,
-              sections=(DPO,), sequences_per_row=pairs.SEQUENCES_PER_ROW,
+              sections=(DPO,),
+              heldout_key=section_heldout_key('dpo'), sequences_per_row=pairs.SEQUENCES_PER_ROW,
               eval_metrics=eval_metrics, reference_mode=reference_mode,
               make_programs=make_programs, prepare=prepare,
               eval_batches=example_eval_batches)

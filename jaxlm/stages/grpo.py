@@ -39,6 +39,7 @@ from jaxlm.stages.rl.loop import RolloutLoop, eval_metrics, reward_metrics
 from jaxlm.stages.rl.prompts import make_data
 from jaxlm.stages.rl.rollout import flat_groups, rollout_programs, sequence_logps, sequences
 from jaxlm.stages.rl.settings import RL
+from jaxlm.stages.rl.tasks import heldout_key
 from jaxlm.stages.stage import BatchFields, Stage, example_eval_batches
 
 Batch = dict[str, jax.Array]
@@ -150,4 +151,4 @@ STAGE = Stage(name="grpo", make_steps=make_steps, make_data=make_data, batch_fie
               generates_text=False,  # samples are logged by the loop at each evaluation
               updates_per_step=lambda config: config.rl.num_epochs,
               sequences_per_row=lambda config: config.rl.group_size,
-              eval_batches=example_eval_batches)
+              eval_batches=example_eval_batches, heldout_key=heldout_key)

@@ -53,6 +53,7 @@ from jaxlm.stages.rl.rollout import (
     sequences,
 )
 from jaxlm.stages.rl.settings import PPO, RL
+from jaxlm.stages.rl.tasks import heldout_key
 from jaxlm.stages.stage import BatchFields, JitProgram, Stage, example_eval_batches
 
 Batch = dict[str, jax.Array]
@@ -235,4 +236,4 @@ STAGE = Stage(name="ppo", make_steps=make_steps, make_data=make_data, batch_fiel
               # The rollout policy's values, before the epochs.
               policy_forwards=lambda config: 1,
               sequences_per_row=lambda config: config.rl.group_size,
-              eval_batches=example_eval_batches)
+              eval_batches=example_eval_batches, heldout_key=heldout_key)

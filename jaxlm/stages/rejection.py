@@ -28,6 +28,7 @@ from jaxlm.stages.rl.prompts import make_data
 from jaxlm.stages.rl.reward_model import SCORE, RewardModel, score_program
 from jaxlm.stages.rl.rollout import rollout_programs, sequence_logps, sequences
 from jaxlm.stages.rl.settings import RL
+from jaxlm.stages.rl.tasks import heldout_key
 from jaxlm.stages.stage import BatchFields, JitProgram, Stage, example_eval_batches
 
 Batch = dict[str, jax.Array]
@@ -123,4 +124,4 @@ class RejectionLoop(RolloutLoop):
 STAGE = Stage(name="rejection", make_steps=make_steps, make_data=make_data,
               batch_fields=batch_fields, sections=(RL,), eval_metrics=eval_metrics,
               generates_text=False, make_programs=make_programs, make_loop=RejectionLoop,
-              eval_batches=example_eval_batches)
+              eval_batches=example_eval_batches, heldout_key=heldout_key)

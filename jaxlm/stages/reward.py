@@ -24,7 +24,7 @@ from jaxlm.models.moe import add_router_losses, router_metrics
 from jaxlm.run.train_state import TrainState, gradient_step, lora_step_options
 from jaxlm.stages import pairs
 from jaxlm.stages.settings import REWARD
-from jaxlm.stages.stage import Stage, example_eval_batches
+from jaxlm.stages.stage import Stage, example_eval_batches, section_heldout_key
 
 Batch = dict[str, jax.Array]
 _FIELDS = ("inputs", "segment_ids", "positions")
@@ -114,6 +114,7 @@ def make_data(config: Any, tokenizer: Any, *, split: str, batch_size: int, proce
 
 STAGE = Stage(name="reward", make_steps=make_steps, make_data=make_data,
               batch_fields=pairs.batch_fields, sections=(REWARD,),
+              heldout_key=section_heldout_key('reward'),
               sequences_per_row=pairs.SEQUENCES_PER_ROW, vocab_head=False, reward_head=True,
               eval_metrics=eval_metrics, generates_text=False,
               eval_batches=example_eval_batches)

@@ -18,7 +18,7 @@ from jaxlm.run.train_state import TrainState
 from jaxlm.stages import pretrain
 from jaxlm.stages.pretrain import batch_fields, pretrain_step
 from jaxlm.stages.settings import SFT
-from jaxlm.stages.stage import Stage
+from jaxlm.stages.stage import Stage, section_heldout_key
 
 Batch = dict[str, jax.Array]
 
@@ -52,4 +52,5 @@ def make_data(config: Any, tokenizer: Any, *, split: str, batch_size: int, proce
 
 
 STAGE = Stage(name="sft", make_steps=make_steps, make_data=make_data, batch_fields=batch_fields,
-              sections=(SFT,))
+              sections=(SFT,),
+              heldout_key=section_heldout_key('sft'))

@@ -67,6 +67,18 @@ def no_frozen_models(config: Config) -> dict[str, tuple[str, int | None]]:
     return {}
 
 
+def corpus_heldout_key(config: Config) -> str | None:
+    """data.eval_paths for a corpus of files; None for the stdlib corpus and mixtures, whose
+    held-out documents come only from data.eval_fraction."""
+    return "data.eval_paths" if config.data.source in ("files", "arrayrecord") else None
+
+
+def section_heldout_key(section: str) -> Callable[[Config], str | None]:
+    """`<section>.eval_paths`: the held-out files of a stage that reads its own section's
+    paths (sft, dpo, reward)."""
+    return lambda config: f"{section}.eval_paths"
+
+
 def no_programs(program: Program) -> dict[str, JitProgram]:
     del program
     return {}
@@ -152,6 +164,10 @@ class Stage:
         schedule spans train.steps times this many).
       policy_forwards: config -> forward passes of the policy per step besides its updates'
         (PPO's values of the rollout policy); FLOPs count them.
+      heldout_key: config -> the config key naming held-out files that replace the
+        data.eval_fraction holdout (data.eval_paths, sft.eval_paths, ...), or None when held-out
+        data comes only from data.eval_fraction; `validate` refuses an evaluating run that has
+        neither.
       frozen_models: config -> {name: (checkpoint directory, step or None for the newest)} of
         models the steps read but never train (a distillation teacher), each of the shape its
         checkpoint's saved config gives (jaxlm/weights/frozen.py). When there are any,
@@ -177,6 +193,7 @@ class Stage:
     updates_per_step: Callable[[Config], int] = lambda config: 1
     policy_forwards: Callable[[Config], int] = lambda config: 0
     frozen_models: Callable[[Config], dict[str, tuple[str, int | None]]] = no_frozen_models
+    heldout_key: Callable[[Config], str | None] = corpus_heldout_key
 
     def sequences(self, config: Config) -> int:
         """Model sequences per batch row under `config`."""

@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 from jaxlm.models import ModelConfig, Transformer
 from jaxlm.parallel import sharding
 from jaxlm.run import config as config_lib
+from jaxlm.run.errors import ConfigError
 from jaxlm.run.train_state import abstract_boxed_params
 from jaxlm.weights import restore as restore_lib
 
@@ -56,14 +57,19 @@ def build(specs: dict[str, tuple[str, int | None]], config: ml_collections.Confi
     mine = config_lib.model_config(config, vocab_size)
     for name, (path, step) in specs.items():
         saved = restore_lib.read_checkpoint(path, step)
-        model_cfg = restore_lib.model_config(saved, vocab_size, language_model=True, like=config)
+        own = _own_vocab_size(saved)
+        model_cfg = restore_lib.model_config(saved, own or vocab_size, language_model=True,
+                                             like=config)
         if (model_cfg.vocab_size, model_cfg.padded_vocab_size) != (mine.vocab_size,
                                                                    mine.padded_vocab_size):
-            raise ValueError(f"checkpoint {saved.directory}: its model has "
-                             f"{model_cfg.vocab_size} vocabulary rows "
-                             f"({model_cfg.padded_vocab_size} padded), this run's "
-                             f"{mine.vocab_size} ({mine.padded_vocab_size}); set "
-                             f"model.vocab_size={model_cfg.vocab_size}")
+            key = ("model.vocab_size" if config.model.vocab_size or own == vocab_size
+                   else "data.tokenizer_path")
+            raise ConfigError(f"config key {key}: frozen model {name!r} ({saved.directory}, step "
+                              f"{saved.step}) has a vocabulary of {model_cfg.vocab_size} ids "
+                              f"({model_cfg.padded_vocab_size} rows padded), this run's model "
+                              f"{mine.vocab_size} ({mine.padded_vocab_size}): they must read the "
+                              "same token ids; leave data.tokenizer_path empty to use its "
+                              "tokenizer, and model.vocab_size at 0", key=key)
         model = Transformer(model_cfg)
         boxed = abstract_boxed_params(model, config.data.seq_len)
         abstract = jax.tree.map(
@@ -71,6 +77,19 @@ def build(specs: dict[str, tuple[str, int | None]], config: ml_collections.Confi
             nn.meta.unbox(boxed), sharding.logical_shardings(boxed, mesh))
         out[name] = FrozenModel(name, saved.directory, saved.step, model_cfg, model, abstract)
     return out
+
+
+def _own_vocab_size(saved: restore_lib.SavedRun) -> int | None:
+    """The vocabulary the checkpoint's model was built with: its saved model.vocab_size, else
+    the size of the tokenizer it records; None when neither can be told (the run's own is
+    assumed, and the restore checks the tokenizer)."""
+    if saved.config is not None and saved.config.model.get("vocab_size", 0):
+        return int(saved.config.model.vocab_size)
+    try:
+        tokenizer = restore_lib.saved_tokenizer(saved)
+    except (OSError, ValueError):
+        return None
+    return tokenizer.vocab_size if tokenizer is not None else None
 
 
 def random_params(frozen: dict[str, FrozenModel], rng: jax.Array, seq_len: int

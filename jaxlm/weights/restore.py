@@ -40,6 +40,7 @@ from jaxlm.models import ModelConfig, Transformer, lora
 from jaxlm.parallel import sharding
 from jaxlm.run import checkpoint
 from jaxlm.run import config as config_lib
+from jaxlm.run.errors import ConfigError
 from jaxlm.run.train_state import abstract_boxed_params
 
 # The checkpoints directory of a run's workdir.
@@ -126,8 +127,9 @@ def check_tokenizer(saved: SavedRun, tokenizer: Any) -> None:
     same = sha == mine if sha and mine else \
         os.path.abspath(path) == os.path.abspath(getattr(tokenizer, "path", ""))
     if not same:
-        raise ValueError(
-            f"checkpoint {saved.directory} (step {saved.step}) was trained with tokenizer "
+        raise ConfigError(
+            f"config key data.tokenizer_path: checkpoint {saved.directory} (step {saved.step}) "
+            f"was trained with tokenizer "
             f"{path!r} (sha256 {sha[:12] or '?'}), this run uses "
             f"{getattr(tokenizer, 'path', '?')!r} (sha256 {mine[:12] or '?'}); they must be "
             "the same tokenizer (set data.tokenizer_path to the checkpoint's, or leave it "

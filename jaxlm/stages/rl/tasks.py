@@ -44,6 +44,12 @@ def read_jsonl(spec: str, key: str) -> list[Example]:
     return out
 
 
+def heldout_key(config: ml_collections.ConfigDict) -> str | None:
+    """rl.eval_paths for the jsonl task; None for arithmetic, whose held-out prompts come only
+    from data.eval_fraction."""
+    return "rl.eval_paths" if config.rl.task == "jsonl" else None
+
+
 def split_examples(config: ml_collections.ConfigDict, split: str) -> list[Example]:
     """The examples of `split` ("train" or "eval") of config.rl's task."""
     r = config.rl
