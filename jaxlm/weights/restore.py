@@ -40,6 +40,7 @@ from jaxlm.models import ModelConfig, Transformer, lora
 from jaxlm.parallel import sharding
 from jaxlm.run import checkpoint
 from jaxlm.run import config as config_lib
+from jaxlm.run.errors import CheckpointError, UserError
 from jaxlm.run.train_state import abstract_boxed_params
 
 # The checkpoints directory of a run's workdir.
@@ -78,6 +79,13 @@ class SavedRun:
     def has_lora(self) -> bool:
         return self.config is not None and bool(self.config.model.lora.rank)
 
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """What a model made from this checkpoint still reads: its checkpoint directory and its
+        tokenizer file (a tool's output may overlap neither)."""
+        tokenizer = self.extra.get("tokenizer_path", "")
+        return (self.directory, tokenizer) if tokenizer else (self.directory,)
+
 
 def read_checkpoint(path: str, step: int | None = None) -> SavedRun:
     """The saved run config and extras of the newest (or `step`) complete checkpoint of a run's
@@ -109,9 +117,9 @@ def saved_tokenizer(saved: SavedRun) -> Tokenizer | None:
     tokenizer = load_tokenizer(path)
     want = saved.extra.get("tokenizer_sha256")
     if want and tokenizer.sha256 != want:
-        raise ValueError(f"tokenizer {path} has changed since checkpoint {saved.step} in "
+        raise CheckpointError(f"tokenizer {path} has changed since checkpoint {saved.step} in "
                          f"{saved.directory} was written (sha256 {tokenizer.sha256[:12]} != "
-                         f"{want[:12]})")
+                         f"{want[:12]})", path=path)
     return tokenizer
 
 
@@ -259,6 +267,22 @@ def _merge_on_device(params: Any, out_shardings: Any, saved: SavedRun) -> Any:
     return merged
 
 
+def _restore_params(saved: SavedRun, abstract_params: Any, subset: bool) -> Any:
+    """`checkpoint.restore_params` of the saved step; a failure to read its files (truncated,
+    removed, not a checkpoint) is a CheckpointError naming the step."""
+    try:
+        return checkpoint.restore_params(saved.directory, saved.step, abstract_params,
+                                         subset=subset)
+    except (UserError, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many types)
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        raise CheckpointError(f"checkpoint {saved.step} in {saved.directory} cannot be read "
+                              f"({type(e).__name__}: {reason}); if its files are truncated or "
+                              "damaged, choose another step or copy or save it again",
+                              path=saved.directory) from e
+
+
 def read_params(saved: SavedRun, abstract_params: Any, *, merge_lora: bool = False,
                 subset: bool = False) -> Any:
     """The saved params named by `abstract_params` (ShapeDtypeStructs with shardings), restored
@@ -282,12 +306,11 @@ def read_params(saved: SavedRun, abstract_params: Any, *, merge_lora: bool = Fal
             if a in shapes and b in shapes:
                 adapters[a], adapters[b] = _adapter_abstract(name, leaf, shapes[a], shapes[b])
         if adapters:
-            params = checkpoint.restore_params(
-                saved.directory, saved.step,
-                traverse_util.unflatten_dict({**flat, **adapters}, sep="/"), subset=subset)
+            params = _restore_params(
+                saved, traverse_util.unflatten_dict({**flat, **adapters}, sep="/"), subset)
             return _merge_on_device(params, jax.tree.map(lambda x: x.sharding, abstract_params),
                                     saved)
-    return checkpoint.restore_params(saved.directory, saved.step, abstract_params, subset=subset)
+    return _restore_params(saved, abstract_params, subset)
 
 
 @dataclasses.dataclass
@@ -335,12 +358,10 @@ def restore(path: str, step: int | None = None, mesh: Mesh | None = None, *,
         if merge_lora and saved.has_lora:
             # The run's own params (adapters, a QLoRA base quantized), then merged on device.
             own = model_config(saved, model_cfg.vocab_size)
-            params = checkpoint.restore_params(saved.directory, saved.step,
-                                               inference_abstract(own, mesh), subset=subset)
+            params = _restore_params(saved, inference_abstract(own, mesh), subset)
             params = _merge_on_device(params, jax.tree.map(lambda x: x.sharding, wanted), saved)
         else:
-            params = checkpoint.restore_params(saved.directory, saved.step, wanted,
-                                               subset=subset)
+            params = _restore_params(saved, wanted, subset)
     config = saved.config
     if merge_lora and config is not None:
         config = _merged_config(config)
