@@ -109,7 +109,10 @@ def output_directory(target: str, inputs: Sequence[str] = (), *, overwrite: bool
             except BaseException:
                 os.replace(old, target)
                 raise
-            shutil.rmtree(old, ignore_errors=True)
+            if os.path.islink(old):  # a target that was a symlink: only the link goes
+                os.unlink(old)
+            else:
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)  # an empty directory is replaced, an absent one made
     except BaseException:
