@@ -453,6 +453,44 @@ def test_generate_on_a_truncated_checkpoint_is_one_line(world, tmp_path):
                               check=False), "checkpoint 2", "cannot be read")
 
 
+def test_late_read_reports_of_a_failed_restore_are_dropped_and_nothing_else():
+    """Reads still in flight when a restore fails report on stderr from several threads at
+    once, in fragments; the filter drops those tracebacks and passes every other line (and a
+    traceback of anything else) through."""
+    import io
+    import threading
+
+    from jaxlm.weights.restore import _WithoutLateReadReports
+
+    late = ["Traceback (most recent call last):\n",
+            '  File "base_events.py", line 806, in call_soon_threadsafe\n', "    ",
+            "self._check_closed()", "\n", "RuntimeError", ": ", "Event loop is closed", "\n"]
+    other = ["Traceback (most recent call last):\n", '  File "x.py", line 1, in f\n',
+             "ValueError: a real one\n"]
+    writers = {0: late, 1: list(late), 2: ["error: checkpoint 2 cannot be read\n", "\rbar ["],
+               3: list(other)}
+    out = io.StringIO()
+    stream = _WithoutLateReadReports(out)
+    turns = [i for step in range(max(map(len, writers.values())))
+             for i in writers if step < len(writers[i])]  # round robin: fragments interleave
+    events = [threading.Event() for _ in range(len(turns) + 1)]
+    events[0].set()
+
+    def write(i):
+        for k, turn in enumerate(turns):
+            if turn == i:
+                events[k].wait()
+                stream.write(writers[i].pop(0))
+                events[k + 1].set()
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in writers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert out.getvalue() == ("error: checkpoint 2 cannot be read\n\rbar [" + "".join(other))
+
+
 def test_a_chat_template_the_sandbox_blocks_is_one_line(world, imported, tmp_path):
     model = tmp_path / "blocked"
     shutil.copytree(imported[0], model)

@@ -24,6 +24,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import sys
+import threading
+import time
 from typing import Any
 
 import flax.linen as nn
@@ -270,17 +274,83 @@ def _merge_on_device(params: Any, out_shardings: Any, saved: SavedRun) -> Any:
 def _restore_params(saved: SavedRun, abstract_params: Any, subset: bool) -> Any:
     """`checkpoint.restore_params` of the saved step; a failure to read its files (truncated,
     removed, not a checkpoint) is a CheckpointError naming the step."""
+    _drop_late_read_reports()  # reads still in flight when one fails report on stderr
     try:
         return checkpoint.restore_params(saved.directory, saved.step, abstract_params,
                                          subset=subset)
     except (UserError, MemoryError):
         raise
     except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many types)
+        time.sleep(_LATE_READS_S)  # their reports land in the filter, not after exit
         reason = " ".join(str(e).split())[:300] or type(e).__name__
         raise CheckpointError(f"checkpoint {saved.step} in {saved.directory} cannot be read "
                               f"({type(e).__name__}: {reason}); if its files are truncated or "
                               "damaged, choose another step or copy or save it again",
                               path=saved.directory) from e
+
+
+# Seconds a failed restore waits for the reads still in flight, so that they report (to the
+# filter below) before the process goes on or exits (when the filter is gone).
+_LATE_READS_S = 1.0
+_TRACEBACK = "Traceback (most recent call last):"
+# The last line of a traceback: an exception class (capitalised, maybe dotted) and its message.
+_EXCEPTION_LINE = re.compile(r"^[A-Z][\w.]*(: |\n|$)")
+
+
+class _WithoutLateReadReports:
+    """A text stream (sys.stderr) that drops the tracebacks of reads finishing after their
+    failed restore: orbax closes the restore's event loop when the first read fails, and each
+    read still in flight then reports `RuntimeError: Event loop is closed` from
+    `call_soon_threadsafe` when it completes (tens of tracebacks after the one-line error).
+    Lines are assembled per writing thread (those reports come from several threads at
+    once, in fragments); everything else passes through unchanged."""
+
+    def __init__(self, stream: Any):
+        self._stream, self._lock = stream, threading.Lock()
+        self._pending: dict[int, str] = {}  # thread -> its unfinished line
+        self._blocks: dict[int, list[str]] = {}  # thread -> the traceback it is writing
+
+    def write(self, text: str) -> int:
+        thread = threading.get_ident()
+        with self._lock:
+            pending = self._pending.pop(thread, "") + text
+            while "\n" in pending:
+                line, pending = pending.split("\n", 1)
+                self._line(thread, line + "\n")
+            if pending and thread not in self._blocks and \
+                    not _TRACEBACK.startswith(pending[:len(_TRACEBACK)]):
+                self._stream.write(pending)  # a partial line (a progress bar)
+                pending = ""
+            if pending:
+                self._pending[thread] = pending
+        return len(text)
+
+    def _line(self, thread: int, line: str) -> None:
+        block = self._blocks.get(thread)
+        if block is None:
+            if line.startswith(_TRACEBACK):
+                self._blocks[thread] = [line]
+            else:
+                self._stream.write(line)
+            return
+        block.append(line)
+        if not line.startswith((" ", "\t", _TRACEBACK)) and _EXCEPTION_LINE.match(line):
+            del self._blocks[thread]  # the exception line ends the traceback
+            if not (line.startswith("RuntimeError: Event loop is closed")
+                    and any("call_soon_threadsafe" in b for b in block)):
+                self._stream.write("".join(block))
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _drop_late_read_reports() -> None:
+    """Filters sys.stderr through `_WithoutLateReadReports`, once per process."""
+    if not isinstance(sys.stderr, _WithoutLateReadReports):
+        sys.stderr = _WithoutLateReadReports(sys.stderr)
 
 
 def read_params(saved: SavedRun, abstract_params: Any, *, merge_lora: bool = False,
