@@ -13,6 +13,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from jaxlm.data import dedup, pipeline, shards
 from jaxlm.data.prepare import prepare_shards
 from jaxlm.data.sources import TokenShardSource, expand_globs
+from jaxlm.run.errors import ConfigError
 from tests import data_fixtures as F
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -124,7 +125,7 @@ def test_command_line_tool(prepared, tmp_path):
 
 
 def test_existing_output_needs_overwrite(prepared):
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(ConfigError, match="--overwrite"):
         prepare_shards(prepared["inputs"], prepared["out"], prepared["tok"].path)
 
 

@@ -87,16 +87,16 @@ def test_import_holds_one_param_group_not_the_model(llama_dir, tmp_path):
     for name in os.listdir(tmp_path / "back"):
         if name.endswith(".safetensors"):
             back.update({n: safetensors_io.read_tensor(str(tmp_path / "back" / name), n)
-                         for n, _, _ in safetensors_io.tensor_index(
+                         for n, *_ in safetensors_io.tensor_index(
                              [str(tmp_path / "back" / name)])})
     assert back.keys() == tensors.keys()
     for name, tensor in tensors.items():
         np.testing.assert_array_equal(back[name], tensor, err_msg=name)
 
 
-def test_a_failed_import_leaves_no_complete_checkpoint(llama_dir, tmp_path, monkeypatch):
-    """A read that fails half-way through the save raises and leaves only orbax's temporary
-    step directory, which no restore treats as a checkpoint; a rerun replaces it."""
+def test_a_failed_import_leaves_no_output(llama_dir, tmp_path, monkeypatch):
+    """A read that fails half-way through the save raises and leaves neither the output
+    directory nor its partial copy; a rerun needs no --overwrite."""
     hf_dir, _, _ = llama_dir
     read, calls = safetensors_io.read_tensor, []
 
@@ -110,10 +110,10 @@ def test_a_failed_import_leaves_no_complete_checkpoint(llama_dir, tmp_path, monk
     out = tmp_path / "jx"
     with pytest.raises(OSError, match="read error"):
         hf.import_hf(hf_dir, str(out))
-    assert len(calls) == 20 and ckpt_lib.complete_steps(str(out / hf.CHECKPOINTS)) == []
-    assert not (out / hf.CONFIG_FILE).exists()
+    assert len(calls) == 20 and not out.exists()
+    assert os.listdir(tmp_path) == []
     monkeypatch.setattr(safetensors_io, "read_tensor", read)
-    hf.import_hf(hf_dir, str(out), overwrite=True)
+    hf.import_hf(hf_dir, str(out))
     assert ckpt_lib.complete_steps(str(out / hf.CHECKPOINTS)) == [hf.IMPORT_STEP]
 
 

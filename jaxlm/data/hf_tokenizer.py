@@ -158,10 +158,18 @@ class HFTokenizer:
         if not self.chat_template:
             raise ValueError(f"tokenizer {self.path} has no chat template "
                              f"({TOKENIZER_CONFIG} chat_template or {CHAT_TEMPLATE_FILE})")
+        import jinja2
+
         variables = {k: v for k, v in self.special_token_strings.items() if v is not None}
-        return _compiled(self.chat_template).render(
-            messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
-            tools=None, documents=None, **variables)
+        try:
+            return _compiled(self.chat_template).render(
+                messages=[dict(m) for m in messages],
+                add_generation_prompt=add_generation_prompt, tools=None, documents=None,
+                **variables)
+        except jinja2.TemplateError as e:  # a syntax error, raise_exception, or the sandbox
+            raise ConfigError(f"the chat template of tokenizer {self.path} cannot be rendered "
+                              f"({type(e).__name__}: {' '.join(str(e).split())})",
+                              key="chat.template") from None
 
     def __getstate__(self) -> dict:
         return {"path": self.path, "files": self._files}

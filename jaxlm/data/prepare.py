@@ -24,6 +24,8 @@ import numpy as np
 from jaxlm.data import cache, shards, sources
 from jaxlm.data import dedup as dedup_lib
 from jaxlm.data.tokenizer import Tokenizer, load_tokenizer
+from jaxlm.run.errors import DataError
+from jaxlm.weights import write
 
 # Documents tokenized per sentencepiece call, and between progress counter updates.
 _ENCODE_BATCH = 256
@@ -54,6 +56,7 @@ def _write_shard(task: tuple[int, int, np.ndarray, str]) -> dict[str, Any]:
     """Tokenizes the documents at `indices` into shard `index`; returns its manifest entry."""
     index, count, indices, output_dir = task
     source, tokenizer, counters = _worker["source"], _worker["tokenizer"], _worker["counters"]
+    not_text_before = source.not_text
     name = shards.shard_name(index, count)
     tmp_path = os.path.join(output_dir, f".tmp-{name}")
     writer = shards.ShardWriter(tmp_path, shards.token_dtype(tokenizer.vocab_size))
@@ -82,7 +85,8 @@ def _write_shard(task: tuple[int, int, np.ndarray, str]) -> dict[str, Any]:
                 counters[1] += batch_tokens
     entry = writer.close()
     os.replace(tmp_path, os.path.join(output_dir, name))
-    return {**entry, "name": name, "skipped_records": skipped, "empty_documents": empty}
+    return {**entry, "name": name, "skipped_records": skipped, "empty_documents": empty,
+            "not_text_documents": source.not_text - not_text_before}
 
 
 def prepare_shards(inputs: Sequence[str], output_dir: str, tokenizer_path: str, *,
@@ -90,29 +94,51 @@ def prepare_shards(inputs: Sequence[str], output_dir: str, tokenizer_path: str, 
                    docs_per_shard: int = 100_000, num_workers: int = 0,
                    skip_bad_records: bool = False, overwrite: bool = False,
                    dedup: dedup_lib.Settings | None = None,
+                   max_bad_text_fraction: float = 0.01,
                    progress: Callable[[str], None] = print,
                    progress_every_s: float = 10.0) -> dict[str, Any]:
     """Writes the shards and manifest of `inputs` (globs) into `output_dir`; returns the manifest.
 
     num_shards=0 picks ceil(kept documents / docs_per_shard), at least num_workers.
     num_workers=0 tokenizes in this process. `dedup` defaults to near-duplicate removal.
+    `output_dir` is written through `jaxlm.weights.write.output_directory`: new or empty
+    unless `overwrite`, never holding an input, and complete or absent. Inputs without a
+    document of text, or with more than `max_bad_text_fraction` of their documents not UTF-8
+    text (binary files), are refused.
     """
     dedup = dedup or dedup_lib.Settings()
     t0 = time.perf_counter()
     paths = sources.expand_globs(inputs, "--input")
-    if os.path.exists(shards.manifest_path(output_dir)) and not overwrite:
-        raise FileExistsError(f"{shards.manifest_path(output_dir)} exists; pass --overwrite or "
-                              "choose another --output_dir")
-    os.makedirs(output_dir, exist_ok=True)
-    for name in os.listdir(output_dir):  # shards of an overwritten run
-        if name.startswith("shard-") and name.endswith(shards.SUFFIX):
-            os.remove(os.path.join(output_dir, name))
+    write.check_output(output_dir, (*paths, tokenizer_path), overwrite=overwrite,
+                       flag="--output_dir")
     tokenizer = load_tokenizer(tokenizer_path)
     source = sources.RawFilesSource(paths, text_field=text_field, delimiter=text_delimiter,
-                                    skip_bad_records=skip_bad_records)
+                                    skip_bad_records=skip_bad_records,
+                                    max_bad_text_fraction=max_bad_text_fraction)
+    if len(source) == 0:
+        raise DataError(f"the inputs {paths} hold no documents", path=paths[0])
+    with write.output_directory(output_dir, (*paths, tokenizer_path), overwrite=overwrite,
+                                flag="--output_dir") as directory:
+        manifest = _prepare(source, paths, directory, tokenizer, text_field=text_field,
+                            text_delimiter=text_delimiter, num_shards=num_shards,
+                            docs_per_shard=docs_per_shard, num_workers=num_workers,
+                            dedup=dedup, max_bad_text_fraction=max_bad_text_fraction,
+                            progress=progress, progress_every_s=progress_every_s, t0=t0)
+    seconds, num_tokens = manifest["seconds"], manifest["num_tokens"]
+    progress(f"wrote {manifest['num_documents']:,} documents, {num_tokens:,} tokens in "
+             f"{seconds:.1f}s ({num_tokens / max(seconds, 1e-9):,.0f} tokens/s); skipped "
+             f"{manifest['skipped_records']} malformed records, {manifest['empty_documents']} "
+             f"empty documents -> {output_dir}")
+    return manifest
+
+
+def _prepare(source: sources.RawFilesSource, paths: list[str], output_dir: str,
+             tokenizer: Tokenizer, *, text_field: str, text_delimiter: str, num_shards: int,
+             docs_per_shard: int, num_workers: int, dedup: dedup_lib.Settings,
+             max_bad_text_fraction: float, progress: Callable[[str], None],
+             progress_every_s: float, t0: float) -> dict[str, Any]:
+    """The shards and manifest of `source` written into the (new, empty) `output_dir`."""
     total = len(source)
-    if total == 0:
-        raise ValueError(f"the inputs {paths} hold no documents")
     report = dedup_lib.Report(dedup.mode, dedup.threshold)
     kept = np.arange(total, dtype=np.int64)
     if dedup.enabled:
@@ -141,6 +167,7 @@ def prepare_shards(inputs: Sequence[str], output_dir: str, tokenizer_path: str, 
                 os.remove(os.path.join(output_dir, name))
         raise
     entries.sort(key=lambda e: e["name"])
+    _check_text(paths, entries, max_bad_text_fraction)
     seconds = time.perf_counter() - t0
     num_tokens = sum(e["tokens"] for e in entries)
     manifest = {
@@ -160,11 +187,25 @@ def prepare_shards(inputs: Sequence[str], output_dir: str, tokenizer_path: str, 
         "seconds": round(seconds, 3),
     }
     cache.write_json_atomic(shards.manifest_path(output_dir), manifest)
-    progress(f"wrote {manifest['num_documents']:,} documents, {num_tokens:,} tokens in "
-             f"{seconds:.1f}s ({num_tokens / max(seconds, 1e-9):,.0f} tokens/s); skipped "
-             f"{manifest['skipped_records']} malformed records, {manifest['empty_documents']} "
-             f"empty documents -> {output_dir}")
     return manifest
+
+
+def _check_text(paths: list[str], entries: list[dict[str, Any]],
+                max_bad_text_fraction: float) -> None:
+    """Refuses shards without a document, or with more than `max_bad_text_fraction` of the
+    documents read not UTF-8 text (the inputs were binary)."""
+    written = sum(e["documents"] for e in entries)
+    read = written + sum(e["empty_documents"] + e["skipped_records"] for e in entries)
+    not_text = sum(e.pop("not_text_documents") for e in entries)
+    if not_text > max_bad_text_fraction * read:
+        raise DataError(f"{not_text} of the {read} documents of {paths} are not UTF-8 text "
+                        "(binary, or another encoding), more than --max_bad_text_fraction="
+                        f"{max_bad_text_fraction}; remove or re-encode those files",
+                        path=paths[0])
+    if written == 0:
+        raise DataError(f"the inputs {paths} hold no document with text ({read} empty or "
+                        "skipped); check --input, --text_field and --text_delimiter",
+                        path=paths[0])
 
 
 def _deduplicate(source: sources.RawFilesSource, tokenizer: Tokenizer,

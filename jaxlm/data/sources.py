@@ -249,6 +249,11 @@ class RawFilesSource:
     def __len__(self) -> int:
         return int(self._offsets[-1])
 
+    @property
+    def not_text(self) -> int:
+        """Documents this process has read that were not UTF-8 text (binary, invalid bytes)."""
+        return self._decode.bad
+
     def document_range(self, f: int) -> tuple[int, int]:
         """[start, stop) of the global indices of the documents of file number `f`."""
         return int(self._offsets[f]), int(self._offsets[f + 1])

@@ -20,7 +20,7 @@ import numpy as np
 import sentencepiece as spm
 
 from jaxlm.data import cache
-from jaxlm.run.errors import ConfigError
+from jaxlm.run.errors import ConfigError, DataError, UserError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 # Sentencepiece skips longer sentences; longer lines are cut into pieces of this many chars.
@@ -117,10 +117,17 @@ def load_tokenizer(path: str) -> Tokenizer:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"tokenizer {path} does not exist (check data.tokenizer_path "
                                 "or train one with jaxlm/tools/train_tokenizer.py)")
-    if path.endswith(".json"):
-        from jaxlm.data.hf_tokenizer import HFTokenizer
-        return HFTokenizer(path)  # type: ignore[return-value]
-    return Tokenizer(path)
+    try:
+        if path.endswith(".json"):
+            from jaxlm.data.hf_tokenizer import HFTokenizer
+            return HFTokenizer(path)  # type: ignore[return-value]
+        return Tokenizer(path)
+    except (ValueError, UnicodeDecodeError) as e:  # a file that is no tokenizer (binary, ...)
+        if isinstance(e, UserError):
+            raise
+        message = " ".join(str(e).split())
+        raise DataError(message if path in message else f"{path}: not a readable tokenizer "
+                        f"({type(e).__name__}: {message})", path=path) from None
 
 
 def sidecar_path(model_path: str) -> str:

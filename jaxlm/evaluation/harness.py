@@ -14,8 +14,11 @@ windows; generation is greedy, cut at the request's stop strings.
 from __future__ import annotations
 
 import functools
+import glob
+import os
 from typing import Any
 
+import yaml
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 
@@ -130,6 +133,59 @@ def evaluate(engine: Engine, tasks: list[str], *, include_path: str = "", limit:
                            limit=limit or None, task_manager=_task_manager(include_path,
                                                                            tuple(tasks)),
                            log_samples=log_samples, bootstrap_iters=0)
+
+
+def check_tasks(tasks: list[str], include_path: str = "") -> None:
+    """Refuses, in one line naming it, an --include_path that is not a directory, a task YAML
+    under it that does not parse, and a task the harness does not know (with close names);
+    before any checkpoint is read. Parsing runs nothing: a task folder's `!function` code is
+    imported only when its task is built."""
+    import difflib
+
+    from jaxlm.run.errors import ConfigError
+
+    if include_path:
+        if not os.path.isdir(include_path):
+            raise ConfigError(f"--include_path={include_path} is not a directory")
+        for path in sorted(glob.glob(os.path.join(include_path, "**", "*.yaml"),
+                                     recursive=True)):
+            _check_yaml(path)
+    if not tasks:
+        return
+    try:
+        known = set(_task_manager(include_path, tuple(tasks)).all_tasks)
+    except ImportError as e:
+        raise ConfigError(f"harness tasks {tasks} need the lm-eval package "
+                          f"(pip install -e '.[eval]'): {e}") from None
+    for task in tasks:
+        if task not in known:
+            close = difflib.get_close_matches(task, sorted(known), n=3, cutoff=0.75)
+            hint = f"; did you mean {', '.join(close)}?" if close else (
+                " (a local task: give its folder with --include_path)" if not include_path
+                else f" (nor is it in {include_path})")
+            raise ConfigError(f"--tasks: {task!r} is neither a built-in nor a harness task"
+                              f"{hint}")
+
+
+class _TaskYaml(yaml.SafeLoader):
+    """YAML with the harness's tags (`!function ...`) read as plain values, never resolved."""
+
+
+_TaskYaml.add_multi_constructor("!", lambda loader, suffix, node: None)
+
+
+def _check_yaml(path: str) -> None:
+    from jaxlm.run.errors import ConfigError
+
+    try:
+        with open(path, "rb") as f:
+            config = yaml.load(f, Loader=_TaskYaml)  # noqa: S506  (SafeLoader, tags inert)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--include_path: {path} is not valid YAML "
+                          f"({' '.join(str(e).split())})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"--include_path: {path} is not a task (a YAML mapping with task: "
+                          f"..., got {type(config).__name__})")
 
 
 @functools.lru_cache(maxsize=4)

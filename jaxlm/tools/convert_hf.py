@@ -10,13 +10,15 @@
 tokenizer reference), <out_dir>/config.py (a run config whose init_from points at it) and a copy
 of the tokenizer (tokenizer.json with its config and chat template, or a sentencepiece
 tokenizer.model). `export` writes config.json, safetensors that transformers' from_pretrained
-loads, and the tokenizer files. Both stream tensor by tensor; see docs/hf.md.
+loads, and the tokenizer files. Both stream tensor by tensor; see docs/hf.md. --out_dir must be
+a new or empty directory outside the input (--overwrite replaces a non-empty one); it appears
+only once complete (`jaxlm.weights.write`).
 """
 
 
 from absl import app, flags
 
-from jaxlm.run import errors
+from jaxlm.run import console, errors
 from jaxlm.weights.hf import convert as hf
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "import: HF model directory (config.json + "
@@ -31,11 +33,17 @@ _DTYPE = flags.DEFINE_string("dtype", "", "export: dtype of the HF weights (floa
                              "float16); '' = the checkpoint's param dtype.")
 _SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "export: split the safetensors into files of "
                                "at most this many GiB.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a non-empty output directory.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a non-empty output directory "
+                               "(never the input).")
 flags.mark_flag_as_required("out_dir")
 
 
 def main(argv: list[str]) -> None:
+    with console.quiet(None):  # orbax's save and restore lines stay off the console
+        errors.run_main(_convert, argv)
+
+
+def _convert(argv: list[str]) -> None:
     if len(argv) != 2 or argv[1] not in ("import", "export"):
         raise app.UsageError("usage: convert_hf.py import|export --out_dir=... "
                              "(--hf_dir=... | --checkpoint_dir=...)")
@@ -56,4 +64,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: errors.run_main(main, argv))
+    app.run(main)

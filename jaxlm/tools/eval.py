@@ -8,6 +8,10 @@
 The checkpoint is picked as by `python -m jaxlm.tools.generate` (--workdir, --step). A table goes to
 stdout and the results (harness layout, plus the run config, checkpoint step and throughput) to
 <workdir>/eval/results_step<N>.json (or --output). Flags only; `run(options)` does the work.
+The flags and the task list (every name known, every YAML under --include_path parsed) are
+checked before the checkpoint is read. A task folder is code: lm-eval imports the Python files
+its YAML names with `!function` when the task is built, so give --include_path only folders you
+would run.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import sys
 from typing import IO, Any
 
 from absl import app, flags
+
+from jaxlm.run import errors
 
 
 @dataclasses.dataclass
@@ -50,7 +56,8 @@ def _define_flags() -> None:
                         "task names; empty with --reward_model.")
     flags.DEFINE_integer("batch_size", d["batch_size"].default, "Requests per batch.")
     flags.DEFINE_integer("limit", 0, "Examples per task at most (0 = built-in defaults / all).")
-    flags.DEFINE_string("include_path", "", "Folder of harness task YAML files.")
+    flags.DEFINE_string("include_path", "", "Folder of harness task YAML files (code: its "
+                        "!function entries import Python files from it).")
     flags.DEFINE_integer("num_fewshot", -1, "Harness few-shot examples; -1 = the task's.")
     flags.DEFINE_integer("max_length", 0, "Context length; 0 = the model's max_seq_len.")
     flags.DEFINE_integer("tensor", 1, "Tensor-parallel mesh size (heads over devices).")
@@ -76,6 +83,33 @@ def _options_from_flags() -> Options:
                       for f in dataclasses.fields(Options)})
 
 
+def check_options(opts: Options) -> None:
+    """Refuses, naming the flag, a bad option or an unknown task; before anything is loaded."""
+    from jaxlm.evaluation.results import split_tasks
+    from jaxlm.models.kv_cache import KV_CACHE_FLAG
+    from jaxlm.models.quant.spec import from_preset
+
+    if not opts.tasks and not opts.reward_model:
+        raise errors.ConfigError("give --tasks and/or --reward_model")
+    for flag, value in (("batch_size", opts.batch_size), ("tensor", opts.tensor),
+                        ("max_new_tokens", opts.max_new_tokens)):
+        if value < 1:
+            raise errors.ConfigError(f"--{flag}={value}: must be >= 1")
+    if opts.kv_cache and opts.kv_cache not in KV_CACHE_FLAG:
+        raise errors.ConfigError(f"--kv_cache={opts.kv_cache!r} is not one of "
+                                 f"{list(KV_CACHE_FLAG)}")
+    if opts.quantize:
+        from_preset(opts.quantize, opts.quant_tile_size)
+    _, harness_tasks = split_tasks(opts.tasks)
+    if harness_tasks or opts.include_path:
+        try:
+            from jaxlm.evaluation import harness
+        except ImportError as e:
+            raise errors.ConfigError(f"harness tasks {harness_tasks} need the lm-eval package "
+                                     f"(pip install -e '.[eval]'): {e}") from None
+        harness.check_tasks(harness_tasks, opts.include_path)
+
+
 def run(opts: Options, stdout: IO[str] = sys.stdout) -> dict[str, Any]:
     """Evaluates the checkpoint; prints a table, writes the results JSON, returns the results."""
     from jaxlm.evaluation import results as results_lib
@@ -84,8 +118,7 @@ def run(opts: Options, stdout: IO[str] = sys.stdout) -> dict[str, Any]:
     from jaxlm.models.kv_cache import with_kv_cache
     from jaxlm.parallel import sharding
 
-    if not opts.tasks and not opts.reward_model:
-        raise ValueError("give --tasks and/or --reward_model")
+    check_options(opts)
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": opts.tensor, "pipeline": 1})
     target = load_target(opts.workdir, None if opts.step < 0 else opts.step, mesh,
                          opts.hf_tokenizer)
@@ -122,10 +155,10 @@ def run(opts: Options, stdout: IO[str] = sys.stdout) -> dict[str, Any]:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        run(_options_from_flags())
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    from jaxlm.run import console
+
+    with console.quiet(None):  # orbax's restore lines and jax's backend probing stay quiet
+        errors.run_main(lambda: run(_options_from_flags()))
 
 
 if __name__ == "__main__":

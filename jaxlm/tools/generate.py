@@ -8,7 +8,9 @@
     python -m jaxlm.tools.generate --workdir=DIR --score --input=texts.txt   # JSON lines
     python -m jaxlm.tools.generate --workdir=SFT_RUN --chat
 
-Flags only; the work is done by `run(options)`, which tests call directly.
+Flags only; the work is done by `run(options)`, which tests call directly. Every flag is
+checked before the checkpoint is read, and the KV cache that the prompts and --max_new_tokens
+need is checked against the free memory before it is allocated.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 from typing import IO, Any
 
@@ -143,7 +146,7 @@ class _Session:
         if token == self.tok.unk_id or self.tok.id_to_piece(token) != piece:
             ids = self.tok.encode(piece)
             if len(ids) != 1:
-                raise ValueError(f"--stop={piece!r} is not one token of the vocabulary "
+                raise errors.ConfigError(f"--stop={piece!r} is not one token of the vocabulary "
                                  f"(it encodes to {len(ids)} tokens)")
             token = ids[0]
         return token
@@ -172,18 +175,19 @@ class _Session:
         from jaxlm.inference.sampler import Request
 
         o = self.opts
-        if o.early_stopping not in EARLY_STOPPING:
-            raise ValueError(f"--early_stopping={o.early_stopping!r} is not one of "
-                             f"{list(EARLY_STOPPING)}")
         requests = [Request(ids, o.max_new_tokens, self.stop_ids + extra_stop)
                     for ids in prompts]
-        sampling = SamplingParams(o.temperature, o.top_k, o.top_p, o.min_p, o.repetition_penalty)
-        self.acceptance_rate = None
+        draft = None
         if o.draft_workdir:
-            from jaxlm.models.kv_cache import with_kv_cache
             from jaxlm.weights.restore import restore
             draft = restore(o.draft_workdir, None if o.draft_step < 0 else o.draft_step,
                             self.mesh)
+        self.check_memory(prompts, draft.model_cfg if draft is not None else None)
+        sampling = SamplingParams(o.temperature, o.top_k, o.top_p, o.min_p, o.repetition_penalty)
+        self.acceptance_rate = None
+        if draft is not None:
+            from jaxlm.models.kv_cache import with_kv_cache
+
             out = self.sampler.speculative(requests, with_kv_cache(draft.model_cfg, o.kv_cache),
                                            draft.params, o.num_draft, sampling, o.seed)
             self.acceptance_rate = self.sampler.last_acceptance_rate
@@ -196,6 +200,94 @@ class _Session:
             out = self.sampler.generate(requests, sampling, o.seed)
         self.last_tokens = [c.tokens for c in out]
         return [self.decode_new([t for t in c.tokens if t not in extra_stop]) for c in out]
+
+
+    def check_memory(self, prompts: list[list[int]], draft_cfg: Any = None) -> None:
+        """Refuses, naming --max_new_tokens, prompts whose decoding would outgrow the model's
+        learned position table, or whose KV cache (all rows, prompt + new tokens) would not
+        fit in the memory that is free; before anything is allocated."""
+        from jaxlm.models.kv_cache import with_kv_cache
+
+        o = self.opts
+        cfg = self.sampler.cfg
+        longest = max(len(p) for p in prompts)
+        if cfg.position_embedding == "learned" and longest + o.max_new_tokens > cfg.max_seq_len:
+            raise errors.ConfigError(
+                f"--max_new_tokens={o.max_new_tokens}: a prompt of {longest} tokens plus that "
+                f"many new ones exceeds the model's {cfg.max_seq_len} learned positions")
+        rows = len(prompts) * max(o.num_beams, o.best_of)
+        length = longest + o.max_new_tokens * (o.num_draft + 1 if draft_cfg else 1)
+        padded = -(-longest // self.sampler.bucket) * self.sampler.bucket
+        need = decode_bytes(cfg, rows, padded, length)
+        if draft_cfg is not None:
+            need += decode_bytes(with_kv_cache(draft_cfg, o.kv_cache), rows, padded, length)
+        free, where = free_memory(self.mesh)
+        if need > free:
+            raise errors.ConfigError(
+                f"--max_new_tokens={o.max_new_tokens}: decoding {rows} row(s) of {length} "
+                f"positions needs about {need / 2**30:.1f} GiB, more than the "
+                f"{free / 2**30:.1f} GiB free {where}; ask for fewer new tokens or prompts")
+
+
+def kv_cache_bytes(cfg: Any, rows: int, length: int) -> int:
+    """Bytes of the KV cache of `rows` sequences of `length` positions of the model `cfg`
+    (shapes only: nothing is allocated)."""
+    import jax
+    import numpy as np
+
+    from jaxlm.inference.decode import TransformerLM
+
+    shapes = jax.eval_shape(lambda: TransformerLM(cfg).init_cache(rows, length))
+    return sum(int(np.prod(x.shape, dtype=np.int64)) * x.dtype.itemsize
+               for x in jax.tree.leaves(shapes))
+
+
+def decode_bytes(cfg: Any, rows: int, prompt: int, length: int) -> int:
+    """About the device memory that decoding `rows` prompts of `prompt` tokens to `length`
+    positions takes beyond the params: the KV cache twice (the decode loop's carry and its
+    update) and the prefill's float32 attention scores of the prompt against the cache
+    (compiled programs of a 1-layer model measured 3.5x the cache; this gives 3x)."""
+    scores = rows * cfg.num_heads * prompt * length * 4
+    return 2 * kv_cache_bytes(cfg, rows, length) + scores
+
+
+def free_memory(mesh: Any) -> tuple[int, str]:
+    """(bytes free for arrays spread over the mesh, where): the devices' free memory times
+    their number on accelerators; the host's available memory on CPU."""
+    devices = list(mesh.devices.flat)
+    stats = [d.memory_stats() or {} for d in devices]
+    if devices[0].platform != "cpu" and all("bytes_limit" in s for s in stats):
+        per_device = min(s["bytes_limit"] - s.get("bytes_in_use", 0) for s in stats)
+        return per_device * len(devices), f"on {len(devices)} {devices[0].platform} device(s)"
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024, "in host memory"
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "in host memory"
+
+
+def read_texts(path: str) -> list[str]:
+    """The non-blank lines of the --input file of --score; refused naming the file when it is
+    missing, not UTF-8 text, or holds no text."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise errors.MissingFileError(f"--input={path} does not exist", path=path) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise errors.DataError(f"--input={path} is not UTF-8 text ({e.reason} at byte "
+                               f"{e.start}); give one text per line", path=path) from None
+    if "\x00" in text:
+        raise errors.DataError(f"--input={path} is binary (NUL bytes), not one text per line",
+                               path=path)
+    lines = [line for line in text.split("\n") if line.strip()]
+    if not lines:
+        raise errors.DataError(f"--input={path} holds no text; give one text per line",
+                               path=path)
+    return lines
 
 
 def score_lines(session: _Session, lines: list[str]) -> list[dict[str, Any]]:
@@ -263,24 +355,50 @@ def check_combination(opts: Options) -> None:
     ]
     for clash, what in clashes:
         if clash:
-            raise ValueError(f"{what} cannot be combined; drop one")
+            raise errors.ConfigError(f"{what} cannot be combined; drop one")
+
+
+def check_options(opts: Options) -> None:
+    """Refuses, naming the flag, every option that is out of range or clashes with another;
+    called before the checkpoint is read."""
+    from jaxlm.inference.processing import SamplingParams
+    from jaxlm.models.kv_cache import KV_CACHE_FLAG
+    from jaxlm.models.quant.spec import from_preset
+
+    modes = sum([bool(opts.prompts), opts.score, opts.chat])
+    if modes != 1:
+        raise errors.ConfigError("give exactly one of --prompt, --score (with --input) or "
+                                 "--chat")
+    if opts.score and not opts.input:
+        raise errors.ConfigError("--score needs --input=FILE (one text per line)")
+    if opts.input and not opts.score:
+        raise errors.ConfigError("--input is read by --score only")
+    check_combination(opts)
+    if opts.kv_cache and opts.kv_cache not in KV_CACHE_FLAG:
+        raise errors.ConfigError(f"--kv_cache={opts.kv_cache!r} is not one of "
+                                 f"{list(KV_CACHE_FLAG)}")
+    if opts.early_stopping not in EARLY_STOPPING:
+        raise errors.ConfigError(f"--early_stopping={opts.early_stopping!r} is not one of "
+                                 f"{list(EARLY_STOPPING)}")
+    for flag, value in (("max_new_tokens", opts.max_new_tokens), ("num_beams", opts.num_beams),
+                        ("best_of", opts.best_of), ("num_draft", opts.num_draft),
+                        ("tensor", opts.tensor)):
+        if value < 1:
+            raise errors.ConfigError(f"--{flag}={value}: must be >= 1")
+    if opts.quantize:
+        from_preset(opts.quantize, opts.quant_tile_size)
+    try:
+        SamplingParams(opts.temperature, opts.top_k, opts.top_p, opts.min_p,
+                       opts.repetition_penalty).check()
+    except ValueError as e:
+        raise errors.ConfigError(str(e).replace("sampling setting ", "--")) from None
 
 
 def run(opts: Options, stdin: IO[str] = sys.stdin, stdout: IO[str] = sys.stdout) -> None:
-    from jaxlm.models.kv_cache import KV_CACHE_FLAG
-
-    check_combination(opts)
-    if opts.kv_cache and opts.kv_cache not in KV_CACHE_FLAG:
-        raise ValueError(f"--kv_cache={opts.kv_cache!r} is not one of {list(KV_CACHE_FLAG)}")
-    modes = sum([bool(opts.prompts), opts.score, opts.chat])
-    if modes != 1:
-        raise ValueError("give exactly one of --prompt, --score (with --input) or --chat")
-    if opts.score and not opts.input:
-        raise ValueError("--score needs --input=FILE (one text per line)")
+    check_options(opts)
+    lines = read_texts(opts.input) if opts.score else []
     session = _Session(opts)
     if opts.score:
-        with open(opts.input) as f:
-            lines = [line.rstrip("\n") for line in f if line.strip()]
         for row in score_lines(session, lines):
             print(json.dumps(row), file=stdout)
     elif opts.chat:

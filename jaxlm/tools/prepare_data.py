@@ -9,7 +9,9 @@ then train with `--config.data.source=arrayrecord
 (--dedup=near by default: exact and MinHash near duplicates, the first copy kept; --dedup=off for
 a corpus deduplicated upstream), the counts printed and stored in the manifest. Worker processes
 tokenize contiguous ranges of documents, one shard each at a time; progress and throughput are
-printed. The format is described in jaxlm/data/shards.py.
+printed. The format is described in jaxlm/data/shards.py. --output_dir must be new or empty
+(--overwrite replaces it) and may not hold an input; it appears only once complete, and inputs
+with no text, or binary ones, are refused.
 """
 
 import os
@@ -40,7 +42,10 @@ _DEDUP = flags.DEFINE_enum("dedup", "near", list(dedup.MODES),
                            "Remove duplicate documents before tokenizing (jaxlm/data/dedup.py).")
 _DEDUP_THRESHOLD = flags.DEFINE_float("dedup_threshold", 0.8, "Jaccard similarity of near "
                                       "duplicates (with --dedup=near).")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing output directory.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a non-empty --output_dir (never one "
+                               "holding an input).")
+_MAX_BAD_TEXT = flags.DEFINE_float("max_bad_text_fraction", 0.01, "Refuse inputs of which more "
+                                   "than this fraction of documents are not UTF-8 text.")
 _VERIFY = flags.DEFINE_bool("verify", True, "Read back every record of the written shards.")
 _VERIFY_ONLY = flags.DEFINE_bool("verify_only", False, "Only check every record of the shards "
                                  "in --output_dir (no --input/--tokenizer needed).")
@@ -70,7 +75,7 @@ def main(argv: list[str]) -> None:
                    text_delimiter=_TEXT_DELIMITER.value.replace("\\n", "\n"),
                    num_shards=_NUM_SHARDS.value, docs_per_shard=_DOCS_PER_SHARD.value,
                    num_workers=_NUM_WORKERS.value, skip_bad_records=_SKIP_BAD.value,
-                   overwrite=_OVERWRITE.value,
+                   overwrite=_OVERWRITE.value, max_bad_text_fraction=_MAX_BAD_TEXT.value,
                    dedup=dedup.Settings(_DEDUP.value, _DEDUP_THRESHOLD.value),
                    progress=lambda line: print(line, flush=True))
     if _VERIFY.value:

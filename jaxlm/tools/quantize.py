@@ -9,12 +9,11 @@ quantized per token when the model runs). --tile_size: 0 = one scale per output 
 T = one per T inputs (sub-channel). The output is a checkpoint directory holding the quantized
 params (the QArray tree), the run's config with its `quant` section set and the run's extras
 (tokenizer), at the same step; `jaxlm.tools.generate` and `jaxlm.tools.eval` load it like any run
-(docs/quantization.md).
+(docs/quantization.md). --out must be a new or empty directory outside the run (--overwrite
+replaces a non-empty one); it appears only once complete (`jaxlm.weights.write`).
 """
 
 from __future__ import annotations
-
-import sys
 
 from absl import app, flags
 
@@ -28,33 +27,40 @@ def _define_flags() -> None:
     flags.DEFINE_integer("step", -1, "Checkpoint step; -1 = the newest.")
     flags.DEFINE_string("quantize", "int8", "int8, int4, nf4 or int8_dynamic.")
     flags.DEFINE_integer("tile_size", 0, "Inputs per scale (0 = per output channel).")
-    flags.DEFINE_string("out", None, "Output checkpoint directory.")
+    flags.DEFINE_string("out", None, "Output checkpoint directory (new or empty).")
+    flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out (never the run itself).")
 
 
 def quantize_checkpoint(workdir: str, out: str, preset: str, tile_size: int = 0,
-                        step: int | None = None) -> int:
+                        step: int | None = None, *, overwrite: bool = False) -> int:
     """Writes the `preset`-quantized params of `workdir`'s checkpoint (step None: newest) to
     `out`; returns the step written."""
     from jaxlm.models.quant.convert import quantize_loaded
-    from jaxlm.weights.restore import restore
-    from jaxlm.weights.write import write_params_checkpoint
+    from jaxlm.models.quant.spec import from_preset
+    from jaxlm.weights.restore import read_checkpoint, restore
+    from jaxlm.weights.write import output_directory, write_params_checkpoint
 
-    quantized = quantize_loaded(restore(workdir, step), preset, tile_size)
-    write_params_checkpoint(out, quantized.step, quantized.params, quantized.config,
-                            quantized.extra)
+    from_preset(preset, tile_size)  # a bad --quantize before anything is read
+    saved = read_checkpoint(workdir, step)
+    with output_directory(out, (workdir, *saved.sources), overwrite=overwrite,
+                          flag="--out") as directory:
+        quantized = quantize_loaded(restore(saved.directory, saved.step), preset, tile_size)
+        write_params_checkpoint(directory, quantized.step, quantized.params, quantized.config,
+                                quantized.extra)
     return quantized.step
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        f = flags.FLAGS
-        step = quantize_checkpoint(f.workdir, f.out, f.quantize, f.tile_size,
-                                   None if f.step < 0 else f.step)
-    except (ValueError, FileNotFoundError, errors.ConfigError) as e:
-        sys.exit(f"error: {e}")
-    print(f"{flags.FLAGS.quantize} params of step {step} -> {flags.FLAGS.out}")
+    from jaxlm.run import console
+
+    f = flags.FLAGS
+    with console.quiet(None):  # orbax's save and restore lines stay off the console
+        step = errors.run_main(lambda: quantize_checkpoint(
+            f.workdir, f.out, f.quantize, f.tile_size, None if f.step < 0 else f.step,
+            overwrite=f.overwrite))
+    print(f"{f.quantize} params of step {step} -> {f.out}")
 
 
 if __name__ == "__main__":

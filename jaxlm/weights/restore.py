@@ -24,6 +24,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import sys
+import threading
+import time
 from typing import Any
 
 import flax.linen as nn
@@ -40,7 +44,7 @@ from jaxlm.models import ModelConfig, Transformer, lora
 from jaxlm.parallel import sharding
 from jaxlm.run import checkpoint
 from jaxlm.run import config as config_lib
-from jaxlm.run.errors import ConfigError
+from jaxlm.run.errors import CheckpointError, ConfigError, UserError
 from jaxlm.run.train_state import abstract_boxed_params
 
 # The checkpoints directory of a run's workdir.
@@ -79,6 +83,13 @@ class SavedRun:
     def has_lora(self) -> bool:
         return self.config is not None and bool(self.config.model.lora.rank)
 
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """What a model made from this checkpoint still reads: its checkpoint directory and its
+        tokenizer file (a tool's output may overlap neither)."""
+        tokenizer = self.extra.get("tokenizer_path", "")
+        return (self.directory, tokenizer) if tokenizer else (self.directory,)
+
 
 def read_checkpoint(path: str, step: int | None = None) -> SavedRun:
     """The saved run config and extras of the newest (or `step`) complete checkpoint of a run's
@@ -110,9 +121,9 @@ def saved_tokenizer(saved: SavedRun) -> Tokenizer | None:
     tokenizer = load_tokenizer(path)
     want = saved.extra.get("tokenizer_sha256")
     if want and tokenizer.sha256 != want:
-        raise ValueError(f"tokenizer {path} has changed since checkpoint {saved.step} in "
+        raise CheckpointError(f"tokenizer {path} has changed since checkpoint {saved.step} in "
                          f"{saved.directory} was written (sha256 {tokenizer.sha256[:12]} != "
-                         f"{want[:12]})")
+                         f"{want[:12]})", path=path)
     return tokenizer
 
 
@@ -261,6 +272,88 @@ def _merge_on_device(params: Any, out_shardings: Any, saved: SavedRun) -> Any:
     return merged
 
 
+def _restore_params(saved: SavedRun, abstract_params: Any, subset: bool) -> Any:
+    """`checkpoint.restore_params` of the saved step; a failure to read its files (truncated,
+    removed, not a checkpoint) is a CheckpointError naming the step."""
+    _drop_late_read_reports()  # reads still in flight when one fails report on stderr
+    try:
+        return checkpoint.restore_params(saved.directory, saved.step, abstract_params,
+                                         subset=subset)
+    except (UserError, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many types)
+        time.sleep(_LATE_READS_S)  # their reports land in the filter, not after exit
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        raise CheckpointError(f"checkpoint {saved.step} in {saved.directory} cannot be read "
+                              f"({type(e).__name__}: {reason}); if its files are truncated or "
+                              "damaged, choose another step or copy or save it again",
+                              path=saved.directory) from e
+
+
+# Seconds a failed restore waits for the reads still in flight, so that they report (to the
+# filter below) before the process goes on or exits (when the filter is gone).
+_LATE_READS_S = 1.0
+_TRACEBACK = "Traceback (most recent call last):"
+# The last line of a traceback: an exception class (capitalised, maybe dotted) and its message.
+_EXCEPTION_LINE = re.compile(r"^[A-Z][\w.]*(: |\n|$)")
+
+
+class _WithoutLateReadReports:
+    """A text stream (sys.stderr) that drops the tracebacks of reads finishing after their
+    failed restore: orbax closes the restore's event loop when the first read fails, and each
+    read still in flight then reports `RuntimeError: Event loop is closed` from
+    `call_soon_threadsafe` when it completes (tens of tracebacks after the one-line error).
+    Lines are assembled per writing thread (those reports come from several threads at
+    once, in fragments); everything else passes through unchanged."""
+
+    def __init__(self, stream: Any):
+        self._stream, self._lock = stream, threading.Lock()
+        self._pending: dict[int, str] = {}  # thread -> its unfinished line
+        self._blocks: dict[int, list[str]] = {}  # thread -> the traceback it is writing
+
+    def write(self, text: str) -> int:
+        thread = threading.get_ident()
+        with self._lock:
+            pending = self._pending.pop(thread, "") + text
+            while "\n" in pending:
+                line, pending = pending.split("\n", 1)
+                self._line(thread, line + "\n")
+            if pending and thread not in self._blocks and \
+                    not _TRACEBACK.startswith(pending[:len(_TRACEBACK)]):
+                self._stream.write(pending)  # a partial line (a progress bar)
+                pending = ""
+            if pending:
+                self._pending[thread] = pending
+        return len(text)
+
+    def _line(self, thread: int, line: str) -> None:
+        block = self._blocks.get(thread)
+        if block is None:
+            if line.startswith(_TRACEBACK):
+                self._blocks[thread] = [line]
+            else:
+                self._stream.write(line)
+            return
+        block.append(line)
+        if not line.startswith((" ", "\t", _TRACEBACK)) and _EXCEPTION_LINE.match(line):
+            del self._blocks[thread]  # the exception line ends the traceback
+            if not (line.startswith("RuntimeError: Event loop is closed")
+                    and any("call_soon_threadsafe" in b for b in block)):
+                self._stream.write("".join(block))
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _drop_late_read_reports() -> None:
+    """Filters sys.stderr through `_WithoutLateReadReports`, once per process."""
+    if not isinstance(sys.stderr, _WithoutLateReadReports):
+        sys.stderr = _WithoutLateReadReports(sys.stderr)
+
+
 def read_params(saved: SavedRun, abstract_params: Any, *, merge_lora: bool = False,
                 subset: bool = False) -> Any:
     """The saved params named by `abstract_params` (ShapeDtypeStructs with shardings), restored
@@ -284,12 +377,11 @@ def read_params(saved: SavedRun, abstract_params: Any, *, merge_lora: bool = Fal
             if a in shapes and b in shapes:
                 adapters[a], adapters[b] = _adapter_abstract(name, leaf, shapes[a], shapes[b])
         if adapters:
-            params = checkpoint.restore_params(
-                saved.directory, saved.step,
-                traverse_util.unflatten_dict({**flat, **adapters}, sep="/"), subset=subset)
+            params = _restore_params(
+                saved, traverse_util.unflatten_dict({**flat, **adapters}, sep="/"), subset)
             return _merge_on_device(params, jax.tree.map(lambda x: x.sharding, abstract_params),
                                     saved)
-    return checkpoint.restore_params(saved.directory, saved.step, abstract_params, subset=subset)
+    return _restore_params(saved, abstract_params, subset)
 
 
 @dataclasses.dataclass
@@ -337,12 +429,10 @@ def restore(path: str, step: int | None = None, mesh: Mesh | None = None, *,
         if merge_lora and saved.has_lora:
             # The run's own params (adapters, a QLoRA base quantized), then merged on device.
             own = model_config(saved, model_cfg.vocab_size)
-            params = checkpoint.restore_params(saved.directory, saved.step,
-                                               inference_abstract(own, mesh), subset=subset)
+            params = _restore_params(saved, inference_abstract(own, mesh), subset)
             params = _merge_on_device(params, jax.tree.map(lambda x: x.sharding, wanted), saved)
         else:
-            params = checkpoint.restore_params(saved.directory, saved.step, wanted,
-                                               subset=subset)
+            params = _restore_params(saved, wanted, subset)
     config = saved.config
     if merge_lora and config is not None:
         config = _merged_config(config)

@@ -16,6 +16,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from jaxlm.run.errors import ConfigError
+
 MODES = ("none", "ptq", "qat")
 WEIGHT_TYPES = ("int8", "int4", "nf4")
 ACTIVATION_TYPES = ("none", "int8")
@@ -72,6 +74,6 @@ NO_QUANT = QuantSpec()
 def from_preset(name: str, tile_size: int = 0) -> QuantSpec:
     """The ptq spec of a --quantize name (int8, int4, nf4, int8_dynamic)."""
     if name not in PRESETS:
-        raise ValueError(f"--quantize={name!r}: not one of {sorted(PRESETS)}")
+        raise ConfigError(f"--quantize={name!r}: not one of {sorted(PRESETS)}")
     weight, activation = PRESETS[name]
     return QuantSpec("ptq", weight, activation, tile_size)

@@ -27,7 +27,19 @@ _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
 
 
 def _fail(key: str, msg: str) -> None:
-    raise ValueError(f"config.json key {key}: {msg}")
+    raise ConfigError(f"config.json key {key}: {msg}")
+
+
+def _size(hf: dict[str, Any], key: str, *, optional: bool = False) -> Any:
+    """config.json's `key` as a positive integer (None when `optional` and absent or null)."""
+    value = hf.get(key)
+    if value is None and optional:
+        return None
+    if key not in hf:
+        _fail(key, "missing; a size the model needs")
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        _fail(key, f"{value!r}: a size is a positive integer")
+    return value
 
 
 def _refuse(hf: dict[str, Any], unsupported: dict[str, str]) -> None:
@@ -38,9 +50,25 @@ def _refuse(hf: dict[str, Any], unsupported: dict[str, str]) -> None:
             _fail(key, msg)
 
 
-def model_fields(hf: dict[str, Any]) -> dict[str, Any]:
-    """The `model.*` values of a jaxlm run config that computes what `hf` (config.json) does."""
+# The config.json key of the number of layers, by family.
+_LAYERS_KEY = {**{t: "num_hidden_layers" for t in LLAMA_FAMILY + GEMMA_FAMILY},
+               GPT2: "n_layer"}
+
+
+def model_fields(hf: dict[str, Any], num_tensors: int | None = None) -> dict[str, Any]:
+    """The `model.*` values of a jaxlm run config that computes what `hf` (config.json) does.
+
+    `num_tensors`: how many tensors the safetensors files hold; each layer has some, so a
+    config.json with more layers is refused before anything is built for them."""
+    if not isinstance(hf, dict):
+        raise ConfigError(f"config.json: a JSON object is expected, got {type(hf).__name__}")
     model_type = hf.get("model_type")
+    if model_type in _LAYERS_KEY:
+        key = _LAYERS_KEY[model_type]
+        layers = _size(hf, key)
+        if num_tensors is not None and layers > num_tensors:
+            _fail(key, f"{layers} layers, but the safetensors files hold only {num_tensors} "
+                  "tensors")
     if model_type in LLAMA_FAMILY:
         return _llama_fields(hf)
     if model_type in GEMMA_FAMILY:
@@ -132,14 +160,21 @@ def _windows(hf: dict[str, Any]) -> dict[str, int]:
     (Mistral: every layer local; Qwen2: local from max_window_layers on, when
     use_sliding_window; Gemma: layer_types, every k-th layer global)."""
     n, max_len = hf["num_hidden_layers"], hf.get("max_position_embeddings")
-    window = hf.get("sliding_window")
+    window = hf.get("sliding_window") or None  # 0 or null: no window
+    if window is not None:
+        _size(hf, "sliding_window")
     if hf.get("model_type") == "qwen2" and not hf.get("use_sliding_window"):
         window = None
     types = hf.get("layer_types")
     if types is None:
         first_local = hf.get("max_window_layers", 0) if hf.get("model_type") == "qwen2" else 0
+        if isinstance(first_local, bool) or not isinstance(first_local, int):
+            _fail("max_window_layers", f"{first_local!r}: a number of layers is an integer")
         types = ["sliding_attention" if window is not None and i >= first_local
                  else "full_attention" for i in range(n)]
+    if not isinstance(types, list) or len(types) != n:
+        _fail("layer_types", f"a list of one type per layer ({n}) is expected, got "
+              f"{types if not isinstance(types, list) else f'{len(types)} entries'}")
     unknown = set(types) - {"sliding_attention", "full_attention"}
     if unknown:
         _fail("layer_types", f"{sorted(unknown)}: only full_attention and sliding_attention "
@@ -165,12 +200,14 @@ def _llama_fields(hf: dict[str, Any]) -> dict[str, Any]:
         "attention_bias": "biases on all attention projections (including o_proj) are not "
                           "implemented; Qwen2's q/k/v-only biases are (model_type qwen2)",
         "mlp_bias": "MLP biases in a Llama-family model are not implemented"})
-    d, heads = hf["hidden_size"], hf["num_attention_heads"]
+    d, heads = _size(hf, "hidden_size"), _size(hf, "num_attention_heads")
     return {
-        "vocab_size": hf["vocab_size"], "d_model": d, "num_layers": hf["num_hidden_layers"],
-        "num_heads": heads, "num_kv_heads": hf.get("num_key_value_heads") or heads,
-        "head_dim": hf.get("head_dim") or d // heads, "d_ff": hf["intermediate_size"],
-        "max_seq_len": hf["max_position_embeddings"], "position_embedding": "rope",
+        "vocab_size": _size(hf, "vocab_size"), "d_model": d,
+        "num_layers": _size(hf, "num_hidden_layers"), "num_heads": heads,
+        "num_kv_heads": _size(hf, "num_key_value_heads", optional=True) or heads,
+        "head_dim": _size(hf, "head_dim", optional=True) or d // heads,
+        "d_ff": _size(hf, "intermediate_size"),
+        "max_seq_len": _size(hf, "max_position_embeddings"), "position_embedding": "rope",
         "norm": "rmsnorm", "mlp_activation": "swiglu", "use_bias": False,
         "qkv_bias": model_type == "qwen2",
         "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
@@ -208,14 +245,15 @@ def _gemma_fields(hf: dict[str, Any]) -> dict[str, Any]:
         caps[key] = float(cap or 0.0)
     _refuse(hf, {"attention_bias": "not implemented",
                  "use_bidirectional_attention": "not implemented"})
-    d, heads = hf["hidden_size"], hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or d // heads
+    d, heads = _size(hf, "hidden_size"), _size(hf, "num_attention_heads")
+    head_dim = _size(hf, "head_dim", optional=True) or d // heads
     rope = _gemma_rope(hf) if model_type == "gemma3_text" else _rope(hf)
     return {
-        "vocab_size": hf["vocab_size"], "d_model": d, "num_layers": hf["num_hidden_layers"],
-        "num_heads": heads, "num_kv_heads": hf.get("num_key_value_heads") or heads,
-        "head_dim": head_dim, "d_ff": hf["intermediate_size"],
-        "max_seq_len": hf["max_position_embeddings"], "position_embedding": "rope",
+        "vocab_size": _size(hf, "vocab_size"), "d_model": d,
+        "num_layers": _size(hf, "num_hidden_layers"), "num_heads": heads,
+        "num_kv_heads": _size(hf, "num_key_value_heads", optional=True) or heads,
+        "head_dim": head_dim, "d_ff": _size(hf, "intermediate_size"),
+        "max_seq_len": _size(hf, "max_position_embeddings"), "position_embedding": "rope",
         "norm": "rmsnorm", "mlp_activation": "geglu", "use_bias": False, "qkv_bias": False,
         "tie_embeddings": bool(hf.get("tie_word_embeddings", True)),
         "norm_eps": float(hf.get("rms_norm_eps", 1e-6)), **rope, **_windows(hf),
@@ -236,13 +274,14 @@ def _gpt2_fields(hf: dict[str, Any]) -> dict[str, Any]:
     _refuse(hf, {"scale_attn_by_inverse_layer_idx": "per-layer attention scaling is not "
                                                     "implemented",
                  "add_cross_attention": "cross-attention is not implemented"})
-    d, heads = hf["n_embd"], hf["n_head"]
+    d, heads = _size(hf, "n_embd"), _size(hf, "n_head")
     if d % heads:
         _fail("n_head", f"{heads} does not divide n_embd={d}")
     return {
-        "vocab_size": hf["vocab_size"], "d_model": d, "num_layers": hf["n_layer"],
+        "vocab_size": _size(hf, "vocab_size"), "d_model": d, "num_layers": _size(hf, "n_layer"),
         "num_heads": heads, "num_kv_heads": heads, "head_dim": d // heads,
-        "d_ff": hf.get("n_inner") or 4 * d, "max_seq_len": hf["n_positions"],
+        "d_ff": _size(hf, "n_inner", optional=True) or 4 * d,
+        "max_seq_len": _size(hf, "n_positions"),
         "position_embedding": "learned", "norm": "layernorm", "mlp_activation": "gelu",
         "use_bias": True, "qkv_bias": False,
         "tie_embeddings": bool(hf.get("tie_word_embeddings", True)),

@@ -27,10 +27,12 @@ param). docs/hf.md "Memory" states both bounds.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -44,10 +46,11 @@ from jaxlm.data.tokenizer import load_tokenizer
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.transformer import Transformer
 from jaxlm.run import config as config_lib
+from jaxlm.run.errors import ConfigError, DataError, MissingFileError, UserError
 from jaxlm.run.train_state import abstract_boxed_params
-from jaxlm.weights import restore
+from jaxlm.weights import restore, write
 from jaxlm.weights.hf import config as hf_config
-from jaxlm.weights.hf import safetensors_io, streamed_params
+from jaxlm.weights.hf import model_dir, safetensors_io, streamed_params
 from jaxlm.weights.hf import tensors as hf_weights
 
 CHECKPOINTS = "checkpoints"
@@ -56,9 +59,10 @@ TOKENIZER_FILE = "tokenizer.model"
 IMPORT_STEP = 0
 
 
-def run_config(model_fields: dict[str, Any], param_dtype: str,
-               tokenizer_path: str = "") -> ml_collections.ConfigDict:
-    """base_config() with the imported model (and its tokenizer) filled in; validated."""
+def run_config(model_fields: dict[str, Any], param_dtype: str, tokenizer_path: str = "",
+               tokenizer: Any = None) -> ml_collections.ConfigDict:
+    """base_config() with the imported model (and its tokenizer) filled in; validated.
+    `tokenizer`: the tokenizer at `tokenizer_path`, when already loaded (from elsewhere)."""
     c = config_lib.base_config()
     for key, value in model_fields.items():
         if isinstance(value, dict):  # a sub-section such as rope_scaling: only the keys given
@@ -69,7 +73,7 @@ def run_config(model_fields: dict[str, Any], param_dtype: str,
     c.model.param_dtype = param_dtype
     c.data.tokenizer_path = tokenizer_path
     if tokenizer_path.endswith(".json"):  # a HF tokenizer: its own BOS rule and chat template
-        tokenizer = load_tokenizer(tokenizer_path)
+        tokenizer = tokenizer or load_tokenizer(tokenizer_path)
         c.data.add_bos = tokenizer.add_bos
         c.data.add_eos = tokenizer.eos_id >= 0
         if tokenizer.chat_template:
@@ -103,37 +107,61 @@ def _nest(flat: dict[tuple[str, ...], Any]) -> dict[str, Any]:
     return out
 
 
-def _prepare_out_dir(out_dir: str, overwrite: bool) -> None:
-    if os.path.exists(out_dir) and os.listdir(out_dir):
-        if not overwrite:
-            raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True / "
-                                  "--overwrite to replace it)")
-        shutil.rmtree(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-
-
-def _copy_tokenizer(hf_dir: str, out_dir: str, vocab_size: int) -> tuple[str, str]:
-    """Copies the tokenizer: a Hugging Face tokenizer.json (with tokenizer_config.json, its
-    chat template and special tokens), else a sentencepiece tokenizer.model; returns (path,
-    sha256), or ("", "") if the directory has neither."""
-    if os.path.isfile(os.path.join(hf_dir, hf_tokenizer.TOKENIZER_JSON)):
-        for name in hf_tokenizer.TOKENIZER_FILES:
-            if os.path.isfile(os.path.join(hf_dir, name)):
-                shutil.copyfile(os.path.join(hf_dir, name), os.path.join(out_dir, name))
-        target = os.path.join(out_dir, hf_tokenizer.TOKENIZER_JSON)
-    elif os.path.isfile(os.path.join(hf_dir, TOKENIZER_FILE)):
-        target = os.path.join(out_dir, TOKENIZER_FILE)
-        shutil.copyfile(os.path.join(hf_dir, TOKENIZER_FILE), target)
+def _tokenizer_files(hf_dir: str) -> dict[str, str]:
+    """{file name: path} of the tokenizer of a HF model directory: a Hugging Face tokenizer.json
+    with its side files (tokenizer_config.json, chat template, special tokens, generation
+    config), else a sentencepiece tokenizer.model; every one confined to the directory. Empty
+    when the directory has neither."""
+    if model_dir.confined(hf_dir, hf_tokenizer.TOKENIZER_JSON) is not None:
+        names: tuple[str, ...] = hf_tokenizer.TOKENIZER_FILES
     else:
+        names = (TOKENIZER_FILE,)
+    found = {name: model_dir.confined(hf_dir, name) for name in names}
+    return {name: path for name, path in found.items() if path is not None}
+
+
+def _load_tokenizer(hf_dir: str, files: dict[str, str], vocab_size: int) -> tuple[str, Any]:
+    """(file name, tokenizer) of the model directory's tokenizer, checked against config.json's
+    vocabulary; ("", None) when it has none."""
+    if not files:
         logging.warning("%s has neither %s nor %s; the import carries no tokenizer: set "
                         "data.tokenizer_path yourself", hf_dir, hf_tokenizer.TOKENIZER_JSON,
                         TOKENIZER_FILE)
-        return "", ""
-    tokenizer = load_tokenizer(target)
+        return "", None
+    name = hf_tokenizer.TOKENIZER_JSON if hf_tokenizer.TOKENIZER_JSON in files else \
+        TOKENIZER_FILE
+    tokenizer = load_tokenizer(files[name])
     if tokenizer.vocab_size > vocab_size:
-        raise ValueError(f"{target} has {tokenizer.vocab_size} ids but config.json "
-                         f"vocab_size is {vocab_size}")
-    return target, tokenizer.sha256
+        raise DataError(f"{files[name]} has {tokenizer.vocab_size} ids but config.json "
+                        f"vocab_size is {vocab_size}", path=files[name])
+    return name, tokenizer
+
+
+def _read_config_json(hf_dir: str) -> dict[str, Any]:
+    path = model_dir.confined(hf_dir, "config.json")
+    if path is None:
+        raise MissingFileError(f"{hf_dir} has no config.json", path=hf_dir)
+    try:
+        with open(path) as f:
+            hf = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})", path=path) from None
+    if not isinstance(hf, dict):
+        raise DataError(f"{path}: a JSON object is expected, got {type(hf).__name__}",
+                        path=path)
+    return hf
+
+
+def _model_fields(hf: dict[str, Any], num_tensors: int, hf_dir: str) -> dict[str, Any]:
+    """`hf_config.model_fields`; a config.json value of the wrong kind (a string where a
+    number belongs, ...) that it did not name is reported naming config.json."""
+    try:
+        return hf_config.model_fields(hf, num_tensors)
+    except UserError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+        raise ConfigError(f"{os.path.join(hf_dir, 'config.json')}: a value jaxlm cannot read "
+                          f"({type(e).__name__}: {e})") from None
 
 
 def _write_config_file(path: str, c: ml_collections.ConfigDict, fields: dict[str, Any],
@@ -174,41 +202,50 @@ def _write_config_file(path: str, c: ml_collections.ConfigDict, fields: dict[str
 def import_hf(hf_dir: str, out_dir: str, *, param_dtype: str = "float32",
               overwrite: bool = False) -> ml_collections.ConfigDict:
     """Converts a HF model directory into a jaxlm checkpoint + config; returns the run config
-    (the one saved with the checkpoint, init_from unset)."""
-    hf_dir, out_dir = os.path.abspath(hf_dir), os.path.abspath(out_dir)
-    config_path = os.path.join(hf_dir, "config.json")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{hf_dir} has no config.json")
-    with open(config_path) as f:
-        hf = json.load(f)
-    fields = hf_config.model_fields(hf)
-    files = safetensors_io.weight_files(hf_dir)
-    _prepare_out_dir(out_dir, overwrite)
-    tokenizer_path, tokenizer_sha = _copy_tokenizer(hf_dir, out_dir, fields["vocab_size"])
-    c = run_config(fields, param_dtype, tokenizer_path)
-    cfg = config_lib.model_config(c)
+    (the one saved with the checkpoint, init_from unset).
 
-    sources = _check_tensors(hf_dir, hf["model_type"], cfg, files)
-    extra = {"tokenizer_path": tokenizer_path, "tokenizer_sha256": tokenizer_sha,
+    Everything is read and checked (config.json against the safetensors headers, the
+    tokenizer) before anything is written; `out_dir` is then written through
+    `jaxlm.weights.write.output_directory` (new or empty unless `overwrite`, never overlapping
+    `hf_dir`), so a failed import leaves no partial output."""
+    hf_dir, out_dir = os.path.abspath(hf_dir), os.path.abspath(out_dir)
+    write.check_output(out_dir, (hf_dir,), overwrite=overwrite, flag="--out_dir")
+    hf = _read_config_json(hf_dir)
+    files = safetensors_io.weight_files(hf_dir)
+    index = safetensors_io.tensor_index(files)
+    fields = _model_fields(hf, len(index), hf_dir)
+    tokenizer_files = _tokenizer_files(hf_dir)
+    tokenizer_name, tokenizer = _load_tokenizer(hf_dir, tokenizer_files, fields["vocab_size"])
+    tokenizer_path = os.path.join(out_dir, tokenizer_name) if tokenizer_name else ""
+    c = run_config(fields, param_dtype, tokenizer_path, tokenizer)
+    cfg = config_lib.model_config(c)
+    sources = _check_tensors(hf_dir, hf["model_type"], cfg, index)
+    extra = {"tokenizer_path": tokenizer_path,
+             "tokenizer_sha256": tokenizer.sha256 if tokenizer is not None else "",
              "hf_source": hf_dir, "hf_model_type": hf["model_type"]}
     params = _lazy_params(cfg, sources)
-    streamed_params.save_params(os.path.join(out_dir, CHECKPOINTS), IMPORT_STEP, _nest(params),
-                                json.loads(c.to_json_best_effort()), extra)
     file_config = ml_collections.ConfigDict(c.to_dict())
     file_config.init_from.path = os.path.join(out_dir, CHECKPOINTS)
-    _write_config_file(os.path.join(out_dir, CONFIG_FILE), file_config, fields, hf_dir)
+    with write.output_directory(out_dir, (hf_dir,), overwrite=overwrite,
+                                flag="--out_dir") as directory:
+        for name, path in tokenizer_files.items():
+            shutil.copyfile(path, os.path.join(directory, name))
+        streamed_params.save_params(os.path.join(directory, CHECKPOINTS), IMPORT_STEP,
+                                    _nest(params), json.loads(c.to_json_best_effort()), extra)
+        _write_config_file(os.path.join(directory, CONFIG_FILE), file_config, fields, hf_dir)
     logging.info("imported %s (%s) -> %s", hf_dir, hf["model_type"], out_dir)
     return c
 
 
-def _check_tensors(hf_dir: str, model_type: str, cfg: ModelConfig, files: list[str]
+def _check_tensors(hf_dir: str, model_type: str, cfg: ModelConfig,
+                   index: list[tuple[str, str, tuple[int, ...], str]]
                    ) -> dict[str, tuple[str, str]]:
     """(file, name in it) of every HF tensor the model needs, by its `tensor_maps` name; from
-    the safetensors headers alone, so an unknown, missing or misshapen tensor is reported
-    before anything is read or written."""
+    the safetensors headers (`index`) alone, so an unknown, missing, misshapen or non-float
+    tensor is reported before anything is read or written."""
     maps = {m.name: m for m in hf_weights.tensor_maps(cfg)}
     sources, unknown = {}, []
-    for name, path, shape in safetensors_io.tensor_index(files):
+    for name, path, shape, dtype in index:
         canonical = hf_weights.canonical_name(name, cfg)
         if canonical is None:
             continue
@@ -216,16 +253,20 @@ def _check_tensors(hf_dir: str, model_type: str, cfg: ModelConfig, files: list[s
             unknown.append(name)
             continue
         if shape != maps[canonical].shape:
-            raise ValueError(f"{name}: shape {shape} in the safetensors file, but config.json "
-                             f"implies {maps[canonical].shape}")
+            raise DataError(f"{path}: tensor {name} has shape {shape}, but config.json "
+                            f"implies {maps[canonical].shape}", path=path)
+        if not safetensors_io.is_float_code(dtype):
+            raise DataError(f"{path}: tensor {name} is {dtype}, but a float weight (F32, BF16, "
+                            "F16) is expected", path=path)
         sources[canonical] = (path, name)
     if unknown:
-        raise ValueError(f"{hf_dir}: tensors that a {model_type} model with this config.json "
-                         f"does not have: {unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
+        raise DataError(f"{hf_dir}: tensors that a {model_type} model with this config.json "
+                        f"does not have: {unknown[:8]}{' ...' if len(unknown) > 8 else ''}",
+                        path=hf_dir)
     missing = sorted(set(maps) - set(sources))
     if missing:
-        raise ValueError(f"{hf_dir}: missing tensors {missing[:8]}"
-                         f"{' ...' if len(missing) > 8 else ''}")
+        raise DataError(f"{hf_dir}: missing tensors {missing[:8]}"
+                        f"{' ...' if len(missing) > 8 else ''}", path=hf_dir)
     return sources
 
 
@@ -313,6 +354,44 @@ def _lazy_params(cfg: ModelConfig, sources: dict[str, tuple[str, str]]
             for g, (leaves, _) in enumerate(groups) for path in sorted(leaves)}
 
 
+@contextlib.contextmanager
+def _warnings_only() -> Iterator[None]:
+    """absl logs warnings and errors only, for the block (unchanged with --verbosity >= 1)."""
+    level = logging.get_verbosity()
+    if level >= logging.DEBUG:
+        yield
+        return
+    logging.set_verbosity(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
+def _export_tokenizer_files(saved: restore.SavedRun) -> dict[str, str]:
+    """{file name in the export: source path} of the checkpoint's tokenizer: the file it
+    recorded, only when it still parses as a tokenizer and has the recorded sha256
+    (`restore.saved_tokenizer`), with a Hugging Face tokenizer's side files confined to its
+    directory. Empty when the checkpoint records no tokenizer."""
+    try:
+        tokenizer = restore.saved_tokenizer(saved)
+    except FileNotFoundError as e:  # gone since: export the weights, say so
+        logging.warning("%s; the export carries no tokenizer", e)
+        return {}
+    if tokenizer is None:
+        return {}
+    if not hf_tokenizer.is_hf_tokenizer(tokenizer.path):
+        return {TOKENIZER_FILE: tokenizer.path}
+    directory = os.path.dirname(os.path.abspath(tokenizer.path))
+    files = {hf_tokenizer.TOKENIZER_JSON: tokenizer.path}
+    for name in hf_tokenizer.TOKENIZER_FILES:
+        if name != hf_tokenizer.TOKENIZER_JSON:
+            path = model_dir.confined(directory, name)
+            if path is not None:
+                files[name] = path
+    return files
+
+
 def _abstract_on_one_device(cfg: ModelConfig) -> dict[tuple[str, ...], Any]:
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return {path: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device)
@@ -330,6 +409,8 @@ def export_hf(checkpoint_dir: str, out_dir: str, *, step: int | None = None,
     about the largest param, not the model.
     """
     saved = restore.read_checkpoint(checkpoint_dir, step)
+    write.check_output(out_dir, (checkpoint_dir, *saved.sources), overwrite=overwrite,
+                       flag="--out_dir")
     # The model of the saved config, on the vocabulary of the run's tokenizer; a LoRA run's
     # adapters are folded into the weights they adapt as each group is read.
     cfg = restore.model_config(saved, merge_lora=True)
@@ -360,22 +441,18 @@ def export_hf(checkpoint_dir: str, out_dir: str, *, step: int | None = None,
             arrays.append(loaded[full] if index is None else loaded[full][index])
         return m.to_hf(*arrays).astype(out_dtype, copy=False)
 
-    _prepare_out_dir(out_dir, overwrite)
+    tokenizer_files = _export_tokenizer_files(saved)
     entries = [(m.name, m.shape) for ms in groups.values() for m in ms]
-    files = safetensors_io.write_model(out_dir, entries, produce, out_dtype, max_shard_bytes)
-    loaded.clear()
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    tokenizer = saved.extra.get("tokenizer_path", "")
-    if tokenizer.endswith(".json") and os.path.isfile(tokenizer):
-        source_dir = os.path.dirname(tokenizer)
-        for name in hf_tokenizer.TOKENIZER_FILES:
-            source = tokenizer if name == hf_tokenizer.TOKENIZER_JSON else os.path.join(
-                source_dir, name)
-            if os.path.isfile(source):
-                shutil.copyfile(source, os.path.join(out_dir, name))
-    elif tokenizer and os.path.isfile(tokenizer):
-        shutil.copyfile(tokenizer, os.path.join(out_dir, TOKENIZER_FILE))
+    with write.output_directory(out_dir, (checkpoint_dir, *saved.sources), overwrite=overwrite,
+                                flag="--out_dir") as directory:
+        with _warnings_only():  # a restore line per group of params otherwise
+            files = safetensors_io.write_model(directory, entries, produce, out_dtype,
+                                               max_shard_bytes)
+        loaded.clear()
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        for name, source in tokenizer_files.items():
+            shutil.copyfile(source, os.path.join(directory, name))
     logging.info("exported step %d of %s (%s) -> %s: %s", saved.step, saved.directory,
                  config["model_type"], out_dir, files)
     return files

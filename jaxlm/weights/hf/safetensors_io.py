@@ -22,7 +22,8 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
-from jaxlm.run.errors import DataError
+from jaxlm.run.errors import DataError, MissingFileError
+from jaxlm.weights.hf import model_dir
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -32,29 +33,31 @@ _CODES = {v: k for k, v in _DTYPES.items()}
 
 
 def weight_files(hf_dir: str) -> list[str]:
-    """The safetensors files of a HF model directory: the index's shards, or the single file."""
-    index = os.path.join(hf_dir, INDEX_FILE)
-    if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        files = sorted(set(weight_map.values()))
-        root = os.path.realpath(hf_dir)
-        for name in files:  # a crafted index must not read files outside the model directory
-            target = os.path.realpath(os.path.join(hf_dir, name))
-            if os.path.isabs(name) or os.path.commonpath([root, target]) != root:
-                raise DataError(f"{index}: weight_map names {name!r}, which is outside {hf_dir}; "
-                                "refusing to read it", path=index)
-    elif os.path.isfile(os.path.join(hf_dir, SINGLE_FILE)):
-        files = [SINGLE_FILE]
-    else:
-        found = sorted(os.listdir(hf_dir)) if os.path.isdir(hf_dir) else "no such directory"
-        raise FileNotFoundError(f"{hf_dir} has neither {INDEX_FILE} nor {SINGLE_FILE} (found: "
-                                f"{found}); only safetensors weights are read (no .bin)")
-    paths = [os.path.join(hf_dir, name) for name in files]
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        raise FileNotFoundError(f"{INDEX_FILE} of {hf_dir} lists missing files: {missing}")
-    return paths
+    """The safetensors files of a HF model directory: the index's shards, or the single file;
+    every one confined to the directory (`model_dir.confined`)."""
+    index = model_dir.confined(hf_dir, INDEX_FILE)
+    if index is not None:
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise DataError(f"{os.path.join(hf_dir, INDEX_FILE)}: not a safetensors index "
+                            f"({type(e).__name__}: {e}); it needs a weight_map of tensor names "
+                            "to files", path=index) from None
+        where = os.path.join(hf_dir, INDEX_FILE)
+        paths = [model_dir.confined(hf_dir, str(name), where) for name in names]
+        missing = [os.path.join(hf_dir, str(n)) for n, p in zip(names, paths) if p is None]
+        if missing:
+            raise MissingFileError(f"{where} lists missing files: {missing}", path=where)
+        return paths
+    single = model_dir.confined(hf_dir, SINGLE_FILE)
+    if single is not None:
+        return [single]
+    found = sorted(os.listdir(hf_dir)) if os.path.isdir(hf_dir) else "no such directory"
+    raise MissingFileError(f"{hf_dir} has neither {INDEX_FILE} nor {SINGLE_FILE} (found: "
+                           f"{found}); only safetensors weights are read (no .bin)",
+                           path=hf_dir)
 
 
 def _corrupt(path: str, e: Exception) -> DataError:
@@ -86,16 +89,24 @@ def iter_tensors(paths: Sequence[str]) -> Iterator[tuple[str, Callable[[], np.nd
             yield name, lambda path=path, name=name: read_tensor(path, name)
 
 
-def tensor_index(paths: Sequence[str]) -> list[tuple[str, str, tuple[int, ...]]]:
-    """(name, file, shape) of every tensor of the files, from their headers (no data read)."""
+def tensor_index(paths: Sequence[str]) -> list[tuple[str, str, tuple[int, ...], str]]:
+    """(name, file, shape, safetensors dtype code such as "BF16" or "I64") of every tensor of
+    the files, from their headers (no data read)."""
     out = []
     for path in paths:
         try:
             with safe_open(path, framework="numpy") as f:
-                out += [(name, path, tuple(f.get_slice(name).get_shape())) for name in f.keys()]
+                for name in f.keys():
+                    info = f.get_slice(name)
+                    out.append((name, path, tuple(info.get_shape()), str(info.get_dtype())))
         except Exception as e:  # noqa: BLE001
             raise _corrupt(path, e) from e
     return out
+
+
+def is_float_code(code: str) -> bool:
+    """True for the safetensors dtype codes of floating-point tensors (F16, BF16, F32, F8_...)."""
+    return code.startswith(("F", "BF"))
 
 
 def dtype_code(dtype: np.dtype) -> str:

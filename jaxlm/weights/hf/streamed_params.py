@@ -21,6 +21,7 @@ import asyncio
 import ctypes
 import dataclasses
 import functools
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -97,6 +98,16 @@ def _release_freed_memory() -> None:
         trim(0)
 
 
+class _IntendedByThisWriter(logging.Filter):
+    """Drops orbax's warnings about what this writer does on purpose: its leaves are not
+    jax.Arrays, and it writes without OCDBT."""
+
+    MESSAGES = ("No jax.Array in TypeHandlerRegistry", "Skipping merge of OCDBT checkpoints")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(m in record.getMessage() for m in self.MESSAGES)
+
+
 def save_params(directory: str, step: int, params: dict[str, Any], config: dict[str, Any],
                 extra: dict[str, Any]) -> None:
     """Writes checkpoint `step` under `directory` with `jaxlm.weights.write`, making each
@@ -104,5 +115,11 @@ def save_params(directory: str, step: int, params: dict[str, Any], config: dict[
 
     Without OCDBT (each param is its own zarr array): OCDBT's writer would keep the compressed
     data of every array until its commit, i.e. about the model again."""
-    write.write_params_checkpoint(directory, step, params, config, extra,
-                                  type_handlers=[(LazyParam, _LazyParamHandler())], ocdbt=False)
+    absl_logger, intended = logging.getLogger("absl"), _IntendedByThisWriter()
+    absl_logger.addFilter(intended)
+    try:
+        write.write_params_checkpoint(directory, step, params, config, extra,
+                                      type_handlers=[(LazyParam, _LazyParamHandler())],
+                                      ocdbt=False)
+    finally:
+        absl_logger.removeFilter(intended)
