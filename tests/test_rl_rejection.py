@@ -10,6 +10,7 @@ from jaxlm.parallel import sharding
 from jaxlm.run import config as config_lib
 from jaxlm.run import program as program_lib
 from jaxlm.stages import rejection
+from jaxlm.stages.rl.loop import place
 from jaxlm.stages.rl.prompts import make_prompt_iterator
 from jaxlm.stages.rl.rollout import sequence_logps
 from tests.rl_fixtures import CharTokenizer, grpo_config
@@ -68,6 +69,34 @@ def test_rejection_loss_is_the_mean_nll_of_kept_tokens_only(rejection_host):
     g2 = jax.grad(lambda p: rejection.loss_fn(p, other, model=program.model)[0])(params)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_a_step_that_keeps_nothing_takes_no_optimizer_update(rejection_host):
+    """No kept completion: no AdamW update (its momentum and weight decay would still move
+    the weights). The trainer's step moves on; params, optimizer state (its update count, so
+    the schedule) and the non-finite counter do not, and the metrics say `updated` 0."""
+    tok = CharTokenizer()
+    program, host = rejection_host
+    state = program.state_from_params(program.init_params(jax.random.key(1)))
+    batch = next(make_prompt_iterator(program.config, tok, split="train", batch_size=16))
+    rolled = host.generate(state.params, batch, rng=jax.random.key(2))
+    rows = rejection.best_of_group(rolled, np.ones((16, 8)), min_reward=0.5)  # all kept
+    none = dict(rows, keep=np.zeros(16, np.float32))
+    state, first = program.train_step(state, place(rows, program.mesh))  # Adam has momentum now
+    before = jax.device_get(state)
+    state, skipped = program.train_step(state, place(none, program.mesh))
+    after = jax.device_get(state)
+    assert float(first["updated"]) == 1.0 and float(skipped["updated"]) == 0.0
+    assert int(after.step) == int(before.step) + 1 and int(after.nonfinite) == 0
+    for a, b in zip(jax.tree.leaves((before.params, before.opt_state)),
+                    jax.tree.leaves((after.params, after.opt_state))):
+        np.testing.assert_array_equal(a, b)
+    assert float(skipped["kept_tokens"]) == 0.0 and float(skipped["grad_norm"]) == 0.0
+    # The next update is the optimizer's second: it takes the rate the skipped one would have.
+    state, second = program.train_step(state, place(rows, program.mesh))
+    assert float(second["lr"]) == float(skipped["lr"])
+    assert float(skipped["lr"]) == pytest.approx(float(program.lr_schedule(1)), rel=1e-6)
+    assert float(first["lr"]) == pytest.approx(float(program.lr_schedule(0)), rel=1e-6)
 
 
 def test_rejection_sampling_raises_the_arithmetic_reward(rejection_host):

@@ -269,6 +269,10 @@ def base_config() -> ml_collections.ConfigDict:
     fi.path = ""
     # Step of that checkpoint; -1 = its newest.
     fi.step = -1
+    # A config file ("configs/x.py:arg=...") whose run makes the starting checkpoint: with
+    # init_from.path empty, it trains first in <workdir>/init (resumed if cut short) and its
+    # checkpoints start this run (jaxlm/run/start_run.py). "" = none.
+    fi.config = ""
 
     c.log = lg = ml_collections.ConfigDict()
     # Write metrics.jsonl / TensorBoard / the progress line every this many steps.

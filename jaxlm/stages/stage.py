@@ -152,6 +152,8 @@ class Stage:
         schedule spans train.steps times this many).
       policy_forwards: config -> forward passes of the policy per step besides its updates'
         (PPO's values of the rollout policy); FLOPs count them.
+      eval_at_start: a new run evaluates before its first step too (RL: the held-out score
+        of the policy it starts from, what its gain is measured against).
       frozen_models: config -> {name: (checkpoint directory, step or None for the newest)} of
         models the steps read but never train (a distillation teacher), each of the shape its
         checkpoint's saved config gives (jaxlm/weights/frozen.py). When there are any,
@@ -176,6 +178,7 @@ class Stage:
     updates_per_step: Callable[[Config], int] = lambda config: 1
     policy_forwards: Callable[[Config], int] = lambda config: 0
     frozen_models: Callable[[Config], dict[str, tuple[str, int | None]]] = no_frozen_models
+    eval_at_start: bool = False
 
     def sequences(self, config: Config) -> int:
         """Model sequences per batch row under `config`."""
