@@ -29,7 +29,7 @@ from jaxlm.inference.sampler import Request, Sampler
 from jaxlm.models import lora
 from jaxlm.parallel import hardware, sharding
 from jaxlm.run import config as config_lib
-from jaxlm.run import console, workdir_lock
+from jaxlm.run import console, start_run, workdir_lock
 from jaxlm.run import counters as run_counters
 from jaxlm.run import program as program_lib
 from jaxlm.run.checkpoint import Checkpointer
@@ -245,10 +245,13 @@ class _Preemption:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains `config` in `workdir` (resuming from its checkpoints); returns the last logged
-    metrics. The run owns the workdir meanwhile: a second run on it refuses to start."""
+    metrics. The run owns the workdir meanwhile: a second run on it refuses to start. A run
+    whose init_from.config names its starting run trains that one first, in <workdir>/init."""
+    config = start_run.with_start_path(config, workdir)
     config_lib.validate(config)
     with workdir_lock.hold(workdir, enabled=jax.process_index() == 0), \
             console.quiet(workdir if jax.process_index() == 0 else None):
+        start_run.train_start(config, workdir, run)
         return _run(config, workdir)
 
 
@@ -329,6 +332,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     preemption = _Preemption()
     previous = None
     try:
+        if step == 0 < total_steps and s.stage.eval_at_start:
+            _eval_and_sample(s, state, 0, loop, sampler, writer, True)
+            window_start = time.perf_counter()
         while step < total_steps:
             state, metrics = loop.train(state, host_batch)
             step += 1
