@@ -99,6 +99,9 @@ def get_config(arg: str | None = None):
     else:
         c.init_from.config = "" if args.init else f"{__file__}:phase=sft"
         c.optim.learning_rate = 5e-4
+        # Adam's first steps are sign steps of size lr on every weight: warm up so they do
+        # not knock a policy off what SFT taught it.
+        c.optim.warmup_steps = 50
         c.train.steps = args.steps or GRPO_STEPS
         c.train.eval_every = 200
     config_lib.validate(c)

@@ -1,5 +1,5 @@
-"""Rejection sampling: the best completion per prompt, the SFT loss on kept rows only, and the
-arithmetic reward going up over a few rounds from a warmed-up policy."""
+"""Rejection sampling: the best completion per prompt, the SFT loss on kept rows only, and no
+optimizer update from a step that keeps nothing (its held-out learning run: docs/rl.md)."""
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +14,6 @@ from jaxlm.stages.rl.loop import place
 from jaxlm.stages.rl.prompts import make_prompt_iterator
 from jaxlm.stages.rl.rollout import sequence_logps
 from tests.rl_fixtures import CharTokenizer, grpo_config
-from tests.rl_warmup import rewards_after_warm_up
 
 
 def _program(config):
@@ -40,7 +39,7 @@ def test_best_of_group_keeps_each_prompts_top_completion():
 
 @pytest.fixture(scope="module")
 def rejection_host():
-    """16 prompts x 8 samples, lr 1e-3: the setting of the reward test."""
+    """16 prompts x 8 samples, lr 1e-3."""
     config = grpo_config("rejection")
     config.train.global_batch_size, config.rl.group_size = 16, 8
     config.optim.learning_rate = 1e-3
@@ -97,12 +96,3 @@ def test_a_step_that_keeps_nothing_takes_no_optimizer_update(rejection_host):
     assert float(second["lr"]) == float(skipped["lr"])
     assert float(skipped["lr"]) == pytest.approx(float(program.lr_schedule(1)), rel=1e-6)
     assert float(first["lr"]) == pytest.approx(float(program.lr_schedule(0)), rel=1e-6)
-
-
-def test_rejection_sampling_raises_the_arithmetic_reward(rejection_host):
-    """30 rounds (16 prompts x 8 samples) after 60 supervised warm-up steps: the mean
-    exact-answer reward of the last 8 rounds beats that of the first 8 (0.46 -> 0.57 here)."""
-    tok = CharTokenizer()
-    program, host = rejection_host
-    correct = [m["reward_correct"] for m in rewards_after_warm_up(program, host, tok, rounds=30)]
-    assert np.mean(correct[-8:]) > np.mean(correct[:8]) + 0.04, np.round(correct, 2)

@@ -26,7 +26,8 @@ flags.mark_flag_as_required("out")
 LABELS = {"eval_loss": "held-out cross-entropy (nats/token)",
           "eval_accuracy": "held-out accuracy (greedy)",
           "eval_reward_mean": "held-out mean reward (greedy)",
-          "reward_mean": "training reward (mean of samples)", "kl": "KL to the reference (per token)"}
+          "reward_mean": "training reward (mean of samples)",
+          "kl": "KL to the reference (per token)"}
 
 
 def metric_curve(workdir: str, metric: str) -> tuple[list[int], list[float]]:
