@@ -1,12 +1,17 @@
 """PPO from a reward model (RLHF) on configs/grpo_tiny.py's model, task and tokenizer.
 
-    python -m jaxlm.main --config=configs/ppo_tiny.py --workdir=runs/ppo \
-        --config.init_from.path=runs/sft/checkpoints --config.rl.reward_model=runs/rm/checkpoints
+    python -m jaxlm.main --workdir=runs/ppo \
+        --config=configs/ppo_tiny.py:init=runs/sft/checkpoints,reward_model=runs/rm/checkpoints
 
-The policy starts from init_from (also the KL reference) and gets a value head on its trunk
-(zero at the start); the reward model is a reward-stage checkpoint of the same architecture and
-tokenizer. The held-out evaluation scores greedy answers with rl.rewards (exact answers).
-Arguments: `configs/ppo_tiny.py:init=DIR,reward_model=DIR,steps=N`.
+The policy starts from init (an SFT run of configs/grpo_tiny.py's model; also the KL
+reference) and gets a value head on its trunk (zero at the start); the reward model is a
+reward-stage run (`configs/grpo_tiny.py:phase=reward`), trained on chat pairs of the task, so
+prompts are chat-formatted as its pairs were (rl.chat) and completions stop at the end of the
+answer turn, the token the reward model reads. The held-out evaluation decodes the 400
+held-out problems greedily and scores them with rl.rewards (exact answers); the training log
+has the reward model's scores (reward_mean) and the exact answers (task_reward_mean) of the
+samples. docs/rl.md has the whole chain (pretrain -> SFT -> reward model -> PPO) and its
+figures. Arguments: `configs/ppo_tiny.py:init=DIR,reward_model=DIR,steps=N`.
 """
 
 from pathlib import Path
@@ -16,7 +21,7 @@ from jaxlm.run import config as config_lib
 
 def get_config(arg: str | None = None):
     args = config_lib.parse_arg(arg, init="runs/sft/checkpoints",
-                                reward_model="runs/rm/checkpoints", steps=100)
+                                reward_model="runs/rm/checkpoints", steps=1000)
     c = config_lib.load_config_file(Path(__file__).with_name("grpo_tiny.py"),
                                     f"init={args.init},steps={args.steps}")
     c.stage = "ppo"

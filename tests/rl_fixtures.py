@@ -6,21 +6,34 @@ import ml_collections
 
 from jaxlm.run import config as config_lib
 
-_CHARS = "0123456789+-*= \n"
+_CHARS = "0123456789+-*= \nabcdefghijklmnopqrstuvwxyz"
+# The chat template's markers, one id each (after the characters).
+_SPECIAL = ("<|im_start|>", "<|im_end|>")
 
 
 class CharTokenizer:
-    """ids 0-3: pad, unk, BOS, EOS; then one id per character of `_CHARS`."""
+    """ids 0-3: pad, unk, BOS, EOS; then one id per character of `_CHARS`, then the chat
+    markers."""
 
     pad_id, unk_id, bos_id, eos_id = 0, 1, 2, 3
     path, sha256 = "chars", ""
-    vocab_size = 4 + len(_CHARS)
+    vocab_size = 4 + len(_CHARS) + len(_SPECIAL)
 
     def encode(self, text: str) -> list[int]:
         return [4 + _CHARS.index(ch) if ch in _CHARS else 1 for ch in text]
 
     def decode(self, ids) -> str:
-        return "".join(_CHARS[i - 4] for i in ids if i >= 4)
+        return "".join(_CHARS[i - 4] for i in ids if 4 <= i < 4 + len(_CHARS))
+
+    def piece_to_id(self, piece: str) -> int:
+        if piece in _SPECIAL:
+            return 4 + len(_CHARS) + _SPECIAL.index(piece)
+        return self.encode(piece)[0] if len(piece) == 1 else self.unk_id
+
+    def id_to_piece(self, i: int) -> str:
+        if i >= 4 + len(_CHARS):
+            return _SPECIAL[i - 4 - len(_CHARS)]
+        return _CHARS[i - 4] if i >= 4 else "<unk>"
 
 
 def grpo_config(stage_: str = "grpo", **rl) -> ml_collections.ConfigDict:

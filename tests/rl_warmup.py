@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxlm.data.tasks import split_examples
 from jaxlm.parallel import sharding
 from jaxlm.stages.rl.prompts import make_prompt_iterator, prompt_length, tokenize_prompts
 from jaxlm.stages.rl.rollout import sequence_logps, sequences
-from jaxlm.stages.rl.tasks import split_examples
 
 
 def answer_rows(config: Any, tokenizer: Any) -> dict[str, np.ndarray]:

@@ -130,3 +130,20 @@ def test_qlora_from_a_float_run_quantizes_its_weights_and_checkpoints_them(tmp_p
         Transformer(merged.model_cfg).apply({"params": merged.params}, tokens),
         Transformer(qlora.model_cfg).apply({"params": qlora.params}, tokens),
         rtol=1e-4, atol=1e-4)
+
+
+def test_qlora_nf4_base_defaults_to_blocks_of_64_inputs():
+    """QLoRA quantizes its nf4 base in blocks of 64 inputs (Dettmers et al. 2023), not one
+    scale per output channel: left unset, quant.tile_size is 64 for nf4 (0 for int8 / int4),
+    and a model whose widths 64 does not divide is told to set the key."""
+    c = _config()
+    c.quant.tile_size = config_lib.base_config().quant.tile_size  # unset
+    c.model.update(d_model=128, head_dim=64, num_heads=2, num_kv_heads=1, d_ff=256)
+    config_lib.validate(c)
+    assert config_lib.model_config(c).quant.tile_size == 64
+    c.quant.weight = "int4"
+    assert config_lib.model_config(c).quant.tile_size == 0
+    c.quant.weight = "nf4"
+    c.model.update(d_model=32, head_dim=8, d_ff=64, num_heads=4, num_kv_heads=2)
+    with pytest.raises(ValueError, match="config key quant.tile_size"):
+        config_lib.validate(c)

@@ -92,7 +92,7 @@ def _saved_run(directory, config, seed):
 
 
 def test_a_reward_model_of_its_own_width_and_depth_loads_and_scores(tmp_path):
-    policy = grpo_config("ppo", kl_coef=0.0)
+    policy = grpo_config("ppo", kl_coef=0.0, chat=True)
     policy.init_from.path = "/unused/checkpoints"
     policy.rl.reward_model = str(tmp_path / "rm")
     rm_config = reward_config(policy)

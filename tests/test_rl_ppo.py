@@ -46,8 +46,11 @@ def test_clipped_value_loss_and_adaptive_kl_against_hand_values():
 
 
 def _setup(tmp_path, num_epochs=1):
-    config = grpo_config("ppo", num_epochs=num_epochs, kl_coef=0.05,
-                         reward_model=str(tmp_path / "rm"))
+    """PPO sampling at temperature 0.7, chat-formatted prompts (the reward model's pairs are
+    chat conversations): 26 prompt slots hold the character tokenizer's chat prompt."""
+    config = grpo_config("ppo", num_epochs=num_epochs, kl_coef=0.05, temperature=0.7,
+                         chat=True, reward_model=str(tmp_path / "rm"))
+    config.data.seq_len = 32
     config.init_from.path = "/unused/checkpoints"
     config_lib.validate(config)
     mesh = sharding.make_mesh(config_lib.check_devices(config, 1, 1), devices=jax.devices()[:1])
@@ -75,7 +78,7 @@ def test_ppo_program_holds_the_rollout_and_the_reward_models_scoring(ppo_host):
     the rollout, and the reward model's forward over every row (score head, no vocab head)."""
     program, _, _ = ppo_host
     assert sorted(program.programs) == ["eval_rollout", "reward_score", "rollout"]
-    rows, s = 8 * 4, 14
+    rows, s = 8 * 4, 32
     count = functools.partial(scaling.train_flops_per_token, program.model_cfg, s)
     forward = functools.partial(scaling.forward_flops_per_token, program.model_cfg, s)
     assert program.train_step_flops == pytest.approx((2 * count() + 2 * forward()) * s * rows)
@@ -96,12 +99,58 @@ def test_reward_model_is_restored_and_scores_padded_rows_like_unpadded(ppo_host)
     lengths = rolled["lengths"][:, 0]
     valid = np.concatenate([rolled["prompt_valid"],
                             np.arange(6) < lengths[:, None]], axis=1).astype(np.int32)
+    assert (rolled["prompt_valid"].sum(1) < rolled["prompt"].shape[1]).all()  # padded rows
     scores = sequence_scores(rm, jnp.asarray(tokens), jnp.asarray(valid),
                              jnp.asarray(lengths), 6, model=program.model)
     for i in range(4):
         alone = tokens[i][valid[i] > 0][None]
         want = program.model.apply({"params": rm}, jnp.asarray(alone))[0, -1]
         assert float(scores[i]) == pytest.approx(float(want), rel=1e-4, abs=1e-5)
+
+
+def test_reward_model_reads_a_rollout_where_its_training_read_the_pair(ppo_host, tmp_path):
+    """Trained on chat pairs and used on chat-formatted rollouts, the reward model reads both
+    at the same token: the answer's end marker, the row's last real token (as TRL's reward
+    trainer and PPO do). A completion equal to a pair's chosen answer, stopped by the end
+    marker, gets exactly the score training gave that answer."""
+    import json
+
+    from jaxlm.data.chat import special_ids, template_from_config
+    from jaxlm.data.tasks import split_examples
+    from jaxlm.models import Transformer
+    from jaxlm.stages import reward
+    from jaxlm.stages.rl import reward_model
+    from jaxlm.stages.rl.prompts import prompt_length, tokenize_prompts
+    from jaxlm.stages.rl.rollout import sequences
+
+    program, rm, host = ppo_host
+    tok, config = CharTokenizer(), program.config
+    template = template_from_config(config.chat)
+    end_id = special_ids(tok, template)[1]
+    assert end_id in host.stop  # a chat completion ends where its answer turn closes
+    examples = split_examples(config, "train")[:8]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": e["prompt"], "chosen": e["answer"],
+                                        "rejected": e["answer"] + "1"}) + "\n"
+                            for e in examples))
+    rc = reward_config(config)
+    rc.reward.update(paths=str(path), eval_paths=str(path))
+    pair_batch = next(reward.STAGE.make_data(rc, tok, split="eval", batch_size=8,
+                                             process_index=0, process_count=1, cache_dir=""))
+    model = Transformer(reward_model.model_config(program))
+    trained_Bx2, _ = reward.sequence_rewards(rm, {k: jnp.asarray(v) for k, v in
+                                                  pair_batch.items()}, model=model)
+    # The same examples as rollout rows: the run's prompt rows, the chosen answer completed.
+    prompts = tokenize_prompts(examples, tok, prompt_length(config), template)
+    completion = np.zeros((8, 1, 6), np.int32)
+    lengths = np.zeros((8, 1), np.int32)
+    for i, e in enumerate(examples):
+        ids = tok.encode(e["answer"]) + [end_id]
+        completion[i, 0, :len(ids)], lengths[i, 0] = ids, len(ids)
+    seqs = sequences(np.stack([p["prompt"] for p in prompts]),
+                     np.stack([p["prompt_valid"] for p in prompts]), completion, lengths)
+    used = host.reward_model.score(seqs, lengths)[:, 0]
+    np.testing.assert_allclose(used, np.asarray(trained_Bx2)[:, 0], rtol=1e-4, atol=1e-5)
 
 
 def test_ppo_step_trains_policy_and_value_head(ppo_host):
@@ -114,7 +163,9 @@ def test_ppo_step_trains_policy_and_value_head(ppo_host):
     it = make_prompt_iterator(program.config, tok, split="train", batch_size=8)
     state, m1 = host.train(state, next(it))
     assert m1["value_mean"] == 0.0  # the value head starts at zero
-    assert m1["kl"] == pytest.approx(0.0, abs=1e-5)  # the policy is the reference
+    # The policy is the reference: pi_old (sampled at T) and ref (read at T) agree.
+    assert m1["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert m1["sequence_kl"] == pytest.approx(0.0, abs=1e-4)
     assert m1["clip_fraction"] > 0  # the second epoch's ratios moved
     assert np.abs(np.asarray(state.params["reward_head"])).max() > 0
     state, m2 = host.train(state, next(it))
@@ -132,7 +183,8 @@ def test_rejection_ranks_by_the_reward_model_when_given(ppo_host):
 
     program, rm, ppo_host_ = ppo_host
     config = grpo_config("rejection", reward_model=program.config.rl.reward_model,
-                         keep_min_reward=-1e9)
+                         keep_min_reward=-1e9, chat=True)
+    config.data.seq_len = 32
     config_lib.validate(config)
     rs_program = program_lib.build(config, program.mesh)
     host = rs_program.make_loop(CharTokenizer())

@@ -20,7 +20,10 @@ KL_COEF = 0.1
 
 
 def _config(base, tokenizer: str):
-    c = grpo_config("ppo", num_epochs=2, max_new_tokens=6)
+    c = grpo_config("ppo", num_epochs=2, max_new_tokens=6, chat=True)
+    c.data.seq_len = 40  # the chat prompt
+    # The tiny tokenizer's two special tokens serve as the chat markers.
+    c.chat.update(turn_start="<|user|>", turn_end="<|assistant|>")
     c.model.vocab_size = 0  # the tokenizer's
     c.data.tokenizer_path = tokenizer
     c.train.steps = STEPS

@@ -24,6 +24,9 @@ def _main(workdir: Path, tokenizer: str) -> None:
              "--config.model.d_ff=64", "--config.data.seq_len=14", "--config.rl.max_new_tokens=6",
              "--config.rl.group_size=4", "--config.train.global_batch_size=4",
              "--config.rl.max_operand=4", "--config.rl.rewards=format:1,brevity:1",
+             # GRPO alone from a random init: no SFT phase, reference or chat prompts.
+             "--config.init_from.config=", "--config.rl.kl_coef=0", "--config.rl.chat=False",
+             "--config.rl.num_operands=2", "--config.rl.sft_fraction=0",
              "--config.rl.num_epochs=2", "--config.optim.learning_rate=1e-2",
              f"--config.train.steps={STEPS}", f"--config.checkpoint.every_steps={STOP}",
              f"--config.eval.every_steps={STOP}", "--config.eval.examples=4",

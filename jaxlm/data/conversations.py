@@ -14,6 +14,7 @@ each is a string or a message list. Accepted layouts, all normalised to
 * HH-RLHF (raw text): no prompt; chosen/rejected strings written "\\n\\nHuman: ...\\n\\nAssistant:
   ...".
 
+`task` instead of file globs reads the problems of the run's `rl.*` task (jaxlm/data/tasks.py).
 `chatterbot` instead of file globs reads the English dialogs of the `chatterbot-corpus` package
 (installed with `pip install jaxlm[chat]`; 2,026 short YAML dialogs, nothing is downloaded at
 run time). Its preference pairs are a demonstration set: chosen = the corpus answer, rejected =
@@ -208,9 +209,16 @@ def read_split(read: Callable[[str, str], list[T]], config: ml_collections.Confi
                section: str, split: str) -> list[T]:
     """The records of `split` for a stage's section ("sft", "dpo", "reward"), read by
     `read(spec, key)`: <section>.eval_paths for "eval" when set, otherwise the split's share
-    of <section>.paths under the fixed holdout (data.eval_fraction)."""
+    of <section>.paths under the fixed holdout (data.eval_fraction). <section>.paths = "task":
+    the rl.* task's problems as conversations (sft) or preference pairs (dpo, reward), its
+    splits (jaxlm/data/tasks.py)."""
     paths, eval_paths = config[section].paths, config[section].eval_paths
     if split == "eval" and eval_paths:
         return read(eval_paths, f"{section}.eval_paths")
+    if paths == "task":
+        from jaxlm.data import tasks  # tasks reads this module's holdout
+
+        make = tasks.task_conversations if section == "sft" else tasks.task_pairs
+        return make(config, split)
     return holdout(read(paths, f"{section}.paths"), split, config.data.eval_fraction,
                    f"{section}.paths")

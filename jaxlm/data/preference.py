@@ -16,6 +16,11 @@
 
 With precomputed reference log-probs (dpo.reference="precompute") each batch also holds
 ref_logps [batch, 2], looked up by pair_id in the table the trainer computed before training.
+
+A reward model reads whole sequences instead (`whole=True`, the reward stage): `inputs` holds
+every token of prompt + answer, the answer's end marker included, in at most data.seq_len
+slots, so the score read at the last real token is read at that marker, the token an RL
+rollout that stops ends with (as TRL's reward trainer appends EOS and reads the last token).
 """
 
 from __future__ import annotations
@@ -55,11 +60,27 @@ def _row(prompt: np.ndarray, answer: np.ndarray, seq_len: int, pad_id: int
             "positions": fill(np.arange(n, dtype=np.int32), 0)}
 
 
+def _whole_row(prompt: np.ndarray, answer: np.ndarray, seq_len: int, pad_id: int
+               ) -> dict[str, np.ndarray]:
+    """Every token in `inputs` (the last real one is the answer's last, its end marker);
+    targets are the next tokens of the same row (pad after the last), loss_mask 0."""
+    ids = np.concatenate([prompt, answer])
+    n, pad = len(ids), seq_len - len(ids)
+    fill = lambda a, v: np.concatenate([a, np.full(pad, v, a.dtype)])
+    return {"inputs": fill(ids, pad_id), "targets": fill(np.append(ids[1:], pad_id), pad_id),
+            "loss_mask": np.zeros(seq_len, np.float32),
+            "segment_ids": fill(np.ones(n, np.int32), 0),
+            "positions": fill(np.arange(n, dtype=np.int32), 0)}
+
+
 def tokenize_pairs(pairs: list[conversations.Pair], tokenizer: Any, *,
-                   template: chat.ChatTemplate, seq_len: int, max_prompt_tokens: int
-                   ) -> tuple[list[dict[str, np.ndarray]], PairCounts]:
-    """One example per kept pair: each field [2, seq_len] (chosen, rejected), and pair_id."""
+                   template: chat.ChatTemplate, seq_len: int, max_prompt_tokens: int,
+                   whole: bool = False) -> tuple[list[dict[str, np.ndarray]], PairCounts]:
+    """One example per kept pair: each field [2, seq_len] (chosen, rejected), and pair_id.
+    whole: rows of whole sequences (a reward model's, see the module doc) instead of the
+    next-token layout; a pair then fits in seq_len tokens, not seq_len + 1."""
     counts = PairCounts(pairs=len(pairs))
+    limit = seq_len if whole else seq_len + 1
     keep_bos = 1 if template.add_bos else 0
     examples = []
     for pair in pairs:
@@ -67,18 +88,19 @@ def tokenize_pairs(pairs: list[conversations.Pair], tokenizer: Any, *,
         answers = [chat.response_ids(tokenizer, a, template=template)
                    for a in (pair.chosen, pair.rejected)]
         if max_prompt_tokens and len(prompt) > max_prompt_tokens and \
-                len(prompt) + max(map(len, answers)) > seq_len + 1:
+                len(prompt) + max(map(len, answers)) > limit:
             prompt = np.concatenate([prompt[:keep_bos],
                                      prompt[len(prompt) - max_prompt_tokens + keep_bos:]])
             counts.prompt_truncated += 1
-        room = seq_len + 1 - len(prompt)
+        room = limit - len(prompt)
         if room < 1:
             counts.dropped += 1
             continue
         if max(map(len, answers)) > room:
             counts.answer_truncated += 1
             answers = [a[:room] for a in answers]
-        rows = [_row(prompt, a, seq_len, tokenizer.pad_id) for a in answers]
+        make_row = _whole_row if whole else _row
+        rows = [make_row(prompt, a, seq_len, tokenizer.pad_id) for a in answers]
         example = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
         example["pair_id"] = np.int32(len(examples))
         examples.append(example)
@@ -95,11 +117,12 @@ def split_pairs(config: ml_collections.ConfigDict, split: str, section: str = "d
 
 def split_examples(config: ml_collections.ConfigDict, tokenizer: Any, split: str,
                    section: str = "dpo") -> list[dict[str, np.ndarray]]:
-    """Tokenised pairs of `split`; `section` ("dpo" or "reward") holds paths and prompt cut."""
+    """Tokenised pairs of `split`; `section` ("dpo" or "reward") holds paths and prompt cut.
+    The reward section's rows hold whole sequences (`tokenize_pairs(whole=True)`)."""
     examples, counts = tokenize_pairs(
         split_pairs(config, split, section), tokenizer,
         template=chat.template_from_config(config.chat), seq_len=config.data.seq_len,
-        max_prompt_tokens=config[section].max_prompt_tokens)
+        max_prompt_tokens=config[section].max_prompt_tokens, whole=section == "reward")
     logging.info("%s %s data: %s", section, split, dataclasses.asdict(counts))
     if not examples:
         raise ConfigError(f"config key {section}.paths: no {split} pair fits data.seq_len="

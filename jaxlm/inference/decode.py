@@ -72,13 +72,16 @@ def _seen(tokens_BxP: jax.Array, valid_BxP: jax.Array, vocab: int) -> jax.Array:
 
 def sample(lm: LanguageModel, params: Any, tokens_BxP: jax.Array, valid_BxP: jax.Array,
            max_new_B: jax.Array, stop_BxS: jax.Array, sampling: SamplingParams,
-           rng: jax.Array, *, max_new: int, pad_id: int) -> dict[str, jax.Array]:
+           rng: jax.Array, *, max_new: int, pad_id: int,
+           tempered_logprobs: bool = False) -> dict[str, jax.Array]:
     """Samples (or greedily decodes) up to max_new_B[b] <= max_new tokens per row.
 
     A row stops after one of its stop tokens (which is kept in its output) or its budget;
     later entries are pad_id. Returns tokens [B, max_new], lengths [B], logprob [B], the
     sum of the model's (unfiltered) log-probabilities of the chosen tokens, and token_logprob
     [B, max_new], each chosen token's own (0 after the end; what RL keeps of its rollouts).
+    tempered_logprobs: those log-probabilities are of softmax(logits / temperature), the
+    distribution sampled before top-k / top-p (at temperature 0, of the model's own).
     """
     b = tokens_BxP.shape[0]
     last_BxV, cache, pos_B = prefill(lm, params, tokens_BxP, valid_BxP,
@@ -93,11 +96,15 @@ def sample(lm: LanguageModel, params: Any, tokens_BxP: jax.Array, valid_BxP: jax
     def cond(s):
         return (s["i"] < max_new) & ~jnp.all(s["done"])
 
+    scale = jnp.where(sampling.temperature > 0, sampling.temperature, 1.0) \
+        if tempered_logprobs else 1.0
+
     def body(s):
         rng, key = jax.random.split(s["rng"])
         done, i = s["done"], s["i"]
         tok_B = choose(key, s["last"], s["seen"], sampling)
-        logp_B = jnp.take_along_axis(jax.nn.log_softmax(s["last"]), tok_B[:, None], 1)[:, 0]
+        logp_B = jnp.take_along_axis(jax.nn.log_softmax(s["last"] / scale), tok_B[:, None],
+                                     1)[:, 0]
         tok_B = jnp.where(done, pad_id, tok_B)
         logits_Bx1xV, cache = lm.step(params, s["cache"], tok_B[:, None], s["pos"][:, None],
                                       ~done[:, None])

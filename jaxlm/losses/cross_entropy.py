@@ -159,12 +159,17 @@ class _HeadSpec(NamedTuple):
     z_loss: float
     vocab_size: int
     softcap: float = 0.0  # C * tanh(logits / C) when > 0
+    temperature: float = 1.0  # the (capped) logits divided by this
 
 
 def _chunk_logits(spec: _HeadSpec, x_BxCxD: jax.Array, head_DxV: jax.Array) -> jax.Array:
-    """float32 logits of one chunk, exactly as the model's head computes them."""
+    """float32 logits of one chunk, exactly as the model's head computes them (divided by
+    spec.temperature when it is not 1)."""
     logits = jnp.einsum("bcd,dv->bcv", x_BxCxD, head_DxV).astype(jnp.float32)
-    logits = sharding.constrain(softcap(logits, spec.softcap), _LOGITS)
+    logits = softcap(logits, spec.softcap)
+    if spec.temperature != 1.0:
+        logits = logits / spec.temperature
+    logits = sharding.constrain(logits, _LOGITS)
     if spec.vocab_size != head_DxV.shape[1]:
         real_V = jnp.arange(head_DxV.shape[1]) < spec.vocab_size
         logits = jnp.where(real_V, logits, -1e9)
@@ -187,11 +192,16 @@ def _chunk_dlogits(spec: _HeadSpec, logits_BxCxV, log_z_BxC, t_BxC, m_BxC, coef_
 
 def _through_softcap(spec: _HeadSpec, logits_BxCxV: jax.Array, d_BxCxV: jax.Array
                      ) -> jax.Array:
-    """d/d (logits before the soft-cap) from d/d (capped `logits`): times 1 - tanh^2.
-    (Padded entries have d = 0 and a finite factor, so they stay 0.)"""
+    """d/d (the head's logits, before the soft-cap and the temperature) from d/d `logits`
+    (as `_chunk_logits` returns them): divided by the temperature, times 1 - tanh^2 of the
+    capped logits. (Padded entries have d = 0 and a finite factor, so they stay 0.)"""
+    t = spec.temperature
+    if t != 1.0:
+        d_BxCxV = d_BxCxV / t
     if not spec.softcap:
         return d_BxCxV
-    return sharding.constrain(d_BxCxV * softcap_grad(logits_BxCxV, spec.softcap), _LOGITS)
+    capped = logits_BxCxV * t if t != 1.0 else logits_BxCxV
+    return sharding.constrain(d_BxCxV * softcap_grad(capped, spec.softcap), _LOGITS)
 
 
 def _head_grads(x_BxCxD: jax.Array, head_VxD: jax.Array, d_BxCxV: jax.Array
@@ -271,8 +281,8 @@ _fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd, symbolic_zeros=True)
 
 def token_logps(hidden_BxLxD: jax.Array, head_VxD: jax.Array, targets_BxL: jax.Array, *,
                 vocab_size: int | None = None, chunk_tokens: int = 512,
-                with_entropy: bool = False, logit_softcap: float = 0.0
-                ) -> jax.Array | tuple[jax.Array, jax.Array]:
+                with_entropy: bool = False, logit_softcap: float = 0.0,
+                temperature: float = 1.0) -> jax.Array | tuple[jax.Array, jax.Array]:
     """float32 log p(target) per position [B, L] of the logits `hidden @ head.T`, chunked.
 
     Equals `take_along_axis(log_softmax(logits), targets)` on the logits `Transformer` returns
@@ -293,6 +303,8 @@ def token_logps(hidden_BxLxD: jax.Array, head_VxD: jax.Array, targets_BxL: jax.A
       with_entropy: also return the entropy of each position's distribution [B, L]
         (differentiable too), at the cost of one more pass over each chunk's logits.
       logit_softcap: C > 0: the logits are C * tanh(logits / C) (model.final_logit_softcap).
+      temperature: T: log-probs (and entropy) of softmax(logits / T), the distribution a
+        sampler at temperature T draws from (RL's ratios and KL terms).
     """
     b, length, _ = hidden_BxLxD.shape
     vocab_size = head_VxD.shape[0] if vocab_size is None else vocab_size
@@ -309,7 +321,7 @@ def token_logps(hidden_BxLxD: jax.Array, head_VxD: jax.Array, targets_BxL: jax.A
     def unchunked(a_NxBxC: jax.Array) -> jax.Array:
         return jnp.swapaxes(a_NxBxC, 0, 1).reshape(b, n * chunk_len)[:, :length]
 
-    spec = _HeadSpec(0.0, vocab_size, float(logit_softcap))
+    spec = _HeadSpec(0.0, vocab_size, float(logit_softcap), float(temperature))
     outs = _fused_logps(spec, with_entropy, chunked(hidden_BxLxD), head_VxD,
                         chunked(targets_BxL))
     if with_entropy:

@@ -32,10 +32,13 @@ class TrainState:
                    nonfinite=jnp.zeros((), jnp.int32))
 
     def apply_gradients(self, grads: Any, tx: optax.GradientTransformation,
-                        finite: jax.Array | bool = True) -> TrainState:
+                        finite: jax.Array | bool = True,
+                        update: jax.Array | bool = True) -> TrainState:
         """One optimizer update; when `finite` is False, or the update or the new params are
         not finite (a NaN learning rate, an overflow), the params and optimizer state are kept
-        as they were (the step still counts, so the data and schedule move on)."""
+        as they were (the step still counts, so the data and schedule move on). `update`
+        False: no update was due (nothing to learn from); params, optimizer state (its count
+        included) and the non-finite counter stay as they were, the step counts."""
         updates, opt_state = tx.update(grads, self.opt_state, self.params)
         # Integer leaves (QLoRA's quantized frozen base) are never updated.
         params = jax.tree.map(lambda p, u: optax.apply_updates(p, u)
@@ -43,10 +46,12 @@ class TrainState:
                               self.params, updates)
         finite = (finite & jnp.isfinite(optax.global_norm(updates))
                   & jnp.isfinite(float_norm(params)))
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        take = finite & update
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(take, n, o), new, old)
+        nonfinite = jnp.where(finite, 0, self.nonfinite + 1)
         return self.replace(step=self.step + 1, params=keep(params, self.params),
                             opt_state=keep(opt_state, self.opt_state),
-                            nonfinite=jnp.where(finite, 0, self.nonfinite + 1))
+                            nonfinite=jnp.where(update, nonfinite, self.nonfinite))
 
 
 def float_norm(tree: Any) -> jax.Array:
@@ -135,10 +140,17 @@ def float_leaf_grad(fn: Callable[..., Any]) -> Callable[..., tuple[Any, Any]]:
     return grad_fn
 
 
+def update_count(opt_state: Any, default: jax.Array) -> jax.Array:
+    """The optimizer's count of updates taken (what its learning-rate schedule reads), or
+    `default` when its state holds no count."""
+    counts = optax.tree_utils.tree_get_all_with_path(opt_state, "count")
+    return counts[0][1] if counts else default
+
+
 def gradient_step(state: TrainState, batch: dict[str, jax.Array], loss_fn: LossFn, *,
                   tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
                   grad_accum_steps: int = 1, freeze: Freeze | None = None,
-                  dropout_seed: int | None = None
+                  dropout_seed: int | None = None, update: jax.Array | bool = True
                   ) -> tuple[TrainState, dict[str, jax.Array], dict[str, jax.Array]]:
     """What every stage's train step does around its loss: microbatched gradients, the update
     (skipped when the loss or gradient is not finite) and the common metrics.
@@ -146,7 +158,7 @@ def gradient_step(state: TrainState, batch: dict[str, jax.Array], loss_fn: LossF
     loss_fn(params, batch, rng) -> (loss_sum, aux) as in `microbatched_grads`; rng is None
     unless `dropout_seed` is set, then a key derived from it and the step (so a resumed run
     draws the same masks). Returns (new state, summed aux, {grad_norm, param_norm, lr,
-    nonfinite}).
+    nonfinite}). `update` False: no optimizer update is due (`TrainState.apply_gradients`).
     """
     rng = None
     if dropout_seed is not None:
@@ -157,7 +169,7 @@ def gradient_step(state: TrainState, batch: dict[str, jax.Array], loss_fn: LossF
     grad_norm = optax.global_norm(grads)
     objective = aux.pop("objective_sum") / jnp.maximum(aux["num_tokens"], 1.0)
     finite = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
-    new_state = state.apply_gradients(grads, tx, finite=finite)
+    new_state = state.apply_gradients(grads, tx, finite=finite, update=update)
     common = {"grad_norm": grad_norm, "param_norm": float_norm(state.params),
               "lr": lr_schedule(state.step), "nonfinite": new_state.nonfinite}
     return new_state, aux, common

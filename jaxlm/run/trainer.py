@@ -29,7 +29,7 @@ from jaxlm.inference.sampler import Request, Sampler
 from jaxlm.models import lora
 from jaxlm.parallel import hardware, sharding
 from jaxlm.run import config as config_lib
-from jaxlm.run import config_changes, console, workdir_lock
+from jaxlm.run import config_changes, console, start_run, workdir_lock
 from jaxlm.run import counters as run_counters
 from jaxlm.run import program as program_lib
 from jaxlm.run.checkpoint import Checkpointer, DataPositionError
@@ -279,13 +279,16 @@ class _Preemption:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains `config` in `workdir` (resuming from its checkpoints); returns the last logged
     metrics. The run owns the workdir meanwhile: a second run on it refuses to start.
-    SIGTERM before the first step ends it at once (no metrics, lock released)."""
+    SIGTERM before the first step ends it at once (no metrics, lock released). A run whose
+    init_from.config names its starting run trains that one first, in <workdir>/init."""
+    config = start_run.with_start_path(config, workdir)
     config_lib.validate(config)
     is_main = jax.process_index() == 0
     with _Preemption() as preemption, workdir_lock.hold(workdir, enabled=is_main), \
             console.quiet(workdir if is_main else None):
         try:
             preemption.start_up()
+            start_run.train_start(config, workdir, run)
             return _run(config, workdir, preemption)
         except _Terminated:
             preemption.training()
@@ -413,6 +416,9 @@ def _train(s: Setup, writer: MetricsWriter, ckpt: Checkpointer, preemption: _Pre
 
     preemption.training()  # from here SIGTERM finishes the step and saves
     previous = None
+    if step == 0 < total_steps and s.stage.eval_at_start:
+        _eval_and_sample(s, state, 0, loop, sampler, writer, True)
+        window_start = time.perf_counter()
     while step < total_steps:
         state, metrics = loop.train(state, host_batch)
         step += 1

@@ -16,6 +16,9 @@ One step (`GrpoLoop.train`, the stage's `StepLoop`):
    the frozen reference (rl.kl_coef = beta; 0 builds none). The update batch is [B, G, ...]
    rows sharded over the data axes; one trainer step is one rollout batch.
 
+Every log-prob (pi_old kept by the rollout, pi, ref) and the logged entropy are of
+softmax(logits / rl.temperature), the distribution the rollout samples, as in TRL.
+
 The learning-rate schedule counts optimizer updates: train.steps * rl.num_epochs of them.
 """
 
@@ -31,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxlm.data.tasks import heldout_key
 from jaxlm.losses.policy import clipped_surrogate, k3_kl, token_weights
 from jaxlm.run.train_state import TrainState, lora_step_options
 from jaxlm.stages.rl.advantages import group_advantages
@@ -39,20 +43,21 @@ from jaxlm.stages.rl.loop import RolloutLoop, eval_metrics, reward_metrics
 from jaxlm.stages.rl.prompts import make_data
 from jaxlm.stages.rl.rollout import flat_groups, rollout_programs, sequence_logps, sequences
 from jaxlm.stages.rl.settings import RL
-from jaxlm.stages.rl.tasks import heldout_key
 from jaxlm.stages.stage import BatchFields, Stage, example_eval_batches
 
 Batch = dict[str, jax.Array]
 
 
 def loss_fn(params: Any, batch: Batch, rng: jax.Array | None = None, *, model: nn.Module,
-            clip_low: float, clip_high: float, kl_coef: float, total_rows: int
-            ) -> tuple[jax.Array, dict[str, jax.Array]]:
+            clip_low: float, clip_high: float, kl_coef: float, total_rows: int,
+            temperature: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The weighted clipped objective (+ KL) of [N, ...] rows, and sums for the metrics.
-    num_tokens is the rows' share of the batch, so microbatches add up to a weight of 1."""
+    num_tokens is the rows' share of the batch, so microbatches add up to a weight of 1.
+    Log-probs and entropy are of softmax(logits / temperature), the rollout's."""
     num_new = batch["mask"].shape[-1]
     logp_NxT, entropy_NxT = sequence_logps(params, batch["tokens"], batch["valid"], num_new,
-                                           model=model, with_entropy=True, rng=rng)
+                                           model=model, with_entropy=True, rng=rng,
+                                           temperature=temperature)
     per_token_NxT, clipped_NxT = clipped_surrogate(
         logp_NxT, batch["old_logps"], batch["advantages"][:, None], clip_low=clip_low,
         clip_high=clip_high)
@@ -70,8 +75,8 @@ def loss_fn(params: Any, batch: Batch, rng: jax.Array | None = None, *, model: n
 
 def grpo_step(state: TrainState, batch: Batch, ref_params: Any = None, *, model: nn.Module,
               tx: optax.GradientTransformation, lr_schedule: optax.Schedule, clip_low: float,
-              clip_high: float, kl_coef: float, num_epochs: int, grad_accum_steps: int = 1,
-              freeze: Any = None, dropout_seed: int | None = None
+              clip_high: float, kl_coef: float, num_epochs: int, temperature: float = 1.0,
+              grad_accum_steps: int = 1, freeze: Any = None, dropout_seed: int | None = None
               ) -> tuple[TrainState, dict[str, jax.Array]]:
     """rl.num_epochs optimizer updates on one rollout batch [B, G, ...]; the state's step moves
     by one (a trainer step), the optimizer's count by num_epochs."""
@@ -79,9 +84,10 @@ def grpo_step(state: TrainState, batch: Batch, ref_params: Any = None, *, model:
     total = flat["tokens"].shape[0]
     if ref_params is not None:
         flat["ref_logps"] = jax.lax.stop_gradient(sequence_logps(
-            ref_params, flat["tokens"], flat["valid"], flat["mask"].shape[-1], model=model))
+            ref_params, flat["tokens"], flat["valid"], flat["mask"].shape[-1], model=model,
+            temperature=temperature))
     micro = functools.partial(loss_fn, model=model, clip_low=clip_low, clip_high=clip_high,
-                              kl_coef=kl_coef, total_rows=total)
+                              kl_coef=kl_coef, total_rows=total, temperature=temperature)
     step0 = state.step
     state, first, clipped, common = epoch_updates(
         state, flat, micro, num_epochs=num_epochs, tx=tx, lr_schedule=lr_schedule,
@@ -101,7 +107,8 @@ def make_steps(config: Any, model: nn.Module, tx: optax.GradientTransformation,
     train = functools.partial(
         grpo_step, model=model, tx=tx, lr_schedule=lr_schedule, clip_low=r.clip_eps,
         clip_high=r.clip_eps_high or r.clip_eps, kl_coef=r.kl_coef, num_epochs=r.num_epochs,
-        grad_accum_steps=config.optim.grad_accum_steps, **lora_step_options(config))
+        temperature=r.temperature, grad_accum_steps=config.optim.grad_accum_steps,
+        **lora_step_options(config))
     return train, None  # the loop evaluates by decoding held-out prompts
 
 
@@ -151,4 +158,5 @@ STAGE = Stage(name="grpo", make_steps=make_steps, make_data=make_data, batch_fie
               generates_text=False,  # samples are logged by the loop at each evaluation
               updates_per_step=lambda config: config.rl.num_epochs,
               sequences_per_row=lambda config: config.rl.group_size,
-              eval_batches=example_eval_batches, heldout_key=heldout_key)
+              eval_batches=example_eval_batches, heldout_key=heldout_key,
+              eval_at_start=True)

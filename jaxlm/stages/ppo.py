@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxlm.data.tasks import heldout_key
 from jaxlm.losses.cross_entropy import token_logps
 from jaxlm.losses.policy import clipped_surrogate, token_weights
 from jaxlm.models import Transformer
@@ -53,7 +54,6 @@ from jaxlm.stages.rl.rollout import (
     sequences,
 )
 from jaxlm.stages.rl.settings import PPO, RL
-from jaxlm.stages.rl.tasks import heldout_key
 from jaxlm.stages.stage import BatchFields, JitProgram, Stage, example_eval_batches
 
 Batch = dict[str, jax.Array]
@@ -65,14 +65,16 @@ def language_model(model: nn.Module) -> nn.Module:
 
 
 def logps_values(params: Any, tokens_NxS: jax.Array, valid_NxS: jax.Array, num_new: int, *,
-                 lm: nn.Module, rng: jax.Array | None = None
+                 lm: nn.Module, rng: jax.Array | None = None, temperature: float = 1.0
                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Per-token log-probs, entropies and values [N, T] of the completion slots, one pass."""
+    """Per-token log-probs and entropies of softmax(logits / temperature), and values [N, T]
+    of the completion slots, one pass."""
     hidden_NxTxD, head_VxD = completion_hidden(params, tokens_NxS, valid_NxS, num_new, model=lm,
                                                rng=rng)
     logp, entropy = token_logps(hidden_NxTxD, head_VxD, tokens_NxS[:, -num_new:],
                                 vocab_size=lm.cfg.vocab_size, with_entropy=True,
-                                logit_softcap=lm.cfg.final_logit_softcap)
+                                logit_softcap=lm.cfg.final_logit_softcap,
+                                temperature=temperature)
     w_D = params["reward_head"].astype(hidden_NxTxD.dtype)
     values = jnp.einsum("ntd,d->nt", hidden_NxTxD, w_D).astype(jnp.float32)
     return logp, entropy, values
@@ -103,10 +105,10 @@ def adaptive_kl(coef: float, kl: float, *, target: float, horizon: int, batch: i
 
 def loss_fn(params: Any, batch: Batch, rng: jax.Array | None = None, *, lm: nn.Module,
             clip_low: float, clip_high: float, value_clip: float, value_coef: float,
-            total_rows: int) -> tuple[jax.Array, dict[str, jax.Array]]:
+            total_rows: int, temperature: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
     num_new = batch["mask"].shape[-1]
     logp, entropy, values = logps_values(params, batch["tokens"], batch["valid"], num_new,
-                                         lm=lm, rng=rng)
+                                         lm=lm, rng=rng, temperature=temperature)
     pg_NxT, clipped_NxT = clipped_surrogate(logp, batch["old_logps"], batch["adv"],
                                             clip_low=clip_low, clip_high=clip_high)
     vf_NxT = clipped_value_loss(values, batch["old_values"], batch["returns"], value_clip)
@@ -121,15 +123,18 @@ def loss_fn(params: Any, batch: Batch, rng: jax.Array | None = None, *, lm: nn.M
 def ppo_step(state: TrainState, batch: Batch, ref_params: Any, *, model: nn.Module,
              tx: optax.GradientTransformation, lr_schedule: optax.Schedule, clip_low: float,
              clip_high: float, value_clip: float, value_coef: float, gamma: float, lam: float,
-             whiten_advantages: bool, num_epochs: int, grad_accum_steps: int = 1,
-             freeze: Any = None, dropout_seed: int | None = None
+             whiten_advantages: bool, num_epochs: int, temperature: float = 1.0,
+             grad_accum_steps: int = 1, freeze: Any = None, dropout_seed: int | None = None
              ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """Rewards, GAE and rl.num_epochs updates on one rollout batch [B, G, ...]."""
+    """Rewards, GAE and rl.num_epochs updates on one rollout batch [B, G, ...]; every
+    log-prob (pi_old, pi, ref: the ratio and the KL reward) is of softmax(logits / T), the
+    rollout's sampling distribution."""
     lm = language_model(model)
     flat = flat_groups(batch)
     num_new, total = flat["mask"].shape[-1], flat["mask"].shape[0]
     mask = flat["mask"]
-    ref = sequence_logps(ref_params, flat["tokens"], flat["valid"], num_new, model=lm)
+    ref = sequence_logps(ref_params, flat["tokens"], flat["valid"], num_new, model=lm,
+                         temperature=temperature)
     _, _, old_values = logps_values(state.params, flat["tokens"], flat["valid"], num_new, lm=lm)
     ref, old_values = jax.lax.stop_gradient(ref), jax.lax.stop_gradient(old_values * mask)
     rewards = token_rewards(flat["score"], flat["old_logps"], ref, mask, flat["kl_coef"])
@@ -138,7 +143,8 @@ def ppo_step(state: TrainState, batch: Batch, ref_params: Any, *, model: nn.Modu
         adv = whiten(adv, mask)
     flat.update(adv=adv, returns=returns, old_values=old_values)
     micro = functools.partial(loss_fn, lm=lm, clip_low=clip_low, clip_high=clip_high,
-                              value_clip=value_clip, value_coef=value_coef, total_rows=total)
+                              value_clip=value_clip, value_coef=value_coef, total_rows=total,
+                              temperature=temperature)
     step0 = state.step
     state, first, clipped, common = epoch_updates(
         state, flat, micro, num_epochs=num_epochs, tx=tx, lr_schedule=lr_schedule,
@@ -161,7 +167,8 @@ def make_steps(config: Any, model: nn.Module, tx: optax.GradientTransformation,
         ppo_step, model=model, tx=tx, lr_schedule=lr_schedule, clip_low=r.clip_eps,
         clip_high=r.clip_eps_high or r.clip_eps, value_clip=p.value_clip,
         value_coef=p.value_coef, gamma=p.gamma, lam=p.lam, whiten_advantages=p.whiten,
-        num_epochs=r.num_epochs, grad_accum_steps=config.optim.grad_accum_steps,
+        num_epochs=r.num_epochs, temperature=r.temperature,
+        grad_accum_steps=config.optim.grad_accum_steps,
         **lora_step_options(config))
     return train, None  # the loop evaluates by decoding held-out prompts
 
@@ -236,4 +243,5 @@ STAGE = Stage(name="ppo", make_steps=make_steps, make_data=make_data, batch_fiel
               # The rollout policy's values, before the epochs.
               policy_forwards=lambda config: 1,
               sequences_per_row=lambda config: config.rl.group_size,
-              eval_batches=example_eval_batches, heldout_key=heldout_key)
+              eval_batches=example_eval_batches, heldout_key=heldout_key,
+              eval_at_start=True)

@@ -7,7 +7,10 @@ through the Program's "reward_score" program); the best-scoring completion of ea
 kept when its reward reaches rl.keep_min_reward; one optimizer step of the SFT loss (mean
 negative log-likelihood of the kept completions' tokens, EOS included) follows. Each step
 samples from the policy the previous steps trained, so the run iterates collect -> filter ->
-fine-tune with a fresh batch of prompts every round.
+fine-tune with a fresh batch of prompts every round. A step that keeps nothing takes no
+optimizer update (AdamW's momentum and weight decay would move the weights without a
+sample): the trainer's step counts, the params, the optimizer state and its update count (so
+the learning-rate schedule) stay, and its metrics log `updated` 0.
 """
 
 from __future__ import annotations
@@ -22,13 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxlm.run.train_state import TrainState, gradient_step, lora_step_options
+from jaxlm.data.tasks import heldout_key
+from jaxlm.run.train_state import TrainState, gradient_step, lora_step_options, update_count
 from jaxlm.stages.rl.loop import RolloutLoop, eval_metrics, reward_metrics
 from jaxlm.stages.rl.prompts import make_data
 from jaxlm.stages.rl.reward_model import SCORE, RewardModel, score_program
 from jaxlm.stages.rl.rollout import rollout_programs, sequence_logps, sequences
 from jaxlm.stages.rl.settings import RL
-from jaxlm.stages.rl.tasks import heldout_key
 from jaxlm.stages.stage import BatchFields, JitProgram, Stage, example_eval_batches
 
 Batch = dict[str, jax.Array]
@@ -48,12 +51,17 @@ def rejection_step(state: TrainState, batch: Batch, *, model: nn.Module,
                    tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
                    grad_accum_steps: int = 1, freeze: Any = None,
                    dropout_seed: int | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One SFT step on the kept completions of a batch (no update when none is kept)."""
+    """One SFT step on the kept completions of a batch; none kept: no optimizer update.
+    `lr` is the rate of this step's update (for a skipped one: of the next update)."""
+    kept = jnp.sum(batch["keep"]) > 0
     new_state, sums, common = gradient_step(
         state, batch, functools.partial(loss_fn, model=model), tx=tx, lr_schedule=lr_schedule,
-        grad_accum_steps=grad_accum_steps, freeze=freeze, dropout_seed=dropout_seed)
+        grad_accum_steps=grad_accum_steps, freeze=freeze, dropout_seed=dropout_seed,
+        update=kept)
     n = jnp.maximum(sums["num_tokens"], 1.0)
-    return new_state, {**common, "loss": sums["nll_sum"] / n, "kept_tokens": sums["num_tokens"]}
+    return new_state, {**common, "lr": lr_schedule(update_count(state.opt_state, state.step)),
+                       "loss": sums["nll_sum"] / n, "kept_tokens": sums["num_tokens"],
+                       "updated": kept.astype(jnp.float32)}
 
 
 def make_steps(config: Any, model: nn.Module, tx: optax.GradientTransformation,
@@ -124,4 +132,5 @@ class RejectionLoop(RolloutLoop):
 STAGE = Stage(name="rejection", make_steps=make_steps, make_data=make_data,
               batch_fields=batch_fields, sections=(RL,), eval_metrics=eval_metrics,
               generates_text=False, make_programs=make_programs, make_loop=RejectionLoop,
-              eval_batches=example_eval_batches, heldout_key=heldout_key)
+              eval_batches=example_eval_batches, heldout_key=heldout_key,
+              eval_at_start=True)

@@ -1,9 +1,11 @@
 """Reward model: the transformer with a scalar head, trained on preference pairs.
 
 The model is built with `reward_head=True` (config.stage == "reward"), so it returns a score per
-position; a sequence's reward is the score at its last input token (the pair rows are in
-next-token layout, so that is the answer's last token before its closing marker).
-The batch is the DPO pair layout ([B, 2, L], chosen then rejected, jaxlm/data/preference.py).
+position; a sequence's reward is the score at its last real token. The rows hold whole
+sequences (jaxlm/data/preference.py, `whole=True`): prompt, answer and the answer's closing
+marker, so the score is read at that marker, where an RL rollout that stops at the marker is
+read too (`jaxlm.stages.rl.reward_model`; TRL appends EOS and reads the last token in both).
+The batch is the DPO pair fields ([B, 2, L], chosen then rejected).
 Bradley-Terry loss with an optional margin m: -log sigmoid(r_chosen - r_rejected - m), averaged
 over pairs. Metrics: loss, accuracy (share of pairs with r_chosen > r_rejected), mean margin
 r_chosen - r_rejected, mean chosen and rejected rewards. Start it from an SFT or pretraining

@@ -168,6 +168,8 @@ class Stage:
         data.eval_fraction holdout (data.eval_paths, sft.eval_paths, ...), or None when held-out
         data comes only from data.eval_fraction; `validate` refuses an evaluating run that has
         neither.
+      eval_at_start: a new run evaluates before its first step too (RL: the held-out score
+        of the policy it starts from, what its gain is measured against).
       frozen_models: config -> {name: (checkpoint directory, step or None for the newest)} of
         models the steps read but never train (a distillation teacher), each of the shape its
         checkpoint's saved config gives (jaxlm/weights/frozen.py). When there are any,
@@ -194,6 +196,7 @@ class Stage:
     policy_forwards: Callable[[Config], int] = lambda config: 0
     frozen_models: Callable[[Config], dict[str, tuple[str, int | None]]] = no_frozen_models
     heldout_key: Callable[[Config], str | None] = corpus_heldout_key
+    eval_at_start: bool = False
 
     def sequences(self, config: Config) -> int:
         """Model sequences per batch row under `config`."""

@@ -1,12 +1,15 @@
-"""Held-out loss against step of several runs in one PNG (e.g. a distilled student and the same
-student trained with cross-entropy only, docs/distillation.md).
+"""Logged metrics against step of several runs in one PNG, one panel per metric (e.g. the held-out
+loss of a distilled student and of the same student trained with cross-entropy only,
+docs/distillation.md, or an RL run's held-out accuracy, reward and KL, docs/rl.md).
 
     python -m jaxlm.tools.plot_eval_curves --out=docs/img/distill_tiny.png \
         --run="distilled=/tmp/student_kd" --run="cross-entropy only=/tmp/student_ce"
+    python -m jaxlm.tools.plot_eval_curves --out=docs/img/grpo_tiny.png --run=grpo=runs/grpo \
+        --metrics=eval_accuracy,reward_mean,kl
 
-Each --run is label=workdir (split at the last "="); the curve is the `eval_loss` rows of
-<workdir>/metrics.jsonl (the last row of a step wins, as after a resume). Prints each run's
-final held-out loss.
+Each --run is label=workdir (split at the last "="); a curve is the rows of
+<workdir>/metrics.jsonl holding the metric (the last row of a step wins, as after a resume).
+Prints each run's first and last value of each metric.
 """
 
 import json
@@ -17,17 +20,24 @@ from absl import app, flags
 _RUNS = flags.DEFINE_multi_string("run", [], "label=workdir, once per curve.")
 _OUT = flags.DEFINE_string("out", None, "PNG to write.")
 _TITLE = flags.DEFINE_string("title", "", "Plot title.")
+_METRICS = flags.DEFINE_list("metrics", ["eval_loss"], "Metrics of metrics.jsonl, a panel each.")
 flags.mark_flag_as_required("out")
 
+LABELS = {"eval_loss": "held-out cross-entropy (nats/token)",
+          "eval_accuracy": "held-out accuracy (greedy)",
+          "eval_reward_mean": "held-out mean reward (greedy)",
+          "reward_mean": "training reward (mean of samples)",
+          "kl": "KL to the reference (per token)"}
 
-def eval_curve(workdir: str) -> tuple[list[int], list[float]]:
-    """Steps and eval_loss values of a run's metrics.jsonl, by step."""
+
+def metric_curve(workdir: str, metric: str) -> tuple[list[int], list[float]]:
+    """Steps and values of `metric` in a run's metrics.jsonl, by step."""
     by_step: dict[int, float] = {}
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         for line in f:
             row = json.loads(line)
-            if "eval_loss" in row:
-                by_step[int(row["step"])] = float(row["eval_loss"])
+            if row.get(metric) is not None:
+                by_step[int(row["step"])] = float(row[metric])
     steps = sorted(by_step)
     return steps, [by_step[s] for s in steps]
 
@@ -38,18 +48,23 @@ def main(argv: list[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for spec in _RUNS.value:
-        label, workdir = spec.rsplit("=", 1)
-        steps, losses = eval_curve(workdir)
-        ax.plot(steps, losses, marker="o", label=label)
-        print(f"{label}: final held-out loss {losses[-1]:.4f} at step {steps[-1]}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("held-out cross-entropy (nats/token)")
+    metrics = _METRICS.value
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for spec in _RUNS.value:
+            label, workdir = spec.rsplit("=", 1)
+            steps, values = metric_curve(workdir, metric)
+            if not steps:
+                raise ValueError(f"{workdir}/metrics.jsonl has no {metric!r} rows")
+            ax.plot(steps, values, marker="o" if len(steps) < 40 else None, label=label)
+            print(f"{label}: {metric} {values[0]:.4g} at step {steps[0]} -> {values[-1]:.4g} "
+                  f"at step {steps[-1]}")
+        ax.set_xlabel("step")
+        ax.set_ylabel(LABELS.get(metric, metric))
+        ax.grid(alpha=0.3)
+        ax.legend()
     if _TITLE.value:
-        ax.set_title(_TITLE.value)
-    ax.grid(alpha=0.3)
-    ax.legend()
+        fig.suptitle(_TITLE.value)
     fig.tight_layout()
     fig.savefig(_OUT.value, dpi=120)
 

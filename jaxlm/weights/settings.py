@@ -17,6 +17,10 @@ def default_init_from_config() -> ml_collections.ConfigDict:
     fi.path = ""
     # Step of that checkpoint; -1 = its newest.
     fi.step = -1
+    # A config file ("configs/x.py:arg=...") whose run makes the starting checkpoint: with
+    # init_from.path empty, it trains first in <workdir>/init (resumed if cut short) and its
+    # checkpoints start this run (jaxlm/run/start_run.py). "" = none.
+    fi.config = ""
     return fi
 
 

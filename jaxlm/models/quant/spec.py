@@ -59,7 +59,8 @@ class QuantSpec:
         if self.activation not in ACTIVATION_TYPES:
             fail("activation", f"{self.activation!r} not in {ACTIVATION_TYPES}")
         if self.tile_size < 0:
-            fail("tile_size", f"must be >= 0 (0 = per channel), got {self.tile_size}")
+            fail("tile_size", f"must be >= 0 (0 = per channel; -1 in a run config = the "
+                 f"weight type's default), got {self.tile_size}")
         if self.activation != "none" and self.mode != "ptq":
             fail("activation", "activations are quantized only with quant.mode='ptq' (dynamic "
                  "range at inference)")

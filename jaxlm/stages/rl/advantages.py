@@ -13,15 +13,17 @@ from jaxlm.run.errors import ConfigError
 
 def group_advantages(rewards_BxG: jax.Array, scale: str = "std", eps: float = 1e-4
                      ) -> jax.Array:
-    """Each completion's reward minus its group's mean, divided by the group's std ("std",
-    GRPO; population std, + eps) or not ("none", Dr. GRPO). A group whose completions all
-    score the same gets 0 everywhere."""
+    """Each completion's reward minus its group's mean, divided by the group's std + eps or
+    not: "std" the population std (GRPO, the default), "sample_std" the sample std with
+    Bessel's correction (TRL's GRPOTrainer: torch's std), "none" no division (Dr. GRPO). A
+    group whose completions all score the same gets 0 everywhere."""
     centred_BxG = rewards_BxG - rewards_BxG.mean(axis=1, keepdims=True)
     if scale == "none":
         return centred_BxG
-    if scale != "std":
+    if scale not in ("std", "sample_std"):
         raise ConfigError(f"config key rl.advantage_scale: unknown {scale!r}")
-    return centred_BxG / (rewards_BxG.std(axis=1, keepdims=True) + eps)
+    ddof = 1 if scale == "sample_std" else 0
+    return centred_BxG / (rewards_BxG.std(axis=1, keepdims=True, ddof=ddof) + eps)
 
 
 def gae(rewards_BxT: jax.Array, values_BxT: jax.Array, mask_BxT: jax.Array, *, gamma: float,

@@ -20,21 +20,27 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from jaxlm.data import chat
 from jaxlm.data.config import split_list
+from jaxlm.data.tasks import split_examples
 from jaxlm.parallel import sharding
 from jaxlm.run.errors import ConfigError
+from jaxlm.stages.rl.prompts import prompt_template
 from jaxlm.stages.rl.rewards import correct, total_reward
 from jaxlm.stages.rl.rollout import EVAL_ROLLOUT, ROLLOUT, stop_width
 from jaxlm.stages.rl.settings import parse_weights
-from jaxlm.stages.rl.tasks import split_examples
 
 if TYPE_CHECKING:
     from jaxlm.run.program import Program
 
 
-def stop_ids(tokenizer: Any, stop: str) -> list[int]:
-    """EOS plus the single-token pieces of `stop` (comma-separated)."""
+def stop_ids(tokenizer: Any, stop: str, template: chat.ChatTemplate | None = None
+             ) -> list[int]:
+    """EOS, the chat template's turn_end (chat prompts: the answer's end), and the
+    single-token pieces of `stop` (comma-separated)."""
     ids = [tokenizer.eos_id] if getattr(tokenizer, "eos_id", -1) >= 0 else []
+    if template is not None and not template.from_tokenizer:
+        ids.append(chat.special_ids(tokenizer, template)[1])
     for piece in split_list(stop.encode().decode("unicode_escape")):
         encoded = list(tokenizer.encode(piece))
         if len(encoded) != 1:
@@ -68,7 +74,7 @@ class RolloutLoop:
         self.step_args = step_args
         self.weights = parse_weights(c.rl.rewards)
         self.examples = {"train": split_examples(c, "train")}
-        self.stop = stop_ids(tokenizer, c.rl.stop)
+        self.stop = stop_ids(tokenizer, c.rl.stop, prompt_template(c))
         padded = np.full(stop_width(c), -1, np.int32)
         padded[:len(self.stop)] = self.stop
         self._stop_S = jax.device_put(padded, sharding.replicated(self.mesh))
@@ -85,8 +91,12 @@ class RolloutLoop:
         del state
 
     def samples(self) -> list[str]:
-        """The last evaluation's first rl.log_samples (prompt, completion, reward) lines."""
-        return self._samples
+        """The evaluation's first rl.log_samples (prompt, completion, reward) lines, logged to
+        the console here; the next evaluation collects new ones."""
+        out, self._samples = self._samples, []
+        for line in out:
+            logging.info("sample: %s", line)
+        return out
 
     def example(self, split: str, i: int) -> dict:
         if split not in self.examples:
@@ -185,10 +195,9 @@ class RolloutLoop:
         rewards, _, prompts, completions = self.rewards(rolled, "eval")
         examples = [self.example("eval", int(i)) for i in rolled["example_id"]]
         hits = [correct(p, c[0], e) for p, c, e in zip(prompts, completions, examples)]
-        self._samples = [f"{p!r} -> {c[0]!r} (reward {r[0]:.3f})" for p, c, r in
-                         zip(prompts, completions, rewards)][:self.config.rl.log_samples]
-        for line in self._samples:
-            logging.info("sample: %s", line)
+        room = self.config.rl.log_samples - len(self._samples)
+        self._samples += [f"{p!r} -> {c[0]!r} (reward {r[0]:.3f})" for p, c, r in
+                          zip(prompts, completions, rewards)][:max(room, 0)]
         return {"reward_sum": float(rewards.sum()), "correct_sum": float(sum(hits)),
                 "count": float(rewards.size), "length_sum": float(rolled["lengths"].sum())}
 

@@ -4,7 +4,9 @@ Like every other stage's data it is a grain pipeline (shuffled per epoch from da
 train split, repeated, sliced by process), so its position is saved with each checkpoint and a
 resumed run draws exactly the prompts it would have. A batch holds
 
-    prompt [b, P] int32   BOS + the prompt's tokens, left-padded with pad_id to P
+    prompt [b, P] int32   BOS + the prompt's tokens, left-padded with pad_id to P; with rl.chat
+                          the prompt as a user turn of the chat template followed by the
+                          opening of the assistant's turn (`jaxlm.data.chat.prompt_ids`)
     prompt_valid [b, P]   1 on the real tokens
     example_id [b]        the example's index in its split (rewards look the answer up)
 
@@ -19,27 +21,40 @@ import grain
 import ml_collections
 import numpy as np
 
+from jaxlm.data import chat
 from jaxlm.data.sft import example_stream
+from jaxlm.data.tasks import Example, split_examples
 from jaxlm.run.errors import ConfigError
-from jaxlm.stages.rl.tasks import Example, split_examples
 
 
 def prompt_length(config: ml_collections.ConfigDict) -> int:
     return config.data.seq_len - config.rl.max_new_tokens
 
 
-def prompt_ids(tokenizer: Any, text: str) -> list[int]:
+def prompt_template(config: ml_collections.ConfigDict) -> chat.ChatTemplate | None:
+    """The chat template prompts are rendered with (rl.chat), or None for raw prompts."""
+    return chat.template_from_config(config.chat) if config.rl.chat else None
+
+
+def prompt_ids(tokenizer: Any, text: str, template: chat.ChatTemplate | None = None
+               ) -> list[int]:
+    """BOS + the text's ids; with a template, the text as a user turn and the opening of the
+    assistant's turn (the ids an SFT'd chat model answers, and reward pairs start with)."""
+    if template is not None:
+        return [int(t) for t in chat.prompt_ids(tokenizer, [{"role": "user", "content": text}],
+                                                 template=template)]
     bos = getattr(tokenizer, "bos_id", -1)
     return ([bos] if bos is not None and bos >= 0 else []) + list(tokenizer.encode(text))
 
 
-def tokenize_prompts(examples: list[Example], tokenizer: Any, length: int
-                     ) -> list[dict[str, np.ndarray]]:
-    """One left-padded row per example; raises naming data.seq_len if a prompt is too long."""
+def tokenize_prompts(examples: list[Example], tokenizer: Any, length: int,
+                     template: chat.ChatTemplate | None = None) -> list[dict[str, np.ndarray]]:
+    """One left-padded row per example (chat-rendered with `template`); raises naming
+    data.seq_len if a prompt is too long."""
     pad = max(getattr(tokenizer, "pad_id", 0), 0)
     rows = []
     for i, ex in enumerate(examples):
-        ids = prompt_ids(tokenizer, ex["prompt"])
+        ids = prompt_ids(tokenizer, ex["prompt"], template)
         if len(ids) > length:
             raise ConfigError(f"config key data.seq_len: prompt {ex['prompt']!r} has {len(ids)} "
                              f"tokens, more than data.seq_len - rl.max_new_tokens = {length}")
@@ -54,7 +69,8 @@ def make_prompt_iterator(config: ml_collections.ConfigDict, tokenizer: Any, *, s
                          batch_size: int, process_index: int = 0, process_count: int = 1
                          ) -> grain.DatasetIterator:
     """Endless iterator of this process's prompt batches of `split` (see the module doc)."""
-    rows = tokenize_prompts(split_examples(config, split), tokenizer, prompt_length(config))
+    rows = tokenize_prompts(split_examples(config, split), tokenizer, prompt_length(config),
+                            prompt_template(config))
     ds = example_stream(rows, split=split, shuffle=config.data.shuffle, seed=config.data.seed,
                         process_index=process_index, process_count=process_count)
     return iter(ds.to_iter_dataset().batch(batch_size, drop_remainder=True))

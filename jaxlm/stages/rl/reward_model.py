@@ -39,8 +39,9 @@ PARAMS = "reward_model"
 
 def sequence_scores(params: Any, tokens_NxS: jax.Array, valid_NxS: jax.Array,
                     lengths_N: jax.Array, num_new: int, *, model: nn.Module) -> jax.Array:
-    """A reward model's score of each rollout row at its last token (the completion's last, or
-    the prompt's when the completion is empty) [N]."""
+    """A reward model's score of each rollout row at its last real token [N]: the
+    completion's last (its stop token, chat.turn_end, when it stopped: the token the reward
+    stage reads a pair's answer at), or the prompt's when the completion is empty."""
     valid = valid_NxS.astype(jnp.int32)
     positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
     scores_NxS = model.apply({"params": params}, tokens_NxS, positions_BxL=positions,
@@ -62,7 +63,21 @@ def model_config(program: Program) -> ModelConfig:
     if not cfg.reward_head:
         raise ValueError(f"config key rl.reward_model: {r.reward_model} is not a reward-stage "
                          "run (its model has no scalar reward head)")
+    check_same_chat(program.config, saved.config)
     return cfg
+
+
+def check_same_chat(config: Any, saved_config: Any) -> None:
+    """The run renders rollouts with the chat template the reward model's pairs had; raises
+    naming the first chat.* key that differs."""
+    theirs = (saved_config or {}).get("chat")
+    if theirs is None:
+        return
+    for key, value in config.chat.items():
+        if key in theirs and theirs[key] != value:
+            raise ValueError(f"config key chat.{key}: {value!r}, but the reward model "
+                             f"{config.rl.reward_model} was trained with {theirs[key]!r}; "
+                             "rollouts must be rendered as its pairs were")
 
 
 def score_program(program: Program) -> JitProgram:

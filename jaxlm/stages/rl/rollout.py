@@ -2,8 +2,12 @@
 
 `rollout` runs inside one jit with the policy's params as they are sharded for training: each
 prompt row is repeated G times (group g of prompt b is row b * G + g), sampled by
-`jaxlm.inference.decode.sample`, and the sampling policy's per-token log-probs are kept (of the
-model's own distribution, before temperature and top-p, i.e. pi_old of the ratio objectives).
+`jaxlm.inference.decode.sample`, and the sampling policy's per-token log-probs are kept: of
+softmax(logits / rl.temperature), the distribution sampled (before top-k / top-p filtering, as
+TRL keeps them), i.e. pi_old of the ratio objectives. Every later log-prob of the policy and
+the reference (`sequence_logps(..., temperature=rl.temperature)`) is of the same tempered
+distribution. The rollout decodes with a KV cache in the training precision whatever
+model.kv_cache_dtype says (an int8 cache would make pi_old differ from the train step's).
 `rollout_programs` builds the two jitted rollouts of an RL run (the training one, G sampled
 completions per prompt, and the held-out one, one greedy completion) for `program.build`, with
 explicit shardings, abstract inputs, FLOPs and the size of their KV cache.
@@ -54,15 +58,17 @@ def rollout(params: Any, prompt_BxP: jax.Array, valid_BxP: jax.Array, rng: jax.A
     n = tokens_NxP.shape[0]
     out = decode.sample(lm, params, tokens_NxP, valid_NxP, jnp.full((n,), max_new, jnp.int32),
                         jnp.tile(stop_S[None], (n, 1)), as_arrays(sampling), rng,
-                        max_new=max_new, pad_id=pad_id)
+                        max_new=max_new, pad_id=pad_id, tempered_logprobs=True)
     return {"completion": out["tokens"].reshape(b, group_size, max_new),
             "lengths": out["lengths"].reshape(b, group_size),
             "logps": out["token_logprob"].reshape(b, group_size, max_new)}
 
 
 def stop_width(config: ml_collections.ConfigDict) -> int:
-    """Stop ids a rollout takes: EOS and one per piece of rl.stop (unused slots hold -1)."""
-    return 1 + len(split_list(config.rl.stop.encode().decode("unicode_escape")))
+    """Stop ids a rollout takes: EOS, chat.turn_end with rl.chat, and one per piece of rl.stop
+    (unused slots hold -1)."""
+    return (1 + int(config.rl.chat)
+            + len(split_list(config.rl.stop.encode().decode("unicode_escape"))))
 
 
 def rollout_program(program: Program, *, greedy: bool) -> JitProgram:
@@ -78,8 +84,9 @@ def rollout_program(program: Program, *, greedy: bool) -> JitProgram:
     group = 1 if greedy else r.group_size
     sampling = SamplingParams() if greedy else SamplingParams(
         temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
-    # A policy with a value head (ppo) decodes with its vocab head.
-    lm_cfg = dataclasses.replace(program.model_cfg, reward_head=False)
+    # A policy with a value head (ppo) decodes with its vocab head, and with a KV cache in the
+    # training precision (model.kv_cache_dtype is for inference).
+    lm_cfg = dataclasses.replace(program.model_cfg, reward_head=False, kv_cache_dtype="")
     lm = decode.TransformerLM(lm_cfg)
     b, p, t, s = c.train.global_batch_size, prompt_length(c), r.max_new_tokens, c.data.seq_len
     params_sh, replicated = program.state_shardings.params, sharding.replicated(mesh)
@@ -145,12 +152,13 @@ def completion_hidden(params: Any, tokens_NxS: jax.Array, valid_NxS: jax.Array, 
 
 
 def sequence_logps(params: Any, tokens_NxS: jax.Array, valid_NxS: jax.Array, num_new: int, *,
-                   model: nn.Module, with_entropy: bool = False, rng: jax.Array | None = None
-                   ) -> jax.Array | tuple[jax.Array, jax.Array]:
-    """log p(token) of the last `num_new` slots of each row [N, T] (and their entropy), from the
-    chunked head (`token_logps`: no [N, S, V] logits)."""
+                   model: nn.Module, with_entropy: bool = False, rng: jax.Array | None = None,
+                   temperature: float = 1.0) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """log p(token) of the last `num_new` slots of each row [N, T] (and their entropy) under
+    softmax(logits / temperature), from the chunked head (`token_logps`: no [N, S, V]
+    logits)."""
     hidden_NxTxD, head_VxD = completion_hidden(params, tokens_NxS, valid_NxS, num_new,
                                                model=model, rng=rng)
     return token_logps(hidden_NxTxD, head_VxD, tokens_NxS[:, -num_new:],
                        vocab_size=model.cfg.vocab_size, with_entropy=with_entropy,
-                       logit_softcap=model.cfg.final_logit_softcap)
+                       logit_softcap=model.cfg.final_logit_softcap, temperature=temperature)

@@ -15,7 +15,7 @@ from jaxlm.run.errors import check_at_least, check_choice, check_interval, confi
 from jaxlm.run.section import Section
 
 TASKS = ("arithmetic", "jsonl")
-ADVANTAGE_SCALES = ("std", "none")
+ADVANTAGE_SCALES = ("std", "sample_std", "none")
 LOSS_NORMS = ("sequence", "token", "constant")
 
 
@@ -28,15 +28,25 @@ def default_rl_config() -> ml_collections.ConfigDict:
     # data.eval_fraction of rl.paths under a fixed permutation.
     r.paths = ""
     r.eval_paths = ""
-    # arithmetic task: operands are integers in [0, max_operand]; ops from this string of
-    # "+-*". Every (a, op, b) is one example; data.eval_fraction of them are held out.
+    # arithmetic task: num_operands integers in [0, max_operand] joined by ops from this string
+    # of "+-*", evaluated left to right ("3+4-2=" -> "5"). Every such problem is one example;
+    # data.eval_fraction of them are held out.
     r.max_operand = 9
     r.operations = "+-"
+    r.num_operands = 2
+    # Share of the non-held-out problems set aside for supervised stages that read the task
+    # (sft.paths / reward.paths / dpo.paths = "task"), never RL prompts (jaxlm/data/tasks.py).
+    r.sft_fraction = 0.0
     # Reward functions and weights, "name:weight,..." (jaxlm/stages/rl/rewards.py); the reward is
     # their weighted sum.
     r.rewards = "correct:1.0,format:0.1"
     # Completions sampled per prompt (G); the batch holds train.global_batch_size prompts.
     r.group_size = 8
+    # Prompts as chat: each prompt is a user turn of the chat template (chat.*) followed by the
+    # opening of the assistant's turn, and a completion also stops at chat.turn_end (the end of
+    # the answer). False: BOS + the prompt's text. Required with rl.reward_model, whose pairs
+    # were chat conversations (the reward model scores what it was trained on).
+    r.chat = False
     # Tokens generated per completion at most; prompts get data.seq_len - max_new_tokens.
     r.max_new_tokens = 8
     # Sampling of the rollouts (the held-out evaluation decodes greedily).
@@ -45,8 +55,9 @@ def default_rl_config() -> ml_collections.ConfigDict:
     r.top_k = 0
     # Stop pieces besides the tokenizer's EOS, comma-separated (e.g. "\n"); kept in the output.
     r.stop = ""
-    # Group-relative advantages: (r - group mean) / group std ("std"), or r - group mean
-    # ("none", Dr. GRPO).
+    # Group-relative advantages: (r - group mean) / (group std + 1e-4) with the population std
+    # ("std") or the sample std, Bessel-corrected ("sample_std": TRL's GRPOTrainer), or
+    # r - group mean ("none", Dr. GRPO).
     r.advantage_scale = "std"
     # How token terms are averaged: "sequence" (mean over each completion's tokens, then over
     # completions: DeepSeekMath), "token" (mean over all completion tokens of the batch) or
@@ -103,6 +114,7 @@ def check_rl(config: ml_collections.ConfigDict) -> None:
         _fail("rl.paths", "is empty but rl.task='jsonl'; give jsonl globs of {prompt, answer}")
     if r.task == "arithmetic":
         check_at_least("rl.max_operand", r.max_operand, 1)
+        check_at_least("rl.num_operands", r.num_operands, 2)
         if not r.operations or set(r.operations) - set("+-*"):
             _fail("rl.operations", f"{r.operations!r} must be made of '+', '-', '*'")
     from jaxlm.stages.rl.rewards import REWARDS  # a registry of plain Python functions
@@ -110,7 +122,11 @@ def check_rl(config: ml_collections.ConfigDict) -> None:
     for name, _ in parse_weights(r.rewards):
         if name not in REWARDS:
             _fail("rl.rewards", f"unknown reward {name!r}; one of {sorted(REWARDS)}")
+    check_interval("rl.sft_fraction", r.sft_fraction, 0, 1, "[)")
     check_at_least("rl.group_size", r.group_size, 1)
+    if config.stage == "grpo" and r.group_size < 2:
+        _fail("rl.group_size", "grpo compares each completion with the others of its prompt's "
+              f"group: at least 2 are needed (got {r.group_size}, whose advantages are all 0)")
     if r.max_new_tokens < 1 or r.max_new_tokens >= config.data.seq_len:
         _fail("rl.max_new_tokens", f"must lie in [1, data.seq_len={config.data.seq_len}) "
               f"(the rest of a row holds the prompt), got {r.max_new_tokens}")
@@ -123,9 +139,18 @@ def check_rl(config: ml_collections.ConfigDict) -> None:
         _fail("rl.clip_eps_high", f"must be >= 0 (0 = rl.clip_eps), got {r.clip_eps_high}")
     check_at_least("rl.num_epochs", r.num_epochs, 1)
     check_at_least("rl.kl_coef", r.kl_coef, 0)
-    if r.kl_coef > 0 and config.stage == "grpo" and not config.init_from.path:
+    if r.chat:
+        from jaxlm.data.chat import check_chat_config  # plain Python
+
+        check_chat_config(config.chat, split_list(config.data.special_tokens),
+                          config.data.tokenizer_path)
+    if r.reward_model and not r.chat:
+        _fail("rl.chat", f"is False but rl.reward_model={r.reward_model!r} was trained on chat "
+              "pairs: set rl.chat=True so its rollouts are rendered as its pairs were")
+    starts = config.init_from.path or config.init_from.config
+    if r.kl_coef > 0 and config.stage == "grpo" and not starts:
         _fail("init_from.path", f"rl.kl_coef={r.kl_coef} needs a reference model: the "
-              "checkpoint the policy starts from (or set rl.kl_coef=0)")
+              "checkpoint the policy starts from, or init_from.config (or set rl.kl_coef=0)")
 
 
 def default_ppo_config() -> ml_collections.ConfigDict:
@@ -151,9 +176,9 @@ def check_ppo(config: ml_collections.ConfigDict) -> None:
     p = config.ppo
     if not config.rl.reward_model:
         _fail("rl.reward_model", "is empty; ppo needs the checkpoints directory of a reward run")
-    if not config.init_from.path:
-        _fail("init_from.path", "ppo needs the policy to start from (an SFT run's checkpoints): "
-              "it is also the KL reference")
+    if not (config.init_from.path or config.init_from.config):
+        _fail("init_from.path", "ppo needs the policy to start from (an SFT run's checkpoints, "
+              "or init_from.config): it is also the KL reference")
     for key in ("kl_target", "value_coef", "value_clip"):
         check_at_least(f"ppo.{key}", p[key], 0)
     check_at_least("ppo.kl_horizon", p.kl_horizon, 1)
