@@ -17,6 +17,7 @@ import pytest
 from jaxlm.evaluation import builtin, results
 from jaxlm.evaluation.engine import Engine, bits_per_byte, cut_at_stop, rolling_windows
 from jaxlm.evaluation.target import load_target
+from jaxlm.inference import scoring
 from jaxlm.inference.sampler import Request, Sampler
 from jaxlm.models import Transformer
 from jaxlm.parallel import sharding
@@ -118,6 +119,36 @@ def test_rolling_loglikelihood_sums_disjoint_windows(target):
     scorer = Sampler(target.model_cfg, target.params, pad_id=tok.pad_id)
     expected = sum(float(np.sum(scorer.score([c + x])[0][-len(x):])) for c, x in windows)
     np.testing.assert_allclose(engine.loglikelihood_rolling([doc])[0], expected, rtol=1e-5)
+
+
+def _alone(scorer, ctx, cont, max_length):
+    """log p(cont | ctx) of one request scored by itself (Sampler.score, unpacked)."""
+    whole = (list(ctx) + list(cont))[-(max_length + 1):]
+    return float(np.sum(scorer.score([whole])[0][-min(len(cont), len(whole) - 1):]))
+
+
+def test_packed_scoring_equals_one_request_at_a_time(target):
+    """Mixed lengths (several requests to a row, some cut on the left) and documents longer
+    than a row (rolling windows), against each request and window scored alone."""
+    rng = np.random.default_rng(0)
+    vocab = target.tokenizer.vocab_size
+    pairs = [(rng.integers(3, vocab, int(c)).tolist(), rng.integers(3, vocab, int(x)).tolist())
+             for c, x in zip(rng.integers(1, 24, 30), rng.integers(1, 8, 30))]
+    docs = [rng.integers(3, vocab, n).tolist() for n in (5, 16, 17, 40, 3, 70, 9)]
+    engine = _engine(target, batch_size=4, max_length=16)
+    lengths = [min(len(c) + len(x), 17) - 1 for c, x in pairs]
+    assert any(len(row) > 1 for b in scoring.pack(lengths, num_rows=4, max_len=16)
+               for row in b.placed)  # rows really are shared
+    scorer = Sampler(target.model_cfg, target.params, pad_id=target.tokenizer.pad_id)
+    got = engine.loglikelihood(pairs)
+    want = [_alone(scorer, c, x, 16) for c, x in pairs]
+    np.testing.assert_allclose([lp for lp, _ in got], want, rtol=1e-5, atol=1e-5)
+    rolling = engine.loglikelihood_rolling(docs)
+    want = [sum(_alone(scorer, c, x, 16) for c, x in rolling_windows(d, target.tokenizer.prefix_id,
+                                                                     16)) for d in docs]
+    np.testing.assert_allclose(rolling, want, rtol=1e-5, atol=1e-5)
+    # scored tokens: each continuation (all of it fits 16), then every document token
+    assert engine.throughput.tokens == sum(len(x) for _, x in pairs) + sum(map(len, docs))
 
 
 def test_generate_until_is_greedy_and_stops_at_every_stop_string(target):

@@ -48,7 +48,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("tasks", d["tasks"].default, "Comma-separated tasks: builtin (every "
                         "built-in eval), corpus_bpb, next_line, line_completion, or harness "
                         "task names; empty with --reward_model.")
-    flags.DEFINE_integer("batch_size", d["batch_size"].default, "Requests per batch.")
+    flags.DEFINE_integer("batch_size", d["batch_size"].default, "Rows per batch: rows of "
+                         "packed scoring requests, or requests decoded at once.")
     flags.DEFINE_integer("limit", 0, "Examples per task at most (0 = built-in defaults / all).")
     flags.DEFINE_string("include_path", "", "Folder of harness task YAML files.")
     flags.DEFINE_integer("num_fewshot", -1, "Harness few-shot examples; -1 = the task's.")
