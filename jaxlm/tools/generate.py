@@ -5,7 +5,8 @@
     python -m jaxlm.tools.generate --workdir=DIR --prompt="def" --num_beams=4 --length_penalty=1.0
     python -m jaxlm.tools.generate --workdir=DIR --prompt="def" --draft_workdir=SMALL_RUN
     python -m jaxlm.tools.generate --workdir=DIR --prompt="def" --kv_cache=int8
-    python -m jaxlm.tools.generate --workdir=DIR --score --input=texts.txt   # JSON lines
+    python -m jaxlm.tools.generate --workdir=DIR --score --input=texts.txt   # JSON lines out
+    python -m jaxlm.tools.generate --workdir=DIR --score --input=docs.jsonl  # {"text": ...} in
     python -m jaxlm.tools.generate --workdir=SFT_RUN --chat
 
 Flags only; the work is done by `run(options)`, which tests call directly.
@@ -53,7 +54,8 @@ _NUM_DRAFT = flags.DEFINE_integer("num_draft", 4, "Draft tokens proposed per tar
 _STOP = flags.DEFINE_multi_string("stop", [], "Extra stop token (a piece of the vocabulary); "
                                   "EOS always stops.")
 _SCORE = flags.DEFINE_bool("score", False, "Print per-token log-probs of each line of --input.")
-_INPUT = flags.DEFINE_string("input", None, "Text file, one text per line, for --score.")
+_INPUT = flags.DEFINE_string("input", None, "For --score: a text file, one text per line, or "
+                             "JSON lines of {\"text\": ...} (multi-line texts such as code).")
 _CHAT = flags.DEFINE_bool("chat", False, "Interactive chat with the run's chat template "
                           "(chat.*), token ids exactly as SFT rendered them.")
 _SYSTEM = flags.DEFINE_string("system", "", "System message of --chat.")
@@ -198,6 +200,30 @@ class _Session:
         return [self.decode_new([t for t in c.tokens if t not in extra_stop]) for c in out]
 
 
+def read_score_input(path: str) -> list[str]:
+    """The texts of a --score input: JSON lines when its first line is a JSON object with a
+    "text" string (then every line must be one), else one text per non-empty line."""
+    with open(path) as f:
+        lines = [(n, line.rstrip("\n")) for n, line in enumerate(f, start=1) if line.strip()]
+
+    def text_of(line: str) -> str | None:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            return None
+        return row["text"] if isinstance(row, dict) and isinstance(row.get("text"), str) else None
+
+    if not lines or text_of(lines[0][1]) is None:
+        return [line for _, line in lines]
+    texts = []
+    for n, line in lines:
+        if (text := text_of(line)) is None:
+            raise ValueError(f'{path} line {n}: not a JSON object with a "text" string, as '
+                             "the first line is")
+        texts.append(text)
+    return texts
+
+
 def score_lines(session: _Session, lines: list[str]) -> list[dict[str, Any]]:
     """Per-token log-probs and perplexity of each text (BOS-conditioned when the run used BOS;
     otherwise the first token has no context and is not scored)."""
@@ -276,12 +302,11 @@ def run(opts: Options, stdin: IO[str] = sys.stdin, stdout: IO[str] = sys.stdout)
     if modes != 1:
         raise ValueError("give exactly one of --prompt, --score (with --input) or --chat")
     if opts.score and not opts.input:
-        raise ValueError("--score needs --input=FILE (one text per line)")
+        raise ValueError("--score needs --input=FILE (one text per line, or JSON lines)")
+    texts = read_score_input(opts.input) if opts.score else []
     session = _Session(opts)
     if opts.score:
-        with open(opts.input) as f:
-            lines = [line.rstrip("\n") for line in f if line.strip()]
-        for row in score_lines(session, lines):
+        for row in score_lines(session, texts):
             print(json.dumps(row), file=stdout)
     elif opts.chat:
         chat_loop(session, stdin, stdout)
