@@ -46,6 +46,8 @@ def test_evals_during_training_log_results_and_compile_nothing_twice(tmp_path, m
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     evals = {r["step"]: r for r in rows if "eval/next_line/acc" in r}
     assert sorted(evals) == [2, 3]
+    assert [r["step"] for r in rows] == [1, 2, 3]  # one row per step: the evals merged in
+    assert "loss" in evals[3] and "eval_loss" in evals[3]
     for key in ("eval/corpus_bpb/bits_per_byte", "eval/line_completion/exact_match",
                 "eval/requests_per_sec"):
         assert key in evals[3]
