@@ -43,6 +43,11 @@ def target(run_dir):
     return load_target(str(run_dir), mesh=mesh)
 
 
+def _heldout(target):
+    """The run's held-out split (from its cache), as the eval CLI reads it."""
+    return builtin.HeldOut.of_run(target.config.data, target.config.data.cache_dir)
+
+
 def _engine(target, **kwargs):
     return Engine(target.model_cfg, target.params, target.tokenizer, target.mesh, **kwargs)
 
@@ -181,8 +186,9 @@ def test_bits_per_byte_hand_checked():
 
 def test_corpus_bpb_matches_token_logprobs(target):
     engine = _engine(target, batch_size=4)
-    got = builtin.corpus_bpb(engine, 2)
-    docs = [d[:builtin._MAX_DOC_CHARS] for d in builtin.heldout_documents()[:2]]
+    heldout = _heldout(target)
+    got = builtin.corpus_bpb(engine, 2, heldout=heldout)
+    docs = heldout.documents()[:2]
     nll = -sum(engine.loglikelihood_rolling([target.tokenizer.encode(d, special=False)])[0]
                for d in docs)
     tokens = sum(len(target.tokenizer.encode(d, special=False)) for d in docs)
@@ -195,7 +201,8 @@ def test_corpus_bpb_matches_token_logprobs(target):
 
 def test_next_line_accuracy_is_argmax_of_choice_loglikelihoods(target):
     engine = _engine(target, batch_size=8)
-    examples = builtin.next_line_examples(6)
+    heldout = _heldout(target)
+    examples = builtin.next_line_examples(6, heldout)
     assert all(len(ex["choices"]) == 4 and len(set(ex["choices"])) == 4 for ex in examples)
     tok = target.tokenizer
     hits = 0
@@ -204,7 +211,7 @@ def test_next_line_accuracy_is_argmax_of_choice_loglikelihoods(target):
                                          tok.encode(c + "\n", special=False))])[0][0]
                   for c in ex["choices"]]
         hits += int(np.argmax(scores)) == ex["gold"]
-    assert builtin.next_line(engine, 6)["acc"] == hits / 6
+    assert builtin.next_line(engine, 6, heldout=heldout)["acc"] == hits / 6
 
 
 def test_cli_builtin_writes_results_with_config_and_step(run_dir, tmp_path):

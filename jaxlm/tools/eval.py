@@ -13,6 +13,7 @@ stdout and the results (harness layout, plus the run config, checkpoint step and
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from typing import IO, Any
 
@@ -77,8 +78,19 @@ def _options_from_flags() -> Options:
                       for f in dataclasses.fields(Options)})
 
 
+def _cache_dir(config: Any, checkpoints: str) -> str:
+    """Where the built-in tasks find (or build) the stdlib corpus: the run's data.cache_dir,
+    else its <workdir>/cache when there is one (the trainer's), else ~/.cache/jaxlm."""
+    from jaxlm.data import cache
+
+    run_cache = os.path.join(os.path.dirname(checkpoints.rstrip("/")), "cache")
+    return config.data.cache_dir or (run_cache if os.path.isdir(run_cache)
+                                     else cache.default_cache_dir())
+
+
 def run(opts: Options, stdout: IO[str] = sys.stdout) -> dict[str, Any]:
     """Evaluates the checkpoint; prints a table, writes the results JSON, returns the results."""
+    from jaxlm.evaluation import builtin
     from jaxlm.evaluation import results as results_lib
     from jaxlm.evaluation.engine import Engine
     from jaxlm.evaluation.target import load_target
@@ -102,7 +114,8 @@ def run(opts: Options, stdout: IO[str] = sys.stdout) -> dict[str, Any]:
         out = results_lib.run_tasks(
             engine, opts.tasks, limit=opts.limit, include_path=opts.include_path,
             num_fewshot=None if opts.num_fewshot < 0 else opts.num_fewshot,
-            progress=opts.progress)
+            progress=opts.progress, heldout=builtin.HeldOut.of_run(
+                target.config.data, _cache_dir(target.config, target.directory)))
     if opts.reward_model:
         from jaxlm.evaluation import winrate
 
