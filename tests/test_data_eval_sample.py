@@ -53,7 +53,7 @@ def test_sample_is_drawn_across_the_whole_split(env):
     assert quarters == {0, 1, 2, 3}, sorted(tags)
     assert sample.files == 2 and not sample.whole_split
     assert sample.split_documents == NUM_HELD
-    assert len(tags) <= sample.documents < NUM_HELD // 2
+    assert len(tags) <= sample.documents < NUM_HELD
     # The budget in rows of SEQ targets (then padded to whole batches with masked rows).
     rows = np.concatenate([b["loss_mask"] for b in sample.batches])
     assert (rows.sum(axis=1) > 0).sum() == -(-budget // SEQ)

@@ -17,6 +17,7 @@ import pytest
 from jaxlm.evaluation import builtin, results
 from jaxlm.evaluation.engine import Engine, bits_per_byte, cut_at_stop, rolling_windows
 from jaxlm.evaluation.target import load_target
+from jaxlm.inference import scoring
 from jaxlm.inference.sampler import Request, Sampler
 from jaxlm.models import Transformer
 from jaxlm.parallel import sharding
@@ -40,6 +41,11 @@ def target(run_dir):
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1, "pipeline": 1},
                               devices=jax.devices()[:1])
     return load_target(str(run_dir), mesh=mesh)
+
+
+def _heldout(target):
+    """The run's held-out split (from its cache), as the eval CLI reads it."""
+    return builtin.HeldOut.of_run(target.config.data, target.config.data.cache_dir)
 
 
 def _engine(target, **kwargs):
@@ -120,6 +126,36 @@ def test_rolling_loglikelihood_sums_disjoint_windows(target):
     np.testing.assert_allclose(engine.loglikelihood_rolling([doc])[0], expected, rtol=1e-5)
 
 
+def _alone(scorer, ctx, cont, max_length):
+    """log p(cont | ctx) of one request scored by itself (Sampler.score, unpacked)."""
+    whole = (list(ctx) + list(cont))[-(max_length + 1):]
+    return float(np.sum(scorer.score([whole])[0][-min(len(cont), len(whole) - 1):]))
+
+
+def test_packed_scoring_equals_one_request_at_a_time(target):
+    """Mixed lengths (several requests to a row, some cut on the left) and documents longer
+    than a row (rolling windows), against each request and window scored alone."""
+    rng = np.random.default_rng(0)
+    vocab = target.tokenizer.vocab_size
+    pairs = [(rng.integers(3, vocab, int(c)).tolist(), rng.integers(3, vocab, int(x)).tolist())
+             for c, x in zip(rng.integers(1, 24, 30), rng.integers(1, 8, 30))]
+    docs = [rng.integers(3, vocab, n).tolist() for n in (5, 16, 17, 40, 3, 70, 9)]
+    engine = _engine(target, batch_size=4, max_length=16)
+    lengths = [min(len(c) + len(x), 17) - 1 for c, x in pairs]
+    assert any(len(row) > 1 for b in scoring.pack(lengths, num_rows=4, max_len=16)
+               for row in b.placed)  # rows really are shared
+    scorer = Sampler(target.model_cfg, target.params, pad_id=target.tokenizer.pad_id)
+    got = engine.loglikelihood(pairs)
+    want = [_alone(scorer, c, x, 16) for c, x in pairs]
+    np.testing.assert_allclose([lp for lp, _ in got], want, rtol=1e-5, atol=1e-5)
+    rolling = engine.loglikelihood_rolling(docs)
+    want = [sum(_alone(scorer, c, x, 16) for c, x in rolling_windows(d, target.tokenizer.prefix_id,
+                                                                     16)) for d in docs]
+    np.testing.assert_allclose(rolling, want, rtol=1e-5, atol=1e-5)
+    # scored tokens: each continuation (all of it fits 16), then every document token
+    assert engine.throughput.tokens == sum(len(x) for _, x in pairs) + sum(map(len, docs))
+
+
 def test_generate_until_is_greedy_and_stops_at_every_stop_string(target):
     engine = _engine(target, batch_size=4)
     tok = target.tokenizer
@@ -150,8 +186,9 @@ def test_bits_per_byte_hand_checked():
 
 def test_corpus_bpb_matches_token_logprobs(target):
     engine = _engine(target, batch_size=4)
-    got = builtin.corpus_bpb(engine, 2)
-    docs = [d[:builtin._MAX_DOC_CHARS] for d in builtin.heldout_documents()[:2]]
+    heldout = _heldout(target)
+    got = builtin.corpus_bpb(engine, 2, heldout=heldout)
+    docs = heldout.documents()[:2]
     nll = -sum(engine.loglikelihood_rolling([target.tokenizer.encode(d, special=False)])[0]
                for d in docs)
     tokens = sum(len(target.tokenizer.encode(d, special=False)) for d in docs)
@@ -164,7 +201,8 @@ def test_corpus_bpb_matches_token_logprobs(target):
 
 def test_next_line_accuracy_is_argmax_of_choice_loglikelihoods(target):
     engine = _engine(target, batch_size=8)
-    examples = builtin.next_line_examples(6)
+    heldout = _heldout(target)
+    examples = builtin.next_line_examples(6, heldout)
     assert all(len(ex["choices"]) == 4 and len(set(ex["choices"])) == 4 for ex in examples)
     tok = target.tokenizer
     hits = 0
@@ -173,7 +211,7 @@ def test_next_line_accuracy_is_argmax_of_choice_loglikelihoods(target):
                                          tok.encode(c + "\n", special=False))])[0][0]
                   for c in ex["choices"]]
         hits += int(np.argmax(scores)) == ex["gold"]
-    assert builtin.next_line(engine, 6)["acc"] == hits / 6
+    assert builtin.next_line(engine, 6, heldout=heldout)["acc"] == hits / 6
 
 
 def test_cli_builtin_writes_results_with_config_and_step(run_dir, tmp_path):

@@ -6,7 +6,7 @@ import json
 import jax
 import pytest
 
-from jaxlm.evaluation import results
+from jaxlm.evaluation import builtin, results
 from jaxlm.evaluation.engine import Engine
 from jaxlm.evaluation.live import LiveEval
 from jaxlm.evaluation.target import load_target
@@ -46,6 +46,8 @@ def test_evals_during_training_log_results_and_compile_nothing_twice(tmp_path, m
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     evals = {r["step"]: r for r in rows if "eval/next_line/acc" in r}
     assert sorted(evals) == [2, 3]
+    assert [r["step"] for r in rows] == [1, 2, 3]  # one row per step: the evals merged in
+    assert "loss" in evals[3] and "eval_loss" in evals[3]
     for key in ("eval/corpus_bpb/bits_per_byte", "eval/line_completion/exact_match",
                 "eval/requests_per_sec"):
         assert key in evals[3]
@@ -55,7 +57,9 @@ def test_evals_during_training_log_results_and_compile_nothing_twice(tmp_path, m
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1, "pipeline": 1})
     target = load_target(str(workdir), mesh=mesh)
     engine = Engine(target.model_cfg, target.params, target.tokenizer, mesh, batch_size=8)
-    saved = results.flat_metrics(results.run_tasks(engine, "builtin", limit=4, progress=False))
+    heldout = builtin.HeldOut.of_run(target.config.data, target.config.data.cache_dir)
+    saved = results.flat_metrics(results.run_tasks(engine, "builtin", limit=4, progress=False,
+                                                   heldout=heldout))
     for key, value in saved.items():
         assert evals[3][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
     on_disk = json.loads((workdir / "eval" / "results_step3.json").read_text())

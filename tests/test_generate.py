@@ -66,6 +66,26 @@ def test_score_prints_per_token_logprobs_and_perplexity(run_dir, tmp_path):
         assert math.isclose(row["perplexity"], math.exp(-logp.mean()), rel_tol=1e-4)
 
 
+def test_score_reads_json_lines_of_multi_line_texts(run_dir, tmp_path):
+    texts = ["def f(x):\n    return x + 1\n", "import os\n\nprint(os.sep)"]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t, "id": i}) + "\n\n"
+                                               for i, t in enumerate(texts)))
+    (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
+    assert generate.read_score_input(str(tmp_path / "in.jsonl")) == texts
+    assert generate.read_score_input(str(tmp_path / "in.txt")) == [  # plain: one per line
+        line for t in texts for line in t.split("\n") if line.strip()]
+    out = io.StringIO()
+    generate.run(generate.Options(workdir=str(run_dir), score=True,
+                                  input=str(tmp_path / "in.jsonl")), stdout=out)
+    rows = [json.loads(line) for line in out.getvalue().splitlines()]
+    tok = restore(str(run_dir)).tokenizer
+    assert [r["text"] for r in rows] == texts
+    assert [r["token_ids"] for r in rows] == [tok.encode(t) for t in texts]
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\nplain text\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl line 2: not a JSON object"):
+        generate.read_score_input(str(tmp_path / "bad.jsonl"))
+
+
 def _chat(run_dir, monkeypatch, stdin, chat_overrides=None, **options):
     """Runs --chat; returns (printed replies, the loaded run, prompts sent as token ids)."""
     from jaxlm.inference import sampler

@@ -1,5 +1,6 @@
-"""token_logps: values, entropy and gradients against log_softmax on full logits; the DPO loss
-and scoring built on it never hold a [B, L, V] float32 array."""
+"""token_logps: values, entropy and gradients against log_softmax on full logits; the greedy
+hits of token_logps_and_hits against argmax; the DPO loss and scoring built on it never hold a
+[B, L, V] float32 array."""
 
 import dataclasses
 import functools
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from jaxlm.inference import scoring
-from jaxlm.losses.cross_entropy import token_logps
+from jaxlm.losses.cross_entropy import token_logps, token_logps_and_hits
 from jaxlm.models import Transformer
 from jaxlm.stages import dpo
 from tests.model_fixtures import LLAMA_TINY
@@ -56,6 +57,22 @@ def test_values_match_log_softmax_of_full_logits(chunk_tokens):
     plain = jax.jit(lambda h, w: token_logps(h, w, targets, vocab_size=VOCAB,
                                              chunk_tokens=chunk_tokens))(hidden, head)
     np.testing.assert_array_equal(plain, logp)
+
+
+@pytest.mark.parametrize("chunk_tokens", [6, 12, 64])
+def test_hits_are_argmax_of_full_logits_and_logps_unchanged(chunk_tokens):
+    hidden, head, targets, _, _ = _inputs(4)
+    hidden = hidden.at[2, :2].set(0.0)  # row 2: all logits tie, argmax is id 0
+    head = head.at[VOCAB:].set(100.0 * hidden[0, 0])  # padded rows would win the argmax
+    logits = jnp.where(jnp.arange(V) < VOCAB, jnp.einsum("bld,vd->blv", hidden, head), -1e9)
+    targets = targets.at[0].set(jnp.argmax(logits[0], axis=-1))  # row 0: every target greedy
+    targets = targets.at[2, 0].set(0).at[2, 1].set(3)
+    logp, hits = jax.jit(lambda h, w: token_logps_and_hits(
+        h, w, targets, vocab_size=VOCAB, chunk_tokens=chunk_tokens))(hidden, head)
+    np.testing.assert_allclose(logp, _reference(hidden, head, targets)[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(hits, jnp.argmax(logits, axis=-1) == targets)
+    assert bool(jnp.all(hits[0])) and not bool(jnp.all(hits[1:]))
+    assert bool(hits[2, 0]) and not bool(hits[2, 1])  # a tie goes to the lower id
 
 
 def test_padded_vocab_gets_no_probability():

@@ -17,6 +17,11 @@ from collections.abc import Callable
 from typing import Any
 
 
+def default_cache_dir() -> str:
+    """The cache of runs and tools that have no directory of their own: ~/.cache/jaxlm."""
+    return os.path.join(os.path.expanduser("~"), ".cache", "jaxlm")
+
+
 def content_key(*parts: Any) -> str:
     """A short stable hash of JSON-serialisable parts, used in cache entry names."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()

@@ -4,13 +4,14 @@ Reading the held-out split in file order and stopping after a budget scores what
 first: on the stdlib corpus 32k tokens covered 7 of its 15 held-out files, 45% of them one
 charmap table, and reported a loss more than a nat below the model's real held-out loss. Here
 whole documents are drawn in one fixed random order of the whole split (`EVAL_ORDER_SEED`, the
-order the eval iterator also reads) into a pool of `POOL_FACTOR` times the budget (or the whole
-split, when that is smaller), packed into rows, and the budget's worth of rows is drawn from
-the pool uniformly. Every token of the split is equally likely to be scored, so the sample
-follows the split's mix; drawing rows rather than whole documents keeps one long document from
-filling the budget by chance. When the split is smaller than the budget it is scored whole,
-once. The sample depends on neither data.seed nor the number of processes, and is the same at
-every evaluation.
+order the eval iterator also reads) into a pool of `POOL_FACTOR` times the budget and at least
+`POOL_DOCUMENTS` documents (or the whole split, when that is smaller), packed into rows, and the
+budget's worth of rows is drawn from the pool uniformly. Every token of the split is equally
+likely to be scored, so the sample follows the split's mix; drawing rows rather than whole
+documents keeps one long document from filling the budget by chance, and the document floor
+keeps one long document from filling the pool. When the split is smaller than the budget it is
+scored whole, once. The sample depends on neither data.seed nor the number of processes, and is
+the same at every evaluation.
 
 Every process packs the same global sample and keeps its own rows of each global batch (as
 data.process_sharding="rows" does); the last batch is filled with padding rows, whose
@@ -35,12 +36,14 @@ from absl import logging
 from jaxlm.data import config as config_lib
 from jaxlm.data import sources
 from jaxlm.data.packing import PackedRowsIterDataset
-from jaxlm.data.pipeline import EVAL_ORDER_SEED, DocumentSet, ToTokens, document_sets
+from jaxlm.data.pipeline import EVAL_ORDER_SEED, DocumentSet, ToTokens, document_sets, eval_order
 from jaxlm.data.tokenizer import Tokenizer
 
 Batch = dict[str, np.ndarray]
-# The pool of documents the rows are drawn from holds this many times the token budget.
+# The pool of documents the rows are drawn from holds this many times the token budget ...
 POOL_FACTOR = 4
+# ... and at least this many documents (a long document drawn first cannot be the whole pool).
+POOL_DOCUMENTS = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,13 +81,14 @@ class _Pool:
 
 
 def _draw(ds: DocumentSet, to_tokens: ToTokens, budget: int) -> _Pool:
-    """Whole documents in the fixed eval order until they hold `budget` tokens (or all)."""
+    """Whole documents in the fixed eval order until they hold `budget` tokens and number
+    POOL_DOCUMENTS (or all)."""
     n = len(ds.docs)
-    order = grain.MapDataset.range(n).shuffle(seed=EVAL_ORDER_SEED)
+    order = eval_order(n)
     pool = _Pool([], [], whole=True)
     used = 0
     for i in range(n):
-        if used >= budget:
+        if used >= budget and len(pool.arrays) >= POOL_DOCUMENTS:
             pool.whole = False
             break
         index = int(order[i])

@@ -293,6 +293,13 @@ def document_sets(data: ml_collections.ConfigDict, tokenizer: Tokenizer | None, 
                             "data.paths", eval_spec=data.eval_paths)]
 
 
+def eval_order(n: int) -> grain.MapDataset:
+    """Indices 0..n-1 in the one fixed order held-out documents are read in (EVAL_ORDER_SEED):
+    by the eval iterator (`docs.shuffle(seed=EVAL_ORDER_SEED)` is this order), the eval sample
+    and the built-in evals."""
+    return grain.MapDataset.range(n).shuffle(seed=EVAL_ORDER_SEED)
+
+
 def document_stream(docs: grain.MapDataset, *, split: str, shuffle: bool, seed: int,
                     process_index: int, process_count: int) -> grain.MapDataset:
     """The endless per-process stream of documents: shuffled per epoch (train) or in the one
@@ -306,7 +313,7 @@ def document_stream(docs: grain.MapDataset, *, split: str, shuffle: bool, seed: 
     if split == "train" and shuffle:
         docs = docs.shuffle(seed=seed)
     elif split == "eval":
-        docs = docs.shuffle(seed=EVAL_ORDER_SEED)
+        docs = docs.shuffle(seed=EVAL_ORDER_SEED)  # the order of eval_order
     return docs.repeat(None)[process_index::process_count]
 
 

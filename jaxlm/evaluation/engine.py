@@ -1,16 +1,20 @@
 """The evaluation engine: log-likelihoods, rolling log-likelihoods and greedy generation of
 token-level requests, batched on the model's mesh.
 
-Requests are sorted by length and cut into batches of exactly `batch_size` rows (short batches
-are filled with one-token rows), each padded to a power-of-two length (capped at the model's
-`max_length`), so a whole evaluation compiles a handful of programs. Log-probabilities come from
-the one chunked per-token path (`jaxlm.losses.cross_entropy.token_logps`), so no [B, L, V] array is
-built;
-greedy generation is `jaxlm.inference.Sampler`'s KV-cache decoder.
+Scoring requests are packed: each request's tokens are one segment of a row (positions from 0,
+attending only to itself), rows are filled first-fit with the longest requests first and cut
+to a power-of-two length, and batches of `batch_size` rows are dispatched while the previous
+one is read back (`jaxlm.inference.scoring.pack`, `packed_logprobs`). So short requests share
+rows instead of padding them, a whole evaluation compiles one program per row length, and the
+numbers equal scoring each request alone. Log-probabilities come from the chunked per-token
+path (no [B, L, V] array); whether greedy decoding yields a continuation is read off the same
+chunks. Greedy generation is `jaxlm.inference.Sampler`'s KV-cache decoder, in length-sorted
+batches of `batch_size` requests.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
@@ -18,26 +22,19 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from jaxlm.evaluation.target import TextTokenizer
+from jaxlm.inference import scoring
 from jaxlm.inference.sampler import Request, Sampler
-from jaxlm.losses.cross_entropy import token_logps
 from jaxlm.models import ModelConfig, Transformer
-from jaxlm.models.softcap import softcap
 from jaxlm.parallel import sharding
 
-MIN_BUCKET = 16
 Progress = Callable[[int], None]
-
-
-def length_bucket(n: int, cap: int) -> int:
-    """The padded length of an n-token row: the next power of two >= MIN_BUCKET, at most cap."""
-    return min(max(MIN_BUCKET, 1 << max(n - 1, 0).bit_length()), max(cap, n))
+# Batches dispatched ahead of the one being read back.
+_IN_FLIGHT = 2
 
 
 def rolling_windows(tokens: Sequence[int], prefix_id: int, max_length: int
@@ -84,28 +81,6 @@ class Throughput:
                 "requests_per_sec": self.requests / s, "tokens_per_sec": self.tokens / s}
 
 
-def _score(model: nn.Module, params: Any, inputs_BxL: jax.Array, targets_BxL: jax.Array,
-           valid_BxL: jax.Array, last_B: jax.Array, *, greedy_len: int
-           ) -> tuple[jax.Array, jax.Array]:
-    """log p(targets) [B, L] (0 on padding) and the argmax tokens [B, K] at the K positions
-    ending at each row's last real input (index last_B), K = greedy_len."""
-    hidden_BxLxD, head_VxD = model.apply({"params": params}, inputs_BxL,
-                                         segment_ids_BxL=valid_BxL.astype(jnp.int32),
-                                         return_hidden=True)
-    logp_BxL = token_logps(hidden_BxLxD, head_VxD, targets_BxL, vocab_size=model.cfg.vocab_size,
-                           logit_softcap=model.cfg.final_logit_softcap)
-    logp_BxL = jnp.where(valid_BxL, logp_BxL, 0.0)
-    idx_BxK = jnp.clip(last_B[:, None] - greedy_len + 1 + jnp.arange(greedy_len), 0,
-                       inputs_BxL.shape[1] - 1)
-    h_BxKxD = jnp.take_along_axis(hidden_BxLxD, idx_BxK[..., None], axis=1)
-    logits_BxKxV = jnp.einsum("bkd,vd->bkv", h_BxKxD, head_VxD).astype(jnp.float32)
-    # argmax ties where the cap saturates in float32 are broken as the model's own logits do
-    logits_BxKxV = softcap(logits_BxKxV, model.cfg.final_logit_softcap)
-    logits_BxKxV = jnp.where(jnp.arange(head_VxD.shape[0]) < model.cfg.vocab_size,
-                             logits_BxKxV, -jnp.inf)
-    return logp_BxL, jnp.argmax(logits_BxKxV, axis=-1).astype(jnp.int32)
-
-
 class Engine:
     """Scores and generates for one model on `mesh` with its tokenizer.
 
@@ -133,7 +108,8 @@ class Engine:
 
     @functools.cached_property
     def _score_fn(self):
-        return jax.jit(functools.partial(_score, self.model), static_argnames=("greedy_len",))
+        return jax.jit(functools.partial(scoring.packed_logprobs, self.model),
+                       static_argnames=("greedy",))
 
     def _put(self, x: np.ndarray) -> jax.Array:
         spec = sharding.logical_to_mesh_spec(("act_batch",) + (None,) * (x.ndim - 1), x.shape,
@@ -147,45 +123,52 @@ class Engine:
     # -- log-likelihood ---------------------------------------------------------------------
 
     def loglikelihood(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
-                      progress: Progress | None = None) -> list[tuple[float, bool]]:
+                      progress: Progress | None = None, *, greedy: bool = True
+                      ) -> list[tuple[float, bool]]:
         """(log p(continuation | context), whether greedy decoding yields the continuation)
-        per (context ids, continuation ids); contexts are cut on the left to fit max_length."""
-        rows = []
+        per (context ids, continuation ids); contexts are cut on the left to fit max_length.
+        With greedy=False the second value is always False (and not computed)."""
+        t0 = time.perf_counter()
+        sequences, scored = [], []
         for ctx, cont in pairs:
             if not cont:
                 raise ValueError("a log-likelihood request has an empty continuation")
             whole = (list(ctx) + list(cont))[-(self.max_length + 1):]
-            rows.append((whole, min(len(cont), len(whole) - 1)))
-        out: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
-        for batch in self._batches([len(w) for w, _ in rows]):
-            t0 = time.perf_counter()
-            length = length_bucket(max(len(rows[i][0]) - 1 for i in batch), self.max_length)
-            k = length_bucket(max(rows[i][1] for i in batch), length)
-            b = self.batch_size
-            inputs = np.full((b, length), self.tokenizer.pad_id, np.int32)
-            targets = np.zeros((b, length), np.int32)
-            valid = np.zeros((b, length), bool)
-            valid[:, 0] = True  # filler rows: one token
-            last = np.zeros((b,), np.int32)
-            for r, i in enumerate(batch):
-                whole = rows[i][0]
-                n = len(whole) - 1
-                inputs[r, :n], targets[r, :n], valid[r, :n] = whole[:-1], whole[1:], True
-                last[r] = n - 1
-            with sharding.activate(self.mesh):
-                logp, greedy = jax.device_get(self._score_fn(
-                    self.params, self._put(inputs), self._put(targets), self._put(valid),
-                    self._put(last), greedy_len=k))
-            scored = 0
-            for r, i in enumerate(batch):
-                whole, c = rows[i]
-                n = len(whole) - 1
-                total = float(np.sum(logp[r, n - c:n], dtype=np.float64))
-                out[i] = (total, bool(np.all(greedy[r, k - c:] == np.asarray(whole[-c:]))))
-                scored += c
-            self.throughput.add(len(batch), scored, time.perf_counter() - t0)
+            sequences.append((whole[:-1], whole[1:]))
+            scored.append(min(len(cont), len(whole) - 1))
+        # A request with nothing to condition on (no context, one token) scores nothing.
+        out: list[tuple[float, bool]] = [(0.0, greedy)] * len(pairs)
+        todo = [i for i, (x, _) in enumerate(sequences) if x]
+        batches = scoring.pack([len(sequences[i][0]) for i in todo], num_rows=self.batch_size,
+                               max_len=self.max_length)
+        in_flight: collections.deque = collections.deque()
+
+        def read_back() -> None:
+            batch, result = in_flight.popleft()
+            logp, hits = jax.device_get(result)
+            done = 0
+            for r, row in enumerate(batch.placed):
+                for k, start in row:
+                    i = todo[k]
+                    end = start + len(sequences[i][0])
+                    first = end - scored[i]
+                    total = float(np.sum(logp[r, first:end], dtype=np.float64))
+                    out[i] = (total, bool(greedy and np.all(hits[r, first:end])))
+                    done += 1
             if progress is not None:
-                progress(len(batch))
+                progress(done)
+
+        with sharding.activate(self.mesh):
+            for batch in batches:
+                arrays = batch.arrays([sequences[i] for i in todo], self.tokenizer.pad_id)
+                result = self._score_fn(self.params, *(self._put(arrays[k]) for k in (
+                    "inputs", "targets", "positions", "segment_ids")), greedy=greedy)
+                in_flight.append((batch, result))
+                if len(in_flight) > _IN_FLIGHT:
+                    read_back()
+            while in_flight:
+                read_back()
+        self.throughput.add(len(pairs), sum(scored), time.perf_counter() - t0)
         return out
 
     def loglikelihood_rolling(self, docs: Sequence[Sequence[int]],
@@ -197,7 +180,7 @@ class Engine:
                 windows.append(w)
                 owner.append(d)
         totals = [0.0] * len(docs)
-        for d, (logp, _) in zip(owner, self.loglikelihood(windows)):
+        for d, (logp, _) in zip(owner, self.loglikelihood(windows, greedy=False)):
             totals[d] += logp
         if progress is not None:
             progress(len(docs))

@@ -90,8 +90,10 @@ class JaxLM(TemplateLM):
                     max_seq_len=self.max_length, context_len=1):
                 windows.append((None,) + lm_utils.make_disjoint_window(pair))
                 owner.append(r)
-        totals = [0.0] * len(requests)
-        for r, (logp, _) in zip(owner, self._loglikelihood_tokens(windows)):
+        self._expect(len(windows))
+        totals = [0.0] * len(requests)  # greedy matches are not needed: not computed
+        for r, (logp, _) in zip(owner, self.engine.loglikelihood(
+                [(ctx, cont) for _, ctx, cont in windows], self.progress, greedy=False)):
             totals[r] += logp
         for request, total in zip(requests, totals):
             self.cache_hook.add_partial("loglikelihood_rolling", (request.args[0],), total)

@@ -14,6 +14,7 @@ from typing import Any
 import jax
 from absl import logging
 
+from jaxlm.evaluation import builtin
 from jaxlm.evaluation import results as results_lib
 from jaxlm.evaluation.engine import Engine
 from jaxlm.evaluation.target import TextTokenizer
@@ -22,8 +23,11 @@ from jaxlm.evaluation.target import TextTokenizer
 class LiveEval:
     """Runs config.eval.tasks every eval.every_steps steps (and at the end) of a run."""
 
-    def __init__(self, config: Any, program: Any, tokenizer: Any, mesh: Any, workdir: str):
+    def __init__(self, config: Any, program: Any, tokenizer: Any, mesh: Any, workdir: str,
+                 cache_dir: str):
         self.config, self.workdir = config, workdir
+        # The built-in tasks read the run's own held-out split (from the run's cache).
+        self.heldout = builtin.HeldOut.of_run(config.data, cache_dir)
         text = TextTokenizer(tokenizer, add_bos=bool(config.data.add_bos),
                              name=getattr(tokenizer, "path", ""))
         self.engine = Engine(program.model_cfg, None, text, mesh,
@@ -34,7 +38,7 @@ class LiveEval:
         """The run's live eval, or None when config.eval.tasks is empty."""
         if not s.config.eval.tasks:
             return None
-        return cls(s.config, s.program, s.tokenizer, s.mesh, s.workdir)
+        return cls(s.config, s.program, s.tokenizer, s.mesh, s.workdir, s.cache_dir)
 
     def due(self, step: int, total_steps: int) -> bool:
         every = self.config.eval.every_steps
@@ -48,7 +52,7 @@ class LiveEval:
             out = results_lib.run_tasks(self.engine, e.tasks, limit=e.limit,
                                         include_path=e.include_path,
                                         num_fewshot=None if e.num_fewshot < 0 else e.num_fewshot,
-                                        progress=False)
+                                        progress=False, heldout=self.heldout)
         finally:
             self.engine.params = None
         out["checkpoint"] = {"directory": os.path.join(self.workdir, "checkpoints"),

@@ -71,8 +71,10 @@ class ProgressBar:
 
 def run_tasks(engine: Engine, tasks: str | list[str], *, limit: int = 0,
               include_path: str = "", num_fewshot: int | None = None,
-              progress: bool = True) -> dict[str, Any]:
-    """Every task on the engine's current params; harness-layout results + throughput."""
+              progress: bool = True, heldout: builtin.HeldOut | None = None
+              ) -> dict[str, Any]:
+    """Every task on the engine's current params; harness-layout results + throughput. The
+    built-in tasks read `heldout` (default: the default stdlib corpus's held-out split)."""
     local, harness_tasks = split_tasks(tasks)
     if not local and not harness_tasks:
         raise ValueError("no tasks given")
@@ -86,7 +88,8 @@ def run_tasks(engine: Engine, tasks: str | list[str], *, limit: int = 0,
         for name in local:
             bar.label = name
             out["results"][name] = {"alias": name,
-                                    **builtin.TASKS[name](engine, limits[name], bar)}
+                                    **builtin.TASKS[name](engine, limits[name], bar,
+                                                          heldout)}
             out["versions"][name] = "builtin-1"
             out["n-shot"][name] = 0
         if harness_tasks:

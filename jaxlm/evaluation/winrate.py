@@ -21,9 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.data import chat, preference
-from jaxlm.evaluation.engine import Engine, length_bucket
+from jaxlm.evaluation.engine import Engine
 from jaxlm.evaluation.target import Target, load_target
 from jaxlm.inference.sampler import Request
+from jaxlm.inference.scoring import length_bucket
 from jaxlm.models import Transformer
 from jaxlm.parallel import sharding
 

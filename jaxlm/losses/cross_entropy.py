@@ -11,7 +11,8 @@ Two ways to get the same numbers:
 
 `token_logps(hidden, head, targets)` gives the per-token log p(target) [B, L] (and optionally the
 entropy) the same chunked way, with a backward pass that recomputes each chunk's logits; the
-sequence-level losses (DPO, scoring, RL) build on it.
+sequence-level losses (DPO, scoring, RL) build on it. `token_logps_and_hits` is its forward-only
+twin for evaluation: the same log-probs and whether each target is the greedy choice.
 
 Both take `logit_softcap` (`ModelConfig.final_logit_softcap`): the logits they build are then
 C * tanh(logits / C), as the model's head returns them, and their backward passes include the
@@ -306,21 +307,8 @@ def token_logps(hidden_BxLxD: jax.Array, head_VxD: jax.Array, targets_BxL: jax.A
       temperature: T: log-probs (and entropy) of softmax(logits / T), the distribution a
         sampler at temperature T draws from (RL's ratios and KL terms).
     """
-    b, length, _ = hidden_BxLxD.shape
     vocab_size = head_VxD.shape[0] if vocab_size is None else vocab_size
-    n = -(-length // min(length, max(1, chunk_tokens // b)))
-    chunk_len = -(-length // n)  # the smallest chunk length that needs n chunks
-    pad = n * chunk_len - length
-    if pad:
-        hidden_BxLxD = jnp.pad(hidden_BxLxD, ((0, 0), (0, pad), (0, 0)))
-        targets_BxL = jnp.pad(targets_BxL, ((0, 0), (0, pad)))
-
-    def chunked(a: jax.Array) -> jax.Array:  # [B, L, ...] -> [L/chunk, B, chunk, ...]
-        return jnp.swapaxes(a.reshape(b, n, chunk_len, *a.shape[2:]), 0, 1)
-
-    def unchunked(a_NxBxC: jax.Array) -> jax.Array:
-        return jnp.swapaxes(a_NxBxC, 0, 1).reshape(b, n * chunk_len)[:, :length]
-
+    chunked, unchunked = _sequence_chunks(*targets_BxL.shape, chunk_tokens)
     spec = _HeadSpec(0.0, vocab_size, float(logit_softcap), float(temperature))
     outs = _fused_logps(spec, with_entropy, chunked(hidden_BxLxD), head_VxD,
                         chunked(targets_BxL))
@@ -329,9 +317,60 @@ def token_logps(hidden_BxLxD: jax.Array, head_VxD: jax.Array, targets_BxL: jax.A
     return unchunked(outs[0])
 
 
-def _chunk_logps(spec: _HeadSpec, with_entropy: bool, x_BxCxD, head_DxV, t_BxC):
-    """One chunk's log p(target), log Z and (with_entropy) E_p[logits], each [B, C]."""
-    logits = _chunk_logits(spec, x_BxCxD, head_DxV)
+def token_logps_and_hits(hidden_BxLxD: jax.Array, head_VxD: jax.Array, targets_BxL: jax.Array,
+                         *, vocab_size: int | None = None, chunk_tokens: int = 512,
+                         logit_softcap: float = 0.0) -> tuple[jax.Array, jax.Array]:
+    """Forward only: `token_logps` [B, L] and whether each target is the argmax of its logits
+    [B, L] (greedy decoding would pick it; ties go to the lower id, as `jnp.argmax`), from one
+    pass over each chunk's logits. No custom gradient: for scoring, not for training."""
+    vocab_size = head_VxD.shape[0] if vocab_size is None else vocab_size
+    chunked, unchunked = _sequence_chunks(*targets_BxL.shape, chunk_tokens)
+    spec = _HeadSpec(0.0, vocab_size, float(logit_softcap))
+    head_DxV = head_VxD.T
+
+    def body(_, chunk):
+        x_BxCxD, t_BxC = chunk
+        logits = _chunk_logits(spec, x_BxCxD, head_DxV)
+        logp_BxC, _, _ = _chunk_logps(logits, t_BxC, with_entropy=False)
+        return None, (logp_BxC, _is_first_argmax(logits, t_BxC))
+
+    logp, hit = jax.lax.scan(body, None, (chunked(hidden_BxLxD), chunked(targets_BxL)))[1]
+    return unchunked(logp), unchunked(hit)
+
+
+def _is_first_argmax(logits_BxCxV: jax.Array, t_BxC: jax.Array) -> jax.Array:
+    """argmax(logits) == t [B, C] (ties to the lower id), as the target's logit being the
+    largest with no lower id reaching it: two plain reductions, where XLA:CPU's variadic
+    argmax reduction is about 10x slower than either."""
+    target_BxCx1 = jnp.take_along_axis(logits_BxCxV, t_BxC[..., None], axis=-1)
+    earlier_BxCxV = jnp.arange(logits_BxCxV.shape[-1]) < t_BxC[..., None]
+    tied_BxC = jnp.sum((earlier_BxCxV & (logits_BxCxV >= target_BxCx1)).astype(jnp.float32),
+                       axis=-1)
+    return (target_BxCx1[..., 0] >= jnp.max(logits_BxCxV, axis=-1)) & (tied_BxC == 0)
+
+
+def _sequence_chunks(b: int, length: int, chunk_tokens: int):
+    """(chunked, unchunked): [B, L, ...] <-> [N, B, C, ...] in N chunks of C positions with
+    B * C <= chunk_tokens; when C does not divide L the last chunk is padded with zeros (and
+    the padding cut again by `unchunked`)."""
+    n = -(-length // min(length, max(1, chunk_tokens // b)))
+    chunk_len = -(-length // n)  # the smallest chunk length that needs n chunks
+    pad = n * chunk_len - length
+
+    def chunked(a: jax.Array) -> jax.Array:
+        if pad:
+            a = jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2))
+        return jnp.swapaxes(a.reshape(b, n, chunk_len, *a.shape[2:]), 0, 1)
+
+    def unchunked(a_NxBxC: jax.Array) -> jax.Array:
+        return jnp.swapaxes(a_NxBxC, 0, 1).reshape(b, n * chunk_len)[:, :length]
+
+    return chunked, unchunked
+
+
+def _chunk_logps(logits: jax.Array, t_BxC: jax.Array, with_entropy: bool):
+    """One chunk's log p(target), log Z and (with_entropy) E_p[logits], each [B, C], from its
+    float32 logits [B, C, V]."""
     max_BxC = jnp.max(logits, axis=-1)
     log_z_BxC = max_BxC + jnp.log(jnp.sum(jnp.exp(logits - max_BxC[..., None]), axis=-1))
     target_BxC = jnp.take_along_axis(logits, t_BxC[..., None], axis=-1)[..., 0]
@@ -347,7 +386,8 @@ def _scan_logps(spec: _HeadSpec, with_entropy: bool, x_NxBxCxD, head_VxD, t_NxBx
 
     def body(_, chunk):
         x_BxCxD, t_BxC = chunk
-        logp, log_z, mean = _chunk_logps(spec, with_entropy, x_BxCxD, head_DxV, t_BxC)
+        logits = _chunk_logits(spec, x_BxCxD, head_DxV)
+        logp, log_z, mean = _chunk_logps(logits, t_BxC, with_entropy)
         return None, (logp, log_z, mean)
 
     return jax.lax.scan(body, None, (x_NxBxCxD, t_NxBxC))[1]

@@ -2,9 +2,11 @@
 
 metrics.jsonl has one JSON object per logged step; field names are stable because tools and
 tests read them: step, loss, lr, grad_norm, tokens_per_sec, mfu (+ eval_* when evaluation ran).
-Only process 0 writes. The workdir may be a local path or an object-store URL such as
-gs://bucket/run (through etils.epath; install the `gcs` extra): objects cannot be appended to,
-so there the whole file is rewritten at each write (it stays small: one line per logged step).
+Metrics written for the step of the last row (an evaluation after the step's training metrics)
+are merged into that row, which is rewritten in place. Only process 0 writes. The workdir may
+be a local path or an object-store URL such as gs://bucket/run (through etils.epath; install
+the `gcs` extra): objects cannot be appended to, so there the whole file is rewritten at each
+write (it stays small: one line per logged step).
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ class MetricsWriter:
         root.mkdir(parents=True, exist_ok=True)
         self._path = root / "metrics.jsonl"
         self._append = not is_remote(workdir) if append is None else append
+        # The last row written by this writer and where its line starts (to merge into it).
+        self._last: dict[str, Any] | None = None
+        self._last_start = 0
         if self._append:
             self._jsonl = self._path.open("a")
         else:  # object store: keep the text and rewrite the object
@@ -54,13 +59,24 @@ class MetricsWriter:
             if isinstance(value, float) and not math.isfinite(value):
                 row[key] = None
                 row[f"{key}_nonfinite"] = str(value)
-        line = json.dumps(row, allow_nan=False) + "\n"
+        merge = self._last is not None and self._last["step"] == row["step"]
+        whole = {**self._last, **row} if merge else row
+        line = json.dumps(whole, allow_nan=False) + "\n"
         if self._append:
+            if merge:
+                self._jsonl.truncate(self._last_start)
+            else:
+                self._last_start = self._jsonl.tell()
             self._jsonl.write(line)
             self._jsonl.flush()
         else:
+            if merge:
+                self._text = self._text[:self._last_start]
+            else:
+                self._last_start = len(self._text)
             self._text += line
             self._path.write_text(self._text)
+        self._last = whole
         if self._tb is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)):
@@ -77,6 +93,7 @@ class MetricsWriter:
         if not dropped:
             return 0
         text = "".join(line + "\n" for line in kept)
+        self._last = None  # rows before the resumed step are never merged into
         if self._append:
             self._jsonl.close()
             self._path.write_text(text)

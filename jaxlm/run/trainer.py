@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from jaxlm.data import cache as data_cache
 from jaxlm.data.pipeline import load_or_train_tokenizer
 from jaxlm.evaluation.live import LiveEval
 from jaxlm.inference.sampler import Request, Sampler
@@ -80,7 +81,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, validated: bool = 
     # Corpus and tokenizer cache: next to the run, or a local directory when the workdir is
     # an object store (sentencepiece and the corpus builder need local files).
     cache_dir = config.data.cache_dir or (
-        os.path.join(os.path.expanduser("~"), ".cache", "jaxlm") if is_remote(workdir)
+        data_cache.default_cache_dir() if is_remote(workdir)
         else os.path.join(workdir, "cache"))
     tokenizer = (restore.source_tokenizer(config)
                  or load_or_train_tokenizer(config.data, cache_dir))

@@ -17,6 +17,7 @@ would run.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from typing import IO, Any
 
@@ -54,7 +55,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("tasks", d["tasks"].default, "Comma-separated tasks: builtin (every "
                         "built-in eval), corpus_bpb, next_line, line_completion, or harness "
                         "task names; empty with --reward_model.")
-    flags.DEFINE_integer("batch_size", d["batch_size"].default, "Requests per batch.")
+    flags.DEFINE_integer("batch_size", d["batch_size"].default, "Rows per batch: rows of "
+                         "packed scoring requests, or requests decoded at once.")
     flags.DEFINE_integer("limit", 0, "Examples per task at most (0 = built-in defaults / all).")
     flags.DEFINE_string("include_path", "", "Folder of harness task YAML files (code: its "
                         "!function entries import Python files from it).")
@@ -110,8 +112,19 @@ def check_options(opts: Options) -> None:
         harness.check_tasks(harness_tasks, opts.include_path)
 
 
+def _cache_dir(config: Any, checkpoints: str) -> str:
+    """Where the built-in tasks find (or build) the stdlib corpus: the run's data.cache_dir,
+    else its <workdir>/cache when there is one (the trainer's), else ~/.cache/jaxlm."""
+    from jaxlm.data import cache
+
+    run_cache = os.path.join(os.path.dirname(checkpoints.rstrip("/")), "cache")
+    return config.data.cache_dir or (run_cache if os.path.isdir(run_cache)
+                                     else cache.default_cache_dir())
+
+
 def run(opts: Options, stdout: IO[str] = sys.stdout) -> dict[str, Any]:
     """Evaluates the checkpoint; prints a table, writes the results JSON, returns the results."""
+    from jaxlm.evaluation import builtin
     from jaxlm.evaluation import results as results_lib
     from jaxlm.evaluation.engine import Engine
     from jaxlm.evaluation.target import load_target
@@ -134,7 +147,8 @@ def run(opts: Options, stdout: IO[str] = sys.stdout) -> dict[str, Any]:
         out = results_lib.run_tasks(
             engine, opts.tasks, limit=opts.limit, include_path=opts.include_path,
             num_fewshot=None if opts.num_fewshot < 0 else opts.num_fewshot,
-            progress=opts.progress)
+            progress=opts.progress, heldout=builtin.HeldOut.of_run(
+                target.config.data, _cache_dir(target.config, target.directory)))
     if opts.reward_model:
         from jaxlm.evaluation import winrate
 

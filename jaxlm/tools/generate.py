@@ -5,7 +5,8 @@
     python -m jaxlm.tools.generate --workdir=DIR --prompt="def" --num_beams=4 --length_penalty=1.0
     python -m jaxlm.tools.generate --workdir=DIR --prompt="def" --draft_workdir=SMALL_RUN
     python -m jaxlm.tools.generate --workdir=DIR --prompt="def" --kv_cache=int8
-    python -m jaxlm.tools.generate --workdir=DIR --score --input=texts.txt   # JSON lines
+    python -m jaxlm.tools.generate --workdir=DIR --score --input=texts.txt   # JSON lines out
+    python -m jaxlm.tools.generate --workdir=DIR --score --input=docs.jsonl  # {"text": ...} in
     python -m jaxlm.tools.generate --workdir=SFT_RUN --chat
 
 Flags only; the work is done by `run(options)`, which tests call directly. Every flag is
@@ -56,7 +57,8 @@ _NUM_DRAFT = flags.DEFINE_integer("num_draft", 4, "Draft tokens proposed per tar
 _STOP = flags.DEFINE_multi_string("stop", [], "Extra stop token (a piece of the vocabulary); "
                                   "EOS always stops.")
 _SCORE = flags.DEFINE_bool("score", False, "Print per-token log-probs of each line of --input.")
-_INPUT = flags.DEFINE_string("input", None, "Text file, one text per line, for --score.")
+_INPUT = flags.DEFINE_string("input", None, "For --score: a text file, one text per line, or "
+                             "JSON lines of {\"text\": ...} (multi-line texts such as code).")
 _CHAT = flags.DEFINE_bool("chat", False, "Interactive chat with the run's chat template "
                           "(chat.*), token ids exactly as SFT rendered them.")
 _SYSTEM = flags.DEFINE_string("system", "", "System message of --chat.")
@@ -267,9 +269,10 @@ def free_memory(mesh: Any) -> tuple[int, str]:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "in host memory"
 
 
-def read_texts(path: str) -> list[str]:
-    """The non-blank lines of the --input file of --score; refused naming the file when it is
-    missing, not UTF-8 text, or holds no text."""
+def read_score_input(path: str) -> list[str]:
+    """The texts of a --score input: JSON lines when its first line is a JSON object with a
+    "text" string (then every line must be one), else one text per non-blank line. Refused
+    naming the file when it is missing, not UTF-8 text, or holds no text."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -279,15 +282,32 @@ def read_texts(path: str) -> list[str]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise errors.DataError(f"--input={path} is not UTF-8 text ({e.reason} at byte "
-                               f"{e.start}); give one text per line", path=path) from None
+                               f"{e.start}); give one text per line or JSON lines",
+                               path=path) from None
     if "\x00" in text:
         raise errors.DataError(f"--input={path} is binary (NUL bytes), not one text per line",
                                path=path)
-    lines = [line for line in text.split("\n") if line.strip()]
+    lines = [(n, line) for n, line in enumerate(text.split("\n"), start=1) if line.strip()]
     if not lines:
         raise errors.DataError(f"--input={path} holds no text; give one text per line",
                                path=path)
-    return lines
+
+    def text_of(line: str) -> str | None:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            return None
+        return row["text"] if isinstance(row, dict) and isinstance(row.get("text"), str) else None
+
+    if text_of(lines[0][1]) is None:
+        return [line for _, line in lines]
+    texts = []
+    for n, line in lines:
+        if (value := text_of(line)) is None:
+            raise errors.DataError(f'{path} line {n}: not a JSON object with a "text" string, '
+                                   "as the first line is", path=path)
+        texts.append(value)
+    return texts
 
 
 def score_lines(session: _Session, lines: list[str]) -> list[dict[str, Any]]:
@@ -396,10 +416,10 @@ def check_options(opts: Options) -> None:
 
 def run(opts: Options, stdin: IO[str] = sys.stdin, stdout: IO[str] = sys.stdout) -> None:
     check_options(opts)
-    lines = read_texts(opts.input) if opts.score else []
+    texts = read_score_input(opts.input) if opts.score else []
     session = _Session(opts)
     if opts.score:
-        for row in score_lines(session, lines):
+        for row in score_lines(session, texts):
             print(json.dumps(row), file=stdout)
     elif opts.chat:
         chat_loop(session, stdin, stdout)
