@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from jaxlm.run import config as config_lib
+from tests.cli import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,9 +89,8 @@ def test_renamed_keys_point_from_a_gone_key_to_a_live_one():
 
 
 def test_renamed_key_as_a_command_line_override_names_the_new_key(tmp_path):
-    cmd = [sys.executable, "-m", "jaxlm.main", "--config=configs/tiny.py",
-           f"--workdir={tmp_path / 'run'}", "--config.train.num_microbatches=4"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = run_cli("jaxlm.main", "--config=configs/tiny.py", f"--workdir={tmp_path / 'run'}",
+                   "--config.train.num_microbatches=4", check=False)
     assert proc.returncode != 0
     assert ("error: config key train.num_microbatches: renamed to train.pipeline_microbatches"
             in proc.stderr)

@@ -75,7 +75,7 @@ def test_plain_run_from_a_lora_checkpoint_gets_the_merged_weights(lora_run, capl
     base, checkpoints, saved = lora_run
     config = _config(base, steps=2)
     config.init_from.path = checkpoints
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO", logger="absl"):
         _, params = _initial_params(config, base / "plain")
     assert "merged its LoRA adapters (rank 4, alpha 8" in caplog.text
     merged = _flat(jax.device_get(lora.merge(saved, 4, 8.0)))

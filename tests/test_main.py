@@ -1,7 +1,6 @@
 """End to end: the README's quickstart command, run as written (plus a step-count override)."""
 
 import json
-import os
 import re
 import shlex
 import subprocess
@@ -9,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.cli import cli_env, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,8 +33,8 @@ def quickstart_run(tmp_path_factory):
     cmd += ["--config.train.steps=4", "--config.log.every_steps=2",
             "--config.eval.every_steps=4", "--config.eval.tokens=2048",
             "--config.log.sample_every=4", "--config.log.sample_tokens=4"]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return workdir, proc.stderr
 
@@ -60,9 +61,8 @@ def test_quickstart_writes_tensorboard_events_and_logs_progress(quickstart_run):
 
 
 def test_bad_override_fails_before_compiling_and_names_the_key(tmp_path):
-    cmd = [sys.executable, "-m", "jaxlm.main", "--config=configs/tiny.py",
-           f"--workdir={tmp_path}", "--config.model.num_heads=5"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = run_cli("jaxlm.main", "--config=configs/tiny.py", f"--workdir={tmp_path}",
+                   "--config.model.num_heads=5", check=False)
     assert proc.returncode != 0
     assert "config key model.num_heads" in proc.stderr
     assert not (tmp_path / "metrics.jsonl").exists()

@@ -3,33 +3,21 @@ previous run's checkpoint (init_from), with a tiny model so that it runs in seco
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--config.model.d_model=32", "--config.model.num_layers=1",
-        "--config.model.num_heads=2", "--config.model.num_kv_heads=1",
-        "--config.model.d_ff=64", "--config.data.seq_len=32", "--config.data.vocab_size=400",
-        "--config.data.max_documents=60", "--config.train.global_batch_size=8",
-        "--config.train.steps=2", "--config.eval.every_steps=2", "--config.eval.tokens=256",
-        "--config.eval.examples=8",
-        "--config.log.sample_every=0", "--config.log.tensorboard=False",
-        "--config.log.every_steps=1", "--config.checkpoint.async_save=False"]
+from tests.cli import QUIET_LOG, TINY_MODEL, run_cli
+
+RUN = (*TINY_MODEL, *QUIET_LOG, "--config.train.steps=2", "--config.eval.every_steps=2",
+       "--config.eval.tokens=256", "--config.eval.examples=8")
 
 
 def _main(config: str, workdir: Path, *extra: str) -> str:
-    cmd = [sys.executable, "-m", "jaxlm.main", f"--config={config}", f"--workdir={workdir}",
-           *TINY, *extra]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc.stderr
+    return run_cli("jaxlm.main", f"--config={config}", f"--workdir={workdir}", *RUN,
+                   *extra).stderr
 
 
 def _rows(workdir: Path) -> list[dict]:

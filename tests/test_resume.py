@@ -3,34 +3,33 @@ and restarted with the same command logs, for every step, bitwise the loss of a 
 never interrupted."""
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.cli import cli_command, cli_env
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12
 
 
 def _command(workdir: Path, cache: Path) -> list[str]:
-    return [sys.executable, "-m", "jaxlm.main", "--config=configs/tiny.py",
-            f"--workdir={workdir}", f"--config.train.steps={STEPS}",
-            "--config.model.num_layers=2", "--config.model.d_model=64",
+    return cli_command(
+        "jaxlm.main", "--config=configs/tiny.py", f"--workdir={workdir}",
+        f"--config.train.steps={STEPS}", "--config.model.num_layers=2", "--config.model.d_model=64",
             "--config.model.d_ff=128", "--config.data.seq_len=32",
             "--config.train.global_batch_size=4", "--config.data.vocab_size=512",
             "--config.data.max_documents=200", f"--config.data.cache_dir={cache}",
             "--config.log.every_steps=1", "--config.eval.every_steps=0",
             "--config.log.sample_every=0", "--config.checkpoint.every_steps=4",
-            "--config.optim.warmup_steps=2", "--config.log.tensorboard=False"]
+            "--config.optim.warmup_steps=2", "--config.log.tensorboard=False")
 
 
 def _env() -> dict[str, str]:
-    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-                JAX_PLATFORMS="cpu")
+    return cli_env()
 
 
 def _losses(workdir: Path) -> dict[int, float]:

@@ -12,8 +12,7 @@ from jaxlm.run.checkpoint import Checkpointer, read_json_items
 from jaxlm.stages import ppo
 from tests.data_fixtures import train_tiny_tokenizer
 from tests.rl_fixtures import grpo_config, reward_config
-from tests.test_rl_resume import TIMING
-from tests.test_stage_resume import _by_step, _cut_back, _state
+from tests.run_metrics import by_step, cut_back, measured, state
 
 STEPS, STOP = 4, 2
 KL_COEF = 0.1
@@ -62,20 +61,18 @@ def full(tmp_path_factory):
 
 def test_ppo_adaptive_kl_stopped_and_resumed_equals_uninterrupted(full):
     base, config = full
-    rows = _by_step(base / "full", "kl_coef")
+    rows = by_step(base / "full", "kl_coef")
     assert sorted(rows) == list(range(1, STEPS + 1))
     betas = [rows[step]["kl_coef"] for step in range(1, STEPS + 1)]
     assert betas[0] == KL_COEF and len(set(betas)) == STEPS  # beta adapts every step
 
-    _cut_back(base / "full", base / "resumed", STOP)
+    cut_back(base / "full", base / "resumed", STOP)
     trainer.run(config, str(base / "resumed"))
-    got = _by_step(base / "resumed", "kl_coef")
+    got = by_step(base / "resumed", "kl_coef")
     assert [got[step]["kl_coef"] for step in range(1, STEPS + 1)] == betas
     for step in range(1, STEPS + 1):
-        for key, value in rows[step].items():
-            if key not in TIMING and key not in ("time", "wall_time"):
-                assert got[step][key] == value, (step, key, got[step][key], value)
-    a, b = _state(base / "resumed", STEPS), _state(base / "full", STEPS)
+        assert measured(got[step]) == measured(rows[step]), step
+    a, b = state(base / "resumed", STEPS), state(base / "full", STEPS)
     assert a.keys() == b.keys() and int(a["step"]) == STEPS
     for name, value in b.items():
         np.testing.assert_array_equal(a[name], value, err_msg=name)

@@ -18,6 +18,7 @@ from jaxlm.run.config import base_config, validate
 from jaxlm.run.metrics import MetricsWriter
 from jaxlm.run.step_health import StepHealth
 from jaxlm.run.train_state import TrainState
+from tests.cli import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -182,9 +183,7 @@ def test_changed_batch_size_keeps_counting_tokens_seen(tmp_path, caplog):
 # --- one clear line ----------------------------------------------------------------------------
 
 def _main(*flags: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "jaxlm.main", *flags], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return run_cli("jaxlm.main", *flags, devices=None, check=False, timeout=300)
 
 
 def test_unknown_key_and_missing_config_file_print_one_line(tmp_path):

@@ -201,7 +201,7 @@ def test_init_from_a_truncated_checkpoint_is_one_line_and_leaves_it_alone(env, t
     before = _snapshot(source)
     proc = _main(env, tmp_path / "new", f"--config.init_from.path={source}")
     line = _one_error_line(proc)
-    assert line.startswith(f"error: checkpoint {source / 'checkpoints' / '4'} cannot be read: "
+    assert line.startswith(f"error: checkpoint 4 in {source / 'checkpoints'} cannot be read: "
                            "its files are damaged"), line
     assert "Event loop is closed" not in proc.stderr
     assert _snapshot(source) == before

@@ -11,27 +11,17 @@ conversations per row (grain's first-fit packer), DPO batches preference pairs.
 
 import dataclasses
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from jaxlm.data import conversations
+from tests.cli import QUIET_LOG, TINY_MODEL, run_cli
+from tests.run_metrics import by_step, cut_back, measured, state
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS, STOP = 6, 3
 DATA = 120  # dialogs / pairs
-TINY = ["--config.model.d_model=32", "--config.model.num_layers=1",
-        "--config.model.num_heads=2", "--config.model.num_kv_heads=1",
-        "--config.model.d_ff=64", "--config.data.seq_len=32", "--config.data.vocab_size=400",
-        "--config.data.max_documents=60", "--config.train.global_batch_size=8",
-        "--config.log.sample_every=0", "--config.log.tensorboard=False",
-        "--config.log.every_steps=1", "--config.checkpoint.async_save=False"]
 # Checkpoints at STOP and STEPS, both kept; evals at the same steps.
 RESUMABLE = [f"--config.train.steps={STEPS}", f"--config.checkpoint.every_steps={STOP}",
              f"--config.eval.every_steps={STOP}", "--config.eval.tokens=256",
@@ -40,58 +30,26 @@ RESUMABLE = [f"--config.train.steps={STEPS}", f"--config.checkpoint.every_steps=
 
 
 def _main(config: str, workdir: Path, *extra: str) -> None:
-    cmd = [sys.executable, "-m", "jaxlm.main", f"--config={config}", f"--workdir={workdir}",
-           *TINY, *extra]
     # A compilation cache shared by the runs of this module: a restart compiles nothing anew.
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-               JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(workdir.parent / "jax_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_cli("jaxlm.main", f"--config={config}", f"--workdir={workdir}", *TINY_MODEL, *QUIET_LOG,
+            *extra, jax_cache=workdir.parent / "jax_cache")
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-def _rows(workdir: Path) -> list[dict]:
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _by_step(workdir: Path, key: str) -> dict[int, dict]:
-    """step -> the last logged row holding `key` (a resumed run re-logs from its restart)."""
-    return {r["step"]: r for r in _rows(workdir) if key in r}
-
-
-def _cut_back(source: Path, target: Path, step: int) -> None:
-    """`target` = `source` as a run stopped right after saving checkpoint `step` leaves it."""
-    shutil.copytree(source, target)
-    for ckpt in (target / "checkpoints").iterdir():
-        if ckpt.name.isdigit() and int(ckpt.name) > step:
-            shutil.rmtree(ckpt)
-    rows = [line for line in (target / "metrics.jsonl").read_text().splitlines()
-            if json.loads(line)["step"] <= step]
-    (target / "metrics.jsonl").write_text("".join(line + "\n" for line in rows))
-
-
-def _state(workdir: Path, step: int) -> dict[str, np.ndarray]:
-    tree = ocp.PyTreeCheckpointer().restore(str(workdir / "checkpoints" / str(step) / "state"))
-    return ocp.tree.to_flat_dict(tree, sep="/")
-
-
 def _assert_same_run(resumed: Path, reference: Path) -> None:
     assert sorted(int(p.name) for p in (resumed / "checkpoints").iterdir()
                   if p.name.isdigit()) == [STOP, STEPS]
-    train, want = _by_step(resumed, "loss"), _by_step(reference, "loss")
+    train, want = by_step(resumed, "loss"), by_step(reference, "loss")
     assert sorted(train) == sorted(want) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
-        for key, value in want[step].items():
-            if key in ("steps_per_sec", "tokens_per_sec", "mfu", "time", "wall_time"):
-                continue
-            assert train[step][key] == value, (step, key, train[step][key], value)
-    evals, want_evals = _by_step(resumed, "eval_loss"), _by_step(reference, "eval_loss")
-    assert sorted(evals) == [STOP, STEPS] and evals[STEPS] == want_evals[STEPS]
-    got, expected = _state(resumed, STEPS), _state(reference, STEPS)
+        assert measured(train[step]) == measured(want[step]), step
+    evals, want_evals = by_step(resumed, "eval_loss"), by_step(reference, "eval_loss")
+    assert sorted(evals) == [STOP, STEPS]
+    assert measured(evals[STEPS]) == measured(want_evals[STEPS])
+    got, expected = state(resumed, STEPS), state(reference, STEPS)
     assert got.keys() == expected.keys() and int(got["step"]) == STEPS
     for name, value in expected.items():
         np.testing.assert_array_equal(got[name], value, err_msg=name)
@@ -124,10 +82,10 @@ def test_stage_stopped_and_resumed_equals_uninterrupted(runs, stage):
     base, by_stage = runs
     reference, cmd = by_stage[stage]
     # The run really learns something, so equal params are not equal by accident.
-    losses = [r["loss"] for r in _by_step(reference, "loss").values()]
+    losses = [r["loss"] for r in by_step(reference, "loss").values()]
     assert len(set(losses)) >= STEPS - 1  # DPO: steps 1 and 2 (lr 0) are at log 2
     resumed = base / f"{stage}_resumed"
-    _cut_back(reference, resumed, STOP)
-    assert max(_by_step(resumed, "loss")) == STOP
+    cut_back(reference, resumed, STOP)
+    assert max(by_step(resumed, "loss")) == STOP
     _main(cmd[0], resumed, *cmd[1:])
     _assert_same_run(resumed, reference)

@@ -18,7 +18,7 @@ from jaxlm.stages import STAGE_MODULES, pretrain
 from jaxlm.stages.stage import Stage, token_fields
 from tests.data_fixtures import train_tiny_tokenizer
 from tests.rl_fixtures import grpo_config
-from tests.test_stage_resume import _by_step
+from tests.run_metrics import by_step
 
 PEAK = 1e11  # log.peak_flops: MFU against a fixed number
 
@@ -62,7 +62,7 @@ def _common(c, tokenizer: str, steps: int):
 def _check_throughput(workdir: Path, program: program_lib.Program, steps: int) -> None:
     """Every logged row: tokens/s and MFU are the trainer's, from the Program's tokens and
     FLOPs per step over the measured step time."""
-    rows = _by_step(workdir, "steps_per_sec")
+    rows = by_step(workdir, "steps_per_sec")
     assert sorted(rows) == list(range(1, steps + 1))
     for row in rows.values():
         step_s = 1.0 / row["steps_per_sec"]
@@ -83,7 +83,7 @@ def test_a_new_stage_runs_on_the_default_step_loop(tmp_path, tokenizer, monkeypa
     assert program.programs == {} and program.flops_per_step == program.train_step_flops
     _check_throughput(tmp_path, program, 3)
     assert np.isfinite(last["loss"])
-    assert np.isfinite(_by_step(tmp_path, "eval_loss")[3]["eval_perplexity"])
+    assert np.isfinite(by_step(tmp_path, "eval_loss")[3]["eval_perplexity"])
     extra = read_json_items(str(tmp_path / "checkpoints"), 3)["extra"]
     assert extra["host_state"] == {}  # the default loop carries nothing between steps
 
@@ -96,7 +96,7 @@ def test_an_rl_stage_runs_on_the_same_trainer_loop(tmp_path, tokenizer):
     assert program.flops_per_step == pytest.approx(
         program.train_step_flops + program.programs["rollout"].flops, rel=1e-12)
     _check_throughput(tmp_path, program, 2)
-    rows = _by_step(tmp_path, "reward_mean")
+    rows = by_step(tmp_path, "reward_mean")
     assert all(row["rollout_tokens_per_sec"] > 0 for row in rows.values())
     # The loop's held-out evaluation (greedy decoding), called by the trainer.
-    assert "eval_accuracy" in _by_step(tmp_path, "eval_accuracy")[2]
+    assert "eval_accuracy" in by_step(tmp_path, "eval_accuracy")[2]

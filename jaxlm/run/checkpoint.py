@@ -128,8 +128,10 @@ def _damaged(step_dir: str, e: BaseException) -> CheckpointError:
     """The one-line error of a checkpoint whose files cannot be read."""
     _quiet_closed_loop_callbacks()
     reason = " ".join(str(e).split())[:300] or type(e).__name__
-    return CheckpointError(f"checkpoint {step_dir} cannot be read: its files are damaged (cut "
-                           f"short or partly deleted): {type(e).__name__}: {reason}",
+    step_dir = os.path.normpath(step_dir)
+    return CheckpointError(f"checkpoint {os.path.basename(step_dir)} in "
+                           f"{os.path.dirname(step_dir)} cannot be read: its files are damaged "
+                           f"(cut short or partly deleted): {type(e).__name__}: {reason}",
                            path=step_dir)
 
 
