@@ -20,6 +20,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS of a test process with `devices` emulated CPU devices."""
+    return f"--xla_force_host_platform_device_count={devices}"
+
 # A model and data small enough that a run of a few steps takes seconds.
 TINY_MODEL = ("--config.model.d_model=32", "--config.model.num_layers=1",
               "--config.model.num_heads=2", "--config.model.num_kv_heads=1",
@@ -37,7 +41,7 @@ def cli_env(devices: int | None = 1, jax_cache: Path | None = None,
     persistent compilation cache in `jax_cache` when given."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", **extra)
     if devices is not None:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        env["XLA_FLAGS"] = xla_flags(devices)
     if jax_cache is not None:
         env["JAX_COMPILATION_CACHE_DIR"] = str(jax_cache)
         env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"

@@ -4,8 +4,6 @@ or binary text, and data.eval_paths replacing the training holdout."""
 import logging
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,8 +14,7 @@ from jaxlm.data.prepare import prepare_shards
 from jaxlm.data.sources import RawFilesSource
 from jaxlm.run.errors import DataError
 from tests import data_fixtures as F
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.cli import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -77,16 +74,14 @@ def test_verify_shards_and_prepare_data_verify_only_find_the_bad_record(prepared
     out, path, bad = _corrupted_copy(prepared, tmp_path)
     with pytest.raises(DataError, match=rf"data.verify_shards: .*{path}:record {bad}"):
         _iterator(out, prepared, verify_shards=True)
-    proc = subprocess.run([sys.executable, "-m", "jaxlm.tools.prepare_data", f"--output_dir={out}",
-                           "--verify_only"], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+    proc = run_cli("jaxlm.tools.prepare_data", f"--output_dir={out}", "--verify_only",
+                   check=False, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert f"{path}:record {bad}" in proc.stderr
-    good = subprocess.run([sys.executable, "-m", "jaxlm.tools.prepare_data",
-                           f"--output_dir={prepared['out']}", "--verify_only"], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
-    assert good.returncode == 0 and "verified" in good.stdout
+    good = run_cli("jaxlm.tools.prepare_data", f"--output_dir={prepared['out']}",
+                   "--verify_only", timeout=120)
+    assert "verified" in good.stdout
 
 
 def test_non_utf8_and_binary_text_is_counted_warned_and_stopped(tmp_path, caplog):

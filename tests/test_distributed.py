@@ -23,6 +23,7 @@ import yaml
 
 from jaxlm.parallel import distributed, sharding
 from tests import distributed_worker
+from tests.cli import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 SLURM_STEP = {"SLURM_JOB_ID": "1234", "SLURM_STEP_NODELIST": "gpu[07-08]", "SLURM_NTASKS": "16",
@@ -236,7 +237,7 @@ def _child_env(**extra: str) -> dict[str, str]:
     """This environment without cluster variables, as 2 processes x 4 CPU devices."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("JAXLM_", "SLURM_", "OMPI_", "TPU_", "MEGASCALE_"))}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(4),
                PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     env.update(extra)
     return env
@@ -341,7 +342,7 @@ def _run_launcher(cmd, env, timeout_s: float) -> subprocess.CompletedProcess:
 def test_local_sh_runs_n_processes_with_prefixed_output(tmp_path):
     # a device count inherited from the caller (tests/conftest.py: 8) is replaced by local.sh's
     env = _child_env(MODULE="tests.distributed_worker", PYTHON=sys.executable,
-                     XLA_FLAGS="--xla_force_host_platform_device_count=8")
+                     XLA_FLAGS=xla_flags(8))
     run = _run_launcher(["bash", "launch/local.sh", "2", str(tmp_path / "r"), "--task=gather"],
                         env, timeout_s=120)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

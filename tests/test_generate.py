@@ -3,10 +3,6 @@
 import io
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,10 +13,9 @@ from jaxlm.models import Transformer
 from jaxlm.run import trainer
 from jaxlm.tools import generate
 from jaxlm.weights.restore import restore
+from tests.cli import run_cli
 from tests.greedy_reference import make_greedy_sampler
 from tests.run_fixtures import tiny_run_config
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +30,8 @@ def test_cli_prints_the_greedy_continuation(run_dir):
     prompt = [loaded.tokenizer.bos_id] + loaded.tokenizer.encode("def ")
     expected = make_greedy_sampler(Transformer(loaded.model_cfg), len(prompt) + 6)(
         loaded.params, prompt)
-    cmd = [sys.executable, "-m", "jaxlm.tools.generate", f"--workdir={run_dir}", "--prompt=def ",
-           "--max_new_tokens=6", "--json"]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_cli("jaxlm.tools.generate", f"--workdir={run_dir}", "--prompt=def ",
+                   "--max_new_tokens=6", "--json", timeout=300)
     row = json.loads(proc.stdout.strip().splitlines()[-1])
     eos = loaded.tokenizer.eos_id
     cut = expected.index(eos) + 1 if eos in expected else len(expected)

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.cli import xla_flags
+
 pytestmark = pytest.mark.multiprocess
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -45,7 +47,7 @@ def _run(cmd: list[str], env: dict[str, str]) -> None:
 
 
 def _one_process(workdir: Path, cache: Path) -> None:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8),
                JAX_PLATFORMS="cpu", JAXLM_DISTRIBUTED="off")
     _run([sys.executable, "-m", "jaxlm.main", *_args(workdir, cache)], env)
 

@@ -4,10 +4,6 @@ of the quantized model does; `--quantize` after loading gives the same model."""
 
 import io
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -21,10 +17,9 @@ from jaxlm.run import trainer
 from jaxlm.tools import generate
 from jaxlm.tools.quantize import quantize_checkpoint
 from jaxlm.weights.restore import restore
+from tests.cli import run_cli
 from tests.greedy_reference import make_greedy_sampler
 from tests.run_fixtures import tiny_run_config
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +69,8 @@ def test_saved_tree_restores_bitwise_and_decodes_with_the_kv_cache(run_dir, tmp_
 
 def test_cli_writes_a_checkpoint_generate_loads(run_dir, tmp_path):
     out = tmp_path / "int8"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    proc = subprocess.run([sys.executable, "-m", "jaxlm.tools.quantize", f"--workdir={run_dir}",
-                           "--quantize=int8", f"--out={out}"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_cli("jaxlm.tools.quantize", f"--workdir={run_dir}", "--quantize=int8", f"--out={out}",
+            timeout=300)
     # generating from it == generating from the float run with --quantize=int8
     rows = []
     for opts in (generate.Options(workdir=str(out), prompts=("def ",), max_new_tokens=6,

@@ -28,6 +28,7 @@ from jaxlm.stages.rl.reward_model import RewardModel
 from jaxlm.weights import restore
 from jaxlm.weights.hf import convert as hf
 from jaxlm.weights.write import write_params_checkpoint
+from tests.cli import xla_flags
 from tests.rl_fixtures import CharTokenizer, grpo_config, reward_config
 from tests.run_fixtures import tiny_run_config
 
@@ -199,7 +200,7 @@ def test_an_export_reads_a_run_whose_trainer_is_still_saving(tmp_path):
            f"--config.train.steps={steps}", "--config.eval.every_steps=0",
            "--config.log.sample_every=0", "--config.checkpoint.every_steps=1",
            f"--config.checkpoint.keep_last={steps}"]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1))
     directory = str(workdir / "checkpoints")
     with open(tmp_path / "train.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

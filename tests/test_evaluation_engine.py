@@ -5,10 +5,6 @@ import functools
 import io
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -23,10 +19,9 @@ from jaxlm.models import Transformer
 from jaxlm.parallel import sharding
 from jaxlm.run import trainer
 from jaxlm.tools import eval as eval_cli
+from tests.cli import cli_env, run_cli
 from tests.harness_tasks import write_jsonl, write_task
 from tests.run_fixtures import tiny_run_config
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -260,14 +255,12 @@ def test_local_harness_task_runs_through_the_cli(run_dir, target, tmp_path):
     write_task(tasks / "gen.yaml", "jaxlm_local_gen", write_jsonl(tmp_path / "gen.jsonl", gen),
                "generate_until", ["exact_match"], text="{{prompt}}", target="{{target}}",
                extra='generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 6')
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-               HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
-               HF_DATASETS_CACHE=str(tmp_path / "hf_cache"), HF_HOME=str(tmp_path / "hf"))
-    cmd = [sys.executable, "-m", "jaxlm.tools.eval", f"--workdir={run_dir}",
-           "--tasks=jaxlm_local_choice,jaxlm_local_gen", f"--include_path={tasks}",
-           f"--output={tmp_path / 'out.json'}", "--batch_size=4", "--noprogress"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    env = cli_env(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
+                  HF_DATASETS_CACHE=str(tmp_path / "hf_cache"), HF_HOME=str(tmp_path / "hf"))
+    proc = run_cli("jaxlm.tools.eval", f"--workdir={run_dir}",
+                   "--tasks=jaxlm_local_choice,jaxlm_local_gen", f"--include_path={tasks}",
+                   f"--output={tmp_path / 'out.json'}", "--batch_size=4", "--noprogress",
+                   env=env, timeout=300)
     assert "jaxlm_local_choice" in proc.stdout
     saved = json.loads((tmp_path / "out.json").read_text())["results"]
     engine = _engine(target, batch_size=4)
