@@ -20,9 +20,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
 def xla_flags(devices: int) -> str:
     """XLA_FLAGS of a test process with `devices` emulated CPU devices."""
     return f"--xla_force_host_platform_device_count={devices}"
+
 
 # A model and data small enough that a run of a few steps takes seconds.
 TINY_MODEL = ("--config.model.d_model=32", "--config.model.num_layers=1",
