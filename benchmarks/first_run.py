@@ -14,16 +14,22 @@ variants, untimed; tokenizers are keyed by their settings). Reported per variant
                  a run reads less than one epoch)
     stdlib       `corpus_bpb` over the whole held-out split (the run's deduplicated stdlib
                  files never trained on): bits per byte and nats per token
-    third-party  bits per byte of pure-Python code from outside the standard library: the
-                 packages of `THIRD_PARTY` installed beside jaxlm (its own dependencies, tests
-                 left out), cut into documents like the corpus and drawn in a fixed order up
-                 to `--third_party_chars` characters; scored like `corpus_bpb`. Printed
-                 first: how many of these documents match a training document at MinHash
-                 Jaccard >= `_CONTAMINATION_THRESHOLD` (none should)
+    third-party  bits per byte of pure-Python code from outside the standard library, two
+                 groups of `THIRD_PARTY` installed beside jaxlm (tests left out): "general"
+                 (pip, setuptools, absl, ml_collections: the kind of Python the stdlib is)
+                 and "jax" (etils, chex, optax, flax: array code, further from the corpus).
+                 Each group's files are cut into documents like the corpus (each kept to its
+                 first `_MAX_DOC_CHARS` characters) and drawn in a fixed order up to
+                 `--third_party_chars` characters; scored like
+                 `corpus_bpb`. Printed first: how many of these documents match a training
+                 document at MinHash Jaccard >= `_CONTAMINATION_THRESHOLD` (none should)
     sample       the last logged greedy sample
 
 and the CPU seconds of the training command (user + system, steadier than wall time on a shared
 machine), its wall time and `/proc/pressure/cpu` "some avg10" before/after.
+
+`--rescore` scores the variants' existing run directories again without training them (the
+training figures are read from each directory's `first_run.json`).
 
 `--timed=NAME` then runs variant NAME as a first run from nothing (its own empty cache: corpus,
 tokenizer, training, evaluations) and reports its wall and CPU time: the quickstart's cost.
@@ -72,9 +78,13 @@ VARIANTS = {
 # from site-packages. Folders that copy standard-library code are left out: setuptools'
 # `_distutils` (the stdlib's distutils) and every `_vendor` (pip's holds tomli, the stdlib's
 # tomllib). `third_party_contamination` checks what is left against the training documents.
-THIRD_PARTY = ("pip", "setuptools", "absl", "ml_collections", "etils", "chex", "optax", "flax")
+THIRD_PARTY = {"general": ("pip", "setuptools", "absl", "ml_collections"),
+               "jax": ("etils", "chex", "optax", "flax")}
 _SKIPPED_DIRS = ("_vendor", "_distutils", "__pycache__")
 _THIRD_PARTY_SEED = 0
+# Characters kept of each third-party document (its beginning), so that one long class or
+# generated file cannot fill a group's sample.
+_MAX_DOC_CHARS = 4000
 # Jaccard similarity (5-word shingles) at which a third-party document counts as seen in
 # training: lower than the corpus dedup's 0.8, so partial copies count too.
 _CONTAMINATION_THRESHOLD = 0.5
@@ -84,8 +94,10 @@ _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), "Which of " + ", ".joi
 _TIMED = flags.DEFINE_string("timed", "", "Also time this variant as a first run from "
                              "nothing (its own empty cache).")
 _TOKENS = flags.DEFINE_integer("tokens", TOKENS, "Training tokens of every variant.")
-_THIRD_PARTY_CHARS = flags.DEFINE_integer("third_party_chars", 200_000,
-                                          "Characters of third-party code scored.")
+_THIRD_PARTY_CHARS = flags.DEFINE_integer("third_party_chars", 100_000,
+                                          "Characters of third-party code scored per group.")
+_RESCORE = flags.DEFINE_bool("rescore", False, "Score the variants' run directories again "
+                             "instead of training them.")
 
 
 def cpu_pressure() -> str:
@@ -114,16 +126,16 @@ def describe(name: str) -> str:
             f"{s['data.vocab_size']}, lr {s['optim.learning_rate']:g}")
 
 
-def third_party_documents(max_chars: int) -> list[str]:
-    """Documents of THIRD_PARTY's .py files (no tests), in a fixed random order, up to
-    max_chars characters (the last one cut)."""
+def third_party_documents(packages: tuple[str, ...], max_chars: int) -> list[str]:
+    """Documents of the packages' .py files (no tests), each cut to _MAX_DOC_CHARS, in a fixed
+    random order, up to max_chars characters (the last one cut)."""
     import sysconfig
 
     from jaxlm.data import corpus
 
     root = sysconfig.get_paths()["purelib"]
     docs = []
-    for package in THIRD_PARTY:
+    for package in packages:
         for dirpath, dirnames, filenames in os.walk(os.path.join(root, package)):
             dirnames[:] = sorted(d for d in dirnames
                                  if "test" not in d and d not in _SKIPPED_DIRS)
@@ -132,7 +144,7 @@ def third_party_documents(max_chars: int) -> list[str]:
                         and not name.endswith("_test.py")):
                     with open(os.path.join(dirpath, name), "rb") as f:
                         text = f.read().decode("utf-8", errors="replace")
-                    docs += corpus.split_documents(text)
+                    docs += [d[:_MAX_DOC_CHARS] for d in corpus.split_documents(text)]
     random.Random(_THIRD_PARTY_SEED).shuffle(docs)
     out, used = [], 0
     for doc in docs:
@@ -177,8 +189,9 @@ def package_versions() -> str:
     return ", ".join(found)
 
 
-def held_out_scores(workdir: str, cache_dir: str, third_party: list[str]) -> dict:
-    """corpus_bpb over the run's whole held-out split and bits per byte of `third_party`."""
+def held_out_scores(workdir: str, cache_dir: str, third_party: dict[str, list[str]]) -> dict:
+    """corpus_bpb over the run's whole held-out split and bits per byte of each group of
+    `third_party`."""
     import jax
 
     from jaxlm.evaluation import builtin
@@ -192,14 +205,16 @@ def held_out_scores(workdir: str, cache_dir: str, third_party: list[str]) -> dic
     engine = Engine(target.model_cfg, target.params, target.tokenizer, mesh, batch_size=16)
     stdlib = builtin.corpus_bpb(engine, 10**6,
                                 heldout=builtin.HeldOut.of_run(target.config.data, cache_dir))
-    tokens = [engine.tokenizer.encode(d, special=False) for d in third_party]
-    nll = -sum(engine.loglikelihood_rolling(tokens))
-    num_bytes = sum(len(d.encode()) for d in third_party)
-    return {"stdlib_bpb": stdlib["bits_per_byte"],
-            "stdlib_nats": math.log(stdlib["token_perplexity"]),
-            "stdlib_documents": stdlib["documents"], "stdlib_tokens": stdlib["tokens"],
-            "third_party_bpb": bits_per_byte(nll, num_bytes),
-            "third_party_tokens": sum(map(len, tokens)), "third_party_bytes": num_bytes}
+    out = {"stdlib_bpb": stdlib["bits_per_byte"],
+           "stdlib_nats": math.log(stdlib["token_perplexity"]),
+           "stdlib_documents": stdlib["documents"], "stdlib_tokens": stdlib["tokens"]}
+    for group, docs in third_party.items():
+        tokens = [engine.tokenizer.encode(d, special=False) for d in docs]
+        nll = -sum(engine.loglikelihood_rolling(tokens))
+        num_bytes = sum(len(d.encode()) for d in docs)
+        out[f"{group}_bpb"] = bits_per_byte(nll, num_bytes)
+        out[f"{group}_tokens"] = sum(map(len, tokens))
+    return out
 
 
 def train(workdir: str, cache_dir: str, overrides: list[str]) -> dict:
@@ -216,17 +231,25 @@ def train(workdir: str, cache_dir: str, overrides: list[str]) -> dict:
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     cpu = (after.ru_utime - usage.ru_utime) + (after.ru_stime - usage.ru_stime)
-    return {"wall_s": seconds, "cpu_s": cpu, "pressure": f"{before}/{cpu_pressure()}"}
+    record = {"wall_s": seconds, "cpu_s": cpu, "pressure": f"{before}/{cpu_pressure()}"}
+    with open(os.path.join(workdir, "first_run.json"), "w") as f:
+        json.dump(record, f)
+    return record
 
 
-def run_variant(name: str, work_dir: str, cache_dir: str, third_party: list[str]) -> dict:
+def run_variant(name: str, work_dir: str, cache_dir: str, third_party: dict[str, list[str]]
+                ) -> dict:
     settings = {**tiny_defaults(), **VARIANTS[name]}
     batch, seq = settings["train.global_batch_size"], settings["data.seq_len"]
     steps = _TOKENS.value // (batch * seq)
     overrides = [f"--config.{k}={v}" for k, v in VARIANTS[name].items()]
     workdir = os.path.join(work_dir, name)
-    out = {"name": name, "steps": steps, "tokens": steps * batch * seq,
-           **train(workdir, cache_dir, [f"--config.train.steps={steps}", *overrides])}
+    if _RESCORE.value:
+        with open(os.path.join(workdir, "first_run.json")) as f:
+            record = json.load(f)
+    else:
+        record = train(workdir, cache_dir, [f"--config.train.steps={steps}", *overrides])
+    out = {"name": name, "steps": steps, "tokens": steps * batch * seq, **record}
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     evals = [r for r in rows if "eval_loss" in r]
     tail = [r["loss"] for r in rows if "loss" in r and r["step"] > 0.9 * steps]
@@ -256,17 +279,19 @@ def main(argv: list[str]) -> None:
     work_dir = os.path.abspath(_WORK_DIR.value)
     cache_dir = os.path.join(work_dir, "cache")
     os.makedirs(work_dir, exist_ok=True)
-    third_party = third_party_documents(_THIRD_PARTY_CHARS.value)
-    print(f"third-party code: {len(third_party)} documents, "
-          f"{sum(len(d) for d in third_party):,} characters of {package_versions()}",
-          flush=True)
+    third_party = {group: third_party_documents(packages, _THIRD_PARTY_CHARS.value)
+                   for group, packages in THIRD_PARTY.items()}
+    print(f"third-party code: {package_versions()}; " + ", ".join(
+        f"{group} {len(docs)} documents, {sum(map(len, docs)):,} characters"
+        for group, docs in third_party.items()), flush=True)
     # Build the corpus and each tokenizer once, untimed: every variant then starts alike.
-    for vocab in sorted({{**tiny_defaults(), **VARIANTS[n]}["data.vocab_size"] for n in chosen}):
+    for vocab in sorted({{**tiny_defaults(), **VARIANTS[n]}["data.vocab_size"] for n in chosen}
+                        if not _RESCORE.value else ()):
         train(os.path.join(work_dir, f"warm-{vocab}"), cache_dir,
               ["--config.train.steps=1", "--config.eval.every_steps=0",
                "--config.log.sample_every=0", f"--config.data.vocab_size={vocab}"])
     if chosen:
-        found = third_party_contamination(third_party, cache_dir)
+        found = third_party_contamination(sum(third_party.values(), []), cache_dir)
         print(f"third-party documents matching a training document at Jaccard >= "
               f"{_CONTAMINATION_THRESHOLD}: {found.documents} of {found.checked} "
               f"{found.examples}", flush=True)
@@ -275,14 +300,16 @@ def main(argv: list[str]) -> None:
         results.append(run_variant(name, work_dir, cache_dir, third_party))
         print(json.dumps(results[-1]), flush=True)
     if results:
-        print("| variant | what | steps x batch x seq | eval loss | train loss | stdlib nats/token "
-              "| stdlib bits/byte | third-party bits/byte | CPU s | wall s | CPU some avg10 % |")
-        print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+        print("| variant | what | steps x tokens | eval loss | train loss | stdlib nats/token "
+              "| stdlib bits/byte | general bits/byte | jax bits/byte | CPU s | wall s "
+              "| CPU some avg10 % |")
+        print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
         for r in results:
             shape = f"{r['steps']} x {r['tokens'] // r['steps']:,} tokens"
             print(f"| {r['name']} | {describe(r['name'])} | {shape} | {r['eval_loss']:.3f} | "
                   f"{r['train_loss']:.3f} | {r['stdlib_nats']:.3f} | {r['stdlib_bpb']:.3f} | "
-                  f"{r['third_party_bpb']:.3f} | {r['cpu_s']:.0f} | {r['wall_s']:.0f} | "
+                  f"{r['general_bpb']:.3f} | {r['jax_bpb']:.3f} | {r['cpu_s']:.0f} | "
+                  f"{r['wall_s']:.0f} | "
                   f"{r['pressure']} |")
         print("\nLast logged samples:\n")
         for r in results:
