@@ -14,6 +14,9 @@ variants, untimed; tokenizers are keyed by their settings). Reported per variant
                  a run reads less than one epoch)
     stdlib       `corpus_bpb` over the whole held-out split (the run's deduplicated stdlib
                  files never trained on): bits per byte and nats per token
+    train split  nats per token of `_TRAIN_SAMPLE` training-split documents (a fixed-seed
+                 sample, scored like `corpus_bpb`; the run read about a third of them):
+                 how hard the training distribution is, beside the held-out split
     third-party  bits per byte of pure-Python code from outside the standard library, two
                  groups of `THIRD_PARTY` installed beside jaxlm (tests left out): "general"
                  (pip, setuptools, absl, ml_collections: the kind of Python the stdlib is)
@@ -71,6 +74,12 @@ VARIANTS = {
                           "data.vocab_size": 4096, "optim.learning_rate": 3e-3},
     "seq256_v4096_lr5e-3": {"data.seq_len": 256, "train.global_batch_size": 8,
                                  "data.vocab_size": 4096, "optim.learning_rate": 5e-3},
+    "seq128_v8192_lr5e-3": {"data.seq_len": 128, "train.global_batch_size": 16,
+                            "data.vocab_size": 8192, "optim.learning_rate": 5e-3},
+    "seq128_v8192_l6_d192": {"data.seq_len": 128, "train.global_batch_size": 16,
+                             "data.vocab_size": 8192, "optim.learning_rate": 3e-3,
+                             "model.num_layers": 6, "model.d_model": 192, "model.num_heads": 3,
+                             "model.num_kv_heads": 1, "model.d_ff": 576},
     "seq128_v8192_batch32": {"data.seq_len": 128, "train.global_batch_size": 32,
                                   "data.vocab_size": 8192, "optim.learning_rate": 3e-3},
 }
@@ -82,6 +91,8 @@ THIRD_PARTY = {"general": ("pip", "setuptools", "absl", "ml_collections"),
                "jax": ("etils", "chex", "optax", "flax")}
 _SKIPPED_DIRS = ("_vendor", "_distutils", "__pycache__")
 _THIRD_PARTY_SEED = 0
+# Training-split documents scored for the "train split" column.
+_TRAIN_SAMPLE = 200
 # Characters kept of each third-party document (its beginning), so that one long class or
 # generated file cannot fill a group's sample.
 _MAX_DOC_CHARS = 4000
@@ -122,8 +133,9 @@ def tiny_defaults() -> dict:
 
 def describe(name: str) -> str:
     s = {**tiny_defaults(), **VARIANTS[name]}
+    extra = "".join(f", {k.split('.')[-1]} {v}" for k, v in s.items() if k.startswith("model."))
     return (f"seq {s['data.seq_len']}, batch {s['train.global_batch_size']}, vocab "
-            f"{s['data.vocab_size']}, lr {s['optim.learning_rate']:g}")
+            f"{s['data.vocab_size']}, lr {s['optim.learning_rate']:g}{extra}")
 
 
 def third_party_documents(packages: tuple[str, ...], max_chars: int) -> list[str]:
@@ -194,6 +206,8 @@ def held_out_scores(workdir: str, cache_dir: str, third_party: dict[str, list[st
     `third_party`."""
     import jax
 
+    from jaxlm.data import corpus
+    from jaxlm.data.sources import TextRecordSource
     from jaxlm.evaluation import builtin
     from jaxlm.evaluation.engine import Engine, bits_per_byte
     from jaxlm.evaluation.target import load_target
@@ -208,6 +222,11 @@ def held_out_scores(workdir: str, cache_dir: str, third_party: dict[str, list[st
     out = {"stdlib_bpb": stdlib["bits_per_byte"],
            "stdlib_nats": math.log(stdlib["token_perplexity"]),
            "stdlib_documents": stdlib["documents"], "stdlib_tokens": stdlib["tokens"]}
+    built = corpus.build_stdlib_corpus(cache_dir)
+    train = TextRecordSource([built.path("train")])
+    docs = [train[i] for i in random.Random(1).sample(range(len(train)), _TRAIN_SAMPLE)]
+    tokens = [engine.tokenizer.encode(d, special=False) for d in docs]
+    out["train_split_nats"] = -sum(engine.loglikelihood_rolling(tokens)) / sum(map(len, tokens))
     for group, docs in third_party.items():
         tokens = [engine.tokenizer.encode(d, special=False) for d in docs]
         nll = -sum(engine.loglikelihood_rolling(tokens))
@@ -301,13 +320,15 @@ def main(argv: list[str]) -> None:
         print(json.dumps(results[-1]), flush=True)
     if results:
         print("| variant | what | steps x tokens | eval loss | train loss | stdlib nats/token "
-              "| stdlib bits/byte | general bits/byte | jax bits/byte | CPU s | wall s "
-              "| CPU some avg10 % |")
-        print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+              "| train split nats/token | stdlib bits/byte | general bits/byte | jax bits/byte "
+              "| CPU s | wall s | CPU some avg10 % |")
+        print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+              "| --- |")
         for r in results:
             shape = f"{r['steps']} x {r['tokens'] // r['steps']:,} tokens"
             print(f"| {r['name']} | {describe(r['name'])} | {shape} | {r['eval_loss']:.3f} | "
-                  f"{r['train_loss']:.3f} | {r['stdlib_nats']:.3f} | {r['stdlib_bpb']:.3f} | "
+                  f"{r['train_loss']:.3f} | {r['stdlib_nats']:.3f} | {r['train_split_nats']:.3f} | "
+                  f"{r['stdlib_bpb']:.3f} | "
                   f"{r['general_bpb']:.3f} | {r['jax_bpb']:.3f} | {r['cpu_s']:.0f} | "
                   f"{r['wall_s']:.0f} | "
                   f"{r['pressure']} |")
