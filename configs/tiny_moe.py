@@ -2,8 +2,8 @@
 
     python -m jaxlm.main --config=configs/tiny_moe.py --workdir=/tmp/jaxlm_tiny_moe
 
-Same data, width and schedule as configs/tiny.py; blocks 2 and 4 have 8 experts of width 768
-(2.6x the parameters of tiny.py, 1.5x its MLP FLOPs per token). Arguments:
+Same data, width and schedule as configs/tiny.py; every second block (2, 4, 6) has 8 experts of
+tiny.py's MLP width. Arguments:
 `steps=N`, `experts=E`, `top_k=1|2`, `expert_parallel=P` (mesh.expert; P must divide E and
 the batch of 16), `dropless=True`. See docs/moe.md.
 """
