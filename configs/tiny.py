@@ -16,11 +16,11 @@ def get_config(arg: str | None = None):
     args = config_lib.parse_arg(arg, steps=600)
     c = config_lib.base_config()
 
-    # 6 narrow layers rather than 4 of d_model 256 (4 heads, 2 kv, d_ff 768): at the same
-    # 600 x 2,048 tokens and less compute per token, lower bits per byte on the held-out stdlib
-    # split (1.596 against 1.625) and on pure-Python packages never trained on (2.250 against
-    # 2.290); a 4096-piece vocabulary, 256-token rows or learning rate 5e-3 did worse
-    # (docs/benchmarks.md "The first run").
+    # 6 narrow layers: against 4 layers of d_model 256 (4 heads, 2 kv, d_ff 768) at the same
+    # 600 x 2,048 tokens, they cost less compute per token and reach lower bits per byte on the
+    # held-out stdlib split (1.596 against 1.625) and on pure-Python packages never trained on
+    # (2.250 against 2.290); a 4096-piece vocabulary, 256-token rows and learning rate 5e-3 did
+    # worse (docs/benchmarks.md "The first run").
     c.model.d_model = 192
     c.model.num_layers = 6
     c.model.num_heads = 3
