@@ -20,6 +20,7 @@ def _command(workdir: Path, cache: Path) -> list[str]:
     return cli_command(
         "jaxlm.main", "--config=configs/tiny.py", f"--workdir={workdir}",
         f"--config.train.steps={STEPS}", "--config.model.num_layers=2", "--config.model.d_model=64",
+            "--config.model.num_heads=2", "--config.model.num_kv_heads=1",
             "--config.model.d_ff=128", "--config.data.seq_len=32",
             "--config.train.global_batch_size=4", "--config.data.vocab_size=512",
             "--config.data.max_documents=200", f"--config.data.cache_dir={cache}",
