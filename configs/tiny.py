@@ -4,9 +4,9 @@
 
 The first run builds the corpus from this Python's standard library and trains an 8192-piece
 sentencepiece tokenizer on it (cached in <workdir>/cache); later runs reuse both.
-Argument: `configs/tiny.py:steps=N` sets the number of steps (default 600, about 4 minutes on
-a 2-core laptop CPU including the corpus and tokenizer build; see docs/benchmarks.md "The first
-run" for how batch, learning rate and steps were chosen).
+Argument: `configs/tiny.py:steps=N` sets the number of steps (default 600: 255 s of training
+and evals on a 2-core CPU, the corpus and tokenizer build on top; see docs/benchmarks.md "The
+first run" for how the model shape, vocabulary, batch, learning rate and steps were chosen).
 """
 
 from jaxlm.run import config as config_lib
