@@ -12,6 +12,8 @@ from jaxlm.run import config as config_lib
 from jaxlm.scaling import flops as scaling
 from jaxlm.tools import aot
 
+pytestmark = pytest.mark.slow  # each test trains or compiles for many seconds
+
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,
     reason="libtpu is not installed (pip install 'jaxlm[test]' or 'jax[tpu]')")

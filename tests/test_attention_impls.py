@@ -76,6 +76,7 @@ def test_block_size_divides_length():
     assert block_size(7, 512) == 7
 
 
+@pytest.mark.slow
 def test_model_with_chunked_attention_matches_xla_loss_and_grads():
     cfg = dataclasses.replace(LLAMA_TINY, attention="chunked")
     model, ref_model = Transformer(cfg), Transformer(dataclasses.replace(cfg, attention="xla"))

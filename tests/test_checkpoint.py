@@ -68,6 +68,7 @@ def _small_abstract():
     return _abstract(state, jax.tree.map(lambda x: x.sharding, state))
 
 
+@pytest.mark.slow
 def test_restore_onto_another_mesh_with_config_and_extra(run, tmp_path):
     state, other = run["state"], run["other"]
     extra = {"tokenizer_path": "/tok.model", "tokenizer_sha256": "ab" * 32}
@@ -292,6 +293,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_save_their_shards_and_own_data_positions(tmp_path):
     directory, port = str(tmp_path / "ckpt"), str(_free_port())
@@ -317,6 +319,7 @@ def test_two_processes_save_their_shards_and_own_data_positions(tmp_path):
     assert results[0]["expected"] != results[1]["expected"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("save_shape,restore_shape", [
     ((8, 1, 1, 1), (8, 1, 1, 1)), ((2, 2, 2, 1), (2, 2, 2, 1)),
     ((8, 1, 1, 1), (2, 2, 2, 1)), ((2, 2, 2, 1), (8, 1, 1, 1))])

@@ -166,6 +166,7 @@ def test_resume_inside_and_across_row_shuffle_windows(env):
     F.assert_batches_equal(expected, F.take(fresh, 6))
 
 
+@pytest.mark.slow
 def test_resume_with_worker_processes(env):
     # No row shuffle: its state holds the counters as of the window start, not the current row.
     data = F.files_config(env["glob"], num_workers=2, prefetch_buffer_size=2, shuffle_rows=0)

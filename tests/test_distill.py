@@ -17,6 +17,8 @@ from jaxlm.run.config import base_config
 from jaxlm.weights import frozen as frozen_models
 from tests.model_fixtures import packed_batch
 
+pytestmark = pytest.mark.slow  # each test trains or compiles for many seconds
+
 STEPS, STOP = 4, 2
 
 

@@ -10,6 +10,8 @@ import pytest
 
 from jaxlm.losses.distill import DistillSpec, distill_sums, divergence_BxL
 
+pytestmark = pytest.mark.slow  # each test trains or compiles for many seconds
+
 B, L, V, D, E = 2, 12, 11, 8, 6  # E: the teacher's width
 
 

@@ -297,6 +297,7 @@ def two_process_step(tmp_path_factory):
     return results, reference
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_form_one_job_of_eight_devices(two_process_step):
     results, _ = two_process_step

@@ -15,6 +15,8 @@ from jaxlm.run.train_state import TrainState
 from jaxlm.stages import dpo
 from tests.model_fixtures import LLAMA_TINY
 
+pytestmark = pytest.mark.slow  # each test trains or compiles for many seconds
+
 
 def _log_sigmoid(x):
     return -np.log1p(np.exp(-x))

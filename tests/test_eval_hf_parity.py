@@ -22,6 +22,8 @@ from jaxlm.parallel import sharding  # noqa: E402
 from jaxlm.weights.hf import convert as hf  # noqa: E402
 from tests.harness_tasks import write_jsonl, write_task  # noqa: E402
 
+pytestmark = pytest.mark.slow  # each test trains or compiles for many seconds
+
 TEXTS = ["def add(a, b):\n    return a + b\n", "import os\nimport sys\n",
          "class Point:\n    x = 0\n    y = 0\n", "for i in range(10):\n    print(i)\n"] * 5
 

@@ -15,6 +15,8 @@ from jaxlm.run import trainer
 from jaxlm.run.config import base_config, validate
 from tests.run_fixtures import tiny_run_config
 
+pytestmark = pytest.mark.slow  # each test trains or compiles for many seconds
+
 
 def _config(tmp):
     c = tiny_run_config(tmp, steps=3, tensorboard=True)

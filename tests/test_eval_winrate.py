@@ -14,6 +14,8 @@ from jaxlm.run import trainer
 from jaxlm.tools import eval as eval_cli
 from tests.run_fixtures import tiny_run_config
 
+pytestmark = pytest.mark.slow  # each test trains or compiles for many seconds
+
 pytest.importorskip("chatterbot_corpus")
 
 

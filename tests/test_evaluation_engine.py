@@ -69,6 +69,7 @@ def _requests(target):
             for c, x in texts]
 
 
+@pytest.mark.slow
 def test_loglikelihood_is_the_sum_of_scored_token_logprobs(target):
     engine = _engine(target, batch_size=4)
     pairs = _requests(target)
@@ -93,6 +94,7 @@ def test_is_greedy_true_for_the_models_own_continuation(target):
     assert is_g and not is_o and lp_g > lp_o
 
 
+@pytest.mark.slow
 def test_batching_and_padding_change_no_number(target):
     pairs = _requests(target) * 3
     batched = _engine(target, batch_size=8).loglikelihood(pairs)
@@ -151,6 +153,7 @@ def test_packed_scoring_equals_one_request_at_a_time(target):
     assert engine.throughput.tokens == sum(len(x) for _, x in pairs) + sum(map(len, docs))
 
 
+@pytest.mark.slow
 def test_generate_until_is_greedy_and_stops_at_every_stop_string(target):
     engine = _engine(target, batch_size=4)
     tok = target.tokenizer
@@ -209,6 +212,7 @@ def test_next_line_accuracy_is_argmax_of_choice_loglikelihoods(target):
     assert builtin.next_line(engine, 6, heldout=heldout)["acc"] == hits / 6
 
 
+@pytest.mark.slow
 def test_cli_builtin_writes_results_with_config_and_step(run_dir, tmp_path):
     out = io.StringIO()
     opts = eval_cli.Options(workdir=str(run_dir), tasks="builtin", limit=4, batch_size=8,
@@ -241,6 +245,7 @@ def test_split_tasks_expands_builtin():
     assert results.metric_name("exact_match,strict-match") == "exact_match_strict-match"
 
 
+@pytest.mark.slow
 def test_local_harness_task_runs_through_the_cli(run_dir, target, tmp_path):
     pytest.importorskip("lm_eval")
     rows = [{"question": "import", "choices": ["os", "sys", "re"], "answer": 0},

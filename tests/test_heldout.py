@@ -59,6 +59,7 @@ class _Collect(logging.Handler):
         self.messages.append(record.getMessage())
 
 
+@pytest.mark.slow
 def test_eval_sample_spans_the_heldout_split(run):
     files = run["corpus"].files["eval"]  # [file, documents] in the split's file order
     split_docs = sum(n for _, n in files)

@@ -18,6 +18,8 @@ from jaxlm.weights.hf import convert as hf
 from jaxlm.weights.restore import restore
 from tests.hf_tokenizer_fixtures import write_hf_tokenizer
 
+pytestmark = pytest.mark.slow  # each test trains or compiles for many seconds
+
 NEW_TOKENS = 64
 _DENSE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6,

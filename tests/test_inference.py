@@ -36,6 +36,7 @@ def llama():
     return params, sampler, greedy
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg", [LLAMA, GPT2], ids=["llama_scan", "gpt2_unscanned"])
 def test_cached_logits_match_full_forward_at_every_step(cfg):
     """Two left-padded prompts of different lengths, decoded token by token with the cache;
@@ -67,6 +68,7 @@ def test_cached_logits_match_full_forward_at_every_step(cfg):
                                    atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_cached_greedy_batch_equals_full_recompute_of_each_prompt_alone(llama):
     _, sampler, greedy = llama
     out = sampler.generate([Request(p, NEW) for p in PROMPTS])
@@ -168,6 +170,7 @@ def test_finished_beams_free_their_slot_for_open_ones():
     np.testing.assert_allclose(out["scores"][0], np.log([0.5, 0.3 * 0.9]), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_speculative_greedy_equals_target_greedy(llama):
     """A smaller, unrelated draft (1 layer, other weights): the output is still the target's."""
     _, sampler, greedy = llama
@@ -178,6 +181,7 @@ def test_speculative_greedy_equals_target_greedy(llama):
     assert 0.0 <= sampler.last_acceptance_rate < 1.0
 
 
+@pytest.mark.slow
 def test_speculative_with_the_target_as_draft_accepts_everything(llama):
     params, sampler, greedy = llama
     out = sampler.speculative([Request(p, NEW) for p in PROMPTS], LLAMA, params, num_draft=3)

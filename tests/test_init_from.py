@@ -7,6 +7,8 @@ import pytest
 from jaxlm.run import trainer
 from jaxlm.run.config import base_config
 
+pytestmark = pytest.mark.slow  # each test trains or compiles for many seconds
+
 
 def _config(tmp_path, steps):
     c = base_config()

@@ -17,6 +17,8 @@ from jaxlm.run.config import base_config
 from jaxlm.run.train_state import abstract_boxed_params
 from jaxlm.weights import restore
 
+pytestmark = pytest.mark.slow  # each test trains or compiles for many seconds
+
 SEQ = 16
 
 

@@ -144,6 +144,7 @@ def _prompts(rng, batch=4, length=12):
     return tokens, valid
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg", [CFG, dataclasses.replace(
     CFG, position_embedding="learned", norm="layernorm", mlp_activation="gelu", use_bias=True,
     num_kv_heads=4, scan_layers=False)], ids=["llama_scan", "gpt2_unscanned"])
@@ -183,6 +184,7 @@ def greedy():
     return params, plain, int8
 
 
+@pytest.mark.slow
 def test_greedy_decode_agrees_with_the_float_cache(greedy):
     """Measure: along the float cache's greedy decode, the share of its tokens that the int8
     cache, given the same preceding tokens, picks too (teacher-forced top-1 agreement, so one
@@ -207,6 +209,7 @@ def test_greedy_decode_agrees_with_the_float_cache(greedy):
     assert np.mean(clear) > 0.85 and np.all(same[clear])
 
 
+@pytest.mark.slow
 def test_speculative_decoding_with_int8_caches_is_the_int8_greedy_decode(greedy):
     """Rejected drafts are invalidated in both int8 caches (their k_scale/v_scale slots stay
     as written, masked): the output is exactly the int8 target's plain greedy decode, which
@@ -220,6 +223,7 @@ def test_speculative_decoding_with_int8_caches_is_the_int8_greedy_decode(greedy)
     assert 0.0 <= sampler.last_acceptance_rate < 1.0  # some drafts really were rejected
 
 
+@pytest.mark.slow
 def test_beam_search_reorders_the_scales_with_the_values(greedy):
     """`reorder` gathers k_scale/v_scale rows with k/v (scanned: behind the layers axis); one
     beam is the int8 greedy decode; 3 beams agree with the float cache's 3 beams."""
@@ -243,6 +247,7 @@ def test_beam_search_reorders_the_scales_with_the_values(greedy):
 WINDOW = 6
 
 
+@pytest.mark.slow
 def test_ring_buffer_int8_within_tolerance_of_the_float_ring():
     """A sliding window in every layer: the int8 ring of WINDOW slots (a 12-token prompt
     wraps it) gives logits within LOGIT_TOL of the float ring over prefill + 24 steps."""
@@ -267,6 +272,7 @@ def test_ring_buffer_int8_within_tolerance_of_the_float_ring():
                                atol=0.5 * float(ks[0].max()) * (1 + 1e-5))
 
 
+@pytest.mark.slow
 def test_tensor_parallel_int8_cache_is_sharded_like_the_float_cache(greedy):
     """Over a (data 2, tensor 2) mesh the int8 values and their scales split kv heads over
     `tensor` and rows over `data`, and greedy decoding equals the unsharded int8 decode."""
@@ -306,6 +312,7 @@ def test_kv_cache_dtype_is_validated_and_reaches_the_flags():
         generate.run(generate.Options(workdir="/nonexistent", prompts=("x",), kv_cache="fp8"))
 
 
+@pytest.mark.slow
 def test_generate_kv_cache_flag_decodes_with_the_int8_cache(tmp_path):
     """`jaxlm.tools.generate --kv_cache=int8` on a checkpoint: the tokens are the int8 Sampler's,
     and

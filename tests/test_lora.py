@@ -20,6 +20,8 @@ from jaxlm.stages.pretrain import loss_fn
 from jaxlm.stages.sft import sft_step
 from tests.model_fixtures import LLAMA_TINY, packed_batch
 
+pytestmark = pytest.mark.slow  # each test trains or compiles for many seconds
+
 LORA_CFG = dataclasses.replace(LLAMA_TINY, lora_rank=4, lora_alpha=8.0,
                                lora_targets=lora.ATTENTION_TARGETS + lora.MLP_TARGETS)
 

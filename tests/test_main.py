@@ -39,6 +39,7 @@ def quickstart_run(tmp_path_factory):
     return workdir, proc.stderr
 
 
+@pytest.mark.slow
 def test_quickstart_writes_metrics_jsonl(quickstart_run):
     workdir, _ = quickstart_run
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -52,6 +53,7 @@ def test_quickstart_writes_metrics_jsonl(quickstart_run):
     assert "eval_loss" in rows[-1]
 
 
+@pytest.mark.slow
 def test_quickstart_writes_tensorboard_events_and_logs_progress(quickstart_run):
     workdir, log = quickstart_run
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))

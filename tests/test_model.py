@@ -31,6 +31,7 @@ def _init(cfg, seed=0):
     return model, params
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_changing_a_token_never_changes_earlier_logits(name):
     model, params = _init(VARIANTS[name])
@@ -44,6 +45,7 @@ def test_changing_a_token_never_changes_earlier_logits(name):
         assert not np.allclose(out[0, t:], base[0, t:], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_causality_by_gradient():
     """d logits[t] / d embedding[s] is zero for every s > t."""
     model, params = _init(LLAMA_TINY)
@@ -61,6 +63,7 @@ def test_causality_by_gradient():
     assert np.all(influence_LxL[np.tril_indices(12)] > 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_packed_documents_do_not_see_each_other(name):
     """Logits of a document packed after another equal the logits of it alone (positions reset)."""
@@ -77,6 +80,7 @@ def test_packed_documents_do_not_see_each_other(name):
     np.testing.assert_allclose(out[0, :6], alone_a[0], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_scan_and_unrolled_layers_compute_the_same_function():
     scanned, params = _init(LLAMA_TINY)
     unrolled, _ = _init(dataclasses.replace(LLAMA_TINY, scan_layers=False))
@@ -90,6 +94,7 @@ def test_scan_and_unrolled_layers_compute_the_same_function():
                                atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["full", "save_dots"])
 def test_remat_changes_memory_not_gradients(remat):
     model, params = _init(LLAMA_TINY)
@@ -104,6 +109,7 @@ def test_remat_changes_memory_not_gradients(remat):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1, g2)
 
 
+@pytest.mark.slow
 def test_padded_vocab_logits_are_masked():
     model, params = _init(LLAMA_TINY)
     assert params["embed"].shape[0] == 256
@@ -126,6 +132,7 @@ def test_rope_scores_depend_only_on_relative_position():
     assert score(3, 1) != pytest.approx(score(3, 2), rel=1e-3)
 
 
+@pytest.mark.slow
 def test_bf16_compute_keeps_float32_logits_and_params():
     model, params = _init(dataclasses.replace(LLAMA_TINY, compute_dtype="bfloat16"))
     assert params["embed"].dtype == jnp.float32

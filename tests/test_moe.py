@@ -167,6 +167,7 @@ def test_dropless_drops_nothing(skewed_layer):
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_router_losses_reach_the_training_loss():
     batch = packed_batch(2, 16, 250, seed=1)
     cfg = dataclasses.replace(MOE_TINY, num_layers=1)
@@ -243,6 +244,7 @@ def layer_reference():
     return params, x, valid, cot, _layer_run(single, params, x, valid, cot)[0]
 
 
+@pytest.mark.slow
 def test_expert_parallel_layer_equals_unsharded(layer_reference):
     params, x, valid, cot, ref = layer_reference
     got, hlo = _layer_run(sharding.make_mesh({"data": 2, "expert": 4}), params, x, valid, cot)
@@ -252,6 +254,7 @@ def test_expert_parallel_layer_equals_unsharded(layer_reference):
     jax.tree.map(close, got, ref)  # loss, output, stats, grads of params and of x
 
 
+@pytest.mark.slow
 def test_expert_parallel_step_equals_single_device(single_device):
     """The whole train step with experts, embed and mlp split 2 ways each (fsdp, tensor)."""
     batch, _, _, _, ref_metrics, ref_params = single_device

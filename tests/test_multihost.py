@@ -16,7 +16,7 @@ import pytest
 
 from tests.cli import xla_flags
 
-pytestmark = pytest.mark.multiprocess
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
 

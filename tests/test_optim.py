@@ -16,6 +16,8 @@ from jaxlm.run.train_state import init_sharded_state
 from jaxlm.stages.pretrain import pretrain_step
 from tests.model_fixtures import GPT2_TINY, packed_batch
 
+pytestmark = pytest.mark.slow  # each test trains or compiles for many seconds
+
 
 def _expected_lr(step, peak, warmup, total, min_ratio):
     if step < warmup:

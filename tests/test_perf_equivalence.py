@@ -154,6 +154,7 @@ def _fused_loss_fn(params, batch, *, model, z_loss=0.0, rng=None):
                                    vocab_size=model.cfg.vocab_size, chunk_tokens=32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg", [GPT2_TINY, LLAMA_TINY,
                                  dataclasses.replace(LLAMA_TINY, tie_embeddings=False,
                                                      remat="full"),
@@ -171,6 +172,7 @@ def test_model_fast_paths_match_reference_paths(cfg):
     _assert_close(got(params, batch), ref(params, batch), rtol=2e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_bf16_fast_paths_stay_close_to_float32():
     cfg = dataclasses.replace(GPT2_TINY, compute_dtype="bfloat16")
     model, ref_model = Transformer(cfg), Transformer(dataclasses.replace(cfg, attention="xla"))
@@ -199,6 +201,7 @@ def fused_single_device():
         return batch, params, metrics
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(2, 2, 2, 1), (1, 2, 4, 1)])
 def test_sharded_step_with_fused_loss_equals_single_device(fused_single_device, shape,
                                                            monkeypatch):

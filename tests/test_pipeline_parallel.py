@@ -19,6 +19,8 @@ from jaxlm.run.train_state import init_sharded_state, microbatched_grads
 from jaxlm.stages.pretrain import loss_fn
 from tests.model_fixtures import LLAMA_TINY, packed_batch
 
+pytestmark = pytest.mark.slow  # each test trains or compiles for many seconds
+
 SEQ_LEN = 16
 CFG = dataclasses.replace(LLAMA_TINY, num_layers=8)
 # mesh (data, fsdp, tensor, pipeline), pipeline microbatches, gradient accumulation steps,

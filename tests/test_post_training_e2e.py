@@ -11,6 +11,8 @@ import pytest
 
 from tests.cli import QUIET_LOG, TINY_MODEL, run_cli
 
+pytestmark = pytest.mark.slow  # each test trains or compiles for many seconds
+
 RUN = (*TINY_MODEL, *QUIET_LOG, "--config.train.steps=2", "--config.eval.every_steps=2",
        "--config.eval.tokens=256", "--config.eval.examples=8")
 

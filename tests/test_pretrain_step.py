@@ -4,6 +4,7 @@ import functools
 
 import jax
 import numpy as np
+import pytest
 
 from jaxlm.models import Transformer
 from jaxlm.parallel import sharding
@@ -12,6 +13,8 @@ from jaxlm.run.optim import learning_rate_schedule, make_optimizer
 from jaxlm.run.train_state import init_sharded_state
 from jaxlm.stages.pretrain import pretrain_step
 from tests.model_fixtures import LLAMA_TINY, packed_batch
+
+pytestmark = pytest.mark.slow  # each test trains or compiles for many seconds
 
 
 def test_nonfinite_step_is_skipped_counted_and_reset():

@@ -94,6 +94,7 @@ def _rel_error(out, ref):
     return np.linalg.norm(out - ref) / np.linalg.norm(ref - ref.mean())
 
 
+@pytest.mark.slow
 def test_ptq_logits_stay_close_to_the_float_model(setup):
     params, batch = setup
     ref = _logits(QuantSpec(), params, batch)
@@ -153,6 +154,7 @@ def test_qat_forward_equals_the_ptq_forward_of_the_same_weights(setup, weight, t
         _logits(ptq, quantizer.quantize_params(params, ptq), batch), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_qat_gradients_pass_straight_through_the_quantizer(setup):
     """STE: the gradient w.r.t. each weight is the float model's gradient at the
     fake-quantized weights."""

@@ -21,6 +21,8 @@ from tests.cli import run_cli
 from tests.greedy_reference import make_greedy_sampler
 from tests.run_fixtures import tiny_run_config
 
+pytestmark = pytest.mark.slow  # each test trains or compiles for many seconds
+
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):

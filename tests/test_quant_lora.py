@@ -23,6 +23,8 @@ from jaxlm.run.train_state import TrainState
 from jaxlm.stages.pretrain import pretrain_step
 from tests.model_fixtures import LLAMA_TINY, packed_batch
 
+pytestmark = pytest.mark.slow  # each test trains or compiles for many seconds
+
 QLORA_CFG = dataclasses.replace(LLAMA_TINY, lora_rank=4, lora_alpha=8.0,
                                 lora_targets=lora.ATTENTION_TARGETS + lora.MLP_TARGETS,
                                 quant=QuantSpec("ptq", "nf4", tile_size=8))

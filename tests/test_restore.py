@@ -45,6 +45,7 @@ def run_dir(tmp_path_factory):
     return tmp / "run"
 
 
+@pytest.mark.slow
 def test_a_run_on_its_tokenizers_vocabulary_exports_with_jaxlms_logits(run_dir, tmp_path):
     import torch
     import transformers
@@ -92,6 +93,7 @@ def _saved_run(directory, config, seed):
     return cfg, params
 
 
+@pytest.mark.slow
 def test_a_reward_model_of_its_own_width_and_depth_loads_and_scores(tmp_path):
     policy = grpo_config("ppo", kl_coef=0.0, chat=True)
     policy.init_from.path = "/unused/checkpoints"
@@ -138,6 +140,7 @@ def test_a_reward_model_of_its_own_width_and_depth_loads_and_scores(tmp_path):
         program_lib.build(policy, mesh)
 
 
+@pytest.mark.slow
 def test_lora_adapters_merge_into_the_weights_they_adapt(tmp_path):
     """`merge_lora`: restored in the model's default layout or into given shardings, the merged
     weights are W + (alpha / r) A B of the saved ones."""

@@ -12,6 +12,8 @@ import pytest
 
 from tests.cli import cli_command, cli_env
 
+pytestmark = pytest.mark.slow  # each test trains or compiles for many seconds
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12
 

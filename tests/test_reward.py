@@ -9,11 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from jaxlm.models import Transformer
 from jaxlm.run.train_state import TrainState
 from jaxlm.stages import reward
 from tests.model_fixtures import LLAMA_TINY
+
+pytestmark = pytest.mark.slow  # each test trains or compiles for many seconds
 
 CFG = dataclasses.replace(LLAMA_TINY, reward_head=True)
 

@@ -209,6 +209,7 @@ def rolled_out():
     return program, host, params, rolled, arrays
 
 
+@pytest.mark.slow
 def test_rollout_logps_are_those_of_the_tempered_distribution_it_samples(rolled_out):
     """The kept log-probs are log softmax(z / T) of the sampling temperature (as TRL's), equal
     to the training forward's at T and to a direct computation from the model's logits."""
@@ -223,6 +224,7 @@ def test_rollout_logps_are_those_of_the_tempered_distribution_it_samples(rolled_
     assert np.all(flat["old_logps"][flat["mask"] == 0] == 0)
 
 
+@pytest.mark.slow
 def test_grpo_step_reads_every_log_prob_at_the_sampling_temperature(rolled_out):
     """The train step's ratio, k3 KL and entropy are of softmax(z / T): at the first epoch the
     ratio is 1 (the loss is -sum w A), and kl and entropy equal direct computations at T
@@ -250,6 +252,7 @@ def test_grpo_step_reads_every_log_prob_at_the_sampling_temperature(rolled_out):
     assert float(metrics["loss"]) == pytest.approx(want_loss, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_first_epoch_ratio_is_one_and_clipping_changes_nothing(rolled_out):
     program, _, params, _, arrays = rolled_out
     flat = {k: jnp.asarray(v.reshape(32, *v.shape[2:])) for k, v in arrays.items()}
@@ -271,6 +274,7 @@ def test_first_epoch_ratio_is_one_and_clipping_changes_nothing(rolled_out):
     assert float(clipped) == pytest.approx(want, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_sharded_grpo_step_equals_unsharded(rolled_out):
     program1, _, params, _, arrays = rolled_out
     config = grpo_config(num_epochs=2, temperature=TEMPERATURE)
@@ -293,6 +297,7 @@ def test_sharded_grpo_step_equals_unsharded(rolled_out):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_rollouts_decode_in_the_training_precision_under_an_int8_kv_cache():
     """model.kv_cache_dtype="int8" serves inference; an RL rollout keeps the cache in the
     training precision, so its log-probs are the train step's (first-epoch ratio 1)."""

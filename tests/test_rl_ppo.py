@@ -73,6 +73,7 @@ def ppo_host(tmp_path_factory):
     return program, rm, program.make_loop(CharTokenizer())  # restores rl.reward_model
 
 
+@pytest.mark.slow
 def test_ppo_program_holds_the_rollout_and_the_reward_models_scoring(ppo_host):
     """A step's FLOPs: two epochs of updates, the reference's and the rollout values' forwards,
     the rollout, and the reward model's forward over every row (score head, no vocab head)."""
@@ -88,6 +89,7 @@ def test_ppo_program_holds_the_rollout_and_the_reward_models_scoring(ppo_host):
         program.train_step_flops + program.programs["rollout"].flops + score.flops)
 
 
+@pytest.mark.slow
 def test_reward_model_is_restored_and_scores_padded_rows_like_unpadded(ppo_host):
     program, rm, host = ppo_host
     tok = CharTokenizer()
@@ -153,6 +155,7 @@ def test_reward_model_reads_a_rollout_where_its_training_read_the_pair(ppo_host,
     np.testing.assert_allclose(used, np.asarray(trained_Bx2)[:, 0], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_ppo_step_trains_policy_and_value_head(ppo_host):
     program, rm, _ = ppo_host
     tok = CharTokenizer()
@@ -177,6 +180,7 @@ def test_ppo_step_trains_policy_and_value_head(ppo_host):
     assert "tokens_per_sec" not in m2 and "mfu" not in m2
 
 
+@pytest.mark.slow
 def test_rejection_ranks_by_the_reward_model_when_given(ppo_host):
     """rl.reward_model: the kept completion of each prompt is the one the model scores best."""
     from jaxlm.stages import rejection

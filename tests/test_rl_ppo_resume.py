@@ -14,6 +14,8 @@ from tests.data_fixtures import train_tiny_tokenizer
 from tests.rl_fixtures import grpo_config, reward_config
 from tests.run_metrics import by_step, cut_back, measured, state
 
+pytestmark = pytest.mark.slow  # each test trains or compiles for many seconds
+
 STEPS, STOP = 4, 2
 KL_COEF = 0.1
 

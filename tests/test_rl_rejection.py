@@ -15,6 +15,8 @@ from jaxlm.stages.rl.prompts import make_prompt_iterator
 from jaxlm.stages.rl.rollout import sequence_logps
 from tests.rl_fixtures import CharTokenizer, grpo_config
 
+pytestmark = pytest.mark.slow  # each test trains or compiles for many seconds
+
 
 def _program(config):
     config_lib.validate(config)

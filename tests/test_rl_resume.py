@@ -11,6 +11,8 @@ from tests.cli import run_cli
 from tests.data_fixtures import train_tiny_tokenizer
 from tests.run_metrics import by_step, cut_back, measured, state
 
+pytestmark = pytest.mark.slow  # each test trains or compiles for many seconds
+
 STEPS, STOP = 4, 2
 
 

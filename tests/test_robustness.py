@@ -20,6 +20,8 @@ from jaxlm.run.step_health import StepHealth
 from jaxlm.run.train_state import TrainState
 from tests.cli import run_cli
 
+pytestmark = pytest.mark.slow  # each test trains or compiles for many seconds
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -86,6 +86,7 @@ def _truncate_arrays(step_dir: Path) -> None:
 
 # --- a resume that does not fit refuses; nothing moves -----------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag,key,change", [
     ("--config.data.num_workers=1", "data.num_workers", "0 -> 1"),
     ("--config.data.shuffle_rows=0", "data.shuffle_rows", "1024 -> 0")])
@@ -119,6 +120,7 @@ def test_another_stage_on_a_pretrain_workdir_is_one_line_naming_the_stage(env, t
 
 # --- every checkpoint unreadable: a loud start over that keeps the old rows --------------------
 
+@pytest.mark.slow
 def test_all_checkpoints_unreadable_start_over_loudly_keeping_metrics(env, tmp_path):
     workdir = _copy_run(env, tmp_path)
     old_rows = _rows(workdir / "metrics.jsonl")
@@ -145,6 +147,7 @@ def test_all_checkpoints_unreadable_start_over_loudly_keeping_metrics(env, tmp_p
 
 # --- a failed save: one line, the checkpoint before it kept ------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("async_save,item", [("True", "config"), ("False", "data")])
 def test_disk_full_mid_save_is_one_line_and_keeps_the_previous_checkpoint(
         env, tmp_path, async_save, item):
@@ -215,6 +218,7 @@ def test_distill_teacher_with_another_vocabulary_is_one_line(env, tmp_path):
     assert "vocabulary of 400 ids" in line and "this run's model 1024" in line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("docs,eval_docs,says", [
     (["", "", ""], None, "documents in a row had no tokens"),
     (["one lonely document"], ["one lonely document"], "no train document of")])

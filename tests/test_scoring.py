@@ -15,6 +15,8 @@ from jaxlm.inference import scoring
 from jaxlm.models import Transformer
 from tests.model_fixtures import GPT2_TINY, LLAMA_TINY
 
+pytestmark = pytest.mark.slow  # each test trains or compiles for many seconds
+
 
 def _check_plan(lengths, batches, num_rows, max_len):
     seen = []

@@ -12,6 +12,8 @@ from jax.sharding import PartitionSpec as P
 from jaxlm.parallel import sharding
 from tests.model_fixtures import one_pretrain_step, packed_batch
 
+pytestmark = pytest.mark.slow  # each test trains or compiles for many seconds
+
 MESH_SIZES = ["data", "fsdp", "tensor", "pipeline"]
 
 

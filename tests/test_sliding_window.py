@@ -40,12 +40,14 @@ def _numpy_reference(q, k, v, seg, window):
     return out
 
 
+@pytest.mark.slow
 def test_xla_window_is_the_definition():
     args, seg, _ = attention_inputs(2, 12, 4, 2, 8, seed=3)
     got = xla_attention(*args, seg, WINDOW)
     np.testing.assert_allclose(got, _numpy_reference(*args, np.asarray(seg), WINDOW), atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["blocked", "chunked", "cudnn_reference", "splash"])
 def test_implementations_match_xla_with_a_window(name):
     """Values and gradients; chunked with tiles (8) smaller and larger than the window."""
@@ -62,6 +64,7 @@ def test_implementations_match_xla_with_a_window(name):
         _assert_close(got, ref, 2e-5)
 
 
+@pytest.mark.slow
 def test_traced_windows_in_xla_blocked_chunked_and_a_clear_kernel_error():
     args, seg, ct = attention_inputs(1, 32, 4, 2, 8, seed=7)
     for attend in (xla_attention, fused_attention, functools.partial(chunked_attention, block=8)):
@@ -75,6 +78,7 @@ def test_traced_windows_in_xla_blocked_chunked_and_a_clear_kernel_error():
 CFG = dataclasses.replace(LLAMA_TINY, max_seq_len=64, sliding_window=WINDOW)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("global_every,scan", [(0, True), (2, True), (2, False)])
 def test_decoder_matches_full_recomputation(global_every, scan):
     """Prompts longer and shorter than the window; 0 = a ring-buffer cache of WINDOW slots."""
@@ -98,6 +102,7 @@ def test_decoder_matches_full_recomputation(global_every, scan):
             kv_cache.set_valid(cache, jnp.int32(0), jnp.ones((2, 1), bool))
 
 
+@pytest.mark.slow
 def test_scanned_and_unscanned_alternating_windows_agree():
     cfg = dataclasses.replace(CFG, global_every=2)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 250, (2, 24)))

@@ -128,6 +128,7 @@ def test_cap_zero_adds_nothing(name):
     assert "tanh" in _primitives(functools.partial(IMPLS[name], softcap=CAP), args, seg, ct)
 
 
+@pytest.mark.slow
 def test_model_attention_impls_agree_with_a_cap():
     """A capped model's loss and gradients are the same with xla, blocked and chunked."""
     cfg = dataclasses.replace(LLAMA_TINY, attn_logit_softcap=0.5, attention="xla")

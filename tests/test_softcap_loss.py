@@ -46,6 +46,7 @@ def _assert_close(got, ref, tol=2e-5):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=tol, atol=tol)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk_tokens", [2, 8, 64])
 def test_fused_cross_entropy_with_cap_equals_materialised(chunk_tokens):
     """Loss and aux sums, their gradients w.r.t. hidden and head: of the loss alone (the
@@ -127,6 +128,7 @@ def _model_and_params(cap):
     return cfg, jax.tree.map(lambda p: 4.0 * p, params)  # logits of a few units: the cap bites
 
 
+@pytest.mark.slow
 def test_model_head_and_pretrain_loss_use_the_cap():
     """The head returns C * tanh(logits / C) on the real vocabulary (padding stays -1e9), and
     the pretrain loss (fused, from hidden states) equals cross-entropy of those logits."""

@@ -15,6 +15,8 @@ from scipy import stats
 from jaxlm.inference import Request, Sampler, SamplingParams, decode, processing, speculative
 from jaxlm.models import ModelConfig, Transformer
 
+pytestmark = pytest.mark.slow  # each test trains or compiles for many seconds
+
 V = 6  # real vocabulary (padded to 128 rows, masked)
 # init_std 0.4: peaked, clearly different target and draft distributions.
 TARGET = ModelConfig(vocab_size=V, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,

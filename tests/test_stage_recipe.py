@@ -23,6 +23,8 @@ from jaxlm.run.train_state import gradient_step
 from jaxlm.stages import pretrain
 from jaxlm.stages.stage import Stage, token_fields
 
+pytestmark = pytest.mark.slow  # each test trains or compiles for many seconds
+
 SMOOTHING = 0.1
 
 

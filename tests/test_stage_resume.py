@@ -20,6 +20,8 @@ from jaxlm.data import conversations
 from tests.cli import QUIET_LOG, TINY_MODEL, run_cli
 from tests.run_metrics import by_step, cut_back, measured, state
 
+pytestmark = pytest.mark.slow  # each test trains or compiles for many seconds
+
 STEPS, STOP = 6, 3
 DATA = 120  # dialogs / pairs
 # Checkpoints at STOP and STEPS, both kept; evals at the same steps.

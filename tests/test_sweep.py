@@ -58,6 +58,7 @@ def test_isoflop_points_have_budget_sized_token_counts():
         assert renamed["C"] == 6 * paper * renamed["D"]
 
 
+@pytest.mark.slow
 def test_sweep_runs_every_point_and_writes_the_results_table(swept):
     workdir, rows, trained = swept
     assert len(trained) == 2

@@ -172,6 +172,7 @@ def test_dpo_loss_and_its_gradient_hold_no_full_logits():
     assert max(new_sizes) <= full // 2  # the biggest is one chunk's logits
 
 
+@pytest.mark.slow
 def test_scoring_matches_log_softmax_of_the_model_logits():
     cfg = dataclasses.replace(LLAMA_TINY, max_seq_len=32)
     model = Transformer(cfg)

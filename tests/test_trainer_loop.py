@@ -20,6 +20,8 @@ from tests.data_fixtures import train_tiny_tokenizer
 from tests.rl_fixtures import grpo_config
 from tests.run_metrics import by_step
 
+pytestmark = pytest.mark.slow  # each test trains or compiles for many seconds
+
 PEAK = 1e11  # log.peak_flops: MFU against a fixed number
 
 

@@ -29,6 +29,7 @@ import json
 import os
 import sys
 import time
+import traceback
 import warnings
 from typing import Any
 
@@ -126,7 +127,6 @@ def _missing_state(step_dir: str) -> CheckpointError:
 
 def _damaged(step_dir: str, e: BaseException) -> CheckpointError:
     """The one-line error of a checkpoint whose files cannot be read."""
-    _quiet_closed_loop_callbacks()
     reason = " ".join(str(e).split())[:300] or type(e).__name__
     step_dir = os.path.normpath(step_dir)
     return CheckpointError(f"checkpoint {os.path.basename(step_dir)} in "
@@ -135,23 +135,39 @@ def _damaged(step_dir: str, e: BaseException) -> CheckpointError:
                            path=step_dir)
 
 
+def _closed_loop_leftover(exc: BaseException | None, tb: Any) -> bool:
+    """True for asyncio's RuntimeError('Event loop is closed') raised where a tensorstore read or
+    write, still in flight when orbax's operation failed, finishes on the event loop orbax has
+    already closed: the tail of a failure jaxlm reports in one line of its own."""
+    if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+        return False
+    frames = {frame.name for frame in traceback.extract_tb(tb)} if tb is not None else set()
+    return not frames or "call_soon_threadsafe" in frames
+
+
 def _quiet_closed_loop_callbacks() -> None:
-    """Drops, from now on, the 'Event loop is closed' errors of tensorstore reads or writes
-    that were still in flight when orbax's operation failed: they finish on the event loop
-    orbax has already closed, and each would print a traceback through sys.unraisablehook
-    (~70 lines after one unreadable checkpoint). Every other unraisable error still prints."""
-    previous = sys.unraisablehook
-    if getattr(previous, "jaxlm_closed_loop", False):
+    """Keeps the 'Event loop is closed' leftovers of a failed orbax operation off the console.
+    tensorstore reports each through sys.excepthook or sys.unraisablehook from its own threads
+    (a traceback apiece, ~70 lines after one unreadable checkpoint), possibly before jaxlm has
+    caught the failure, so the filter is in place from import on. Every other error still
+    prints."""
+    previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
+    if getattr(previous_unraisable, "jaxlm_closed_loop", False):
         return
 
-    def hook(unraisable: Any) -> None:
-        e = unraisable.exc_value
-        if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
-            return
-        previous(unraisable)
+    def unraisable(info: Any) -> None:
+        if not _closed_loop_leftover(info.exc_value, info.exc_traceback):
+            previous_unraisable(info)
 
-    hook.jaxlm_closed_loop = True  # type: ignore[attr-defined]
-    sys.unraisablehook = hook
+    def excepthook(exc_type: type, exc: BaseException, tb: Any) -> None:
+        if not _closed_loop_leftover(exc, tb):
+            previous_except(exc_type, exc, tb)
+
+    unraisable.jaxlm_closed_loop = True  # type: ignore[attr-defined]
+    sys.unraisablehook, sys.excepthook = unraisable, excepthook
+
+
+_quiet_closed_loop_callbacks()
 
 
 def _check_abstract(abstract: Any, what: str) -> None:
@@ -352,7 +368,6 @@ class Checkpointer:
     def _save_failed(self, step: int, e: BaseException) -> SaveError:
         """The one-line error of a save that failed, naming what is kept."""
         self._failed = True
-        _quiet_closed_loop_callbacks()
         console.drop_reraised_tracebacks()  # the save's other threads fail after this line
         # The save's own coroutines, abandoned half-way, would warn at exit.
         warnings.filterwarnings("ignore", message=r"coroutine '\w+\.\w+' was never awaited",
@@ -416,7 +431,6 @@ class Checkpointer:
             except Exception as e:  # noqa: BLE001  (any read failure: the files are broken)
                 if _transient(e):  # memory or network trouble says nothing about the files
                     raise
-                _quiet_closed_loop_callbacks()
                 reason = " ".join(str(e).split())[:300] or type(e).__name__
                 then = (f"trying step {steps[i - 1]}" if i else
                         "no older checkpoint is left: the run starts over from step 0")
