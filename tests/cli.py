@@ -40,13 +40,17 @@ QUIET_LOG = ("--config.log.sample_every=0", "--config.log.tensorboard=False",
 def cli_env(devices: int | None = 1, jax_cache: Path | None = None,
             **extra: str) -> dict[str, str]:
     """The environment of a CLI run: CPU, `devices` emulated devices (None: inherit), and a
-    persistent compilation cache in `jax_cache` when given."""
+    persistent compilation cache: `jax_cache` when given (every program cached), else the suite's
+    (programs that take over a second to compile)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", **extra)
     if devices is not None:
         env["XLA_FLAGS"] = xla_flags(devices)
     if jax_cache is not None:
         env["JAX_COMPILATION_CACHE_DIR"] = str(jax_cache)
         env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    elif "JAXLM_TEST_JIT_CACHE" in os.environ:  # the suite's cache (tests/conftest.py)
+        env["JAX_COMPILATION_CACHE_DIR"] = os.environ["JAXLM_TEST_JIT_CACHE"]
+        env.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
     return env
 
 

@@ -1,5 +1,5 @@
 """Test setup: 8 emulated CPU devices, configured before JAX is imported anywhere, and one
-persistent XLA compilation cache for the whole run."""
+persistent XLA compilation cache for the CLI runs the tests start."""
 
 import atexit
 import os
@@ -11,15 +11,13 @@ from tests.cli import xla_flags
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-# The suite runs the same tiny programs many times, in the test processes and in the CLI runs they
-# start (which inherit this environment): a compilation cache shared by all of them compiles each
-# program once. A size limit turns on the cache's file lock, so concurrent writers are safe.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+# The CLI runs the tests start compile the same tiny training programs many times: they share
+# one persistent compilation cache (tests/cli.py passes it on), made here so that the xdist
+# workers inherit it. A size limit turns on the cache's file lock for concurrent writers.
+if "JAXLM_TEST_JIT_CACHE" not in os.environ:
     _jit_cache = tempfile.mkdtemp(prefix="jaxlm-test-jit-")
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = _jit_cache
+    os.environ["JAXLM_TEST_JIT_CACHE"] = _jit_cache
     atexit.register(shutil.rmtree, _jit_cache, True)
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 # The TPU ahead-of-time tests load libtpu (for its compiler only) in several processes at once.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 

@@ -41,6 +41,7 @@ def _assert_close(got, ref, tol):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=tol, atol=tol)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("length,heads,kv_heads,block", [(32, 4, 2, 8), (24, 4, 4, 16),
                                                          (40, 4, 1, 8)])
 def test_chunked_matches_xla_values_and_grads(length, heads, kv_heads, block):

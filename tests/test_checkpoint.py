@@ -89,6 +89,7 @@ def test_restore_onto_another_mesh_with_config_and_extra(run, tmp_path):
     assert restored.params["embed"].sharding.spec != state.params["embed"].sharding.spec
 
 
+@pytest.mark.slow
 def test_clear_errors_for_missing_step_and_wrong_shapes(run, tmp_path):
     state, other = run["state"], run["other"]
     missing = str(tmp_path / "nowhere")

@@ -25,6 +25,8 @@ from jaxlm.parallel import distributed, sharding
 from tests import distributed_worker
 from tests.cli import xla_flags
 
+pytestmark = pytest.mark.slow  # each test trains or compiles for many seconds
+
 ROOT = Path(__file__).resolve().parents[1]
 SLURM_STEP = {"SLURM_JOB_ID": "1234", "SLURM_STEP_NODELIST": "gpu[07-08]", "SLURM_NTASKS": "16",
               "SLURM_PROCID": "9", "SLURM_LOCALID": "1"}

@@ -23,6 +23,7 @@ from tests.cli import cli_env, run_cli
 from tests.harness_tasks import write_jsonl, write_task
 from tests.run_fixtures import tiny_run_config
 
+pytestmark = pytest.mark.slow  # each test trains or compiles for many seconds
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):

@@ -22,6 +22,8 @@ from jaxlm.run import trainer
 from jaxlm.stages import pretrain
 from tests.run_fixtures import tiny_run_config
 
+pytestmark = pytest.mark.slow  # each test trains or compiles for many seconds
+
 STEPS = 30
 
 

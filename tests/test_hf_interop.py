@@ -121,6 +121,7 @@ def tokenizer_file(tmp_path_factory):
     return train_tiny_tokenizer(str(tmp_path_factory.mktemp("tok"))).path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_import_logits_match_transformers_and_export_round_trips(case, tmp_path,
                                                                    tokenizer_file):

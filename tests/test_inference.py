@@ -76,6 +76,7 @@ def test_cached_greedy_batch_equals_full_recompute_of_each_prompt_alone(llama):
     assert not any(c.stopped for c in out)
 
 
+@pytest.mark.slow
 def test_stop_tokens_and_per_request_budgets(llama):
     _, sampler, greedy = llama
     stop = greedy[0][3]
@@ -88,6 +89,7 @@ def test_stop_tokens_and_per_request_budgets(llama):
     assert out[2].tokens == greedy[2]
 
 
+@pytest.mark.slow
 def test_generation_logprob_matches_scoring(llama):
     """The log-probs summed during cached decoding equal those of a full-forward scoring."""
     _, sampler, greedy = llama
@@ -128,6 +130,7 @@ class _BigramLM:
         return self.table[tokens_BxL], cache
 
 
+@pytest.mark.slow
 def test_beam_search_finds_a_sequence_greedy_misses():
     # From 1: p(2)=.6, p(3)=.4; from 2 every token .25; from 3 p(1)=.95. Greedy takes 1,2,x
     # (p=.15); two beams find 1,3,1 (p=.38).
@@ -189,6 +192,7 @@ def test_speculative_with_the_target_as_draft_accepts_everything(llama):
     assert sampler.last_acceptance_rate == 1.0
 
 
+@pytest.mark.slow
 def test_sharded_decode_equals_unsharded(llama):
     params, _, greedy = llama
     mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 2, "pipeline": 2})

@@ -75,6 +75,7 @@ def test_quantize_and_dequantize_match_numpy(dtype):
     assert np.all(back[0, 1, 2] == 0.0)
 
 
+@pytest.mark.slow
 def test_folded_scales_equal_attention_over_the_dequantized_cache():
     """The scales folded into scores and probabilities give what attention over the float
     values * scale gives (the fold is exact up to float rounding), with the causal mask,

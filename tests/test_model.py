@@ -118,6 +118,7 @@ def test_padded_vocab_logits_are_masked():
     assert np.all(np.isfinite(np.asarray(jax.nn.log_softmax(logits)[..., :250])))
 
 
+@pytest.mark.slow
 def test_rope_scores_depend_only_on_relative_position():
     rng = np.random.default_rng(3)
     q = jnp.asarray(rng.normal(size=(1, 1, 1, 8)), jnp.float32)

@@ -70,6 +70,7 @@ def _init(module, x):
     return meta.unbox(jax.jit(module.init)(jax.random.key(1), x)["params"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base", [LLAMA_TINY, GPT2_TINY], ids=["swiglu", "gelu_bias"])
 def test_one_expert_top1_equals_dense_mlp(base):
     cfg = dataclasses.replace(base, moe=MoeConfig(num_experts=1, top_k=1, capacity_factor=1.0))
@@ -271,6 +272,7 @@ def test_expert_parallel_step_equals_single_device(single_device):
     assert w_in.sharding.spec == P(None, "expert", "fsdp", "tensor")
 
 
+@pytest.mark.slow
 def test_tiny_moe_model_trains(single_device):
     _, step, state, global_batch, first, _ = single_device
     for _ in range(20):

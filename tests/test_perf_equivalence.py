@@ -52,6 +52,7 @@ def test_dense_matches_einsum(i, o):
                   jnp.einsum("bli,blo->io", x, _normal(2, 2, 5, o)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("activation,bias", [("gelu", True), ("swiglu", False)])
 def test_mlp_core_matches_autodiff(activation, bias):
     x, w_in, w_out = _normal(0, 2, 6, 16), _normal(1, 16, 40, scale=0.3), _normal(2, 40, 16)
@@ -73,6 +74,7 @@ def test_mlp_core_matches_autodiff(activation, bias):
     _assert_close(got_grads, ref_grads, rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("centered", [True, False])
 def test_norm_matches_autodiff(centered):
     x, scale = _normal(0, 3, 5, 24, scale=2.0) + 0.5, _normal(1, 24) + 1.0
@@ -92,6 +94,7 @@ def test_norm_matches_autodiff(centered):
     _assert_close(got, ref, rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("length,heads,kv_heads", [(16, 4, 4), (16, 4, 2), (128, 4, 1),
                                                    (192, 2, 2), (256, 4, 2)])
 def test_fused_attention_matches_xla(length, heads, kv_heads):
@@ -114,6 +117,7 @@ def _reference_loss(hidden, head, targets, mask, z_loss, vocab_size):
     return cross_entropy_sum(logits, targets, mask, z_loss)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("vocab_size,z_loss,chunk_tokens", [(96, 0.0, 8), (90, 1e-2, 24),
                                                             (96, 1e-4, 10_000)])
 def test_fused_cross_entropy_matches_logits_path(vocab_size, z_loss, chunk_tokens):
@@ -213,6 +217,7 @@ def test_sharded_step_with_fused_loss_equals_single_device(fused_single_device, 
     np.testing.assert_allclose(metrics["accuracy"], ref_metrics["accuracy"])
     _assert_close(params, ref_params, rtol=1e-5, atol=1e-6)
 
+@pytest.mark.slow
 def test_cross_entropy_sum_gradients_match_plain_autodiff():
     """The custom VJP of `cross_entropy_sum` vs autodiff of the plain formula (logits and mask)."""
 

@@ -78,6 +78,7 @@ def test_quantize_weight_matches_numpy_scale_and_rounding(weight, tile):
                                   (got_q * scale).astype(np.float32))
 
 
+@pytest.mark.slow
 def test_stacked_layers_keep_their_own_scales():
     w = jax.random.normal(jax.random.key(2), (3, 64, 32)) * jnp.asarray([1.0, 10.0, 0.1])[
         :, None, None]
@@ -112,6 +113,7 @@ def test_ptq_logits_stay_close_to_the_float_model(setup):
     assert err["int4_t16"] < err["int4"], err  # sub-channel scales beat per-channel at int4
 
 
+@pytest.mark.slow
 def test_every_matmul_weight_and_nothing_else_is_quantized(setup):
     params, _ = setup
     q = quantizer.quantize_params(params, from_preset("int8"))
@@ -145,6 +147,7 @@ def test_int8_dynamic_runs_int8_by_int8_matmuls(setup):
     assert not [line for line in hlo.splitlines() if "dot_general" in line and "xi8>" in line]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weight,tile", [("int8", 0), ("int4", 16)])
 def test_qat_forward_equals_the_ptq_forward_of_the_same_weights(setup, weight, tile):
     params, batch = setup

@@ -110,6 +110,7 @@ def test_reward_model_is_restored_and_scores_padded_rows_like_unpadded(ppo_host)
         assert float(scores[i]) == pytest.approx(float(want), rel=1e-4, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_reward_model_reads_a_rollout_where_its_training_read_the_pair(ppo_host, tmp_path):
     """Trained on chat pairs and used on chat-formatted rollouts, the reward model reads both
     at the same token: the answer's end marker, the row's last real token (as TRL's reward

@@ -34,6 +34,7 @@ def _hf_rotary(params):
     return config, modeling_llama.LlamaRotaryEmbedding(config)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_frequencies_and_rotation_match_transformers(case):
     params, scaling = CASES[case]

@@ -103,6 +103,7 @@ def test_changed_data_pipeline_key_is_one_line_naming_it(env, tmp_path, flag, ke
     assert not (workdir / "LOCK").exists()
 
 
+@pytest.mark.slow
 def test_another_stage_on_a_pretrain_workdir_is_one_line_naming_the_stage(env, tmp_path):
     workdir = _copy_run(env, tmp_path)
     chats = tmp_path / "chat.jsonl"
@@ -174,6 +175,7 @@ def test_disk_full_mid_save_is_one_line_and_keeps_the_previous_checkpoint(
 
 # --- SIGTERM before the first step -------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sigterm_during_start_up_exits_cleanly_and_removes_the_lock(env, tmp_path):
     workdir = tmp_path / "run"
     proc = subprocess.Popen(cli_command("jaxlm.main", *_flags(workdir, env["cache"])), cwd=ROOT,

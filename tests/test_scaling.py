@@ -66,6 +66,7 @@ def _component(path: str) -> str:
     raise AssertionError(f"parameter {path} has no component")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan_layers", [True, False])
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_count_params_matches_initialised_model(name: str, scan_layers: bool) -> None:

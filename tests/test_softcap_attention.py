@@ -56,6 +56,7 @@ IMPLS = {"xla": xla_attention, "blocked": fused_attention,
          "chunked": functools.partial(chunked_attention, block=8)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(IMPLS))
 @pytest.mark.parametrize("window", [None, 5])
 def test_capped_attention_matches_reference_values_and_grads(name, window):
@@ -89,6 +90,7 @@ def test_capped_splash_matches_reference_in_interpret_mode():
     _assert_close(_value_and_grads(splash, args, seg, ct), ref, 2e-5)
 
 
+@pytest.mark.slow
 def test_capped_kv_cache_attend_matches_reference():
     """The decoder's attention over its cache (a prefill of L queries into L slots)."""
     args, _, _ = _inputs(2, 16, 4, 2, 8, seed=5)

@@ -74,6 +74,7 @@ def test_fused_cross_entropy_with_cap_equals_materialised(chunk_tokens):
     assert abs(float(uncapped) - float(ref(hidden, head)[0])) > 1.0  # the cap matters
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk_tokens", [2, 10, 64])
 def test_token_logps_with_cap_equals_materialised(chunk_tokens):
     """log p(target) and entropy, and the gradient of a weighted sum of both."""
@@ -96,6 +97,7 @@ def test_token_logps_with_cap_equals_materialised(chunk_tokens):
                   jax.grad(weighted(ref), argnums=(0, 1))(hidden, head))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["forward", "reverse", "jsd"])
 def test_distill_sums_with_caps_equal_materialised(kind):
     """Student and teacher capped by their own caps; the student's gradient."""

@@ -13,6 +13,8 @@ from tests.run_fixtures import tiny_run_config
 
 # The whole stage, as a user would write jaxlm/stages/smoothed.py: label-smoothed next-token
 # cross-entropy, its pure train and eval steps, the pretraining data.
+pytestmark = pytest.mark.slow  # each test trains or compiles for many seconds
+
 STAGE_MODULE = '''
 import functools
 
@@ -22,8 +24,6 @@ import jax.numpy as jnp
 from jaxlm.run.train_state import gradient_step
 from jaxlm.stages import pretrain
 from jaxlm.stages.stage import Stage, token_fields
-
-pytestmark = pytest.mark.slow  # each test trains or compiles for many seconds
 
 SMOOTHING = 0.1
 

@@ -15,6 +15,8 @@ from jaxlm.run import config as config_lib
 from jaxlm.scaling import flops as scaling
 from jaxlm.tools import sweep
 
+pytestmark = pytest.mark.slow  # each test trains or compiles for many seconds
+
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = f"{ROOT / 'configs/sweeps/isoflop_tiny.py'}:budgets=2e8,shapes=16x1/32x1,smoke=True"
 

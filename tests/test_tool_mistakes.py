@@ -39,6 +39,8 @@ from tests.run_fixtures import tiny_run_config
 
 # -- helpers ---------------------------------------------------------------------------------
 
+pytestmark = pytest.mark.slow  # each test runs a command-line tool, most of them several
+
 # absl's log line prefix: "I1205 17:18:39.463463 140131587308416 checkpoint.py:441] ..."
 _LOG_LINE = re.compile(r"^([IWEF])\d{4} [\d:.]+\s+\d+ (\S+?):\d+\] ")
 _OWN_FILES = {p.name for p in (ROOT / "jaxlm").rglob("*.py")}
@@ -218,7 +220,6 @@ def _misdirected(case: str, w: dict, quantized_dir: Path) -> tuple[list[str], li
     return cases[case]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("case", [
     "quantize_into_another_run", "quantize_into_a_quantized_dir", "quantize_over_its_own_run",
     "merge_lora_into_its_own_checkpoints", "import_over_its_own_input", "export_inside_its_run",
@@ -252,7 +253,6 @@ def test_output_directory_appears_whole_or_not_at_all(tmp_path):
     no_partial_beside(target)
 
 
-@pytest.mark.slow
 def test_quantize_and_merge_lora_write_a_complete_output_quietly(world, quantized, tmp_path):
     out, proc = quantized
     is_quiet(proc)
@@ -283,7 +283,6 @@ def test_merge_lora_of_a_run_without_adapters_is_one_line(world, tmp_path):
 # -- Hugging Face import and export ----------------------------------------------------------
 
 
-@pytest.mark.slow
 def test_import_and_export_are_quiet_and_complete(world, imported, tmp_path):
     out, proc = imported
     is_quiet(proc)
