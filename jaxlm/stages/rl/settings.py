@@ -37,6 +37,11 @@ def default_rl_config() -> ml_collections.ConfigDict:
     # Share of the non-held-out problems set aside for supervised stages that read the task
     # (sft.paths / reward.paths / dpo.paths = "task"), never RL prompts (jaxlm/data/tasks.py).
     r.sft_fraction = 0.0
+    # Wrong answers the task's preference pairs reject in training (reward.paths / dpo.paths =
+    # "task"), comma-separated kinds of jaxlm/data/tasks.py's NEGATIVES: "near" (off by 1-3),
+    # "other" (other problems' answers), "empty", "trailing" (the answer and more text). The
+    # held-out pairs are one "near" pair per held-out problem whatever this says.
+    r.pair_negatives = "near"
     # Reward functions and weights, "name:weight,..." (jaxlm/stages/rl/rewards.py); the reward is
     # their weighted sum.
     r.rewards = "correct:1.0,format:0.1"
@@ -123,6 +128,12 @@ def check_rl(config: ml_collections.ConfigDict) -> None:
         if name not in REWARDS:
             _fail("rl.rewards", f"unknown reward {name!r}; one of {sorted(REWARDS)}")
     check_interval("rl.sft_fraction", r.sft_fraction, 0, 1, "[)")
+    from jaxlm.data.tasks import NEGATIVES  # plain Python
+
+    kinds = split_list(r.pair_negatives)
+    if not kinds or set(kinds) - set(NEGATIVES):
+        _fail("rl.pair_negatives", f"{r.pair_negatives!r}: give comma-separated kinds of "
+              f"{list(NEGATIVES)}")
     check_at_least("rl.group_size", r.group_size, 1)
     if config.stage == "grpo" and r.group_size < 2:
         _fail("rl.group_size", "grpo compares each completion with the others of its prompt's "
