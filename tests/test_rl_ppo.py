@@ -181,6 +181,28 @@ def test_ppo_step_trains_policy_and_value_head(ppo_host):
     assert "tokens_per_sec" not in m2 and "mfu" not in m2
 
 
+def test_eval_scores_the_greedy_heldout_completions_with_the_reward_model(ppo_host):
+    """eval_score_mean is the reward model's mean score of the greedy held-out completions,
+    read at each row's last real token as a padded-free row would be scored."""
+    program, rm, host = ppo_host
+    tok = CharTokenizer()
+    params = program.init_params(jax.random.key(3))
+    batch = next(make_prompt_iterator(program.config, tok, split="eval", batch_size=8))
+    sums = host.eval(params, batch)
+    rolled = host.generate(params, batch, rng=jax.random.key(0), greedy=True)
+    want = 0.0
+    for i in range(8):
+        n = int(rolled["lengths"][i, 0])
+        row = np.concatenate([rolled["prompt"][i][rolled["prompt_valid"][i] > 0],
+                              rolled["completion"][i, 0, :n]])
+        want += float(program.model.apply({"params": rm}, jnp.asarray(row[None]))[0, -1])
+    assert sums["count"] == 8
+    assert sums["score_sum"] == pytest.approx(want, rel=1e-4, abs=1e-4)
+    metrics = ppo.STAGE.eval_metrics({**sums, "count": 16.0, "score_sum": 4.0})
+    assert metrics["eval_score_mean"] == pytest.approx(0.25)
+    assert {"eval_accuracy", "eval_reward_mean"} <= set(metrics)
+
+
 @pytest.mark.slow
 def test_rejection_ranks_by_the_reward_model_when_given(ppo_host):
     """rl.reward_model: the kept completion of each prompt is the one the model scores best."""

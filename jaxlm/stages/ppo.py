@@ -234,9 +234,25 @@ class PpoLoop(RolloutLoop):
         metrics.update(self.rollout_metrics(rolled, time.perf_counter() - t0))
         return state, metrics
 
+    def eval(self, params: Any, host_batch: dict[str, np.ndarray]) -> dict[str, float]:
+        """The greedy held-out completions' task sums (`RolloutLoop.eval`) and the reward
+        model's summed score of them (eval_score_mean)."""
+        rolled, sums = self.eval_rollout(params, host_batch)
+        seqs = sequences(rolled["prompt"], rolled["prompt_valid"], rolled["completion"],
+                         rolled["lengths"])
+        sums["score_sum"] = float(self.reward_model.score(seqs, rolled["lengths"]).sum())
+        return sums
+
+
+def ppo_eval_metrics(totals: dict[str, float]) -> dict[str, float]:
+    """The RL held-out metrics (`eval_metrics`) and eval_score_mean: the reward model's mean
+    score of the greedy held-out completions."""
+    n = max(totals.get("count", 0.0), 1.0)
+    return {**eval_metrics(totals), "eval_score_mean": totals.get("score_sum", 0.0) / n}
+
 
 STAGE = Stage(name="ppo", make_steps=make_steps, make_data=make_data, batch_fields=batch_fields,
-              sections=(RL, PPO), reward_head=True, eval_metrics=eval_metrics,
+              sections=(RL, PPO), reward_head=True, eval_metrics=ppo_eval_metrics,
               reference_mode=lambda config: "jit", generates_text=False,
               make_programs=make_programs, make_loop=PpoLoop,
               updates_per_step=lambda config: config.rl.num_epochs,
