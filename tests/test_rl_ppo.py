@@ -261,7 +261,8 @@ def test_value_warmup_loss_trains_the_value_head_alone(ppo_host):
 def test_group_mean_baseline_rewards_each_completion_against_its_prompts_others(
         ppo_host, monkeypatch):
     """ppo.score_baseline='group_mean': the update's score is the reward model's minus the mean
-    of the same prompt's completions (the same rollout: the step's key draws it)."""
+    of the same prompt's completions (the same rollout: the step's key draws it); with
+    ppo.score_transform='sigmoid' the sigmoid of the score minus the prompt's mean of that."""
     program, _, host = ppo_host
     tok = CharTokenizer()
     state = program.state_from_params(program.init_params(jax.random.key(6)))
@@ -271,9 +272,20 @@ def test_group_mean_baseline_rewards_each_completion_against_its_prompts_others(
     host.train(state, batch)
     monkeypatch.setattr(program.config.ppo, "score_baseline", "group_mean")
     host.train(state, batch)
-    plain, centred = seen[0]["score"], seen[1]["score"]
+    monkeypatch.setattr(program.config.ppo, "score_transform", "sigmoid")
+    host.train(state, batch)
+    plain, centred, squashed = (x["score"] for x in seen)
     assert plain.shape == (8, 4) and np.std(plain) > 0
     np.testing.assert_allclose(centred, plain - plain.mean(axis=1, keepdims=True), atol=1e-5)
+    prob = 1.0 / (1.0 + np.exp(-plain.astype(np.float64)))
+    np.testing.assert_allclose(squashed, prob - prob.mean(axis=1, keepdims=True), atol=1e-6)
+
+
+def test_sigmoid_score_saturates_without_overflow():
+    score = np.array([[-1000.0, -10.0, 0.0, 3.0, 1000.0]])
+    got = ppo.score_reward(score, transform="sigmoid", baseline="none")
+    np.testing.assert_allclose(got, [[0.0, 4.54e-5, 0.5, 0.952574, 1.0]], rtol=1e-3, atol=1e-7)
+    assert np.isfinite(got).all()
 
 
 @pytest.mark.slow

@@ -22,8 +22,9 @@ rl.loss_norm. beta is rl.kl_coef, fixed or (ppo.kl_target > 0) adapted on the ho
 each step; an adapted beta is saved with every checkpoint (`PpoLoop.host_state`), so a resumed
 run continues from the beta the uninterrupted one would use.
 
-ppo.score_baseline="group_mean" first takes from each score the mean score of its prompt's
-rl.group_size completions; the first ppo.value_warmup_steps steps train the value head alone;
+ppo.score_transform="sigmoid" turns each score into sigmoid(score) and
+ppo.score_baseline="group_mean" then takes from it the mean of its prompt's rl.group_size
+completions; the first ppo.value_warmup_steps steps train the value head alone;
 ppo.value_lr_scale multiplies the value head's learning rate. The held-out evaluation adds the
 reward model's mean score of the greedy completions (eval_score_mean) to the task's metrics.
 """
@@ -100,6 +101,16 @@ def clipped_value_loss(values_NxT: jax.Array, old_values_NxT: jax.Array,
     clipped = old_values_NxT + jnp.clip(values_NxT - old_values_NxT, -clip, clip)
     return 0.5 * jnp.maximum(jnp.square(values_NxT - returns_NxT),
                              jnp.square(clipped - returns_NxT))
+
+
+def score_reward(score_BxG: np.ndarray, *, transform: str, baseline: str) -> np.ndarray:
+    """The reward-model scores of a step's completions [B, G] as their rewards:
+    sigmoid(score) or the score (ppo.score_transform), minus the prompt's mean of that or not
+    (ppo.score_baseline)."""
+    reward = np.exp(-np.logaddexp(0.0, -score_BxG)) if transform == "sigmoid" else score_BxG
+    if baseline == "group_mean":
+        reward = np.asarray(group_advantages(reward, scale="none"))
+    return reward.astype(np.float32)
 
 
 def adaptive_kl(coef: float, kl: float, *, target: float, horizon: int, batch: int) -> float:
@@ -268,9 +279,7 @@ class PpoLoop(RolloutLoop):
                          rolled["lengths"])
         b, g, t = seqs["mask"].shape
         score = self.reward_model.score(seqs, rolled["lengths"])
-        reward = score
-        if p.score_baseline == "group_mean":
-            reward = np.asarray(group_advantages(score, scale="none"))
+        reward = score_reward(score, transform=p.score_transform, baseline=p.score_baseline)
         weights = np.asarray(token_weights(seqs["mask"].reshape(b * g, t), r.loss_norm))
         arrays = {**seqs, "old_logps": rolled["logps"].astype(np.float32),
                   "weights": weights.reshape(b, g, t).astype(np.float32),

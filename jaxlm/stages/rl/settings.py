@@ -190,6 +190,12 @@ def default_ppo_config() -> ml_collections.ConfigDict:
     # a completion compares with the prompt's others, not how the reward model rates the prompt
     # (a value head that cannot yet predict that leaves it in every advantage).
     p.score_baseline = "none"
+    # The reward model's score before the baseline: "none" as it is; "sigmoid" sigmoid(score),
+    # the Bradley-Terry probability that the completion is preferred to one scored 0, which
+    # saturates at both ends, so a completion far below the others is not punished more than one
+    # just below (a raw score rewards leaving the reward model's far tail, -10, more than
+    # choosing between the answers it nearly ties).
+    p.score_transform = "none"
     # Generalised advantage estimation's discount and lambda over completion tokens.
     p.gamma = 1.0
     p.lam = 0.95
@@ -205,6 +211,8 @@ def check_ppo(config: ml_collections.ConfigDict) -> None:
               "or init_from.config): it is also the KL reference")
     for key in ("kl_target", "value_coef", "value_clip", "value_warmup_steps"):
         check_at_least(f"ppo.{key}", p[key], 0)
+    if p.score_transform not in ("none", "sigmoid"):
+        _fail("ppo.score_transform", f"{p.score_transform!r} is not 'none' or 'sigmoid'")
     if p.score_baseline not in ("none", "group_mean"):
         _fail("ppo.score_baseline", f"{p.score_baseline!r} is not 'none' or 'group_mean'")
     if p.score_baseline == "group_mean" and config.rl.group_size < 2:
