@@ -45,6 +45,33 @@ def test_clipped_value_loss_and_adaptive_kl_against_hand_values():
         0.1 * (1 - 0.1 * 0.1))
 
 
+def test_value_lr_scale_multiplies_only_the_value_heads_updates():
+    import optax
+    from ml_collections import ConfigDict
+
+    params = {"reward_head": jnp.ones(3), "layer_0": {"w": jnp.ones((2, 2))}}
+    grads = jax.tree.map(jnp.ones_like, params)
+    config = ConfigDict({"ppo": {"value_lr_scale": 30.0}})
+    tx = ppo.wrap_optimizer(config, optax.sgd(0.1))
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(updates["reward_head"], -3.0 * np.ones(3), rtol=1e-6)
+    np.testing.assert_allclose(updates["layer_0"]["w"], -0.1 * np.ones((2, 2)), rtol=1e-6)
+    plain = optax.sgd(0.1)
+    assert ppo.wrap_optimizer(ConfigDict({"ppo": {"value_lr_scale": 1.0}}), plain) is plain
+
+
+def test_explained_variance_against_numpy():
+    rng = np.random.default_rng(1)
+    v, r = rng.normal(size=(4, 5)), rng.normal(size=(4, 5))
+    mask = (np.arange(5) < np.array([5, 3, 1, 0])[:, None]).astype(np.float64)
+    on = mask > 0
+    want = 1.0 - np.var((r - v)[on]) / np.var(r[on])
+    got = ppo.explained_variance(*(jnp.asarray(x, jnp.float32) for x in (v, r, mask)))
+    assert float(got) == pytest.approx(want, rel=1e-4)
+    assert float(ppo.explained_variance(jnp.asarray(r), jnp.asarray(r),
+                                        jnp.asarray(mask))) == pytest.approx(1.0)
+
+
 def _setup(tmp_path, num_epochs=1):
     """PPO sampling at temperature 0.7, chat-formatted prompts (the reward model's pairs are
     chat conversations): 26 prompt slots hold the character tokenizer's chat prompt."""
@@ -179,6 +206,86 @@ def test_ppo_step_trains_policy_and_value_head(ppo_host):
         assert np.isfinite(m2[k]), k
     # Throughput and MFU are the trainer's, from the Program's counts, for every stage.
     assert "tokens_per_sec" not in m2 and "mfu" not in m2
+
+
+def test_eval_scores_the_greedy_heldout_completions_with_the_reward_model(ppo_host):
+    """eval_score_mean is the reward model's mean score of the greedy held-out completions,
+    read at each row's last real token as a padded-free row would be scored."""
+    program, rm, host = ppo_host
+    tok = CharTokenizer()
+    params = program.init_params(jax.random.key(3))
+    batch = next(make_prompt_iterator(program.config, tok, split="eval", batch_size=8))
+    sums = host.eval(params, batch)
+    rolled = host.generate(params, batch, rng=jax.random.key(0), greedy=True)
+    want = 0.0
+    for i in range(8):
+        n = int(rolled["lengths"][i, 0])
+        row = np.concatenate([rolled["prompt"][i][rolled["prompt_valid"][i] > 0],
+                              rolled["completion"][i, 0, :n]])
+        want += float(program.model.apply({"params": rm}, jnp.asarray(row[None]))[0, -1])
+    assert sums["count"] == 8
+    assert sums["score_sum"] == pytest.approx(want, rel=1e-4, abs=1e-4)
+    metrics = ppo.STAGE.eval_metrics({**sums, "count": 16.0, "score_sum": 4.0})
+    assert metrics["eval_score_mean"] == pytest.approx(0.25)
+    assert {"eval_accuracy", "eval_reward_mean"} <= set(metrics)
+
+
+def test_value_warmup_loss_trains_the_value_head_alone(ppo_host):
+    """policy_on False (ppo.value_warmup_steps): the loss is value_coef times the value loss
+    and only the value head gets a gradient; policy_on True: the trunk gets one too."""
+    program, _, _ = ppo_host
+    params = program.init_params(jax.random.key(4))
+    params["reward_head"] = jax.random.normal(jax.random.key(5), params["reward_head"].shape)
+    rng = np.random.default_rng(2)
+    n, s, t = 6, program.config.data.seq_len, program.config.rl.max_new_tokens
+    mask = (np.arange(t) < rng.integers(1, t + 1, size=n)[:, None]).astype(np.float32)
+    batch = {"tokens": jnp.asarray(rng.integers(4, 20, size=(n, s)), jnp.int32),
+             "valid": jnp.ones((n, s), jnp.int32), "mask": jnp.asarray(mask),
+             "weights": jnp.asarray(mask / mask.sum()),
+             **{k: jnp.asarray(rng.normal(size=(n, t)), jnp.float32)
+                for k in ("old_logps", "adv", "returns", "old_values")}}
+    loss = functools.partial(ppo.loss_fn, batch=batch, lm=ppo.language_model(program.model),
+                             clip_low=0.2, clip_high=0.2, value_clip=0.2, value_coef=0.5,
+                             total_rows=n)
+    for on in (False, True):
+        (value, aux), grads = jax.value_and_grad(
+            lambda p, on=on: loss(p, policy_on=jnp.asarray(on)), has_aux=True)(params)
+        trunk = [float(np.abs(np.asarray(g)).max()) for k, sub in grads.items()
+                 if k != "reward_head" for g in jax.tree.leaves(sub)]
+        assert np.abs(np.asarray(grads["reward_head"])).max() > 0
+        assert (max(trunk) > 0) == on
+        if not on:
+            assert float(value) == pytest.approx(0.5 * float(aux["value_loss_sum"]), rel=1e-5)
+
+
+def test_group_mean_baseline_rewards_each_completion_against_its_prompts_others(
+        ppo_host, monkeypatch):
+    """ppo.score_baseline='group_mean': the update's score is the reward model's minus the mean
+    of the same prompt's completions (the same rollout: the step's key draws it); with
+    ppo.score_transform='sigmoid' the sigmoid of the score minus the prompt's mean of that."""
+    program, _, host = ppo_host
+    tok = CharTokenizer()
+    state = program.state_from_params(program.init_params(jax.random.key(6)))
+    batch = next(make_prompt_iterator(program.config, tok, split="train", batch_size=8))
+    seen = []
+    monkeypatch.setattr(host, "update", lambda st, arrays: (seen.append(arrays) or st, {}))
+    host.train(state, batch)
+    monkeypatch.setattr(program.config.ppo, "score_baseline", "group_mean")
+    host.train(state, batch)
+    monkeypatch.setattr(program.config.ppo, "score_transform", "sigmoid")
+    host.train(state, batch)
+    plain, centred, squashed = (x["score"] for x in seen)
+    assert plain.shape == (8, 4) and np.std(plain) > 0
+    np.testing.assert_allclose(centred, plain - plain.mean(axis=1, keepdims=True), atol=1e-5)
+    prob = 1.0 / (1.0 + np.exp(-plain.astype(np.float64)))
+    np.testing.assert_allclose(squashed, prob - prob.mean(axis=1, keepdims=True), atol=1e-6)
+
+
+def test_sigmoid_score_saturates_without_overflow():
+    score = np.array([[-1000.0, -10.0, 0.0, 3.0, 1000.0]])
+    got = ppo.score_reward(score, transform="sigmoid", baseline="none")
+    np.testing.assert_allclose(got, [[0.0, 4.54e-5, 0.5, 0.952574, 1.0]], rtol=1e-3, atol=1e-7)
+    assert np.isfinite(got).all()
 
 
 @pytest.mark.slow

@@ -54,3 +54,45 @@ def test_supervised_stages_read_the_task_as_conversations_and_pairs():
     assert len(train) == 6 * len(sft_prompts)  # every wrong answer off by 1-3
     again = conversations.read_split(conversations.read_pairs, config, "reward", "eval")
     assert [p.rejected for p in again] == [p.rejected for p in pairs]  # fixed, no run seed
+
+
+def test_pairs_reject_every_kind_of_wrong_answer_and_hold_out_only_held_out_problems():
+    config = grpo_config(max_operand=9, num_operands=3, sft_fraction=0.5)
+    config.data.eval_fraction = 0.1
+    config.reward.paths = "task"
+    config.rl.pair_negatives = "near,other,empty,trailing"
+    sft = {e["prompt"]: e["answer"] for e in tasks.split_examples(config, "sft")}
+    held_out = {e["prompt"]: e["answer"] for e in tasks.split_examples(config, "eval")}
+    train = conversations.read_split(conversations.read_pairs, config, "reward", "train")
+    assert len(train) == sum(tasks.NEGATIVES.values()) * len(sft)
+    for p in train:
+        prompt = p.prompt[0]["content"]
+        assert prompt in sft and p.chosen == sft[prompt] and p.rejected != p.chosen
+    rejected = [p.rejected for p in train]
+    assert rejected.count("") == len(sft)  # one empty answer a problem
+    not_integers = [r for r in rejected if r and not r.lstrip("-").isdigit()]
+    assert len(not_integers) == 2 * len(sft)  # the trailing answers: right answer + more text
+    assert all(any(r.startswith(a) for a in sft.values()) for r in not_integers)
+    integers = [p for p in train if p.rejected.lstrip("-").isdigit()]
+    far = [p for p in integers if abs(int(p.rejected) - int(p.chosen)) > 3]
+    assert far and all(p.rejected in set(sft.values()) for p in far)  # other problems' answers
+    # Held out: one "near" pair per held-out problem, the same pairs whatever kinds train.
+    near = grpo_config(max_operand=9, num_operands=3, sft_fraction=0.5)
+    near.data.eval_fraction = 0.1
+    near.reward.paths = "task"
+    evals = [conversations.read_split(conversations.read_pairs, c, "reward", "eval")
+             for c in (config, near)]
+    assert evals[0] == evals[1]
+    assert {p.prompt[0]["content"]: p.chosen for p in evals[0]} == held_out
+    assert not set(held_out) & set(sft)
+    for p in evals[0]:
+        assert 1 <= abs(int(p.rejected) - int(p.chosen)) <= 3
+
+
+def test_an_unknown_kind_of_wrong_answer_is_refused():
+    from jaxlm.run.config import validate
+
+    config = grpo_config(sft_fraction=0.5)
+    config.rl.pair_negatives = "near,typo"
+    with pytest.raises(ValueError, match="config key rl.pair_negatives"):
+        validate(config)

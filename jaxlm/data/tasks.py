@@ -16,8 +16,8 @@ Three splits of a task:
 
 A supervised stage reads the task as conversations (the prompt a user turn, the answer the
 assistant's) or, for the pair stages, as preference pairs (chosen: the answer; rejected: a
-wrong answer near it, `task_pairs`); its train split is the task's `sft` split and its eval
-split the task's `eval`.
+wrong answer of the kinds in rl.pair_negatives, `task_pairs`); its train split is the task's
+`sft` split and its eval split the task's `eval`.
 """
 
 from __future__ import annotations
@@ -108,6 +108,11 @@ def task_conversations(config: ml_collections.ConfigDict, split: str) -> list[li
 
 
 OFFSETS = (-3, -2, -1, 1, 2, 3)
+# Kinds of wrong answers a task's preference pairs can reject (rl.pair_negatives), and how many
+# of each a training problem gets.
+NEGATIVES = {"near": len(OFFSETS), "other": 3, "empty": 1, "trailing": 2}
+# What a trailing answer continues with after the right one.
+_TRAILERS = ("+", "-", "=", " ")
 
 
 def wrong_answers(answer: str) -> list[str]:
@@ -120,16 +125,42 @@ def wrong_answers(answer: str) -> list[str]:
     return [str(value + d) for d in OFFSETS]
 
 
+def negatives(kind: str, answer: str, answers: list[str], rng: np.random.Generator
+              ) -> list[str]:
+    """The wrong answers of one kind for a problem answered `answer` (NEGATIVES[kind] of them):
+
+        near      the integer off by 1 to 3 (`wrong_answers`): only arithmetic tells them apart
+        other     answers of other problems of the split (`answers`), each different from the
+                  answer: wrong answers as likely as right ones
+        empty     the empty answer (the turn closed at once)
+        trailing  the answer followed by more text ("5+3", "5=1"): not an integer
+    """
+    if kind == "near":
+        return wrong_answers(answer)
+    if kind == "empty":
+        return [""]
+    if kind == "trailing":
+        return [answer + _TRAILERS[rng.integers(len(_TRAILERS))] + str(rng.integers(10))
+                for _ in range(NEGATIVES[kind])]
+    pool = sorted(set(answers) - {answer})
+    picks = rng.choice(len(pool), size=min(NEGATIVES[kind], len(pool)), replace=False)
+    return [pool[i] for i in sorted(picks)]
+
+
 def task_pairs(config: ml_collections.ConfigDict, split: str) -> list[Pair]:
-    """The task as preference pairs, chosen the answer and rejected a `wrong_answers` one:
-    train -> every problem of the `sft` split with each of its wrong answers (6 pairs a
-    problem), eval -> one pair per `eval` problem, its wrong answer drawn from a fixed seed."""
+    """The task as preference pairs, chosen the answer and rejected a wrong one:
+    train -> every problem of the `sft` split with each wrong answer of the kinds in
+    rl.pair_negatives (`negatives`; "near" alone: 6 pairs a problem), eval -> one pair per
+    `eval` problem, its wrong answer a "near" one drawn from a fixed seed (whatever the kinds
+    trained on: the hardest kind, so held-out accuracies of reward models compare)."""
     examples = split_examples(config, "sft" if split == "train" else "eval")
+    kinds = split_list(config.rl.pair_negatives) if split == "train" else ["near"]
+    answers = [e["answer"] for e in examples]
     rng = np.random.default_rng(_PAIR_SEED)
     pairs = []
     for e in examples:
         prompt = [{"role": "user", "content": e["prompt"]}]
-        wrong = wrong_answers(e["answer"])
+        wrong = [w for kind in kinds for w in negatives(kind, e["answer"], answers, rng)]
         for rejected in (wrong if split == "train" else [wrong[rng.integers(len(wrong))]]):
             pairs.append(Pair(prompt=prompt, chosen=e["answer"], rejected=rejected))
     return pairs

@@ -187,12 +187,16 @@ class Program:
 
 
 def make_tx(config: ml_collections.ConfigDict, lr_schedule: optax.Schedule,
-            updates: int | None = None) -> optax.GradientTransformation:
-    """The run's optimizer: AdamW on every leaf, or (LoRA) on the adapters only. updates: the
-    run's optimizer updates (default train.steps)."""
+            updates: int | None = None, stage: Stage | None = None
+            ) -> optax.GradientTransformation:
+    """The run's optimizer: AdamW on every leaf, or (LoRA) on the adapters only, wrapped by the
+    stage's `wrap_optimizer` if it has one. updates: the run's optimizer updates (default
+    train.steps)."""
     tx = make_optimizer(config.optim, updates or config.train.steps, schedule=lr_schedule)
     if config.model.lora.rank:  # only the adapters train; the rest has no optimizer state
         tx = train_only(tx, lora.trainable_mask)
+    if stage is not None and stage.wrap_optimizer is not None:
+        tx = stage.wrap_optimizer(config, tx)
     return tx
 
 
@@ -240,7 +244,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, *, vocab_size: int | No
     model = Transformer(model_cfg)
     updates = config.train.steps * stage.updates_per_step(config)  # optimizer updates
     lr_schedule = learning_rate_schedule(config.optim, updates)
-    tx = make_tx(config, lr_schedule, updates)
+    tx = make_tx(config, lr_schedule, updates, stage)
     seq_len = config.data.seq_len
     shardings = state_shardings(model, tx, mesh, seq_len)
     abstract = abstract_state(model, tx, shardings, seq_len)

@@ -170,6 +170,8 @@ class Stage:
         neither.
       eval_at_start: a new run evaluates before its first step too (RL: the held-out score
         of the policy it starts from, what its gain is measured against).
+      wrap_optimizer: (config, tx) -> the optimizer the stage trains with, around the run's
+        (ppo: a larger step on its value head), or None for the run's as it is.
       frozen_models: config -> {name: (checkpoint directory, step or None for the newest)} of
         models the steps read but never train (a distillation teacher), each of the shape its
         checkpoint's saved config gives (jaxlm/weights/frozen.py). When there are any,
@@ -197,6 +199,7 @@ class Stage:
     frozen_models: Callable[[Config], dict[str, tuple[str, int | None]]] = no_frozen_models
     heldout_key: Callable[[Config], str | None] = corpus_heldout_key
     eval_at_start: bool = False
+    wrap_optimizer: Callable[[Config, Any], Any] | None = None
 
     def sequences(self, config: Config) -> int:
         """Model sequences per batch row under `config`."""

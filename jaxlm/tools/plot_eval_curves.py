@@ -26,6 +26,7 @@ flags.mark_flag_as_required("out")
 LABELS = {"eval_loss": "held-out cross-entropy (nats/token)",
           "eval_accuracy": "held-out accuracy (greedy)",
           "eval_reward_mean": "held-out mean reward (greedy)",
+          "eval_score_mean": "held-out reward-model score (greedy)",
           "reward_mean": "training reward (mean of samples)",
           "kl": "KL to the reference (per token)"}
 

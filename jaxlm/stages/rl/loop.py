@@ -191,6 +191,12 @@ class RolloutLoop:
 
     def eval(self, params: Any, host_batch: dict[str, np.ndarray]) -> dict[str, float]:
         """Greedy completions of held-out prompts: summed reward, exact answers and lengths."""
+        return self.eval_rollout(params, host_batch)[1]
+
+    def eval_rollout(self, params: Any, host_batch: dict[str, np.ndarray]
+                     ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """`eval`'s greedy rollout of the held-out prompts and its sums (a stage that scores
+        the completions further, ppo's reward model, adds its own sums)."""
         rolled = self.generate(params, host_batch, rng=jax.random.key(0), greedy=True)
         rewards, _, prompts, completions = self.rewards(rolled, "eval")
         examples = [self.example("eval", int(i)) for i in rolled["example_id"]]
@@ -198,8 +204,9 @@ class RolloutLoop:
         room = self.config.rl.log_samples - len(self._samples)
         self._samples += [f"{p!r} -> {c[0]!r} (reward {r[0]:.3f})" for p, c, r in
                           zip(prompts, completions, rewards)][:max(room, 0)]
-        return {"reward_sum": float(rewards.sum()), "correct_sum": float(sum(hits)),
-                "count": float(rewards.size), "length_sum": float(rolled["lengths"].sum())}
+        return rolled, {"reward_sum": float(rewards.sum()), "correct_sum": float(sum(hits)),
+                        "count": float(rewards.size),
+                        "length_sum": float(rolled["lengths"].sum())}
 
 
 def eval_metrics(totals: dict[str, float]) -> dict[str, float]:

@@ -37,6 +37,11 @@ def default_rl_config() -> ml_collections.ConfigDict:
     # Share of the non-held-out problems set aside for supervised stages that read the task
     # (sft.paths / reward.paths / dpo.paths = "task"), never RL prompts (jaxlm/data/tasks.py).
     r.sft_fraction = 0.0
+    # Wrong answers the task's preference pairs reject in training (reward.paths / dpo.paths =
+    # "task"), comma-separated kinds of jaxlm/data/tasks.py's NEGATIVES: "near" (off by 1-3),
+    # "other" (other problems' answers), "empty", "trailing" (the answer and more text). The
+    # held-out pairs are one "near" pair per held-out problem whatever this says.
+    r.pair_negatives = "near"
     # Reward functions and weights, "name:weight,..." (jaxlm/stages/rl/rewards.py); the reward is
     # their weighted sum.
     r.rewards = "correct:1.0,format:0.1"
@@ -123,6 +128,12 @@ def check_rl(config: ml_collections.ConfigDict) -> None:
         if name not in REWARDS:
             _fail("rl.rewards", f"unknown reward {name!r}; one of {sorted(REWARDS)}")
     check_interval("rl.sft_fraction", r.sft_fraction, 0, 1, "[)")
+    from jaxlm.data.tasks import NEGATIVES  # plain Python
+
+    kinds = split_list(r.pair_negatives)
+    if not kinds or set(kinds) - set(NEGATIVES):
+        _fail("rl.pair_negatives", f"{r.pair_negatives!r}: give comma-separated kinds of "
+              f"{list(NEGATIVES)}")
     check_at_least("rl.group_size", r.group_size, 1)
     if config.stage == "grpo" and r.group_size < 2:
         _fail("rl.group_size", "grpo compares each completion with the others of its prompt's "
@@ -164,8 +175,27 @@ def default_ppo_config() -> ml_collections.ConfigDict:
     p.value_coef = 0.1
     # Value predictions move at most this far from the rollout's per update.
     p.value_clip = 0.2
+    # The value head's learning rate is optim.learning_rate times this (Adam's step on a
+    # weight does not grow with its loss weight, so value_coef cannot speed the head up: a
+    # zero-initialised head at a policy's small learning rate lags scores of a few units for
+    # hundreds of steps). 1: the same learning rate as the policy.
+    p.value_lr_scale = 1.0
+    # The first steps train only the value head (no policy loss, the trunk frozen), so the
+    # policy's first updates already have a baseline. 0: none.
+    p.value_warmup_steps = 0
     # Whiten the advantages over the batch's completion tokens.
     p.whiten = True
+    # The reward model's score as the reward: "none" as it is; "group_mean" minus the mean
+    # score of the prompt's rl.group_size completions, so what the policy is rewarded for is how
+    # a completion compares with the prompt's others, not how the reward model rates the prompt
+    # (a value head that cannot yet predict that leaves it in every advantage).
+    p.score_baseline = "none"
+    # The reward model's score before the baseline: "none" as it is; "sigmoid" sigmoid(score),
+    # the Bradley-Terry probability that the completion is preferred to one scored 0, which
+    # saturates at both ends, so a completion far below the others is not punished more than one
+    # just below (a raw score rewards leaving the reward model's far tail, -10, more than
+    # choosing between the answers it nearly ties).
+    p.score_transform = "none"
     # Generalised advantage estimation's discount and lambda over completion tokens.
     p.gamma = 1.0
     p.lam = 0.95
@@ -179,8 +209,17 @@ def check_ppo(config: ml_collections.ConfigDict) -> None:
     if not (config.init_from.path or config.init_from.config):
         _fail("init_from.path", "ppo needs the policy to start from (an SFT run's checkpoints, "
               "or init_from.config): it is also the KL reference")
-    for key in ("kl_target", "value_coef", "value_clip"):
+    for key in ("kl_target", "value_coef", "value_clip", "value_warmup_steps"):
         check_at_least(f"ppo.{key}", p[key], 0)
+    if p.score_transform not in ("none", "sigmoid"):
+        _fail("ppo.score_transform", f"{p.score_transform!r} is not 'none' or 'sigmoid'")
+    if p.score_baseline not in ("none", "group_mean"):
+        _fail("ppo.score_baseline", f"{p.score_baseline!r} is not 'none' or 'group_mean'")
+    if p.score_baseline == "group_mean" and config.rl.group_size < 2:
+        _fail("rl.group_size", "ppo.score_baseline='group_mean' needs 2 or more completions "
+              f"per prompt, got {config.rl.group_size}")
+    if p.value_lr_scale <= 0:
+        _fail("ppo.value_lr_scale", f"must be > 0, got {p.value_lr_scale}")
     check_at_least("ppo.kl_horizon", p.kl_horizon, 1)
     check_interval("ppo.gamma", p.gamma, 0, 1)
     check_interval("ppo.lam", p.lam, 0, 1)
