@@ -52,5 +52,8 @@ setuptools.setup(
         "gcs": ["gcsfs", "google-cloud-storage"],
         "tpu": ["jax[tpu]", "gcsfs", "google-cloud-storage"],
         "gpu": ["jax[cuda12]"],
+        # benchmarks/rl_vs_trl.py: the same GRPO run in TRL's GRPOTrainer on transformers (CPU);
+        # 1.16 is the release its settings (use_bias_correction_kl, loss_type) were read from.
+        "trl": ["trl>=1.16", "torch==2.13.0", "transformers>=5.0"],
     },
 )
