@@ -176,9 +176,7 @@ def jaxlm_run(work: str, steps: int, seed: int) -> dict[str, Any]:
     evals = {r["step"]: r["eval_accuracy"] for r in rows if "eval_accuracy" in r}
     export(f"{out}/checkpoints", f"{out}/hf", f"{out}/export.log")
     result = {"command_seconds": seconds, "step_seconds": statistics.median(1 / r for r in rates),
-              "jaxlm_eval_accuracy": evals, "hf_dir": f"{out}/hf",
-              "train_reward_last50": float(np.mean([r["reward_mean"] for r in rows
-                                                    if r["step"] > steps - 50]))}
+              "jaxlm_eval_accuracy": evals, "hf_dir": f"{out}/hf"}
     json.dump(result, open(done, "w"), indent=1)
     return result
 
@@ -368,9 +366,7 @@ def trl_run(work: str, steps: int, seed: int) -> dict[str, Any]:
     trainer.save_model(f"{out}/hf")
     logs = trainer.state.log_history
     result = {"command_seconds": seconds, "step_seconds": statistics.median(times[1:]),
-              "hf_dir": f"{out}/hf", "log_history": logs,
-              "train_reward_last50": float(np.mean([r["reward"] for r in logs if "reward" in r
-                                                    and r["step"] > steps - 50]))}
+              "hf_dir": f"{out}/hf", "log_history": logs}
     json.dump(result, open(done, "w"), indent=1)
     return result
 
@@ -462,6 +458,27 @@ def check_step(work: str, seed: int) -> dict[str, Any]:
 # -- the report ---------------------------------------------------------------------------------
 
 
+# Training metrics logged by both, every 10 steps: jaxlm's metrics.jsonl name, TRL's log name.
+CURVES = {"reward": ("reward_mean", "reward"), "kl": ("kl", "kl"),
+          "entropy": ("entropy", "entropy"), "length": ("response_length",
+                                                       "completions/mean_length")}
+
+
+def curves(work: str, name: str, seed: int) -> dict[str, dict[int, float]]:
+    """Each CURVES metric of one run by logged step."""
+    if name == "jaxlm":
+        rows = [json.loads(line) for line in open(f"{work}/jaxlm/seed{seed}/metrics.jsonl")]
+    else:
+        rows = json.load(open(f"{work}/trl/seed{seed}/run.json"))["log_history"]
+    i = 0 if name == "jaxlm" else 1
+    return {k: {r["step"]: r[names[i]] for r in rows if names[i] in r}
+            for k, names in CURVES.items()}
+
+
+def window_mean(curve: dict[int, float], first: int, last: int) -> float:
+    return float(np.mean([v for step, v in curve.items() if first <= step <= last]))
+
+
 def report(work: str, steps: int, seeds: list[int]) -> None:
     task = Task(work)
     start = prepare(work)
@@ -476,16 +493,19 @@ def report(work: str, steps: int, seeds: list[int]) -> None:
             acc = task.accuracy(r["hf_dir"])["accuracy"]
             accs.append(acc)
             step_s.append(r["step_seconds"])
+            c = curves(work, name, seed)
+            early = {k: window_mean(v, 1, 50) for k, v in c.items()}
+            late = {k: window_mean(v, steps - 49, steps) for k, v in c.items()}
             results["runs"][f"{name}/seed{seed}"] = {
                 "accuracy": acc, "step_seconds": r["step_seconds"],
-                "command_seconds": r["command_seconds"],
-                "train_reward_last50": r["train_reward_last50"],
-                "jaxlm_eval_accuracy": r.get("jaxlm_eval_accuracy")}
+                "command_seconds": r["command_seconds"], "first_50_steps": early,
+                "last_50_steps": late, "jaxlm_eval_accuracy": r.get("jaxlm_eval_accuracy")}
             own = r.get("jaxlm_eval_accuracy", {}).get(str(steps))
             print(f"{name} seed {seed}: held-out {acc:.4f}"
                   + (f" (jaxlm's own eval: {own:.4f})" if own is not None else "")
-                  + f", train reward (last 50 steps) {r['train_reward_last50']:.3f}, "
-                  f"{r['step_seconds']:.3f} s/step, {r['command_seconds']:.0f} s")
+                  + f", {r['step_seconds']:.3f} s/step, {r['command_seconds']:.0f} s; steps "
+                  "1-50 -> last 50: " + ", ".join(f"{k} {early[k]:.3f} -> {late[k]:.3f}"
+                                                   for k in CURVES))
         if accs:
             rows.append(f"| {name} | {', '.join(f'{a:.4f}' for a in accs)} | "
                         f"{np.mean(accs):.4f} +- {np.std(accs, ddof=1) if len(accs) > 1 else 0:.4f}"
