@@ -19,10 +19,14 @@ Needs `pip install -e .[trl]` (TRL; transformers and torch on CPU). What it does
    held-out prompts (the prompt ids jaxlm's RL stages build, at most rl.max_new_tokens tokens,
    stopping at EOS or the chat turn end), scored by jaxlm's `correct`. jaxlm's own
    `eval_accuracy` of each jaxlm run at step N is printed beside it as a cross-check.
+5. `check_step`: one update of TRL's against jaxlm's on the same sampled batch: the policy of
+   jaxlm's first seed, the SFT policy as reference; advantages, loss and every parameter's
+   gradient compared (`check_step`).
+6. `speed`: wall time per step of both, alternated twice in one command (40-step runs).
 
-Prints a markdown table (held-out accuracy per seed, mean, median wall time per step) and
-writes every figure to <work_dir>/results.json. `--stages=prepare,jaxlm,trl,report` runs a
-subset (each stage reuses what an earlier one wrote).
+Prints a markdown table (held-out accuracy per seed, mean, median wall time per step of the
+seed runs) and writes the figures to <work_dir>/results.json, check_step.json and speed.json.
+`--stages=...` runs a subset (each stage reuses what an earlier one wrote).
 """
 
 from __future__ import annotations
@@ -54,7 +58,8 @@ JAXLM_OVERRIDES = {"rl.advantage_scale": "sample_std", "rl.loss_norm": "token"}
 _WORK_DIR = flags.DEFINE_string("work_dir", "/tmp/rl_vs_trl", "Where every run is written.")
 _STEPS = flags.DEFINE_integer("steps", 300, "GRPO steps of each run (one rollout batch each).")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds: one jaxlm and one TRL run each.")
-_STAGES = flags.DEFINE_list("stages", ["prepare", "jaxlm", "trl", "report"], "What to run.")
+_STAGES = flags.DEFINE_list("stages", ["prepare", "jaxlm", "trl", "check_step", "speed", "report"],
+                            "What to run, in this order.")
 
 LOSS_TYPES = {"sequence": "grpo", "token": "dapo", "constant": "dr_grpo"}
 SCALE_REWARDS = {"sample_std": "group", "none": "none"}
@@ -342,14 +347,11 @@ def trl_trainer(work: str, steps: int, seed: int, out: str, policy: str = ""
     return trainer, task
 
 
-def trl_run(work: str, steps: int, seed: int) -> dict[str, Any]:
-    out = f"{work}/trl/seed{seed}"
-    done = f"{out}/run.json"
-    if os.path.exists(done):
-        return json.load(open(done))
+def step_times(trainer: Any) -> list[float]:
+    """The wall time of each of the trainer's steps (generation, scoring and update), filled
+    in as it trains."""
     import transformers
 
-    trainer, task = trl_trainer(work, steps, seed, out)
     times: list[float] = []
 
     class StepTimer(transformers.TrainerCallback):
@@ -360,6 +362,47 @@ def trl_run(work: str, steps: int, seed: int) -> dict[str, Any]:
             times.append(time.perf_counter() - self.t0)
 
     trainer.add_callback(StepTimer())
+    return times
+
+
+def speed(work: str, steps: int, repeats: int) -> dict[str, Any]:
+    """Wall time per step of both, alternated in one command (the machine is shared): short
+    runs from the SFT policy, every step timed, the first 5 of each run left out."""
+    import shutil
+
+    out = f"{work}/speed"
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    result: dict[str, Any] = {"cpu_pressure": [], "jaxlm": [], "trl": []}
+    for rep in range(repeats):
+        result["cpu_pressure"].append(open("/proc/pressure/cpu").readline().strip())
+        flags_ = [f"--config.{k}={v}" for k, v in JAXLM_OVERRIDES.items()]
+        run([sys.executable, "-m", "jaxlm.main",
+             f"--config={CONFIG}:init={work}/sft/checkpoints,steps={steps}",
+             f"--workdir={out}/jaxlm{rep}", "--config.log.every_steps=1",
+             f"--config.eval.every_steps={steps}", f"--config.checkpoint.every_steps={steps}",
+             *flags_], f"{out}/jaxlm{rep}.log")
+        rows = [json.loads(line) for line in open(f"{out}/jaxlm{rep}/metrics.jsonl")]
+        rates = [r["steps_per_sec"] for r in rows if "steps_per_sec" in r][5:]
+        result["jaxlm"].append(statistics.median(1 / r for r in rates))
+        trainer, _ = trl_trainer(work, steps, 0, f"{out}/trl{rep}")
+        times = step_times(trainer)
+        trainer.train()
+        result["trl"].append(statistics.median(times[5:]))
+    result["cpu_pressure"].append(open("/proc/pressure/cpu").readline().strip())
+    print(f"median seconds per step over {steps - 5} steps, {repeats} alternations: "
+          f"jaxlm {result['jaxlm']}, TRL {result['trl']}; /proc/pressure/cpu "
+          f"{result['cpu_pressure']}")
+    return result
+
+
+def trl_run(work: str, steps: int, seed: int) -> dict[str, Any]:
+    out = f"{work}/trl/seed{seed}"
+    done = f"{out}/run.json"
+    if os.path.exists(done):
+        return json.load(open(done))
+    trainer, task = trl_trainer(work, steps, seed, out)
+    times = step_times(trainer)
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
@@ -530,6 +573,8 @@ def main(argv: list[str]) -> None:
             trl_run(work, steps, seed)
     if "check_step" in _STAGES.value:
         json.dump(check_step(work, seeds[0]), open(f"{work}/check_step.json", "w"), indent=1)
+    if "speed" in _STAGES.value:
+        json.dump(speed(work, 40, 2), open(f"{work}/speed.json", "w"), indent=1)
     if "report" in _STAGES.value:
         report(work, steps, seeds)
 
