@@ -6,6 +6,7 @@ orbax for writing."""
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -191,8 +192,10 @@ def test_only_the_trainers_checkpointer_and_the_params_writer_write_checkpoints(
 
 @pytest.mark.slow
 def test_an_export_reads_a_run_whose_trainer_is_still_saving(tmp_path):
-    """`convert_hf export` of a live run (a checkpoint every step) succeeds, and the trainer,
-    whose next save is in flight as the export reads, finishes with every checkpoint."""
+    """`convert_hf export` of a live run succeeds while a save of the trainer is in flight (the
+    trainer is paused with its `<step>.orbax-checkpoint-tmp` on disk, so the overlap does not
+    depend on timing); the in-flight directory survives the export and the trainer, resumed,
+    finishes with every checkpoint."""
     steps = 40
     workdir = tmp_path / "run"
     cmd = [sys.executable, "-m", "jaxlm.main", "--config=configs/tiny.py",
@@ -204,24 +207,31 @@ def test_an_export_reads_a_run_whose_trainer_is_still_saving(tmp_path):
            "--config.log.sample_every=0", "--config.checkpoint.every_steps=1",
            f"--config.checkpoint.keep_last={steps}"]
     env = dict(os.environ, XLA_FLAGS=xla_flags(1))
-    directory = str(workdir / "checkpoints")
+    directory = workdir / "checkpoints"
+    in_flight = None
     with open(tmp_path / "train.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             deadline = time.time() + 600
-            while not checkpoint.complete_steps(directory) and proc.poll() is None:
-                assert time.time() < deadline, "the trainer wrote no checkpoint in 10 minutes"
-                time.sleep(0.2)
-            exports = []
-            while proc.poll() is None:
-                out = tmp_path / f"hf{len(exports)}"
-                hf.export_hf(str(workdir), str(out))
-                exports.append(out)
+            while in_flight is None and proc.poll() is None:
+                assert time.time() < deadline, "no save of the trainer was seen in 10 minutes"
+                tmps = sorted(directory.glob("*.orbax-checkpoint-tmp*")) if directory.is_dir() \
+                    else []
+                if not tmps or not checkpoint.complete_steps(str(directory)):
+                    time.sleep(0.005)
+                    continue
+                proc.send_signal(signal.SIGSTOP)
+                if tmps[0].exists():
+                    in_flight = tmps[0]
+                    hf.export_hf(str(workdir), str(tmp_path / "hf"))
+                    assert in_flight.exists(), "the export removed the trainer's in-flight save"
+                proc.send_signal(signal.SIGCONT)
             rc = proc.wait(timeout=600)
         finally:
             if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
                 proc.kill()
     assert rc == 0, (tmp_path / "train.log").read_text()[-3000:]
-    assert len(exports) >= 2, "the run ended before the export could read it twice"
-    assert all((out / "config.json").is_file() for out in exports)
-    assert checkpoint.complete_steps(directory) == list(range(1, steps + 1))
+    assert in_flight is not None, "the run ended before a save of it was seen in flight"
+    assert (tmp_path / "hf" / "config.json").is_file()
+    assert checkpoint.complete_steps(str(directory)) == list(range(1, steps + 1))
