@@ -70,7 +70,7 @@ def test_tiny_config_fits_on_v5p_and_memory_reflects_the_state():
 @needs_libtpu
 def test_huge_batch_does_not_fit():
     config = _tiny_config(batch=2**16)
-    # configs/tiny.py's model in float32 with plain XLA attention, for which the compiler's
+    # A 4-layer d256 model in float32 with plain XLA attention, for which the compiler's
     # out-of-memory verdict comes quickly.
     config.model.update(d_model=256, num_layers=4, num_heads=4, num_kv_heads=2, d_ff=768,
                         compute_dtype="float32", attention="xla")
