@@ -21,9 +21,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# The tests compile hundreds of tiny programs that then run for milliseconds: LLVM's optimisation
+# passes are most of their compile time (without them the suite runs in under half the time).
+# Results do not depend on them: every program a test compares is compiled the same way, and
+# benchmarks and runs outside the tests keep XLA's default level.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+
+
 def xla_flags(devices: int) -> str:
-    """XLA_FLAGS of a test process with `devices` emulated CPU devices."""
-    return f"--xla_force_host_platform_device_count={devices}"
+    """XLA_FLAGS of a test process: `devices` emulated CPU devices, unoptimised CPU code."""
+    return f"--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}"
 
 
 # A model and data small enough that a run of a few steps takes seconds.

@@ -22,6 +22,7 @@ from jaxlm.run.config import base_config
 from jaxlm.run.optim import make_optimizer
 from jaxlm.run.train_state import init_sharded_state, state_shardings
 from tests import data_fixtures as F
+from tests.cli import xla_flags
 from tests.model_fixtures import LLAMA_TINY
 
 SEQ_LEN = 16
@@ -247,7 +248,7 @@ def test_checkpoint_killed_mid_save_is_ignored(tmp_path):
 _TWO_PROCESS_RUN = textwrap.dedent("""
     import json, os, sys
     index, port, directory = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    os.environ["XLA_FLAGS"] = sys.argv[4]
     import jax
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=index)
@@ -299,7 +300,8 @@ def _free_port() -> int:
 def test_two_processes_save_their_shards_and_own_data_positions(tmp_path):
     directory, port = str(tmp_path / "ckpt"), str(_free_port())
     env = {**os.environ, "PYTHONPATH": REPO_ROOT, "JAX_PLATFORMS": "cpu"}
-    procs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESS_RUN, str(i), port, directory],
+    procs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESS_RUN, str(i), port, directory,
+                               xla_flags(4)],
                               cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
     results = []

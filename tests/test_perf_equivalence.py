@@ -71,7 +71,8 @@ def test_mlp_core_matches_autodiff(activation, bias):
     got_grads = jax.jit(jax.grad(lambda *a: jnp.sum(fast(*a) * ct), argnums=(0, 1, 2, 3, 4)))(
         *args)
     _assert_close(fast(*args), out)
-    _assert_close(got_grads, ref_grads, rtol=1e-4)
+    # Gradients of size up to ~15 summed over 12 positions: float32 rounding of the sums.
+    _assert_close(got_grads, ref_grads, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow
