@@ -43,7 +43,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import qwix
 
 from jaxlm.models.softcap import softcap
 from jaxlm.parallel import sharding
@@ -61,6 +60,8 @@ def quantize(x_BxLxNxK: jax.Array) -> tuple[jax.Array, jax.Array]:
     absmax over the head dim (qwix: scale = absmax / 127.5, values rounded and clipped to
     [-128, 127]; an all-zero head gets scale 1). Computed in float32 whatever x's dtype: x /
     scale in bfloat16 would be off by up to a whole step."""
+    import qwix  # here, not at import (jaxlm/models/quant/qarray.py)
+
     x_BxLxNxK = x_BxLxNxK.astype(jnp.float32)
     q = qwix.quantize(x_BxLxNxK, jnp.int8, channelwise_axes=tuple(range(x_BxLxNxK.ndim - 1)),
                       scale_dtype=jnp.float32)

@@ -24,8 +24,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import qwix
 from flax import traverse_util
+
+from jaxlm.models.quant.qarray import as_array
 
 ATTENTION_TARGETS = ("wq", "wk", "wv", "wo")
 MLP_TARGETS = ("w_in", "w_gate", "w_out")
@@ -121,7 +122,7 @@ def merge(params: dict, rank: int, alpha: float) -> dict:
     """Base params with every adapter folded in: W + (alpha / r) A B (scanned layers too)."""
     flat = traverse_util.flatten_dict(params)
     # QLoRA: every quantized base weight comes out float, adapted or not
-    out = {k: qwix.dequantize(v) if isinstance(v, qwix.QArray) else v
+    out = {k: as_array(v)
            for k, v in flat.items() if not k[-1].endswith((SUFFIX_A, SUFFIX_B))}
     for key in flat:
         if not key[-1].endswith(SUFFIX_A):
@@ -129,8 +130,7 @@ def merge(params: dict, rank: int, alpha: float) -> dict:
         name = key[-1][:-len(SUFFIX_A)]
         w_key = (*key[:-1], name)
         a, b, w = flat[key], flat[(*key[:-1], name + SUFFIX_B)], flat[w_key]
-        if isinstance(w, qwix.QArray):
-            w = qwix.dequantize(w)
+        w = as_array(w)
         stacked = a.ndim - _INPUT_AXES[name] - 1  # 1 for params stacked over scanned layers
         a2 = a.reshape(*a.shape[:stacked], -1, rank)
         b2 = b.reshape(*b.shape[:stacked], rank, -1)

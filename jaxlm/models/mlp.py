@@ -8,11 +8,11 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import qwix
 
 from jaxlm.models import lora
 from jaxlm.models.config import GATED_ACTIVATIONS, ModelConfig
 from jaxlm.models.quant import matmul
+from jaxlm.models.quant.qarray import is_qarray
 from jaxlm.parallel import sharding
 
 
@@ -58,7 +58,7 @@ dense.defvjp(_dense_fwd, _dense_bwd)
 def linear(cfg: ModelConfig, x_BxLxI: jax.Array, w_IxO: matmul.Weight) -> jax.Array:
     """x @ w for every projection of the model: a quantized w through qwix
     (`jaxlm.models.quant.matmul.quantized_dense`), a float one through `dense`."""
-    if isinstance(w_IxO, qwix.QArray):
+    if is_qarray(w_IxO):
         return matmul.quantized_dense(x_BxLxI, w_IxO, cfg.quant.activation)
     return dense(x_BxLxI, w_IxO)
 
@@ -152,7 +152,7 @@ class Mlp(nn.Module):
         w_gate_DxF, a_gate = None, None
         if cfg.mlp_activation in GATED_ACTIVATIONS:
             w_gate_DxF, a_gate = self._weight("w_gate", (d, f), ("embed", "mlp"))
-        quantized = isinstance(w_in_DxF, qwix.QArray)
+        quantized = is_qarray(w_in_DxF)
         if a_in is None and a_out is None and a_gate is None and not quantized:
             out_BxLxD = mlp_core(cfg.mlp_activation, x_BxLxD, w_in_DxF, b_in_F, w_gate_DxF,
                                  w_out_FxD)

@@ -44,11 +44,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
-import qwix
 from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxlm.models.quant.qarray import is_qarray
 from jaxlm.parallel.settings import MESH_AXES
 from jaxlm.run.errors import ConfigError
 
@@ -272,7 +272,7 @@ def logical_shardings(boxed_tree: Any, mesh: Mesh,
     mesh_shape = _mesh_shape(mesh)
 
     def one(path: tuple[Any, ...], leaf: Any) -> NamedSharding:
-        if isinstance(leaf, nn.LogicallyPartitioned) and isinstance(leaf.value, qwix.QArray):
+        if isinstance(leaf, nn.LogicallyPartitioned) and is_qarray(leaf.value):
             # A quantized weight: values as the float weight, scales by their own shape.
             spec = lambda x: NamedSharding(mesh, _spec_and_dropped(leaf.names, x.shape,
                                                                    mesh_shape, rules)[0])

@@ -14,7 +14,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import qwix
 from absl import logging
 from flax import traverse_util
 
@@ -62,7 +61,7 @@ def init_from_params(program: Any) -> Any:
 
 def _float_abstract(leaf: Any, dtype: Any) -> jax.ShapeDtypeStruct:
     """The float weight a quantized (QArray) abstract param is made from; others as they are."""
-    if not isinstance(leaf, qwix.QArray):
+    if not quantizer.is_qarray(leaf):
         return leaf
     return jax.ShapeDtypeStruct(leaf.qvalue.shape, dtype, sharding=leaf.qvalue.sharding)
 

@@ -33,7 +33,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import ml_collections
-import qwix
 from absl import logging
 from etils import epath
 from flax import traverse_util
@@ -41,6 +40,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlm.data.tokenizer import Tokenizer, load_tokenizer
 from jaxlm.models import ModelConfig, Transformer, lora
+from jaxlm.models.quant.qarray import is_qarray
 from jaxlm.parallel import sharding
 from jaxlm.run import checkpoint
 from jaxlm.run import config as config_lib
@@ -262,8 +262,7 @@ def _merge_on_device(params: Any, out_shardings: Any, saved: SavedRun) -> Any:
     # The base weights' buffers are handed to the merged ones (a QLoRA base, dequantized,
     # cannot take them); the adapters are dropped.
     base, adapters = lora.split(params)
-    quantized = any(isinstance(x, qwix.QArray)
-                    for x in jax.tree.leaves(base, is_leaf=lambda x: isinstance(x, qwix.QArray)))
+    quantized = any(map(is_qarray, jax.tree.leaves(base, is_leaf=is_qarray)))
     merge = lambda b, a: lora.merge(_joined(b, a), rank, alpha)  # noqa: E731
     merged = jax.jit(merge, out_shardings=out_shardings,
                      donate_argnums=() if quantized else (0,))(base, adapters)

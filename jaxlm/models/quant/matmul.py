@@ -15,17 +15,17 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import qwix
 
-from jaxlm.models.quant import quantizer
+from jaxlm.models.quant import qarray, quantizer
+from jaxlm.models.quant.qarray import is_qarray
 from jaxlm.models.quant.spec import QuantSpec
 
-Weight = jax.Array | qwix.QArray
+Weight = Any  # a jax.Array or a qwix QArray
 
 
 def weight(w: Weight, spec: QuantSpec, name: str, dtype: Any) -> Weight:
     """Weight `name` (one layer's) ready for its matmul in `dtype` (see the module docstring)."""
-    if isinstance(w, qwix.QArray):
+    if is_qarray(w):
         return w.astype(dtype)
     if spec.mode == "qat":
         w = quantizer.fake_quantize(w, spec, name)
@@ -35,17 +35,19 @@ def weight(w: Weight, spec: QuantSpec, name: str, dtype: Any) -> Weight:
 def flatten(w: Weight, n_in: int) -> Weight:
     """w [in..., out...] as a matrix [prod(in), prod(out)]; a QArray's scales are flattened
     the same row-major way (a tile of the last input axis stays a tile of the flat axis)."""
-    if not isinstance(w, qwix.QArray):
+    if not is_qarray(w):
         return w.reshape(math.prod(w.shape[:n_in]), -1)
     flat = lambda a: a.reshape(math.prod(a.shape[:n_in]), math.prod(a.shape[n_in:]))
-    return qwix.QArray(flat(w.qvalue), flat(w.scale),
+    return type(w)(flat(w.qvalue), flat(w.scale),
                        None if w.zero_point is None else flat(w.zero_point), w.qtype)
 
 
-def quantized_dense(x_BxLxI: jax.Array, w_IxO: qwix.QArray, activation: str) -> jax.Array:
+def quantized_dense(x_BxLxI: jax.Array, w_IxO: Weight, activation: str) -> jax.Array:
     """x @ w for a quantized w, through qwix.einsum. activation "int8": x is quantized to int8
     with one scale per token (tiled like w's input axis), so the product is int8 x int8 with
     int32 accumulation where qwix can (per-channel or tiles of >= 128 inputs)."""
+    import qwix  # loaded already: w is a QArray
+
     tiles = w_IxO.qvalue.shape[0] // w_IxO.scale.shape[0]
     if activation == "int8":
         tiled = {2: tiles} if w_IxO.scale.shape[0] > 1 else {}
@@ -65,4 +67,4 @@ def initializer(init: Any, spec: QuantSpec, name: str) -> Any:
 def as_array(w: Weight) -> jax.Array:
     """w as a plain array (a QArray dequantized, in its scales' dtype): for consumers that
     take no QArray, such as the chunked vocab loss."""
-    return qwix.dequantize(w) if isinstance(w, qwix.QArray) else w
+    return qarray.as_array(w)

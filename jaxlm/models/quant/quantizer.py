@@ -17,14 +17,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
-import qwix
 from flax import traverse_util
 
+from jaxlm.models.quant.qarray import as_array, is_qarray
 from jaxlm.models.quant.spec import BITS, QuantSpec
+
+if TYPE_CHECKING:
+    import qwix
 
 # Leading (input) axes of each quantized weight, and its rank in one layer.
 INPUT_AXES = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_in": 1, "w_gate": 1, "w_out": 1, "head": 1}
@@ -51,6 +54,8 @@ def quant_axes(name: str, ndim: int, tile_size: int) -> tuple[tuple[int, ...], d
 def quantize_weight(w: jax.Array, spec: QuantSpec, name: str) -> qwix.QArray:
     """Weight `name` ([stacked layers...,] in..., out...) as a QArray of spec.weight, with
     scales in w's dtype. nf4 codes are held in uint8 (checkpoints cannot store uint4)."""
+    import qwix  # here, not at import (jaxlm/models/quant/qarray.py)
+
     channelwise, tiled = quant_axes(name, w.ndim, spec.tile_size)
     q = qwix.quantize(w, spec.qtype, channelwise_axes=channelwise, tiled_axes=tiled)
     if spec.weight == "nf4":
@@ -63,7 +68,7 @@ def fake_quantize(w: jax.Array, spec: QuantSpec, name: str) -> jax.Array:
     """dequantize(quantize(w)) in the forward pass (exactly the weight PTQ computes with),
     identity in the backward pass (the straight-through estimator): quantization-aware
     training."""
-    return qwix.dequantize(quantize_weight(w, spec, name))
+    return as_array(quantize_weight(w, spec, name))
 
 
 def _fake_quantize_fwd(w: jax.Array, spec: QuantSpec, name: str) -> tuple[jax.Array, None]:
@@ -97,12 +102,7 @@ def quantize_params(params: Any, spec: QuantSpec) -> Any:
 
 def dequantize_params(params: Any) -> Any:
     """`params` with every QArray dequantized (a float tree a model without quant takes)."""
-    return jax.tree.map(lambda x: qwix.dequantize(x) if isinstance(x, qwix.QArray) else x,
-                        params, is_leaf=lambda x: isinstance(x, qwix.QArray))
-
-
-def is_qarray(x: Any) -> bool:
-    return isinstance(x, qwix.QArray)
+    return jax.tree.map(as_array, params, is_leaf=is_qarray)
 
 
 def param_bytes(params: Any) -> int:
