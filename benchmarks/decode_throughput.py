@@ -26,7 +26,9 @@ reports the speed-up and the acceptance rate (accepted / proposed draft tokens).
 
 from __future__ import annotations
 
+import os
 import platform
+import sys
 import time
 
 import flax.linen as nn
@@ -36,10 +38,12 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxlm.inference import Request, Sampler
-from jaxlm.models import Transformer, kv_cache
-from jaxlm.models.kv_cache import with_kv_cache
-from jaxlm.run import config as config_lib
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from jaxlm.inference import Request, Sampler  # noqa: E402
+from jaxlm.models import Transformer, kv_cache  # noqa: E402
+from jaxlm.models.kv_cache import with_kv_cache  # noqa: E402
+from jaxlm.run import config as config_lib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.")
 _BATCHES = flags.DEFINE_list("batches", ["1", "8"], "Batch sizes.")
