@@ -19,7 +19,7 @@ from jaxlm.models.config import ModelConfig
 from jaxlm.models.mlp import Mlp, linear
 from jaxlm.models.moe import MoeMlp
 from jaxlm.models.norms import Norm
-from jaxlm.models.quant import matmul
+from jaxlm.models.quant import matmul, qarray
 from jaxlm.models.softcap import softcap
 from jaxlm.parallel import sharding
 
@@ -195,7 +195,7 @@ class Transformer(nn.Module):
                 nn.initializers.zeros, ("embed",)), (cfg.d_model,), cfg.weight_dtype)
             return jnp.einsum("bld,d->bl", x_BxLxD, w_D.astype(cfg.dtype)).astype(jnp.float32)
         if return_hidden:  # the chunked loss takes a plain head (a quantized one dequantized)
-            return x_BxLxD, matmul.as_array(head_DxV).T
+            return x_BxLxD, qarray.as_array(head_DxV).T
         logits_BxLxV = linear(cfg, x_BxLxD, head_DxV)
         logits_BxLxV = softcap(logits_BxLxV.astype(jnp.float32), cfg.final_logit_softcap)
         logits_BxLxV = sharding.constrain(logits_BxLxV, ("act_batch", "act_length", "act_vocab"))

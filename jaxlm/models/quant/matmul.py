@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxlm.models.quant import qarray, quantizer
+from jaxlm.models.quant import quantizer
 from jaxlm.models.quant.qarray import is_qarray
 from jaxlm.models.quant.spec import QuantSpec
 
@@ -62,9 +62,3 @@ def initializer(init: Any, spec: QuantSpec, name: str) -> Any:
         return init
     return lambda rng, shape, dtype=jnp.float32: quantizer.quantize_weight(
         init(rng, shape, dtype), spec, name)
-
-
-def as_array(w: Weight) -> jax.Array:
-    """w as a plain array (a QArray dequantized, in its scales' dtype): for consumers that
-    take no QArray, such as the chunked vocab loss."""
-    return qarray.as_array(w)

@@ -18,5 +18,6 @@ def is_qarray(x: Any) -> bool:
 
 
 def as_array(x: Any) -> Any:
-    """x, a QArray dequantized (in its scales' dtype); anything else as it is."""
+    """x, a QArray dequantized (in its scales' dtype); anything else as it is: for consumers
+    that take no QArray, such as the chunked vocab loss."""
     return sys.modules["qwix"].dequantize(x) if is_qarray(x) else x
