@@ -46,6 +46,18 @@ from jaxlm.run.errors import CheckpointError
 STATE, DATA, CONFIG, EXTRA = "state", "data", "config", "extra"
 JSON_ITEMS = (CONFIG, EXTRA)
 
+# orbax saves an array held by several replicas (a data-parallel copy of a weight) as one slice
+# per replica, each transferred by its own device. Each slice is an eagerly compiled program per
+# replica and shape at a process's first save (72 of them for a small model on 8 devices, a
+# second of compiling): worth it for large arrays, not for a norm scale. Arrays whose slices
+# would be smaller than this are written whole by their first replica.
+MIN_REPLICA_SLICE_BYTES = 1 << 20
+ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
+    min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES,
+    # the array metadata store of orbax's default handler, kept as it is
+    array_metadata_store=getattr(ocp.type_handlers.get_type_handler(jax.Array),
+                                 "_array_metadata_store", None)), override=True)
+
 
 def step_name_format() -> Any:
     """Step directories are named by the bare step number; temporary ones are skipped."""
