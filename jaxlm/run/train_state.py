@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -186,7 +187,18 @@ def lora_step_options(config: Any) -> dict[str, Any]:
 
 
 def abstract_boxed_params(model: nn.Module, seq_len: int) -> Any:
-    """Shapes/dtypes of the params, still boxed with their logical axis names (no FLOPs)."""
+    """Shapes/dtypes of the params, still boxed with their logical axis names (no FLOPs).
+
+    Tracing a model's init takes a good fraction of a second and a run asks for the same
+    shapes several times (its state, its shardings, a restore, the sampler): the answer is
+    kept per (model, seq_len, abstract mesh); each call gets its own containers."""
+    cached = _abstract_boxed_params(model, seq_len, jax.sharding.get_abstract_mesh())
+    return jax.tree.map(lambda x: x, cached)
+
+
+@functools.lru_cache(maxsize=32)
+def _abstract_boxed_params(model: nn.Module, seq_len: int, abstract_mesh: Any) -> Any:
+    del abstract_mesh  # part of the key only: eval_shape's results may depend on it
     tokens_1xL = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
     return jax.eval_shape(lambda rng, t: model.init(rng, t)["params"], jax.random.key(0),
                           tokens_1xL)
