@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging as std_logging
 import os
 import sys
 import time
@@ -52,11 +53,25 @@ JSON_ITEMS = (CONFIG, EXTRA)
 # second of compiling): worth it for large arrays, not for a norm scale. Arrays whose slices
 # would be smaller than this are written whole by their first replica.
 MIN_REPLICA_SLICE_BYTES = 1 << 20
-ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
-    min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES,
-    # the array metadata store of orbax's default handler, kept as it is
-    array_metadata_store=getattr(ocp.type_handlers.get_type_handler(jax.Array),
-                                 "_array_metadata_store", None)), override=True)
+
+
+def _register_array_handler() -> None:
+    """orbax's jax.Array handler with MIN_REPLICA_SLICE_BYTES (and orbax's array metadata
+    store, kept as it is), without orbax's warning that a handler was replaced."""
+    handler = ocp.type_handlers.ArrayHandler(
+        min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES,
+        array_metadata_store=getattr(ocp.type_handlers.get_type_handler(jax.Array),
+                                     "_array_metadata_store", None))
+    absl_logger = std_logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(std_logging.ERROR)
+    try:
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    finally:
+        absl_logger.setLevel(level)
+
+
+_register_array_handler()
 
 
 def step_name_format() -> Any:
