@@ -35,12 +35,14 @@ def xla_flags(devices: int) -> str:
 
 
 # A model and data small enough that a run of a few steps takes seconds; its evaluations read
-# 4 batches (configs/tiny.py's 32k tokens would be 128).
+# 4 batches (configs/tiny.py's 32k tokens would be 128), and its MFU is against a fixed peak
+# (no start-up matmul benchmark, about a second of every run).
 TINY_MODEL = ("--config.model.d_model=32", "--config.model.num_layers=1",
               "--config.model.num_heads=2", "--config.model.num_kv_heads=1",
               "--config.model.d_ff=64", "--config.data.seq_len=32",
               "--config.data.vocab_size=400", "--config.data.max_documents=60",
-              "--config.train.global_batch_size=8", "--config.eval.tokens=1024")
+              "--config.train.global_batch_size=8", "--config.eval.tokens=1024",
+              "--config.log.peak_flops=1e11")
 # Logging every step to metrics.jsonl only, no samples, synchronous checkpoints.
 QUIET_LOG = ("--config.log.sample_every=0", "--config.log.tensorboard=False",
              "--config.log.every_steps=1", "--config.checkpoint.async_save=False")

@@ -23,6 +23,7 @@ def tiny_run_config(tmp: Path, *, num_layers: int = 2, seq_len: int = 32, steps:
     c.train.global_batch_size, c.train.steps, c.eval.every_steps = 8, steps, 0
     # The final evaluation reads 4 batches, not the default 32k tokens (128 batches here).
     c.eval.tokens = 4 * 8 * seq_len
+    c.log.peak_flops = 1e11  # MFU against a fixed number: no start-up measurement
     c.optim.warmup_steps = 1
     c.log.sample_every, c.log.tensorboard, c.log.every_steps = 0, tensorboard, 1
     c.checkpoint.every_steps = steps

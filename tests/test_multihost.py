@@ -32,7 +32,8 @@ def _args(workdir: Path, cache: Path) -> list[str]:
             "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
             "--config.log.every_steps=1", "--config.eval.every_steps=0",
             "--config.log.sample_every=0", "--config.checkpoint.every_steps=3",
-            "--config.optim.warmup_steps=2", "--config.log.tensorboard=False"]
+            "--config.optim.warmup_steps=2", "--config.log.tensorboard=False",
+            "--config.log.peak_flops=1e11"]
 
 
 def _run(cmd: list[str], env: dict[str, str]) -> None:
