@@ -41,7 +41,7 @@ setuptools.setup(
     extras_require={
         # torch pinned: this version resolves to a CPU wheel; unpinned pulls GBs of CUDA wheels.
         # jax[tpu] brings libtpu (a ~210 MB wheel) for the TPU ahead-of-time fit-check tests.
-        "test": ["pytest>=8", "pytest-xdist>=3.6", "ruff>=0.6", "torch==2.13.0",
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "torch==2.13.0",
                  "transformers>=5.0", "safetensors>=0.4", "jax[tpu]", "chatterbot-corpus==1.3.3",
                  "pyyaml>=6", "lm-eval>=0.4.5", "accelerate>=0.26", "filelock>=3"],
         # lm-evaluation-harness tasks through `python -m jaxlm.tools.eval` (jaxlm/evaluation/harness.py);

@@ -24,22 +24,3 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
-
-
-# pytest-xdist hands whole files to the two workers in collection order (pyproject.toml turns
-# off its reordering by test count). The files that take half a minute or more go first,
-# longest first (pytest --durations=0), so that neither worker is left running one of them
-# alone at the end; the rest follow in the usual order. Only the order changes.
-_LONGEST_FIRST = (
-    "test_tool_mistakes.py", "test_aot.py", "test_multihost.py", "test_kv_cache_int8.py",
-    "test_distill.py", "test_rl.py", "test_restore.py", "test_run_mistakes.py",
-    "test_perf_equivalence.py", "test_post_training_e2e.py", "test_main.py",
-    "test_quant_lora.py", "test_resume.py", "test_rl_ppo.py", "test_hf_interop.py",
-    "test_evaluation_engine.py", "test_generate.py", "test_robustness.py",
-    "test_hf_generate.py", "test_stage_resume.py", "test_rl_ppo_resume.py",
-    "test_sliding_window.py", "test_quant_checkpoint.py", "test_inference.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
