@@ -18,6 +18,7 @@ from jaxlm.inference.sampler import Request, Sampler
 from jaxlm.models import Transformer
 from jaxlm.parallel import sharding
 from jaxlm.run import trainer
+from jaxlm.run.errors import ConfigError
 from jaxlm.tools import eval as eval_cli
 from tests.cli import cli_env, run_cli
 from tests.harness_tasks import write_jsonl, write_task
@@ -244,6 +245,21 @@ def test_split_tasks_expands_builtin():
     assert results.split_tasks("builtin,hellaswag") == (list(builtin.TASKS), ["hellaswag"])
     assert results.metric_name("acc,none") == "acc"
     assert results.metric_name("exact_match,strict-match") == "exact_match_strict-match"
+
+
+def test_a_task_no_task_file_names_is_refused_without_the_harness_index(tmp_path):
+    """The quick refusal only ever refuses names that appear in no task YAML: the harness's
+    own tasks, groups and tags, and local tasks, pass it (and go on to the full index)."""
+    harness = pytest.importorskip("jaxlm.evaluation.harness")
+    (tmp_path / "mine.yaml").write_text("task: jaxlm_mine\ndataset_path: json\n")
+    assert harness._named_in_no_task_file(
+        ["hellaswag", "arc_easy", "mmlu", "jaxlm_mine"], str(tmp_path)) == []
+    assert harness._named_in_no_task_file(["hellaswag", "hellaswg"], "") == ["hellaswg"]
+    with pytest.raises(ConfigError, match=r"'hellaswg' is neither .* did you mean hellaswag"):
+        harness.check_tasks(["arc_easy", "hellaswg"])
+    with pytest.raises(ConfigError, match=r"'jaxlm_mne' .* did you mean jaxlm_mine"):
+        harness.check_tasks(["jaxlm_mne"], str(tmp_path))
+    assert harness._task_manager.cache_info().currsize == 0  # no index was built
 
 
 @pytest.mark.slow

@@ -16,6 +16,8 @@ from __future__ import annotations
 import functools
 import glob
 import os
+import re
+from collections.abc import Iterator
 from typing import Any
 
 import yaml
@@ -142,8 +144,6 @@ def check_tasks(tasks: list[str], include_path: str = "") -> None:
     under it that does not parse, and a task the harness does not know (with close names);
     before any checkpoint is read. Parsing runs nothing: a task folder's `!function` code is
     imported only when its task is built."""
-    import difflib
-
     from jaxlm.run.errors import ConfigError
 
     if include_path:
@@ -154,6 +154,9 @@ def check_tasks(tasks: list[str], include_path: str = "") -> None:
             _check_yaml(path)
     if not tasks:
         return
+    missing = _named_in_no_task_file(tasks, include_path)
+    if missing:  # a quick refusal: no YAML file of the harness or under include_path names it
+        _refuse_unknown(missing[0], _declared_names(include_path), include_path)
     try:
         known = set(_task_manager(include_path, tuple(tasks)).all_tasks)
     except ImportError as e:
@@ -161,12 +164,52 @@ def check_tasks(tasks: list[str], include_path: str = "") -> None:
                           f"(pip install -e '.[eval]'): {e}") from None
     for task in tasks:
         if task not in known:
-            close = difflib.get_close_matches(task, sorted(known), n=3, cutoff=0.75)
-            hint = f"; did you mean {', '.join(close)}?" if close else (
-                " (a local task: give its folder with --include_path)" if not include_path
-                else f" (nor is it in {include_path})")
-            raise ConfigError(f"--tasks: {task!r} is neither a built-in nor a harness task"
-                              f"{hint}")
+            _refuse_unknown(task, known, include_path)
+
+
+def _refuse_unknown(task: str, known: set[str], include_path: str) -> None:
+    import difflib
+
+    from jaxlm.run.errors import ConfigError
+
+    close = difflib.get_close_matches(task, sorted(known), n=3, cutoff=0.75)
+    hint = f"; did you mean {', '.join(close)}?" if close else (
+        " (a local task: give its folder with --include_path)" if not include_path
+        else f" (nor is it in {include_path})")
+    raise ConfigError(f"--tasks: {task!r} is neither a built-in nor a harness task{hint}")
+
+
+# A task, group or tag name as a YAML file declares it (`task: name`), for close-name hints.
+_DECLARED = re.compile(rb"^[ \t]*(?:task|group|tag)[ \t]*:[ \t]*['\"]?([\w.\-]+)['\"]?[ \t]*"
+                       rb"(?:#.*)?$", re.M)
+
+
+def _task_files(include_path: str) -> Iterator[bytes]:
+    """The bytes of every YAML file of the harness's own task folders and under include_path."""
+    roots = [os.path.join(os.path.dirname(lm_utils.__file__), "tasks")]
+    roots += [include_path] if include_path else []
+    for root in roots:
+        for directory, _, files in os.walk(root):
+            for name in files:
+                if name.endswith((".yaml", ".yml")):
+                    with open(os.path.join(directory, name), "rb") as f:
+                        yield f.read()
+
+
+def _named_in_no_task_file(tasks: list[str], include_path: str) -> list[str]:
+    """The tasks that no task YAML file mentions anywhere: certainly unknown, since the
+    harness's index takes every task, group and tag name from a YAML file. Reading the ~14k
+    files takes under a second; parsing them into the index takes ~20 s."""
+    missing = {t: t.encode() for t in tasks}
+    for text in _task_files(include_path):
+        missing = {t: b for t, b in missing.items() if b not in text}
+        if not missing:
+            break
+    return [t for t in tasks if t in missing]
+
+
+def _declared_names(include_path: str) -> set[str]:
+    return {m.decode() for text in _task_files(include_path) for m in _DECLARED.findall(text)}
 
 
 class _TaskYaml(yaml.SafeLoader):
