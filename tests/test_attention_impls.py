@@ -81,7 +81,8 @@ def test_block_size_divides_length():
 def test_model_with_chunked_attention_matches_xla_loss_and_grads():
     cfg = dataclasses.replace(LLAMA_TINY, attention="chunked")
     model, ref_model = Transformer(cfg), Transformer(dataclasses.replace(cfg, attention="xla"))
-    params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0),
+                                               jnp.zeros((1, 8), jnp.int32))["params"])
     batch = {k: jnp.asarray(v) for k, v in packed_batch(4, 16, 250, seed=3).items()}
 
     def run(m):

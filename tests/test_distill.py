@@ -141,9 +141,11 @@ def test_distill_after_sft_trains_on_the_sft_batches(tmp_path):
         c.model.update({"num_layers": 1, "d_model": 32, "d_ff": 64, "num_heads": 2,
                         "num_kv_heads": 1, **model})
         c.data.seq_len, c.data.vocab_size = 32, 400
+        c.data.max_documents = 60  # the tokenizer's corpus: not the whole standard library
         c.data.cache_dir = str(tmp_path / "cache")
         c.train.global_batch_size, c.eval.every_steps = 8, 0
         c.log.sample_every, c.log.tensorboard, c.log.every_steps = 0, False, 1
+        c.log.peak_flops = 1e11  # no start-up matmul benchmark
         c.checkpoint.async_save = False
         return c
 

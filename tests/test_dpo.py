@@ -106,7 +106,7 @@ def _pair_batch(b=4, length=16, vocab=250, seed=0):
 def model_and_params():
     model = Transformer(LLAMA_TINY)
     init = jax.jit(lambda rng: nn.meta.unbox(
-        model.init(rng, jnp.zeros((1, 16), jnp.int32))["params"]))
+        jax.jit(model.init)(rng, jnp.zeros((1, 16), jnp.int32))["params"]))
     return model, init(jax.random.key(0))
 
 
@@ -180,7 +180,8 @@ def test_pair_stages_add_the_moe_router_losses_per_pair():
             (dataclasses.replace(LLAMA_TINY, moe=moe, reward_head=True),
              functools.partial(reward.loss_fn, margin=0.0))):
         model = Transformer(cfg)
-        params = nn.meta.unbox(model.init(jax.random.key(1), jnp.zeros((1, 16), jnp.int32))[
+        params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1),
+                                                   jnp.zeros((1, 16), jnp.int32))[
             "params"])
         total, aux = jax.jit(functools.partial(loss, model=model))(params, batch)
         n = float(aux["num_pairs"])

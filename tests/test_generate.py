@@ -52,8 +52,8 @@ def test_score_prints_per_token_logprobs_and_perplexity(run_dir, tmp_path):
     tok = loaded.tokenizer
     for text, row in zip(texts, rows):
         ids = [tok.bos_id] + tok.encode(text)
-        logits = Transformer(loaded.model_cfg).apply({"params": loaded.params},
-                                                     jnp.asarray([ids]))
+        logits = jax.jit(Transformer(loaded.model_cfg).apply)(
+            {"params": loaded.params}, jnp.asarray([ids]))
         logp = np.asarray(jax.nn.log_softmax(logits[0, :-1]))[np.arange(len(ids) - 1), ids[1:]]
         assert row["token_ids"] == ids[1:] and row["num_tokens"] == len(ids) - 1
         np.testing.assert_allclose(row["logprobs"], logp, atol=1e-4)

@@ -146,13 +146,13 @@ def test_import_logits_match_transformers_and_export_round_trips(case, tmp_path,
         with open(config.data.tokenizer_path, "rb") as a, open(tokenizer_file, "rb") as b:
             assert a.read() == b.read()
     cfg, params = _restore_like_init_from(config)
-    logits = np.asarray(Transformer(cfg).apply({"params": params}, TOKENS))
+    logits = np.asarray(jax.jit(Transformer(cfg).apply)({"params": params}, TOKENS))
     assert logits.shape[-1] == cfg.padded_vocab_size
     assert np.all(logits[..., vocab:] == -1e9)
     np.testing.assert_allclose(logits[..., :vocab], reference, atol=1e-4, rtol=0)
     for key in ("attn_logit_softcap", "final_logit_softcap"):  # each cap changes the logits
         if getattr(cfg, key):
-            uncapped = Transformer(dataclasses.replace(cfg, **{key: 0.0})).apply(
+            uncapped = jax.jit(Transformer(dataclasses.replace(cfg, **{key: 0.0})).apply)(
                 {"params": params}, TOKENS)
             assert np.max(np.abs(np.asarray(uncapped)[..., :vocab] - reference)) > 0.05, key
     embed = np.asarray(params["embed"])

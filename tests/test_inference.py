@@ -23,7 +23,8 @@ NEW = 10
 
 
 def _params(cfg, seed=1):
-    boxed = Transformer(cfg).init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))["params"]
+    boxed = jax.jit(Transformer(cfg).init)(jax.random.key(seed),
+                                           jnp.zeros((1, 8), jnp.int32))["params"]
     return nn.meta.unbox(boxed)
 
 
@@ -62,7 +63,7 @@ def test_cached_logits_match_full_forward_at_every_step(cfg):
     buf = np.zeros((2, 16), np.int32)  # right-padded; causal, so padding never matters
     for i, s in enumerate(seqs):
         buf[i, :len(s)] = s
-    full = np.asarray(Transformer(cfg).apply({"params": params}, buf))
+    full = np.asarray(jax.jit(Transformer(cfg).apply)({"params": params}, buf))
     for i, p in enumerate(prompts):
         np.testing.assert_allclose(np.stack(cached[i]), full[i, len(p) - 1:len(p) - 1 + steps],
                                    atol=2e-5, rtol=1e-5)

@@ -29,7 +29,8 @@ LOGIT_TOL = 0.08
 
 def _params(cfg, seed=1, gain=2.0):
     """Random params times `gain` (logits with a std of ~0.6 rather than the init's ~0.15)."""
-    boxed = Transformer(cfg).init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))["params"]
+    boxed = jax.jit(Transformer(cfg).init)(jax.random.key(seed),
+                                           jnp.zeros((1, 8), jnp.int32))["params"]
     return jax.tree.map(lambda x: x * gain, nn.meta.unbox(boxed))
 
 

@@ -168,7 +168,8 @@ def _fused_loss_fn(params, batch, *, model, z_loss=0.0, rng=None):
 def test_model_fast_paths_match_reference_paths(cfg):
     """Fused loss + fused attention vs logits + cross_entropy_sum + plain XLA attention."""
     model, ref_model = Transformer(cfg), Transformer(dataclasses.replace(cfg, attention="xla"))
-    params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0),
+                                               jnp.zeros((1, 8), jnp.int32))["params"])
     batch = {k: jnp.asarray(v) for k, v in packed_batch(4, 16, 250, seed=5).items()}
     ref = jax.jit(jax.value_and_grad(
         functools.partial(pretrain.loss_fn, model=ref_model, z_loss=1e-4), has_aux=True))
@@ -181,7 +182,8 @@ def test_model_fast_paths_match_reference_paths(cfg):
 def test_bf16_fast_paths_stay_close_to_float32():
     cfg = dataclasses.replace(GPT2_TINY, compute_dtype="bfloat16")
     model, ref_model = Transformer(cfg), Transformer(dataclasses.replace(cfg, attention="xla"))
-    params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0),
+                                               jnp.zeros((1, 8), jnp.int32))["params"])
     batch = {k: jnp.asarray(v) for k, v in packed_batch(4, 16, 250, seed=5).items()}
     (loss, _), grads = jax.jit(jax.value_and_grad(
         functools.partial(_fused_loss_fn, model=model), has_aux=True))(params, batch)

@@ -129,8 +129,8 @@ def test_qlora_from_a_float_run_quantizes_its_weights_and_checkpoints_them(tmp_p
         merged.params, is_leaf=quantizer.is_qarray))
     tokens = jnp.arange(1, 17, dtype=jnp.int32)[None]
     np.testing.assert_allclose(
-        Transformer(merged.model_cfg).apply({"params": merged.params}, tokens),
-        Transformer(qlora.model_cfg).apply({"params": qlora.params}, tokens),
+        jax.jit(Transformer(merged.model_cfg).apply)({"params": merged.params}, tokens),
+        jax.jit(Transformer(qlora.model_cfg).apply)({"params": qlora.params}, tokens),
         rtol=1e-4, atol=1e-4)
 
 

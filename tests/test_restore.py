@@ -59,7 +59,8 @@ def test_a_run_on_its_tokenizers_vocabulary_exports_with_jaxlms_logits(run_dir, 
     tokens = np.random.default_rng(0).integers(0, r.model_cfg.vocab_size, (2, 12))
     with torch.no_grad():
         got = exported(torch.tensor(tokens)).logits.numpy()
-    want = np.asarray(Transformer(r.model_cfg).apply({"params": r.params}, jnp.asarray(tokens)))
+    want = np.asarray(jax.jit(Transformer(r.model_cfg).apply)({"params": r.params},
+                                                              jnp.asarray(tokens)))
     vocab = r.model_cfg.vocab_size
     assert got.shape[-1] == vocab
     np.testing.assert_allclose(got, want[..., :vocab], atol=1e-4, rtol=0)
@@ -85,7 +86,7 @@ def test_a_changed_tokenizer_file_is_refused(run_dir, tmp_path):
 def _saved_run(directory, config, seed):
     """A checkpoint of `config`'s model with random weights (a reward head's too)."""
     cfg = config_lib.model_config(config)
-    variables = Transformer(cfg).init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))
+    variables = jax.jit(Transformer(cfg).init)(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))
     params = jax.device_get(nn.meta.unbox(variables["params"]))
     if cfg.reward_head:
         params["reward_head"] = np.asarray(
@@ -126,11 +127,11 @@ def test_a_reward_model_of_its_own_width_and_depth_loads_and_scores(tmp_path):
             valid[i, j, pad[i, j]:prompt] = 1
             valid[i, j, prompt:prompt + lengths[i, j]] = 1
     scores = reward.score({"tokens": tokens, "valid": valid}, lengths)
-    model = Transformer(rm_cfg)
+    apply = jax.jit(Transformer(rm_cfg).apply)
     for i in range(b):
         for j in range(g):
             alone = tokens[i, j][valid[i, j] > 0][None]
-            want = model.apply({"params": rm_params}, jnp.asarray(alone))[0, -1]
+            want = apply({"params": rm_params}, jnp.asarray(alone))[0, -1]
             assert scores[i, j] == pytest.approx(float(want), rel=1e-4, abs=1e-5)
 
     lm_config = reward_config(policy)
@@ -148,7 +149,7 @@ def test_lora_adapters_merge_into_the_weights_they_adapt(tmp_path):
     config = grpo_config("pretrain")
     config.model.lora.update(rank=4, alpha=8.0)
     cfg = config_lib.model_config(config)
-    variables = Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    variables = jax.jit(Transformer(cfg).init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
     flat = traverse_util.flatten_dict(jax.device_get(nn.meta.unbox(variables["params"])),
                                       sep="/")
     flat = {k: (np.random.default_rng(len(k)).normal(size=v.shape).astype(v.dtype)
@@ -196,7 +197,7 @@ def test_an_export_reads_a_run_whose_trainer_is_still_saving(tmp_path):
     trainer is paused with its `<step>.orbax-checkpoint-tmp` on disk, so the overlap does not
     depend on timing); the in-flight directory survives the export and the trainer, resumed,
     finishes with every checkpoint."""
-    steps = 40
+    steps = 12
     workdir = tmp_path / "run"
     cmd = [sys.executable, "-m", "jaxlm.main", "--config=configs/tiny.py",
            f"--workdir={workdir}", "--config.model.d_model=32", "--config.model.num_layers=1",
@@ -205,7 +206,7 @@ def test_an_export_reads_a_run_whose_trainer_is_still_saving(tmp_path):
            "--config.data.max_documents=60", "--config.train.global_batch_size=8",
            f"--config.train.steps={steps}", "--config.eval.every_steps=0",
            "--config.log.sample_every=0", "--config.checkpoint.every_steps=1",
-           f"--config.checkpoint.keep_last={steps}"]
+           f"--config.checkpoint.keep_last={steps}", "--config.log.peak_flops=1e11"]
     env = dict(os.environ, XLA_FLAGS=xla_flags(1))
     directory = workdir / "checkpoints"
     in_flight = None

@@ -133,7 +133,7 @@ def test_reward_model_is_restored_and_scores_padded_rows_like_unpadded(ppo_host)
                              jnp.asarray(lengths), 6, model=program.model)
     for i in range(4):
         alone = tokens[i][valid[i] > 0][None]
-        want = program.model.apply({"params": rm}, jnp.asarray(alone))[0, -1]
+        want = jax.jit(program.model.apply)({"params": rm}, jnp.asarray(alone))[0, -1]
         assert float(scores[i]) == pytest.approx(float(want), rel=1e-4, abs=1e-5)
 
 
@@ -222,7 +222,7 @@ def test_eval_scores_the_greedy_heldout_completions_with_the_reward_model(ppo_ho
         n = int(rolled["lengths"][i, 0])
         row = np.concatenate([rolled["prompt"][i][rolled["prompt_valid"][i] > 0],
                               rolled["completion"][i, 0, :n]])
-        want += float(program.model.apply({"params": rm}, jnp.asarray(row[None]))[0, -1])
+        want += float(jax.jit(program.model.apply)({"params": rm}, jnp.asarray(row[None]))[0, -1])
     assert sums["count"] == 8
     assert sums["score_sum"] == pytest.approx(want, rel=1e-4, abs=1e-4)
     metrics = ppo.STAGE.eval_metrics({**sums, "count": 16.0, "score_sum": 4.0})

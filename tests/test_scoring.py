@@ -70,7 +70,8 @@ def test_packed_arrays_give_each_sequence_its_segment_and_positions():
 def test_packed_rows_score_each_sequence_as_alone(cfg):
     cfg = dataclasses.replace(cfg, max_seq_len=32)
     model = Transformer(cfg)
-    params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0),
+                                               jnp.zeros((1, 8), jnp.int32))["params"])
     rng = np.random.default_rng(1)
     tokens = [rng.integers(1, cfg.vocab_size, int(n) + 1).tolist()
               for n in rng.integers(1, 32, 20)]  # + 1 fits a row of 32

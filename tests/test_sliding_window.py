@@ -84,7 +84,8 @@ def test_decoder_matches_full_recomputation(global_every, scan):
     """Prompts longer and shorter than the window; 0 = a ring-buffer cache of WINDOW slots."""
     cfg = dataclasses.replace(CFG, global_every=global_every, scan_layers=scan)
     model = Transformer(cfg)
-    params = nn.meta.unbox(model.init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))["params"])
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1),
+                                               jnp.zeros((1, 8), jnp.int32))["params"])
     params = jax.tree.map(lambda x: x * 8, params)  # peaky logits: no near-ties in argmax
     sampler = Sampler(cfg, params, pad_id=0)
     prompts = [list(range(3, 15)), [7, 8, 9]]
@@ -107,14 +108,16 @@ def test_scanned_and_unscanned_alternating_windows_agree():
     cfg = dataclasses.replace(CFG, global_every=2)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 250, (2, 24)))
     scanned = Transformer(cfg)
-    params = nn.meta.unbox(scanned.init(jax.random.key(2), tokens)["params"])
+    params = nn.meta.unbox(jax.jit(scanned.init)(jax.random.key(2), tokens)["params"])
     unstacked = {f"block_{i}": jax.tree.map(lambda x, i=i: x[i], params["blocks"])
                  for i in range(cfg.num_layers)}
     flat = {**{k: v for k, v in params.items() if k != "blocks"}, **unstacked}
-    a = scanned.apply({"params": params}, tokens)
-    b = Transformer(dataclasses.replace(cfg, scan_layers=False)).apply({"params": flat}, tokens)
+    a = jax.jit(scanned.apply)({"params": params}, tokens)
+    b = jax.jit(Transformer(dataclasses.replace(cfg, scan_layers=False)).apply)(
+        {"params": flat}, tokens)
     np.testing.assert_allclose(a, b, atol=1e-5)
     # and the window changes the function (positions past it see fewer keys)
-    c = Transformer(dataclasses.replace(cfg, sliding_window=0)).apply({"params": params}, tokens)
+    c = jax.jit(Transformer(dataclasses.replace(cfg, sliding_window=0)).apply)(
+        {"params": params}, tokens)
     assert np.allclose(a[:, :WINDOW], c[:, :WINDOW], atol=1e-5)
     assert not np.allclose(a[:, WINDOW + 1:], c[:, WINDOW + 1:], atol=1e-3)

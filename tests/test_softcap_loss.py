@@ -137,8 +137,8 @@ def test_model_head_and_pretrain_loss_use_the_cap():
     cfg, params = _model_and_params(1.0)
     batch = {k: jnp.asarray(v) for k, v in packed_batch(2, 16, 250, seed=3).items()}
     model, plain = Transformer(cfg), Transformer(dataclasses.replace(cfg, final_logit_softcap=0))
-    logits = model.apply({"params": params}, batch["inputs"])
-    raw = plain.apply({"params": params}, batch["inputs"])
+    logits = jax.jit(model.apply)({"params": params}, batch["inputs"])
+    raw = jax.jit(plain.apply)({"params": params}, batch["inputs"])
     real = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
     np.testing.assert_allclose(logits, jnp.where(real, jnp.tanh(raw), -1e9), atol=1e-6)
     assert float(jnp.max(jnp.abs(raw[..., :cfg.vocab_size]))) > 2.0

@@ -29,14 +29,15 @@ ALPHA = 1e-3  # significance of the chi-square test
 
 
 def _params(cfg, seed):
-    boxed = Transformer(cfg).init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))["params"]
+    boxed = jax.jit(Transformer(cfg).init)(jax.random.key(seed),
+                                           jnp.zeros((1, 8), jnp.int32))["params"]
     return nn.meta.unbox(boxed)
 
 
 def _exact_joint(cfg, params, sampling):
     """P(t1, t2, t3) [V, V, V] of plain sampling after PROMPT, from full forward passes."""
     seqs = np.array([PROMPT + [a, b] for a in range(V) for b in range(V)], np.int32)
-    logits = Transformer(cfg).apply({"params": params}, jnp.asarray(seqs))
+    logits = jax.jit(Transformer(cfg).apply)({"params": params}, jnp.asarray(seqs))
     p = len(PROMPT)
     vp = logits.shape[-1]
     probs = []

@@ -149,7 +149,7 @@ def test_dpo_loss_and_its_gradient_hold_no_full_logits():
     pairs_, length = 4, 128  # 1024 tokens: two chunks of 512 by default
     full = 2 * pairs_ * length * cfg.padded_vocab_size
     params = jax.eval_shape(lambda r: nn.meta.unbox(
-        model.init(r, jnp.zeros((1, 8), jnp.int32))["params"]), jax.random.key(0))
+        jax.jit(model.init)(r, jnp.zeros((1, 8), jnp.int32))["params"]), jax.random.key(0))
     rng = np.random.default_rng(0)
     ids = rng.integers(0, cfg.vocab_size, (pairs_, 2, length), dtype=np.int32)
     batch = {"inputs": ids, "targets": ids, "segment_ids": np.ones_like(ids),
@@ -176,12 +176,14 @@ def test_dpo_loss_and_its_gradient_hold_no_full_logits():
 def test_scoring_matches_log_softmax_of_the_model_logits():
     cfg = dataclasses.replace(LLAMA_TINY, max_seq_len=32)
     model = Transformer(cfg)
-    params = nn.meta.unbox(model.init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))["params"])
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1),
+                                               jnp.zeros((1, 8), jnp.int32))["params"])
     rng = np.random.default_rng(3)
     tokens = rng.integers(1, cfg.vocab_size, (3, 23), dtype=np.int32)  # L - 1 = 22
     valid = np.arange(23)[None, :] < np.array([[23], [15], [4]])
     got = jax.jit(functools.partial(scoring.token_logprobs, model))(params, tokens, valid)
-    logits = model.apply({"params": params}, tokens, segment_ids_BxL=valid.astype(np.int32))
+    logits = jax.jit(model.apply)({"params": params}, tokens,
+                                  segment_ids_BxL=valid.astype(np.int32))
     logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
     want = np.take_along_axis(np.asarray(logp), tokens[:, 1:, None], axis=-1)[..., 0]
     want = np.where(valid[:, 1:], want, 0.0)

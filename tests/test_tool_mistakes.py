@@ -155,7 +155,7 @@ def world(tmp_path_factory):
     lora_config.model.lora.update(rank=2, alpha=4.0)
     tokenizer = restore.saved_tokenizer(saved)
     cfg = config_lib.model_config(lora_config, tokenizer.vocab_size)
-    variables = Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    variables = jax.jit(Transformer(cfg).init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
     write_params_checkpoint(str(tmp / "lora"), 3, jax.device_get(nn.meta.unbox(
         variables["params"])), lora_config, saved.extra)
 
