@@ -48,14 +48,21 @@ def _run(cmd: list[str], env: dict[str, str]) -> None:
     assert proc.returncode == 0, out[-4000:]
 
 
+def _jit_cache(cache: Path) -> dict[str, str]:
+    """A persistent compilation cache of every program, shared by the module's runs: a
+    resumed run compiles nothing its layout's first run compiled."""
+    return {"JAX_COMPILATION_CACHE_DIR": str(cache / "jit"),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+
+
 def _one_process(workdir: Path, cache: Path) -> None:
     env = dict(os.environ, XLA_FLAGS=xla_flags(8),
-               JAX_PLATFORMS="cpu", JAXLM_DISTRIBUTED="off")
+               JAX_PLATFORMS="cpu", JAXLM_DISTRIBUTED="off", **_jit_cache(cache))
     _run([sys.executable, "-m", "jaxlm.main", *_args(workdir, cache)], env)
 
 
 def _two_processes(workdir: Path, cache: Path) -> None:
-    env = dict(os.environ, DEVICES_PER_PROCESS="4", PYTHON=sys.executable)
+    env = dict(os.environ, DEVICES_PER_PROCESS="4", PYTHON=sys.executable, **_jit_cache(cache))
     _run(["bash", "launch/local.sh", "2", *_args(workdir, cache)], env)
 
 
