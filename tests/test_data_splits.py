@@ -68,3 +68,31 @@ def test_conversation_split_and_keys(tmp_path):
     c.sft.eval_paths = str(tmp_path / "missing-*.jsonl")
     with pytest.raises(FileNotFoundError, match="config key sft.eval_paths"):
         conversations.read_split(conversations.read_conversations, c, "sft", "eval")
+
+
+@pytest.mark.parametrize("section", ["dpo", "reward"])
+@pytest.mark.parametrize("held_out,examples,processes", [(5, 8, 1), (13, 8, 1), (5, 8, 2)])
+def test_an_evaluation_reads_each_held_out_pair_once(tmp_path, section, held_out, examples,
+                                                     processes):
+    """A pair stage's evaluation reads ceil(eval.examples / batch) batches: the first
+    eval.examples held-out pairs once each (all of them when there are fewer), then empty rows
+    without tokens (pair_id -1), never a pair a second time."""
+    from jaxlm.stages.stage import example_eval_batches
+    from tests.rl_fixtures import CharTokenizer
+
+    c = config_lib.base_config()
+    c[section].paths = _write_jsonl(tmp_path / "train.jsonl", _pairs(10, "t"))
+    c[section].eval_paths = _write_jsonl(tmp_path / "eval.jsonl", _pairs(held_out, "e"))
+    c.eval.examples, c.train.global_batch_size, c.data.seq_len = examples, 4, 48
+    batches = example_eval_batches(c)
+    rows = []
+    for p in range(processes):
+        it = preference.make_pair_iterator(c, CharTokenizer(), split="eval",
+                                           batch_size=4 // processes, process_index=p,
+                                           process_count=processes, section=section)
+        rows += [(int(i), seg) for _ in range(batches)
+                 for b in [next(it)] for i, seg in zip(b["pair_id"], b["segment_ids"])]
+    assert len(rows) == batches * 4
+    ids = sorted(i for i, _ in rows if i >= 0)
+    assert ids == list(range(min(held_out, examples)))
+    assert all((seg > 0).any(-1).all() == (i >= 0) for i, seg in rows)  # empty rows: no tokens

@@ -62,3 +62,20 @@ def test_reward_model_learns_a_separable_preference_set():
     after = reward.means(evaluate(state.params, held_out))
     assert float(after["accuracy"]) >= 0.9, (before, after)
     assert float(after["margin"]) > 0 and float(after["loss"]) < float(before["loss"]) - 0.2
+
+
+def test_eval_sums_leave_out_the_empty_rows_that_fill_a_batch():
+    """The last held-out batch is filled with rows without tokens: they add nothing to any
+    sum and are not counted as pairs."""
+    model = Transformer(CFG)
+    params = jax.jit(lambda k: nn.meta.unbox(model.init(k, jnp.zeros((1, 16), jnp.int32))[
+        "params"]))(jax.random.key(0))
+    params["reward_head"] = jax.random.normal(jax.random.key(1), params["reward_head"].shape)
+    evaluate = jax.jit(functools.partial(reward.eval_step, model=model))
+    pairs = _pairs(np.random.default_rng(3), b=6)
+    filled = {k: np.concatenate([v, np.zeros((2, *v.shape[1:]), v.dtype)]) for k, v in
+              pairs.items()}
+    got, want = evaluate(params, filled), evaluate(params, pairs)
+    assert float(got["num_pairs"]) == float(want["num_pairs"]) == 6
+    for k in want:
+        assert float(got[k]) == pytest.approx(float(want[k]), rel=1e-5, abs=1e-6), k

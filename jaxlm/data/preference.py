@@ -7,8 +7,10 @@
       -> too long for data.seq_len + 1 tokens: keep the newest dpo.max_prompt_tokens of the
          prompt (0 = no cut; BOS stays), then cut the answers at the end; a pair with an empty
          answer left is dropped; all counted and logged
-      -> train: shuffled per epoch from data.seed, repeated; eval: fixed order, repeated;
-         process p takes pairs p, p + process_count, ...
+      -> train: shuffled per epoch from data.seed, repeated; eval: the first eval.examples
+         pairs in a fixed order, each once, the last batch filled with empty rows (pair_id -1,
+         no tokens) that the eval steps do not count; process p takes pairs p,
+         p + process_count, ...
       -> batch: inputs, targets, segment_ids, positions (int32) and loss_mask (float32, 1 on the
          answer's target tokens), each [batch, 2, seq_len] with [:, 0] chosen and [:, 1]
          rejected, so both sequences of a pair sit in the same batch row (one device); and
@@ -135,7 +137,24 @@ class _AddReference(grain.transforms.Map):
         self.table_Nx2 = table_Nx2
 
     def map(self, ex: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {**ex, "ref_logps": self.table_Nx2[ex["pair_id"]].astype(np.float32)}
+        ref = (self.table_Nx2[ex["pair_id"]] if ex["pair_id"] >= 0
+               else np.zeros(self.table_Nx2.shape[1:]))  # an empty eval row
+        return {**ex, "ref_logps": ref.astype(np.float32)}
+
+
+def _empty_row(example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A row of no pair (pair_id -1, no tokens: segment_ids and loss_mask 0) that fills the
+    last eval batch; the eval steps count only rows with tokens."""
+    return {**{k: np.zeros_like(v) for k, v in example.items()}, "pair_id": np.int32(-1)}
+
+
+def eval_examples(examples: list[dict[str, np.ndarray]], count: int, batch_size: int
+                  ) -> list[dict[str, np.ndarray]]:
+    """The held-out pairs one evaluation reads: the first `count` (all, when there are fewer),
+    each once, then empty rows up to ceil(count / batch_size) full batches."""
+    kept = examples[:count]
+    rows = -(-count // batch_size) * batch_size
+    return kept + [_empty_row(examples[0])] * (rows - len(kept))
 
 
 def make_pair_iterator(config: ml_collections.ConfigDict, tokenizer: Any, *, split: str,
@@ -144,6 +163,8 @@ def make_pair_iterator(config: ml_collections.ConfigDict, tokenizer: Any, *, spl
                        ) -> grain.DatasetIterator:
     """Endless iterator of pair batches of `split` for this process (see the module doc)."""
     examples = split_examples(config, tokenizer, split, section)
+    if split == "eval":  # each held-out pair counted once per evaluation
+        examples = eval_examples(examples, config.eval.examples, batch_size * process_count)
     ds = example_stream(examples, split=split, shuffle=config.data.shuffle,
                         seed=config.data.seed, process_index=process_index,
                         process_count=process_count)

@@ -52,15 +52,17 @@ def bradley_terry(rewards_Bx2: jax.Array, margin: float = 0.0) -> jax.Array:
 def loss_fn(params: Any, batch: Batch, *, model: nn.Module, margin: float,
             rng: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Summed loss over the pairs, and sums for the metrics (num_tokens = pairs); a
-    mixture-of-experts model's router losses are added per pair (`add_router_losses`)."""
+    mixture-of-experts model's router losses are added per pair (`add_router_losses`).
+    Rows without tokens (the empty rows that fill the last eval batch) count for nothing."""
     rewards_Bx2, variables = sequence_rewards(params, batch, model=model, rng=rng)
     loss_B = bradley_terry(rewards_Bx2, margin)
     diff_B = rewards_Bx2[:, 0] - rewards_Bx2[:, 1]
-    n = jnp.asarray(loss_B.shape[0], jnp.float32)
-    sums = {"loss_sum": jnp.sum(loss_B), "correct": jnp.sum((diff_B > 0).astype(jnp.float32)),
-            "margin_sum": jnp.sum(diff_B), "chosen_sum": jnp.sum(rewards_Bx2[:, 0]),
-            "rejected_sum": jnp.sum(rewards_Bx2[:, 1]), "num_pairs": n}
-    return add_router_losses(sums["loss_sum"], {**sums, "num_tokens": n}, variables, model.cfg)
+    v_B = (batch["segment_ids"] > 0).any(axis=-1).all(axis=-1).astype(jnp.float32)
+    sums = {"loss_sum": jnp.sum(loss_B * v_B), "correct": jnp.sum((diff_B > 0) * v_B),
+            "margin_sum": jnp.sum(diff_B * v_B), "chosen_sum": jnp.sum(rewards_Bx2[:, 0] * v_B),
+            "rejected_sum": jnp.sum(rewards_Bx2[:, 1] * v_B), "num_pairs": jnp.sum(v_B)}
+    return add_router_losses(sums["loss_sum"], {**sums, "num_tokens": sums["num_pairs"]},
+                             variables, model.cfg)
 
 
 def means(sums: dict[str, Any], prefix: str = "") -> dict[str, Any]:
