@@ -68,6 +68,14 @@ def test_tiny_config_fits_on_v5p_and_memory_reflects_the_state():
 
 
 @needs_libtpu
+def test_a_sequence_length_splash_has_no_block_for_compiles_with_xla_attention():
+    config = _tiny_config(batch=8)
+    config.data.seq_len = 64
+    report = _check_fit(config, "v5p-8")
+    assert report.attention == "xla" and report.fits and not report.train.compiler_error
+
+
+@needs_libtpu
 def test_huge_batch_does_not_fit():
     config = _tiny_config(batch=2**16)
     # A 4-layer d256 model in float32 with plain XLA attention, for which the compiler's

@@ -125,3 +125,7 @@ def test_auto_picks_the_platform_kernel():
     assert resolve_attention("auto", "cuda") == "cudnn"
     assert resolve_attention("auto", "tpu") == "splash"
     assert resolve_attention("chunked", "tpu") == "chunked"
+    # Splash has blocks of 128 positions: other lengths get XLA's attention on TPU.
+    assert resolve_attention("auto", "tpu", length=256) == "splash"
+    assert resolve_attention("auto", "tpu", length=64) == "xla"
+    assert resolve_attention("auto", "cpu", length=64) == "blocked"

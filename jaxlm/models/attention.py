@@ -219,17 +219,23 @@ def fused_attention(q_BxLxHxK: jax.Array, k_BxLxNxK: jax.Array, v_BxLxNxK: jax.A
 
 
 AUTO_ATTENTION = {"cpu": "blocked", "gpu": "cudnn", "tpu": "splash"}
+SPLASH_LENGTH_MULTIPLE = 128  # Splash's blocks are whole multiples of the TPU's 128 lanes
 
 
-def resolve_attention(name: str, platform: str | None = None, softcap: float = 0.0) -> str:
+def resolve_attention(name: str, platform: str | None = None, softcap: float = 0.0,
+                      length: int = 0) -> str:
     """The implementation `name` selects on `platform` (default: JAX's default backend);
     "auto" picks the fused kernel of the platform: cuDNN on GPU, Splash on TPU, blocked on CPU.
-    With a soft-cap (model.attn_logit_softcap), which cuDNN cannot apply, GPUs get "chunked".
+    With a soft-cap (model.attn_logit_softcap), which cuDNN cannot apply, GPUs get "chunked";
+    a sequence `length` (when given) that is not a multiple of 128 gets "xla" on TPU, since
+    Splash has no block for it.
     """
     if name != "auto":
         return name
     platform = platform or jax.default_backend()
     impl = AUTO_ATTENTION.get("gpu" if platform in ("cuda", "rocm") else platform, "xla")
+    if impl == "splash" and length % SPLASH_LENGTH_MULTIPLE:
+        return "xla"
     return "chunked" if impl == "cudnn" and softcap else impl
 
 
@@ -326,7 +332,8 @@ class Attention(nn.Module):
                 self, q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, segment_ids_BxL, positions_BxL,
                 window if cfg.sliding_window else None, ring)
         else:
-            impl = resolve_attention(cfg.attention, softcap=cfg.attn_logit_softcap)
+            impl = resolve_attention(cfg.attention, softcap=cfg.attn_logit_softcap,
+                                     length=length)
             out_BxLxHxK = ATTENTION_FUNCTIONS[impl](
                 q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, segment_ids_BxL,
                 window if cfg.sliding_window else None, softcap=cfg.attn_logit_softcap)

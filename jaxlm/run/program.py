@@ -239,7 +239,8 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, *, vocab_size: int | No
     if platform is not None:
         model_cfg = dataclasses.replace(
             model_cfg, attention=resolve_attention(model_cfg.attention, platform,
-                                                 model_cfg.attn_logit_softcap))
+                                                 model_cfg.attn_logit_softcap,
+                                                 config.data.seq_len))
     config = config_lib.resolve_steps(config, model_cfg)  # a token budget becomes train.steps
     model = Transformer(model_cfg)
     updates = config.train.steps * stage.updates_per_step(config)  # optimizer updates
