@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -23,6 +24,14 @@ GPT2_TINY = ModelConfig(vocab_size=250, d_model=32, num_layers=2, num_heads=4, n
                         head_dim=8, d_ff=64, max_seq_len=16, position_embedding="learned",
                         norm="layernorm", mlp_activation="gelu", use_bias=True,
                         tie_embeddings=True)
+
+
+def init_params(cfg: ModelConfig, seed: int = 0, length: int = 8) -> Any:
+    """Unboxed random params of Transformer(cfg), from a jitted init (an eager Flax init
+    traces and compiles its layer scan op by op, seconds for a tiny model)."""
+    boxed = jax.jit(Transformer(cfg).init)(jax.random.key(seed),
+                                           jnp.zeros((1, length), jnp.int32))["params"]
+    return nn.meta.unbox(boxed)
 
 
 def packed_batch(batch: int, length: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,7 +22,7 @@ from jaxlm.models.kernel_attention import cudnn_attention, splash_attention
 from jaxlm.parallel import sharding
 from jaxlm.stages import pretrain
 from jaxlm.tools.aot import all_eqns
-from tests.model_fixtures import LLAMA_TINY, attention_inputs, packed_batch
+from tests.model_fixtures import LLAMA_TINY, attention_inputs, init_params, packed_batch
 
 
 def _value_and_grads(attend, args, seg, ct):
@@ -81,8 +80,7 @@ def test_block_size_divides_length():
 def test_model_with_chunked_attention_matches_xla_loss_and_grads():
     cfg = dataclasses.replace(LLAMA_TINY, attention="chunked")
     model, ref_model = Transformer(cfg), Transformer(dataclasses.replace(cfg, attention="xla"))
-    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0),
-                                               jnp.zeros((1, 8), jnp.int32))["params"])
+    params = init_params(model.cfg, 0)
     batch = {k: jnp.asarray(v) for k, v in packed_batch(4, 16, 250, seed=3).items()}
 
     def run(m):

@@ -4,7 +4,6 @@ best-of-N, speculative decoding, scoring and sharded decoding."""
 import dataclasses
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +13,7 @@ from jaxlm.inference import Request, Sampler, SamplingParams, decode, processing
 from jaxlm.models import Transformer
 from jaxlm.parallel import sharding
 from tests.greedy_reference import make_greedy_sampler
-from tests.model_fixtures import GPT2_TINY, LLAMA_TINY
+from tests.model_fixtures import GPT2_TINY, LLAMA_TINY, init_params
 
 LLAMA = dataclasses.replace(LLAMA_TINY, max_seq_len=64)  # scanned layers, RoPE, GQA
 GPT2 = dataclasses.replace(GPT2_TINY, max_seq_len=64, scan_layers=False)  # learned positions
@@ -23,9 +22,7 @@ NEW = 10
 
 
 def _params(cfg, seed=1):
-    boxed = jax.jit(Transformer(cfg).init)(jax.random.key(seed),
-                                           jnp.zeros((1, 8), jnp.int32))["params"]
-    return nn.meta.unbox(boxed)
+    return init_params(cfg, seed)
 
 
 @pytest.fixture(scope="module")

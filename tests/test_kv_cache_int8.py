@@ -5,18 +5,18 @@ buffer, speculative, beam search, tensor-parallel) against the float cache."""
 import dataclasses
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxlm.inference import Request, Sampler, decode, shard_params
-from jaxlm.models import ModelConfig, Transformer, kv_cache
+from jaxlm.models import ModelConfig, kv_cache
 from jaxlm.models.kv_cache import with_kv_cache
 from jaxlm.parallel import sharding
 from jaxlm.run import config as config_lib
 from jaxlm.run.errors import ConfigError
+from tests.model_fixtures import init_params
 
 # head_dim 32: the int8 cache's float32 scale costs 4 bytes per 32 int8 values.
 CFG = ModelConfig(vocab_size=250, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -29,9 +29,7 @@ LOGIT_TOL = 0.08
 
 def _params(cfg, seed=1, gain=2.0):
     """Random params times `gain` (logits with a std of ~0.6 rather than the init's ~0.15)."""
-    boxed = jax.jit(Transformer(cfg).init)(jax.random.key(seed),
-                                           jnp.zeros((1, 8), jnp.int32))["params"]
-    return jax.tree.map(lambda x: x * gain, nn.meta.unbox(boxed))
+    return jax.tree.map(lambda x: x * gain, init_params(cfg, seed))
 
 
 def _leaves(cache, name):

@@ -8,7 +8,6 @@ step are compared: fused loss vs logits + `cross_entropy_sum`, sharded vs single
 import dataclasses
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,7 +20,7 @@ from jaxlm.models.mlp import dense, mlp_core, weight_grad
 from jaxlm.models.norms import normalize
 from jaxlm.parallel import sharding
 from jaxlm.stages import pretrain
-from tests.model_fixtures import GPT2_TINY, LLAMA_TINY, one_pretrain_step, packed_batch
+from tests.model_fixtures import GPT2_TINY, LLAMA_TINY, init_params, one_pretrain_step, packed_batch
 
 
 def _normal(seed, *shape, dtype=jnp.float32, scale=1.0):
@@ -168,8 +167,7 @@ def _fused_loss_fn(params, batch, *, model, z_loss=0.0, rng=None):
 def test_model_fast_paths_match_reference_paths(cfg):
     """Fused loss + fused attention vs logits + cross_entropy_sum + plain XLA attention."""
     model, ref_model = Transformer(cfg), Transformer(dataclasses.replace(cfg, attention="xla"))
-    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0),
-                                               jnp.zeros((1, 8), jnp.int32))["params"])
+    params = init_params(model.cfg, 0)
     batch = {k: jnp.asarray(v) for k, v in packed_batch(4, 16, 250, seed=5).items()}
     ref = jax.jit(jax.value_and_grad(
         functools.partial(pretrain.loss_fn, model=ref_model, z_loss=1e-4), has_aux=True))
@@ -182,8 +180,7 @@ def test_model_fast_paths_match_reference_paths(cfg):
 def test_bf16_fast_paths_stay_close_to_float32():
     cfg = dataclasses.replace(GPT2_TINY, compute_dtype="bfloat16")
     model, ref_model = Transformer(cfg), Transformer(dataclasses.replace(cfg, attention="xla"))
-    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0),
-                                               jnp.zeros((1, 8), jnp.int32))["params"])
+    params = init_params(model.cfg, 0)
     batch = {k: jnp.asarray(v) for k, v in packed_batch(4, 16, 250, seed=5).items()}
     (loss, _), grads = jax.jit(jax.value_and_grad(
         functools.partial(_fused_loss_fn, model=model), has_aux=True))(params, batch)

@@ -5,15 +5,13 @@ packed rows scoring each sequence as it scores alone, for Llama-style (RoPE) and
 import dataclasses
 import functools
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxlm.inference import scoring
 from jaxlm.models import Transformer
-from tests.model_fixtures import GPT2_TINY, LLAMA_TINY
+from tests.model_fixtures import GPT2_TINY, LLAMA_TINY, init_params
 
 pytestmark = pytest.mark.slow  # each test trains or compiles for many seconds
 
@@ -70,8 +68,7 @@ def test_packed_arrays_give_each_sequence_its_segment_and_positions():
 def test_packed_rows_score_each_sequence_as_alone(cfg):
     cfg = dataclasses.replace(cfg, max_seq_len=32)
     model = Transformer(cfg)
-    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0),
-                                               jnp.zeros((1, 8), jnp.int32))["params"])
+    params = init_params(model.cfg, 0)
     rng = np.random.default_rng(1)
     tokens = [rng.integers(1, cfg.vocab_size, int(n) + 1).tolist()
               for n in rng.integers(1, 32, 20)]  # + 1 fits a row of 32

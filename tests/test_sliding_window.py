@@ -17,7 +17,7 @@ from jaxlm.models.attention import fused_attention, xla_attention
 from jaxlm.models.chunked_attention import chunked_attention
 from jaxlm.models.kernel_attention import cudnn_attention, splash_attention
 from tests.greedy_reference import make_greedy_sampler
-from tests.model_fixtures import LLAMA_TINY, attention_inputs
+from tests.model_fixtures import LLAMA_TINY, attention_inputs, init_params
 from tests.test_attention_impls import _assert_close, _jit_value_and_grads
 
 WINDOW = 5
@@ -84,8 +84,7 @@ def test_decoder_matches_full_recomputation(global_every, scan):
     """Prompts longer and shorter than the window; 0 = a ring-buffer cache of WINDOW slots."""
     cfg = dataclasses.replace(CFG, global_every=global_every, scan_layers=scan)
     model = Transformer(cfg)
-    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1),
-                                               jnp.zeros((1, 8), jnp.int32))["params"])
+    params = init_params(model.cfg, 1)
     params = jax.tree.map(lambda x: x * 8, params)  # peaky logits: no near-ties in argmax
     sampler = Sampler(cfg, params, pad_id=0)
     prompts = [list(range(3, 15)), [7, 8, 9]]

@@ -5,7 +5,6 @@ a repetition penalty."""
 import dataclasses
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +13,7 @@ from scipy import stats
 
 from jaxlm.inference import Request, Sampler, SamplingParams, decode, processing, speculative
 from jaxlm.models import ModelConfig, Transformer
+from tests.model_fixtures import init_params
 
 pytestmark = pytest.mark.slow  # each test trains or compiles for many seconds
 
@@ -29,9 +29,7 @@ ALPHA = 1e-3  # significance of the chi-square test
 
 
 def _params(cfg, seed):
-    boxed = jax.jit(Transformer(cfg).init)(jax.random.key(seed),
-                                           jnp.zeros((1, 8), jnp.int32))["params"]
-    return nn.meta.unbox(boxed)
+    return init_params(cfg, seed)
 
 
 def _exact_joint(cfg, params, sampling):

@@ -15,7 +15,7 @@ from jaxlm.inference import scoring
 from jaxlm.losses.cross_entropy import token_logps, token_logps_and_hits
 from jaxlm.models import Transformer
 from jaxlm.stages import dpo
-from tests.model_fixtures import LLAMA_TINY
+from tests.model_fixtures import LLAMA_TINY, init_params
 
 B, L, D, V, VOCAB = 3, 10, 16, 40, 33  # V rows in the head, the last V - VOCAB are padding
 
@@ -176,8 +176,7 @@ def test_dpo_loss_and_its_gradient_hold_no_full_logits():
 def test_scoring_matches_log_softmax_of_the_model_logits():
     cfg = dataclasses.replace(LLAMA_TINY, max_seq_len=32)
     model = Transformer(cfg)
-    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1),
-                                               jnp.zeros((1, 8), jnp.int32))["params"])
+    params = init_params(model.cfg, 1)
     rng = np.random.default_rng(3)
     tokens = rng.integers(1, cfg.vocab_size, (3, 23), dtype=np.int32)  # L - 1 = 22
     valid = np.arange(23)[None, :] < np.array([[23], [15], [4]])
