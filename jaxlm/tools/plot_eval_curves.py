@@ -9,7 +9,9 @@ docs/distillation.md, or an RL run's held-out accuracy, reward and KL, docs/rl.m
 
 Each --run is label=workdir (split at the last "="); a curve is the rows of
 <workdir>/metrics.jsonl holding the metric (the last row of a step wins, as after a resume).
-Prints each run's first and last value of each metric.
+Prints each run's first and last value of each metric; a run without a metric its panel
+shows (a GRPO run beside PPO's reward-model score) is left out of that panel, and a metric no
+run has is an error.
 """
 
 import json
@@ -28,6 +30,7 @@ LABELS = {"eval_loss": "held-out cross-entropy (nats/token)",
           "eval_reward_mean": "held-out mean reward (greedy)",
           "eval_score_mean": "held-out reward-model score (greedy)",
           "reward_mean": "training reward (mean of samples)",
+          "reward_correct": "exact answers among the samples",
           "kl": "KL to the reference (per token)"}
 
 
@@ -52,11 +55,15 @@ def main(argv: list[str]) -> None:
     metrics = _METRICS.value
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
-        for spec in _RUNS.value:
+        curves = {spec: metric_curve(spec.rsplit("=", 1)[1], metric) for spec in _RUNS.value}
+        if not any(steps for steps, _ in curves.values()):
+            raise ValueError(f"no run's metrics.jsonl has {metric!r} rows: "
+                             f"{', '.join(spec.rsplit('=', 1)[1] for spec in curves)}")
+        for spec, (steps, values) in curves.items():
             label, workdir = spec.rsplit("=", 1)
-            steps, values = metric_curve(workdir, metric)
-            if not steps:
-                raise ValueError(f"{workdir}/metrics.jsonl has no {metric!r} rows")
+            if not steps:  # a metric of another run's stage (PPO's reward-model score)
+                print(f"{label}: no {metric} rows in {workdir}/metrics.jsonl")
+                continue
             ax.plot(steps, values, marker="o" if len(steps) < 40 else None, label=label)
             print(f"{label}: {metric} {values[0]:.4g} at step {steps[0]} -> {values[-1]:.4g} "
                   f"at step {steps[-1]}")
