@@ -17,19 +17,31 @@ has never seen its prompts. The run is two phases in one workdir:
    reward is 1 for the exact answer plus 0.1 for an integer. The held-out problems are decoded
    greedily before the first step and every eval.every_steps steps (eval_accuracy on all 400).
 
-Arguments: `configs/grpo_tiny.py:phase=grpo|sft,steps=N,init=DIR` (init: start from another
-run's checkpoints instead of training the SFT phase; steps: this phase's steps, 0 = its
-default). docs/rl.md shows the measured curve.
+The PPO chain of docs/rl.md uses three more phases of the same task: `phase=pretrain` (the
+stdlib corpus, before the policy's SFT), `phase=reward_sft` (the reward model's own SFT: a
+deeper model, 6 layers of d_model 128, on the policy's tokenizer, `tokenizer=`) and
+`phase=reward` (that model trained on preference pairs of the task: the right answer against
+near misses, other problems' answers, empty and trailing answers).
+
+Arguments: `configs/grpo_tiny.py:phase=grpo|sft|pretrain|reward_sft|reward,steps=N,init=DIR,
+tokenizer=FILE` (init: start from another run's checkpoints instead of training the SFT
+phase; steps: this phase's steps, 0 = its default; tokenizer: a sentencepiece .model to read
+instead of training one). docs/rl.md shows the measured curves.
 """
 
 from jaxlm.run import config as config_lib
 
 SFT_STEPS, GRPO_STEPS = 400, 2000
-PHASES = {"pretrain": "pretrain", "sft": "sft", "reward": "reward", "grpo": "grpo"}
+REWARD_SFT_STEPS, REWARD_STEPS = 3500, 4000
+PHASES = {"pretrain": "pretrain", "sft": "sft", "reward_sft": "sft", "reward": "reward",
+          "grpo": "grpo"}
+# The reward model of the PPO chain (docs/rl.md) is deeper than the policy: it must compare the
+# written answer with the one it computes, at the answer's end marker.
+REWARD_MODEL = {"d_model": 128, "num_layers": 6, "d_ff": 512}
 
 
 def get_config(arg: str | None = None):
-    args = config_lib.parse_arg(arg, phase="grpo", steps=0, init="")
+    args = config_lib.parse_arg(arg, phase="grpo", steps=0, init="", tokenizer="")
     if args.phase not in PHASES:
         raise ValueError(f"config argument phase: {args.phase!r} is not one of {list(PHASES)}")
     c = config_lib.base_config()
@@ -51,6 +63,9 @@ def get_config(arg: str | None = None):
     # The chat prompt of "a+b-c=" (21 tokens) + rl.max_new_tokens completion slots.
     c.data.seq_len = 28
     c.data.eval_fraction = 0.1
+    # Another run's tokenizer (a .model file), for a model that starts from no checkpoint but
+    # must read the same pieces (the reward model's own SFT).
+    c.data.tokenizer_path = args.tokenizer
 
     c.rl.task = "arithmetic"
     c.rl.max_operand = 9
@@ -81,20 +96,23 @@ def get_config(arg: str | None = None):
         c.train.steps = args.steps or 300
         c.eval.every_steps = 0
         c.eval.tokens = 4 * c.train.global_batch_size * c.data.seq_len
-    elif args.phase == "sft":  # the supervised problems as chat turns
+    elif args.phase in ("sft", "reward_sft"):  # the supervised problems as chat turns
         c.sft.paths = "task"
         c.sft.packing = True
         c.optim.learning_rate = 3e-3
         c.optim.warmup_steps = 20
         c.train.global_batch_size = 32
-        c.train.steps = args.steps or SFT_STEPS
+        c.train.steps = args.steps or (REWARD_SFT_STEPS if args.phase == "reward_sft"
+                                       else SFT_STEPS)
         c.eval.every_steps = 0
         c.eval.tokens = 4 * c.train.global_batch_size * c.data.seq_len
-    elif args.phase == "reward":  # right answer preferred to one off by 1-3
+    elif args.phase == "reward":  # the right answer preferred to wrong ones
         c.reward.paths = "task"
-        c.optim.learning_rate = 1e-3
-        c.optim.warmup_steps = 20
-        c.train.steps = args.steps or 1000
+        c.rl.pair_negatives = "near,other,empty,trailing"
+        c.optim.learning_rate = 3e-4
+        c.optim.warmup_steps = 100
+        c.train.global_batch_size = 32
+        c.train.steps = args.steps or REWARD_STEPS
         c.eval.every_steps = 250
     else:
         c.init_from.config = "" if args.init else f"{__file__}:phase=sft"
@@ -104,5 +122,7 @@ def get_config(arg: str | None = None):
         c.optim.warmup_steps = 50
         c.train.steps = args.steps or GRPO_STEPS
         c.eval.every_steps = 200
+    if args.phase in ("reward_sft", "reward"):
+        c.model.update(REWARD_MODEL)
     config_lib.validate(c)
     return c

@@ -21,7 +21,7 @@ from jaxlm.run import config as config_lib
 
 def get_config(arg: str | None = None):
     args = config_lib.parse_arg(arg, init="runs/sft/checkpoints",
-                                reward_model="runs/rm/checkpoints", steps=1000)
+                                reward_model="runs/rm/checkpoints", steps=2000)
     c = config_lib.load_config_file(Path(__file__).with_name("grpo_tiny.py"),
                                     f"init={args.init},steps={args.steps}")
     c.stage = "ppo"
@@ -30,8 +30,12 @@ def get_config(arg: str | None = None):
     c.ppo.kl_target = 0.0
     c.ppo.value_coef = 0.1
     c.ppo.value_clip = 0.2
-    c.rl.group_size = 4
+    # 8 completions a prompt, each scored against its prompt's mean score: the advantage is
+    # how a completion compares with the prompt's others, not how the reward model rates the
+    # prompt, which the value head cannot yet predict in the first hundreds of steps.
+    c.rl.group_size = 8
+    c.ppo.score_baseline = "group_mean"
     c.rl.loss_norm = "token"
-    c.rl.num_epochs = 2
+    c.rl.num_epochs = 1
     config_lib.validate(c)
     return c

@@ -50,3 +50,21 @@ def test_derived_files_take_their_base_and_argument():
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.py"):
         config_lib.load_config_file(tmp_path / "nope.py")
+
+
+def test_the_rl_chains_phases_start_from_models_of_their_own_shape():
+    """configs/grpo_tiny.py's PPO chain (docs/rl.md): the reward phase starts from the
+    reward_sft phase's checkpoint and PPO's policy from the sft phase's, so each pair of models
+    must agree; the reward model's SFT reads the policy's tokenizer (`tokenizer=`)."""
+    def load(name, arg):
+        return config_lib.load_config_file(ROOT / "configs" / name, arg)
+
+    reward_sft = load("grpo_tiny.py", "phase=reward_sft,tokenizer=/runs/pt/sp.model")
+    reward = load("grpo_tiny.py", "phase=reward,init=/runs/rm_sft/checkpoints")
+    sft = load("grpo_tiny.py", "phase=sft,init=/runs/pt/checkpoints")
+    ppo = load("ppo_tiny.py", "init=/runs/sft/checkpoints,reward_model=/runs/rm/checkpoints")
+    assert reward_sft.model.to_dict() == reward.model.to_dict()
+    assert ppo.model.to_dict() == sft.model.to_dict()
+    assert reward.model.num_layers > sft.model.num_layers
+    assert reward_sft.data.tokenizer_path == "/runs/pt/sp.model"
+    assert (reward_sft.stage, reward.stage, ppo.stage) == ("sft", "reward", "ppo")
