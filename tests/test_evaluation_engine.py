@@ -104,7 +104,12 @@ def test_batching_and_padding_change_no_number(target):
     np.testing.assert_allclose([s for s, _ in batched[:5]], [s for s, _ in single], rtol=1e-6,
                                atol=1e-6)
     assert [g for _, g in batched[:5]] == [g for _, g in single]
-    assert batched[:5] == batched[5:10] == batched[10:]
+    # The copies sit at other rows and offsets of the batch; XLA:CPU's vectorized kernels may
+    # round one token's log-prob differently there (one float32 ulp seen on AVX-512 hosts).
+    for copy in (batched[5:10], batched[10:]):
+        np.testing.assert_allclose([s for s, _ in copy], [s for s, _ in batched[:5]], rtol=1e-6,
+                                   atol=1e-6)
+        assert [g for _, g in copy] == [g for _, g in batched[:5]]
 
 
 def test_rolling_loglikelihood_sums_disjoint_windows(target):
